@@ -1,0 +1,123 @@
+"""The Python API: `build(...)` mirrors `onnxforge build`."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import onnx_ir as ir
+
+from . import __version__
+from .archs.registry import architecture_for
+from .errors import ConfigError, OutputError
+from .export.genai_config import genai_config
+from .export.output import staged_folder
+from .export.report import BuildReport, peak_rss_bytes
+from .export.writer import WeightWriter
+from .graph.builder import GraphBuilder
+from .graph.decoder import Emitter
+from .quant.recipe import Recipe
+from .sources.open import open_source
+
+
+def build(
+    model: str | Path,
+    output: str | Path,
+    precision: str = "fp32",
+    provider: str = "cpu",
+    *,
+    recipe: Recipe | None = None,
+    overwrite: bool = False,
+    workers: int | None = None,
+    progress: bool | Callable[[int, int], None] = False,
+    max_length: int | None = None,
+) -> BuildReport:
+    """Build `model` (HF folder or .gguf) into an onnxruntime-genai folder at `output`.
+
+    `recipe` overrides `precision`/`provider` when given. Returns the build report.
+    """
+    start = time.perf_counter()
+    recipe = recipe or Recipe(precision=precision, provider=provider)
+    source = open_source(model)
+    try:
+        arch = architecture_for(source.config)
+        spec = arch.make_spec(source.config)
+        _check_runtime_limits(spec, recipe)
+        recipe = recipe.bind(spec)
+        builder = GraphBuilder()
+        emitter = Emitter(builder, spec, arch.names, source, recipe)
+        emitter.build()
+        report = BuildReport(
+            output=str(Path(output)),
+            architecture=arch.name,
+            model_type=arch.model_type,
+            precision=recipe.precision,
+            provider=recipe.provider,
+            recipe=recipe.describe(),
+            input_sha256=source.fingerprint(),
+            recipe_sha256=hashlib.sha256(json.dumps(recipe.describe(), sort_keys=True).encode()).hexdigest(),
+            shared_embeddings=emitter.shared,
+        )
+        with staged_folder(Path(output), overwrite) as tmp:
+            writer = WeightWriter(tmp, workers=workers)
+            writer.run(builder, _progress_callback(progress, builder))
+            model_ir = builder.to_model("onnxforge", __version__)
+            try:
+                ir.save(model_ir, tmp / "model.onnx")
+            except OSError as e:
+                raise OutputError(f"cannot write model.onnx: {e.strerror}") from None
+            config = genai_config(spec, arch.model_type, source.generation_config, provider=recipe.provider,
+                                  max_length=max_length)
+            _write_json(tmp / "genai_config.json", config)
+            source.write_tokenizer(tmp)
+            report.groups = [{"label": g.label, "storage": g.storage, "bytes": g.nbytes} for g in writer.groups]
+            report.seconds = time.perf_counter() - start
+            report.peak_rss = peak_rss_bytes()
+            report.files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+            _write_json(tmp / "build_report.json", report.to_json())
+            report.files["build_report.json"] = (tmp / "build_report.json").stat().st_size
+        return report
+    finally:
+        source.close()
+
+
+def _write_json(path: Path, data: dict) -> None:
+    try:
+        path.write_text(json.dumps(data, indent=4) + "\n", encoding="utf-8")
+    except OSError as e:
+        raise OutputError(f"cannot write {path.name}: {e.strerror}") from None
+
+
+def _check_runtime_limits(spec, recipe: Recipe) -> None:
+    hd = spec.attention.head_dim
+    if recipe.provider == "cpu" and hd % 16:
+        raise ConfigError(
+            f"head_dim {hd} is not a multiple of 16, which onnxruntime's CPU GroupQueryAttention rejects; "
+            "this model cannot run on the CPU provider"
+        )
+
+
+def _progress_callback(progress, builder: GraphBuilder):
+    if not progress:
+        return None
+    total = sum(j.nbytes for j in builder.jobs)
+    if callable(progress):
+        done = [0]
+
+        def report(n: int) -> None:
+            done[0] += n
+            progress(done[0], total)
+
+        return report
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="writing weights", leave=False)
+
+    def update(n: int) -> None:
+        bar.update(n)
+        if bar.n >= total:
+            bar.close()
+
+    return update

@@ -1,0 +1,70 @@
+"""The build report: what was stored how, sizes, time, peak memory; printed and saved as JSON."""
+from __future__ import annotations
+
+import resource
+import sys
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+
+
+def peak_rss_bytes() -> int:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb if sys.platform == "darwin" else kb * 1024
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+@dataclass
+class BuildReport:
+    output: str
+    architecture: str
+    model_type: str
+    precision: str
+    provider: str
+    recipe: dict
+    input_sha256: str
+    recipe_sha256: str
+    files: dict[str, int] = field(default_factory=dict)
+    groups: list[dict] = field(default_factory=list)  # {label, storage, bytes}
+    shared_embeddings: bool = False
+    seconds: float = 0.0
+    peak_rss: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.files.values())
+
+    def by_storage(self) -> "OrderedDict[str, tuple[int, int]]":
+        """storage description -> (number of weight groups, bytes)."""
+        out: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        for g in self.groups:
+            n, b = out.get(g["storage"], (0, 0))
+            out[g["storage"]] = (n + 1, b + g["bytes"])
+        return out
+
+    def summary(self) -> str:
+        lines = [
+            f"onnxforge: built {self.architecture} ({self.precision}, {self.provider}) into {self.output}",
+            "  weights by storage:",
+        ]
+        for storage, (n, b) in self.by_storage().items():
+            lines.append(f"    {storage:<40} {n:>5} groups {human(b):>10}")
+        if self.shared_embeddings:
+            lines.append("  embedding table shared with the lm_head (stored once)")
+        for name, size in sorted(self.files.items()):
+            lines.append(f"  {name:<30} {human(size):>10}")
+        lines.append(f"  total {human(self.total_bytes)} in {self.seconds:.1f} s, peak memory {human(self.peak_rss)}")
+        lines.extend(f"  note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["total_bytes"] = self.total_bytes
+        return d

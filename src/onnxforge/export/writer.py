@@ -1,0 +1,118 @@
+"""Stream weights into model.onnx.data: produce (read, transform, quantize) ahead on a thread
+pool, write strictly in graph order, forget.
+
+Order is fixed by the job list, so the file is byte-identical whatever the thread timing.
+Memory stays bounded: at most `max_in_flight_bytes` of produced-but-unwritten output, plus what
+the producing threads hold while they work.
+"""
+from __future__ import annotations
+
+import errno
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from ..errors import CheckpointError, OnnxForgeError, OutputError
+from ..graph.builder import GraphBuilder, WeightJob
+
+ALIGN = 64
+
+
+@dataclass
+class WrittenGroup:
+    label: str
+    storage: str
+    nbytes: int
+
+
+def _check(job: WeightJob, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+    if len(arrays) != len(job.slots):
+        raise AssertionError(f"{job.label}: produced {len(arrays)} arrays for {len(job.slots)} slots")
+    out = []
+    for slot, arr in zip(job.slots, arrays):
+        arr = np.ascontiguousarray(arr)
+        if tuple(arr.shape) != slot.shape or arr.dtype.itemsize != slot.dtype.itemsize:
+            raise CheckpointError(
+                f"{slot.name}: expected shape {slot.shape} ({slot.dtype.name}), got {tuple(arr.shape)} ({arr.dtype}); "
+                "the weights do not match config.json"
+            )
+        out.append(arr)
+    return out
+
+
+def _write_all(f, data: memoryview) -> None:
+    try:
+        f.write(data)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OutputError(
+                f"disk full while writing {f.name}: free some space or choose another output folder (-o)"
+            ) from None
+        raise OutputError(f"cannot write {f.name}: {e.strerror}") from None
+
+
+class WeightWriter:
+    """Writes every job of a GraphBuilder to one external data file."""
+
+    def __init__(self, folder: Path, filename: str = "model.onnx.data", *, workers: int | None = None,
+                 max_in_flight_bytes: int = 256 << 20):
+        self.folder = Path(folder)
+        self.filename = filename
+        self.workers = workers or min(4, os.cpu_count() or 1)
+        self.max_in_flight_bytes = max_in_flight_bytes
+        self.groups: list[WrittenGroup] = []
+
+    def run(self, builder: GraphBuilder, progress: Callable[[int], None] | None = None) -> int:
+        """Produce and write all jobs; returns the data file's size."""
+        path = self.folder / self.filename
+        offset = 0
+        with open(path, "wb") as f, ThreadPoolExecutor(self.workers, thread_name_prefix="onnxforge") as pool:
+            pending: deque[tuple[WeightJob, Future]] = deque()
+            in_flight = 0
+            jobs = iter(builder.jobs)
+            exhausted = False
+            while True:
+                while not exhausted and (not pending or (in_flight < self.max_in_flight_bytes and len(pending) < 2 * self.workers)):
+                    job = next(jobs, None)
+                    if job is None:
+                        exhausted = True
+                        break
+                    pending.append((job, pool.submit(job.produce)))
+                    in_flight += job.nbytes
+                if not pending:
+                    break
+                job, fut = pending.popleft()
+                try:
+                    arrays = _check(job, fut.result())
+                except OnnxForgeError:
+                    for _, other in pending:
+                        other.cancel()
+                    raise
+                for slot, arr in zip(job.slots, arrays):
+                    pad = (-offset) % ALIGN
+                    if pad:
+                        _write_all(f, memoryview(b"\0" * pad))
+                        offset += pad
+                    _write_all(f, memoryview(arr.reshape(-1).view(np.uint8)))
+                    builder.initializers[slot.name].const_value = ir.ExternalTensor(
+                        self.filename, offset, arr.nbytes, slot.dtype,
+                        shape=ir.Shape(slot.shape), name=slot.name, base_dir=self.folder,
+                    )
+                    offset += arr.nbytes
+                del arrays
+                in_flight -= job.nbytes
+                self.groups.append(WrittenGroup(job.label, job.storage, job.nbytes))
+                if progress:
+                    progress(job.nbytes)
+            try:
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as e:
+                raise OutputError(f"cannot write {path}: {e.strerror}") from None
+        return offset

@@ -1,0 +1,105 @@
+"""Weight jobs: thunks that read tensors from a source, reshape/concatenate/quantize them, and
+return the arrays of one or more initializers. They capture names, never arrays."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from ..quant.storage import Storage
+from ..sources.base import Source
+from .builder import TensorSlot, WeightJob
+
+
+def read_rows(source: Source, names: Sequence[str]) -> np.ndarray:
+    """Read (N_i, K) matrices and stack them along N, as float32."""
+    parts = [np.asarray(source.read(n), dtype=np.float32) for n in names]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+
+def k_blocks(K: int, block_size: int) -> int:
+    return -(-K // block_size)
+
+
+def float_matmul_job(source: Source, label: str, init: str, names: Sequence[str], N: int, K: int, st: Storage) -> WeightJob:
+    """(K, N) weight for a plain MatMul: the Hugging Face (N, K) rows, transposed."""
+    names = tuple(names)
+
+    def produce():
+        return [read_rows(source, names).T.astype(st.np_dtype)]
+
+    return WeightJob(label, (TensorSlot(init, st.ir_dtype, (K, N)),), produce, st.describe())
+
+
+def float_table_job(source: Source, label: str, init: str, name: str, shape: tuple[int, ...], st: Storage,
+                    offset: float = 0.0) -> WeightJob:
+    """A tensor stored as it is in the checkpoint (embedding table, norm weight, bias), cast."""
+
+    def produce():
+        arr = np.asarray(source.read(name), dtype=np.float32)
+        return [(arr + np.float32(offset) if offset else arr).astype(st.np_dtype)]
+
+    return WeightJob(label, (TensorSlot(init, st.ir_dtype, shape),), produce, st.describe())
+
+
+def concat_vector_job(source: Source, label: str, init: str, names: Sequence[str], size: int, st: Storage) -> WeightJob:
+    names = tuple(names)
+
+    def produce():
+        return [np.concatenate([np.asarray(source.read(n), dtype=np.float32).reshape(-1) for n in names]).astype(st.np_dtype)]
+
+    return WeightJob(label, (TensorSlot(init, st.ir_dtype, (size,)),), produce, st.describe())
+
+
+def quant_slots(prefix: str, N: int, K: int, st: Storage, scale_dtype: ir.DataType) -> tuple[TensorSlot, ...]:
+    kb = k_blocks(K, st.block_size)
+    slots = [
+        TensorSlot(f"{prefix}.weight_Q{st.bits}", ir.DataType.UINT8, (N, kb, st.block_size * st.bits // 8)),
+        TensorSlot(f"{prefix}.weight_scales", scale_dtype, (N, kb)),
+    ]
+    if not st.symmetric:
+        slots.append(TensorSlot(f"{prefix}.weight_zp", ir.DataType.UINT8, (N, -(-kb * st.bits // 8))))
+    return tuple(slots)
+
+
+def quant_matmul_job(source: Source, label: str, prefix: str, names: Sequence[str], N: int, K: int, st: Storage,
+                     scale_dtype: ir.DataType, scale_np: np.dtype) -> WeightJob:
+    """MatMulNBits B / scales / zero_points, transcoded from native blocks when the source has them."""
+    names = tuple(names)
+    slots = quant_slots(prefix, N, K, st, scale_dtype)
+    native = _all_native(source, names, st)
+    storage = st.describe() + (f" (transcoded {native})" if native else "")
+
+    def produce():
+        if native:
+            return _native_arrays(source, names, st, scale_np)
+        from ..quant.methods import quantize
+
+        q = quantize(read_rows(source, names), bits=st.bits, block_size=st.block_size, symmetric=st.symmetric,
+                     method=st.method, accuracy_level=st.accuracy_level)
+        arrays = [q.data, q.scales.astype(scale_np)]
+        if not st.symmetric:
+            arrays.append(q.zero_points)
+        return arrays
+
+    return WeightJob(label, slots, produce, storage)
+
+
+def _all_native(source: Source, names: Sequence[str], st: Storage) -> str | None:
+    """The native block format if every part can be transcoded losslessly into `st`, else None."""
+    origins = set()
+    for n in names:
+        nb = source.native_blocks(n, st.bits, st.block_size)
+        if nb is None or (nb.zero_points is None) != st.symmetric:
+            return None
+        origins.add(nb.origin)
+    return "/".join(sorted(origins))
+
+
+def _native_arrays(source: Source, names: Sequence[str], st: Storage, scale_np: np.dtype) -> list[np.ndarray]:
+    blocks = [source.native_blocks(n, st.bits, st.block_size) for n in names]
+    arrays = [np.concatenate([b.data for b in blocks]), np.concatenate([b.scales for b in blocks]).astype(scale_np)]
+    if not st.symmetric:
+        arrays.append(np.concatenate([b.zero_points for b in blocks]))
+    return arrays

@@ -1,0 +1,1 @@
+"""Block quantizers for MatMulNBits / GatherBlockQuantized and the recipes that place them."""

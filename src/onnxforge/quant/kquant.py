@@ -1,0 +1,129 @@
+"""k-quant style block quantization: per-block search of scale (and zero point).
+
+In the spirit of llama.cpp's ``make_qx_quants`` (symmetric) and ``make_qkx2_quants``
+(asymmetric): every block tries a grid of candidate inverse scales around the RTN one,
+rounds, solves the weighted least-squares scale for the resulting levels, and keeps the
+candidate with the lowest weighted squared error; a few Lloyd rounds (re-round with the
+best scale, re-solve) finish. Importance weights are ``|x| + rms(block)`` (llama.cpp's
+Q4_K choice without an imatrix): they favour large weights without ignoring small ones.
+
+Differences from llama.cpp forced by MatMulNBits: the asymmetric offset must be an
+integer zero point in ``[0, 2**bits - 1]``, so the least-squares ``(scale, min)`` fit is
+snapped to the nearest integer zero point and the scale re-solved for it. The RTN levels
+are among the candidates, so the weighted error is never above RTN's.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from onnxforge.quant.pack import from_levels
+from onnxforge.quant.rtn import asymmetric_scale_zp, signed_absmax
+from onnxforge.quant.types import (
+    QuantizedWeight,
+    check_params,
+    dot,
+    reciprocal,
+    round_levels,
+    row_chunks,
+    to_blocks,
+)
+
+KQUANT_BITS = (2, 4, 8)
+# Candidate inverse scales are (levels + d) / range for these d, as in llama.cpp.
+GRID = np.arange(-0.9, 0.91, 0.1, dtype=np.float32)
+LLOYD_ROUNDS = 2
+
+
+def importance(x: np.ndarray) -> np.ndarray:
+    """Per-element weights ``|x| + rms(block)``, never all zero for a nonzero block."""
+    rms = np.sqrt(np.mean(x * x, axis=-1, keepdims=True))
+    return np.abs(x) + rms
+
+
+def _ls_scale(wx: np.ndarray, wt: np.ndarray, lev: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted least-squares scale for signed levels ``lev`` and its score.
+
+    Minimising ``sum wt (x - s lev)^2`` gives ``s = sum wx lev / sum wt lev^2``; the
+    error is ``sum wt x^2 - score`` with ``score = s * sum wx lev`` (higher is better).
+    """
+    slx = dot(wx, lev)
+    sl2 = dot(wt, lev * lev)
+    s = np.divide(slx, sl2, out=np.zeros_like(slx), where=sl2 > 0)
+    return s, s * slx
+
+
+def _lloyd(x: np.ndarray, wt: np.ndarray, wx: np.ndarray, s: np.ndarray, zp: np.ndarray | np.float32,
+           score: np.ndarray, bits: int) -> np.ndarray:
+    """Alternate rounding and least-squares scale with the zero point fixed; best scale."""
+    for _ in range(LLOYD_ROUNDS):
+        s_new, sc = _ls_scale(wx, wt, round_levels(x, s, zp, bits) - zp)
+        better = sc > score
+        s, score = np.where(better, s_new, s), np.where(better, sc, score)
+    return s
+
+
+def _symmetric(x: np.ndarray, bits: int) -> tuple[np.ndarray, None]:
+    """Best per-block scale with the default zero point, ``(B, 1)``."""
+    nmax = np.float32(1 << (bits - 1))
+    wt = importance(x)
+    wx = wt * x
+    inv_m = reciprocal(signed_absmax(x))
+    best_s = np.zeros_like(inv_m)
+    best = np.full_like(inv_m, -1.0)
+    for d in GRID:
+        lev = np.floor(x * (-(nmax + d) * inv_m) + np.float32(0.5))
+        np.clip(lev, -nmax, nmax - 1, out=lev)
+        s, score = _ls_scale(wx, wt, lev)
+        better = score > best
+        best_s, best = np.where(better, s, best_s), np.where(better, score, best)
+    return _lloyd(x, wt, wx, best_s, nmax, best, bits), None
+
+
+def _asymmetric(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best per-block scale and integer zero point, both ``(B, 1)`` float32."""
+    qmax = np.float32((1 << bits) - 1)
+    wt = importance(x)
+    wx = wt * x
+    sw = wt.sum(axis=-1, keepdims=True)
+    swx = wx.sum(axis=-1, keepdims=True)
+    s0, zp0 = asymmetric_scale_zp(x, bits)
+    best_s, best = _ls_scale(wx, wt, round_levels(x, s0, zp0, bits) - zp0)
+    best_zp = zp0
+    lo = np.minimum(x.min(axis=-1, keepdims=True), 0)
+    inv_rng = reciprocal(np.maximum(x.max(axis=-1, keepdims=True), 0) - lo)
+    for d in GRID:
+        iscale = (qmax + d) * inv_rng
+        lev = np.floor((x - lo) * iscale + np.float32(0.5))
+        np.clip(lev, 0, qmax, out=lev)
+        # joint weighted least squares x ~ a * lev + b, then snap -b/a to an integer zero point
+        swl, swl2, swlx = dot(wt, lev), dot(wt, lev * lev), dot(wx, lev)
+        det = sw * swl2 - swl * swl
+        ok = det > 1e-12 * sw * swl2
+        a = np.divide(sw * swlx - swx * swl, det, out=np.zeros_like(det), where=ok)
+        b = np.divide(swl2 * swx - swl * swlx, det, out=np.zeros_like(det), where=ok)
+        ok &= a > 0
+        zp = np.where(ok, np.floor(-b * reciprocal(np.where(ok, a, 1)) + 0.5), np.floor(-lo * iscale + 0.5))
+        np.clip(zp, 0, qmax, out=zp)
+        s, score = _ls_scale(wx, wt, round_levels(x, np.where(ok, a, reciprocal(iscale)), zp, bits) - zp)
+        better = score > best
+        best_s, best_zp, best = np.where(better, s, best_s), np.where(better, zp, best_zp), np.where(better, score, best)
+    return _lloyd(x, wt, wx, best_s, best_zp, best, bits), best_zp
+
+
+def quantize_kquant(w: np.ndarray, *, bits: int, block_size: int, symmetric: bool) -> QuantizedWeight:
+    """k-quant style search of per-block scale (and integer zero point); see module docstring."""
+    check_params("k_quant", bits, block_size, KQUANT_BITS)
+    blocks, k = to_blocks(w, block_size)
+    n, kb, _ = blocks.shape
+    scales = np.empty((n, kb), np.float32)
+    zps = None if symmetric else np.empty((n, kb), np.float32)
+    levels = np.empty(blocks.shape, np.uint8)
+    for rows in row_chunks(n, kb * block_size):
+        x = blocks[rows]
+        s, zp = _symmetric(x, bits) if symmetric else _asymmetric(x, bits)
+        zp_eff = np.float32(1 << (bits - 1)) if zp is None else zp
+        levels[rows] = round_levels(x, s, zp_eff, bits)
+        scales[rows] = s[..., 0]
+        if zps is not None:
+            zps[rows] = zp[..., 0]
+    return from_levels(levels, scales, zps, bits, block_size, k)

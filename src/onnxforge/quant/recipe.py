@@ -1,0 +1,157 @@
+"""A recipe decides, for every weight by its name, how it is stored.
+
+Independent axes:
+  * precision / io dtype  (fp32, fp16, bf16, int4, int8)
+  * the INT4 method       (rtn, k_quant, hqq, default) with block size, symmetry, accuracy level
+  * where INT8 goes       (last MatMul, the llama.cpp mixed layers, linear attention)
+  * what stays float      (templates per model type, user exclusions, op types)
+  * user rules            (glob patterns on ONNX node names or HF module names -> storage), last match wins
+Overrides compose in this order: base precision -> INT8 placement -> template keep-float ->
+exclusions -> user rules.
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+from ..errors import RecipeError
+from ..spec import ModelSpec
+from .storage import Storage
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int4", "int8")
+PROVIDERS = ("cpu", "cuda", "dml", "webgpu")
+METHODS = ("default", "rtn", "k_quant", "hqq")
+OP_TYPES = ("MatMul", "Gather")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """`pattern` (glob) -> storage; `storage=None` keeps the weight float."""
+
+    pattern: str
+    storage: Storage | None
+
+    def matches(self, names: Sequence[str]) -> bool:
+        return any(fnmatch.fnmatchcase(n, self.pattern) for n in names)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    precision: str = "fp32"
+    provider: str = "cpu"
+    method: str = "default"
+    block_size: int = 32
+    symmetric: bool = True
+    accuracy_level: int = 0
+    int8_last_matmul: bool = False
+    int8_mixed_layers: bool = False
+    int8_linear_attn: bool = False
+    op_types: frozenset[str] = frozenset({"MatMul"})
+    keep_float: tuple[str, ...] = ()  # from the model-type template and user exclusions
+    rules: tuple[Rule, ...] = ()
+    unpack_matmul: bool = False
+    shared_embeddings: bool | None = None  # None: share whenever the checkpoint ties them
+    num_layers: int = 0  # set by bind()
+
+    def __post_init__(self) -> None:
+        _one_of("precision", self.precision, PRECISIONS)
+        _one_of("execution provider", self.provider, PROVIDERS)
+        _one_of("int4 method", self.method, METHODS)
+        if self.block_size not in (16, 32, 64, 128, 256):
+            raise RecipeError(f"block size must be one of 16, 32, 64, 128, 256, got {self.block_size}")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise RecipeError(f"accuracy_level must be 0 to 4, got {self.accuracy_level}")
+        bad = set(self.op_types) - set(OP_TYPES)
+        if bad:
+            raise RecipeError(f"op types {sorted(bad)} cannot be quantized; choose from {', '.join(OP_TYPES)}")
+
+    # -- derived ------------------------------------------------------------------------------
+    @property
+    def io(self) -> Storage:
+        """Activation dtype: quantized CPU models compute in fp32, GPU ones in fp16."""
+        if self.precision in ("fp32", "fp16", "bf16"):
+            return Storage(dtype=self.precision)
+        return Storage(dtype="fp32" if self.provider == "cpu" else "fp16")
+
+    @property
+    def base_bits(self) -> int:
+        return {"int4": 4, "int8": 8}.get(self.precision, 0)
+
+    def bind(self, spec: ModelSpec) -> "Recipe":
+        return replace(self, num_layers=spec.num_layers)
+
+    # -- the decision ---------------------------------------------------------------------------
+    def storage(self, names: Sequence[str], op: str) -> Storage:
+        st = self._base(names, op)
+        for pattern in self.keep_float:
+            if any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                st = self.io
+        for rule in self.rules:
+            if rule.matches(names):
+                st = rule.storage or self.io
+        return st
+
+    def _base(self, names: Sequence[str], op: str) -> Storage:
+        if not self.base_bits or op not in self.op_types:
+            return self.io
+        st = Storage(dtype=self.io.dtype, bits=self.base_bits, block_size=self.block_size, method=self.method,
+                     symmetric=self.symmetric, accuracy_level=self.accuracy_level)
+        if self._wants_int8(names):
+            st = replace(st, bits=8)
+        return st
+
+    def _wants_int8(self, names: Sequence[str]) -> bool:
+        if self.int8_last_matmul and any(n.startswith("/lm_head") or n == "lm_head" for n in names):
+            return True
+        if self.int8_mixed_layers:
+            layer = _layer_of(names)
+            if layer is not None and mixed_layer_gets_int8(layer, self.num_layers):
+                return any(re.search(r"(v_proj|qkv_proj|down_proj)", n) for n in names)
+        if self.int8_linear_attn:
+            return any("linear_attn" in n for n in names)
+        return False
+
+    def share_embeddings(self, spec: ModelSpec, embed: Storage, lm_head: Storage) -> bool:
+        if self.shared_embeddings is False:
+            return False
+        if self.shared_embeddings and not spec.tie_embeddings:
+            raise RecipeError(
+                "shared_embeddings=true asks to share the embedding with the lm_head, but this checkpoint does not "
+                "tie them (tie_word_embeddings is false); drop the option"
+            )
+        if not spec.tie_embeddings:
+            return False
+        if lm_head.quantized:
+            return "Gather" in self.op_types or self.shared_embeddings is not False
+        return embed == lm_head
+
+    def describe(self) -> dict:
+        return {
+            "precision": self.precision, "provider": self.provider, "method": self.method,
+            "block_size": self.block_size, "symmetric": self.symmetric, "accuracy_level": self.accuracy_level,
+            "int8_last_matmul": self.int8_last_matmul, "int8_mixed_layers": self.int8_mixed_layers,
+            "int8_linear_attn": self.int8_linear_attn, "op_types": sorted(self.op_types),
+            "keep_float": list(self.keep_float), "rules": [(r.pattern, r.storage.describe() if r.storage else "float")
+                                                           for r in self.rules],
+            "unpack_matmul": self.unpack_matmul, "shared_embeddings": self.shared_embeddings,
+        }
+
+
+def mixed_layer_gets_int8(i: int, n: int) -> bool:
+    """llama.cpp's rule for which layers get more bits (attn v / qkv and ffn down)."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def _layer_of(names: Sequence[str]) -> int | None:
+    for n in names:
+        m = re.search(r"layers[./](\d+)", n)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def _one_of(what: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise RecipeError(f"unknown {what} {value!r}; choose one of: {', '.join(allowed)}")

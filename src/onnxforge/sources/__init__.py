@@ -1,0 +1,1 @@
+"""Checkpoint readers: Hugging Face folders (safetensors) and GGUF files."""

@@ -1,0 +1,21 @@
+"""Open a checkpoint: a Hugging Face folder or a .gguf file."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import CheckpointError
+
+
+def open_source(path: str | Path):
+    p = Path(path)
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        from .gguf import GGUFSource
+
+        return GGUFSource(p)
+    if p.is_dir():
+        from .hf import HFSource
+
+        return HFSource(p)
+    if not p.exists():
+        raise CheckpointError(f"{p} does not exist; pass a Hugging Face checkpoint folder or a .gguf file")
+    raise CheckpointError(f"{p} is neither a Hugging Face checkpoint folder nor a .gguf file")

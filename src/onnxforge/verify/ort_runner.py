@@ -1,0 +1,65 @@
+"""Run an onnxforge/onnxruntime-genai style model step by step in plain onnxruntime (no torch)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+ORT_TO_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+class OrtDecoder:
+    """Feeds input_ids/attention_mask and carries the KV cache between calls."""
+
+    def __init__(self, model_dir: str | Path, threads: int = 0):
+        import onnxruntime as ort
+
+        self.dir = Path(model_dir)
+        cfg = json.loads((self.dir / "genai_config.json").read_text())["model"]["decoder"]
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(self.dir / cfg["filename"]), opts, providers=["CPUExecutionProvider"])
+        self.layers = cfg["num_hidden_layers"]
+        self.kv_heads = cfg["num_key_value_heads"]
+        self.head_size = cfg["head_size"]
+        past = next(i for i in self.session.get_inputs() if i.name.startswith("past_key_values"))
+        self.kv_dtype = ORT_TO_NP[past.type]
+        self.reset()
+
+    def reset(self, batch: int = 1) -> None:
+        empty = np.zeros((batch, self.kv_heads, 0, self.head_size), dtype=self.kv_dtype)
+        self.past = {f"past_key_values.{i}.{kv}": empty for i in range(self.layers) for kv in ("key", "value")}
+        self.length = 0
+
+    def step(self, ids: np.ndarray) -> np.ndarray:
+        """ids (batch, seq) int64 -> logits (batch, seq, vocab) float32; extends the cache."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(ids.shape[0] if np.ndim(ids) == 2 else 1, -1)
+        total = self.length + ids.shape[1]
+        feeds = {"input_ids": ids, "attention_mask": np.ones((ids.shape[0], total), dtype=np.int64), **self.past}
+        names = [o.name for o in self.session.get_outputs()]
+        outs = dict(zip(names, self.session.run(names, feeds)))
+        for i in range(self.layers):
+            for kv in ("key", "value"):
+                self.past[f"past_key_values.{i}.{kv}"] = outs[f"present.{i}.{kv}"]
+        self.length = total
+        return outs["logits"].astype(np.float32)
+
+    def logits_for(self, prompt: list[int], decode: list[int]) -> list[np.ndarray]:
+        """Prefill `prompt` then feed `decode` one token at a time; returns per-step logits (seq, vocab)."""
+        self.reset()
+        out = [self.step(np.array([prompt]))[0]]
+        for t in decode:
+            out.append(self.step(np.array([[t]]))[0])
+        return out
+
+    def greedy(self, prompt: list[int], new_tokens: int) -> list[int]:
+        self.reset()
+        logits = self.step(np.array([prompt]))[0, -1]
+        out = []
+        for _ in range(new_tokens):
+            tok = int(np.argmax(logits))
+            out.append(tok)
+            logits = self.step(np.array([[tok]]))[0, -1]
+        return out
