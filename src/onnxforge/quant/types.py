@@ -126,13 +126,12 @@ def safe_div(x: np.ndarray, s: np.ndarray) -> np.ndarray:
 
 
 def reciprocal(s: np.ndarray) -> np.ndarray:
-    """``1 / s`` as float32, with 0 where ``s == 0`` or where the reciprocal overflows.
+    """``1 / s`` as float32, with 0 where ``|s|`` is 0 or subnormal (``1 / s`` would overflow).
 
     A zero reciprocal sends the whole block to its zero point, i.e. dequantizes to 0.
     """
-    inv = np.divide(np.float32(1), s, out=np.zeros(s.shape, np.float32), where=s != 0)
-    inv[~np.isfinite(inv)] = 0
-    return inv
+    return np.divide(np.float32(1), s, out=np.zeros(np.shape(s), np.float32),
+                     where=np.abs(s) >= np.finfo(np.float32).tiny)
 
 
 def round_levels(x: np.ndarray, scale: np.ndarray, zp: np.ndarray | float, bits: int) -> np.ndarray:

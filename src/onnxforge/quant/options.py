@@ -1,0 +1,221 @@
+"""Map the onnxruntime-genai builder's `--extra_options` (and our TOML recipes) onto a Recipe.
+
+Every key is known, every value is checked: an unknown key or a bad value is a RecipeError that
+names what is accepted (the anchor silently ignores some).
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Callable, Mapping
+
+from ..errors import RecipeError
+from .recipe import METHODS, Recipe, Rule
+from .storage import Storage
+
+# algo_config aliases -> (method, placement flags)
+ALGO_ALIASES: dict[str, tuple[str, dict]] = {
+    "default": ("default", {}),
+    "rtn": ("rtn", {}),
+    "k_quant": ("k_quant", {}),
+    "hqq": ("hqq", {}),
+    "rtn_last": ("rtn", {"int8_last_matmul": True}),
+    "k_quant_last": ("k_quant", {"int8_last_matmul": True}),
+    "k_quant_mixed": ("k_quant", {"int8_last_matmul": True, "int8_mixed_layers": True}),
+    "k_quant_linear": ("k_quant", {"int8_linear_attn": True}),
+}
+
+
+def parse_bool(key: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise RecipeError(f"{key}={value!r}: expected true or false")
+
+
+def parse_int(key: str, value: object) -> int:
+    try:
+        return int(str(value))
+    except ValueError:
+        raise RecipeError(f"{key}={value!r}: expected an integer") from None
+
+
+def parse_list(value: object) -> list[str]:
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return [v.strip() for v in str(value).replace(";", ",").split(",") if v.strip()]
+
+
+def _algo(key: str, value: object) -> dict:
+    alias = str(value).strip()
+    if alias not in ALGO_ALIASES:
+        raise RecipeError(f"{key}={value!r}: unknown algorithm; choose one of: {', '.join(ALGO_ALIASES)}")
+    method, placement = ALGO_ALIASES[alias]
+    return {"method": method, **placement}
+
+
+def _mixed_precision(key: str, value: object) -> dict:
+    out = {}
+    for item in parse_list(value):
+        where, _, bits = item.partition(":")
+        if bits not in ("int8", "8"):
+            raise RecipeError(f"{key}: {item!r} must be of the form last_matmul:int8 or mixed_layers:int8")
+        flag = {"last_matmul": "int8_last_matmul", "mixed_layers": "int8_mixed_layers",
+                "linear_attn": "int8_linear_attn"}.get(where)
+        if flag is None:
+            raise RecipeError(f"{key}: unknown placement {where!r}; use last_matmul, mixed_layers or linear_attn")
+        out[flag] = True
+    return out
+
+
+def _op_types(key: str, value: object) -> dict:
+    return {"op_types": frozenset(parse_list(value))}
+
+
+def _exclude(key: str, value: object) -> dict:
+    return {"keep_float": tuple(parse_list(value))}
+
+
+def _shared(key: str, value: object) -> dict:
+    return {"shared_embeddings": parse_bool(key, value)}
+
+
+def _flag(field: str) -> Callable[[str, object], dict]:
+    return lambda key, value: {field: parse_bool(key, value)}
+
+
+def _int(field: str) -> Callable[[str, object], dict]:
+    return lambda key, value: {field: parse_int(key, value)}
+
+
+def _accepted_and_ignored(key: str, value: object) -> dict:
+    return {}
+
+
+def _exclude_embeds(key: str, value: object) -> dict:
+    if parse_bool(key, value):
+        raise RecipeError(f"{key}=true (a model without its embedding layer) is not supported yet")
+    return {}
+
+
+EXTRA_OPTIONS: dict[str, Callable[[str, object], dict]] = {
+    "int4_algo_config": _algo,
+    "algo_config": _algo,
+    "int4_block_size": _int("block_size"),
+    "int4_is_symmetric": _flag("symmetric"),
+    "int4_accuracy_level": _int("accuracy_level"),
+    "int4_nodes_to_exclude": _exclude,
+    "int4_op_types_to_quantize": _op_types,
+    "matmul_mixed_precision": _mixed_precision,
+    "shared_embeddings": _shared,
+    "int4_tied_embeddings": _shared,
+    "unpack_matmul": _flag("unpack_matmul"),
+    "disable_qkv_fusion": _flag("unpack_matmul"),
+    "exclude_embeds": _exclude_embeds,
+    "exclude_lm_head": _exclude_embeds,
+    "int8_last_matmul": _flag("int8_last_matmul"),
+    "int8_mixed_layers": _flag("int8_mixed_layers"),
+    "int8_linear_attn": _flag("int8_linear_attn"),
+    # accepted for compatibility; they do not change a CPU build
+    "use_qdq": _accepted_and_ignored,
+    "fuse_qk_norm_gqa": _accepted_and_ignored,
+    "enable_cuda_graph": _accepted_and_ignored,
+}
+
+
+def parse_extra_options(items: list[str] | Mapping[str, object]) -> dict[str, object]:
+    """`["k=v", ...]` (the anchor's command-line form) or a mapping -> dict, keys checked."""
+    if isinstance(items, Mapping):
+        pairs = dict(items)
+    else:
+        pairs = {}
+        for item in items:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise RecipeError(f"extra option {item!r} must be key=value")
+            pairs[key.strip()] = value.strip()
+    unknown = sorted(set(pairs) - set(EXTRA_OPTIONS))
+    if unknown:
+        raise RecipeError(f"unknown extra option(s) {', '.join(unknown)}; accepted: {', '.join(sorted(EXTRA_OPTIONS))}")
+    return pairs
+
+
+def apply_extra_options(recipe: Recipe, options: Mapping[str, object]) -> Recipe:
+    changes: dict = {}
+    for key, value in parse_extra_options(options).items():
+        changes.update(EXTRA_OPTIONS[key](key, value))
+    return replace(recipe, **changes)
+
+
+# ---- TOML recipes ----------------------------------------------------------------------------
+RECIPE_KEYS = {f.name for f in fields(Recipe)} - {"num_layers", "rules"} | {"rules", "extra_options", "template",
+                                                                             "scheme"}
+
+
+def _rule(i: int, entry: object) -> Rule:
+    if not isinstance(entry, dict) or "match" not in entry:
+        raise RecipeError(f"rules[{i}] must be a table with 'match' and 'scheme' or bits/block_size/method/symmetric")
+    allowed = {"match", "scheme", "bits", "block_size", "method", "symmetric", "accuracy_level", "keep_float"}
+    unknown = set(entry) - allowed
+    if unknown:
+        raise RecipeError(f"rules[{i}]: unknown key(s) {sorted(unknown)}; accepted: {sorted(allowed)}")
+    if entry.get("keep_float"):
+        return Rule(str(entry["match"]), None)
+    if "scheme" in entry:
+        from .schemes import get_scheme
+
+        st = get_scheme(str(entry["scheme"]))
+    else:
+        st = Storage(bits=4)
+    overrides = {k: entry[k] for k in ("bits", "block_size", "method", "symmetric", "accuracy_level") if k in entry}
+    if "method" in overrides and overrides["method"] not in METHODS:
+        raise RecipeError(f"rules[{i}]: unknown method {overrides['method']!r}; choose one of {', '.join(METHODS)}")
+    st = replace(st, **overrides)
+    if st.bits not in (2, 4, 8):
+        raise RecipeError(f"rules[{i}]: bits must be 2, 4 or 8, got {st.bits}")
+    return Rule(str(entry["match"]), st)
+
+
+def recipe_from_mapping(data: Mapping[str, object], base: Recipe) -> Recipe:
+    unknown = sorted(set(data) - RECIPE_KEYS)
+    if unknown:
+        raise RecipeError(f"unknown recipe key(s) {', '.join(unknown)}; accepted: {', '.join(sorted(RECIPE_KEYS))}")
+    changes: dict = {}
+    for key, value in data.items():
+        if key == "rules":
+            if not isinstance(value, list):
+                raise RecipeError("rules must be an array of tables ([[rules]])")
+            changes["rules"] = tuple(_rule(i, e) for i, e in enumerate(value))
+        elif key == "op_types" or key == "keep_float":
+            changes[key] = frozenset(parse_list(value)) if key == "op_types" else tuple(parse_list(value))
+        elif key in ("template", "scheme", "extra_options"):
+            continue
+        else:
+            changes[key] = value
+    recipe = replace(base, **changes)
+    if "scheme" in data:
+        from .schemes import apply_scheme
+
+        recipe = apply_scheme(recipe, str(data["scheme"]))
+    if "template" in data:
+        from .templates import apply_template
+
+        recipe = apply_template(recipe, str(data["template"]))
+    if "extra_options" in data:
+        recipe = apply_extra_options(recipe, data["extra_options"])  # type: ignore[arg-type]
+    return recipe
+
+
+def load_recipe_file(path: str | Path, base: Recipe) -> Recipe:
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file {path} not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise RecipeError(f"recipe file {path} is not valid TOML: {e}") from None
+    return recipe_from_mapping(data, base)

@@ -1,0 +1,70 @@
+"""Per-model-type quantization templates: what is never quantized, and which projections form groups.
+
+Plain data with glob patterns over ONNX node names and Hugging Face module names. Users may
+register their own; a duplicate name is an error.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from ..errors import RecipeError
+from .recipe import Recipe
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    keep_float: tuple[str, ...] = ()
+    groups: tuple[tuple[str, tuple[str, ...]], ...] = (
+        ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+        ("gate_up_proj", ("gate_proj", "up_proj")),
+    )
+    doc: str = ""
+
+
+_TEMPLATES: dict[str, Template] = {}
+
+
+def register_template(t: Template) -> None:
+    if t.name in _TEMPLATES:
+        raise RecipeError(f"template {t.name!r} is already registered; unregister it first")
+    _TEMPLATES[t.name] = t
+
+
+def unregister_template(name: str) -> None:
+    if name not in _TEMPLATES:
+        raise RecipeError(f"template {name!r} is not registered")
+    del _TEMPLATES[name]
+
+
+def get_template(name: str) -> Template:
+    if name not in _TEMPLATES:
+        raise RecipeError(f"unknown template {name!r}; registered: {', '.join(sorted(_TEMPLATES))}")
+    return _TEMPLATES[name]
+
+
+def templates() -> dict[str, Template]:
+    return dict(_TEMPLATES)
+
+
+def template_for(model_type: str) -> Template:
+    return _TEMPLATES.get(model_type, _TEMPLATES["default"])
+
+
+def apply_template(recipe: Recipe, name: str) -> Recipe:
+    t = get_template(name)
+    return replace(recipe, keep_float=tuple(dict.fromkeys(recipe.keep_float + t.keep_float)))
+
+
+_ROUTERS = ("*/moe/gate/*", "*.mlp.gate", "*router*", "*.block_sparse_moe.gate")
+for _t in (
+    Template("default", doc="dense decoders: every linear layer may be quantized"),
+    Template("llama", doc="Llama / SmolLM2: every linear layer may be quantized"),
+    Template("mistral", doc="Mistral: every linear layer may be quantized"),
+    Template("qwen2", doc="Qwen2: every linear layer may be quantized"),
+    Template("qwen3", doc="Qwen3: every linear layer may be quantized (q/k norms are never weights of a MatMul)"),
+    Template("mixtral", keep_float=_ROUTERS, doc="Mixtral: routers stay float"),
+    Template("qwen3_moe", keep_float=_ROUTERS, doc="Qwen3-MoE: routers stay float"),
+    Template("gpt_oss", keep_float=_ROUTERS, doc="GPT-OSS: routers stay float"),
+):
+    register_template(_t)

@@ -1,0 +1,408 @@
+"""GGUF checkpoints (llama.cpp) presented in Hugging Face terms.
+
+`GGUFSource` reads a `.gguf` file through `gguf.GGUFReader` (memory-mapped; nothing is loaded up
+front) and speaks like a transformers checkpoint: `config` is the config.json dict transformers
+would build, tensor names/shapes are the state-dict ones, `read()` dequantizes one tensor on the
+fly with `gguf.quants.dequantize`, and Q/K rows that llama.cpp's converter permuted for its rotary
+layout are put back (as transformers' `LlamaTensorProcessor` does). Q4_0 / Q8_0 weights can be
+handed over losslessly as MatMulNBits blocks (`native_blocks`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+from gguf import GGUFReader, GGUFValueType
+from gguf.gguf_reader import ReaderTensor
+from gguf.quants import dequantize
+
+from ..errors import CheckpointError, ConfigError, OnnxForgeError, UnsupportedArchitectureError
+from .base import NativeBlocks
+from .gguf_maps import AUXILIARY_TENSORS, FAMILIES, GGUFFamily, compile_tensor_map, hf_tensor_name, permuted_heads
+from .gguf_tokenizer import build_tokenizer
+
+log = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+
+SUPPORTED_TYPES: frozenset[QT] = frozenset({
+    QT.F32, QT.F16, QT.BF16,
+    QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0,
+    QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K,
+    QT.IQ4_NL, QT.IQ4_XS, QT.IQ3_S, QT.IQ3_XXS, QT.IQ2_S, QT.IQ2_XS, QT.IQ2_XXS, QT.IQ1_S, QT.IQ1_M,
+})
+
+# Bytes of each tensor's data folded into the fingerprint (besides the whole header).
+_FINGERPRINT_SAMPLE = 4096
+
+# Metadata arrays longer than this are read on demand (vocabularies), not kept in `_meta`.
+_MAX_EAGER_ARRAY = 1024
+
+
+class GGUFSource:
+    """A GGUF file as a `Source`: HF config, HF tensor names, float32 reads, MatMulNBits blocks."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._reader: GGUFReader | None = _open_reader(self.path)
+        try:
+            self._meta = _metadata(self._reader)
+            self._arch = str(self._meta.get("general.architecture", ""))
+            self._family = _family(self._arch, self.path)
+            self._tensors = self._map_tensors()
+            self.config = self._build_config()
+            self.generation_config = self._build_generation_config()
+        except OnnxForgeError:
+            self.close()
+            raise
+        except Exception as err:  # malformed metadata values must not surface as raw errors
+            self.close()
+            raise CheckpointError(f"{self.path} has malformed GGUF metadata ({err!r}); re-convert the file.") from err
+
+    # ----------------------------------------------------------------- Source protocol
+
+    def tensor_names(self) -> list[str]:
+        """HF state-dict names of the weights in the file (no `lm_head.weight` when tied)."""
+        return list(self._tensors)
+
+    def has(self, name: str) -> bool:
+        """Whether the file holds the HF tensor `name`."""
+        return name in self._tensors
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """HF shape of `name` ((out, in) for Linear weights; GGUF stores the dims reversed)."""
+        return _hf_shape(self._tensor(name))
+
+    def read(self, name: str) -> np.ndarray:
+        """`name` as a float32 array in HF layout, dequantized and Q/K-unpermuted."""
+        tensor = self._tensor(name)
+        try:
+            values = _dequantize(tensor).reshape(_hf_shape(tensor))
+            perm = self._row_permutation(name, values.shape[0])
+            return np.ascontiguousarray(values[perm] if perm is not None else values)
+        except OnnxForgeError:
+            raise
+        except Exception as err:  # a raw numpy/gguf error must not escape
+            raise CheckpointError(
+                f"cannot read tensor {tensor.name!r} ({name}, {tensor.tensor_type.name}) from {self.path}: {err}. "
+                "The file may be corrupt: re-download or re-convert it."
+            ) from err
+
+    def native_blocks(self, name: str, bits: int, block_size: int) -> NativeBlocks | None:
+        """Lossless MatMulNBits form of a Q4_0 (4, 32) or Q8_0 (8, 32) weight; None otherwise."""
+        tensor = self._tensor(name)
+        kind = tensor.tensor_type
+        if len(tensor.shape) != 2 or block_size != 32 or (kind, bits) not in ((QT.Q4_0, 4), (QT.Q8_0, 8)):
+            return None
+        n_rows, n_cols = _hf_shape(tensor)
+        raw = np.asarray(tensor.data, dtype=np.uint8).reshape(n_rows, n_cols // 32, -1)
+        perm = self._row_permutation(name, n_rows)
+        if perm is not None:
+            raw = raw[perm]
+        scales = raw[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+        data = _q4_0_to_matmulnbits(raw[..., 2:]) if kind == QT.Q4_0 else raw[..., 2:] ^ np.uint8(0x80)
+        return NativeBlocks(np.ascontiguousarray(data), scales, None, bits, block_size, kind.name)
+
+    def write_tokenizer(self, out_dir: Path) -> list[str]:
+        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json; return their names."""
+        keys = [k for k in self._field_names() if k.startswith("tokenizer.")]
+        meta = {key: self._field(key) for key in keys}
+        tokenizer, config, special = build_tokenizer(meta, self.config.get("max_position_embeddings"))
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(str(out / "tokenizer.json"))
+        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n")
+        return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the whole header (metadata + tensor infos), the file size and the first
+        4 KiB of every tensor's data. Cheap on multi-GB files, and any re-conversion or requantization
+        changes it; an edit deep inside one tensor that leaves its first 4 KiB alone does not."""
+        reader = self._open()
+        digest = hashlib.sha256(b"onnxforge-gguf-fingerprint-v1")
+        digest.update(bytes(reader.data[: reader.data_offset]))
+        digest.update(str(self.path.stat().st_size).encode())
+        for tensor in reader.tensors:
+            digest.update(bytes(reader.data[tensor.data_offset : tensor.data_offset + _FINGERPRINT_SAMPLE]))
+        return digest.hexdigest()
+
+    def close(self) -> None:
+        """Drop the memory map (reads after this raise CheckpointError)."""
+        self._reader = None
+
+    def __enter__(self) -> GGUFSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------- tensors
+
+    def _open(self) -> GGUFReader:
+        if self._reader is None:
+            raise CheckpointError(f"{self.path} was closed; open it again with open_gguf().")
+        return self._reader
+
+    def _tensor(self, name: str) -> ReaderTensor:
+        self._open()
+        tensor = self._tensors.get(name)
+        if tensor is None:
+            raise CheckpointError(f"tensor {name!r} is not in {self.path} (it has {len(self._tensors)} tensors).")
+        return tensor
+
+    def _map_tensors(self) -> dict[str, ReaderTensor]:
+        """HF name -> GGUF tensor, refusing tensors the family table cannot name or types we cannot read."""
+        compiled = compile_tensor_map(self._family)
+        mapped: dict[str, ReaderTensor] = {}
+        for tensor in self._open().tensors:
+            if tensor.name in AUXILIARY_TENSORS:
+                continue
+            hf_name = hf_tensor_name(tensor.name, compiled)
+            if hf_name is None:
+                raise CheckpointError(
+                    f"tensor {tensor.name!r} in {self.path} has no Hugging Face name for GGUF architecture "
+                    f"{self._arch!r}; this variant of the architecture is not supported yet."
+                )
+            if tensor.tensor_type not in SUPPORTED_TYPES:
+                raise CheckpointError(
+                    f"tensor {tensor.name!r} in {self.path} has type {tensor.tensor_type.name}, which onnxforge "
+                    f"cannot dequantize (supported: {', '.join(sorted(t.name for t in SUPPORTED_TYPES))}). "
+                    "Requantize the model with llama-quantize to one of those, or convert from the HF folder."
+                )
+            mapped[hf_name] = tensor
+        if "model.embed_tokens.weight" not in mapped:
+            raise CheckpointError(f"{self.path} has no token_embd.weight tensor; it is not a complete model.")
+        return mapped
+
+    def _row_permutation(self, name: str, n_rows: int) -> np.ndarray | None:
+        """Row gather undoing llama.cpp's Q/K rotary permutation for `name`, or None."""
+        if not self._family.permute_qk:
+            return None
+        heads = permuted_heads(name, self.config["num_attention_heads"], self.config["num_key_value_heads"])
+        if heads is None:
+            return None
+        if n_rows % (2 * heads):
+            raise CheckpointError(f"{name} has {n_rows} rows, not a multiple of 2 x {heads} heads; the file is inconsistent.")
+        return np.arange(n_rows).reshape(heads, n_rows // heads // 2, 2).swapaxes(1, 2).reshape(n_rows)
+
+    # ----------------------------------------------------------------- metadata
+
+    def _field_names(self) -> list[str]:
+        return list(self._open().fields)
+
+    def _field(self, key: str) -> Any:
+        """A metadata value (arrays as lists), or None."""
+        field = self._open().fields.get(key)
+        return None if field is None else field.contents()
+
+    def _key(self, suffix: str, default: Any = ...) -> Any:
+        """`{arch}.{suffix}` metadata; a missing required key is a ConfigError."""
+        key = f"{self._arch}.{suffix}"
+        if key in self._meta:
+            return self._meta[key]
+        if default is ...:
+            raise ConfigError(f"{self.path} lacks GGUF metadata {key!r}; the file was not written by a llama.cpp converter.")
+        return default
+
+    def _build_config(self) -> dict:
+        """The config.json dict transformers derives for this file (plus architectures/torch_dtype)."""
+        heads = int(self._key("attention.head_count"))
+        kv_heads = _single_value(self._key("attention.head_count_kv", heads), "attention.head_count_kv")
+        hidden = int(self._key("embedding_length"))
+        head_dim = int(self._key("attention.key_length", self._key("rope.dimension_count", hidden // heads)))
+        rope_dim = int(self._key("rope.dimension_count", head_dim))
+        if rope_dim != head_dim:
+            raise ConfigError(f"{self.path}: rotary dimension {rope_dim} != head_dim {head_dim} (partial rotary) is not supported.")
+        theta = float(self._key("rope.freq_base", 10000.0))
+        scaling = self._rope_scaling(theta, head_dim)
+        config: dict[str, Any] = {
+            "architectures": [self._family.architecture],
+            "model_type": self._family.model_type,
+            "vocab_size": _hf_shape(self._tensors["model.embed_tokens.weight"])[0],
+            "hidden_size": hidden,
+            "intermediate_size": int(self._key("feed_forward_length")),
+            "num_hidden_layers": int(self._key("block_count")),
+            "num_attention_heads": heads,
+            "num_key_value_heads": int(kv_heads),
+            "head_dim": head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": int(self._key("context_length", 2048)),
+            "rms_norm_eps": float(self._key("attention.layer_norm_rms_epsilon", 1e-6)),
+            "rope_theta": theta,
+            "rope_scaling": scaling,
+            "rope_parameters": {"rope_type": "default", "rope_theta": theta, **(scaling or {})},
+            "attention_bias": "model.layers.0.self_attn.q_proj.bias" in self._tensors,
+            "tie_word_embeddings": "lm_head.weight" not in self._tensors,
+            "torch_dtype": self._float_dtype(),
+            **self._family.config_extra,
+        }
+        window = self._key("attention.sliding_window", None)
+        if window is not None:
+            config["sliding_window"] = int(window)
+        elif self._family.model_type in ("qwen2", "qwen3"):
+            config["sliding_window"] = None
+        config.update(self._token_ids())
+        return config
+
+    def _token_ids(self) -> dict[str, int]:
+        names = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id",
+                 "pad_token_id": "padding_token_id", "unk_token_id": "unknown_token_id"}
+        return {hf: int(self._meta[f"tokenizer.ggml.{key}"]) for hf, key in names.items()
+                if f"tokenizer.ggml.{key}" in self._meta}
+
+    def _float_dtype(self) -> str:
+        """The float type the file's unquantized weights are stored in (float32 if only F32/quantized)."""
+        kinds = {t.tensor_type for t in self._tensors.values()}
+        return "bfloat16" if QT.BF16 in kinds else "float16" if QT.F16 in kinds else "float32"
+
+    def _rope_scaling(self, theta: float, head_dim: int) -> dict | None:
+        """HF rope_scaling from GGUF rope.scaling.* keys or a llama3 `rope_freqs.weight`, or None."""
+        kind = self._key("rope.scaling.type", None)
+        factor = self._key("rope.scaling.factor", None)
+        if kind is None and self._key("rope.scale_linear", None):
+            kind, factor = "linear", self._key("rope.scale_linear")
+        if kind == "linear" and factor:
+            return {"rope_type": "linear", "factor": float(factor)}
+        if kind == "yarn" and factor:
+            scaling = {"rope_type": "yarn", "factor": float(factor)}
+            original = self._key("rope.scaling.original_context_length", None)
+            if original:
+                scaling["original_max_position_embeddings"] = int(original)
+            return scaling
+        if kind not in (None, "none"):
+            raise ConfigError(f"{self.path}: rope scaling type {kind!r} is not supported (supported: linear, yarn, llama3).")
+        freqs = next((t for t in self._open().tensors if t.name == "rope_freqs.weight"), None)
+        if freqs is None:
+            return None
+        scaling = _llama3_rope_scaling(_dequantize(freqs).reshape(-1), theta, head_dim)
+        if scaling is None:
+            raise ConfigError(
+                f"{self.path}: rope_freqs.weight does not match llama3 rope scaling with any standard parameters; "
+                "convert from the HF folder, whose config.json states the rope scaling."
+            )
+        return scaling
+
+    def _build_generation_config(self) -> dict | None:
+        """bos/eos/pad ids; eos lists end-of-turn ids (eot/eom) too, like HF generation_config.json."""
+        ids = self._token_ids()
+        eos = [ids["eos_token_id"]] if "eos_token_id" in ids else []
+        for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+            if key in self._meta and int(self._meta[key]) not in eos:
+                eos.append(int(self._meta[key]))
+        generation: dict[str, Any] = {k: v for k, v in ids.items() if k in ("bos_token_id", "pad_token_id")}
+        if eos:
+            generation["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+        return generation or None
+
+
+
+def open_gguf(path: Path | str) -> GGUFSource:
+    """Open a `.gguf` file as a Source."""
+    return GGUFSource(Path(path))
+
+
+# --------------------------------------------------------------------- helpers
+
+
+def _open_reader(path: Path) -> GGUFReader:
+    """A GGUFReader over `path`, with every failure turned into a CheckpointError that says why."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist or is not a file; pass the path of a .gguf file.")
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        magic = handle.read(4)
+    if magic != GGUF_MAGIC:
+        raise CheckpointError(
+            f"{path} is not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r}); pass a .gguf file "
+            "written by llama.cpp, or a Hugging Face model folder."
+        )
+    try:
+        reader = GGUFReader(path)
+    except Exception as err:  # the reader raises bare ValueError/IndexError on cut or garbled files
+        raise CheckpointError(
+            f"{path} ({size} bytes) could not be parsed as GGUF ({err}); the file is truncated or corrupt: "
+            "re-download or re-convert it."
+        ) from err
+    for tensor in reader.tensors:
+        end = int(tensor.data_offset) + int(tensor.n_bytes)
+        if end > size:
+            raise CheckpointError(
+                f"{path} is truncated: tensor {tensor.name!r} ends at byte {end} but the file has {size} bytes; "
+                "re-download or re-convert it."
+            )
+    return reader
+
+
+def _metadata(reader: GGUFReader) -> dict[str, Any]:
+    """Scalar (and short array) metadata values; vocabularies stay in the file until asked for."""
+    meta = {}
+    for key, field in reader.fields.items():
+        if field.types and field.types[0] == GGUFValueType.ARRAY and len(field.data) > _MAX_EAGER_ARRAY:
+            continue
+        meta[key] = field.contents()
+    return meta
+
+
+def _family(arch: str, path: Path) -> GGUFFamily:
+    family = FAMILIES.get(arch)
+    if family is None:
+        raise UnsupportedArchitectureError(
+            f"{path} is a GGUF of architecture {arch!r}, which onnxforge cannot build (supported GGUF "
+            f"architectures: {', '.join(sorted(FAMILIES))}); convert from the Hugging Face folder if its "
+            "architecture is supported there."
+        )
+    return family
+
+
+def _single_value(value: Any, key: str) -> int:
+    """A per-layer list metadata value that must be uniform, as one int."""
+    if isinstance(value, list):
+        if len(set(value)) != 1:
+            raise ConfigError(f"GGUF metadata {key} varies per layer ({sorted(set(value))}); not supported.")
+        return int(value[0])
+    return int(value)
+
+
+def _hf_shape(tensor: ReaderTensor) -> tuple[int, ...]:
+    """GGUF lists dims fastest-first (ne0 = in_features); HF/numpy order is the reverse."""
+    return tuple(int(d) for d in reversed(tensor.shape))
+
+
+def _dequantize(tensor: ReaderTensor) -> np.ndarray:
+    """The tensor's values as a fresh float32 array (never a view of the memory map)."""
+    if tensor.tensor_type == QT.F32:
+        return np.array(tensor.data, dtype=np.float32)
+    return np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+
+
+def _q4_0_to_matmulnbits(nibbles: np.ndarray) -> np.ndarray:
+    """Q4_0 block bytes (element j low, j+16 high nibble of byte j) -> MatMulNBits (2i low, 2i+1 high)."""
+    values = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1)
+    return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
+
+
+def _llama3_factors(inv_freq: np.ndarray, factor: float, low: float, high: float, original: int) -> np.ndarray:
+    """llama.cpp's rope_freqs for llama3 scaling (convert_hf_to_gguf.py, LlamaModel.generate_extra_tensors)."""
+    wavelen = 2 * np.pi / inv_freq
+    smooth = (original / wavelen - low) / (high - low)
+    mid = 1 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < original / high, 1.0, np.where(wavelen > original / low, factor, mid))
+
+
+def _llama3_rope_scaling(freqs: np.ndarray, theta: float, head_dim: int) -> dict | None:
+    """Recover llama3 rope_scaling parameters from rope_freqs by checking the published defaults."""
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    factor = float(np.round(freqs.max(), 4))
+    for original in (8192, 4096, 2048, 16384, 32768, 65536, 131072):
+        for low in (1.0, 2.0, 0.5):
+            for high in (4.0, 8.0, 2.0):
+                if high > low and np.allclose(_llama3_factors(inv_freq, factor, low, high, original), freqs, rtol=1e-5):
+                    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                            "high_freq_factor": high, "original_max_position_embeddings": original}
+    return None

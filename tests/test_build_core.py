@@ -1,0 +1,110 @@
+"""Checkpoint variants (sharded, bf16), fp16/bf16 builds, genai_config and the build report."""
+from __future__ import annotations
+
+import json
+
+import ml_dtypes
+import numpy as np
+import onnx
+import pytest
+from conftest import onnx_step_logits, prompt_and_decode, reference_logits
+
+import onnxforge
+from onnxforge.sources.hf import HFSource
+
+
+def _graph(out):
+    return onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+
+
+def test_sharded_checkpoint_builds_and_matches(tiny_models, tmp_path):
+    folder, model = tiny_models("qwen2", max_shard_size="100KB")
+    shards = sorted(p.name for p in folder.glob("*.safetensors"))
+    assert len(shards) > 2 and (folder / "model.safetensors.index.json").is_file()
+    onnxforge.build(folder, tmp_path / "out")
+    prompt, decode = prompt_and_decode()
+    diff = np.abs(onnx_step_logits(tmp_path / "out", prompt, decode) - reference_logits(model, prompt + decode)).max()
+    assert diff < 1e-4
+
+
+def test_bf16_checkpoint_builds_and_matches(tiny_models, tmp_path):
+    folder, model = tiny_models("llama", dtype="bfloat16")
+    st = HFSource(folder)
+    assert st.read("model.embed_tokens.weight").dtype == ml_dtypes.bfloat16
+    onnxforge.build(folder, tmp_path / "out")
+    prompt, decode = prompt_and_decode()
+    diff = np.abs(onnx_step_logits(tmp_path / "out", prompt, decode) - reference_logits(model, prompt + decode)).max()
+    assert diff < 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "llama_tied", "qwen3"])
+def test_fp16_close_to_fp32(tiny_models, tmp_path, family):
+    """fp16 keeps ~3 significant digits per op; over a few layers the logits drift by a few 1e-3 relative.
+    We allow 2% of the logit range and require the same argmax on at least 90% of positions."""
+    folder, model = tiny_models(family)
+    onnxforge.build(folder, tmp_path / "out", "fp16")
+    assert {i.type.tensor_type.elem_type for i in _graph(tmp_path / "out").input[2:]} == {onnx.TensorProto.FLOAT16}
+    prompt, decode = prompt_and_decode()
+    ref = reference_logits(model, prompt + decode)
+    got = onnx_step_logits(tmp_path / "out", prompt, decode)
+    assert np.abs(got - ref).max() < 0.02 * np.abs(ref).max()
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
+def test_bf16_build_graph_and_weights(tiny_models, tmp_path):
+    """onnxruntime's CPU provider has no bf16 MatMul: check dtypes, I/O and ops, and read the weights back."""
+    folder, _ = tiny_models("qwen2")
+    out = tmp_path / "out"
+    onnxforge.build(folder, out, "bf16")
+    model = onnx.load(str(out / "model.onnx"))
+    g = model.graph
+    bf16 = onnx.TensorProto.BFLOAT16
+    assert all(o.type.tensor_type.elem_type == bf16 for o in g.output)
+    assert all(i.type.tensor_type.elem_type == bf16 for i in g.input if i.name.startswith("past"))
+    ops = {n.op_type for n in g.node}
+    assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization", "MatMul", "Gather"} <= ops
+    inits = {t.name: t for t in g.initializer}
+    src = HFSource(folder)
+    w = onnx.numpy_helper.to_array(inits["model.layers.1.mlp.down_proj.weight"]).astype(np.float32)
+    ref = src.read("model.layers.1.mlp.down_proj.weight").astype(ml_dtypes.bfloat16).astype(np.float32).T
+    np.testing.assert_array_equal(w, ref)
+    qkv = onnx.numpy_helper.to_array(inits["model.layers.0.attn.qkv_proj.weight"]).astype(np.float32)
+    parts = [src.read(f"model.layers.0.self_attn.{p}_proj.weight") for p in "qkv"]
+    np.testing.assert_array_equal(qkv, np.concatenate(parts).astype(ml_dtypes.bfloat16).astype(np.float32).T)
+    for t in inits.values():
+        if t.name.endswith(".weight") or "cache" in t.name:
+            assert t.data_type == bf16, t.name
+
+
+def test_genai_config_and_report(tiny_models, tmp_path):
+    folder, model = tiny_models("mistral")
+    out = tmp_path / "out"
+    report = onnxforge.build(folder, out)
+    cfg = json.loads((out / "genai_config.json").read_text())
+    c = model.config
+    d = cfg["model"]["decoder"]
+    assert d["num_hidden_layers"] == c.num_hidden_layers and d["num_key_value_heads"] == c.num_key_value_heads
+    assert d["head_size"] == c.hidden_size // c.num_attention_heads and cfg["model"]["type"] == "mistral"
+    assert cfg["model"]["eos_token_id"] == c.eos_token_id and cfg["model"]["context_length"] == c.max_position_embeddings
+    assert d["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    assert {"tokenizer.json", "tokenizer_config.json", "model.onnx", "model.onnx.data"} <= set(p.name for p in out.iterdir())
+    saved = json.loads((out / "build_report.json").read_text())
+    assert saved["input_sha256"] == report.input_sha256 and len(report.input_sha256) == 64
+    assert saved["total_bytes"] >= (out / "model.onnx.data").stat().st_size
+    assert "peak memory" in report.summary()
+    assert not list(tmp_path.glob(".out.partial*"))
+
+
+def test_packed_and_unpacked_qkv_agree(tiny_models, tmp_path):
+    from onnxforge.quant.recipe import Recipe
+
+    folder, model = tiny_models("qwen2")
+    onnxforge.build(folder, tmp_path / "packed")
+    onnxforge.build(folder, tmp_path / "unpacked", recipe=Recipe(unpack_matmul=True))
+    ops = lambda out: [n.name for n in _graph(out).node if n.op_type == "MatMul"]
+    assert any("qkv_proj" in n for n in ops(tmp_path / "packed"))
+    assert not any("qkv_proj" in n for n in ops(tmp_path / "unpacked"))
+    assert any("/attn/q_proj/" in n for n in ops(tmp_path / "unpacked"))
+    prompt, decode = prompt_and_decode()
+    ref = reference_logits(model, prompt + decode)
+    assert np.abs(onnx_step_logits(tmp_path / "unpacked", prompt, decode) - ref).max() < 1e-4
