@@ -77,8 +77,9 @@ def run_gather(q: QuantizedWeight, ids: np.ndarray, *, shared: bool = True) -> n
     if zp is not None:
         inits.append(zp)
         names.append("zp")
-    node = helper.make_node("GatherBlockQuantized", [names[0], "ids", *names[1:]], ["y"], domain="com.microsoft",
-                            bits=q.bits, block_size=q.block_size, gather_axis=0, quantize_axis=1)
+    node = helper.make_node("GatherBlockQuantized", [names[0], "ids", *names[1:]], ["y"],
+                            domain="com.microsoft", bits=q.bits, block_size=q.block_size,
+                            gather_axis=0, quantize_axis=1)
     return session(node, inits, names, "ids", TensorProto.INT64, [None]).run(None, {"ids": ids})[0]
 
 
@@ -220,10 +221,14 @@ def test_non_finite_and_integer_input() -> None:
 def test_thread_pool_matches_sequential() -> None:
     ws = [weights(32, 256, seed=i) for i in range(4)]
     jobs = [(w, m) for w in ws for m in METHODS]
+
+    def run(job: tuple[np.ndarray, str]) -> QuantizedWeight:
+        return quantize(job[0], bits=4, block_size=32, symmetric=False, method=job[1])
+
     with ThreadPoolExecutor(4) as pool:
-        par = list(pool.map(lambda j: quantize(j[0], bits=4, block_size=32, symmetric=False, method=j[1]), jobs))
-    for (w, m), q in zip(jobs, par):
-        np.testing.assert_array_equal(q.data, quantize(w, bits=4, block_size=32, symmetric=False, method=m).data)
+        par = list(pool.map(run, jobs))
+    for job, q in zip(jobs, par):
+        np.testing.assert_array_equal(q.data, run(job).data)
 
 
 # ---------------------------------------------------------------- quality vs RTN
@@ -236,13 +241,14 @@ def matrix() -> np.ndarray:
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("method", ["k_quant", "hqq"])
 def test_better_than_rtn(matrix: np.ndarray, method: str, symmetric: bool) -> None:
-    """Lower plain MSE overall (by >= 2%), and per block no worse than RTN on the objective each
-    method minimises: weighted (|x| + rms) squared error for k_quant, plain for hqq."""
+    """Lower plain MSE overall (by > 4%; measured 5-6.5%), and per block no worse than RTN on
+    the objective each method minimises: weighted (|x| + rms) squared error for k_quant,
+    plain squared error for hqq."""
     w = matrix
     rtn = quantize(w, bits=4, block_size=32, symmetric=symmetric, method="rtn")
     q = quantize(w, bits=4, block_size=32, symmetric=symmetric, method=method)
     e_rtn, e_q = (blockwise(dequantize(a) - w, a) ** 2 for a in (rtn, q))
-    assert e_q.mean() < 0.98 * e_rtn.mean()
+    assert e_q.mean() < 0.96 * e_rtn.mean()
     wt = importance(blockwise(w, q)) if method == "k_quant" else 1.0
     per_rtn, per_q = (wt * e_rtn).sum(-1), (wt * e_q).sum(-1)
     assert (per_q <= per_rtn * (1 + 1e-5) + 1e-12).all()

@@ -22,6 +22,7 @@ from ..errors import CheckpointError, OnnxForgeError, OutputError
 from ..graph.builder import GraphBuilder, WeightJob
 
 ALIGN = 64
+open_data_file = open  # replaced in tests to simulate a full disk where no small file system can be mounted
 
 
 @dataclass
@@ -72,7 +73,7 @@ class WeightWriter:
         """Produce and write all jobs; returns the data file's size."""
         path = self.folder / self.filename
         offset = 0
-        with open(path, "wb") as f, ThreadPoolExecutor(self.workers, thread_name_prefix="onnxforge") as pool:
+        with open_data_file(path, "wb") as f, ThreadPoolExecutor(self.workers, thread_name_prefix="onnxforge") as pool:
             pending: deque[tuple[WeightJob, Future]] = deque()
             in_flight = 0
             jobs = iter(builder.jobs)

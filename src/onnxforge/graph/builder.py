@@ -83,7 +83,7 @@ class GraphBuilder:
         n_out: int = 1,
         **attrs,
     ) -> ir.Value | tuple[ir.Value, ...]:
-        node_name = f"{name}/{op_type}" if not name.endswith(op_type) else name
+        node_name = name
         outs = [ir.Value(name=f"{node_name}/output_{i}") for i in range(n_out)]
         node = ir.node(op_type, list(inputs), attributes=attrs, domain=domain, name=node_name, outputs=outs)
         self.nodes.append(node)

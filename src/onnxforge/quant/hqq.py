@@ -27,7 +27,16 @@ import numpy as np
 
 from onnxforge.quant.pack import from_levels
 from onnxforge.quant.rtn import asymmetric_scale_zp, symmetric_scale
-from onnxforge.quant.types import QuantizedWeight, check_params, dot, reciprocal, round_levels, row_chunks, to_blocks
+from onnxforge.quant.types import (
+    QuantizedWeight,
+    check_params,
+    dot,
+    keep_better,
+    reciprocal,
+    round_levels,
+    row_chunks,
+    to_blocks,
+)
 
 HQQ_BITS = (2, 4, 8)
 LP_NORM = 0.7
@@ -62,8 +71,7 @@ def _optimise(x: np.ndarray, s: np.ndarray, zp: np.ndarray, bits: int, fit_zero:
     for _ in range(ITERS):
         q = round_levels(xn, sn, zp, bits)
         err = _sq_err(xn, sn, q - zp)
-        better = err < best
-        best_s, best_zp, best = np.where(better, sn, best_s), np.where(better, zp, best_zp), np.minimum(err, best)
+        best_s, best_zp, best = keep_better(err < best, (sn, zp, err), (best_s, best_zp, best))
         target = xn - shrink_lp(xn - sn * (q - zp), beta, LP_NORM)
         if fit_zero:  # HQQ's zero update mean(W_q - target / s), rounded to an integer
             z = q.mean(axis=-1, keepdims=True) - target.mean(axis=-1, keepdims=True) * reciprocal(sn)
@@ -74,8 +82,7 @@ def _optimise(x: np.ndarray, s: np.ndarray, zp: np.ndarray, bits: int, fit_zero:
         beta *= KAPPA
     q = round_levels(xn, sn, zp, bits)
     err = _sq_err(xn, sn, q - zp)
-    better = err < best
-    best_s, best_zp = np.where(better, sn, best_s), np.where(better, zp, best_zp)
+    best_s, best_zp = keep_better(err < best, (sn, zp), (best_s, best_zp))
     return best_s * unit, best_zp
 
 

@@ -22,6 +22,7 @@ from onnxforge.quant.types import (
     QuantizedWeight,
     check_params,
     dot,
+    keep_better,
     reciprocal,
     round_levels,
     row_chunks,
@@ -57,8 +58,7 @@ def _lloyd(x: np.ndarray, wt: np.ndarray, wx: np.ndarray, s: np.ndarray, zp: np.
     """Alternate rounding and least-squares scale with the zero point fixed; best scale."""
     for _ in range(LLOYD_ROUNDS):
         s_new, sc = _ls_scale(wx, wt, round_levels(x, s, zp, bits) - zp)
-        better = sc > score
-        s, score = np.where(better, s_new, s), np.where(better, sc, score)
+        s, score = keep_better(sc > score, (s_new, sc), (s, score))
     return s
 
 
@@ -67,15 +67,14 @@ def _symmetric(x: np.ndarray, bits: int) -> tuple[np.ndarray, None]:
     nmax = np.float32(1 << (bits - 1))
     wt = importance(x)
     wx = wt * x
-    inv_m = reciprocal(signed_absmax(x))
-    best_s = np.zeros_like(inv_m)
-    best = np.full_like(inv_m, -1.0)
+    m = signed_absmax(x)
+    inv_m = reciprocal(m)
+    best_s, best = _ls_scale(wx, wt, round_levels(x, m / -nmax, nmax, bits) - nmax)  # RTN start
     for d in GRID:
         lev = np.floor(x * (-(nmax + d) * inv_m) + np.float32(0.5))
         np.clip(lev, -nmax, nmax - 1, out=lev)
         s, score = _ls_scale(wx, wt, lev)
-        better = score > best
-        best_s, best = np.where(better, s, best_s), np.where(better, score, best)
+        best_s, best = keep_better(score > best, (s, score), (best_s, best))
     return _lloyd(x, wt, wx, best_s, nmax, best, bits), None
 
 
@@ -87,7 +86,7 @@ def _asymmetric(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     sw = wt.sum(axis=-1, keepdims=True)
     swx = wx.sum(axis=-1, keepdims=True)
     s0, zp0 = asymmetric_scale_zp(x, bits)
-    best_s, best = _ls_scale(wx, wt, round_levels(x, s0, zp0, bits) - zp0)
+    best_s, best = _ls_scale(wx, wt, round_levels(x, s0, zp0, bits) - zp0)  # RTN start
     best_zp = zp0
     lo = np.minimum(x.min(axis=-1, keepdims=True), 0)
     inv_rng = reciprocal(np.maximum(x.max(axis=-1, keepdims=True), 0) - lo)
@@ -102,11 +101,11 @@ def _asymmetric(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
         a = np.divide(sw * swlx - swx * swl, det, out=np.zeros_like(det), where=ok)
         b = np.divide(swl2 * swx - swl * swlx, det, out=np.zeros_like(det), where=ok)
         ok &= a > 0
-        zp = np.where(ok, np.floor(-b * reciprocal(np.where(ok, a, 1)) + 0.5), np.floor(-lo * iscale + 0.5))
-        np.clip(zp, 0, qmax, out=zp)
-        s, score = _ls_scale(wx, wt, round_levels(x, np.where(ok, a, reciprocal(iscale)), zp, bits) - zp)
-        better = score > best
-        best_s, best_zp, best = np.where(better, s, best_s), np.where(better, zp, best_zp), np.where(better, score, best)
+        s_fit = np.where(ok, a, reciprocal(iscale))
+        zp = np.where(ok, -b * reciprocal(s_fit), -lo * iscale)
+        zp = np.clip(np.floor(zp + np.float32(0.5)), 0, qmax)
+        s, score = _ls_scale(wx, wt, round_levels(x, s_fit, zp, bits) - zp)
+        best_s, best_zp, best = keep_better(score > best, (s, zp, score), (best_s, best_zp, best))
     return _lloyd(x, wt, wx, best_s, best_zp, best, bits), best_zp
 
 

@@ -108,7 +108,9 @@ class Recipe:
         if self.int8_mixed_layers:
             layer = _layer_of(names)
             if layer is not None and mixed_layer_gets_int8(layer, self.num_layers):
-                return any(re.search(r"(v_proj|qkv_proj|down_proj)", n) for n in names)
+                # llama.cpp bumps attn_v and ffn_down; a packed qkv goes up as a whole (as the anchor does)
+                fused = r"|/qkv_proj/" if not self.unpack_matmul else ""
+                return any(re.search(r"(\bv_proj|down_proj" + fused + ")", n) for n in names)
         if self.int8_linear_attn:
             return any("linear_attn" in n for n in names)
         return False

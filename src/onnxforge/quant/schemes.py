@@ -7,8 +7,6 @@ from ..errors import RecipeError
 from .recipe import Recipe
 from .storage import Storage
 
-PER_CHANNEL = 0  # block_size 0: one block spanning the whole row (rounded up to a power of two)
-
 _SCHEMES: dict[str, tuple[Storage, str]] = {}
 
 
@@ -51,11 +49,11 @@ for _bs in (32, 64, 128):
                     f"4-bit weights, symmetric, block {_bs}")
     register_scheme(f"uint4_wo_{_bs}", Storage(bits=4, block_size=_bs, symmetric=False, method="rtn"),
                     f"4-bit weights with zero points, block {_bs}")
-register_scheme("int4_wo_per_channel", Storage(bits=4, block_size=PER_CHANNEL, symmetric=True, method="rtn"),
-                "4-bit weights, one symmetric scale per output channel")
 register_scheme("int8_wo", Storage(bits=8, block_size=32, symmetric=True, method="rtn"), "8-bit weights, block 32")
-register_scheme("int8_wo_per_channel", Storage(bits=8, block_size=PER_CHANNEL, symmetric=True, method="rtn"),
-                "8-bit weights, one scale per output channel")
+register_scheme("int8_wo_128", Storage(bits=8, block_size=128, symmetric=True, method="rtn"), "8-bit weights, block 128")
+register_scheme("int4_wo_256", Storage(bits=4, block_size=256, symmetric=True, method="rtn"),
+                "4-bit weights, symmetric, block 256 (the widest block MatMulNBits runs on CPU; per-channel "
+                "scales are not offered because the CPU kernel accepts blocks of 16 to 256 only)")
 register_scheme("int4_hqq_64", Storage(bits=4, block_size=64, symmetric=False, method="hqq"),
                 "4-bit HQQ with zero points, block 64")
 register_scheme("int4_kquant_32", Storage(bits=4, block_size=32, symmetric=False, method="k_quant"),

@@ -120,6 +120,12 @@ def dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.einsum("...k,...k->...", a, b)[..., None]
 
 
+def keep_better(better: np.ndarray, new: tuple[np.ndarray, ...], old: tuple[np.ndarray, ...]
+                ) -> tuple[np.ndarray, ...]:
+    """Per block, ``new`` where ``better`` else ``old`` (element-wise over each pair)."""
+    return tuple(np.where(better, n, o) for n, o in zip(new, old))
+
+
 def safe_div(x: np.ndarray, s: np.ndarray) -> np.ndarray:
     """``x / s`` with 0 where ``s == 0`` (all-zero blocks), never inf or NaN."""
     return np.divide(x, s, out=np.zeros(np.broadcast_shapes(x.shape, s.shape), np.float32), where=s != 0)

@@ -10,6 +10,7 @@ handed over losslessly as MatMulNBits blocks (`native_blocks`).
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import logging
 from pathlib import Path
@@ -325,6 +326,11 @@ def _open_reader(path: Path) -> GGUFReader:
     try:
         reader = GGUFReader(path)
     except Exception as err:  # the reader raises bare ValueError/IndexError on cut or garbled files
+        if "GGMLQuantizationType" in str(err):
+            raise CheckpointError(
+                f"{path} uses an unknown tensor type ({err}): it was written by a llama.cpp newer than the "
+                f"installed gguf {_gguf_version()}. Upgrade the gguf package, or requantize to a common type."
+            ) from err
         raise CheckpointError(
             f"{path} ({size} bytes) could not be parsed as GGUF ({err}); the file is truncated or corrupt: "
             "re-download or re-convert it."
@@ -337,6 +343,13 @@ def _open_reader(path: Path) -> GGUFReader:
                 "re-download or re-convert it."
             )
     return reader
+
+
+def _gguf_version() -> str:
+    try:
+        return importlib.metadata.version("gguf")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - gguf imported from a source tree
+        return "(unknown version)"
 
 
 def _metadata(reader: GGUFReader) -> dict[str, Any]:

@@ -64,17 +64,28 @@ _LLAMA3 = PreTokenizerSpec((_LLAMA3_RE,), gpt2_regex=False, ignore_merges=True, 
 _LLAMA3_MERGING = PreTokenizerSpec((_LLAMA3_RE,), gpt2_regex=False)
 _QWEN2 = PreTokenizerSpec((_QWEN2_RE,), gpt2_regex=False)
 _GPT4O = PreTokenizerSpec((_GPT4O_RE,), gpt2_regex=False)
-_TEKKEN = PreTokenizerSpec((_TEKKEN_RE,), gpt2_regex=False, ignore_merges=True)
-_DEFAULT = PreTokenizerSpec((r"[\p{P}\$\+<=>\^~\|`]+", _GPT2_RE, r"[0-9][0-9][0-9]"), gpt2_regex=False)
+_TEKKEN = PreTokenizerSpec((_TEKKEN_RE,), gpt2_regex=False, ignore_merges=True, add_bos=True)
+_FALCON = PreTokenizerSpec((r"[\p{P}\$\+<=>\^~\|`]+", _GPT2_RE, r"[0-9][0-9][0-9]"), gpt2_regex=False)
+# llama.cpp's fallback for "default" and for any name it does not know.
+_DEFAULT = PreTokenizerSpec(
+    (r"[\p{P}\$\+<=>\^~\|]+", _GPT2_RE, r"\p{N}+", r"[0-9][0-9][0-9]"), gpt2_regex=False
+)
 
+# `tokenizer.ggml.pre` -> split spec, grouped as in llama.cpp's llama-vocab.cpp.
 PRE_TOKENIZERS: dict[str, PreTokenizerSpec] = {
     "default": _DEFAULT,
-    **dict.fromkeys(("gpt-2", "phi-2", "mpt", "olmo", "roberta-bpe"), _GPT2),
+    "falcon": _FALCON,
+    **dict.fromkeys(
+        ("gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0", "mellum",
+         "jina-v1-en", "jina-v2-code", "roberta-bpe", "exaone4", "mpt", "olmo", "jais", "trillion",
+         "granite-docling"),
+        _GPT2,
+    ),
     **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"), _DIGITS_GPT2),
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral"), _LLAMA3),
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"), _LLAMA3),
     **dict.fromkeys(("dbrx", "smaug-bpe"), _LLAMA3_MERGING),
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez", "stablelm2"), _QWEN2),
-    **dict.fromkeys(("gpt-4o", "llama4"), _GPT4O),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "megrez", "stablelm2", "hunyuan"), _QWEN2),
+    **dict.fromkeys(("gpt-4o", "llama4", "minimax-m2"), _GPT4O),
     "tekken": _TEKKEN,
 }
 
@@ -135,8 +146,8 @@ def _byte_level(meta: Mapping[str, Any], tokens: list[str], token_types: list[in
     pre = meta.get("tokenizer.ggml.pre") or "default"
     spec = PRE_TOKENIZERS.get(pre)
     if spec is None:
-        log.warning("unknown tokenizer.ggml.pre %r: using the GPT-2 byte-level split", pre)
-        spec = _GPT2
+        log.warning("unknown tokenizer.ggml.pre %r: using llama.cpp's 'default' split", pre)
+        spec = _DEFAULT
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=spec.ignore_merges))
     tokenizer.pre_tokenizer = _byte_level_pre_tokenizer(spec)
     tokenizer.decoder = decoders.ByteLevel()

@@ -1,7 +1,108 @@
-"""Sub-commands that run or measure built models (verify, perplexity, run, chat)."""
+"""Sub-commands that run or measure built models (verify, perplexity, run, chat).
+
+Heavy modules are imported inside the command functions: `onnxforge --help` stays fast, and
+`perplexity`, `run` and `chat` never import torch or transformers.
+"""
 from __future__ import annotations
+
+import argparse
+
+
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return n
+
+
+def _add_sampling(p) -> None:
+    g = p.add_argument_group("generation", "defaults come from the model's genai_config.json search section")
+    g.add_argument("--max-length", type=_positive,
+                   help="total tokens, prompt included (onnxruntime-genai's meaning; capped at the context length)")
+    g.add_argument("--max-new-tokens", type=_positive, help="new tokens at most (default 256 when no --max-length)")
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--top-k", type=int)
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--do-sample", dest="do_sample", action="store_true", default=None, help="sample")
+    mode.add_argument("--greedy", dest="do_sample", action="store_false", help="greedy decoding")
+    g.add_argument("--seed", type=int, help="random seed for sampling")
+    p.add_argument("--show-prompt", action="store_true", help="print the prompt text sent to the model on stderr")
 
 
 def add_commands(sub) -> None:
     """Register the measurement sub-commands on the main parser."""
-    return None
+    p = sub.add_parser(
+        "verify", help="compare a built model with its transformers reference (logits, KL, greedy, perplexity)",
+        description="Run the built model in onnxruntime and the reference in transformers (fp32, CPU) on a few "
+                    "prompts; report max abs logit difference, KL(reference||onnx), top-1 and greedy agreement, "
+                    "and perplexity of both with --text. Writes verify.json and verify.png into the model folder. "
+                    "Exit code 1 when a threshold given here is missed.")
+    p.add_argument("model_dir", help="built model folder")
+    p.add_argument("--reference", required=True, help="Hugging Face checkpoint folder or .gguf file")
+    p.add_argument("--prompts", help="text file, one prompt per line (default: built-in English prompts)")
+    p.add_argument("--text", help="text file for perplexity of both models")
+    p.add_argument("--tokens", type=int, default=16, help="greedy tokens generated per prompt (default 16)")
+    p.add_argument("--window", type=_positive, default=512, help="perplexity window (default 512)")
+    p.add_argument("--stride", type=_positive, default=256, help="perplexity stride (default 256)")
+    p.add_argument("--max-tokens", type=_positive, help="use only the first N tokens of --text")
+    t = p.add_argument_group("thresholds (exit code 1 when missed)")
+    t.add_argument("--max-abs-diff", type=float, metavar="X", help="largest allowed max abs logit difference")
+    t.add_argument("--min-top1", type=float, metavar="X", help="smallest top-1 agreement (0..1, or percent if > 1)")
+    t.add_argument("--max-kl", type=float, metavar="X", help="largest allowed mean KL divergence")
+    t.add_argument("--max-ppl-ratio", type=float, metavar="X", help="largest allowed ppl(onnx)/ppl(reference)")
+    t.add_argument("--min-greedy", type=float, metavar="X",
+                   help="smallest greedy agreement (0..1, or percent if > 1)")
+    p.add_argument("--no-plot", action="store_true", help="do not write verify.png")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("perplexity", help="sliding-window perplexity of a built model on a text file (onnxruntime only)",
+                       description="Perplexity like the Hugging Face docs' fixed-length models: windows of --window "
+                                   "tokens every --stride tokens, each scoring only tokens not scored before. "
+                                   "Needs neither torch nor transformers.")
+    p.add_argument("model_dir", help="built model folder")
+    p.add_argument("--text", required=True, help="UTF-8 text file")
+    p.add_argument("--window", type=_positive, default=512, help="tokens per window (default 512)")
+    p.add_argument("--stride", type=_positive, default=256, help="tokens between window starts (default 256)")
+    p.add_argument("--max-tokens", type=_positive, help="use only the first N tokens of the text")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_perplexity)
+
+    p = sub.add_parser("run", help="generate from a prompt through onnxruntime-genai, streaming to stdout")
+    p.add_argument("model_dir", help="built model folder")
+    p.add_argument("prompt")
+    p.add_argument("--chat-template", action="store_true", help="wrap the prompt as a user message in the chat template")
+    p.add_argument("--system", help="system message (with --chat-template)")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("chat", help="interactive chat through onnxruntime-genai (reads stdin; /exit or EOF ends)")
+    p.add_argument("model_dir", help="built model folder")
+    p.add_argument("--system", help="system message")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_chat)
+
+
+def cmd_verify(args) -> int:
+    from .parity import run_cli
+
+    return run_cli(args)
+
+
+def cmd_perplexity(args) -> int:
+    from .perplexity import run_cli
+
+    return run_cli(args)
+
+
+def cmd_run(args) -> int:
+    from .generate import run_cli
+
+    return run_cli(args)
+
+
+def cmd_chat(args) -> int:
+    from .generate import chat_cli
+
+    return chat_cli(args)

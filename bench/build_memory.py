@@ -1,0 +1,160 @@
+"""Build-time and peak-memory benchmark on a random ~1B Llama (hidden 2048, 16 layers, intermediate
+8192, vocab 32000), at fp32 and int4 (rtn, k_quant, default), optionally against the
+onnxruntime-genai builder (--anchor).
+
+Each build runs in its own child process; peak RSS is the child's maximum resident set
+(getrusage RUSAGE_CHILDREN, measured around one child at a time). Prints figures and ratios.
+
+    python bench/build_memory.py                      # onnxforge fp32 + int4 rtn/k_quant/default
+    python bench/build_memory.py --anchor             # also the onnxruntime-genai builder
+    python bench/build_memory.py --smoke              # tiny model, seconds (used by the test suite)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+WORK = HERE / "_work"
+BIG = dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, vocab_size=32000,
+           num_attention_heads=32, num_key_value_heads=4)
+SMOKE = dict(hidden_size=128, num_hidden_layers=2, intermediate_size=256, vocab_size=512,
+             num_attention_heads=4, num_key_value_heads=2)
+ANCHOR = {"fp32": ("fp32", None), "int4 rtn": ("int4", "rtn"), "int4 k_quant": ("int4", "k_quant"),
+          "int4 default": ("int4", "default")}
+
+
+def make_checkpoint(folder: Path, dims: dict, dtype: str = "bfloat16") -> Path:
+    """A random Llama in safetensors (one shard per layer), written tensor by tensor with numpy."""
+    import ml_dtypes
+    from safetensors.numpy import save_file
+
+    if (folder / "config.json").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    H, I, V, n = dims["hidden_size"], dims["intermediate_size"], dims["vocab_size"], dims["num_hidden_layers"]
+    kv = H // dims["num_attention_heads"] * dims["num_key_value_heads"]
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
+
+    def rand(*shape):
+        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np_dtype)
+
+    weight_map = {}
+
+    def save(tensors: dict, name: str) -> None:
+        save_file(tensors, str(folder / name))
+        weight_map.update({k: name for k in tensors})
+
+    save({"model.embed_tokens.weight": rand(V, H), "model.norm.weight": np.ones(H, np_dtype),
+          "lm_head.weight": rand(V, H)}, "model-embed.safetensors")
+    for i in range(n):
+        p = f"model.layers.{i}."
+        save({p + "self_attn.q_proj.weight": rand(H, H), p + "self_attn.k_proj.weight": rand(kv, H),
+              p + "self_attn.v_proj.weight": rand(kv, H), p + "self_attn.o_proj.weight": rand(H, H),
+              p + "mlp.gate_proj.weight": rand(I, H), p + "mlp.up_proj.weight": rand(I, H),
+              p + "mlp.down_proj.weight": rand(H, I), p + "input_layernorm.weight": np.ones(H, np_dtype),
+              p + "post_attention_layernorm.weight": np.ones(H, np_dtype)}, f"model-{i:05d}.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config = dict(dims, architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
+                  max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+                  bos_token_id=1, eos_token_id=2, torch_dtype=dtype)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def run_child(cmd: list[str]) -> tuple[float, int, int]:
+    """Measure in a fresh helper process so RUSAGE_CHILDREN holds this one build only."""
+    code = ("import json,sys,subprocess,time,resource;t=time.perf_counter();"
+            "p=subprocess.run(sys.argv[1:],stdout=subprocess.DEVNULL,stderr=subprocess.PIPE,text=True);"
+            "sys.stderr.write(p.stderr[-3000:] if p.returncode else '');"
+            "print(json.dumps([time.perf_counter()-t,resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss*1024,p.returncode]))")
+    out = subprocess.run([sys.executable, "-c", code, *cmd], capture_output=True, text=True)
+    if out.returncode or not out.stdout.strip():
+        sys.stderr.write(out.stderr)
+        return 0.0, 0, 1
+    if out.stderr:
+        sys.stderr.write(out.stderr)
+    seconds, peak, rc = json.loads(out.stdout.strip().splitlines()[-1])
+    return seconds, peak, rc
+
+
+def ours(ckpt: Path, out: Path, label: str) -> list[str]:
+    precision, method = ANCHOR[label]
+    cmd = [sys.executable, "-m", "onnxforge", "build", "-m", str(ckpt), "-o", str(out), "-p", precision,
+           "--overwrite", "--quiet"]
+    if method:
+        cmd += ["--extra_options", f"int4_algo_config={method}"]
+    return cmd
+
+
+def anchor(ckpt: Path, out: Path, label: str) -> list[str]:
+    precision, method = ANCHOR[label]
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(ckpt), "-o", str(out), "-p",
+           precision, "-e", "cpu", "-c", str(WORK / "hf_cache")]
+    if method:
+        cmd += ["--extra_options", f"int4_algo_config={method}"]
+    return cmd
+
+
+def anchor_available() -> bool:
+    try:
+        import importlib.util
+
+        return all(importlib.util.find_spec(m) for m in ("onnxruntime_genai", "torch", "transformers"))
+    except Exception:
+        return False
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny model; seconds")
+    ap.add_argument("--anchor", action="store_true", help="also run the onnxruntime-genai builder")
+    ap.add_argument("--builds", default=",".join(ANCHOR), help=f"comma list of {', '.join(ANCHOR)}")
+    ap.add_argument("--work", default=str(WORK))
+    args = ap.parse_args()
+    work = Path(args.work)
+    ckpt = make_checkpoint(work / ("llama-smoke" if args.smoke else "llama-1b"), SMOKE if args.smoke else BIG)
+    labels = [b.strip() for b in args.builds.split(",") if b.strip()]
+    rows = []
+    for label in labels:
+        s, peak, rc = run_child(ours(ckpt, work / "out-ours", label))
+        row = {"build": label, "ours_s": s, "ours_peak": peak, "ours_ok": rc == 0}
+        if args.anchor and anchor_available():
+            a_s, a_peak, a_rc = run_child(anchor(ckpt, work / "out-anchor", label))
+            row.update(anchor_s=a_s, anchor_peak=a_peak, anchor_ok=a_rc == 0)
+        rows.append(row)
+        shutil.rmtree(work / "out-ours", ignore_errors=True)
+        shutil.rmtree(work / "out-anchor", ignore_errors=True)
+    print_table(rows, "smoke" if args.smoke else "random Llama ~1.1B (hidden 2048, 16 layers, vocab 32000)")
+    if args.anchor and not anchor_available():
+        print("anchor: onnxruntime-genai builder not available (needs onnxruntime-genai, torch, transformers)")
+    return 0 if all(r["ours_ok"] for r in rows) else 1
+
+
+def print_table(rows: list[dict], title: str) -> None:
+    gb = 1 << 30
+    print(f"build time and peak RSS, {title}, {os.cpu_count()} cores")
+    print(f"{'build':<14} {'onnxforge s':>11} {'peak GB':>8} | {'anchor s':>9} {'peak GB':>8} | {'time ratio':>10} {'mem ratio':>9}")
+    for r in rows:
+        line = f"{r['build']:<14} {r['ours_s']:>11.1f} {r['ours_peak'] / gb:>8.2f}"
+        if "anchor_s" in r and r.get("anchor_ok"):
+            line += (f" | {r['anchor_s']:>9.1f} {r['anchor_peak'] / gb:>8.2f} | {r['anchor_s'] / r['ours_s']:>9.1f}x"
+                     f" {r['anchor_peak'] / max(r['ours_peak'], 1):>8.1f}x")
+        elif "anchor_s" in r:
+            line += " | anchor failed"
+        if not r["ours_ok"]:
+            line += "  (onnxforge FAILED)"
+        print(line)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,362 @@
+"""`onnxforge verify`: a built model (onnxruntime) against its reference (transformers, fp32, CPU).
+
+Per prompt, the reference's greedy continuation of `tokens` tokens is computed with transformers; the ONNX
+model then reads prompt + continuation (prefill, then one token at a time through its KV cache) and both
+next-token distributions are compared at every position: max abs logit difference, KL(reference || onnx),
+top-1 agreement. Greedy generation through onnxruntime-genai is compared with transformers' greedy
+`generate` (matching prefix length). With a text file, both perplexities use the same sliding windows.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .perplexity import decoder, effective_window, perplexity, tokenize_file
+
+DEFAULT_PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+    "To make a good cup of tea, first boil the water, then",
+    "The three primary colors are red, yellow and",
+]
+RANDOM_PROMPT_LEN = 16
+
+# threshold name -> (metric key, direction): "max" fails when metric > x, "min" when metric < x
+THRESHOLDS = {
+    "max_abs_diff": ("max_abs_diff", "max"),
+    "max_kl": ("mean_kl", "max"),
+    "min_top1": ("top1", "min"),
+    "min_greedy": ("greedy_agreement", "min"),
+    "max_ppl_ratio": ("ppl_ratio", "max"),
+}
+
+
+def load_reference(reference: str | Path):
+    """(transformers model in fp32 on CPU, tokenizer or None) for an HF folder or a .gguf file."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ref = Path(reference)
+    kwargs = {}
+    where = ref
+    if ref.suffix.lower() == ".gguf":
+        where, kwargs = ref.parent, {"gguf_file": ref.name}
+    model = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch.float32, **kwargs).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(where), **kwargs)
+    except Exception:  # noqa: BLE001 - any failure means "no usable tokenizer"
+        tokenizer = None
+    return model, tokenizer
+
+
+def _vocab(out_dir: Path) -> int:
+    return int(json.loads((out_dir / "genai_config.json").read_text())["model"]["vocab_size"])
+
+
+def _eos_ids(out_dir: Path) -> list[int]:
+    eos = json.loads((out_dir / "genai_config.json").read_text())["model"].get("eos_token_id")
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+
+
+def prompt_ids(out_dir: Path, tokenizer, prompts: Sequence[str] | None) -> tuple[list[str], list[list[int]], str]:
+    """Token ids per prompt and where they came from."""
+    if tokenizer is not None:
+        texts = list(prompts or DEFAULT_PROMPTS)
+        ids = [list(tokenizer(t)["input_ids"]) for t in texts]
+        return texts, ids, "reference tokenizer"
+    if prompts:  # no reference tokenizer but prompts were given: the built model's tokenizer
+        texts = list(prompts)
+        return texts, [tokenize_file(out_dir, t) for t in texts], "model tokenizer"
+    rng = np.random.default_rng(0)
+    vocab = _vocab(out_dir)
+    ids = [rng.integers(2, vocab, RANDOM_PROMPT_LEN).tolist() for _ in DEFAULT_PROMPTS]
+    return [f"<random ids #{i}>" for i in range(len(ids))], ids, "fixed random ids (no tokenizer)"
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def compare_logits(ref: np.ndarray, got: np.ndarray) -> dict:
+    """Per-position metrics of two (seq, vocab) logit arrays."""
+    if ref.shape != got.shape:
+        n = min(ref.shape[-1], got.shape[-1])
+        ref, got = ref[..., :n], got[..., :n]
+    lp_ref, lp_got = log_softmax(ref), log_softmax(got)
+    kl = (np.exp(lp_ref) * (lp_ref - lp_got)).sum(axis=-1)
+    return {
+        "max_abs_diff": np.abs(ref.astype(np.float64) - got).max(axis=-1),
+        "kl": np.maximum(kl, 0.0),
+        "top1": ref.argmax(axis=-1) == got.argmax(axis=-1),
+    }
+
+
+def reference_greedy(model, prompt: list[int], n: int, eos: list[int], pad: int) -> list[int]:
+    import torch
+    from transformers import GenerationConfig
+
+    cfg = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1,
+                           eos_token_id=eos or None, pad_token_id=pad)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), generation_config=cfg)
+    return out[0, len(prompt):].tolist()
+
+
+def genai_greedy(out_dir: Path, prompt: list[int], n: int, model=None) -> list[int]:
+    """Greedy tokens from onnxruntime-genai; EOS is held back until n tokens (min_length), like transformers'."""
+    import onnxruntime_genai as og
+
+    model = model or og.Model(str(out_dir))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + n, min_length=len(prompt) + n, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt)
+    out = []
+    while not gen.is_done() and len(out) < n:
+        gen.generate_next_token()
+        out.append(int(gen.get_next_tokens()[0]))
+    return out
+
+
+def _matching_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    k = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        k += 1
+    return k
+
+
+def normalise_thresholds(thresholds: dict | None) -> dict:
+    out = {}
+    for name, value in (thresholds or {}).items():
+        if value is None:
+            continue
+        if name not in THRESHOLDS:
+            raise ValueError(f"unknown threshold {name!r}; choose from {', '.join(THRESHOLDS)}")
+        value = float(value)
+        if name in ("min_top1", "min_greedy") and value > 1:  # given in percent
+            value /= 100.0
+        out[name] = value
+    return out
+
+
+def check_thresholds(metrics: dict, thresholds: dict) -> list[str]:
+    """Human-readable failures, one per missed threshold."""
+    failures = []
+    for name, limit in thresholds.items():
+        key, direction = THRESHOLDS[name]
+        value = metrics.get(key)
+        if value is None:
+            failures.append(f"{name}: metric {key} was not measured")
+        elif (direction == "max" and not value <= limit) or (direction == "min" and not value >= limit):
+            sign = ">" if direction == "max" else "<"
+            failures.append(f"{name}: {key} = {_fmt(key, value)} {sign} {_fmt(key, limit)}")
+    return failures
+
+
+def _fmt(key: str, v: float) -> str:
+    if key in ("top1", "greedy_agreement"):
+        return f"{100 * v:.1f}%"
+    if key.startswith("ppl"):
+        return f"{v:.4f}"
+    return f"{v:.3g}"
+
+
+def verify(out_dir: str | Path, reference: str | Path, *, prompts: Sequence[str] | None = None,
+           text: str | Path | None = None, tokens: int = 16, window: int = 512, stride: int = 256,
+           max_text_tokens: int | None = None, thresholds: dict | None = None, write: bool = True,
+           plot: bool = True, log: Callable[[str], None] | None = None) -> dict:
+    """Compare the built model in `out_dir` with `reference`; returns the result dict (also verify.json)."""
+    import torch
+
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    log = log or (lambda s: None)
+    thresholds = normalise_thresholds(thresholds)
+    if "max_ppl_ratio" in thresholds and text is None:
+        raise ValueError("max_ppl_ratio needs a text file (--text)")
+    log(f"loading reference {reference}")
+    model, tokenizer = load_reference(reference)
+    texts, ids, source = prompt_ids(out_dir, tokenizer, prompts)
+    eos = _eos_ids(out_dir)
+    pad = int(json.loads((out_dir / "genai_config.json").read_text())["model"].get("pad_token_id") or 0)
+
+    import onnxruntime_genai as og
+
+    og_model = og.Model(str(out_dir))
+    dec = decoder(out_dir)
+    per_prompt = []
+    for text_i, prompt in zip(texts, ids):
+        if not prompt:
+            continue
+        log(f"prompt {len(per_prompt) + 1}/{len(ids)}: {len(prompt)} tokens")
+        ref_cont = reference_greedy(model, prompt, tokens, eos, pad) if tokens else []
+        seq = prompt + ref_cont
+        with torch.no_grad():
+            ref_logits = model(torch.tensor([seq])).logits[0].float().numpy()
+        got = np.concatenate(dec.logits_for(prompt, ref_cont), axis=0)
+        m = compare_logits(ref_logits, got)
+        og_cont = genai_greedy(out_dir, prompt, tokens, og_model) if tokens else []
+        match = _matching_prefix(ref_cont, og_cont)
+        per_prompt.append({
+            "prompt": text_i,
+            "prompt_tokens": len(prompt),
+            "positions": len(got),
+            "max_abs_diff": float(m["max_abs_diff"].max()),
+            "mean_kl": float(m["kl"].mean()),
+            "top1": float(m["top1"].mean()),
+            "greedy_match": match,
+            "greedy_tokens": len(ref_cont),
+            "reference_tokens": ref_cont,
+            "onnx_tokens": og_cont,
+            "per_position": {"max_abs_diff": m["max_abs_diff"].tolist(), "kl": m["kl"].tolist(),
+                             "top1": m["top1"].astype(int).tolist()},
+        })
+    if not per_prompt:
+        raise ValueError("no prompt produced any token")
+    all_kl = np.concatenate([p["per_position"]["kl"] for p in per_prompt])
+    all_top1 = np.concatenate([p["per_position"]["top1"] for p in per_prompt])
+    total_greedy = sum(p["greedy_tokens"] for p in per_prompt)
+    metrics = {
+        "max_abs_diff": max(p["max_abs_diff"] for p in per_prompt),
+        "mean_kl": float(all_kl.mean()),
+        "top1": float(all_top1.mean()),
+        "positions": int(len(all_kl)),
+        "greedy_agreement": (sum(p["greedy_match"] for p in per_prompt) / total_greedy) if total_greedy else None,
+        "greedy_tokens": total_greedy,
+    }
+    ppl = None
+    if text is not None:
+        ppl = _perplexities(out_dir, model, Path(text), window, stride, max_text_tokens, dec, log)
+        metrics.update(ppl_onnx=ppl["onnx"]["ppl"], ppl_reference=ppl["reference"]["ppl"],
+                       ppl_ratio=ppl["onnx"]["ppl"] / ppl["reference"]["ppl"])
+    failures = check_thresholds(metrics, thresholds)
+    result = {
+        "model": str(out_dir),
+        "reference": str(reference),
+        "prompt_source": source,
+        "metrics": metrics,
+        "perplexity": ppl,
+        "prompts": per_prompt,
+        "thresholds": thresholds,
+        "failures": failures,
+        "passed": not failures,
+        "versions": _versions(),
+        "seconds": time.perf_counter() - start,
+    }
+    if write:
+        (out_dir / "verify.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        result["json_path"] = str(out_dir / "verify.json")
+    if plot:
+        from .plot import plot_verify
+
+        path = out_dir / "verify.png"
+        plot_verify(result, path)
+        result["plot_path"] = str(path)
+    return result
+
+
+def _perplexities(out_dir, model, text: Path, window, stride, max_tokens, dec, log) -> dict:
+    import torch
+
+    ids = tokenize_file(out_dir, text.read_text(encoding="utf-8", errors="replace"))
+    if max_tokens:
+        ids = ids[:max_tokens]
+    window = effective_window(out_dir, window)
+    ref_ctx = getattr(model.config, "max_position_embeddings", None)
+    if ref_ctx:
+        window = min(window, ref_ctx)
+    stride = min(stride, window)
+
+    def onnx_fn(x):
+        dec.reset()
+        return dec.step(np.asarray(x).reshape(1, -1))[0]
+
+    def ref_fn(x):
+        with torch.no_grad():
+            return model(torch.tensor(np.asarray(x).reshape(1, -1))).logits[0].float().numpy()
+
+    log(f"perplexity over {len(ids)} tokens (window {window}, stride {stride})")
+    onnx = perplexity(ids, onnx_fn, window, stride)
+    ref = perplexity(ids, ref_fn, window, stride)
+    return {"text": str(text), "onnx": onnx.to_json(), "reference": ref.to_json()}
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("onnxforge", "onnxruntime", "onnxruntime-genai", "torch", "transformers"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def format_table(result: dict) -> str:
+    m = result["metrics"]
+    lines = [f"verify {result['model']}  vs  {result['reference']}  (prompts: {result['prompt_source']})", ""]
+    head = f"{'#':>3}  {'tokens':>9}  {'max|dlogit|':>11}  {'mean KL':>9}  {'top-1':>7}  {'greedy':>8}  prompt"
+    lines += [head, "-" * len(head)]
+    for i, p in enumerate(result["prompts"], 1):
+        toks = f"{p['prompt_tokens']}+{p['positions'] - p['prompt_tokens']}"
+        greedy = f"{p['greedy_match']}/{p['greedy_tokens']}"
+        prompt = p["prompt"].replace("\n", " ")
+        prompt = prompt if len(prompt) <= 40 else prompt[:37] + "..."
+        lines.append(f"{i:>3}  {toks:>9}  {p['max_abs_diff']:>11.3g}  {p['mean_kl']:>9.3g}  "
+                     f"{100 * p['top1']:>6.1f}%  {greedy:>8}  {prompt}")
+    lines.append("-" * len(head))
+    greedy = "-" if m["greedy_agreement"] is None else f"{100 * m['greedy_agreement']:.1f}%"
+    lines.append(f"{'all':>3}  {m['positions']:>9}  {m['max_abs_diff']:>11.3g}  {m['mean_kl']:>9.3g}  "
+                 f"{100 * m['top1']:>6.1f}%  {greedy:>8}")
+    ppl = result.get("perplexity")
+    if ppl:
+        o, r = ppl["onnx"], ppl["reference"]
+        lines += ["", f"perplexity on {ppl['text']} ({o['tokens']} tokens scored, window {o['window']}, "
+                      f"stride {o['stride']}):",
+                  f"  onnx {o['ppl']:.4f}   reference {r['ppl']:.4f}   ratio {m['ppl_ratio']:.5f}"]
+    if result["thresholds"]:
+        lines.append("")
+        for name, limit in result["thresholds"].items():
+            key, direction = THRESHOLDS[name]
+            bad = any(f.startswith(name + ":") for f in result["failures"])
+            value = m.get(key)
+            shown = "-" if value is None else _fmt(key, value)
+            sign = "<=" if direction == "max" else ">="
+            lines.append(f"  {'FAIL' if bad else 'ok  '}  {name}: {key} {shown} (want {sign} {_fmt(key, limit)})")
+    if result.get("json_path"):
+        lines += ["", f"wrote {result['json_path']}" + (f" and {result['plot_path']}" if result.get("plot_path") else "")]
+    return "\n".join(lines)
+
+
+def run_cli(args) -> int:
+    import sys
+
+    prompts = None
+    if args.prompts:
+        prompts = [ln for ln in Path(args.prompts).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    thresholds = {"max_abs_diff": args.max_abs_diff, "min_top1": args.min_top1, "max_kl": args.max_kl,
+                  "max_ppl_ratio": args.max_ppl_ratio, "min_greedy": args.min_greedy}
+    if args.max_ppl_ratio is not None and not args.text:
+        print("onnxforge verify: error: --max-ppl-ratio needs --text", file=sys.stderr)
+        return 2
+    result = verify(args.model_dir, args.reference, prompts=prompts, text=args.text, tokens=args.tokens,
+                    window=args.window, stride=args.stride, max_text_tokens=args.max_tokens,
+                    thresholds=thresholds, plot=not args.no_plot,
+                    log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(format_table(result))
+    if result["failures"]:
+        print("\nverify FAILED: " + "; ".join(result["failures"]), file=sys.stderr)
+        return 1
+    return 0
