@@ -68,6 +68,10 @@ def make_checkpoint(folder: Path, dims: dict, dtype: str = "bfloat16") -> Path:
                   max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
                   bos_token_id=1, eos_token_id=2, torch_dtype=dtype)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    import tiny  # a small byte-level BPE tokenizer: the anchor refuses a folder without one
+
+    tiny.tokenizer_files(folder)
     return folder
 
 

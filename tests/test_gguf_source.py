@@ -384,7 +384,7 @@ def test_unpermuted_families(tmp_path, bpe_vocab, family, overrides):
             np.testing.assert_array_equal(source.read(name), reference[name], err_msg=name)
     assert cfg["architectures"] == [type(model).__name__] and cfg["model_type"] == family
     config = model.config
-    assert cfg["head_dim"] == getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    assert cfg["head_dim"] == (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
     assert cfg["attention_bias"] == (family == "qwen2")
     if family == "qwen3":
         assert "model.layers.0.self_attn.q_norm.weight" in state

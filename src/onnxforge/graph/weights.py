@@ -27,7 +27,14 @@ def float_matmul_job(source: Source, label: str, init: str, names: Sequence[str]
     names = tuple(names)
 
     def produce():
-        return [read_rows(source, names).T.astype(st.np_dtype)]
+        out = np.empty((K, N), dtype=st.np_dtype)  # one allocation: transpose and cast on assignment
+        row = 0
+        for name in names:
+            part = source.read(name)
+            out[:, row:row + part.shape[0]] = part.T
+            row += part.shape[0]
+            del part
+        return [out]
 
     return WeightJob(label, (TensorSlot(init, st.ir_dtype, (K, N)),), produce, st.describe())
 
@@ -37,8 +44,10 @@ def float_table_job(source: Source, label: str, init: str, name: str, shape: tup
     """A tensor stored as it is in the checkpoint (embedding table, norm weight, bias), cast."""
 
     def produce():
-        arr = np.asarray(source.read(name), dtype=np.float32)
-        return [(arr + np.float32(offset) if offset else arr).astype(st.np_dtype)]
+        arr = source.read(name)
+        if offset:
+            arr = arr.astype(np.float32) + np.float32(offset)
+        return [arr.astype(st.np_dtype, copy=False)]
 
     return WeightJob(label, (TensorSlot(init, st.ir_dtype, shape),), produce, st.describe())
 
@@ -74,14 +83,7 @@ def quant_matmul_job(source: Source, label: str, prefix: str, names: Sequence[st
     def produce():
         if native:
             return _native_arrays(source, names, st, scale_np)
-        from ..quant.methods import quantize
-
-        q = quantize(read_rows(source, names), bits=st.bits, block_size=st.block_size, symmetric=st.symmetric,
-                     method=st.method, accuracy_level=st.accuracy_level)
-        arrays = [q.data, q.scales.astype(scale_np)]
-        if not st.symmetric:
-            arrays.append(q.zero_points)
-        return arrays
+        return quantize_rows(source, names, slots, st, scale_np)
 
     return WeightJob(label, slots, produce, storage)
 
@@ -103,3 +105,33 @@ def _native_arrays(source: Source, names: Sequence[str], st: Storage, scale_np: 
     if not st.symmetric:
         arrays.append(np.concatenate([b.zero_points for b in blocks]))
     return arrays
+
+
+CHUNK_ELEMENTS = 1 << 22  # rows are quantized in slices of ~4M values (16 MB in float32)
+
+
+def quantize_rows(source: Source, names: Sequence[str], slots: Sequence[TensorSlot], st: Storage,
+                  scale_np: np.dtype) -> list[np.ndarray]:
+    """Quantize stacked (N_i, K) parts into preallocated MatMulNBits arrays, a slice of rows at a time.
+
+    Blocks never span rows, so slicing rows gives exactly the result of quantizing the whole
+    matrix, while temporaries stay at one slice instead of several copies of the weight.
+    """
+    from ..quant.methods import quantize
+
+    outs = [np.empty(s.shape, dtype=np.uint8 if s.dtype == ir.DataType.UINT8 else scale_np) for s in slots]
+    row = 0
+    for name in names:
+        part = source.read(name)
+        step = max(1, CHUNK_ELEMENTS // max(1, part.shape[1]))
+        for start in range(0, part.shape[0], step):
+            q = quantize(part[start:start + step], bits=st.bits, block_size=st.block_size, symmetric=st.symmetric,
+                         method=st.method, accuracy_level=st.accuracy_level)
+            rows = slice(row + start, row + start + q.data.shape[0])
+            outs[0][rows] = q.data
+            outs[1][rows] = q.scales
+            if not st.symmetric:
+                outs[2][rows] = q.zero_points
+        row += part.shape[0]
+        del part
+    return outs
