@@ -7,6 +7,13 @@ import json
 import numpy as np
 
 
+def load_reference(folder):
+    import torch
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
 def dequantized_reference(folder, out_dir):
     """Load the checkpoint in transformers and dequantize each weight the way the build stored it.
 
@@ -28,7 +35,7 @@ def dequantized_reference(folder, out_dir):
             a = {x.name: x.i for x in n.attribute}
             sym = not (len(n.input) > 3 and n.input[3])
             bits_of[n.name] = (a["bits"], a["block_size"], sym)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = load_reference(folder)
     storages = {grp["label"]: grp["storage"] for grp in report["groups"]}
 
     def method_of(label: str) -> str:

@@ -247,7 +247,8 @@ def test_quantized_reads_equal_gguf_dequantize_unpermuted(tiny_llama_files, qtyp
             else:
                 expected = stored
             np.testing.assert_array_equal(source.read(name), expected, err_msg=name)
-            assert np.abs(source.read(name) - state[name]).max() < (0.02 if qtype == QT.Q8_0 else 0.3) * np.abs(state[name]).max()
+            tolerance = (0.02 if qtype == QT.Q8_0 else 0.3) * np.abs(state[name]).max()
+            assert np.abs(source.read(name) - state[name]).max() < tolerance, name
 
 
 @pytest.mark.parametrize("qtype", [QT.F32, QT.Q8_0, QT.Q4_0], ids=lambda t: t.name)
@@ -321,7 +322,8 @@ def test_native_blocks_run_in_onnxruntime_matmulnbits(tiny_llama_files, qtype, b
         [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, n])],
         [numpy_helper.from_array(blocks.data, "B"), numpy_helper.from_array(blocks.scales.reshape(-1), "scales")])
-    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    onnx_model = helper.make_model(graph, opset_imports=opsets)
     onnx_model.ir_version = 10
     session = ort.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).standard_normal((3, k)).astype(np.float32)
@@ -343,7 +345,8 @@ def test_tiny_bpe_tokenizer_matches_transformers(tiny_llama_files, tmp_path):
     loaded = AutoTokenizer.from_pretrained(str(tmp_path))
     assert loaded(TEXT).input_ids == ids
     messages = [{"role": "user", "content": "hi"}]
-    assert loaded.apply_chat_template(messages, tokenize=False) == reference.apply_chat_template(messages, tokenize=False)
+    ours_chat = loaded.apply_chat_template(messages, tokenize=False)
+    assert ours_chat == reference.apply_chat_template(messages, tokenize=False)
 
 
 def test_sentencepiece_tokenizer_matches_transformers(tmp_path):
@@ -386,6 +389,10 @@ def test_unpermuted_families(tmp_path, bpe_vocab, family, overrides):
     config = model.config
     assert cfg["head_dim"] == (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
     assert cfg["attention_bias"] == (family == "qwen2")
+    rebuilt = type(config)(**cfg)
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "vocab_size", "tie_word_embeddings", "max_position_embeddings", "rope_parameters"):
+        assert getattr(rebuilt, key) == getattr(config, key), key
     if family == "qwen3":
         assert "model.layers.0.self_attn.q_norm.weight" in state
 
@@ -418,7 +425,8 @@ def test_llama3_rope_freqs_become_rope_scaling(tmp_path, bpe_vocab):
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # random scale bytes may be NaN/inf halves
 @pytest.mark.parametrize("qtype", [QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K,
-                                   QT.IQ4_NL, QT.IQ4_XS, QT.BF16, QT.F16], ids=lambda t: t.name)
+                                   QT.IQ4_NL, QT.IQ4_XS, QT.IQ3_S, QT.IQ3_XXS, QT.IQ2_S, QT.IQ2_XS, QT.IQ2_XXS,
+                                   QT.IQ1_S, QT.IQ1_M, QT.BF16, QT.F16], ids=lambda t: t.name)
 def test_every_block_type_reads_as_gguf_dequantize(tmp_path, bpe_vocab, qtype):
     """Raw random blocks of each type: read() == gguf.quants.dequantize, reshaped and un-permuted."""
     model = tiny_model("llama", len(bpe_vocab["tokens"]), hidden_size=256, intermediate_size=256,
@@ -475,23 +483,29 @@ def smol(smol_path):
     source.close()
 
 
-def test_smollm2_config_matches_transformers(smol, smol_path):
+@pytest.fixture(scope="module")
+def smol_hf_config(smol_path):
+    """What transformers derives from the file (AutoConfig with gguf_file=)."""
+    return AutoConfig.from_pretrained(str(smol_path.parent), gguf_file=smol_path.name)
+
+
+def test_smollm2_config_matches_transformers(smol, smol_hf_config):
     cfg = smol.config
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["model_type"] == "llama"
     assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (
         576, 30, 9, 3)
     assert cfg["tie_word_embeddings"] is True and "lm_head.weight" not in smol.tensor_names()
-    theirs = load_gguf_checkpoint(str(smol_path), return_tensors=False)["config"]
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                "head_dim", "rms_norm_eps", "rope_theta", "max_position_embeddings", "vocab_size",
-                "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id"):
-        assert cfg[key] == theirs[key], key
-    hf_config = AutoConfig.from_pretrained(str(smol_path.parent), gguf_file=smol_path.name)
-    assert transformers.LlamaConfig(**cfg).to_diff_dict()["rope_parameters"] == hf_config.to_diff_dict()["rope_parameters"]
+                "head_dim", "rms_norm_eps", "max_position_embeddings", "vocab_size", "tie_word_embeddings",
+                "bos_token_id", "eos_token_id", "pad_token_id", "attention_bias", "mlp_bias", "hidden_act"):
+        assert cfg[key] == getattr(smol_hf_config, key), key
+    assert cfg["rope_theta"] == smol_hf_config.rope_parameters["rope_theta"] == 100000.0
+    rebuilt = transformers.LlamaConfig(**cfg).to_diff_dict()
+    assert rebuilt["rope_parameters"] == smol_hf_config.to_diff_dict()["rope_parameters"]
 
 
-def test_smollm2_reads_equal_transformers_dequantized_weights(smol, smol_path):
-    hf_config = AutoConfig.from_pretrained(str(smol_path.parent), gguf_file=smol_path.name)
+def test_smollm2_reads_equal_transformers_dequantized_weights(smol, smol_path, smol_hf_config):
+    hf_config = smol_hf_config
     reference = transformers_tensors(smol_path, hf_config)
     names = smol.tensor_names()
     assert len(names) == 272

@@ -74,7 +74,8 @@ def _mixed_precision(key: str, value: object) -> dict:
 
 
 def _op_types(key: str, value: object) -> dict:
-    return {"op_types": frozenset(parse_list(value))}
+    items = value if isinstance(value, (list, tuple)) else str(value).replace("/", ",")
+    return {"op_types": frozenset(parse_list(items))}
 
 
 def _exclude(key: str, value: object) -> dict:
@@ -97,9 +98,18 @@ def _accepted_and_ignored(key: str, value: object) -> dict:
     return {}
 
 
-def _exclude_embeds(key: str, value: object) -> dict:
-    if parse_bool(key, value):
-        raise RecipeError(f"{key}=true (a model without its embedding layer) is not supported yet")
+def _not_yet(what: str) -> Callable[[str, object], dict]:
+    def check(key: str, value: object) -> dict:
+        if parse_bool(key, value):
+            raise RecipeError(f"{key}=true ({what}) is not supported yet; drop the option")
+        return {}
+
+    return check
+
+
+def _no_remote_code(key: str, value: object) -> dict:
+    if str(value).strip().lower() in ("1", "true", "yes", "on"):
+        raise RecipeError(f"{key}=true would run code shipped with the model; onnxforge never does. Drop the option")
     return {}
 
 
@@ -107,17 +117,25 @@ EXTRA_OPTIONS: dict[str, Callable[[str, object], dict]] = {
     "int4_algo_config": _algo,
     "algo_config": _algo,
     "int4_block_size": _int("block_size"),
+    "block_size": _int("block_size"),
     "int4_is_symmetric": _flag("symmetric"),
+    "is_symmetric": _flag("symmetric"),
     "int4_accuracy_level": _int("accuracy_level"),
+    "accuracy_level": _int("accuracy_level"),
     "int4_nodes_to_exclude": _exclude,
+    "nodes_to_exclude": _exclude,
     "int4_op_types_to_quantize": _op_types,
+    "op_types_to_quantize": _op_types,
     "matmul_mixed_precision": _mixed_precision,
     "shared_embeddings": _shared,
     "int4_tied_embeddings": _shared,
     "unpack_matmul": _flag("unpack_matmul"),
     "disable_qkv_fusion": _flag("unpack_matmul"),
-    "exclude_embeds": _exclude_embeds,
-    "exclude_lm_head": _exclude_embeds,
+    "exclude_embeds": _not_yet("a model without its embedding layer"),
+    "exclude_lm_head": _not_yet("a model without its lm_head"),
+    "include_hidden_states": _not_yet("a hidden_states output"),
+    "config_only": _not_yet("genai_config.json without a model"),
+    "hf_remote": _no_remote_code,
     "int8_last_matmul": _flag("int8_last_matmul"),
     "int8_mixed_layers": _flag("int8_mixed_layers"),
     "int8_linear_attn": _flag("int8_linear_attn"),
@@ -125,6 +143,7 @@ EXTRA_OPTIONS: dict[str, Callable[[str, object], dict]] = {
     "use_qdq": _accepted_and_ignored,
     "fuse_qk_norm_gqa": _accepted_and_ignored,
     "enable_cuda_graph": _accepted_and_ignored,
+    "hf_token": _accepted_and_ignored,
 }
 
 

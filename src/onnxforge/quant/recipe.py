@@ -44,7 +44,7 @@ class Recipe:
     method: str = "default"
     block_size: int = 32
     symmetric: bool = True
-    accuracy_level: int = 0
+    accuracy_level: int | None = None  # None: 4 (int8 compute) on CPU, 0 elsewhere, like the anchor
     int8_last_matmul: bool = False
     int8_mixed_layers: bool = False
     int8_linear_attn: bool = False
@@ -61,7 +61,7 @@ class Recipe:
         _one_of("int4 method", self.method, METHODS)
         if self.block_size not in (16, 32, 64, 128, 256):
             raise RecipeError(f"block size must be one of 16, 32, 64, 128, 256, got {self.block_size}")
-        if self.accuracy_level not in (0, 1, 2, 3, 4):
+        if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
             raise RecipeError(f"accuracy_level must be 0 to 4, got {self.accuracy_level}")
         bad = set(self.op_types) - set(OP_TYPES)
         if bad:
@@ -74,6 +74,12 @@ class Recipe:
         if self.precision in ("fp32", "fp16", "bf16"):
             return Storage(dtype=self.precision)
         return Storage(dtype="fp32" if self.provider == "cpu" else "fp16")
+
+    @property
+    def accuracy(self) -> int:
+        if self.accuracy_level is not None:
+            return self.accuracy_level
+        return 4 if self.provider == "cpu" else 0
 
     @property
     def base_bits(self) -> int:
@@ -91,13 +97,16 @@ class Recipe:
         for rule in self.rules:
             if rule.matches(names):
                 st = rule.storage or self.io
+        if st.quantized:  # scales in the activation dtype; the recipe's accuracy level unless the rule set one
+            level = self.accuracy if st.accuracy_level is None else st.accuracy_level
+            st = replace(st, dtype=self.io.dtype, accuracy_level=level)
         return st
 
     def _base(self, names: Sequence[str], op: str) -> Storage:
         if not self.base_bits or op not in self.op_types:
             return self.io
         st = Storage(dtype=self.io.dtype, bits=self.base_bits, block_size=self.block_size, method=self.method,
-                     symmetric=self.symmetric, accuracy_level=self.accuracy_level)
+                     symmetric=self.symmetric)
         if self._wants_int8(names):
             st = replace(st, bits=8)
         return st
@@ -132,7 +141,7 @@ class Recipe:
     def describe(self) -> dict:
         return {
             "precision": self.precision, "provider": self.provider, "method": self.method,
-            "block_size": self.block_size, "symmetric": self.symmetric, "accuracy_level": self.accuracy_level,
+            "block_size": self.block_size, "symmetric": self.symmetric, "accuracy_level": self.accuracy,
             "int8_last_matmul": self.int8_last_matmul, "int8_mixed_layers": self.int8_mixed_layers,
             "int8_linear_attn": self.int8_linear_attn, "op_types": sorted(self.op_types),
             "keep_float": list(self.keep_float), "rules": [(r.pattern, r.storage.describe() if r.storage else "float")

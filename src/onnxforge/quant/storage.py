@@ -23,7 +23,7 @@ class Storage:
     block_size: int = 32
     method: str = "rtn"
     symmetric: bool = True
-    accuracy_level: int = 0
+    accuracy_level: int | None = None  # None: the recipe's (4 on CPU, as the anchor)
 
     @property
     def quantized(self) -> bool:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +21,10 @@ from gguf import GGUFReader, GGUFValueType
 from gguf.gguf_reader import ReaderTensor
 from gguf.quants import dequantize
 
-from ..errors import CheckpointError, ConfigError, OnnxForgeError, UnsupportedArchitectureError
+from ..errors import CheckpointError, ConfigError, OnnxForgeError, OutputError, UnsupportedArchitectureError
 from .base import NativeBlocks
 from .gguf_maps import AUXILIARY_TENSORS, FAMILIES, GGUFFamily, compile_tensor_map, hf_tensor_name, permuted_heads
 from .gguf_tokenizer import build_tokenizer
-
-log = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
 
@@ -101,24 +98,38 @@ class GGUFSource:
         if len(tensor.shape) != 2 or block_size != 32 or (kind, bits) not in ((QT.Q4_0, 4), (QT.Q8_0, 8)):
             return None
         n_rows, n_cols = _hf_shape(tensor)
-        raw = np.asarray(tensor.data, dtype=np.uint8).reshape(n_rows, n_cols // 32, -1)
-        perm = self._row_permutation(name, n_rows)
-        if perm is not None:
-            raw = raw[perm]
-        scales = raw[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
-        data = _q4_0_to_matmulnbits(raw[..., 2:]) if kind == QT.Q4_0 else raw[..., 2:] ^ np.uint8(0x80)
+        try:
+            raw = np.asarray(tensor.data, dtype=np.uint8).reshape(n_rows, n_cols // 32, -1)
+            perm = self._row_permutation(name, n_rows)
+            if perm is not None:
+                raw = raw[perm]
+            scales = raw[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+            data = _q4_0_to_matmulnbits(raw[..., 2:]) if kind == QT.Q4_0 else raw[..., 2:] ^ np.uint8(0x80)
+        except OnnxForgeError:
+            raise
+        except Exception as err:  # a raw numpy error must not escape
+            raise CheckpointError(
+                f"cannot repack {tensor.name!r} ({name}, {kind.name}) from {self.path}: {err}."
+            ) from err
         return NativeBlocks(np.ascontiguousarray(data), scales, None, bits, block_size, kind.name)
 
     def write_tokenizer(self, out_dir: Path) -> list[str]:
         """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json; return their names."""
-        keys = [k for k in self._field_names() if k.startswith("tokenizer.")]
-        meta = {key: self._field(key) for key in keys}
-        tokenizer, config, special = build_tokenizer(meta, self.config.get("max_position_embeddings"))
+        meta = {key: self._field(key) for key in self._field_names() if key.startswith("tokenizer.")}
+        try:
+            tokenizer, config, special = build_tokenizer(meta, self.config.get("max_position_embeddings"))
+        except OnnxForgeError:
+            raise
+        except Exception as err:  # a tokenizers error on odd metadata must not escape raw
+            raise CheckpointError(f"cannot build a tokenizer from the metadata of {self.path}: {err}.") from err
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(str(out / "tokenizer.json"))
-        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-        (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            tokenizer.save(str(out / "tokenizer.json"))
+            (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+            (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n")
+        except OSError as err:
+            raise OutputError(f"cannot write the tokenizer files into {out}: {err}.") from err
         return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 
     def fingerprint(self) -> str:
@@ -189,7 +200,9 @@ class GGUFSource:
         if heads is None:
             return None
         if n_rows % (2 * heads):
-            raise CheckpointError(f"{name} has {n_rows} rows, not a multiple of 2 x {heads} heads; the file is inconsistent.")
+            raise CheckpointError(
+                f"{name} has {n_rows} rows, not a multiple of 2 x {heads} heads; the file is inconsistent."
+            )
         return np.arange(n_rows).reshape(heads, n_rows // heads // 2, 2).swapaxes(1, 2).reshape(n_rows)
 
     # ----------------------------------------------------------------- metadata
@@ -208,7 +221,9 @@ class GGUFSource:
         if key in self._meta:
             return self._meta[key]
         if default is ...:
-            raise ConfigError(f"{self.path} lacks GGUF metadata {key!r}; the file was not written by a llama.cpp converter.")
+            raise ConfigError(
+                f"{self.path} lacks GGUF metadata {key!r}; the file was not written by a llama.cpp converter."
+            )
         return default
 
     def _build_config(self) -> dict:
@@ -219,7 +234,9 @@ class GGUFSource:
         head_dim = int(self._key("attention.key_length", self._key("rope.dimension_count", hidden // heads)))
         rope_dim = int(self._key("rope.dimension_count", head_dim))
         if rope_dim != head_dim:
-            raise ConfigError(f"{self.path}: rotary dimension {rope_dim} != head_dim {head_dim} (partial rotary) is not supported.")
+            raise ConfigError(
+                f"{self.path}: rotary dimension {rope_dim} != head_dim {head_dim} (partial rotary) is not supported."
+            )
         theta = float(self._key("rope.freq_base", 10000.0))
         scaling = self._rope_scaling(theta, head_dim)
         config: dict[str, Any] = {
@@ -277,7 +294,9 @@ class GGUFSource:
                 scaling["original_max_position_embeddings"] = int(original)
             return scaling
         if kind not in (None, "none"):
-            raise ConfigError(f"{self.path}: rope scaling type {kind!r} is not supported (supported: linear, yarn, llama3).")
+            raise ConfigError(
+                f"{self.path}: rope scaling type {kind!r} is not supported (supported: linear, yarn, llama3)."
+            )
         freqs = next((t for t in self._open().tensors if t.name == "rope_freqs.weight"), None)
         if freqs is None:
             return None

@@ -82,7 +82,9 @@ PRE_TOKENIZERS: dict[str, PreTokenizerSpec] = {
         _GPT2,
     ),
     **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"), _DIGITS_GPT2),
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"), _LLAMA3),
+    **dict.fromkeys(
+        ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"), _LLAMA3
+    ),
     **dict.fromkeys(("dbrx", "smaug-bpe"), _LLAMA3_MERGING),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "megrez", "stablelm2", "hunyuan"), _QWEN2),
     **dict.fromkeys(("gpt-4o", "llama4", "minimax-m2"), _GPT4O),
@@ -136,8 +138,8 @@ def build_tokenizer(meta: Mapping[str, Any], model_max_length: int | None) -> tu
 
 def _byte_level(meta: Mapping[str, Any], tokens: list[str], token_types: list[int]) -> tuple[Tokenizer, bool]:
     """Byte-level BPE (`tokenizer.ggml.model == "gpt2"`); returns it and llama.cpp's default add_bos."""
-    alphabet = set(bytes_to_unicode().values())
     spelling = bytes_to_unicode()
+    alphabet = set(spelling.values())
     vocab = {
         token if set(token) <= alphabet else "".join(spelling[b] for b in token.encode("utf-8")): index
         for index, token in enumerate(tokens)
@@ -251,8 +253,10 @@ def _post_processor(special: Mapping[str, str], meta: Mapping[str, Any], add_bos
                     add_eos: bool) -> processors.TemplateProcessing:
     """TemplateProcessing adding BOS/EOS as the file asks (what transformers rebuilds on load)."""
     bos, eos = special.get("bos_token"), special.get("eos_token")
-    single = (f"{bos}:0 " if add_bos else "") + "$A:0" + (f" {eos}:0" if add_eos else "")
-    pair = single + (f" {bos}:1" if add_bos else "") + " $B:1" + (f" {eos}:1" if add_eos else "")
+    def sequence(piece: str, type_id: int) -> list[str]:
+        return [f"{bos}:{type_id}"] * add_bos + [f"{piece}:{type_id}"] + [f"{eos}:{type_id}"] * add_eos
+
+    single, pair = sequence("$A", 0), sequence("$A", 0) + sequence("$B", 1)
     ids: dict[str, int] = {}
     if add_bos:
         ids[bos] = int(meta["tokenizer.ggml.bos_token_id"])
