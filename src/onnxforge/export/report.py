@@ -1,6 +1,7 @@
 """The build report: what was stored how, sizes, time, peak memory; printed and saved as JSON."""
 from __future__ import annotations
 
+import re
 import resource
 import sys
 from collections import OrderedDict
@@ -49,13 +50,22 @@ class BuildReport:
             out[g["storage"]] = (n + 1, b + g["bytes"])
         return out
 
+    def by_role(self) -> "OrderedDict[tuple[str, str], tuple[int, int]]":
+        """(weight group with layer numbers folded, storage) -> (count, bytes)."""
+        out: OrderedDict[tuple[str, str], tuple[int, int]] = OrderedDict()
+        for g in self.groups:
+            key = (re.sub(r"layers\.\d+", "layers.*", g["label"]), g["storage"])
+            n, b = out.get(key, (0, 0))
+            out[key] = (n + 1, b + g["bytes"])
+        return out
+
     def summary(self) -> str:
         lines = [
             f"onnxforge: built {self.architecture} ({self.precision}, {self.provider}) into {self.output}",
-            "  weights by storage:",
+            f"  {'weight group':<42} {'storage':<32} {'count':>5} {'bytes':>10}",
         ]
-        for storage, (n, b) in self.by_storage().items():
-            lines.append(f"    {storage:<40} {n:>5} groups {human(b):>10}")
+        for (role, storage), (n, b) in self.by_role().items():
+            lines.append(f"  {role:<42} {storage:<32} {n:>5} {human(b):>10}")
         if self.shared_embeddings:
             lines.append("  embedding table shared with the lm_head (stored once)")
         for name, size in sorted(self.files.items()):

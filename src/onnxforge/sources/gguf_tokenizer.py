@@ -253,6 +253,7 @@ def _post_processor(special: Mapping[str, str], meta: Mapping[str, Any], add_bos
                     add_eos: bool) -> processors.TemplateProcessing:
     """TemplateProcessing adding BOS/EOS as the file asks (what transformers rebuilds on load)."""
     bos, eos = special.get("bos_token"), special.get("eos_token")
+
     def sequence(piece: str, type_id: int) -> list[str]:
         return [f"{bos}:{type_id}"] * add_bos + [f"{piece}:{type_id}"] + [f"{eos}:{type_id}"] * add_eos
 
