@@ -165,8 +165,18 @@ def table(headers: list[str], rows: list[list], markdown: bool = False) -> str:
         fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
         return "\n".join([fmt(cells[0]), "| " + " | ".join("-" * w for w in widths) + " |"]
                          + [fmt(r) for r in cells[1:]])
-    fmt = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    numeric = [all(_is_number(r[i]) for r in cells[1:]) for i in range(len(headers))]
+    fmt = lambda r: "  ".join(c.rjust(w) if num else c.ljust(w)  # noqa: E731
+                              for c, w, num in zip(r, widths, numeric)).rstrip()
     return "\n".join([fmt(cells[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in cells[1:]])
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s.strip().rstrip("%x").lstrip("+"))
+        return True
+    except ValueError:
+        return False
 
 
 def write_section(title: str, body: str) -> None:

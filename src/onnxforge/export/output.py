@@ -1,6 +1,7 @@
 """Build into a temporary sibling folder and rename it into place only when complete."""
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ def staged_folder(out: Path, overwrite: bool) -> Iterator[Path]:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"cannot create {out.parent}: {e.strerror}") from None
+    _clean_stale(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -35,6 +37,38 @@ def staged_folder(out: Path, overwrite: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _clean_stale(out: Path) -> None:
+    """Tidy up after builds into `out` that were killed (SIGKILL, power loss) before they could.
+
+    `.OUT.partial-PID` folders of processes that no longer run are removed. A `.OUT.old-PID` folder
+    is the previous complete build, moved aside in the instant before the new one was renamed in;
+    if `out` is missing it is put back, otherwise it is removed.
+    """
+    for stale in sorted(out.parent.glob(f".{glob.escape(out.name)}.*-*")):
+        kind, _, pid = stale.name[len(out.name) + 2:].rpartition("-")
+        if kind not in ("partial", "old") or not pid.isdigit() or _alive(int(pid)) or not stale.is_dir():
+            continue
+        if kind == "old" and not out.exists():
+            try:
+                os.rename(stale, out)
+                continue
+            except OSError:
+                pass
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # ours from an earlier build in this process, which cleans up after itself
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it runs, as another user
+        return True
+    return True
 
 
 def _replace(tmp: Path, out: Path) -> None:

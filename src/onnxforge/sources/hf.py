@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, OutputError
 from .base import NativeBlocks
-from .safetensors_file import SafetensorsFile
+from .safetensors_file import DTYPES, SafetensorsFile
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -24,19 +26,47 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "consolidated.00.pth")
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+MAX_JSON_BYTES = 64 << 20  # config and index files are kilobytes; a huge one is damaged, not read whole
+HASH_CHUNK = 16 << 20  # the input fingerprint streams the shards in 16 MB reads
+GENERATION_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def read_json(path: Path, what: str) -> dict:
     """Parse a JSON object file, or raise ConfigError naming the file and the fix."""
+    if not path.exists():
+        raise ConfigError(f"{what} not found: {path}")
+    if not path.is_file():  # a folder, a FIFO (reading one would block forever), a device
+        raise ConfigError(f"{path} is not a regular file; replace it with the checkpoint's {what}")
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise ConfigError(f"{path} is {path.stat().st_size} bytes, far too large for {what}; the file is damaged")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{what} not found: {path}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ConfigError(f"{path} is not valid JSON ({e}); fix or re-download the file") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a JSON object, not {type(data).__name__}")
     return data
+
+
+def _check_generation_config(gen: dict, path: Path) -> dict:
+    """Values copied into genai_config.json must be what its reader accepts (no NaN, ids are ints)."""
+
+    def token(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    for key in GENERATION_TOKEN_KEYS:
+        v = gen.get(key)
+        if not (v is None or token(v) or (isinstance(v, list) and all(token(x) for x in v))):
+            raise ConfigError(f"{path}: {key} must be an integer or a list of integers, got {v!r}")
+    for key, v in gen.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{path}: {key} must be a finite number, got {v!r}")
+    return gen
 
 
 class HFSource:
@@ -48,7 +78,8 @@ class HFSource:
             raise CheckpointError(f"{self.path} is not a folder with a Hugging Face checkpoint")
         self.config = read_json(self.path / "config.json", "config.json")
         gen = self.path / "generation_config.json"
-        self.generation_config = read_json(gen, "generation_config.json") if gen.is_file() else None
+        self.generation_config = (_check_generation_config(read_json(gen, "generation_config.json"), gen)
+                                  if gen.exists() else None)
         self._files: dict[str, SafetensorsFile] = {}
         self._where: dict[str, str] = {}
         self._open_shards()
@@ -59,6 +90,12 @@ class HFSource:
             weight_map = read_json(index, "model.safetensors.index.json").get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{index} has no weight_map; re-download the checkpoint")
+            for shard in weight_map.values():
+                if not isinstance(shard, str) or shard in ("", ".", "..") or Path(shard).name != shard:
+                    raise CheckpointError(
+                        f"shard name {shard!r} in {index.name} is not a plain file name in the checkpoint folder; "
+                        "the index is damaged or malicious"
+                    )
             return sorted(set(weight_map.values()))
         shards = sorted(p.name for p in self.path.glob("*.safetensors"))
         if shards:
@@ -75,8 +112,6 @@ class HFSource:
 
     def _open_shards(self) -> None:
         for shard in self._shard_names():
-            if Path(shard).name != shard:
-                raise CheckpointError(f"shard name {shard!r} in the index is not a plain file name")
             f = self._files[shard] = SafetensorsFile(self.path / shard)
             for name in f.tensors:
                 if name in self._where:
@@ -102,36 +137,74 @@ class HFSource:
         return self._info(name)[1].shape
 
     def read(self, name: str) -> np.ndarray:
-        f, _ = self._info(name)
+        f, info = self._info(name)
+        if info.dtype not in _FLOAT_NP:
+            raise CheckpointError(
+                f"tensor {name!r} in {f.path.name} is stored as {info.dtype}, not as floats; this looks like a "
+                "pre-quantized checkpoint (bitsandbytes, GPTQ, AWQ...). Build from the original float checkpoint."
+            )
         return f.read(name)
 
     def native_blocks(self, name: str, bits: int, block_size: int) -> NativeBlocks | None:
         return None
 
-    def write_tokenizer(self, out_dir: Path) -> list[str]:
-        written = []
+    def _tokenizer_files(self) -> list[tuple[str, Path]]:
+        """(name, path) of the tokenizer files present; a link out of the checkpoint is an error.
+
+        The names are a fixed list (never taken from the checkpoint's own files), and the copies land
+        directly in the output folder. A link may point into the folder, or, for a Hugging Face hub
+        cache snapshot (`models--X/snapshots/REV/f -> ../../blobs/SHA`), into the same repo's blobs.
+        """
+        found = []
+        folder = self.path.resolve()
+        allowed = [folder]
+        if folder.parent.name == "snapshots":
+            allowed.append(folder.parent.parent / "blobs")
         for fname in TOKENIZER_FILES:
             src = self.path / fname
-            if not src.is_file():
+            if not (src.is_symlink() or src.exists()):
                 continue
-            if src.is_symlink() and not _inside(src.resolve(), self.path.resolve()):
-                raise CheckpointError(f"{src} is a link that points out of the checkpoint folder; copy the real file in")
-            shutil.copyfile(src, out_dir / fname)
+            if src.is_symlink() and not any(_inside(src.resolve(), a) for a in allowed):
+                raise CheckpointError(
+                    f"{src} is a link that points out of the checkpoint folder (to {src.resolve()}); onnxforge "
+                    "copies tokenizer files into the output and will not follow it: copy the real file in"
+                )
+            if src.is_file():
+                found.append((fname, src))
+        return found
+
+    def write_tokenizer(self, out_dir: Path) -> list[str]:
+        written = []
+        for fname, src in self._tokenizer_files():
+            try:
+                shutil.copyfile(src, out_dir / fname)
+            except OSError as e:
+                raise OutputError(f"cannot copy {fname} into {out_dir}: {e.strerror}") from None
             written.append(fname)
         return written
 
     def fingerprint(self) -> str:
-        h = hashlib.sha256()
+        """SHA-256 of config.json, generation_config.json, the tokenizer files and every shard's
+        bytes (header and tensor data, streamed in 16 MB reads)."""
+        h = hashlib.sha256(b"onnxforge-hf-fingerprint-v2")
         h.update(json.dumps(self.config, sort_keys=True).encode())
+        h.update(json.dumps(self.generation_config, sort_keys=True).encode())
+        for fname, src in self._tokenizer_files():
+            h.update(f"\0{fname}\0{src.stat().st_size}\0".encode())
+            with open(src, "rb") as fh:
+                for chunk in iter(lambda: fh.read(HASH_CHUNK), b""):
+                    h.update(chunk)
         for shard, f in sorted(self._files.items()):
-            h.update(shard.encode())
-            h.update(f.header_bytes)
-            h.update(str(f.file_size).encode())
+            h.update(f"\0{shard}\0{f.file_size}\0".encode())
+            f.hash_into(h, HASH_CHUNK)
         return h.hexdigest()
 
     def close(self) -> None:
         for f in self._files.values():
             f.close()
+
+
+_FLOAT_NP = tuple(DTYPES[k] for k in FLOAT_DTYPES)
 
 
 def _inside(path: Path, folder: Path) -> bool:

