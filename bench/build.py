@@ -14,6 +14,7 @@ runs in its own process; peak RSS is the largest resident set of that process tr
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -52,16 +53,16 @@ def main() -> int:
         ckpt = checkpoint(model)
         for precision in precisions:
             label = LABELS[precision]
-            s, peak, rc = bm.run_child(bm.ours(ckpt, common.WORK / "out-ours", label))
+            s, peak, rc = bm.run_child(bm.ours(ckpt, common.WORK / f"out-ours-{os.getpid()}", label))
             ok &= rc == 0
             row = [model, precision, f"{s:.1f}", f"{peak / 2**30:.2f}"]
             if use_anchor:
-                a_s, a_peak, a_rc = bm.run_child(bm.anchor(ckpt, common.WORK / "out-anchor", label))
+                a_s, a_peak, a_rc = bm.run_child(bm.anchor(ckpt, common.WORK / f"out-anchor-{os.getpid()}", label))
                 row += ([f"{a_s:.1f}", f"{a_peak / 2**30:.2f}", f"{a_s / s:.1f}x", f"{a_peak / max(peak, 1):.1f}x"]
                         if a_rc == 0 else ["failed", "", "", ""])
             rows.append(row)
-            shutil.rmtree(common.WORK / "out-ours", ignore_errors=True)
-            shutil.rmtree(common.WORK / "out-anchor", ignore_errors=True)
+            shutil.rmtree(common.WORK / f"out-ours-{os.getpid()}", ignore_errors=True)
+            shutil.rmtree(common.WORK / f"out-anchor-{os.getpid()}", ignore_errors=True)
     headers = ["model", "precision", "onnxforge s", "peak GB"]
     if use_anchor:
         headers += ["anchor s", "anchor peak GB", "speed-up", "memory ratio"]

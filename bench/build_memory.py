@@ -130,14 +130,14 @@ def main() -> int:
     labels = [b.strip() for b in args.builds.split(",") if b.strip()]
     rows = []
     for label in labels:
-        s, peak, rc = run_child(ours(ckpt, work / "out-ours", label))
+        s, peak, rc = run_child(ours(ckpt, work / f"out-ours-{os.getpid()}", label))
         row = {"build": label, "ours_s": s, "ours_peak": peak, "ours_ok": rc == 0}
         if args.anchor and anchor_available():
-            a_s, a_peak, a_rc = run_child(anchor(ckpt, work / "out-anchor", label))
+            a_s, a_peak, a_rc = run_child(anchor(ckpt, work / f"out-anchor-{os.getpid()}", label))
             row.update(anchor_s=a_s, anchor_peak=a_peak, anchor_ok=a_rc == 0)
         rows.append(row)
-        shutil.rmtree(work / "out-ours", ignore_errors=True)
-        shutil.rmtree(work / "out-anchor", ignore_errors=True)
+        shutil.rmtree(work / f"out-ours-{os.getpid()}", ignore_errors=True)
+        shutil.rmtree(work / f"out-anchor-{os.getpid()}", ignore_errors=True)
     print_table(rows, "smoke" if args.smoke else "random Llama ~1.1B (hidden 2048, 16 layers, vocab 32000)")
     if args.anchor and not anchor_available():
         print("anchor: onnxruntime-genai builder not available (needs onnxruntime-genai, torch, transformers)")

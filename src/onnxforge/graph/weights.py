@@ -120,18 +120,30 @@ def quantize_rows(source: Source, names: Sequence[str], slots: Sequence[TensorSl
     from ..quant.methods import quantize
 
     outs = [np.empty(s.shape, dtype=np.uint8 if s.dtype == ir.DataType.UINT8 else scale_np) for s in slots]
+
+    def store(rows: slice, data, scales, zero_points) -> None:
+        outs[0][rows] = data
+        outs[1][rows] = scales
+        if not st.symmetric:
+            outs[2][rows] = zero_points
+
     row = 0
     for name in names:
         part = source.read(name)
         step = max(1, CHUNK_ELEMENTS // max(1, part.shape[1]))
-        for start in range(0, part.shape[0], step):
-            q = quantize(part[start:start + step], bits=st.bits, block_size=st.block_size, symmetric=st.symmetric,
-                         method=st.method, accuracy_level=st.accuracy_level)
-            rows = slice(row + start, row + start + q.data.shape[0])
-            outs[0][rows] = q.data
-            outs[1][rows] = q.scales
-            if not st.symmetric:
-                outs[2][rows] = q.zero_points
+        if st.method == "default":  # onnxruntime's quantizer keeps the GIL: run it in processes
+            from ..quant import process_pool
+
+            futures = [(slice(row + i, row + i + len(part[i:i + step])),
+                        process_pool.submit(part[i:i + step], st.bits, st.block_size, st.symmetric))
+                       for i in range(0, part.shape[0], step)]
+            for rows, fut in futures:
+                store(rows, *fut.result())
+        else:
+            for i in range(0, part.shape[0], step):
+                q = quantize(part[i:i + step], bits=st.bits, block_size=st.block_size, symmetric=st.symmetric,
+                             method=st.method, accuracy_level=st.accuracy_level)
+                store(slice(row + i, row + i + q.data.shape[0]), q.data, q.scales, q.zero_points)
         row += part.shape[0]
         del part
     return outs
