@@ -121,8 +121,9 @@ def gguf_bytes(folder: Path) -> bytes:
 # ----------------------------------------------------------------------------- running one case
 
 
-class Hang(Exception):
-    pass
+class Hang(BaseException):
+    """Raised by the per-case alarm; a BaseException so that no `except Exception` in the code under
+    test can turn it into an ordinary error."""
 
 
 @contextmanager
@@ -130,7 +131,7 @@ def guarded():
     """A per-case alarm, and an address-space cap so a huge allocation fails instead of swapping."""
 
     def on_alarm(signum, frame):
-        raise Hang(f"a case ran longer than {CASE_SECONDS} s")
+        raise Hang("a case ran past its time limit")
 
     old_handler = signal.signal(signal.SIGALRM, on_alarm)
     old_limit = resource.getrlimit(resource.RLIMIT_AS)
@@ -149,25 +150,25 @@ class Tally:
     def __init__(self, name: str):
         self.name, self.counts, self.n = name, Counter(), 0
 
-    def run(self, model: Path, out: Path, precision: str = "fp32") -> None:
+    def run(self, model: Path, out: Path, precision: str = "fp32", seconds: int = CASE_SECONDS) -> None:
         """One build: it succeeds completely, or fails with an OnnxForgeError and leaves nothing."""
         self.n += 1
-        signal.alarm(CASE_SECONDS)
+        signal.alarm(seconds)
         try:
             onnxforge.build(model, out, precision)
         except OnnxForgeError as e:
-            signal.alarm(0)
             assert str(e).strip(), f"{type(e).__name__} without a message"
             assert not out.exists(), f"output folder left behind after: {e}"
             assert not list(out.parent.glob(f".{out.name}.*")), f"temporary folder left behind after: {e}"
             self.counts[type(e).__name__] += 1
         else:
-            signal.alarm(0)
             assert {"model.onnx", "model.onnx.data", "genai_config.json", "build_report.json"} <= {
                 p.name for p in out.iterdir()}
             assert not list(out.parent.glob(f".{out.name}.*")), "temporary folder left behind after a build"
             self.counts["built"] += 1
             shutil.rmtree(out)
+        finally:
+            signal.alarm(0)
 
     def line(self) -> str:
         built = self.counts["built"]
@@ -403,14 +404,23 @@ def gguf_slots(data: bytes) -> tuple[dict[str, list[tuple[int, int, int]]], int]
     return slots, p
 
 
+# gguf 0.19's GGUFReader walks a metadata array one element per Python call with no bounds check, and
+# a read past the end returns an empty view that does not advance the offset: a lying array count
+# (or an array retyped into an array of arrays) loops up to 2**64 times while memory grows. Until
+# onnxforge's GGUF source checks array headers against the file size before GGUFReader sees them,
+# those mutations run in `test_gguf_lying_array_count_does_not_hang` (xfail, strict) and are kept
+# out of the general fuzz. Set this to False once that is fixed.
+GGUF_ARRAY_COUNT_BUG = True
+ARRAY_HEADER_KINDS = ("array_type", "array_count")
 GGUF_KINDS = ["magic", "version", "n_tensors", "n_kv", "key_length", "value_type", "string_length", "array_type",
               "array_count", "scalar", "name_length", "n_dims", "dim", "tensor_type", "tensor_offset"]
+FUZZ_GGUF_KINDS = [k for k in GGUF_KINDS if not (GGUF_ARRAY_COUNT_BUG and k in ARRAY_HEADER_KINDS)]
 GGUF_INTS = st.one_of(st.sampled_from([0, 1, 2, 3, 4, 5, 7, 8, 9, 12, 13, 31, 32, 33, 39, 255, 256, 1024, 2**16,
                                        2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**40, 2**63 - 1, 2**63, 2**64 - 1]),
                       st.integers(-40, 40).map(lambda d: ("delta", d)))
 GGUF_FLOATS = st.sampled_from([math.nan, math.inf, -math.inf, 0.0, -1.0, 1e38, 1e-45, 0.5, 2.0, 1e6])
 GGUF_OPS = st.one_of(
-    st.tuples(st.just("slot"), st.sampled_from(GGUF_KINDS), st.integers(0, 10**6), GGUF_INTS),
+    st.tuples(st.just("slot"), st.sampled_from(FUZZ_GGUF_KINDS), st.integers(0, 10**6), GGUF_INTS),
     st.tuples(st.just("float"), st.integers(0, 10**6), GGUF_FLOATS),
     st.tuples(st.just("flip"), st.integers(0, 10**7), st.integers(0, 255)),
     st.tuples(st.just("truncate"), st.floats(0, 1)),
@@ -418,7 +428,8 @@ GGUF_OPS = st.one_of(
 GGUF_CASES = st.tuples(st.lists(GGUF_OPS, min_size=1, max_size=3), st.sampled_from(["fp32", "fp32", "int4"]))
 
 
-def mutate_gguf(raw: bytes, slots, header_end: int, ops) -> bytes:
+def mutate_gguf(raw: bytes, slots, header_end: int, ops, keep: frozenset[int] = frozenset()) -> bytes:
+    """Apply `ops`; byte flips never land on the offsets in `keep`."""
     blob = bytearray(raw)
     floats = [s for s in slots["scalar"] if s[2] in (6, 12)]
     for op in ops:
@@ -431,7 +442,7 @@ def mutate_gguf(raw: bytes, slots, header_end: int, ops) -> bytes:
         elif op[0] == "float" and floats:
             pos, width, _ = floats[op[1] % len(floats)]
             blob[pos:pos + width] = struct.pack("<f" if width == 4 else "<d", op[2])
-        elif op[0] == "flip":
+        elif op[0] == "flip" and op[1] % header_end not in keep:
             blob[op[1] % header_end] = op[2]
     for op in ops:
         if op[0] == "truncate":
@@ -450,11 +461,13 @@ def test_fuzz_gguf(workdir, capsys):
     slots, header_end = gguf_slots(raw)
     assert header_end < len(raw) and all(slots.get(k) for k in GGUF_KINDS if k not in ("array_type",))
     tally, counter = Tally("gguf"), [0]
+    keep = frozenset(pos + i for kind in ARRAY_HEADER_KINDS for pos, width, _ in slots.get(kind, ())
+                     for i in range(width)) if GGUF_ARRAY_COUNT_BUG else frozenset()
 
     def case(ops, precision="fp32"):
         counter[0] += 1
         path = workdir / f"m{counter[0]}.gguf"
-        path.write_bytes(mutate_gguf(raw, slots, header_end, ops))
+        path.write_bytes(mutate_gguf(raw, slots, header_end, ops, keep))
         tally.run(path, workdir / f"out{counter[0]}", precision)
         path.unlink()
 
@@ -464,12 +477,15 @@ def test_fuzz_gguf(workdir, capsys):
         [("slot", "version", 0, 2**32 - 1)], [("slot", "n_tensors", 0, 2**63)], [("slot", "n_kv", 0, 2**63)],
         [("slot", "n_tensors", 0, ("delta", 1))], [("slot", "n_kv", 0, ("delta", -1))],
         [("slot", "string_length", 0, 2**63)], [("slot", "string_length", 5, 2**40)], [("slot", "key_length", 3, 2**62)],
-        [("slot", "array_count", 0, 2**61)], [("slot", "array_count", 1, 2**40)], [("slot", "value_type", 2, 13)],
+        [("slot", "value_type", 2, 13)],
         [("slot", "dim", 0, 2**62)], [("slot", "dim", 1, 0)], [("slot", "n_dims", 0, 2**31)], [("slot", "n_dims", 2, 0)],
         [("slot", "tensor_type", 0, 99)], [("slot", "tensor_type", 3, 2)], [("slot", "tensor_offset", 2, 2**63)],
         [("slot", "tensor_offset", 1, ("delta", 32))], [("slot", "tensor_offset", 4, 0)],
         [("float", 0, math.nan)], [("float", 1, math.inf)], [("truncate", 0.5)], [("truncate", 0.01)],
     ]
+    if not GGUF_ARRAY_COUNT_BUG:
+        pinned += [[("slot", "array_count", i, 2**40)] for i in range(len(slots["array_count"]))]
+        pinned += [[("slot", "array_type", i, 9)] for i in range(len(slots["array_type"]))]
     with guarded():
         for ops in pinned:
             case(ops)
@@ -581,3 +597,19 @@ def test_fuzz_config(workdir, capsys):
         fuzz()
     tally.report(capsys)
     assert tally.counts["built"] >= 1 and tally.n >= CASES["config"]
+
+
+@pytest.mark.xfail(GGUF_ARRAY_COUNT_BUG, strict=True, raises=Hang,
+                   reason="gguf.GGUFReader loops once per element of a metadata array without bounds checks; "
+                          "a lying array count hangs the build (see GGUF_ARRAY_COUNT_BUG)")
+def test_gguf_lying_array_count_does_not_hang(workdir):
+    raw = gguf_bytes(workdir)
+    slots, header_end = gguf_slots(raw)
+    tally = Tally("gguf arrays")
+    cases = [[("slot", "array_count", i, 2**40)] for i in range(len(slots["array_count"]))]
+    cases += [[("slot", "array_type", i, 9)] for i in range(len(slots["array_type"]))]
+    with guarded():
+        for n, ops in enumerate(cases):
+            path = workdir / f"a{n}.gguf"
+            path.write_bytes(mutate_gguf(raw, slots, header_end, ops))
+            tally.run(path, workdir / f"out{n}", seconds=3)  # a clean build of this file takes ~0.05 s

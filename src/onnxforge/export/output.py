@@ -30,7 +30,10 @@ def staged_folder(out: Path, overwrite: bool) -> Iterator[Path]:
     _clean_stale(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        raise OutputError(f"cannot create a folder next to {out}: {e.strerror}") from None
     try:
         yield tmp
         _replace(tmp, out)
@@ -75,7 +78,10 @@ def _replace(tmp: Path, out: Path) -> None:
     old = None
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.rename(out, old)
+        try:
+            os.rename(out, old)
+        except OSError as e:
+            raise OutputError(f"cannot move the previous build in {out} aside: {e.strerror}") from None
     try:
         os.rename(tmp, out)
     except OSError as e:
