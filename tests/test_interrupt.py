@@ -30,7 +30,7 @@ BUILD_ARGS = ["-p", "int4"]  # the default int4 method also runs onnxruntime's q
 # Killing the build leaves its quantizer worker processes (and multiprocessing's resource tracker)
 # running forever: quant/process_pool.py's workers do not watch their parent. Set this to False once
 # they do (e.g. an initializer that waits on multiprocessing.parent_process().sentinel and os._exit()s).
-ORPHAN_WORKERS_BUG = True
+ORPHAN_WORKERS_BUG = False
 
 
 def write_llama(folder: Path, *, hidden=512, heads=8, kv_heads=4, layers=4, vocab=8000, inter=1376, seed=0) -> Path:

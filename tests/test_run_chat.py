@@ -16,6 +16,36 @@ TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}\n{% endf
 NEW = 12
 
 
+def _gpt2_byte_chars() -> dict[int, str]:
+    """The byte-level BPE alphabet: byte -> the character that stands for it in token strings."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def asciify_tokenizer(folder) -> None:
+    """Rename the byte tokens outside printable ASCII to '#xx' so that any token sequence decodes to plain text.
+
+    A random model emits arbitrary byte tokens; invalid UTF-8 is decoded differently by a stream and by a
+    one-shot decode, and control characters would not survive text-mode pipes. Text made of printable
+    ASCII encodes exactly as before (those byte tokens and all merges are untouched)."""
+    path = folder / "tokenizer.json"
+    t = json.loads(path.read_text(encoding="utf-8"))
+    chars = _gpt2_byte_chars()
+    rename = {chars[b]: f"#{b:02x}" for b in [*range(0x20), 0x7F, *range(0x80, 0x100)] if b not in (0x20,)}
+    vocab = t["model"]["vocab"]
+    assert not set(rename.values()) & set(vocab)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in t["model"]["merges"]]
+    assert not any(set(m.replace(" ", "")) & set(rename) for m in merges)
+    t["model"]["vocab"] = {rename.get(k, k): v for k, v in vocab.items()}
+    path.write_text(json.dumps(t), encoding="utf-8")
+
+
 @pytest.fixture(scope="module")
 def builds(tiny_models, tmp_path_factory):
     """(plain build without a chat template, copy whose tokenizer_config.json has TEMPLATE)."""
@@ -23,6 +53,7 @@ def builds(tiny_models, tmp_path_factory):
     base = tmp_path_factory.mktemp("runchat")
     plain = base / "plain"
     onnxforge.build(folder, plain, "fp32")
+    asciify_tokenizer(plain)
     templated = base / "templated"
     shutil.copytree(plain, templated)
     cfg_path = templated / "tokenizer_config.json"

@@ -201,3 +201,24 @@ def test_help_does_not_import_torch():
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_compare_logits_metrics():
+    """KL is KL(reference || onnx), per position; top-1 compares argmaxes; max abs diff per position."""
+    from onnxforge.verify.parity import compare_logits
+
+    rng = np.random.default_rng(3)
+    ref = rng.normal(0, 2, (5, 7)).astype(np.float32)
+    got = ref + rng.normal(0, 0.5, ref.shape).astype(np.float32)
+    got[2] = ref[2] + 10.0  # a constant shift changes no probability
+    m = compare_logits(ref, got)
+    p = np.exp(ref - ref.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    q = np.exp(got - got.max(1, keepdims=True))
+    q /= q.sum(1, keepdims=True)
+    expected_kl = (p * np.log(p / q)).sum(1)
+    assert np.allclose(m["kl"], expected_kl, rtol=1e-4, atol=1e-7)
+    assert not np.allclose(m["kl"], (q * np.log(q / p)).sum(1), rtol=1e-2)  # the direction matters
+    assert m["kl"][2] < 1e-9
+    assert np.allclose(m["max_abs_diff"], np.abs(ref - got).max(1), rtol=1e-6)
+    assert list(m["top1"]) == list(ref.argmax(1) == got.argmax(1))

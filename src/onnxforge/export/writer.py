@@ -73,7 +73,12 @@ class WeightWriter:
         """Produce and write all jobs; returns the data file's size."""
         path = self.folder / self.filename
         offset = 0
-        with open_data_file(path, "wb") as f, ThreadPoolExecutor(self.workers, thread_name_prefix="onnxforge") as pool:
+        try:
+            data_file = open_data_file(path, "wb")
+        except OSError as e:
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise OutputError(f"{'disk full: ' if full else ''}cannot create {path}: {e.strerror}") from None
+        with data_file as f, ThreadPoolExecutor(self.workers, thread_name_prefix="onnxforge") as pool:
             pending: deque[tuple[WeightJob, Future]] = deque()
             in_flight = 0
             jobs = iter(builder.jobs)

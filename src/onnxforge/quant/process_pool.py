@@ -18,6 +18,21 @@ _lock = threading.Lock()
 _pool: ProcessPoolExecutor | None = None
 
 
+def _exit_with_parent() -> None:
+    """Worker initializer: end this worker as soon as the building process is gone (even SIGKILLed)."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        from multiprocessing.connection import wait
+
+        wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _quantize(chunk: np.ndarray, bits: int, block_size: int, symmetric: bool):
     from .ort_default import quantize_ort_default
 
@@ -30,7 +45,8 @@ def _get_pool() -> ProcessPoolExecutor:
     with _lock:
         if _pool is None:
             workers = max(1, min(4, os.cpu_count() or 1))
-            _pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+            _pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_exit_with_parent)
             atexit.register(shutdown)
         return _pool
 

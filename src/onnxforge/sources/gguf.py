@@ -330,6 +330,72 @@ def open_gguf(path: Path | str) -> GGUFSource:
 # --------------------------------------------------------------------- helpers
 
 
+# GGUF metadata value types: fixed sizes; 8 = string (u64 length + bytes), 9 = array (u32 type, u64 count, items)
+_FIXED_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+
+
+def _check_header_counts(path: Path, size: int) -> None:
+    """Walk the metadata once and check every count and length against the bytes that remain.
+
+    The `gguf` reader trusts its length fields and, given a lying array count, loops (and allocates)
+    for as long as the count says. This walk only bounds counts; parsing stays with the reader.
+    """
+    import mmap
+    import struct
+
+    def fail(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {what}; the file is truncated or corrupt: re-download or re-convert it.")
+
+    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if size < 24:
+            raise fail("the header is shorter than 24 bytes")
+        _version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+        pos = 24
+        if n_tensors > size // 24 or n_kv > size // 12:
+            raise fail(f"it claims {n_tensors} tensors and {n_kv} metadata entries, more than the file can hold")
+
+        def need(n: int) -> None:
+            if n < 0 or pos + n > size:
+                raise fail(f"a length field at byte {pos} points past the end of the file")
+
+        def string() -> None:
+            nonlocal pos
+            need(8)
+            (n,) = struct.unpack_from("<Q", buf, pos)
+            pos += 8
+            need(n)
+            pos += n
+
+        def value(kind: int, depth: int = 0) -> None:
+            nonlocal pos
+            if kind in _FIXED_SIZES:
+                need(_FIXED_SIZES[kind])
+                pos += _FIXED_SIZES[kind]
+            elif kind == _STRING:
+                string()
+            elif kind == _ARRAY and depth < 4:
+                need(12)
+                item, count = struct.unpack_from("<IQ", buf, pos)
+                pos += 12
+                if item in _FIXED_SIZES:
+                    need(count * _FIXED_SIZES[item])
+                    pos += count * _FIXED_SIZES[item]
+                    return
+                need(count * 8)  # every string or nested array takes at least 8 bytes
+                for _ in range(count):
+                    value(item, depth + 1)
+            else:
+                raise fail(f"unknown metadata value type {kind} at byte {pos}")
+
+        for _ in range(n_kv):
+            string()
+            need(4)
+            (kind,) = struct.unpack_from("<I", buf, pos)
+            pos += 4
+            value(kind)
+
+
 def _open_reader(path: Path) -> GGUFReader:
     """A GGUFReader over `path`, with every failure turned into a CheckpointError that says why."""
     if not path.is_file():
@@ -342,6 +408,7 @@ def _open_reader(path: Path) -> GGUFReader:
             f"{path} is not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r}); pass a .gguf file "
             "written by llama.cpp, or a Hugging Face model folder."
         )
+    _check_header_counts(path, size)
     try:
         reader = GGUFReader(path)
     except Exception as err:  # the reader raises bare ValueError/IndexError on cut or garbled files

@@ -56,7 +56,8 @@ def add_commands(sub) -> None:
     p.add_argument("--no-plot", action="store_true", help="do not write verify.png")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("perplexity", help="sliding-window perplexity of a built model on a text file (onnxruntime only)",
+    p = sub.add_parser("perplexity",
+                       help="sliding-window perplexity of a built model on a text file (onnxruntime only)",
                        description="Perplexity like the Hugging Face docs' fixed-length models: windows of --window "
                                    "tokens every --stride tokens, each scoring only tokens not scored before. "
                                    "Needs neither torch nor transformers.")
@@ -72,7 +73,8 @@ def add_commands(sub) -> None:
     p = sub.add_parser("run", help="generate from a prompt through onnxruntime-genai, streaming to stdout")
     p.add_argument("model_dir", help="built model folder")
     p.add_argument("prompt")
-    p.add_argument("--chat-template", action="store_true", help="wrap the prompt as a user message in the chat template")
+    p.add_argument("--chat-template", action="store_true",
+                   help="wrap the prompt as a user message in the chat template")
     p.add_argument("--system", help="system message (with --chat-template)")
     _add_sampling(p)
     p.set_defaults(func=cmd_run)
@@ -84,25 +86,52 @@ def add_commands(sub) -> None:
     p.set_defaults(func=cmd_chat)
 
 
+def _check_model_dir(path: str) -> None:
+    from pathlib import Path
+
+    from ..errors import OnnxForgeError
+
+    if not (Path(path) / "genai_config.json").is_file():
+        raise OnnxForgeError(f"{path} is not a built model folder (no genai_config.json); "
+                             "make one with `onnxforge build`")
+
+
+def _check_file(path: str, what: str) -> None:
+    from pathlib import Path
+
+    from ..errors import OnnxForgeError
+
+    if not Path(path).is_file():
+        raise OnnxForgeError(f"{what} {path} does not exist")
+
+
 def cmd_verify(args) -> int:
+    _check_model_dir(args.model_dir)
+    for path, what in ((args.text, "text file"), (args.prompts, "prompts file")):
+        if path:
+            _check_file(path, what)
     from .parity import run_cli
 
     return run_cli(args)
 
 
 def cmd_perplexity(args) -> int:
+    _check_model_dir(args.model_dir)
+    _check_file(args.text, "text file")
     from .perplexity import run_cli
 
     return run_cli(args)
 
 
 def cmd_run(args) -> int:
+    _check_model_dir(args.model_dir)
     from .generate import run_cli
 
     return run_cli(args)
 
 
 def cmd_chat(args) -> int:
+    _check_model_dir(args.model_dir)
     from .generate import chat_cli
 
     return chat_cli(args)

@@ -229,6 +229,9 @@ def run_cli(args) -> int:
     if args.show_prompt:
         print(text, file=sys.stderr, flush=True)
     ids = g.encode(text)
+    if not ids:
+        print("onnxforge run: error: the prompt is empty", file=sys.stderr)
+        return 2
     opts = g.search_options(len(ids), **_sampling(args))
     try:
         g.stream(ids, opts, _writer(sys.stdout))

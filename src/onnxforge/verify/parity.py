@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..errors import CheckpointError
 from .perplexity import decoder, effective_window, perplexity, tokenize_file
 
 DEFAULT_PROMPTS = [
@@ -46,7 +47,15 @@ def load_reference(reference: str | Path):
     where = ref
     if ref.suffix.lower() == ".gguf":
         where, kwargs = ref.parent, {"gguf_file": ref.name}
-    model = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch.float32, **kwargs).eval()
+    if not ref.exists():
+        raise CheckpointError(f"reference {ref} does not exist")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch.float32, **kwargs).eval()
+    except ValueError as e:
+        if "accelerate" in str(e):
+            raise CheckpointError("transformers needs the package accelerate to load a GGUF reference: "
+                                  "pip install accelerate") from None
+        raise
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(where), **kwargs)
     except Exception:  # noqa: BLE001 - any failure means "no usable tokenizer"
@@ -112,12 +121,14 @@ def reference_greedy(model, prompt: list[int], n: int, eos: list[int], pad: int)
 
 
 def genai_greedy(out_dir: Path, prompt: list[int], n: int, model=None) -> list[int]:
-    """Greedy tokens from onnxruntime-genai; EOS is held back until n tokens (min_length), like transformers'."""
+    """Greedy tokens from onnxruntime-genai; EOS is held back until n tokens (min_length), as in
+    `reference_greedy` (transformers' min_new_tokens), so both always produce n tokens."""
     import onnxruntime_genai as og
 
     model = model or og.Model(str(out_dir))
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + n, min_length=len(prompt) + n, do_sample=False)
+    params.set_search_options(max_length=len(prompt) + n, min_length=len(prompt) + n, do_sample=False,
+                              repetition_penalty=1.0, num_beams=1)  # plain greedy whatever genai_config says
     gen = og.Generator(model, params)
     gen.append_tokens(prompt)
     out = []
@@ -336,7 +347,8 @@ def format_table(result: dict) -> str:
             sign = "<=" if direction == "max" else ">="
             lines.append(f"  {'FAIL' if bad else 'ok  '}  {name}: {key} {shown} (want {sign} {_fmt(key, limit)})")
     if result.get("json_path"):
-        lines += ["", f"wrote {result['json_path']}" + (f" and {result['plot_path']}" if result.get("plot_path") else "")]
+        plot = f" and {result['plot_path']}" if result.get("plot_path") else ""
+        lines += ["", f"wrote {result['json_path']}{plot}"]
     return "\n".join(lines)
 
 
