@@ -26,11 +26,7 @@ import tiny
 from onnxforge.errors import OutputError
 
 KILLS = 5  # kill points per scenario, one in each fifth of the reference build's duration
-BUILD_ARGS = ["-p", "int4"]  # the default int4 method also runs onnxruntime's quantizer in worker processes
-# Killing the build leaves its quantizer worker processes (and multiprocessing's resource tracker)
-# running forever: quant/process_pool.py's workers do not watch their parent. Set this to False once
-# they do (e.g. an initializer that waits on multiprocessing.parent_process().sentinel and os._exit()s).
-ORPHAN_WORKERS_BUG = False
+BUILD_ARGS = ["-p", "int4"]
 
 
 def write_llama(folder: Path, *, hidden=512, heads=8, kv_heads=4, layers=4, vocab=8000, inter=1376, seed=0) -> Path:
@@ -190,8 +186,6 @@ def test_killed_build_leaves_no_broken_output(reference, tmp_path, capsys, scena
               f"{len(stale_before)} stale folders removed by the next build")
 
 
-@pytest.mark.xfail(ORPHAN_WORKERS_BUG, strict=True,
-                   reason="quant/process_pool.py workers outlive a SIGKILLed build (see ORPHAN_WORKERS_BUG)")
 def test_killed_build_leaves_no_processes(reference):
     model, _, _, seconds = reference
     out = Path(reference[1]).parent / "orphans-out"

@@ -131,19 +131,10 @@ def quantize_rows(source: Source, names: Sequence[str], slots: Sequence[TensorSl
     for name in names:
         part = source.read(name)
         step = max(1, CHUNK_ELEMENTS // max(1, part.shape[1]))
-        if st.method == "default":  # onnxruntime's quantizer keeps the GIL: run it in processes
-            from ..quant import process_pool
-
-            futures = [(slice(row + i, row + i + len(part[i:i + step])),
-                        process_pool.submit(part[i:i + step], st.bits, st.block_size, st.symmetric))
-                       for i in range(0, part.shape[0], step)]
-            for rows, fut in futures:
-                store(rows, *fut.result())
-        else:
-            for i in range(0, part.shape[0], step):
-                q = quantize(part[i:i + step], bits=st.bits, block_size=st.block_size, symmetric=st.symmetric,
-                             method=st.method, accuracy_level=st.accuracy_level)
-                store(slice(row + i, row + i + q.data.shape[0]), q.data, q.scales, q.zero_points)
+        for i in range(0, part.shape[0], step):
+            q = quantize(part[i:i + step], bits=st.bits, block_size=st.block_size, symmetric=st.symmetric,
+                         method=st.method, accuracy_level=st.accuracy_level)
+            store(slice(row + i, row + i + q.data.shape[0]), q.data, q.scales, q.zero_points)
         row += part.shape[0]
         del part
     return outs
