@@ -331,3 +331,17 @@ def test_report_lists_storage_per_group(tiny_models, tmp_path):
     text = report.summary()
     assert "int4 rtn sym block 32" in text and "total" in text
     assert sum(b for _, b in by.values()) == sum(g["bytes"] for g in report.groups)
+
+
+def test_two_bit_rule_where_the_op_allows(tiny_models, tmp_path):
+    """MatMulNBits runs 2-bit weights on CPU; a rule can put any group there."""
+    from onnxforge.quant.recipe import Rule
+    from onnxforge.quant.storage import Storage
+
+    folder, _ = tiny_models("llama")
+    out = tmp_path / "out"
+    onnxforge.build(folder, out, recipe=Q(precision="int4", rules=(Rule("*down_proj*", Storage(bits=2)),)))
+    nodes = _nbits(out)
+    assert nodes["/model/layers.0/mlp/down_proj/MatMul"]["bits"] == 2
+    assert nodes["/model/layers.0/attn/o_proj/MatMul"]["bits"] == 4
+    _check_against_dequantized(folder, out)
