@@ -19,6 +19,7 @@ from .export.writer import WeightWriter
 from .graph.builder import GraphBuilder
 from .graph.decoder import Emitter
 from .quant.recipe import Recipe
+from .quant.templates import apply_template, template_for
 from .sources.open import open_source
 
 
@@ -45,7 +46,7 @@ def build(
         arch = architecture_for(source.config)
         spec = arch.make_spec(source.config)
         _check_runtime_limits(spec, recipe)
-        recipe = recipe.bind(spec)
+        recipe = apply_template(recipe, template_for(arch.model_type).name).bind(spec)
         builder = GraphBuilder()
         emitter = Emitter(builder, spec, arch.names, source, recipe)
         emitter.build()

@@ -1,4 +1,7 @@
-"""Per-model-type quantization templates: what is never quantized, and which projections form groups.
+"""Per-model-type quantization templates: what is never quantized.
+
+Which projections form a packed group (q/k/v, gate/up) is decided by the emitter: they pack when
+the recipe stores them alike.
 
 Plain data with glob patterns over ONNX node names and Hugging Face module names. Users may
 register their own; a duplicate name is an error.
@@ -15,10 +18,6 @@ from .recipe import Recipe
 class Template:
     name: str
     keep_float: tuple[str, ...] = ()
-    groups: tuple[tuple[str, tuple[str, ...]], ...] = (
-        ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
-        ("gate_up_proj", ("gate_proj", "up_proj")),
-    )
     doc: str = ""
 
 
