@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 import onnxforge
 from onnxforge.errors import OnnxForgeError
+import tiny  # noqa: E402
 
 CASES = {"safetensors": 300, "gguf": 250, "config": 300}
 CASE_SECONDS = 20
@@ -44,18 +45,7 @@ HIDDEN, HEADS, KV_HEADS, LAYERS, VOCAB, INTER = 32, 2, 1, 1, 64, 64  # head_dim 
 
 
 def llama_tensors(rng: np.random.Generator, vocab: int = VOCAB) -> dict[str, np.ndarray]:
-    hd = HIDDEN // HEADS
-    shapes = {"model.embed_tokens.weight": (vocab, HIDDEN), "model.norm.weight": (HIDDEN,),
-              "lm_head.weight": (vocab, HIDDEN)}
-    for i in range(LAYERS):
-        p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (HIDDEN,), p + "post_attention_layernorm.weight": (HIDDEN,),
-            p + "self_attn.q_proj.weight": (HEADS * hd, HIDDEN), p + "self_attn.k_proj.weight": (KV_HEADS * hd, HIDDEN),
-            p + "self_attn.v_proj.weight": (KV_HEADS * hd, HIDDEN), p + "self_attn.o_proj.weight": (HIDDEN, HEADS * hd),
-            p + "mlp.gate_proj.weight": (INTER, HIDDEN), p + "mlp.up_proj.weight": (INTER, HIDDEN),
-            p + "mlp.down_proj.weight": (HIDDEN, INTER),
-        })
+    shapes = tiny.llama_shapes(hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS, layers=LAYERS, vocab=vocab, inter=INTER)
     return {k: (rng.standard_normal(s) * 0.2).astype(np.float32) for k, s in shapes.items()}
 
 

@@ -31,31 +31,8 @@ BUILD_ARGS = ["-p", "int4"]
 
 def write_llama(folder: Path, *, hidden=512, heads=8, kv_heads=4, layers=4, vocab=8000, inter=1376, seed=0) -> Path:
     """A random ~80 MB Llama checkpoint (numpy + safetensors, no torch): an int4 build takes ~1-2 s."""
-    from safetensors.numpy import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    hd = hidden // heads
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
-              "lm_head.weight": (vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
-            p + "self_attn.q_proj.weight": (heads * hd, hidden), p + "self_attn.k_proj.weight": (kv_heads * hd, hidden),
-            p + "self_attn.v_proj.weight": (kv_heads * hd, hidden), p + "self_attn.o_proj.weight": (hidden, heads * hd),
-            p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
-            p + "mlp.down_proj.weight": (hidden, inter),
-        })
-    save_file({k: (rng.standard_normal(s, dtype=np.float32) * 0.05) for k, s in shapes.items()},
-              str(folder / "model.safetensors"))
-    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=hidden,
-                  num_attention_heads=heads, num_key_value_heads=kv_heads, num_hidden_layers=layers, vocab_size=vocab,
-                  intermediate_size=inter, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
-                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=0)
-    (folder / "config.json").write_text(json.dumps(config))
-    tiny.tokenizer_files(folder)
-    return folder
+    return tiny.write_random_llama(folder, hidden=hidden, heads=heads, kv_heads=kv_heads, layers=layers, vocab=vocab,
+                                   inter=inter, seed=seed, scale=0.05, norm_offset=0.0)
 
 
 def digests(folder: Path) -> dict[str, str]:

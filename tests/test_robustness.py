@@ -26,33 +26,8 @@ SRC = Path(onnxforge.__file__).parent
 def write_llama(folder: Path, *, hidden=64, heads=4, kv_heads=2, layers=2, vocab=tiny.VOCAB, inter=128, seed=0,
                 tokenizer=True) -> Path:
     """A random Llama checkpoint written with numpy + safetensors (and the tiny BPE tokenizer)."""
-    from safetensors.numpy import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    hd = hidden // heads
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
-              "lm_head.weight": (vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
-            p + "self_attn.q_proj.weight": (heads * hd, hidden), p + "self_attn.k_proj.weight": (kv_heads * hd, hidden),
-            p + "self_attn.v_proj.weight": (kv_heads * hd, hidden), p + "self_attn.o_proj.weight": (hidden, heads * hd),
-            p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
-            p + "mlp.down_proj.weight": (hidden, inter),
-        })
-    tensors = {k: (rng.standard_normal(s) * 0.2 + (1.0 if len(s) == 1 else 0.0)).astype(np.float32)
-               for k, s in shapes.items()}
-    save_file(tensors, str(folder / "model.safetensors"))
-    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=hidden,
-                  num_attention_heads=heads, num_key_value_heads=kv_heads, num_hidden_layers=layers, vocab_size=vocab,
-                  intermediate_size=inter, max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=10000.0,
-                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=0, hidden_act="silu")
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    if tokenizer:
-        tiny.tokenizer_files(folder)
-    return folder
+    return tiny.write_random_llama(folder, hidden=hidden, heads=heads, kv_heads=kv_heads, layers=layers, vocab=vocab,
+                                   inter=inter, seed=seed, context=128, tokenizer=tokenizer)
 
 
 @pytest.fixture(scope="module")

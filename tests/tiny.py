@@ -74,3 +74,46 @@ def make_model(family: str, folder: Path, dtype: str = "float32", seed: int = 0,
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tokenizer_files(folder)
     return model
+
+
+def llama_shapes(*, hidden: int, heads: int, kv_heads: int, layers: int, vocab: int, inter: int) -> dict:
+    """Hugging Face tensor names and shapes of an untied Llama."""
+    hd = hidden // heads
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
+              "lm_head.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
+            p + "self_attn.q_proj.weight": (heads * hd, hidden), p + "self_attn.k_proj.weight": (kv_heads * hd, hidden),
+            p + "self_attn.v_proj.weight": (kv_heads * hd, hidden), p + "self_attn.o_proj.weight": (hidden, heads * hd),
+            p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
+            p + "mlp.down_proj.weight": (hidden, inter),
+        })
+    return shapes
+
+
+def llama_config(*, hidden: int, heads: int, kv_heads: int, layers: int, vocab: int, inter: int,
+                 context: int = 2048) -> dict:
+    return dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=hidden,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, num_hidden_layers=layers, vocab_size=vocab,
+                intermediate_size=inter, max_position_embeddings=context, rms_norm_eps=1e-6, rope_theta=10000.0,
+                tie_word_embeddings=False, bos_token_id=1, eos_token_id=0, hidden_act="silu")
+
+
+def write_random_llama(folder: Path, *, hidden=64, heads=4, kv_heads=2, layers=2, vocab=VOCAB, inter=128, seed=0,
+                       scale=0.2, norm_offset=1.0, context=2048, tokenizer=True) -> Path:
+    """A random Llama checkpoint written with numpy + safetensors only (no torch)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    dims = dict(hidden=hidden, heads=heads, kv_heads=kv_heads, layers=layers, vocab=vocab, inter=inter)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    tensors = {k: (rng.standard_normal(s) * scale + (norm_offset if len(s) == 1 else 0.0)).astype(np.float32)
+               for k, s in llama_shapes(**dims).items()}
+    save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(llama_config(**dims, context=context), indent=2))
+    if tokenizer:
+        tokenizer_files(folder)
+    return folder
