@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxforge.quant.pack import from_levels
+from onnxforge.quant.pack import quantize_blockwise
 from onnxforge.quant.rtn import asymmetric_scale_zp, symmetric_scale
 from onnxforge.quant.types import (
     QuantizedWeight,
@@ -34,8 +34,6 @@ from onnxforge.quant.types import (
     keep_better,
     reciprocal,
     round_levels,
-    row_chunks,
-    to_blocks,
 )
 
 HQQ_BITS = (2, 4, 8)
@@ -89,21 +87,13 @@ def _optimise(x: np.ndarray, s: np.ndarray, zp: np.ndarray, bits: int, fit_zero:
 def quantize_hqq(w: np.ndarray, *, bits: int, block_size: int, symmetric: bool) -> QuantizedWeight:
     """HQQ-optimised block quantization of a (N, K) weight; see the module docstring."""
     check_params("hqq", bits, block_size, HQQ_BITS)
-    blocks, k = to_blocks(w, block_size)
-    n, kb, _ = blocks.shape
-    scales = np.empty((n, kb), np.float32)
-    zps = None if symmetric else np.empty((n, kb), np.float32)
-    levels = np.empty(blocks.shape, np.uint8)
-    for rows in row_chunks(n, kb * block_size):
-        x = blocks[rows]
+
+    def fit(x: np.ndarray):
         if symmetric:
             s0 = symmetric_scale(x, bits)
-            zp0 = np.full_like(s0, 1 << (bits - 1))
-        else:
-            s0, zp0 = asymmetric_scale_zp(x, bits)
-        s, zp = _optimise(x, s0, zp0, bits, fit_zero=not symmetric)
-        levels[rows] = round_levels(x, s, zp, bits)
-        scales[rows] = s[..., 0]
-        if zps is not None:
-            zps[rows] = zp[..., 0]
-    return from_levels(levels, scales, zps, bits, block_size, k)
+            s, _ = _optimise(x, s0, np.full_like(s0, 1 << (bits - 1)), bits, fit_zero=False)
+            return s, None
+        s0, zp0 = asymmetric_scale_zp(x, bits)
+        return _optimise(x, s0, zp0, bits, fit_zero=True)
+
+    return quantize_blockwise(w, bits, block_size, symmetric, fit)

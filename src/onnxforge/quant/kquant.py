@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxforge.quant.pack import from_levels
+from onnxforge.quant.pack import quantize_blockwise
 from onnxforge.quant.rtn import asymmetric_scale_zp, signed_absmax
 from onnxforge.quant.types import (
     QuantizedWeight,
@@ -25,8 +25,6 @@ from onnxforge.quant.types import (
     keep_better,
     reciprocal,
     round_levels,
-    row_chunks,
-    to_blocks,
 )
 
 KQUANT_BITS = (2, 4, 8)
@@ -112,17 +110,5 @@ def _asymmetric(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
 def quantize_kquant(w: np.ndarray, *, bits: int, block_size: int, symmetric: bool) -> QuantizedWeight:
     """k-quant style search of per-block scale (and integer zero point); see module docstring."""
     check_params("k_quant", bits, block_size, KQUANT_BITS)
-    blocks, k = to_blocks(w, block_size)
-    n, kb, _ = blocks.shape
-    scales = np.empty((n, kb), np.float32)
-    zps = None if symmetric else np.empty((n, kb), np.float32)
-    levels = np.empty(blocks.shape, np.uint8)
-    for rows in row_chunks(n, kb * block_size):
-        x = blocks[rows]
-        s, zp = _symmetric(x, bits) if symmetric else _asymmetric(x, bits)
-        zp_eff = np.float32(1 << (bits - 1)) if zp is None else zp
-        levels[rows] = round_levels(x, s, zp_eff, bits)
-        scales[rows] = s[..., 0]
-        if zps is not None:
-            zps[rows] = zp[..., 0]
-    return from_levels(levels, scales, zps, bits, block_size, k)
+    return quantize_blockwise(w, bits, block_size, symmetric,
+                              lambda x: _symmetric(x, bits) if symmetric else _asymmetric(x, bits))

@@ -110,3 +110,23 @@ def to_gather_block_quantized(q: QuantizedWeight, *, shared: bool = True
                           "(K * bits must be a multiple of 8); keep this embedding unquantized")
     data = q.data.reshape(q.N, q.k_blocks * blob)[:, : q.K * q.bits // 8]
     return np.ascontiguousarray(data), q.scales, q.zero_points
+
+
+def quantize_blockwise(w: np.ndarray, bits: int, block_size: int, symmetric: bool, fit) -> QuantizedWeight:
+    """Shared driver of the searching methods: `fit(blocks)` returns per-block (scale, zero point or None),
+    each `(..., 1)`; blocks are processed a slice of rows at a time to bound temporaries."""
+    from onnxforge.quant.types import round_levels, row_chunks, to_blocks
+
+    blocks, k = to_blocks(w, block_size)
+    n, kb, _ = blocks.shape
+    scales = np.empty((n, kb), np.float32)
+    zps = None if symmetric else np.empty((n, kb), np.float32)
+    levels = np.empty(blocks.shape, np.uint8)
+    for rows in row_chunks(n, kb * block_size):
+        x = blocks[rows]
+        s, zp = fit(x)
+        levels[rows] = round_levels(x, s, np.float32(1 << (bits - 1)) if zp is None else zp, bits)
+        scales[rows] = s[..., 0]
+        if zps is not None:
+            zps[rows] = zp[..., 0]
+    return from_levels(levels, scales, zps, bits, block_size, k)
