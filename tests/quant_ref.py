@@ -22,7 +22,6 @@ def dequantized_reference(folder, out_dir):
     """
     import onnx
     import torch
-    import transformers
 
     from onnxforge.quant.methods import dequantize, quantize
 
