@@ -114,6 +114,18 @@ def build_anchor(hf_dir: Path, out: Path, precision: str = "int4") -> tuple[Path
     return out, ""
 
 
+def anchor_for(model: Path, out: Path, precision: str = "int4") -> tuple[Path | None, str]:
+    """The anchor's build of `model` (a .gguf is converted to an HF folder first)."""
+    ok, why = anchor_available()
+    if not ok:
+        return None, why
+    try:
+        hf_dir = hf_folder_for(model)
+    except Exception as e:  # noqa: BLE001 - e.g. transformers needs accelerate for GGUF
+        return None, f"cannot make an HF folder from {model.name} for the anchor: {e}"
+    return build_anchor(hf_dir, out, precision)
+
+
 def model_bytes(folder: Path) -> int:
     """Bytes of the ONNX graph and its weights (tokenizer and configs excluded)."""
     cfg = json.loads((folder / "genai_config.json").read_text())

@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     if args.smoke or args.no_anchor:
         note = "anchor skipped (" + ("--smoke" if args.smoke else "--no-anchor") + ")"
     else:
-        anchor, why = common.build_anchor(common.hf_folder_for(model), work / "anchor-int4", "int4")
+        anchor, why = common.anchor_for(model, work / "anchor-int4", "int4")
         if anchor is None:
             note = f"anchor skipped: {why}"
         else:

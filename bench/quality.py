@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     if args.smoke or args.no_anchor or (only and "anchor int4" not in only):
         note.append("anchor skipped")
     else:
-        anchor, why = common.build_anchor(common.hf_folder_for(model), work / "anchor-int4", "int4")
+        anchor, why = common.anchor_for(model, work / "anchor-int4", "int4")
         if anchor is None:
             note.append(f"anchor skipped: {why}")
         else:
