@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 WORK = HERE / "_work"
 BIG = dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, vocab_size=32000,
            num_attention_heads=32, num_key_value_heads=4)
@@ -123,6 +124,7 @@ def main() -> int:
     ap.add_argument("--anchor", action="store_true", help="also run the onnxruntime-genai builder")
     ap.add_argument("--builds", default=",".join(ANCHOR), help=f"comma list of {', '.join(ANCHOR)}")
     ap.add_argument("--work", default=str(WORK))
+    ap.add_argument("--write-results", action="store_true", help="also update bench/RESULTS.md")
     args = ap.parse_args()
     work = Path(args.work)
     ckpt = make_checkpoint(work / ("llama-smoke" if args.smoke else "llama-1b"), SMOKE if args.smoke else BIG)
@@ -137,7 +139,19 @@ def main() -> int:
         rows.append(row)
         shutil.rmtree(work / f"out-ours-{os.getpid()}", ignore_errors=True)
         shutil.rmtree(work / f"out-anchor-{os.getpid()}", ignore_errors=True)
-    print_table(rows, "smoke" if args.smoke else "random Llama ~1.1B (hidden 2048, 16 layers, vocab 32000)")
+    title = "smoke" if args.smoke else "random Llama ~1.1B (hidden 2048, 16 layers, vocab 32000)"
+    print_table(rows, title)
+    if args.write_results:
+        import contextlib
+        import io
+
+        import common
+
+        text = io.StringIO()
+        with contextlib.redirect_stdout(text):
+            print_table(rows, title)
+        body = "\n".join(common.header_lines() + ["", "```", text.getvalue().rstrip(), "```"])
+        common.write_section("Build time and peak memory by int4 method (bench/build_memory.py)", body)
     if args.anchor and not anchor_available():
         print("anchor: onnxruntime-genai builder not available (needs onnxruntime-genai, torch, transformers)")
     return 0 if all(r["ours_ok"] for r in rows) else 1
