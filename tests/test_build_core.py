@@ -108,3 +108,22 @@ def test_packed_and_unpacked_qkv_agree(tiny_models, tmp_path):
     prompt, decode = prompt_and_decode()
     ref = reference_logits(model, prompt + decode)
     assert np.abs(onnx_step_logits(tmp_path / "unpacked", prompt, decode) - ref).max() < 1e-4
+
+
+@pytest.mark.parametrize("provider", ["cuda", "dml", "webgpu"])
+def test_gpu_providers_change_dtypes_and_config(tiny_models, tmp_path, provider):
+    """GPU builds cannot run here: check the graph. int4 on a GPU computes in fp16 (activations, KV
+    cache, MatMulNBits scales), keeps accuracy_level 0, and genai_config names the provider."""
+    folder, _ = tiny_models("qwen3")
+    out = tmp_path / "out"
+    onnxforge.build(folder, out, "int4", provider)
+    g = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    f16 = onnx.TensorProto.FLOAT16
+    assert all(o.type.tensor_type.elem_type == f16 for o in g.output)
+    assert all(i.type.tensor_type.elem_type == f16 for i in g.input if i.name.startswith("past"))
+    scales = [t for t in g.initializer if t.name.endswith("weight_scales")]
+    assert scales and all(t.data_type == f16 for t in scales)
+    nbits = [n for n in g.node if n.op_type == "MatMulNBits"]
+    assert nbits and all({a.name: a.i for a in n.attribute}["accuracy_level"] == 0 for n in nbits)
+    cfg = json.loads((out / "genai_config.json").read_text())
+    assert cfg["model"]["decoder"]["session_options"]["provider_options"] == [{provider: {}}]
