@@ -101,11 +101,12 @@ def ours(ckpt: Path, out: Path, label: str) -> list[str]:
 
 
 def anchor(ckpt: Path, out: Path, label: str) -> list[str]:
+    """The anchor's command; 0.18 silently ignores the legacy `int4_algo_config` spelling, so use `algo_config`."""
     precision, method = ANCHOR[label]
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(ckpt), "-o", str(out), "-p",
            precision, "-e", "cpu", "-c", str(WORK / "hf_cache")]
     if method:
-        cmd += ["--extra_options", f"int4_algo_config={method}"]
+        cmd += ["--extra_options", f"algo_config={method}"]
     return cmd
 
 
