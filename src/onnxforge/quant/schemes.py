@@ -5,33 +5,28 @@ from dataclasses import replace
 
 from ..errors import RecipeError
 from .recipe import Recipe
+from .registry import Registry
 from .storage import Storage
 
-_SCHEMES: dict[str, tuple[Storage, str]] = {}
+_SCHEMES: Registry[tuple[Storage, str]] = Registry("scheme")
 
 
 def register_scheme(name: str, storage: Storage, doc: str = "") -> None:
-    if name in _SCHEMES:
-        raise RecipeError(f"scheme {name!r} is already registered; unregister it first")
     if not storage.quantized:
         raise RecipeError(f"scheme {name!r} must quantize (bits 2, 4 or 8)")
-    _SCHEMES[name] = (storage, doc)
+    _SCHEMES.register(name, (storage, doc))
 
 
 def unregister_scheme(name: str) -> None:
-    if name not in _SCHEMES:
-        raise RecipeError(f"scheme {name!r} is not registered")
-    del _SCHEMES[name]
+    _SCHEMES.unregister(name)
 
 
 def get_scheme(name: str) -> Storage:
-    if name not in _SCHEMES:
-        raise RecipeError(f"unknown scheme {name!r}; registered: {', '.join(sorted(_SCHEMES))}")
-    return _SCHEMES[name][0]
+    return _SCHEMES.get(name)[0]
 
 
 def schemes() -> dict[str, tuple[Storage, str]]:
-    return dict(_SCHEMES)
+    return _SCHEMES.all()
 
 
 def apply_scheme(recipe: Recipe, name: str) -> Recipe:

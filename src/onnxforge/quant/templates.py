@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ..errors import RecipeError
 from .recipe import Recipe
+from .registry import Registry
 
 
 @dataclass(frozen=True)
@@ -21,33 +21,27 @@ class Template:
     doc: str = ""
 
 
-_TEMPLATES: dict[str, Template] = {}
+_TEMPLATES: Registry[Template] = Registry("template")
 
 
 def register_template(t: Template) -> None:
-    if t.name in _TEMPLATES:
-        raise RecipeError(f"template {t.name!r} is already registered; unregister it first")
-    _TEMPLATES[t.name] = t
+    _TEMPLATES.register(t.name, t)
 
 
 def unregister_template(name: str) -> None:
-    if name not in _TEMPLATES:
-        raise RecipeError(f"template {name!r} is not registered")
-    del _TEMPLATES[name]
+    _TEMPLATES.unregister(name)
 
 
 def get_template(name: str) -> Template:
-    if name not in _TEMPLATES:
-        raise RecipeError(f"unknown template {name!r}; registered: {', '.join(sorted(_TEMPLATES))}")
-    return _TEMPLATES[name]
+    return _TEMPLATES.get(name)
 
 
 def templates() -> dict[str, Template]:
-    return dict(_TEMPLATES)
+    return _TEMPLATES.all()
 
 
 def template_for(model_type: str) -> Template:
-    return _TEMPLATES.get(model_type, _TEMPLATES["default"])
+    return templates().get(model_type) or get_template("default")
 
 
 def apply_template(recipe: Recipe, name: str) -> Recipe:
