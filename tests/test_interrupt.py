@@ -132,7 +132,11 @@ def test_killed_build_leaves_no_broken_output(reference, tmp_path, capsys, scena
     extra = ("--overwrite",) if scenario == "overwrite" else ()
     states, running_kills, mid_write = [], 0, 0
     points = kill_points(seconds, seed)
-    for after in points:
+    rng = np.random.default_rng(seed + 100)
+    tried = []
+    while points:
+        after = points.pop(0)
+        tried.append(after)
         if scenario == "fresh":
             shutil.rmtree(target, ignore_errors=True)
         elif not target.exists():
@@ -144,10 +148,13 @@ def test_killed_build_leaves_no_broken_output(reference, tmp_path, capsys, scena
         if scenario == "overwrite" and state == "absent":  # only possible between the two renames
             assert list(target.parent.glob(f".{target.name}.old-*")), "the previous build vanished"
         states.append(state)
-    assert running_kills >= 3, f"only {running_kills} of {KILLS} kills hit a running build (reference {seconds:.2f} s)"
+        # the machine's speed varies: add kill points late in the build until one lands mid-write
+        if not points and (mid_write < 1 or running_kills < 3) and len(states) < KILLS + 10:
+            points.append(seconds * rng.uniform(0.3, 0.95))
+    assert running_kills >= 3, f"only {running_kills} of {len(tried)} kills hit a running build (reference {seconds:.2f} s)"
     assert mid_write >= 1, "no kill landed while the weights were being written"
     if scenario == "overwrite":
-        assert states.count("complete") + states.count("absent") == KILLS
+        assert states.count("complete") + states.count("absent") == len(states)
 
     # the next build into the same target succeeds and removes the stale folders of killed builds
     stale_before = sorted(p.name for p in target.parent.glob(f".{target.name}.*"))
@@ -156,7 +163,7 @@ def test_killed_build_leaves_no_broken_output(reference, tmp_path, capsys, scena
     assert digests(target) == ref_digests
     assert sorted(p.name for p in target.parent.iterdir()) == [target.name], "stale folders were not cleaned up"
     with capsys.disabled():
-        print(f"\ninterrupt {scenario}: {KILLS} SIGKILLs at {', '.join(f'{t:.2f}' for t in points)} s "
+        print(f"\ninterrupt {scenario}: {len(tried)} SIGKILLs at {', '.join(f'{t:.2f}' for t in tried)} s "
               f"(reference build {seconds:.2f} s; {running_kills} hit a running build, {mid_write} while it "
               f"wrote its partial folder): target "
               f"{states.count('absent')}x absent, {states.count('complete')}x complete; "
