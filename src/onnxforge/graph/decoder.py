@@ -294,7 +294,4 @@ class Emitter:
                              bits=st.bits, block_size=st.block_size, accuracy_level=st.accuracy_level)
         if self.shared:
             return self.b.op("FusedMatMul", [x, self.table], "/lm_head/MatMul", domain=MS, transB=1, alpha=1.0)
-        name = self._lm_head_weight_name()
-        if name == self.names.lm_head:
-            return self.matmul(x, "/lm_head", ["lm_head"], [V], H, st)
-        return self.matmul(x, "/lm_head", [name.removesuffix(".weight")], [V], H, st)
+        return self.matmul(x, "/lm_head", [self._lm_head_weight_name().removesuffix(".weight")], [V], H, st)

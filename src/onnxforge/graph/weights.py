@@ -12,12 +12,6 @@ from ..sources.base import Source
 from .builder import TensorSlot, WeightJob
 
 
-def read_rows(source: Source, names: Sequence[str]) -> np.ndarray:
-    """Read (N_i, K) matrices and stack them along N, as float32."""
-    parts = [np.asarray(source.read(n), dtype=np.float32) for n in names]
-    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
-
-
 def k_blocks(K: int, block_size: int) -> int:
     return -(-K // block_size)
 

@@ -43,6 +43,3 @@ class Storage:
         sym = "sym" if self.symmetric else "asym"
         return f"int{self.bits} {self.method} {sym} block {self.block_size}"
 
-
-def float_storage(dtype: str) -> Storage:
-    return Storage(dtype=dtype)
