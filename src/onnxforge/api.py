@@ -48,7 +48,7 @@ def build(
         _check_runtime_limits(spec, recipe)
         recipe = apply_template(recipe, template_for(arch.model_type).name).bind(spec)
         builder = GraphBuilder()
-        emitter = Emitter(builder, spec, arch.names, source, recipe)
+        emitter = Emitter(builder, spec, arch.resolver(source), source, recipe)
         emitter.build()
         report = BuildReport(
             output=str(Path(output)),

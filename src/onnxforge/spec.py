@@ -42,10 +42,10 @@ class AttentionSpec:
     head_dim: int
     qkv_bias: bool = False
     o_bias: bool = False
-    qk_norm: bool = False
+    qk_norm: str = ""  # "" none, "head": RMS norm per head (Qwen3, Gemma 3), "full": over the projection (OLMo 2)
     scale: float | None = None
     softcap: float = 0.0
-    layer_windows: tuple[int, ...] = ()  # per layer: sliding window (0 = full attention)
+    clip_qkv: float = 0.0  # OLMo: q, k, v clamped to +-clip_qkv
 
     @property
     def q_size(self) -> int:
@@ -56,10 +56,16 @@ class AttentionSpec:
         return self.num_kv_heads * self.head_dim
 
 
+NORM_KINDS = ("rms", "layer")
+
+
 @dataclass(frozen=True)
 class NormSpec:
     eps: float
-    weight_offset: float = 0.0  # Gemma stores (weight - 1)
+    kind: str = "rms"  # "rms" (SimplifiedLayerNormalization) or "layer" (LayerNormalization)
+    weight_offset: float = 0.0  # Gemma stores (weight - 1), Nemotron's LayerNorm1p too
+    bias: bool = False  # LayerNorm with a bias (Phi-2, Nemotron)
+    weight: bool = True  # False: non-parametric (OLMo)
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,18 @@ class MLPSpec:
     intermediate_size: int
     activation: str = "silu"
     bias: bool = False
+    gated: bool = True  # act(gate) * up -> down; False: act(up) -> down (Phi-2 fc1/fc2, Nemotron)
+
+
+BLOCKS = ("pre", "sandwich", "post", "parallel")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What differs between layers: the attention window and which rotary table (None: no rotary)."""
+
+    window: int = 0  # sliding window, 0 = full attention
+    rope: str | None = "full_attention"
 
 
 @dataclass(frozen=True)
@@ -78,19 +96,35 @@ class ModelSpec:
     vocab_size: int
     context_length: int
     attention: AttentionSpec
-    rope: RopeSpec
+    ropes: tuple[tuple[str, RopeSpec], ...]  # layer type -> rotary settings; "full_attention" always present
     norm: NormSpec
     mlp: MLPSpec
+    layers: tuple[LayerSpec, ...]
+    block: str = "pre"  # how a layer wires its parts; see graph/blocks.py
     tie_embeddings: bool = False
-    embedding_scale: float = 1.0
+    embedding_scale: float = 1.0  # Gemma sqrt(hidden), Granite embedding_multiplier
+    residual_scale: float = 1.0  # Granite residual_multiplier: branch outputs are scaled before the residual add
+    logit_scale: float = 1.0  # Granite logits_scaling: logits are divided by it
+    final_softcap: float = 0.0  # Gemma 2: logits = tanh(logits / cap) * cap
+    lm_head_bias: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
-    extras: tuple[tuple[str, object], ...] = field(default=())
+
+    @property
+    def rope(self) -> RopeSpec:
+        return dict(self.ropes)["full_attention"]
+
+    def rope_for(self, key: str) -> RopeSpec:
+        return dict(self.ropes)[key]
 
     @property
     def sliding_window(self) -> int:
-        return max(self.attention.layer_windows, default=0)
+        return max((layer.window for layer in self.layers), default=0)
+
+    @property
+    def layer_windows(self) -> tuple[int, ...]:
+        return tuple(layer.window for layer in self.layers)
 
 
 def _get(cfg: dict, key: str, default=None, *, required: bool = False):
@@ -132,13 +166,40 @@ def _finite(cfg: dict, key: str, default: float, *, positive: bool = True) -> fl
     return float(value)
 
 
-def rope_from_config(cfg: dict, head_dim: int, context_length: int | None = None) -> RopeSpec:
-    """Read rope settings from either the 4.x or the 5.x spelling."""
+def ropes_from_config(cfg: dict, head_dim: int, context_length: int | None = None) -> tuple[tuple[str, RopeSpec], ...]:
+    """Rotary settings per layer type, from the 5.x per-type `rope_parameters` or the 4.x keys.
+
+    4.x Gemma 3 spells the local layers' base as `rope_local_base_freq` (default rope there).
+    """
     params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     if not isinstance(params, dict):
         raise ConfigError(f"config.json: rope_scaling/rope_parameters must be an object, got {params!r}")
+    per_type = {k: v for k, v in params.items() if k in LAYER_TYPES}
+    if per_type:
+        bad = [k for k, v in per_type.items() if not isinstance(v, dict)]
+        if bad:
+            raise ConfigError(f"config.json: rope_parameters[{bad[0]!r}] must be an object")
+        if "full_attention" not in per_type:
+            per_type["full_attention"] = next(iter(per_type.values()))
+        return tuple((k, rope_from_config(cfg, head_dim, context_length, v)) for k, v in sorted(per_type.items()))
+    ropes = [("full_attention", rope_from_config(cfg, head_dim, context_length))]
+    local = cfg.get("rope_local_base_freq")
+    if local is not None:
+        ropes.append(("sliding_attention", rope_from_config(cfg, head_dim, context_length,
+                                                            {"rope_type": "default", "rope_theta": local})))
+    return tuple(ropes)
+
+
+def rope_from_config(cfg: dict, head_dim: int, context_length: int | None = None, params: dict | None = None) -> RopeSpec:
+    """Read rope settings from either the 4.x or the 5.x spelling (or from `params`, one layer type's)."""
+    if params is None:
+        params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"config.json: rope_scaling/rope_parameters must be an object, got {params!r}")
     if "full_attention" in params and isinstance(params["full_attention"], dict):
-        params = params["full_attention"]  # per-layer-type rope; full attention is the reference
+        params = params["full_attention"]
+    if "original_max_position_embeddings" not in params and cfg.get("original_max_position_embeddings") is not None:
+        params = {**params, "original_max_position_embeddings": cfg["original_max_position_embeddings"]}  # Phi-3 4.x
     kind = params.get("rope_type", params.get("type", "default")) or "default"
     if kind not in ROPE_TYPES:
         raise ConfigError(f"config.json: unknown rope type {kind!r}; supported: {', '.join(ROPE_TYPES)}")
@@ -173,7 +234,9 @@ def rope_from_config(cfg: dict, head_dim: int, context_length: int | None = None
     # lists of numbers are kept (short/long factors, mrope sections); other values of unknown keys are unused
     lists = {k: v for k, v in params.items() if isinstance(v, list) and all(_number(x) for x in v)}
     extra = tuple((k, tuple(float(x) for x in v)) for k, v in sorted(lists.items()))
-    rope = RopeSpec(theta=theta, rotary_dim=rotary_dim, kind=kind, factor=factor, params=numeric + extra)  # type: ignore[arg-type]
+    interleaved = bool(cfg.get("rope_interleaved", False))
+    rope = RopeSpec(theta=theta, rotary_dim=rotary_dim, kind=kind, factor=factor, params=numeric + extra,  # type: ignore[arg-type]
+                    interleaved=interleaved)
     _check_rope_params(rope, context_length)
     return rope
 
@@ -221,8 +284,8 @@ def _check_rope_params(rope: RopeSpec, context_length: int | None) -> None:
                 raise bad(f"{key} must list {half} positive numbers (rotary_dim / 2), got {value!r}")
 
 
-def layer_windows(cfg: dict, num_layers: int) -> tuple[int, ...]:
-    """Sliding window per layer (0 = full), from `layer_types` or a global `sliding_window`."""
+def layer_types(cfg: dict, num_layers: int) -> tuple[tuple[str, ...], int]:
+    """Each layer's type and the sliding window, from `layer_types` or a global `sliding_window`."""
     window = cfg.get("sliding_window")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 0):
         raise ConfigError(f"config.json: sliding_window must be a non-negative integer or null, got {window!r}")
@@ -235,10 +298,26 @@ def layer_windows(cfg: dict, num_layers: int) -> tuple[int, ...]:
         unknown = sorted({repr(t) for t in types if t not in LAYER_TYPES})
         if unknown:
             raise ConfigError(f"config.json: layer_types has {', '.join(unknown)}; supported: {', '.join(LAYER_TYPES)}")
-        return tuple((window or 0) if t == "sliding_attention" else 0 for t in types)
-    if cfg.get("use_sliding_window") is False:
-        return (0,) * num_layers
-    return ((window or 0),) * num_layers
+        return tuple(types), window or 0
+    if cfg.get("use_sliding_window") is False or not window:
+        return ("full_attention",) * num_layers, 0
+    return ("sliding_attention",) * num_layers, window
+
+
+def layer_specs(cfg: dict, num_layers: int, ropes: tuple[tuple[str, RopeSpec], ...]) -> tuple[LayerSpec, ...]:
+    """Per layer: the window of sliding layers and the rotary table of its type (None where
+    SmolLM3's `no_rope_layers` says 0)."""
+    types, window = layer_types(cfg, num_layers)
+    keys = {k for k, _ in ropes}
+    use_rope = cfg.get("no_rope_layers")
+    if use_rope is not None and (not isinstance(use_rope, list) or len(use_rope) != num_layers
+                                 or any(v not in (0, 1) or isinstance(v, float) for v in use_rope)):
+        raise ConfigError(f"config.json: no_rope_layers must list {num_layers} values of 0 or 1")
+    return tuple(
+        LayerSpec(window=window if t == "sliding_attention" else 0,
+                  rope=(t if t in keys else "full_attention") if use_rope is None or use_rope[i] else None)
+        for i, t in enumerate(types)
+    )
 
 
 def base_spec(cfg: dict, **overrides) -> ModelSpec:
@@ -258,16 +337,10 @@ def base_spec(cfg: dict, **overrides) -> ModelSpec:
         head_dim = hidden // heads
     head_dim = _positive_int({"head_dim": head_dim}, "head_dim")
     bias = _flag(cfg, "attention_bias")
-    attention = AttentionSpec(
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
-        qkv_bias=bias,
-        o_bias=bias,
-        layer_windows=layer_windows(cfg, layers),
-    )
-    act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
+    attention = AttentionSpec(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, qkv_bias=bias, o_bias=bias)
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
     context = _positive_int(cfg, "max_position_embeddings", 4096, limit=MAX_CONTEXT)
+    ropes = ropes_from_config(cfg, head_dim, context)
     spec = ModelSpec(
         architecture=cfg["architectures"][0],
         model_type=str(cfg.get("model_type", "llama")),
@@ -276,8 +349,9 @@ def base_spec(cfg: dict, **overrides) -> ModelSpec:
         vocab_size=vocab,
         context_length=context,
         attention=attention,
-        rope=rope_from_config(cfg, head_dim, context),
-        norm=NormSpec(eps=_finite(cfg, "rms_norm_eps", 1e-6)),
+        ropes=ropes,
+        layers=layer_specs(cfg, layers, ropes),
+        norm=NormSpec(eps=_finite(cfg, "rms_norm_eps", _finite(cfg, "layer_norm_eps", 1e-6))),
         mlp=MLPSpec(intermediate_size=inter, activation=str(act), bias=_flag(cfg, "mlp_bias")),
         tie_embeddings=_flag(cfg, "tie_word_embeddings"),
         bos_token_id=_token(cfg, "bos_token_id"),

@@ -1,39 +1,52 @@
-"""Architectures register here by their Hugging Face `architectures` name."""
+"""Architectures register here by their Hugging Face `architectures` name.
+
+A family is data: spec changes that hold for every checkpoint of it, config defaults transformers
+assumes when a key is missing, pinned tensor spellings (archs/names.py), what it leaves unread on
+purpose, and at most a hook that derives more spec changes from config.json.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 from ..errors import ConfigError, UnsupportedArchitectureError
-from ..spec import ModelSpec
+from ..spec import ModelSpec, base_spec, replace
+from .names import Names
 
-
-@dataclass(frozen=True)
-class TensorNames:
-    """Hugging Face tensor names of one family; `{i}` is the layer index."""
-
-    embed: str = "model.embed_tokens.weight"
-    final_norm: str = "model.norm.weight"
-    lm_head: str = "lm_head.weight"
-    input_norm: str = "model.layers.{i}.input_layernorm.weight"
-    post_attn_norm: str = "model.layers.{i}.post_attention_layernorm.weight"
-    q: str = "model.layers.{i}.self_attn.q_proj"
-    k: str = "model.layers.{i}.self_attn.k_proj"
-    v: str = "model.layers.{i}.self_attn.v_proj"
-    o: str = "model.layers.{i}.self_attn.o_proj"
-    q_norm: str = "model.layers.{i}.self_attn.q_norm.weight"
-    k_norm: str = "model.layers.{i}.self_attn.k_norm.weight"
-    gate: str = "model.layers.{i}.mlp.gate_proj"
-    up: str = "model.layers.{i}.mlp.up_proj"
-    down: str = "model.layers.{i}.mlp.down_proj"
+FAMILY_MODULES = ("llama", "phi", "gemma", "olmo", "others")
 
 
 @dataclass(frozen=True)
 class Architecture:
     name: str  # HF architectures[0]
     model_type: str  # genai_config model.type
-    make_spec: Callable[[dict], ModelSpec]
-    names: TensorNames = field(default_factory=TensorNames)
+    spec: Mapping[str, Any] = field(default_factory=dict)  # spec changes, dotted paths: {"norm.kind": "layer"}
+    hook: Callable[[dict], Mapping[str, Any]] | None = None  # config -> more spec changes
+    config_defaults: Mapping[str, Any] = field(default_factory=dict)  # transformers' defaults for missing keys
+    names: Mapping[str, str] = field(default_factory=dict)  # role -> pinned HF spelling
+    rewrites: tuple[tuple[str, str], ...] = ()  # module prefix rewrites, e.g. ("model.", "model.language_model.")
+    ignored: tuple[str, ...] = ()  # globs of checkpoint tensors the build leaves unread on purpose
+    text_config: bool = False  # a multimodal wrapper: the decoder's config is under "text_config"
+    gguf: str | None = None  # llama.cpp's general.architecture for this family, where it converts it
+    doc: str = ""
+
+    def config(self, cfg: dict) -> dict:
+        """config.json as the decoder sees it: the text config of a wrapper, transformers' defaults filled in."""
+        if self.text_config:
+            text = cfg.get("text_config")
+            if not isinstance(text, dict):
+                raise ConfigError(f"config.json of {self.name} has no text_config object")
+            cfg = {**{k: v for k, v in cfg.items() if k != "text_config"}, **text,
+                   "architectures": cfg["architectures"]}
+        return {**self.config_defaults, **{k: v for k, v in cfg.items() if v is not None}}
+
+    def make_spec(self, cfg: dict) -> ModelSpec:
+        cfg = self.config(cfg)
+        changes = {**self.spec, **(self.hook(cfg) if self.hook else {})}
+        return replace(base_spec(cfg), **changes)
+
+    def resolver(self, source) -> Names:
+        return Names(source, self.names, self.rewrites)
 
 
 REGISTRY: dict[str, Architecture] = {}
@@ -46,20 +59,26 @@ def register(arch: Architecture) -> Architecture:
     return arch
 
 
+def load_families() -> dict[str, Architecture]:
+    import importlib
+
+    for module in FAMILY_MODULES:
+        importlib.import_module(f"{__package__}.{module}")
+    return REGISTRY
+
+
 def supported() -> list[str]:
-    return sorted(REGISTRY)
+    return sorted(load_families())
 
 
 def architecture_for(config: dict) -> Architecture:
-    from . import families  # noqa: F401  (registers the built-in families)
-
     archs = config.get("architectures")
     if not isinstance(archs, list) or not archs or not isinstance(archs[0], str):
         raise ConfigError("config.json has no 'architectures' list; it does not describe a transformers model")
-    arch = REGISTRY.get(archs[0])
+    arch = load_families().get(archs[0])
     if arch is None:
         raise UnsupportedArchitectureError(
-            f"architecture {archs[0]!r} is not supported. Supported: {', '.join(supported())}. "
-            "Open an issue with the model's config.json to ask for it."
+            f"architecture {archs[0]!r} is not supported. Supported: {', '.join(supported())} "
+            "(`onnxforge archs` lists what each supports). Open an issue with the model's config.json to ask for it."
         )
     return arch

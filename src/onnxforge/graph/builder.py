@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
@@ -17,6 +18,7 @@ MS = "com.microsoft"
 NP_TO_IR = {
     np.dtype(np.float32): ir.DataType.FLOAT,
     np.dtype(np.float16): ir.DataType.FLOAT16,
+    np.dtype(ml_dtypes.bfloat16): ir.DataType.BFLOAT16,
     np.dtype(np.uint8): ir.DataType.UINT8,
     np.dtype(np.int64): ir.DataType.INT64,
     np.dtype(np.int32): ir.DataType.INT32,
@@ -88,6 +90,21 @@ class GraphBuilder:
         node = ir.node(op_type, list(inputs), attributes=attrs, domain=domain, name=node_name, outputs=outs)
         self.nodes.append(node)
         return outs[0] if n_out == 1 else tuple(outs)
+
+    def if_op(self, cond: ir.Value, then: Sequence[ir.Value], other: Sequence[ir.Value], name: str) -> tuple[ir.Value, ...]:
+        """`If(cond)` choosing between two tuples of outer-scope values (no copy of either is made here)."""
+
+        def branch(values: Sequence[ir.Value], which: str) -> ir.Graph:
+            outs = [ir.Value(name=f"{name}/{which}/output_{k}", type=v.type, shape=v.shape) for k, v in enumerate(values)]
+            nodes = [ir.node("Identity", [v], name=f"{name}/{which}/Identity_{k}", outputs=[o])
+                     for k, (v, o) in enumerate(zip(values, outs))]
+            return ir.Graph([], outs, nodes=nodes, name=f"{name.strip('/').replace('/', '_')}_{which}")
+
+        outs = [ir.Value(name=f"{name}/output_{k}", type=v.type, shape=v.shape) for k, v in enumerate(then)]
+        node = ir.node("If", [cond], attributes={"then_branch": branch(then, "then"), "else_branch": branch(other, "else")},
+                       name=name, outputs=outs)
+        self.nodes.append(node)
+        return tuple(outs)
 
     def weights(self, job: WeightJob) -> tuple[ir.Value, ...]:
         """Register a job and return one initializer value per slot."""

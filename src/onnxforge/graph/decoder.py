@@ -1,28 +1,31 @@
 """Emit a decoder-only transformer for onnxruntime-genai from a ModelSpec.
 
-Graph (names follow the onnxruntime-genai builder so its exclusion lists keep working):
-  input_ids -> /model/embed_tokens/Gather
-  per layer i: /model/layers.{i}/input_layernorm (Skip)SimplifiedLayerNorm
-               /model/layers.{i}/attn/qkv_proj MatMul(NBits) [+ bias] -> GroupQueryAttention (rotary inside)
-               /model/layers.{i}/attn/o_proj -> post_attention_layernorm SkipSimplifiedLayerNorm
-               /model/layers.{i}/mlp/gate_up_proj -> Split -> SiLU * up -> /model/layers.{i}/mlp/down_proj
-  /model/norm -> /lm_head -> logits
+The emitter owns the model-level pieces (inputs, rotary tables, embedding, final norm, lm_head) and
+the weight helpers the parts use; each layer is wired by the block shape the spec names
+(graph/blocks.py) from the parts in graph/parts.py. Nothing here asks which family it builds.
+
+Node names follow the onnxruntime-genai builder so its exclusion lists keep working:
+  /model/embed_tokens/Gather, /model/layers.{i}/input_layernorm/SkipLayerNorm,
+  /model/layers.{i}/attn/qkv_proj/MatMul, /model/layers.{i}/attn/GroupQueryAttention,
+  /model/layers.{i}/mlp/gate_up_proj/MatMul, /model/norm, /lm_head/MatMul
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
-from ..archs.registry import TensorNames
-from ..errors import CheckpointError, RecipeError
+from ..archs.names import Names, Part
+from ..errors import CheckpointError
 from ..quant.storage import Storage
 from ..sources.base import Source
 from ..spec import ModelSpec
 from . import weights as W
+from .blocks import BLOCKS
 from .builder import MS, GraphBuilder, TensorSlot, WeightJob
+from .parts import AttnInputs, Stream, norm
 from .rope import cos_sin_cache
 
 
@@ -41,69 +44,77 @@ class Plan(Protocol):
 class Emitter:
     b: GraphBuilder
     spec: ModelSpec
-    names: TensorNames
+    names: Names
     source: Source
     plan: Plan
+    past: list[tuple[ir.Value, ir.Value]] = field(default_factory=list)
 
-    # -- helpers ---------------------------------------------------------------------------
+    # -- weight helpers ----------------------------------------------------------------------
     @property
     def io(self) -> Storage:
         return self.plan.io
 
-    def expect(self, name: str, shape: tuple[int, ...]) -> None:
+    def scalar(self, value: float) -> ir.Value:
+        return self.b.const(np.asarray(value, dtype=np.float32).astype(self.io.np_dtype))
+
+    def ones(self, size: int) -> ir.Value:
+        return self.b.const(np.ones(size, dtype=self.io.np_dtype))
+
+    def expect(self, name: str, shape: tuple[int, ...], rows: tuple[int, int] | None = None) -> None:
         got = tuple(self.source.shape(name))
+        if rows is not None and got and got[0] >= rows[1]:
+            got = (rows[1] - rows[0], *got[1:])
         if got != shape:
             raise CheckpointError(f"tensor {name!r} has shape {got}, but config.json implies {shape}")
 
-    def vector(self, label: str, init: str, name: str, size: int, offset: float = 0.0) -> ir.Value:
+    def vector(self, label: str, name: str, size: int, offset: float = 0.0) -> ir.Value:
         self.expect(name, (size,))
-        return self.b.weights(W.float_table_job(self.source, label, init, name, (size,), self.io, offset))[0]
+        return self.b.weights(W.float_table_job(self.source, label, name, name, (size,), self.io, offset))[0]
 
-    def norm_weight(self, label: str, hf_name: str, size: int) -> ir.Value:
-        return self.vector(label, hf_name, hf_name, size, self.spec.norm.weight_offset)
-
-    def matmul(self, x: ir.Value, node: str, modules: Sequence[str], sizes: Sequence[int], K: int, st: Storage) -> ir.Value:
-        names = [f"{m}.weight" for m in modules]
-        for n, size in zip(names, sizes):
-            self.expect(n, (size, K))
+    def matmul(self, x: ir.Value, node: str, parts: Sequence[Part], sizes: Sequence[int], K: int, st: Storage) -> ir.Value:
+        for p, size in zip(parts, sizes):
+            self.expect(p.name, (size, K), p.rows)
         N = sum(sizes)
         prefix = node.strip("/").replace("/", ".")
         if not st.quantized:
-            init = f"{prefix}.weight"
-            w = self.b.weights(W.float_matmul_job(self.source, node, init, names, N, K, st))[0]
+            w = self.b.weights(W.float_matmul_job(self.source, node, f"{prefix}.weight", parts, N, K, st))[0]
             return self.b.op("MatMul", [x, w], f"{node}/MatMul")
-        job = W.quant_matmul_job(self.source, node, prefix, names, N, K, st, self.io.ir_dtype, self.io.np_dtype)
-        ws = self.b.weights(job)
-        return self.b.op("MatMulNBits", [x, *ws], f"{node}/MatMul", domain=MS, K=K, N=N, bits=st.bits,
-                         block_size=st.block_size, accuracy_level=st.accuracy_level)
+        job = W.quant_matmul_job(self.source, node, prefix, parts, N, K, st, self.io.ir_dtype, self.io.np_dtype)
+        return self.b.op("MatMulNBits", [x, *self.b.weights(job)], f"{node}/MatMul", domain=MS, K=K, N=N,
+                         bits=st.bits, block_size=st.block_size, accuracy_level=st.accuracy_level)
 
-    def linear_group(self, x: ir.Value, packed: str, parts: Sequence[tuple[str, str, int]], K: int,
+    def linear_group(self, x: ir.Value, packed: str, i: int | None, roles: Sequence[tuple[str, str, int]], K: int,
                      bias: bool = False) -> list[ir.Value]:
-        """One MatMul over stacked parts when they share a storage plan, else one per part.
+        """One MatMul over stacked roles when the recipe stores them alike, else one per role.
 
-        parts: (node name, HF module, N). Returns one value per part, or a single packed value.
+        roles: (role, node name, N). Returns one value per role, or a single packed value.
         """
-        stores = [self.plan.storage([f"{packed}/MatMul", f"{node}/MatMul", module], "MatMul")
-                  for node, module, _ in parts]
-        if len(parts) > 1 and len(set(stores)) == 1 and not self.plan.unpack_matmul:
-            y = self.matmul(x, packed, [m for _, m, _ in parts], [n for *_, n in parts], K, stores[0])
-            if bias:
-                y = self.add_bias(y, packed, [m for _, m, _ in parts], sum(n for *_, n in parts))
-            return [y]
+        parts = self.names.linear([r for r, _, _ in roles], [n for *_, n in roles], i)
+        stores = [self.plan.storage([f"{packed}/MatMul", f"{node}/MatMul", p.module], "MatMul")
+                  for (_, node, _), p in zip(roles, parts)]
+        if len(roles) > 1 and (len(set(stores)) > 1 or self.plan.unpack_matmul):
+            groups = [(node, [p], [n], st) for (_, node, n), p, st in zip(roles, parts, stores)]
+        else:
+            groups = [(packed, parts, [n for *_, n in roles], stores[0])]
         outs = []
-        for (node, module, n), st in zip(parts, stores):
-            y = self.matmul(x, node, [module], [n], K, st)
-            outs.append(self.add_bias(y, node, [module], n) if bias else y)
+        for node, ps, sizes, st in groups:
+            y = self.matmul(x, node, ps, sizes, K, st)
+            outs.append(self.add_bias(y, node, [p.with_suffix("bias") for p in ps], sum(sizes)) if bias else y)
         return outs
 
-    def add_bias(self, y: ir.Value, node: str, modules: Sequence[str], N: int) -> ir.Value:
-        names = [f"{m}.bias" for m in modules]
+    def add_bias(self, y: ir.Value, node: str, parts: Sequence[Part], N: int) -> ir.Value:
+        for p in parts:
+            if not self.source.has(p.name):
+                raise CheckpointError(f"tensor {p.name!r} is missing from the checkpoint (the config asks for biases)")
         init = node.strip("/").replace("/", ".") + ".bias"
-        for n in names:
-            if not self.source.has(n):
-                raise CheckpointError(f"tensor {n!r} is missing from the checkpoint (the config asks for biases)")
-        bias = self.b.weights(W.concat_vector_job(self.source, node, init, names, N, self.io))[0]
+        bias = self.b.weights(W.concat_vector_job(self.source, node, init, parts, N, self.io))[0]
         return self.b.op("Add", [y, bias], f"{node}/Add")
+
+    def split(self, values: list[ir.Value], sizes: list[int], node: str) -> list[ir.Value]:
+        if len(values) == len(sizes):
+            return values
+        return list(self.b.op("Split", [values[0], self.b.const(sizes, np.int64)], f"{node}/Split", n_out=len(sizes),
+                              axis=-1))
 
     # -- model -----------------------------------------------------------------------------
     def build(self) -> None:
@@ -111,23 +122,19 @@ class Emitter:
         a = spec.attention
         input_ids = b.input("input_ids", ir.DataType.INT64, ["batch_size", "sequence_length"])
         mask = b.input("attention_mask", ir.DataType.INT64, ["batch_size", "total_sequence_length"])
-        past = [
+        self.past = [
             tuple(b.input(f"past_key_values.{i}.{kv}", io.ir_dtype,
                           ["batch_size", a.num_kv_heads, "past_sequence_length", a.head_dim]) for kv in ("key", "value"))
             for i in range(spec.num_layers)
         ]
         seqlens_k, total_len = self.mask_to_lengths(mask)
-        cos, sin = self.rope_caches()
+        ctx = AttnInputs(seqlens_k, total_len, self.rotary_tables(total_len))
         lm_head_store, x = self.embedding(input_ids)
-
-        residual = None
+        block = BLOCKS[spec.block]
+        h = Stream(x)
         for i in range(spec.num_layers):
-            x, residual = self.norm(x, residual, f"/model/layers.{i}/input_layernorm", self.names.input_norm.format(i=i))
-            attn = self.attention(i, x, past[i], seqlens_k, total_len, cos, sin)
-            x, residual = self.norm(attn, residual, f"/model/layers.{i}/post_attention_layernorm",
-                                    self.names.post_attn_norm.format(i=i))
-            x = self.mlp(i, x)
-        x, _ = self.norm(x, residual, "/model/norm", self.names.final_norm)
+            h = block(self, i, h, ctx)
+        x, _ = norm(self, h, "final_norm", None, "/model/norm")
         logits = self.lm_head(x, lm_head_store)
         b.output(logits, "logits", io.ir_dtype, ["batch_size", "sequence_length", spec.vocab_size])
 
@@ -141,126 +148,74 @@ class Emitter:
         total_len = b.op("Cast", [length], f"{base}/Gather/Cast", to=ir.DataType.INT32)
         return seqlens_k, total_len
 
-    def rope_caches(self) -> tuple[ir.Value, ir.Value]:
+    def rotary_tables(self, total_len: ir.Value) -> dict[str, tuple[ir.Value, ir.Value]]:
+        """(cos, sin) per rotary table the layers use. LongRoPE switches to its long factors once the
+        sequence passes original_max_position_embeddings, as transformers does."""
+        used = sorted({layer.rope for layer in self.spec.layers if layer.rope is not None})
+        tables = {}
+        for key in used:
+            rope = self.spec.rope_for(key)
+            suffix = "" if key == "full_attention" else f"_{key}"
+            short = self._cache_pair(rope, suffix, long=False)
+            if rope.kind != "longrope" or rope.param("long_factor") is None:
+                tables[key] = short
+                continue
+            long = self._cache_pair(rope, suffix + "_long", long=True)
+            original = int(rope.param("original_max_position_embeddings", self.spec.context_length))
+            node = f"/model/rotary_emb{suffix}/If"
+            cond = self.b.op("Greater", [total_len, self.b.const(np.int32(original))], f"{node}/Greater")
+            tables[key] = self.b.if_op(cond, long, short, node)
+        return tables
+
+    def _cache_pair(self, rope, suffix: str, long: bool) -> tuple[ir.Value, ir.Value]:
         spec, io = self.spec, self.io
-        shape = (spec.context_length, spec.rope.rotary_dim // 2)
-        jobs = []
-        for which in (0, 1):
+        shape = (spec.context_length, rope.rotary_dim // 2)
+        values = []
+        for which, name in enumerate(("cos_cache", "sin_cache")):
             def produce(which=which):
-                return [cos_sin_cache(spec.rope, spec.context_length)[which].astype(io.np_dtype)]
+                return [cos_sin_cache(rope, spec.context_length, long=long)[which].astype(io.np_dtype)]
 
-            name = ("cos_cache", "sin_cache")[which]
-            jobs.append(WeightJob("/model/rotary_emb", (TensorSlot(name, io.ir_dtype, shape),), produce, io.describe()))
-        return self.b.weights(jobs[0])[0], self.b.weights(jobs[1])[0]
-
-    def norm(self, x: ir.Value, residual: ir.Value | None, node: str, weight: str) -> tuple[ir.Value, ir.Value]:
-        gamma = self.norm_weight(node, weight, self.spec.hidden_size)
-        eps = self.spec.norm.eps
-        if residual is None:
-            y = self.b.op("SimplifiedLayerNormalization", [x, gamma], f"{node}/LayerNorm", axis=-1, epsilon=eps,
-                          stash_type=1)
-            return y, x
-        y, _mean, _inv, total = self.b.op("SkipSimplifiedLayerNormalization", [x, residual, gamma],
-                                          f"{node}/SkipLayerNorm", domain=MS, n_out=4, epsilon=eps)
-        _mean.name = _inv.name = ""
-        return y, total
-
-    def attention(self, i: int, x: ir.Value, past: tuple[ir.Value, ir.Value], seqlens_k: ir.Value,
-                  total_len: ir.Value, cos: ir.Value, sin: ir.Value) -> ir.Value:
-        a, n, H = self.spec.attention, self.names, self.spec.hidden_size
-        base = f"/model/layers.{i}/attn"
-        parts = [(f"{base}/{p}_proj", getattr(n, p).format(i=i), size)
-                 for p, size in (("q", a.q_size), ("k", a.kv_size), ("v", a.kv_size))]
-        qkv = self.linear_group(x, f"{base}/qkv_proj", parts, H, bias=a.qkv_bias)
-        if a.qk_norm:
-            qkv = self.split(qkv, [a.q_size, a.kv_size, a.kv_size], f"{base}/qkv_proj")
-            qkv = [self.head_norm(qkv[0], i, "q", a.num_heads), self.head_norm(qkv[1], i, "k", a.num_kv_heads), qkv[2]]
-        q, k, v = (qkv + [None, None])[:3]
-        attrs = dict(num_heads=a.num_heads, kv_num_heads=a.num_kv_heads, do_rotary=1,
-                     rotary_interleaved=int(self.spec.rope.interleaved), local_window_size=-1, softcap=a.softcap)
-        if a.scale is not None:
-            attrs["scale"] = a.scale
-        window = a.layer_windows[i] if a.layer_windows else 0
-        if window:
-            attrs["local_window_size"] = window
-        out, present_k, present_v = self.b.op(
-            "GroupQueryAttention", [q, k, v, past[0], past[1], seqlens_k, total_len, cos, sin],
-            f"{base}/GroupQueryAttention", domain=MS, n_out=3, **attrs)
-        kv_shape = ["batch_size", a.num_kv_heads, "total_sequence_length", a.head_dim]
-        self.b.output(present_k, f"present.{i}.key", self.io.ir_dtype, kv_shape)
-        self.b.output(present_v, f"present.{i}.value", self.io.ir_dtype, kv_shape)
-        (o,) = self.linear_group(out, f"{base}/o_proj", [(f"{base}/o_proj", n.o.format(i=i), H)], a.q_size,
-                                 bias=a.o_bias)
-        return o
-
-    def split(self, values: list[ir.Value], sizes: list[int], node: str) -> list[ir.Value]:
-        if len(values) == len(sizes):
-            return values
-        return list(self.b.op("Split", [values[0], self.b.const(sizes, np.int64)], f"{node}/Split", n_out=len(sizes),
-                              axis=-1))
-
-    def head_norm(self, x: ir.Value, i: int, which: str, heads: int) -> ir.Value:
-        """Qwen3-style RMS norm over each head: Reshape -> SimplifiedLayerNormalization -> Reshape."""
-        a, b = self.spec.attention, self.b
-        node = f"/model/layers.{i}/attn/{which}_norm"
-        hf = getattr(self.names, f"{which}_norm").format(i=i)
-        gamma = self.norm_weight(node, hf, a.head_dim)
-        heads_view = b.op("Reshape", [x, b.const([0, 0, heads, a.head_dim], np.int64)], f"{node}/Reshape")
-        y = b.op("SimplifiedLayerNormalization", [heads_view, gamma], f"{node}/LayerNorm", axis=-1,
-                 epsilon=self.spec.norm.eps, stash_type=1)
-        return b.op("Reshape", [y, b.const([0, 0, heads * a.head_dim], np.int64)], f"{node}/Reshape_1")
-
-    def mlp(self, i: int, x: ir.Value) -> ir.Value:
-        n, H, I = self.names, self.spec.hidden_size, self.spec.mlp.intermediate_size
-        base = f"/model/layers.{i}/mlp"
-        parts = [(f"{base}/gate_proj", n.gate.format(i=i), I), (f"{base}/up_proj", n.up.format(i=i), I)]
-        gate, up = self.split(self.linear_group(x, f"{base}/gate_up_proj", parts, H, bias=self.spec.mlp.bias),
-                              [I, I], f"{base}/gate_up_proj")
-        act = self.activation(gate, f"{base}/act_fn")
-        h = self.b.op("Mul", [act, up], f"{base}/Mul")
-        (y,) = self.linear_group(h, f"{base}/down_proj", [(f"{base}/down_proj", n.down.format(i=i), H)], I,
-                                 bias=self.spec.mlp.bias)
-        return y
-
-    def activation(self, x: ir.Value, node: str) -> ir.Value:
-        act = self.spec.mlp.activation
-        if act in ("silu", "swish"):
-            s = self.b.op("Sigmoid", [x], f"{node}/Sigmoid")
-            return self.b.op("Mul", [x, s], f"{node}/Mul")
-        if act in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
-            return self.b.op("FastGelu", [x], f"{node}/FastGelu", domain=MS)
-        if act == "gelu":
-            return self.b.op("Gelu", [x], f"{node}/Gelu", domain=MS)
-        raise RecipeError(f"activation {act!r} is not supported yet")
+            job = WeightJob("/model/rotary_emb", (TensorSlot(name + suffix, io.ir_dtype, shape),), produce, io.describe())
+            values.append(self.b.weights(job)[0])
+        return values[0], values[1]
 
     # -- embeddings ------------------------------------------------------------------------
     def embedding(self, input_ids: ir.Value) -> tuple[Storage, ir.Value]:
         """Emit the embedding lookup; returns (lm_head storage, hidden states)."""
-        spec, n = self.spec, self.names
+        spec = self.spec
         V, H = spec.vocab_size, spec.hidden_size
+        embed = self.names.module("embed")
         head_st = self.plan.storage(["/lm_head/MatMul", "lm_head"], "MatMul")
-        embed_st = self.plan.storage(["/model/embed_tokens/Gather", "model.embed_tokens"], "Gather")
-        self.expect(n.embed, (V, H))
+        embed_st = self.plan.storage(["/model/embed_tokens/Gather", embed], "Gather")
+        self.expect(f"{embed}.weight", (V, H))
         self.shared = self.plan.share_embeddings(spec, embed_st, head_st)
         if self.shared and head_st.quantized:
-            x = self.shared_quantized_lookup(input_ids, head_st)
+            self.head_weights = self._quantized_weights("/lm_head", "lm_head", self._lm_head_weight(), head_st)
+            x = self.gather_quantized(input_ids, self.head_weights, head_st)
         elif embed_st.quantized:
-            x = self.quantized_lookup(input_ids, embed_st)
+            ws = self._quantized_weights("/model/embed_tokens", "model.embed_tokens", Part(f"{embed}.weight"), embed_st)
+            x = self.gather_quantized(input_ids, ws, embed_st)
         else:
-            table = self.b.weights(W.float_table_job(self.source, "/model/embed_tokens", "model.embed_tokens.weight",
-                                                     n.embed, (V, H), embed_st))[0]
-            self.table = table
-            x = self.b.op("Gather", [table, input_ids], "/model/embed_tokens/Gather")
+            self.table = self.b.weights(W.float_table_job(self.source, "/model/embed_tokens", "model.embed_tokens.weight",
+                                                          f"{embed}.weight", (V, H), embed_st))[0]
+            x = self.b.op("Gather", [self.table, input_ids], "/model/embed_tokens/Gather")
         if spec.embedding_scale != 1.0:
-            x = self.b.op("Mul", [x, self.b.const(spec.embedding_scale, self.io.np_dtype)], "/model/embed_tokens/Mul")
+            x = self.b.op("Mul", [x, self.scalar(spec.embedding_scale)], "/model/embed_tokens/Mul")
         return head_st, x
 
-    def _lm_head_weight_name(self) -> str:
-        n = self.names
-        return n.embed if self.spec.tie_embeddings or not self.source.has(n.lm_head) else n.lm_head
+    def _lm_head_weight(self) -> Part:
+        head = self.names.module("lm_head", required=False)
+        if self.spec.tie_embeddings or head is None or not self.source.has(f"{head}.weight"):
+            return Part(self.names.weight("embed"))
+        return Part(f"{head}.weight")
 
-    def gather_quantized(self, input_ids: ir.Value, ws: Sequence[ir.Value], st: Storage, K: int, node: str) -> ir.Value:
-        b = self.b
+    def _quantized_weights(self, label: str, prefix: str, part: Part, st: Storage) -> tuple[ir.Value, ...]:
+        V, H = self.spec.vocab_size, self.spec.hidden_size
+        return self.b.weights(W.quant_matmul_job(self.source, label, prefix, [part], V, H, st, self.io.ir_dtype,
+                                                 self.io.np_dtype))
+
+    def gather_quantized(self, input_ids: ir.Value, ws: Sequence[ir.Value], st: Storage) -> ir.Value:
+        b, K, node = self.b, self.spec.hidden_size, "/model/embed_tokens"
         kb = W.k_blocks(K, st.block_size)
         flat = b.op("Reshape", [ws[0], b.const([self.spec.vocab_size, kb * st.block_size * st.bits // 8], np.int64)],
                     f"{node}/Reshape")
@@ -270,28 +225,22 @@ class Emitter:
             x = b.op("Slice", [x, b.const([0], np.int64), b.const([K], np.int64), b.const([-1], np.int64)], f"{node}/Slice")
         return x
 
-    def shared_quantized_lookup(self, input_ids: ir.Value, st: Storage) -> ir.Value:
-        spec = self.spec
-        self.head_weights = self._quantized_head_weights(st)
-        return self.gather_quantized(input_ids, self.head_weights, st, spec.hidden_size, "/model/embed_tokens")
-
-    def _quantized_head_weights(self, st: Storage) -> tuple[ir.Value, ...]:
-        V, H = self.spec.vocab_size, self.spec.hidden_size
-        job = W.quant_matmul_job(self.source, "/lm_head", "lm_head", [self._lm_head_weight_name()], V, H, st,
-                                 self.io.ir_dtype, self.io.np_dtype)
-        return self.b.weights(job)
-
-    def quantized_lookup(self, input_ids: ir.Value, st: Storage) -> ir.Value:
-        V, H = self.spec.vocab_size, self.spec.hidden_size
-        job = W.quant_matmul_job(self.source, "/model/embed_tokens", "model.embed_tokens", [self.names.embed], V, H, st,
-                                 self.io.ir_dtype, self.io.np_dtype)
-        return self.gather_quantized(input_ids, self.b.weights(job), st, H, "/model/embed_tokens")
-
     def lm_head(self, x: ir.Value, st: Storage) -> ir.Value:
-        V, H = self.spec.vocab_size, self.spec.hidden_size
+        spec, b = self.spec, self.b
+        V, H = spec.vocab_size, spec.hidden_size
         if self.shared and st.quantized:
-            return self.b.op("MatMulNBits", [x, *self.head_weights], "/lm_head/MatMul", domain=MS, K=H, N=V,
-                             bits=st.bits, block_size=st.block_size, accuracy_level=st.accuracy_level)
-        if self.shared:
-            return self.b.op("FusedMatMul", [x, self.table], "/lm_head/MatMul", domain=MS, transB=1, alpha=1.0)
-        return self.matmul(x, "/lm_head", [self._lm_head_weight_name().removesuffix(".weight")], [V], H, st)
+            y = b.op("MatMulNBits", [x, *self.head_weights], "/lm_head/MatMul", domain=MS, K=H, N=V,
+                     bits=st.bits, block_size=st.block_size, accuracy_level=st.accuracy_level)
+        elif self.shared:
+            y = b.op("FusedMatMul", [x, self.table], "/lm_head/MatMul", domain=MS, transB=1, alpha=1.0)
+        else:
+            y = self.matmul(x, "/lm_head", [self._lm_head_weight()], [V], H, st)
+        if spec.lm_head_bias:
+            y = self.add_bias(y, "/lm_head", [Part(f"{self.names.module('lm_head')}.bias")], V)
+        if spec.logit_scale != 1.0:
+            y = b.op("Div", [y, self.scalar(spec.logit_scale)], "/lm_head/Div")
+        if spec.final_softcap:
+            cap = self.scalar(spec.final_softcap)
+            y = b.op("Mul", [b.op("Tanh", [b.op("Div", [y, cap], "/lm_head/softcap/Div")], "/lm_head/softcap/Tanh"),
+                             cap], "/lm_head/softcap/Mul")
+        return y

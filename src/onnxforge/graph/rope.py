@@ -12,7 +12,7 @@ import numpy as np
 from ..spec import RopeSpec
 
 
-def inv_freq_and_scale(rope: RopeSpec, context_length: int) -> tuple[np.ndarray, float]:
+def inv_freq_and_scale(rope: RopeSpec, context_length: int, long: bool = False) -> tuple[np.ndarray, float]:
     dim = rope.rotary_dim
     exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
     pos_freqs = np.float32(rope.theta) ** exponents
@@ -25,7 +25,7 @@ def inv_freq_and_scale(rope: RopeSpec, context_length: int) -> tuple[np.ndarray,
     if rope.kind == "yarn":
         return _yarn(rope, pos_freqs, original)
     if rope.kind == "longrope":
-        return _longrope(rope, exponents, original, context_length)
+        return _longrope(rope, exponents, original, context_length, long)
     # "default" and "dynamic": dynamic NTK equals default up to original_max_position_embeddings
     return inv_freq, 1.0
 
@@ -72,19 +72,21 @@ def _yarn(rope: RopeSpec, pos_freqs: np.ndarray, original: int) -> tuple[np.ndar
     return inv_freq.astype(np.float32), float(attention_factor)
 
 
-def _longrope(rope: RopeSpec, exponents: np.ndarray, original: int, context_length: int) -> tuple[np.ndarray, float]:
+def _longrope(rope: RopeSpec, exponents: np.ndarray, original: int, context_length: int,
+              long: bool = False) -> tuple[np.ndarray, float]:
     factor = context_length / original if rope.factor == 1.0 else rope.factor
     attention_factor = rope.param("attention_factor")
     if attention_factor is None:
         attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
-    short = np.asarray(rope.param("short_factor"), dtype=np.float32)
-    inv_freq = 1.0 / (short * np.float32(rope.theta) ** exponents)
+    ext = np.asarray(rope.param("long_factor" if long else "short_factor"), dtype=np.float32)
+    inv_freq = 1.0 / (ext * np.float32(rope.theta) ** exponents)
     return inv_freq.astype(np.float32), float(attention_factor)
 
 
-def cos_sin_cache(rope: RopeSpec, context_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """(context_length, rotary_dim/2) float32 caches, already multiplied by the attention factor."""
-    inv_freq, scale = inv_freq_and_scale(rope, context_length)
+def cos_sin_cache(rope: RopeSpec, context_length: int, long: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(context_length, rotary_dim/2) float32 caches, already multiplied by the attention factor
+    (`long`: LongRoPE's long factors, used past original_max_position_embeddings)."""
+    inv_freq, scale = inv_freq_and_scale(rope, context_length, long)
     positions = np.arange(context_length, dtype=np.float32)
     freqs = np.outer(positions, inv_freq).astype(np.float32)
     return (np.cos(freqs) * np.float32(scale)).astype(np.float32), (np.sin(freqs) * np.float32(scale)).astype(np.float32)

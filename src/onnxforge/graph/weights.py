@@ -7,6 +7,7 @@ from typing import Sequence
 import numpy as np
 import onnx_ir as ir
 
+from ..archs.names import Part
 from ..quant.storage import Storage
 from ..sources.base import Source
 from .builder import TensorSlot, WeightJob
@@ -19,15 +20,30 @@ def k_blocks(K: int, block_size: int) -> int:
 TRANSPOSE_ROWS = 256
 
 
-def float_matmul_job(source: Source, label: str, init: str, names: Sequence[str], N: int, K: int, st: Storage) -> WeightJob:
+def read_parts(source: Source, parts: Sequence[Part]):
+    """Yield the arrays of `parts` in order; consecutive row ranges of one tensor are read once."""
+    i = 0
+    while i < len(parts):
+        j = i + 1
+        if parts[i].rows is not None:
+            while (j < len(parts) and parts[j].name == parts[i].name and parts[j].rows is not None
+                   and parts[j].rows[0] == parts[j - 1].rows[1]):
+                j += 1
+        whole = source.read(parts[i].name)
+        for p in parts[i:j]:
+            yield whole if p.rows is None else whole[p.rows[0]:p.rows[1]]
+        del whole
+        i = j
+
+
+def float_matmul_job(source: Source, label: str, init: str, parts: Sequence[Part], N: int, K: int, st: Storage) -> WeightJob:
     """(K, N) weight for a plain MatMul: the Hugging Face (N, K) rows, transposed."""
-    names = tuple(names)
+    parts = tuple(parts)
 
     def produce():
         out = np.empty((K, N), dtype=st.np_dtype)  # one allocation: transpose and cast on assignment
         row = 0
-        for name in names:
-            part = source.read(name)
+        for part in read_parts(source, parts):
             for i in range(0, part.shape[0], TRANSPOSE_ROWS):  # blocks of rows: cache-friendly, 3x faster
                 rows = part[i:i + TRANSPOSE_ROWS].astype(st.np_dtype)
                 out[:, row + i:row + i + rows.shape[0]] = rows.T
@@ -51,11 +67,12 @@ def float_table_job(source: Source, label: str, init: str, name: str, shape: tup
     return WeightJob(label, (TensorSlot(init, st.ir_dtype, shape),), produce, st.describe())
 
 
-def concat_vector_job(source: Source, label: str, init: str, names: Sequence[str], size: int, st: Storage) -> WeightJob:
-    names = tuple(names)
+def concat_vector_job(source: Source, label: str, init: str, parts: Sequence[Part], size: int, st: Storage) -> WeightJob:
+    parts = tuple(parts)
 
     def produce():
-        return [np.concatenate([np.asarray(source.read(n), dtype=np.float32).reshape(-1) for n in names]).astype(st.np_dtype)]
+        arrays = [np.asarray(a, dtype=np.float32).reshape(-1) for a in read_parts(source, parts)]
+        return [np.concatenate(arrays).astype(st.np_dtype)]
 
     return WeightJob(label, (TensorSlot(init, st.ir_dtype, (size,)),), produce, st.describe())
 
@@ -71,45 +88,49 @@ def quant_slots(prefix: str, N: int, K: int, st: Storage, scale_dtype: ir.DataTy
     return tuple(slots)
 
 
-def quant_matmul_job(source: Source, label: str, prefix: str, names: Sequence[str], N: int, K: int, st: Storage,
+def quant_matmul_job(source: Source, label: str, prefix: str, parts: Sequence[Part], N: int, K: int, st: Storage,
                      scale_dtype: ir.DataType, scale_np: np.dtype) -> WeightJob:
     """MatMulNBits B / scales / zero_points, transcoded from native blocks when the source has them."""
-    names = tuple(names)
+    parts = tuple(parts)
     slots = quant_slots(prefix, N, K, st, scale_dtype)
-    native = _all_native(source, names, st)
+    native = _all_native(source, parts, st)
     storage = st.describe() + (f" (transcoded {native})" if native else "")
 
     def produce():
         if native:
-            return _native_arrays(source, names, st, scale_np)
-        return quantize_rows(source, names, slots, st, scale_np)
+            return _native_arrays(source, parts, st, scale_np)
+        return quantize_rows(source, parts, slots, st, scale_np)
 
     return WeightJob(label, slots, produce, storage)
 
 
-def _all_native(source: Source, names: Sequence[str], st: Storage) -> str | None:
+def _all_native(source: Source, parts: Sequence[Part], st: Storage) -> str | None:
     """The native block format if every part can be transcoded losslessly into `st`, else None."""
     origins = set()
-    for n in names:
-        nb = source.native_blocks(n, st.bits, st.block_size)
+    for p in parts:
+        nb = source.native_blocks(p.name, st.bits, st.block_size)
         if nb is None or (nb.zero_points is None) != st.symmetric:
             return None
         origins.add(nb.origin)
     return "/".join(sorted(origins))
 
 
-def _native_arrays(source: Source, names: Sequence[str], st: Storage, scale_np: np.dtype) -> list[np.ndarray]:
-    blocks = [source.native_blocks(n, st.bits, st.block_size) for n in names]
-    arrays = [np.concatenate([b.data for b in blocks]), np.concatenate([b.scales for b in blocks]).astype(scale_np)]
+def _native_arrays(source: Source, parts: Sequence[Part], st: Storage, scale_np: np.dtype) -> list[np.ndarray]:
+    blocks = []
+    for p in parts:
+        nb = source.native_blocks(p.name, st.bits, st.block_size)
+        rows = slice(*p.rows) if p.rows else slice(None)
+        blocks.append((nb.data[rows], nb.scales[rows], None if nb.zero_points is None else nb.zero_points[rows]))
+    arrays = [np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks]).astype(scale_np)]
     if not st.symmetric:
-        arrays.append(np.concatenate([b.zero_points for b in blocks]))
+        arrays.append(np.concatenate([b[2] for b in blocks]))
     return arrays
 
 
 CHUNK_ELEMENTS = 1 << 22  # rows are quantized in slices of ~4M values (16 MB in float32)
 
 
-def quantize_rows(source: Source, names: Sequence[str], slots: Sequence[TensorSlot], st: Storage,
+def quantize_rows(source: Source, parts: Sequence[Part], slots: Sequence[TensorSlot], st: Storage,
                   scale_np: np.dtype) -> list[np.ndarray]:
     """Quantize stacked (N_i, K) parts into preallocated MatMulNBits arrays, a slice of rows at a time.
 
@@ -127,8 +148,7 @@ def quantize_rows(source: Source, names: Sequence[str], slots: Sequence[TensorSl
             outs[2][rows] = zero_points
 
     row = 0
-    for name in names:
-        part = source.read(name)
+    for part in read_parts(source, parts):
         step = max(1, CHUNK_ELEMENTS // max(1, part.shape[1]))
         for i in range(0, part.shape[0], step):
             q = quantize(part[i:i + step], bits=st.bits, block_size=st.block_size, symmetric=st.symmetric,

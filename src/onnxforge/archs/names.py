@@ -1,0 +1,148 @@
+"""One tensor-role table: canonical role -> every family's Hugging Face spelling and llama.cpp's GGUF one.
+
+A role names a module (a Linear, a norm, the embedding); its tensors are `<module>.weight` and
+`<module>.bias`. `{i}` is the layer index. Spellings are tried in order against the checkpoint, so
+one table serves every family; a family pins a spelling only where two roles share one (a
+pre-norm model's `post_attention_layernorm` is the norm before its MLP, a sandwich model's is the
+norm after its attention).
+
+Fused checkpoint tensors (Phi-3 `qkv_proj`, `gate_up_proj`) are roles too: where a checkpoint has
+no `q_proj`, the q rows of `qkv_proj` stand in for it, read lazily as a row range.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Protocol, Sequence
+
+from ..errors import CheckpointError
+
+L = "model.layers.{i}."
+
+
+@dataclass(frozen=True)
+class Role:
+    hf: tuple[str, ...]  # module spellings, tried in order
+    gguf: str | None = None  # llama.cpp's tensor base name (`blk.{i}.attn_q`), without `.weight`
+
+
+ROLES: dict[str, Role] = {
+    # model-level
+    "embed": Role(("model.embed_tokens",), "token_embd"),
+    "final_norm": Role(("model.norm", "model.final_layernorm"), "output_norm"),
+    "lm_head": Role(("lm_head",), "output"),
+    # norms (block shapes ask for the ones they use)
+    "attn_norm": Role((L + "input_layernorm",), "blk.{i}.attn_norm"),
+    "ffn_norm": Role((L + "post_attention_layernorm",), "blk.{i}.ffn_norm"),  # sandwich families pin theirs
+    "attn_post_norm": Role((L + "post_attention_layernorm",), "blk.{i}.post_attention_norm"),
+    "ffn_post_norm": Role((L + "post_feedforward_layernorm",), "blk.{i}.post_ffw_norm"),
+    # attention
+    "q": Role((L + "self_attn.q_proj",), "blk.{i}.attn_q"),
+    "k": Role((L + "self_attn.k_proj",), "blk.{i}.attn_k"),
+    "v": Role((L + "self_attn.v_proj",), "blk.{i}.attn_v"),
+    "qkv": Role((L + "self_attn.qkv_proj",), "blk.{i}.attn_qkv"),  # Phi-3
+    "o": Role((L + "self_attn.o_proj", L + "self_attn.dense"), "blk.{i}.attn_output"),  # dense: Phi-2
+    "q_norm": Role((L + "self_attn.q_norm", L + "self_attn.q_layernorm"), "blk.{i}.attn_q_norm"),
+    "k_norm": Role((L + "self_attn.k_norm", L + "self_attn.k_layernorm"), "blk.{i}.attn_k_norm"),
+    # MLP; fc1/fc2: Phi-2's plain MLP
+    "gate": Role((L + "mlp.gate_proj",), "blk.{i}.ffn_gate"),
+    "up": Role((L + "mlp.up_proj", L + "mlp.fc1"), "blk.{i}.ffn_up"),
+    "gate_up": Role((L + "mlp.gate_up_proj",)),  # Phi-3 (its GGUF stores it as ffn_up)
+    "down": Role((L + "mlp.down_proj", L + "mlp.fc2"), "blk.{i}.ffn_down"),
+}
+
+# A role that a checkpoint may only have as rows of a fused tensor: role -> (fused role, its parts in order).
+FUSED: dict[str, tuple[str, tuple[str, ...]]] = {
+    "q": ("qkv", ("q", "k", "v")),
+    "k": ("qkv", ("q", "k", "v")),
+    "v": ("qkv", ("q", "k", "v")),
+    "gate": ("gate_up", ("gate", "up")),
+    "up": ("gate_up", ("gate", "up")),
+}
+
+
+@dataclass(frozen=True)
+class Part:
+    """A checkpoint tensor, or a range of its rows (`rows=(start, stop)`)."""
+
+    name: str
+    rows: tuple[int, int] | None = None
+
+    def with_suffix(self, suffix: str) -> "Part":
+        return Part(self.name.rsplit(".", 1)[0] + "." + suffix, self.rows)
+
+    @property
+    def module(self) -> str:
+        return self.name.rsplit(".", 1)[0]
+
+
+class _Has(Protocol):
+    def has(self, name: str) -> bool: ...
+
+
+class Names:
+    """Resolves roles against one checkpoint, with a family's pinned spellings and prefix rewrites."""
+
+    def __init__(self, source: _Has, pinned: Mapping[str, str] | None = None,
+                 rewrites: Sequence[tuple[str, str]] = ()):
+        self.source = source
+        self.pinned = dict(pinned or {})
+        self.rewrites = tuple(rewrites)
+
+    def spellings(self, role: str) -> tuple[str, ...]:
+        if role in self.pinned:
+            return (self.pinned[role],)
+        return ROLES[role].hf
+
+    def _variants(self, spelling: str) -> Iterator[str]:
+        yield spelling
+        for old, new in self.rewrites:
+            if spelling.startswith(old):
+                yield new + spelling[len(old):]
+
+    def module(self, role: str, i: int | None = None, *, required: bool = True) -> str | None:
+        """The module name of `role` in this checkpoint (has `.weight` or `.bias`), or None."""
+        for spelling in self.spellings(role):
+            for name in self._variants(spelling.format(i=i)):
+                if self.source.has(f"{name}.weight") or self.source.has(f"{name}.bias"):
+                    return name
+        if required:
+            first, *others = [f"{s.format(i=i)}.weight" for s in self.spellings(role)]
+            also = f" (nor {', '.join(others)})" if others else ""
+            raise CheckpointError(f"tensor {first!r} is missing from the checkpoint{also}; "
+                                  "the download may be incomplete, or config.json does not match the weights")
+        return None
+
+    def weight(self, role: str, i: int | None = None) -> str:
+        return f"{self.module(role, i)}.weight"
+
+    def has(self, role: str, i: int | None = None, suffix: str = "weight") -> bool:
+        m = self.module(role, i, required=False)
+        return m is not None and self.source.has(f"{m}.{suffix}")
+
+    def linear(self, roles: Sequence[str], sizes: Sequence[int], i: int | None = None) -> list[Part]:
+        """The `.weight` part of each role; a role the checkpoint has only inside a fused tensor
+        becomes that tensor's rows. `sizes` are the roles' output sizes (the fused tensor's row split)."""
+        size_of = dict(zip(roles, sizes))
+        parts = []
+        for role in roles:
+            module = self.module(role, i, required=role not in FUSED)
+            if module is not None:
+                parts.append(Part(f"{module}.weight"))
+                continue
+            fused, members = FUSED[role]
+            missing = [m for m in members if m not in size_of]
+            if missing:
+                raise ValueError(f"row split of {fused} needs the sizes of {missing}")
+            fused_module = self.module(fused, i, required=False)
+            if fused_module is None:
+                self.module(role, i)  # raises, naming the unfused spelling
+            start = sum(size_of[m] for m in members[:members.index(role)])
+            parts.append(Part(f"{fused_module}.weight", (start, start + size_of[role])))
+        return parts
+
+
+def gguf_names(overrides: Mapping[str, str | None] | None = None) -> dict[str, str]:
+    """GGUF tensor base name -> role (a family may rename a role's GGUF spelling, or drop it with None)."""
+    table = {role: r.gguf for role, r in ROLES.items()}
+    table.update(overrides or {})
+    return {g: role for role, g in table.items() if g}

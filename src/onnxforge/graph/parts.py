@@ -1,0 +1,169 @@
+"""The parts a decoder layer is made of: norms, attention, MLP. Small functions over `ir.Value`s.
+
+Each takes the emitter `e` (graph builder, spec, tensor names, weight helpers) and the layer index;
+what a part does is decided by the spec alone, never by which family is being built.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx_ir as ir
+
+from ..errors import ConfigError
+from .builder import MS
+
+if TYPE_CHECKING:
+    from .decoder import Emitter
+
+
+@dataclass(frozen=True)
+class Stream:
+    """The hidden state as `x + residual` (residual None: just x), so the add can fuse into the next norm."""
+
+    x: ir.Value
+    residual: ir.Value | None = None
+
+    def scaled(self, e: "Emitter", node: str) -> "Stream":
+        """Granite's residual multiplier on the branch output."""
+        if e.spec.residual_scale == 1.0:
+            return self
+        return Stream(e.b.op("Mul", [self.x, e.scalar(e.spec.residual_scale)], f"{node}/Mul"), self.residual)
+
+    def total(self, e: "Emitter", node: str) -> ir.Value:
+        return self.x if self.residual is None else e.b.op("Add", [self.residual, self.x], f"{node}/Add")
+
+
+# -- norms ---------------------------------------------------------------------------------------
+def _norm_inputs(e: "Emitter", module: str | None, node: str, size: int) -> list[ir.Value | None]:
+    """gamma (and beta) of a norm; a non-parametric norm gets constant ones."""
+    n = e.spec.norm
+    if not n.weight:
+        return [e.ones(size)]
+    gamma = e.vector(node, f"{module}.weight", size, n.weight_offset)
+    if n.kind == "layer" and n.bias:
+        return [gamma, e.vector(node, f"{module}.bias", size)]
+    return [gamma]
+
+
+def norm(e: "Emitter", h: Stream, role: str, i: int | None, node: str, size: int | None = None) -> tuple[ir.Value, ir.Value]:
+    """Normalize the stream; returns (normed, the stream's total). A pending residual fuses into a Skip norm."""
+    n, size = e.spec.norm, size or e.spec.hidden_size
+    module = e.names.module(role, i) if n.weight else None
+    params = _norm_inputs(e, module, node, size)
+    if h.residual is None:
+        return plain_norm_op(e, h.x, params, node), h.x
+    if n.kind == "rms":
+        y, _m, _v, total = e.b.op("SkipSimplifiedLayerNormalization", [h.x, h.residual, *params],
+                                  f"{node}/SkipLayerNorm", domain=MS, n_out=4, epsilon=n.eps)
+    else:
+        y, _m, _v, total = e.b.op("SkipLayerNormalization", [h.x, h.residual, *params], f"{node}/SkipLayerNorm",
+                                  domain=MS, n_out=4, epsilon=n.eps)
+    _m.name = _v.name = ""
+    return y, total
+
+
+def plain_norm_op(e: "Emitter", x: ir.Value, params: list, node: str) -> ir.Value:
+    n = e.spec.norm
+    if n.kind == "rms":
+        return e.b.op("SimplifiedLayerNormalization", [x, *params], f"{node}/LayerNorm", axis=-1, epsilon=n.eps,
+                      stash_type=1)
+    return e.b.op("LayerNormalization", [x, *params], f"{node}/LayerNorm", axis=-1, epsilon=n.eps, stash_type=1)
+
+
+def plain_norm(e: "Emitter", x: ir.Value, role: str, i: int | None, node: str, size: int | None = None) -> ir.Value:
+    """A norm on a branch output (post-norms of sandwich and post blocks), no residual involved."""
+    size = size or e.spec.hidden_size
+    module = e.names.module(role, i) if e.spec.norm.weight else None
+    return plain_norm_op(e, x, _norm_inputs(e, module, node, size), node)
+
+
+def head_norm(e: "Emitter", x: ir.Value, i: int, which: str, heads: int) -> ir.Value:
+    """q/k norm over each head (Qwen3, Gemma 3): Reshape -> norm -> Reshape."""
+    a, b = e.spec.attention, e.b
+    node = f"/model/layers.{i}/attn/{which}_norm"
+    view = b.op("Reshape", [x, b.const([0, 0, heads, a.head_dim], np.int64)], f"{node}/Reshape")
+    y = plain_norm(e, view, f"{which}_norm", i, node, a.head_dim)
+    return b.op("Reshape", [y, b.const([0, 0, heads * a.head_dim], np.int64)], f"{node}/Reshape_1")
+
+
+# -- attention -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AttnInputs:
+    """What every layer's GroupQueryAttention shares: lengths and the rotary tables by layer type."""
+
+    seqlens_k: ir.Value
+    total_len: ir.Value
+    rotary: dict[str, tuple[ir.Value, ir.Value]]
+
+
+def attention(e: "Emitter", i: int, x: ir.Value, ctx: AttnInputs) -> ir.Value:
+    a, H, layer = e.spec.attention, e.spec.hidden_size, e.spec.layers[i]
+    base = f"/model/layers.{i}/attn"
+    qkv = e.linear_group(x, f"{base}/qkv_proj", i, [("q", f"{base}/q_proj", a.q_size), ("k", f"{base}/k_proj", a.kv_size),
+                                                     ("v", f"{base}/v_proj", a.kv_size)], H, bias=a.qkv_bias)
+    if a.clip_qkv:
+        lo, hi = e.scalar(-a.clip_qkv), e.scalar(a.clip_qkv)
+        qkv = [e.b.op("Clip", [t, lo, hi], f"{base}/qkv_proj/Clip_{n}") for n, t in enumerate(qkv)]
+    if a.qk_norm:
+        q, k, v = e.split(qkv, [a.q_size, a.kv_size, a.kv_size], f"{base}/qkv_proj")
+        if a.qk_norm == "head":
+            q, k = head_norm(e, q, i, "q", a.num_heads), head_norm(e, k, i, "k", a.num_kv_heads)
+        else:  # "full": one norm over the whole projection (OLMo 2)
+            q = plain_norm(e, q, "q_norm", i, f"{base}/q_norm", a.q_size)
+            k = plain_norm(e, k, "k_norm", i, f"{base}/k_norm", a.kv_size)
+        qkv = [q, k, v]
+    q, k, v = (qkv + [None, None])[:3]
+    attrs = dict(num_heads=a.num_heads, kv_num_heads=a.num_kv_heads, local_window_size=layer.window or -1,
+                 softcap=a.softcap)
+    if a.scale is not None:
+        attrs["scale"] = a.scale
+    cos = sin = None
+    if layer.rope is not None:
+        cos, sin = ctx.rotary[layer.rope]
+        attrs.update(do_rotary=1, rotary_interleaved=int(e.spec.rope_for(layer.rope).interleaved))
+    out, present_k, present_v = e.b.op(
+        "GroupQueryAttention", [q, k, v, *e.past[i], ctx.seqlens_k, ctx.total_len, cos, sin],
+        f"{base}/GroupQueryAttention", domain=MS, n_out=3, **attrs)
+    kv_shape = ["batch_size", a.num_kv_heads, "total_sequence_length", a.head_dim]
+    e.b.output(present_k, f"present.{i}.key", e.io.ir_dtype, kv_shape)
+    e.b.output(present_v, f"present.{i}.value", e.io.ir_dtype, kv_shape)
+    (o,) = e.linear_group(out, f"{base}/o_proj", i, [("o", f"{base}/o_proj", H)], a.q_size, bias=a.o_bias)
+    return o
+
+
+# -- MLP -----------------------------------------------------------------------------------------
+def mlp(e: "Emitter", i: int, x: ir.Value) -> ir.Value:
+    m, H = e.spec.mlp, e.spec.hidden_size
+    I = m.intermediate_size
+    base = f"/model/layers.{i}/mlp"
+    if m.gated:
+        gate, up = e.split(e.linear_group(x, f"{base}/gate_up_proj", i, [("gate", f"{base}/gate_proj", I),
+                                                                        ("up", f"{base}/up_proj", I)], H, bias=m.bias),
+                           [I, I], f"{base}/gate_up_proj")
+        h = e.b.op("Mul", [activation(e, gate, f"{base}/act_fn"), up], f"{base}/Mul")
+    else:
+        (up,) = e.linear_group(x, f"{base}/up_proj", i, [("up", f"{base}/up_proj", I)], H, bias=m.bias)
+        h = activation(e, up, f"{base}/act_fn")
+    (y,) = e.linear_group(h, f"{base}/down_proj", i, [("down", f"{base}/down_proj", H)], I, bias=m.bias)
+    return y
+
+
+ACTIVATIONS = ("silu", "swish", "gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu", "relu", "relu2")
+
+
+def activation(e: "Emitter", x: ir.Value, node: str) -> ir.Value:
+    act, b = e.spec.mlp.activation, e.b
+    if act in ("silu", "swish"):
+        return b.op("Mul", [x, b.op("Sigmoid", [x], f"{node}/Sigmoid")], f"{node}/Mul")
+    if act in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
+        return b.op("FastGelu", [x], f"{node}/FastGelu", domain=MS)
+    if act == "gelu":
+        return b.op("Gelu", [x], f"{node}/Gelu", domain=MS)
+    if act == "relu":
+        return b.op("Relu", [x], f"{node}/Relu")
+    if act == "relu2":  # squared ReLU (Nemotron)
+        r = b.op("Relu", [x], f"{node}/Relu")
+        return b.op("Mul", [r, r], f"{node}/Mul")
+    raise ConfigError(f"activation {act!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
