@@ -14,11 +14,12 @@ def load_reference(folder):
     return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
-def dequantized_reference(folder, out_dir):
+def dequantized_reference(folder, out_dir, model=None):
     """Load the checkpoint in transformers and dequantize each weight the way the build stored it.
 
-    Which weights were quantized, and how, is read from the built model's node attributes
-    (MatMulNBits / GatherBlockQuantized), so the reference follows the graph, not a guess.
+    Which checkpoint tensors (or row ranges of fused ones) each quantized node holds is read from
+    build_report.json ("sources"), how they were stored from the node attributes (MatMulNBits /
+    GatherBlockQuantized), so the reference follows the build, for any family.
     """
     import onnx
     import torch
@@ -34,48 +35,42 @@ def dequantized_reference(folder, out_dir):
             a = {x.name: x.i for x in n.attribute}
             sym = not (len(n.input) > 3 and n.input[3])
             bits_of[n.name] = (a["bits"], a["block_size"], sym)
-    model = load_reference(folder)
-    storages = {grp["label"]: grp["storage"] for grp in report["groups"]}
+    model = model if model is not None else load_reference(folder)
 
-    def method_of(label: str) -> str:
-        st = storages.get(label, "")
-        return next((m for m in ("k_quant", "hqq", "rtn", "default") if f" {m} " in f" {st} "), recipe["method"])
-
-    def qdq(w: np.ndarray, node: str, label: str) -> np.ndarray:
+    def qdq(w: np.ndarray, node: str, storage: str) -> np.ndarray:
         bits, block, sym = bits_of[node]
-        return dequantize(quantize(w, bits=bits, block_size=block, symmetric=sym, method=method_of(label)))
+        method = next((m for m in ("k_quant", "hqq", "rtn", "default") if f" {m} " in f" {storage} "), recipe["method"])
+        return dequantize(quantize(w, bits=bits, block_size=block, symmetric=sym, method=method))
 
+    params = dict(model.named_parameters())
     with torch.no_grad():
         emb = model.get_input_embeddings()
         head = model.get_output_embeddings()
         if head.weight is emb.weight:  # untie: the graph may store the two differently
             head.weight = torch.nn.Parameter(emb.weight.detach().clone())
-        for name, p in model.named_parameters():
-            if p.ndim != 2:
+        for grp in report["groups"]:
+            label = grp["label"]
+            node = {"/model/embed_tokens": "/model/embed_tokens/GatherBlockQuantized"}.get(label, f"{label}/MatMul")
+            if node not in bits_of or not grp["storage"].startswith("int"):
                 continue
-            for node, label in _nodes_for(name):
-                if node in bits_of:
-                    p.copy_(torch.from_numpy(qdq(p.numpy(), node, label)))
-                    break
-        if model.config.tie_word_embeddings and "/model/embed_tokens/GatherBlockQuantized" not in bits_of \
-                and "/lm_head/MatMul" in bits_of and _shared(g):
-            emb.weight.copy_(head.weight)
+            for src in grp["sources"]:
+                name, rows = _parse(src)
+                p = head.weight if label == "/lm_head" else emb.weight if label == "/model/embed_tokens" else params[name]
+                r = slice(*rows) if rows else slice(None)
+                p[r] = torch.from_numpy(qdq(p[r].numpy(), node, grp["storage"]))
+        if _shared(g) and "/lm_head/MatMul" in bits_of and not any(grp["label"] == "/model/embed_tokens"
+                                                                   for grp in report["groups"]):
+            emb.weight.copy_(head.weight)  # the lookup gathers from the lm_head's quantized weights
     return model
+
+
+def _parse(source: str) -> tuple[str, tuple[int, int] | None]:
+    if source.endswith("]"):
+        name, rng = source[:-1].split("[")
+        start, stop = rng.split(":")
+        return name, (int(start), int(stop))
+    return source, None
 
 
 def _shared(graph) -> bool:
     return any(n.op_type == "GatherBlockQuantized" for n in graph.node)
-
-
-def _nodes_for(param: str) -> list[tuple[str, str]]:
-    """HF parameter name -> candidate (ONNX node that holds it when quantized, report label)."""
-    if param == "lm_head.weight":
-        return [("/lm_head/MatMul", "/lm_head")]
-    if param == "model.embed_tokens.weight":
-        return [("/model/embed_tokens/GatherBlockQuantized", "/model/embed_tokens")]
-    parts = param.split(".")  # model.layers.{i}.self_attn.q_proj.weight
-    i, block, proj = parts[2], parts[3], parts[4]
-    group = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
-             "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}.get(proj, proj)
-    sub = "attn" if block == "self_attn" else "mlp"
-    return [(f"/model/layers.{i}/{sub}/{name}/MatMul", f"/model/layers.{i}/{sub}/{name}") for name in (group, proj)]

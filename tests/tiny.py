@@ -48,7 +48,8 @@ def make_model(family: str, folder: Path, dtype: str = "float32", seed: int = 0,
     import torch
     import transformers
 
-    params = dict(FAMILIES[family])
+    params = dict(FAMILIES.get(family, {}))  # a family not listed passes cls= and its config in overrides
+    params.update({k: overrides.pop(k) for k in ("cls",) if k in overrides})
     cls = getattr(transformers, params.pop("cls"))
     params.update(vocab_size=VOCAB, max_position_embeddings=256, bos_token_id=1, eos_token_id=0, pad_token_id=0)
     params.update(overrides)

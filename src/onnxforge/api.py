@@ -73,7 +73,8 @@ def build(
                                   max_length=max_length)
             _write_json(tmp / "genai_config.json", config)
             source.write_tokenizer(tmp)
-            report.groups = [{"label": g.label, "storage": g.storage, "bytes": g.nbytes} for g in writer.groups]
+            report.groups = [{"label": g.label, "storage": g.storage, "bytes": g.nbytes, "sources": list(g.sources)}
+                             for g in writer.groups]
             report.seconds = time.perf_counter() - start
             report.peak_rss = peak_rss_bytes()
             report.files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}

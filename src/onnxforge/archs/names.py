@@ -70,6 +70,9 @@ class Part:
     def with_suffix(self, suffix: str) -> "Part":
         return Part(self.name.rsplit(".", 1)[0] + "." + suffix, self.rows)
 
+    def __str__(self) -> str:
+        return self.name if self.rows is None else f"{self.name}[{self.rows[0]}:{self.rows[1]}]"
+
     @property
     def module(self) -> str:
         return self.name.rsplit(".", 1)[0]

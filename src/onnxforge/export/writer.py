@@ -30,6 +30,7 @@ class WrittenGroup:
     label: str
     storage: str
     nbytes: int
+    sources: tuple[str, ...] = ()
 
 
 def _check(job: WeightJob, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -113,7 +114,7 @@ class WeightWriter:
                     offset += arr.nbytes
                 del arrays
                 in_flight -= job.nbytes
-                self.groups.append(WrittenGroup(job.label, job.storage, job.nbytes))
+                self.groups.append(WrittenGroup(job.label, job.storage, job.nbytes, job.sources))
                 if progress:
                     progress(job.nbytes)
             try:

@@ -46,6 +46,7 @@ class WeightJob:
     slots: tuple[TensorSlot, ...]
     produce: Callable[[], Sequence[np.ndarray]]
     storage: str = "float"  # human-readable: "fp32", "int4 rtn sym b32", "int4 (transcoded Q4_0)", ...
+    sources: tuple[str, ...] = ()  # the checkpoint tensors it reads, `name[start:stop]` for a row range
 
     @property
     def nbytes(self) -> int:

@@ -51,7 +51,7 @@ def float_matmul_job(source: Source, label: str, init: str, parts: Sequence[Part
             del part
         return [out]
 
-    return WeightJob(label, (TensorSlot(init, st.ir_dtype, (K, N)),), produce, st.describe())
+    return WeightJob(label, (TensorSlot(init, st.ir_dtype, (K, N)),), produce, st.describe(), tuple(map(str, parts)))
 
 
 def float_table_job(source: Source, label: str, init: str, name: str, shape: tuple[int, ...], st: Storage,
@@ -64,7 +64,7 @@ def float_table_job(source: Source, label: str, init: str, name: str, shape: tup
             arr = arr.astype(np.float32) + np.float32(offset)
         return [arr.astype(st.np_dtype, copy=False)]
 
-    return WeightJob(label, (TensorSlot(init, st.ir_dtype, shape),), produce, st.describe())
+    return WeightJob(label, (TensorSlot(init, st.ir_dtype, shape),), produce, st.describe(), (name,))
 
 
 def concat_vector_job(source: Source, label: str, init: str, parts: Sequence[Part], size: int, st: Storage) -> WeightJob:
@@ -74,7 +74,7 @@ def concat_vector_job(source: Source, label: str, init: str, parts: Sequence[Par
         arrays = [np.asarray(a, dtype=np.float32).reshape(-1) for a in read_parts(source, parts)]
         return [np.concatenate(arrays).astype(st.np_dtype)]
 
-    return WeightJob(label, (TensorSlot(init, st.ir_dtype, (size,)),), produce, st.describe())
+    return WeightJob(label, (TensorSlot(init, st.ir_dtype, (size,)),), produce, st.describe(), tuple(map(str, parts)))
 
 
 def quant_slots(prefix: str, N: int, K: int, st: Storage, scale_dtype: ir.DataType) -> tuple[TensorSlot, ...]:
@@ -101,7 +101,7 @@ def quant_matmul_job(source: Source, label: str, prefix: str, parts: Sequence[Pa
             return _native_arrays(source, parts, st, scale_np)
         return quantize_rows(source, parts, slots, st, scale_np)
 
-    return WeightJob(label, slots, produce, storage)
+    return WeightJob(label, slots, produce, storage, tuple(map(str, parts)))
 
 
 def _all_native(source: Source, parts: Sequence[Part], st: Storage) -> str | None:
