@@ -81,6 +81,9 @@ class GGUFSource:
         tensor = self._tensor(name)
         try:
             values = _dequantize(tensor).reshape(_hf_shape(tensor))
+            offset = self._family.offset(name)
+            if offset:  # e.g. Gemma's converter stores norm weights + 1; HF stores them as they are
+                values = values - np.float32(offset)
             perm = self._row_permutation(name, values.shape[0])
             return np.ascontiguousarray(values[perm] if perm is not None else values)
         except OnnxForgeError:
@@ -233,10 +236,8 @@ class GGUFSource:
         hidden = int(self._key("embedding_length"))
         head_dim = int(self._key("attention.key_length", self._key("rope.dimension_count", hidden // heads)))
         rope_dim = int(self._key("rope.dimension_count", head_dim))
-        if rope_dim != head_dim:
-            raise ConfigError(
-                f"{self.path}: rotary dimension {rope_dim} != head_dim {head_dim} (partial rotary) is not supported."
-            )
+        if not 0 < rope_dim <= head_dim:
+            raise ConfigError(f"{self.path}: rotary dimension {rope_dim} must be between 1 and head_dim {head_dim}.")
         theta = float(self._key("rope.freq_base", 10000.0))
         scaling = self._rope_scaling(theta, head_dim)
         config: dict[str, Any] = {
@@ -260,12 +261,20 @@ class GGUFSource:
             "torch_dtype": self._float_dtype(),
             **self._family.config_extra,
         }
+        if rope_dim != head_dim:
+            config["partial_rotary_factor"] = rope_dim / head_dim
+        for suffix, hf_key in self._family.config_keys.items():
+            value = self._key(suffix, None)
+            if value is not None:
+                config[hf_key] = value
         window = self._key("attention.sliding_window", None)
         if window is not None:
             config["sliding_window"] = int(window)
         elif self._family.model_type in ("qwen2", "qwen3"):
             config["sliding_window"] = None
         config.update(self._token_ids())
+        if self._family.config_hook is not None:
+            config.update(self._family.config_hook(config, self._key))
         return config
 
     def _token_ids(self) -> dict[str, int]:

@@ -7,9 +7,10 @@ fixed for the family, and where its GGUF tensor names differ from the role table
 """
 from __future__ import annotations
 
+import fnmatch
 import re
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 # GGUF tensors that carry no HF weight; they are read for the config instead (rope_freqs: llama3
 # rope scaling factors) and never listed by `tensor_names()`.
@@ -25,6 +26,13 @@ class GGUFFamily:
     permute_qk: bool
     config_extra: Mapping[str, object] = field(default_factory=dict)
     gguf_names: Mapping[str, str | None] = field(default_factory=dict)  # role -> GGUF base name (None: absent)
+    config_keys: Mapping[str, str] = field(default_factory=dict)  # `{arch}.<suffix>` metadata -> HF config key
+    # (config so far, metadata getter `key(suffix, default)`) -> more HF config keys
+    config_hook: Callable[[dict, Callable[..., Any]], Mapping[str, Any]] | None = None
+    offsets: Mapping[str, float] = field(default_factory=dict)  # HF tensor glob -> value llama.cpp's converter added
+
+    def offset(self, hf_name: str) -> float:
+        return next((v for pattern, v in self.offsets.items() if fnmatch.fnmatchcase(hf_name, pattern)), 0.0)
 
 
 FAMILIES: dict[str, GGUFFamily] = {
