@@ -214,6 +214,10 @@ def rope_from_config(cfg: dict, head_dim: int, context_length: int | None = None
     if rotary_dim % 2 or rotary_dim <= 0:
         raise ConfigError(f"config.json: rotary dimension {rotary_dim} must be a positive even number")
     factor = _finite(params, "factor", 1.0) if kind != "default" else 1.0
+    if kind == "longrope" and params.get("factor") is None:  # Phi-3: the ratio of the two lengths, as transformers
+        original = params.get("original_max_position_embeddings")
+        if _number(original) and original > 0 and context_length:
+            factor = context_length / original
     for k in ROPE_SCALAR_KEYS:
         v = params.get(k)
         if v is not None and not (isinstance(v, (int, float)) and (k == "truncate" or not isinstance(v, bool))):
@@ -234,6 +238,9 @@ def rope_from_config(cfg: dict, head_dim: int, context_length: int | None = None
     # lists of numbers are kept (short/long factors, mrope sections); other values of unknown keys are unused
     lists = {k: v for k, v in params.items() if isinstance(v, list) and all(_number(x) for x in v)}
     extra = tuple((k, tuple(float(x) for x in v)) for k, v in sorted(lists.items()))
+    if kind == "dynamic" and "original_max_position_embeddings" not in params and context_length:
+        params = {**params, "original_max_position_embeddings": context_length}  # transformers' reference length
+        numeric = tuple(sorted(numeric + (("original_max_position_embeddings", float(context_length)),)))
     interleaved = bool(cfg.get("rope_interleaved", False))
     rope = RopeSpec(theta=theta, rotary_dim=rotary_dim, kind=kind, factor=factor, params=numeric + extra,  # type: ignore[arg-type]
                     interleaved=interleaved)

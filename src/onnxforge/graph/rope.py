@@ -30,6 +30,16 @@ def inv_freq_and_scale(rope: RopeSpec, context_length: int, long: bool = False) 
     return inv_freq, 1.0
 
 
+def _dynamic_inv_freq(rope: RopeSpec, original: int, context_length: int) -> np.ndarray:
+    """Dynamic NTK past the original length: position p is rotated as transformers rotates it when it
+    is the newest token (sequence length p + 1), the base growing with the length, in float32 as torch."""
+    dim, factor = rope.rotary_dim, np.float32(rope.factor)
+    lengths = np.arange(original + 1, context_length + 1, dtype=np.float32)
+    base = np.float32(rope.theta) * ((factor * lengths / np.float32(original)) - (factor - 1)) ** np.float32(dim / (dim - 2))
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    return (np.float32(1.0) / base.astype(np.float32)[:, None] ** exponents[None, :]).astype(np.float32)
+
+
 def _llama3(rope: RopeSpec, inv_freq: np.ndarray, original: int) -> np.ndarray:
     factor = rope.factor
     low, high = rope.param("low_freq_factor", 1.0), rope.param("high_freq_factor", 4.0)
@@ -74,7 +84,7 @@ def _yarn(rope: RopeSpec, pos_freqs: np.ndarray, original: int) -> tuple[np.ndar
 
 def _longrope(rope: RopeSpec, exponents: np.ndarray, original: int, context_length: int,
               long: bool = False) -> tuple[np.ndarray, float]:
-    factor = context_length / original if rope.factor == 1.0 else rope.factor
+    factor = rope.factor  # set from max / original max at spec time when the config gives none
     attention_factor = rope.param("attention_factor")
     if attention_factor is None:
         attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
@@ -89,4 +99,7 @@ def cos_sin_cache(rope: RopeSpec, context_length: int, long: bool = False) -> tu
     inv_freq, scale = inv_freq_and_scale(rope, context_length, long)
     positions = np.arange(context_length, dtype=np.float32)
     freqs = np.outer(positions, inv_freq).astype(np.float32)
+    if rope.kind == "dynamic":
+        original = int(rope.param("original_max_position_embeddings", context_length) or context_length)
+        freqs[original:] = positions[original:, None] * _dynamic_inv_freq(rope, original, context_length)
     return (np.cos(freqs) * np.float32(scale)).astype(np.float32), (np.sin(freqs) * np.float32(scale)).astype(np.float32)
