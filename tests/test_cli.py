@@ -65,3 +65,14 @@ def test_scheme_flag_sets_the_base_storage(tiny_models, tmp_path, capsys):
     assert set(k for k in storage if k.startswith("MatMulNBits")) == {"MatMulNBits int4 block 64 asym"}
     prompt, decode = prompt_and_decode()
     assert onnx_step_logits(out, prompt, decode).shape[0] == len(prompt) + len(decode)
+
+
+def test_archs_lists_every_registered_architecture(capsys):
+    from onnxforge.archs.registry import load_families
+
+    assert main(["archs"]) == 0
+    out = capsys.readouterr().out
+    for name, arch in load_families().items():
+        line = next(ln for ln in out.splitlines() if ln.startswith(name + " "))
+        assert arch.model_type in line
+    assert "longrope" in out and "sliding" in out

@@ -113,6 +113,13 @@ def cmd_recipes(args) -> int:
     return 0
 
 
+def cmd_archs(args) -> int:
+    from .archs.listing import architectures_table
+
+    print(architectures_table())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onnxforge", description=__doc__.splitlines()[0])
     from . import __version__
@@ -125,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
     p = sub.add_parser("recipes", help="list schemes, templates, algorithms and accepted options")
     p.set_defaults(func=cmd_recipes)
+    p = sub.add_parser("archs", help="list the supported architectures and what each supports")
+    p.set_defaults(func=cmd_archs)
     from .verify import cli as verify_cli
 
     verify_cli.add_commands(sub)
