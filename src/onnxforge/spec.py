@@ -350,7 +350,7 @@ def base_spec(cfg: dict, **overrides) -> ModelSpec:
     ropes = ropes_from_config(cfg, head_dim, context)
     spec = ModelSpec(
         architecture=cfg["architectures"][0],
-        model_type=str(cfg.get("model_type", "llama")),
+        model_type=str(cfg.get("model_type") or ""),
         hidden_size=hidden,
         num_layers=layers,
         vocab_size=vocab,
