@@ -308,6 +308,11 @@ def layer_types(cfg: dict, num_layers: int) -> tuple[tuple[str, ...], int]:
         return tuple(types), window or 0
     if cfg.get("use_sliding_window") is False or not window:
         return ("full_attention",) * num_layers, 0
+    pattern = cfg.get("sliding_window_pattern")  # 4.x Gemma 3 / Cohere 2: every pattern-th layer is global
+    if pattern is not None:
+        if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern <= 0:
+            raise ConfigError(f"config.json: sliding_window_pattern must be a positive integer, got {pattern!r}")
+        return tuple("sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)), window
     return ("sliding_attention",) * num_layers, window
 
 

@@ -38,7 +38,11 @@ class Architecture:
                 raise ConfigError(f"config.json of {self.name} has no text_config object")
             cfg = {**{k: v for k, v in cfg.items() if k != "text_config"}, **text,
                    "architectures": cfg["architectures"]}
-        return {**self.config_defaults, **{k: v for k, v in cfg.items() if v is not None}}
+        # A default fills a missing key only: an explicit null stays null, as in transformers' config
+        # classes (Gemma 2's `final_logit_softcapping: null` turns softcapping off; missing means 30).
+        # Other nulls are dropped, so the spec's own defaults apply to them.
+        return {**self.config_defaults,
+                **{k: v for k, v in cfg.items() if v is not None or k in self.config_defaults}}
 
     def make_spec(self, cfg: dict) -> ModelSpec:
         cfg = self.config(cfg)
