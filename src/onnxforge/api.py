@@ -61,6 +61,7 @@ def build(
             recipe_sha256=hashlib.sha256(json.dumps(recipe.describe(), sort_keys=True).encode()).hexdigest(),
             shared_embeddings=emitter.shared,
         )
+        report.notes.extend(_ignored_note(arch, source))
         with staged_folder(Path(output), overwrite) as tmp:
             writer = WeightWriter(tmp, workers=workers)
             writer.run(builder, _progress_callback(progress, builder))
@@ -90,6 +91,18 @@ def _write_json(path: Path, data: dict) -> None:
         path.write_text(json.dumps(data, indent=4) + "\n", encoding="utf-8")
     except OSError as e:
         raise OutputError(f"cannot write {path.name}: {e.strerror}") from None
+
+
+def _ignored_note(arch, source) -> list[str]:
+    """What the family leaves unread on purpose (a multimodal wrapper's vision tower), said in the report."""
+    import fnmatch
+
+    unread = [n for n in source.tensor_names() if any(fnmatch.fnmatchcase(n, g) for g in arch.ignored)]
+    if not unread:
+        return []
+    groups = sorted({g for g in arch.ignored if any(fnmatch.fnmatchcase(n, g) for n in unread)})
+    return [f"{len(unread)} checkpoint tensors left unread on purpose ({', '.join(groups)}): "
+            f"not part of the {arch.name} text decoder"]
 
 
 def _check_runtime_limits(spec, recipe: Recipe) -> None:
