@@ -203,3 +203,95 @@ def test_gemma3_vl_never_softcaps_logits():
     assert architecture_for(cfg).make_spec(cfg).final_softcap == 0.0
     cfg = {"architectures": ["Gemma3ForCausalLM"], **cfg["text_config"]}
     assert architecture_for(cfg).make_spec(cfg).final_softcap == 30.0
+
+
+# -- GGUF: written as llama.cpp's convert_hf_to_gguf.py Gemma*Model classes write it -----------------
+GGUF_CONFIGS = {  # query_pre_attn_scalar = head_dim: llama.cpp derives the scale, no GGUF key carries it
+    "gemma": CONFIGS["gemma"],
+    "gemma2": {**CONFIGS["gemma2"], "query_pre_attn_scalar": 32},
+    # six layers: llama.cpp fixes Gemma 3's pattern at 5 sliding + 1 global
+    "gemma3": {**{k: v for k, v in CONFIGS["gemma3"].items() if k != "layer_types"}, "num_hidden_layers": 6,
+               "query_pre_attn_scalar": 32, "final_logit_softcapping": 6.0},
+}
+
+
+def write_gemma_gguf(path, model, vocab: dict, arch: str) -> None:
+    """GemmaModel / Gemma2Model / Gemma3Model (conversion/gemma.py): metadata keys, norm weights + 1,
+    no lm_head for Gemma 1/2 (tied), gguf's HF->GGUF tensor names."""
+    import gguf
+    from test_gguf_source import add_vocab
+
+    c = model.config
+    w = gguf.GGUFWriter(path, arch)
+    w.add_name("tiny")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(c.attn_logit_softcapping)
+        w.add_final_logit_softcapping(c.final_logit_softcapping)
+        w.add_sliding_window(c.sliding_window)
+    if arch == "gemma3":  # TextModel.set_gguf_parameters: rope of the full layers, the sliding layers' base
+        full, local = c.rope_parameters["full_attention"], c.rope_parameters["sliding_attention"]
+        if full["rope_type"] == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(full["factor"])
+        w.add_rope_freq_base(full["rope_theta"])
+        w.add_rope_freq_base_swa(local["rope_theta"])
+        if c.final_logit_softcapping:
+            w.add_final_logit_softcapping(c.final_logit_softcapping)
+        w.add_sliding_window(c.sliding_window)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    add_vocab(w, vocab)
+    w.add_add_space_prefix(False)
+    if arch == "gemma":  # CodeGemma's special tokens, written for every Gemma
+        for kind, token in (("prefix", 67), ("suffix", 69), ("middle", 68), ("fsep", 70)):
+            w.add_uint32(f"tokenizer.ggml.{kind}_token_id", token)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], c.num_hidden_layers)
+    for hf_name, tensor in model.state_dict().items():
+        if hf_name == "lm_head.weight" and (arch != "gemma3" or c.tie_word_embeddings):
+            continue
+        array = tensor.detach().float().numpy()
+        if hf_name.endswith("norm.weight"):
+            array = array + 1
+        stem, suffix = hf_name.rsplit(".", 1)
+        w.add_tensor(f"{names.get_name(stem)}.{suffix}", np.ascontiguousarray(array))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("arch", list(GGUF_CONFIGS))
+def test_gguf_equals_the_hf_build(tmp_path, arch):
+    from conftest import genai_greedy, onnx_step_logits, reference_greedy
+    from test_gguf_source import sentencepiece_vocab
+    from tiny import make_model
+
+    import onnxforge
+
+    vocab = sentencepiece_vocab()
+    model = make_model(arch, tmp_path / "hf", **GGUF_CONFIGS[arch], vocab_size=len(vocab["tokens"]))
+    path = tmp_path / f"{arch}.gguf"
+    write_gemma_gguf(path, model, vocab, arch)
+    onnxforge.build(tmp_path / "hf", tmp_path / "hf-out", "fp32")
+    onnxforge.build(path, tmp_path / "gguf-out", "fp32")
+    hf_g, gguf_g = (onnx.load(str(tmp_path / f"{o}/model.onnx"), load_external_data=False).graph
+                    for o in ("hf-out", "gguf-out"))
+    attrs = [[(n.op_type, sorted((a.name, onnx.helper.get_attribute_value(a)) for a in n.attribute))
+              for n in g.node] for g in (hf_g, gguf_g)]
+    assert attrs[0] == attrs[1]  # same graph: windows, softcaps, scales, rope tables per layer type
+    prompt, decode = prompt_and_decode()
+    ref = reference_logits(model, prompt + decode)
+    from_hf = onnx_step_logits(tmp_path / "hf-out", prompt, decode)
+    from_gguf = onnx_step_logits(tmp_path / "gguf-out", prompt, decode)
+    assert np.abs(from_gguf - from_hf).max() < 1e-5
+    assert np.abs(from_gguf - ref).max() < 1e-4
+    if arch == "gemma3":  # the GGUF's own tokenizer and genai config run in onnxruntime-genai
+        assert genai_greedy(tmp_path / "gguf-out", prompt) == reference_greedy(model, prompt)

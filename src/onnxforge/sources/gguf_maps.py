@@ -35,12 +35,36 @@ class GGUFFamily:
         return next((v for pattern, v in self.offsets.items() if fnmatch.fnmatchcase(hf_name, pattern)), 0.0)
 
 
+_GEMMA = {"hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh"}
+_NORMS_PLUS_1 = {"*norm.weight": 1.0}
+
+
+def _gemma_scale(cfg: dict, layers_27b: int) -> dict:
+    """llama.cpp's attention scale for Gemma 2/3, which no GGUF key carries (it tells the 27B by its layer count)."""
+    big = cfg["num_hidden_layers"] == layers_27b
+    return {"query_pre_attn_scalar": cfg["hidden_size"] // cfg["num_attention_heads"] if big else cfg["head_dim"]}
+
+
 FAMILIES: dict[str, GGUFFamily] = {
     # llama.cpp writes Llama, Mistral (v0.1-v0.3), SmolLM, TinyLlama... as "llama" and permutes Q/K.
     "llama": GGUFFamily("LlamaForCausalLM", "llama", True, {"mlp_bias": False}),
     # Qwen2/Qwen3 converters do not permute (they use the neox rotary layout in llama.cpp).
     "qwen2": GGUFFamily("Qwen2ForCausalLM", "qwen2", False, {"use_sliding_window": False}),
     "qwen3": GGUFFamily("Qwen3ForCausalLM", "qwen3", False, {"use_sliding_window": False}),
+    # Gemma: the converter adds 1 to every norm weight; llama.cpp fixes GELU-tanh, the sliding pattern
+    # (2, 6: the architectures' defaults), Gemma 3's local rope base (rope.freq_base_swa, else 10000)
+    # and the attention scale (1/sqrt(head_dim), 1/sqrt(hidden/heads) for the 27B models).
+    "gemma": GGUFFamily("GemmaForCausalLM", "gemma", False, _GEMMA, offsets=_NORMS_PLUS_1),
+    "gemma2": GGUFFamily("Gemma2ForCausalLM", "gemma2", False, _GEMMA, offsets=_NORMS_PLUS_1,
+                         config_keys={"attn_logit_softcapping": "attn_logit_softcapping",
+                                      "final_logit_softcapping": "final_logit_softcapping"},
+                         config_hook=lambda cfg, key: _gemma_scale(cfg, 46)),
+    "gemma3": GGUFFamily("Gemma3ForCausalLM", "gemma3_text", False, _GEMMA, offsets=_NORMS_PLUS_1,
+                         config_keys={"final_logit_softcapping": "final_logit_softcapping"},
+                         config_hook=lambda cfg, key: {**_gemma_scale(cfg, 62), "rope_parameters": {
+                             "full_attention": cfg["rope_parameters"],
+                             "sliding_attention": {"rope_type": "default",
+                                                   "rope_theta": float(key("rope.freq_base_swa", 10_000.0))}}}),
 }
 
 # HF names whose rows llama.cpp permuted, and which head count the permutation used.
