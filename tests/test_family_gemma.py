@@ -34,17 +34,27 @@ CONFIGS = {
 }
 
 
+def make_gemma(name: str, folder, **config):
+    """tests/tiny.py's model with the tied table scaled down: at tiny.py's spread, each token's own
+    embedding dominates the logits and greedy decoding repeats one token, which would prove little."""
+    from tiny import make_model
+
+    model = make_model(name, folder, **config)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(0.2)
+    model.save_pretrained(folder)
+    return model
+
+
 @pytest.fixture(scope="module")
 def gemma(tmp_path_factory):
     """name -> (checkpoint folder, transformers model), made once per module (configs hold lists)."""
-    from tiny import make_model
-
     cache: dict = {}
 
     def get(name: str):
         if name not in cache:
             folder = tmp_path_factory.mktemp(name)
-            cache[name] = (folder, make_model(name, folder, **CONFIGS[name]))
+            cache[name] = (folder, make_gemma(name, folder, **CONFIGS[name]))
         return cache[name]
 
     return get
@@ -166,6 +176,7 @@ def gemma3_vl(tmp_path_factory):
                 p.normal_(0, 0.1)
             else:
                 p.normal_(0, 0.5 / p.shape[-1] ** 0.5 * 4)
+        model.get_input_embeddings().weight.mul_(0.2)  # as make_gemma does
     model.save_pretrained(legacy)
     tokenizer_files(legacy)
     new = tmp_path_factory.mktemp("gemma3-vl-new")
@@ -272,12 +283,11 @@ def write_gemma_gguf(path, model, vocab: dict, arch: str) -> None:
 def test_gguf_equals_the_hf_build(tmp_path, arch):
     from conftest import genai_greedy, onnx_step_logits, reference_greedy
     from test_gguf_source import sentencepiece_vocab
-    from tiny import make_model
 
     import onnxforge
 
     vocab = sentencepiece_vocab()
-    model = make_model(arch, tmp_path / "hf", **GGUF_CONFIGS[arch], vocab_size=len(vocab["tokens"]))
+    model = make_gemma(arch, tmp_path / "hf", **GGUF_CONFIGS[arch], vocab_size=len(vocab["tokens"]))
     path = tmp_path / f"{arch}.gguf"
     write_gemma_gguf(path, model, vocab, arch)
     onnxforge.build(tmp_path / "hf", tmp_path / "hf-out", "fp32")
