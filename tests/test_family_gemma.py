@@ -151,6 +151,43 @@ def test_gemma2_null_softcap_stays_off_missing_means_transformers_default():
     assert (spec.attention.softcap, spec.final_softcap) == (0.0, 0.0)
 
 
+MINIMAL = {  # config.json files that leave most keys to transformers' defaults
+    "GemmaForCausalLM": {"model_type": "gemma", "hidden_act": "gelu"},  # legacy "gelu" means the tanh form
+    "Gemma2ForCausalLM": {"model_type": "gemma2"},
+    "Gemma3ForCausalLM": {"model_type": "gemma3_text", "sliding_window": 512, "sliding_window_pattern": 6},
+    # google/gemma-3-4b-it's text_config lists just these
+    "Gemma3ForConditionalGeneration": {"model_type": "gemma3", "text_config": {
+        "hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text", "num_hidden_layers": 34,
+        "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024}},
+}
+
+
+@pytest.mark.parametrize("arch", list(MINIMAL))
+def test_missing_keys_take_transformers_defaults(arch):
+    raw = {"architectures": [arch], **MINIMAL[arch]}
+    spec = architecture_for(raw).make_spec(raw)
+    config = transformers.AutoConfig.for_model(**{k: v for k, v in raw.items() if k != "architectures"})
+    c = config.get_text_config()
+    a = spec.attention
+    assert (spec.hidden_size, spec.num_layers, spec.vocab_size, spec.mlp.intermediate_size, spec.context_length) == (
+        c.hidden_size, c.num_hidden_layers, c.vocab_size, c.intermediate_size, c.max_position_embeddings)
+    assert (a.num_heads, a.num_kv_heads, a.head_dim, spec.norm.eps) == (
+        c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps)
+    assert spec.mlp.activation == (getattr(c, "hidden_activation", None) or c.hidden_act) == "gelu_pytorch_tanh"
+    assert spec.tie_embeddings == config.tie_word_embeddings is True
+    assert spec.embedding_scale == c.hidden_size ** 0.5 and spec.norm.weight_offset == 1.0
+    types = getattr(c, "layer_types", None) or ["full_attention"] * c.num_hidden_layers
+    assert spec.layer_windows == tuple(c.sliding_window if t == "sliding_attention" else 0 for t in types)
+    params = c.rope_parameters if "full_attention" in c.rope_parameters else {"full_attention": c.rope_parameters}
+    for layer, t in zip(spec.layers, types):
+        rope, want = spec.rope_for(layer.rope), params.get(t, params["full_attention"])
+        assert (rope.theta, rope.kind, rope.factor) == (want["rope_theta"], want["rope_type"], want.get("factor", 1.0))
+    if arch != "GemmaForCausalLM":
+        assert a.scale == c.query_pre_attn_scalar ** -0.5
+        assert (a.softcap, spec.final_softcap) == (c.attn_logit_softcapping or 0.0, 0.0 if "Conditional" in arch
+                                                   else c.final_logit_softcapping or 0.0)
+
+
 # -- the Gemma 3 vision-language wrapper -------------------------------------------------------------
 @pytest.fixture(scope="module")
 def gemma3_vl(tmp_path_factory):

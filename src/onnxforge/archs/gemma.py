@@ -13,10 +13,14 @@ from .registry import Architecture, register
 
 SANDWICH = {"norm.weight_offset": 1.0, "block": "sandwich"}
 PRE_FFN_NORM = {"ffn_norm": "model.layers.{i}.pre_feedforward_layernorm"}  # post_attention_layernorm is a post-norm
-# transformers' config defaults for keys a config.json may omit (head_dim is 256, not hidden / heads)
-DEFAULTS = {"tie_word_embeddings": True, "head_dim": 256, "max_position_embeddings": 8192}
-DEFAULTS2 = {**DEFAULTS, "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 256, "num_key_value_heads": 4,
-             "sliding_window": 4096}
+# transformers' config defaults for keys a config.json may omit (Gemma 3 4B-27B text_configs list only
+# a few; head_dim is 256, not hidden / heads)
+DEFAULTS = {"tie_word_embeddings": True, "head_dim": 256, "rms_norm_eps": 1e-6, "max_position_embeddings": 8192,
+            "vocab_size": 256_000, "hidden_size": 3072, "intermediate_size": 24576, "num_hidden_layers": 28,
+            "num_attention_heads": 16, "num_key_value_heads": 16}
+DEFAULTS2 = {**DEFAULTS, "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 256, "sliding_window": 4096,
+             "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26, "num_attention_heads": 8,
+             "num_key_value_heads": 4}
 
 
 def _common(cfg: dict) -> dict:
@@ -56,14 +60,15 @@ def _gemma3_wrapper(cfg: dict) -> dict:
 
 
 register(Architecture("GemmaForCausalLM", "gemma", {"norm.weight_offset": 1.0}, hook=_gemma,
-                      config_defaults={**DEFAULTS, "num_key_value_heads": 16}, gguf="gemma", doc="Gemma (1), CodeGemma"))
+                      config_defaults=DEFAULTS, gguf="gemma", doc="Gemma (1), CodeGemma"))
 register(Architecture("Gemma2ForCausalLM", "gemma2", SANDWICH, hook=_gemma2, names=PRE_FFN_NORM,
                       config_defaults={**DEFAULTS2, "sliding_window_pattern": 2, "attn_logit_softcapping": 50.0,
                                        "final_logit_softcapping": 30.0},
                       gguf="gemma2", doc="Gemma 2 (softcapping, alternating sliding window)"))
 GEMMA3 = dict(spec={**SANDWICH, "attention.qk_norm": "head"}, names=PRE_FFN_NORM,
               config_defaults={**DEFAULTS2, "sliding_window_pattern": 6, "rope_theta": 1_000_000.0,
-                               "rope_local_base_freq": 10_000.0, "max_position_embeddings": 131_072})
+                               "rope_local_base_freq": 10_000.0, "max_position_embeddings": 131_072,
+                               "vocab_size": 262_208})
 register(Architecture("Gemma3ForCausalLM", "gemma3_text", **GEMMA3, hook=_gemma2, gguf="gemma3",
                       doc="Gemma 3 text (1B, 270M): q/k norm, local and global rope bases"))
 register(Architecture("Gemma3ForConditionalGeneration", "gemma3_text", **GEMMA3, hook=_gemma3_wrapper,
