@@ -49,11 +49,13 @@ def onnx_step_logits(out_dir, prompt, decode) -> np.ndarray:
 
 
 def reference_greedy(model, prompt: list[int], n: int = GEN_TOKENS) -> list[int]:
+    """transformers' greedy tokens with EOS suppressed until n tokens, as genai_greedy's min_length does."""
     import torch
 
+    eos = model.generation_config.eos_token_id
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                             pad_token_id=0, eos_token_id=None)
+                             pad_token_id=0, eos_token_id=eos)
     return out[0, len(prompt):].tolist()
 
 
