@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ def tiny_models(tmp_path_factory):
     cache: dict = {}
 
     def get(family: str, **kw):
-        key = (family, tuple(sorted(kw.items())))
+        key = (family, json.dumps(kw, sort_keys=True))  # config values may be lists or dicts
         if key not in cache:
             folder = tmp_path_factory.mktemp(family)
             cache[key] = (folder, tiny.make_model(family, folder, **kw))
