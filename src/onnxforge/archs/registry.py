@@ -22,6 +22,8 @@ class Architecture:
     model_type: str  # genai_config model.type
     spec: Mapping[str, Any] = field(default_factory=dict)  # spec changes, dotted paths: {"norm.kind": "layer"}
     hook: Callable[[dict], Mapping[str, Any]] | None = None  # config -> more spec changes
+    # config -> config: what the family's transformers config class rewrites on load (legacy spellings)
+    config_fix: Callable[[dict], dict] | None = None
     config_defaults: Mapping[str, Any] = field(default_factory=dict)  # transformers' defaults for missing keys
     names: Mapping[str, str] = field(default_factory=dict)  # role -> pinned HF spelling
     rewrites: tuple[tuple[str, str], ...] = ()  # module prefix rewrites, e.g. ("model.", "model.language_model.")
@@ -41,8 +43,9 @@ class Architecture:
         # A default fills a missing key only: an explicit null stays null, as in transformers' config
         # classes (Gemma 2's `final_logit_softcapping: null` turns softcapping off; missing means 30).
         # Other nulls are dropped, so the spec's own defaults apply to them.
-        return {**self.config_defaults,
-                **{k: v for k, v in cfg.items() if v is not None or k in self.config_defaults}}
+        cfg = {**self.config_defaults,
+               **{k: v for k, v in cfg.items() if v is not None or k in self.config_defaults}}
+        return self.config_fix(cfg) if self.config_fix else cfg
 
     def make_spec(self, cfg: dict) -> ModelSpec:
         cfg = self.config(cfg)
