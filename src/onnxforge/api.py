@@ -112,6 +112,13 @@ def _check_runtime_limits(spec, recipe: Recipe) -> None:
             f"head_dim {hd} is not a multiple of 16, which onnxruntime's CPU GroupQueryAttention rejects; "
             "this model cannot run on the CPU provider"
         )
+    rotary = sorted({spec.rope_for(layer.rope).rotary_dim for layer in spec.layers if layer.rope is not None})
+    if recipe.provider == "cpu" and any(d % 16 for d in rotary):
+        raise ConfigError(
+            f"rotary dimension {next(d for d in rotary if d % 16)} (partial rotary) is not a multiple of 16: "
+            "onnxruntime's GroupQueryAttention needs a multiple of 8 cos/sin cache columns; "
+            "this model cannot run on the CPU provider"
+        )
 
 
 def _progress_callback(progress, builder: GraphBuilder):
