@@ -38,6 +38,8 @@ SUPPORTED_TYPES: frozenset[QT] = frozenset({
 # Bytes of each tensor's data folded into the fingerprint (besides the whole header).
 _FINGERPRINT_SAMPLE = 4096
 
+_LONGROPE_TENSORS = ("rope_factors_long.weight", "rope_factors_short.weight")
+
 # Metadata arrays longer than this are read on demand (vocabularies), not kept in `_meta`.
 _MAX_EAGER_ARRAY = 1024
 
@@ -234,7 +236,9 @@ class GGUFSource:
         heads = int(self._key("attention.head_count"))
         kv_heads = _single_value(self._key("attention.head_count_kv", heads), "attention.head_count_kv")
         hidden = int(self._key("embedding_length"))
-        head_dim = int(self._key("attention.key_length", self._key("rope.dimension_count", hidden // heads)))
+        # llama.cpp's own default (n_embd / n_head): converters write key_length only where config.json
+        # has a head_dim, and rope.dimension_count is the rotary part (partial rotary: phi2, Phi-4-mini)
+        head_dim = int(self._key("attention.key_length", hidden // heads))
         rope_dim = int(self._key("rope.dimension_count", head_dim))
         if not 0 < rope_dim <= head_dim:
             raise ConfigError(f"{self.path}: rotary dimension {rope_dim} must be between 1 and head_dim {head_dim}.")
@@ -306,6 +310,9 @@ class GGUFSource:
             raise ConfigError(
                 f"{self.path}: rope scaling type {kind!r} is not supported (supported: linear, yarn, llama3)."
             )
+        longrope = self._longrope()
+        if longrope is not None:
+            return longrope
         freqs = next((t for t in self._open().tensors if t.name == "rope_freqs.weight"), None)
         if freqs is None:
             return None
@@ -315,6 +322,24 @@ class GGUFSource:
                 f"{self.path}: rope_freqs.weight does not match llama3 rope scaling with any standard parameters; "
                 "convert from the HF folder, whose config.json states the rope scaling."
             )
+        return scaling
+
+    def _longrope(self) -> dict | None:
+        """LongRoPE from llama.cpp's `rope_factors_long/short.weight` (Phi-3 128k, Phi-3.5, Phi-4-mini)."""
+        factors = {t.name: t for t in self._open().tensors if t.name in _LONGROPE_TENSORS}
+        if not factors:
+            return None
+        if len(factors) != 2:
+            raise CheckpointError(f"{self.path} has only one of {' and '.join(_LONGROPE_TENSORS)}; the file is "
+                                  "incomplete: re-convert it.")
+        long, short = (_dequantize(factors[name]).reshape(-1).tolist() for name in _LONGROPE_TENSORS)
+        scaling: dict[str, Any] = {"rope_type": "longrope", "long_factor": long, "short_factor": short}
+        original = self._key("rope.scaling.original_context_length", None)
+        if original:
+            scaling["original_max_position_embeddings"] = int(original)
+        attn_factor = self._key("rope.scaling.attn_factor", None)
+        if attn_factor is not None:
+            scaling["attention_factor"] = float(attn_factor)
         return scaling
 
     def _build_generation_config(self) -> dict | None:
