@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 # GGUF tensors that carry no HF weight; they are read for the config instead (rope_freqs: llama3
-# rope scaling factors) and never listed by `tensor_names()`.
-AUXILIARY_TENSORS: frozenset[str] = frozenset({"rope_freqs.weight"})
+# rope scaling factors; rope_factors_long/short: LongRoPE's) and never listed by `tensor_names()`.
+AUXILIARY_TENSORS: frozenset[str] = frozenset({"rope_freqs.weight", "rope_factors_long.weight",
+                                               "rope_factors_short.weight"})
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,15 @@ FAMILIES: dict[str, GGUFFamily] = {
                              "full_attention": cfg["rope_parameters"],
                              "sliding_attention": {"rope_type": "default",
                                                    "rope_theta": float(key("rope.freq_base_swa", 10_000.0))}}}),
+    # Phi-3, Phi-3.5-mini, Phi-4-mini: fused attn_qkv and gate_up (written as ffn_up), neox rotary (no
+    # permutation); LongRoPE's factors are tensors (read by sources/gguf.py), its original length a key.
+    "phi3": GGUFFamily("Phi3ForCausalLM", "phi3", False, gguf_names={"gate_up": "blk.{i}.ffn_up", "up": None},
+                       config_keys={"rope.scaling.original_context_length": "original_max_position_embeddings"}),
+    # phi-1, phi-1.5, phi-2: LayerNorm (its epsilon under layer_norm_epsilon), gelu_new, biases everywhere;
+    # q/k/v as attn_q/k/v, or fused attn_qkv from the old `mixer.Wqkv` checkpoints. The converter writes
+    # feed_forward_length = 4 x hidden and head_count_kv = head_count, as every phi model has.
+    "phi2": GGUFFamily("PhiForCausalLM", "phi", False, {"hidden_act": "gelu_new"},
+                       config_keys={"attention.layer_norm_epsilon": "layer_norm_eps"}),
 }
 
 # HF names whose rows llama.cpp permuted, and which head count the permutation used.
