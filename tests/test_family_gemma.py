@@ -194,7 +194,7 @@ def gemma3_vl(tmp_path_factory):
     """A tiny Gemma3ForConditionalGeneration saved by transformers (legacy `language_model.model.*`
     names) and the same weights under transformers 5's `model.language_model.*` names."""
     from safetensors.numpy import load_file, save_file
-    from tiny import VOCAB, tokenizer_files
+    from tiny import VOCAB, spread_weights, tokenizer_files
 
     text = {k: v for k, v in CONFIGS["gemma3"].items() if k != "cls"}
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
@@ -205,14 +205,8 @@ def gemma3_vl(tmp_path_factory):
                                        vision_config=vision, mm_tokens_per_image=4)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():  # as tests/tiny.py spreads them
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            elif p.ndim == 1:
-                p.normal_(0, 0.1)
-            else:
-                p.normal_(0, 0.5 / p.shape[-1] ** 0.5 * 4)
+    spread_weights(model)
+    with torch.no_grad():
         model.get_input_embeddings().weight.mul_(0.2)  # as make_gemma does
     model.save_pretrained(legacy)
     tokenizer_files(legacy)
@@ -267,7 +261,7 @@ def write_gemma_gguf(path, model, vocab: dict, arch: str) -> None:
     """GemmaModel / Gemma2Model / Gemma3Model (conversion/gemma.py): metadata keys, norm weights + 1,
     no lm_head for Gemma 1/2 (tied), gguf's HF->GGUF tensor names."""
     import gguf
-    from test_gguf_source import add_vocab
+    from test_gguf_source import add_vocab, write_gguf_tensors
 
     c = model.config
     w = gguf.GGUFWriter(path, arch)
@@ -301,19 +295,13 @@ def write_gemma_gguf(path, model, vocab: dict, arch: str) -> None:
     if arch == "gemma":  # CodeGemma's special tokens, written for every Gemma
         for kind, token in (("prefix", 67), ("suffix", 69), ("middle", 68), ("fsep", 70)):
             w.add_uint32(f"tokenizer.ggml.{kind}_token_id", token)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], c.num_hidden_layers)
+    tensors = {}
     for hf_name, tensor in model.state_dict().items():
         if hf_name == "lm_head.weight" and (arch != "gemma3" or c.tie_word_embeddings):
             continue
         array = tensor.detach().float().numpy()
-        if hf_name.endswith("norm.weight"):
-            array = array + 1
-        stem, suffix = hf_name.rsplit(".", 1)
-        w.add_tensor(f"{names.get_name(stem)}.{suffix}", np.ascontiguousarray(array))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+        tensors[hf_name] = array + 1 if hf_name.endswith("norm.weight") else array
+    write_gguf_tensors(w, tensors, arch, c.num_hidden_layers)
 
 
 @pytest.mark.parametrize("arch", list(GGUF_CONFIGS))

@@ -214,7 +214,7 @@ def write_phi_gguf(path, model, vocab: dict, fused_qkv: bool = False) -> None:
     """Phi2Model / Phi3MiniModel.set_gguf_parameters and generate_extra_tensors, gguf's tensor names;
     `fused_qkv`: phi-2 converted from the old `transformer.h.N.mixer.Wqkv` checkpoints (attn_qkv)."""
     import gguf
-    from test_gguf_source import add_vocab
+    from test_gguf_source import add_vocab, write_gguf_tensors
 
     c = model.config
     phi3 = c.model_type == "phi3"
@@ -244,7 +244,6 @@ def write_phi_gguf(path, model, vocab: dict, fused_qkv: bool = False) -> None:
     else:
         w.add_add_bos_token(False)
     add_vocab(w, vocab)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], c.num_hidden_layers)
     state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     if phi3 and rope.get("long_factor"):  # generate_extra_tensors: 128k models
         scale = c.max_position_embeddings / c.original_max_position_embeddings
@@ -257,15 +256,9 @@ def write_phi_gguf(path, model, vocab: dict, fused_qkv: bool = False) -> None:
             p = f"model.layers.{i}.self_attn."
             for suffix in ("weight", "bias"):
                 state[p + "qkv_proj." + suffix] = np.concatenate([state.pop(p + f"{x}_proj.{suffix}") for x in "qkv"])
-    for hf_name, array in state.items():
-        if hf_name == "lm_head.weight" and c.tie_word_embeddings:
-            continue  # save_pretrained leaves it out; the converter writes no `output`
-        stem, suffix = hf_name.rsplit(".", 1)
-        w.add_tensor(f"{names.get_name(stem)}.{suffix}", np.ascontiguousarray(array))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    if c.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # save_pretrained leaves it out; the converter writes no `output`
+    write_gguf_tensors(w, state, arch, c.num_hidden_layers)
 
 
 @pytest.mark.parametrize("name", list(GGUF_CONFIGS))

@@ -144,7 +144,7 @@ def write_gguf(path: Path, model, vocab: dict, qtype: QT = QT.F32, arch: str | N
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     add_vocab(writer, vocab)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
+    tensors = {}
     for hf_name, array in state.items():
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
             continue
@@ -152,19 +152,30 @@ def write_gguf(path: Path, model, vocab: dict, qtype: QT = QT.F32, arch: str | N
             array = llamacpp_permute(array, heads, heads)
         if arch == "llama" and ".k_proj." in hf_name:
             array = llamacpp_permute(array, heads, kv_heads)
+        tensors[hf_name] = array
+    write_gguf_tensors(writer, tensors, arch, config.num_hidden_layers, qtype, extra_tensors)
+    return state
+
+
+def write_gguf_tensors(writer, tensors: dict, arch: str, n_layers: int, qtype=None, extra: dict | None = None) -> None:
+    """Add HF-named arrays under gguf-py's own HF -> GGUF names (2-D ones quantized by gguf.quants to
+    `qtype`), then write and close the file, as convert_hf_to_gguf.py does."""
+    import gguf
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n_layers)
+    for hf_name, array in tensors.items():
         stem, suffix = hf_name.rsplit(".", 1)
         gguf_name = f"{names.get_name(stem)}.{suffix}"
-        if array.ndim == 2 and qtype != QT.F32:
+        if array.ndim == 2 and qtype not in (None, QT.F32):
             writer.add_tensor(gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
         else:
             writer.add_tensor(gguf_name, np.ascontiguousarray(array))
-    for name, array in (extra_tensors or {}).items():
+    for name, array in (extra or {}).items():
         writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return state
 
 
 def unpermute(hf_name: str, array: np.ndarray, config) -> np.ndarray:

@@ -42,6 +42,20 @@ def tokenizer_files(folder: Path) -> None:
     }))
 
 
+def spread_weights(model) -> None:
+    """Random init is small; spread the weights so that errors would show."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif p.ndim == 1:
+                p.normal_(0, 0.1)
+            else:
+                p.normal_(0, 0.5 / p.shape[-1] ** 0.5 * 4)
+
+
 def make_model(family: str, folder: Path, dtype: str = "float32", seed: int = 0, max_shard_size: str | None = None,
                **overrides):
     """Save a tiny random model of `family` into `folder`; returns the transformers model (fp32, eval)."""
@@ -56,14 +70,7 @@ def make_model(family: str, folder: Path, dtype: str = "float32", seed: int = 0,
     config = cls(**params)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():  # random init is small; spread weights so errors would show
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            elif p.ndim == 1:
-                p.normal_(0, 0.1)
-            else:
-                p.normal_(0, 0.5 / p.shape[-1] ** 0.5 * 4)
+    spread_weights(model)
     folder.mkdir(parents=True, exist_ok=True)
     save_dtype = getattr(torch, dtype)
     saved = model.to(save_dtype)
