@@ -305,6 +305,11 @@ class GGUFSource:
             original = self._key("rope.scaling.original_context_length", None)
             if original:
                 scaling["original_max_position_embeddings"] = int(original)
+            for suffix, hf_key in (("attn_factor", "attention_factor"), ("beta_fast", "beta_fast"),
+                                   ("beta_slow", "beta_slow")):  # the converter copies them from rope_scaling
+                value = self._key(f"rope.scaling.yarn_{suffix}", None)
+                if value is not None:
+                    scaling[hf_key] = float(value)
             return scaling
         if kind not in (None, "none"):
             raise ConfigError(
