@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from ..errors import ConfigError
+
 # GGUF tensors that carry no HF weight; they are read for the config instead (rope_freqs: llama3
 # rope scaling factors; rope_factors_long/short: LongRoPE's) and never listed by `tensor_names()`.
 AUXILIARY_TENSORS: frozenset[str] = frozenset({"rope_freqs.weight", "rope_factors_long.weight",
@@ -46,6 +48,24 @@ def _gemma_scale(cfg: dict, layers_27b: int) -> dict:
     return {"query_pre_attn_scalar": cfg["hidden_size"] // cfg["num_attention_heads"] if big else cfg["head_dim"]}
 
 
+def _granite(cfg: dict, key: Callable[..., Any]) -> dict:
+    """llama.cpp scales attention by 1/sqrt(head_dim) where the converter wrote no attention.scale."""
+    return {} if key("attention.scale", None) else {"attention_multiplier": cfg["head_dim"] ** -0.5}
+
+
+def _olmo2(cfg: dict, key: Callable[..., Any]) -> dict:
+    """OLMo 3 is written as olmo2 with sliding_window and a per-layer sliding_window_pattern (the
+    converter's default: every fourth layer full); OLMo 2 has neither."""
+    if not cfg.get("sliding_window"):
+        return {}
+    n = cfg["num_hidden_layers"]
+    pattern = key("attention.sliding_window_pattern", None) or [(i + 1) % 4 != 0 for i in range(n)]
+    if not isinstance(pattern, list) or len(pattern) != n:
+        raise ConfigError(f"GGUF metadata olmo2.attention.sliding_window_pattern must list {n} layers")
+    return {"architectures": ["Olmo3ForCausalLM"], "model_type": "olmo3",
+            "layer_types": ["sliding_attention" if slide else "full_attention" for slide in pattern]}
+
+
 FAMILIES: dict[str, GGUFFamily] = {
     # llama.cpp writes Llama, Mistral (v0.1-v0.3), SmolLM, TinyLlama... as "llama" and permutes Q/K.
     "llama": GGUFFamily("LlamaForCausalLM", "llama", True, {"mlp_bias": False}),
@@ -75,6 +95,23 @@ FAMILIES: dict[str, GGUFFamily] = {
     # feed_forward_length = 4 x hidden and head_count_kv = head_count, as every phi model has.
     "phi2": GGUFFamily("PhiForCausalLM", "phi", False, {"hidden_act": "gelu_new"},
                        config_keys={"attention.layer_norm_epsilon": "layer_norm_eps"}),
+    # Granite 3.x dense: llama-shaped (Q/K permuted, head_dim dropped), its multipliers as metadata.
+    "granite": GGUFFamily("GraniteForCausalLM", "granite", True, config_hook=_granite,
+                          config_keys={"attention.scale": "attention_multiplier", "embedding_scale": "embedding_multiplier",
+                                       "residual_scale": "residual_multiplier", "logit_scale": "logits_scaling"}),
+    # OLMo 1: Q/K permuted, no norm tensors (its LayerNorm has no weights), clip_qkv as clamp_kqv.
+    "olmo": GGUFFamily("OlmoForCausalLM", "olmo", True, config_keys={"attention.clamp_kqv": "clip_qkv"}),
+    # OLMo 2 and OLMo 3 (see _olmo2): neox rotary, not permuted.
+    "olmo2": GGUFFamily("Olmo2ForCausalLM", "olmo2", False, config_hook=_olmo2),
+    # SmolLM3: permuted like llama; llama.cpp fixes the NoPE layers at every fourth, as SmolLM3Config's default.
+    "smollm3": GGUFFamily("SmolLM3ForCausalLM", "smollm3", True),
+    # Nemotron: LayerNorm1p stored as weight + 1, squared ReLU, partial rotary (rope.dimension_count).
+    "nemotron": GGUFFamily("NemotronForCausalLM", "nemotron", False, {"hidden_act": "relu2"}, offsets=_NORMS_PLUS_1,
+                           config_keys={"attention.layer_norm_epsilon": "norm_eps"}),
+    # ERNIE 4.5 dense: llama.cpp's rotary for it is the interleaved one transformers uses, so no permutation.
+    # use_bias (q/k/v/o and MLP) is read from the tensors present.
+    "ernie4_5": GGUFFamily("Ernie4_5ForCausalLM", "ernie4_5", False,
+                           config_hook=lambda cfg, key: {"use_bias": cfg["attention_bias"]}),
 }
 
 # HF names whose rows llama.cpp permuted, and which head count the permutation used.
