@@ -55,7 +55,7 @@ def test_bf16_build_graph_and_weights(tiny_models, tmp_path):
     """onnxruntime's CPU provider has no bf16 MatMul: check dtypes, I/O and ops, and read the weights back."""
     folder, _ = tiny_models("qwen2")
     out = tmp_path / "out"
-    onnxforge.build(folder, out, "bf16")
+    onnxforge.build(folder, out, "bf16", "cuda")
     model = onnx.load(str(out / "model.onnx"))
     g = model.graph
     bf16 = onnx.TensorProto.BFLOAT16

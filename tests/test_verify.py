@@ -95,7 +95,8 @@ def test_broken_model_is_caught(llama, tmp_path, capsys):
                "--min-top1", "0.99", "--no-plot"])
     captured = capsys.readouterr()
     assert rc == 1
-    assert "max_abs_diff" in captured.err and "verify FAILED" in captured.err
+    last = captured.out.rstrip().splitlines()[-1]
+    assert last.startswith("FAIL: ") and "max_abs_diff" in last
     assert "FAIL  max_abs_diff" in captured.out
     result = json.loads((broken / "verify.json").read_text())
     assert result["metrics"]["max_abs_diff"] > 1e-2

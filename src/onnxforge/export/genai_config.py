@@ -1,20 +1,57 @@
 """genai_config.json: what onnxruntime-genai needs to run the model."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from ..spec import ModelSpec
 
 SEARCH_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "num_beams",
                "num_return_sequences", "length_penalty", "no_repeat_ngram_size", "diversity_penalty")
 
 
+def unk_token_id(tokenizer_dir: Path) -> int | None:
+    """The id of tokenizer.json's unknown token, if its model has one."""
+    try:
+        tok = json.loads((Path(tokenizer_dir) / "tokenizer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    model = tok.get("model") or {}
+    if isinstance(model.get("unk_id"), int):  # Unigram
+        return model["unk_id"]
+    unk, vocab = model.get("unk_token"), model.get("vocab")
+    if isinstance(unk, str) and isinstance(vocab, dict) and isinstance(vocab.get(unk), int):
+        return vocab[unk]
+    return None
+
+
+def choose_pad(pad, eos, bos, unk, vocab_size: int) -> tuple[int | None, str | None]:
+    """onnxruntime-genai takes a prompt's leading tokens equal to pad_token_id for left padding and drops
+    them, so the pad id it is given must not be one a prompt can start with (bos, the unknown token).
+    Returns (pad id, a note when it differs from the checkpoint's)."""
+    first_eos = eos[0] if isinstance(eos, list) and eos else eos
+    if pad is None:
+        pad = first_eos
+    taken = {t for t in (bos, unk) if t is not None}
+    if pad is None or pad not in taken:
+        return pad, None
+    for candidate in (first_eos, vocab_size - 1, *range(vocab_size - 2, -1, -1)):
+        if candidate is not None and candidate not in taken:
+            why = "the unknown token" if pad == unk else "the bos token"
+            return candidate, (f"pad_token_id {pad} is also {why}; onnxruntime-genai would drop it from the start of "
+                               f"a prompt as padding, so genai_config.json pads with {candidate}")
+    return pad, None
+
+
 def genai_config(spec: ModelSpec, model_type: str, generation: dict | None, *, filename: str = "model.onnx",
-                 provider: str = "cpu", max_length: int | None = None) -> dict:
+                 provider: str = "cpu", max_length: int | None = None, unk: int | None = None,
+                 notes: list[str] | None = None) -> dict:
     gen = generation or {}
     eos = gen.get("eos_token_id", spec.eos_token_id)
     bos = gen.get("bos_token_id", spec.bos_token_id)
-    pad = gen.get("pad_token_id", spec.pad_token_id)
-    if pad is None:
-        pad = eos[0] if isinstance(eos, list) else eos
+    pad, note = choose_pad(gen.get("pad_token_id", spec.pad_token_id), eos, bos, unk, spec.vocab_size)
+    if note and notes is not None:
+        notes.append(note)
     a = spec.attention
     decoder = {
         "session_options": {"log_id": "onnxruntime-genai", "provider_options": _providers(provider)},

@@ -21,6 +21,18 @@ def human(n: float) -> str:
     return f"{n:.1f} GB"
 
 
+def fold_layers(names: list[str]) -> list[str]:
+    """Tensor names with their layer numbers folded: `model.layers.{1,2}.mlp.up_proj.weight` (every name
+    is still there, spelled once per pattern)."""
+    groups: "OrderedDict[str, list[str]]" = OrderedDict()
+    for n in names:
+        m = re.search(r"(?<=\.)\d+(?=\.)", n)
+        key = n if m is None else n[:m.start()] + "{}" + n[m.end():]
+        groups.setdefault(key, []).append("" if m is None else m.group())
+    return [k if k == ids[0] or "{}" not in k else k.replace("{}", "{" + ",".join(ids) + "}") if len(ids) > 1
+            else k.replace("{}", ids[0]) for k, ids in groups.items()]
+
+
 @dataclass
 class BuildReport:
     output: str
@@ -37,6 +49,8 @@ class BuildReport:
     seconds: float = 0.0
     peak_rss: int = 0
     notes: list[str] = field(default_factory=list)
+    unread_tensors: list[str] = field(default_factory=list)  # checkpoint tensors the build did not use
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def total_bytes(self) -> int:
@@ -72,6 +86,7 @@ class BuildReport:
             lines.append(f"  {name:<30} {human(size):>10}")
         lines.append(f"  total {human(self.total_bytes)} in {self.seconds:.1f} s, peak memory {human(self.peak_rss)}")
         lines.extend(f"  note: {n}" for n in self.notes)
+        lines.extend(f"  WARNING: {w}" for w in self.warnings)
         return "\n".join(lines)
 
     def to_json(self) -> dict:

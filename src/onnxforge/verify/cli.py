@@ -30,6 +30,15 @@ def _add_sampling(p) -> None:
     p.add_argument("--show-prompt", action="store_true", help="print the prompt text sent to the model on stderr")
 
 
+def _threshold(value: str) -> float | str:
+    if value.lower() == "off":
+        return "off"
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number or 'off', got {value!r}") from None
+
+
 def add_commands(sub) -> None:
     """Register the measurement sub-commands on the main parser."""
     p = sub.add_parser(
@@ -46,13 +55,20 @@ def add_commands(sub) -> None:
     p.add_argument("--window", type=_positive, default=512, help="perplexity window (default 512)")
     p.add_argument("--stride", type=_positive, default=256, help="perplexity stride (default 256)")
     p.add_argument("--max-tokens", type=_positive, help="use only the first N tokens of --text")
-    t = p.add_argument_group("thresholds (exit code 1 when missed)")
-    t.add_argument("--max-abs-diff", type=float, metavar="X", help="largest allowed max abs logit difference")
-    t.add_argument("--min-top1", type=float, metavar="X", help="smallest top-1 agreement (0..1, or percent if > 1)")
-    t.add_argument("--max-kl", type=float, metavar="X", help="largest allowed mean KL divergence")
-    t.add_argument("--max-ppl-ratio", type=float, metavar="X", help="largest allowed ppl(onnx)/ppl(reference)")
-    t.add_argument("--min-greedy", type=float, metavar="X",
+    from .thresholds import DEFAULTS
+
+    shown = "; ".join(f"{p}: " + ", ".join(f"{k} {v:g}" for k, v in d.items()) for p, d in DEFAULTS.items())
+    t = p.add_argument_group(
+        "thresholds (exit code 1 when one is missed)",
+        f"Defaults by the precision the weights are stored in ({shown}); docs/verify.md says how they were "
+        "measured. A flag replaces one; X=off drops it.")
+    t.add_argument("--max-abs-diff", type=_threshold, metavar="X", help="largest allowed max abs logit difference")
+    t.add_argument("--min-top1", type=_threshold, metavar="X", help="smallest top-1 agreement (0..1, or percent if > 1)")
+    t.add_argument("--max-kl", type=_threshold, metavar="X", help="largest allowed mean KL divergence")
+    t.add_argument("--max-ppl-ratio", type=_threshold, metavar="X", help="largest allowed ppl(onnx)/ppl(reference)")
+    t.add_argument("--min-greedy", type=_threshold, metavar="X",
                    help="smallest greedy agreement (0..1, or percent if > 1)")
+    t.add_argument("--no-thresholds", action="store_true", help="report only; no default thresholds")
     p.add_argument("--no-plot", action="store_true", help="do not write verify.png")
     p.set_defaults(func=cmd_verify)
 

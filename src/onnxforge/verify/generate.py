@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Callable, TextIO
 
+from .ort_runner import load_genai_model
+
 DEFAULT_NEW_TOKENS = 256
 PLAIN_STOPS = ("\nUser:", "\nSystem:")
 
@@ -22,7 +24,7 @@ class Generation:
 
         self.og = og
         self.dir = Path(model_dir)
-        self.model = og.Model(str(self.dir))
+        self.model = load_genai_model(self.dir)
         self.tokenizer = og.Tokenizer(self.model)
         cfg = json.loads((self.dir / "genai_config.json").read_text())
         self.context = int(cfg["model"].get("context_length") or cfg["search"].get("max_length") or 2048)

@@ -6,7 +6,26 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import OnnxForgeError
+
 ORT_TO_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def cannot_load(model_dir, runtime: str, err: Exception) -> OnnxForgeError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return OnnxForgeError(f"{runtime} cannot load the model in {model_dir}: {first[:300]}. If it was built for "
+                          "another execution provider or precision (e.g. -p bf16 or -e cuda), rebuild it with "
+                          "-e cpu -p fp32/fp16/int4/int8 to run it here")
+
+
+def load_genai_model(model_dir):
+    """onnxruntime_genai.Model of a built folder, or one OnnxForgeError saying why not."""
+    import onnxruntime_genai as og
+
+    try:
+        return og.Model(str(model_dir))
+    except Exception as err:  # noqa: BLE001 - genai raises plain RuntimeErrors
+        raise cannot_load(model_dir, "onnxruntime-genai", err) from None
 
 
 class OrtDecoder:
@@ -20,7 +39,11 @@ class OrtDecoder:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(self.dir / cfg["filename"]), opts, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(self.dir / cfg["filename"]), opts,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as err:  # noqa: BLE001 - onnxruntime's own exception types
+            raise cannot_load(self.dir, "onnxruntime", err) from None
         self.layers = cfg["num_hidden_layers"]
         self.kv_heads = cfg["num_key_value_heads"]
         self.head_size = cfg["head_size"]

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import CheckpointError
+from .ort_runner import load_genai_model
 from .perplexity import decoder, effective_window, perplexity, tokenize_file
 
 DEFAULT_PROMPTS = [
@@ -125,7 +126,7 @@ def genai_greedy(out_dir: Path, prompt: list[int], n: int, model=None) -> list[i
     `reference_greedy` (transformers' min_new_tokens), so both always produce n tokens."""
     import onnxruntime_genai as og
 
-    model = model or og.Model(str(out_dir))
+    model = model or load_genai_model(out_dir)
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(prompt) + n, min_length=len(prompt) + n, do_sample=False,
                               repetition_penalty=1.0, num_beams=1)  # plain greedy whatever genai_config says
@@ -186,14 +187,23 @@ def _fmt(key: str, v: float) -> str:
 def verify(out_dir: str | Path, reference: str | Path, *, prompts: Sequence[str] | None = None,
            text: str | Path | None = None, tokens: int = 16, window: int = 512, stride: int = 256,
            max_text_tokens: int | None = None, thresholds: dict | None = None, write: bool = True,
-           plot: bool = True, log: Callable[[str], None] | None = None) -> dict:
-    """Compare the built model in `out_dir` with `reference`; returns the result dict (also verify.json)."""
+           plot: bool = True, log: Callable[[str], None] | None = None, defaults: bool = True) -> dict:
+    """Compare the built model in `out_dir` with `reference`; returns the result dict (also verify.json).
+
+    `defaults`: start from the default thresholds of the stored precision (verify/thresholds.py);
+    `thresholds` override them, a value of None leaves a default in place and "off" drops it."""
     import torch
+
+    from .thresholds import defaults_for
 
     start = time.perf_counter()
     out_dir = Path(out_dir)
     log = log or (lambda s: None)
-    thresholds = normalise_thresholds(thresholds)
+    precision, base = defaults_for(out_dir)
+    dropped = {k for k, v in (thresholds or {}).items() if v == "off"}
+    given = {k: v for k, v in (thresholds or {}).items() if v is not None and v != "off"}
+    thresholds = {k: v for k, v in normalise_thresholds({**(base if defaults else {}), **given}).items()
+                  if k not in dropped}
     if "max_ppl_ratio" in thresholds and text is None:
         raise ValueError("max_ppl_ratio needs a text file (--text)")
     log(f"loading reference {reference}")
@@ -202,9 +212,7 @@ def verify(out_dir: str | Path, reference: str | Path, *, prompts: Sequence[str]
     eos = _eos_ids(out_dir)
     pad = int(json.loads((out_dir / "genai_config.json").read_text())["model"].get("pad_token_id") or 0)
 
-    import onnxruntime_genai as og
-
-    og_model = og.Model(str(out_dir))
+    og_model = load_genai_model(out_dir)
     dec = decoder(out_dir)
     per_prompt = []
     for text_i, prompt in zip(texts, ids):
@@ -260,6 +268,7 @@ def verify(out_dir: str | Path, reference: str | Path, *, prompts: Sequence[str]
         "perplexity": ppl,
         "prompts": per_prompt,
         "thresholds": thresholds,
+        "threshold_source": f"{precision} defaults" if defaults else "given",
         "failures": failures,
         "passed": not failures,
         "versions": _versions(),
@@ -272,8 +281,11 @@ def verify(out_dir: str | Path, reference: str | Path, *, prompts: Sequence[str]
         from .plot import plot_verify
 
         path = out_dir / "verify.png"
-        plot_verify(result, path)
-        result["plot_path"] = str(path)
+        try:
+            plot_verify(result, path)
+            result["plot_path"] = str(path)
+        except ImportError:  # matplotlib is optional
+            result["plot_note"] = "no verify.png: matplotlib is not installed (pip install matplotlib)"
     return result
 
 
@@ -338,7 +350,8 @@ def format_table(result: dict) -> str:
                       f"stride {o['stride']}):",
                   f"  onnx {o['ppl']:.4f}   reference {r['ppl']:.4f}   ratio {m['ppl_ratio']:.5f}"]
     if result["thresholds"]:
-        lines.append("")
+        lines += ["", f"thresholds ({result.get('threshold_source', 'given')}; change with --max-kl etc., "
+                      "drop one with =off, all with --no-thresholds):"]
         for name, limit in result["thresholds"].items():
             key, direction = THRESHOLDS[name]
             bad = any(f.startswith(name + ":") for f in result["failures"])
@@ -349,6 +362,13 @@ def format_table(result: dict) -> str:
     if result.get("json_path"):
         plot = f" and {result['plot_path']}" if result.get("plot_path") else ""
         lines += ["", f"wrote {result['json_path']}{plot}"]
+    if result.get("plot_note"):
+        lines.append(result["plot_note"])
+    if result["failures"]:
+        lines += ["", "FAIL: " + "; ".join(result["failures"])]
+    else:
+        lines += ["", "PASS" + (" (no thresholds)" if not result["thresholds"] else
+                                f" ({len(result['thresholds'])} thresholds met)")]
     return "\n".join(lines)
 
 
@@ -360,15 +380,12 @@ def run_cli(args) -> int:
         prompts = [ln for ln in Path(args.prompts).read_text(encoding="utf-8").splitlines() if ln.strip()]
     thresholds = {"max_abs_diff": args.max_abs_diff, "min_top1": args.min_top1, "max_kl": args.max_kl,
                   "max_ppl_ratio": args.max_ppl_ratio, "min_greedy": args.min_greedy}
-    if args.max_ppl_ratio is not None and not args.text:
-        print("onnxforge verify: error: --max-ppl-ratio needs --text", file=sys.stderr)
+    if args.max_ppl_ratio not in (None, "off") and not args.text:
+        print("onnxforge: error: --max-ppl-ratio needs --text", file=sys.stderr)
         return 2
     result = verify(args.model_dir, args.reference, prompts=prompts, text=args.text, tokens=args.tokens,
                     window=args.window, stride=args.stride, max_text_tokens=args.max_tokens,
-                    thresholds=thresholds, plot=not args.no_plot,
+                    thresholds=thresholds, plot=not args.no_plot, defaults=not args.no_thresholds,
                     log=lambda s: print(s, file=sys.stderr, flush=True))
     print(format_table(result))
-    if result["failures"]:
-        print("\nverify FAILED: " + "; ".join(result["failures"]), file=sys.stderr)
-        return 1
-    return 0
+    return 1 if result["failures"] else 0

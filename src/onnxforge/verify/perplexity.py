@@ -137,7 +137,9 @@ def tokenize_file(model_dir: str | Path, text: str) -> list[int]:
         return Tokenizer.from_file(str(path)).encode(text).ids
     import onnxruntime_genai as og
 
-    return [int(t) for t in og.Tokenizer(og.Model(str(model_dir))).encode(text)]
+    from .ort_runner import load_genai_model
+
+    return [int(t) for t in og.Tokenizer(load_genai_model(model_dir)).encode(text)]
 
 
 def effective_window(model_dir: str | Path, window: int) -> int:
