@@ -77,14 +77,39 @@ class MLPSpec:
 
 
 BLOCKS = ("pre", "sandwich", "post", "parallel")
+MIXERS = ("softmax", "sparsemixer")
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """A mixture-of-experts MLP (graph/moe.py): a router, `num_experts` SwiGLU experts of which `top_k`
+    run per token, optionally a shared expert beside them."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # per expert
+    normalize: bool = True  # softmax -> top-k -> renormalise (top-k of the logits then softmax is the same)
+    router_bias: bool = False
+    selection_bias: bool = False  # select on softmax + a bias tensor, mix with the softmax (ERNIE 4.5)
+    mixer: str = "softmax"  # "sparsemixer": PhiMoE's top-2 sparse mixer
+    jitter_eps: float = 0.0  # sparsemixer's threshold
+    expert_bias: bool = False  # biases on the experts' projections (GPT-OSS)
+    swiglu_alpha: float = 1.0  # act = g * sigmoid(alpha * g) * (u + beta), g <= limit, |u| <= limit
+    swiglu_beta: float = 0.0
+    swiglu_limit: float | None = None
+    shared_intermediate_size: int = 0  # a dense shared expert beside the routed ones (0: none)
+    shared_gate: bool = False  # sigmoid gate on the shared expert's output (Qwen2-MoE)
+    layout: str = "rows"  # fused checkpoint tensors: "rows" (E, 2I, H) gate then up; "interleaved_t" (E, H, 2I)
 
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """What differs between layers: the attention window and which rotary table (None: no rotary)."""
+    """What differs between layers: the attention window, which rotary table (None: no rotary), and
+    whether the MLP is the model's mixture of experts."""
 
     window: int = 0  # sliding window, 0 = full attention
     rope: str | None = "full_attention"
+    moe: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,6 +125,7 @@ class ModelSpec:
     norm: NormSpec
     mlp: MLPSpec
     layers: tuple[LayerSpec, ...]
+    moe: MoESpec | None = None  # the experts of the layers with LayerSpec.moe
     block: str = "pre"  # how a layer wires its parts; see graph/blocks.py
     tie_embeddings: bool = False
     embedding_scale: float = 1.0  # Gemma sqrt(hidden), Granite embedding_multiplier
