@@ -1,7 +1,9 @@
 """One tensor-role table: canonical role -> every family's Hugging Face spelling and llama.cpp's GGUF one.
 
 A role names a module (a Linear, a norm, the embedding); its tensors are `<module>.weight` and
-`<module>.bias`. `{i}` is the layer index. Spellings are tried in order against the checkpoint, so
+`<module>.bias`. `{i}` is the layer index, `{e}` an expert's. Experts stacked in one 3D tensor are
+parameters of their own name (transformers 5's `mlp.experts.gate_up_proj`) or a module's weight
+(Granite's `input_linear`): `Names.tensor` finds either. Spellings are tried in order against the checkpoint, so
 one table serves every family; a family pins a spelling only where two roles share one (a
 pre-norm model's `post_attention_layernorm` is the norm before its MLP, a sandwich model's is the
 norm after its attention).
@@ -48,6 +50,25 @@ ROLES: dict[str, Role] = {
     "up": Role((L + "mlp.up_proj", L + "mlp.fc1"), "blk.{i}.ffn_up"),
     "gate_up": Role((L + "mlp.gate_up_proj",)),  # Phi-3 (its GGUF stores it as ffn_up)
     "down": Role((L + "mlp.down_proj", L + "mlp.fc2"), "blk.{i}.ffn_down"),
+    # mixture of experts: the router, one module per expert, or experts stacked (E, N, K) in one tensor
+    "router": Role((L + "mlp.gate", L + "block_sparse_moe.gate", L + "mlp.router", L + "block_sparse_moe.router.layer",
+                    L + "block_sparse_moe.router"), "blk.{i}.ffn_gate_inp"),
+    "expert_gate": Role((L + "mlp.experts.{e}.gate_proj", L + "block_sparse_moe.experts.{e}.w1")),
+    "expert_up": Role((L + "mlp.experts.{e}.up_proj", L + "block_sparse_moe.experts.{e}.w3")),
+    "expert_down": Role((L + "mlp.experts.{e}.down_proj", L + "block_sparse_moe.experts.{e}.w2")),
+    "experts_gate_up": Role((L + "mlp.experts.gate_up_proj", L + "block_sparse_moe.experts.gate_up_proj",
+                             L + "block_sparse_moe.input_linear"), "blk.{i}.ffn_gate_up_exps"),
+    "experts_gate": Role((L + "mlp.experts.gate_proj",), "blk.{i}.ffn_gate_exps"),  # llama.cpp stacks them apart
+    "experts_up": Role((L + "mlp.experts.up_proj",), "blk.{i}.ffn_up_exps"),
+    "experts_down": Role((L + "mlp.experts.down_proj", L + "block_sparse_moe.experts.down_proj",
+                          L + "block_sparse_moe.output_linear"), "blk.{i}.ffn_down_exps"),
+    "selection_bias": Role((L + "mlp.moe_statics.e_score_correction_bias",
+                            L + "mlp.gate.moe_statics.e_score_correction_bias"), "blk.{i}.exp_probs_b"),
+    "shared_gate": Role((L + "mlp.shared_expert.gate_proj", L + "mlp.shared_experts.gate_proj"), "blk.{i}.ffn_gate_shexp"),
+    "shared_up": Role((L + "mlp.shared_expert.up_proj", L + "mlp.shared_experts.up_proj"), "blk.{i}.ffn_up_shexp"),
+    "shared_down": Role((L + "mlp.shared_expert.down_proj", L + "mlp.shared_experts.down_proj"),
+                        "blk.{i}.ffn_down_shexp"),
+    "shared_expert_gate": Role((L + "mlp.shared_expert_gate",), "blk.{i}.ffn_gate_inp_shexp"),
 }
 
 # A role that a checkpoint may only have as rows of a fused tensor: role -> (fused role, its parts in order).
@@ -102,17 +123,27 @@ class Names:
             if spelling.startswith(old):
                 yield new + spelling[len(old):]
 
-    def module(self, role: str, i: int | None = None, *, required: bool = True) -> str | None:
+    def module(self, role: str, i: int | None = None, *, required: bool = True, e: int | None = None) -> str | None:
         """The module name of `role` in this checkpoint (has `.weight` or `.bias`), or None."""
         for spelling in self.spellings(role):
-            for name in self._variants(spelling.format(i=i)):
+            for name in self._variants(spelling.format(i=i, e=e)):
                 if self.source.has(f"{name}.weight") or self.source.has(f"{name}.bias"):
                     return name
         if required:
-            first, *others = [f"{s.format(i=i)}.weight" for s in self.spellings(role)]
+            first, *others = [f"{s.format(i=i, e=e)}.weight" for s in self.spellings(role)]
             also = f" (nor {', '.join(others)})" if others else ""
             raise CheckpointError(f"tensor {first!r} is missing from the checkpoint{also}; "
                                   "the download may be incomplete, or config.json does not match the weights")
+        return None
+
+    def tensor(self, role: str, i: int | None = None, suffix: str = "") -> str | None:
+        """The tensor `role` names itself, as a parameter (`<spelling><suffix>`) or as a module's
+        weight (`<spelling>.weight<suffix>`), or None. `suffix`: `_bias`, `_blocks` of a parameter."""
+        for spelling in self.spellings(role):
+            for name in self._variants(spelling.format(i=i)):
+                for candidate in (name + suffix, f"{name}.weight{suffix}"):
+                    if self.source.has(candidate):
+                        return candidate
         return None
 
     def weight(self, role: str, i: int | None = None) -> str:
