@@ -103,9 +103,6 @@ def attention(e: "Emitter", i: int, x: ir.Value, ctx: AttnInputs) -> ir.Value:
     base = f"/model/layers.{i}/attn"
     qkv = e.linear_group(x, f"{base}/qkv_proj", i, [("q", f"{base}/q_proj", a.q_size), ("k", f"{base}/k_proj", a.kv_size),
                                                      ("v", f"{base}/v_proj", a.kv_size)], H, bias=a.qkv_bias)
-    if a.clip_qkv:
-        lo, hi = e.scalar(-a.clip_qkv), e.scalar(a.clip_qkv)
-        qkv = [e.b.op("Clip", [t, lo, hi], f"{base}/qkv_proj/Clip_{n}") for n, t in enumerate(qkv)]
     if a.qk_norm:
         q, k, v = e.split(qkv, [a.q_size, a.kv_size, a.kv_size], f"{base}/qkv_proj")
         if a.qk_norm == "head":
@@ -114,6 +111,9 @@ def attention(e: "Emitter", i: int, x: ir.Value, ctx: AttnInputs) -> ir.Value:
             q = plain_norm(e, q, "q_norm", i, f"{base}/q_norm", a.q_size)
             k = plain_norm(e, k, "k_norm", i, f"{base}/k_norm", a.kv_size)
         qkv = [q, k, v]
+    if a.clip_qkv:  # after the q/k norms where a model has both (OLMoE)
+        lo, hi = e.scalar(-a.clip_qkv), e.scalar(a.clip_qkv)
+        qkv = [e.b.op("Clip", [t, lo, hi], f"{base}/qkv_proj/Clip_{n}") for n, t in enumerate(qkv)]
     q, k, v = (qkv + [None, None])[:3]
     attrs = dict(num_heads=a.num_heads, kv_num_heads=a.num_kv_heads, local_window_size=layer.window or -1,
                  softcap=a.softcap)
@@ -135,18 +135,31 @@ def attention(e: "Emitter", i: int, x: ir.Value, ctx: AttnInputs) -> ir.Value:
 
 # -- MLP -----------------------------------------------------------------------------------------
 def mlp(e: "Emitter", i: int, x: ir.Value) -> ir.Value:
+    """The layer's MLP: the mixture of experts where the layer spec says so (graph/moe.py), else dense."""
+    if e.spec.layers[i].moe:
+        from .moe import moe
+
+        return moe(e, i, x)
+    return dense_mlp(e, i, x)
+
+
+def dense_mlp(e: "Emitter", i: int, x: ir.Value, roles: tuple[str, str, str] = ("gate", "up", "down"),
+              base: str | None = None, size: int | None = None) -> ir.Value:
+    """act(gate) * up -> down (or act(up) -> down); `roles`, `base` and `size` serve other dense MLPs of
+    the layer too (a mixture of experts' shared expert)."""
     m, H = e.spec.mlp, e.spec.hidden_size
-    I = m.intermediate_size
-    base = f"/model/layers.{i}/mlp"
+    I = size or m.intermediate_size
+    base = base or f"/model/layers.{i}/mlp"
+    gate_role, up_role, down_role = roles
     if m.gated:
-        gate, up = e.split(e.linear_group(x, f"{base}/gate_up_proj", i, [("gate", f"{base}/gate_proj", I),
-                                                                        ("up", f"{base}/up_proj", I)], H, bias=m.bias),
+        gate, up = e.split(e.linear_group(x, f"{base}/gate_up_proj", i, [(gate_role, f"{base}/gate_proj", I),
+                                                                        (up_role, f"{base}/up_proj", I)], H, bias=m.bias),
                            [I, I], f"{base}/gate_up_proj")
         h = e.b.op("Mul", [activation(e, gate, f"{base}/act_fn"), up], f"{base}/Mul")
     else:
-        (up,) = e.linear_group(x, f"{base}/up_proj", i, [("up", f"{base}/up_proj", I)], H, bias=m.bias)
+        (up,) = e.linear_group(x, f"{base}/up_proj", i, [(up_role, f"{base}/up_proj", I)], H, bias=m.bias)
         h = activation(e, up, f"{base}/act_fn")
-    (y,) = e.linear_group(h, f"{base}/down_proj", i, [("down", f"{base}/down_proj", H)], I, bias=m.bias)
+    (y,) = e.linear_group(h, f"{base}/down_proj", i, [(down_role, f"{base}/down_proj", H)], I, bias=m.bias)
     return y
 
 
