@@ -144,6 +144,14 @@ class HFSource:
             )
         return f.read(name)
 
+    def read_slice(self, name: str, index: int, *, raw: bool = False) -> np.ndarray:
+        """`tensor[index]` along the first axis (one expert of a stacked tensor), reading only its bytes;
+        `raw` allows integer tensors (MXFP4 blocks and scales)."""
+        f, info = self._info(name)
+        if not raw and info.dtype not in _FLOAT_NP:
+            self.read(name)  # raises, naming the pre-quantized checkpoint
+        return f.read_slice(name, index)
+
     def native_blocks(self, name: str, bits: int, block_size: int) -> NativeBlocks | None:
         return None
 

@@ -130,6 +130,21 @@ class SafetensorsFile:
             done += got
         return np.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
 
+    def read_slice(self, name: str, index: int) -> np.ndarray:
+        """`tensor[index]` along the first axis, reading only its bytes (one expert of a stacked tensor)."""
+        info = self.tensors[name]
+        if not info.shape or not 0 <= index < info.shape[0]:
+            raise IndexError(f"{name}: index {index} is outside its first axis {info.shape[:1]}")
+        size = info.nbytes // info.shape[0]
+        buf = bytearray(size)
+        view, done = memoryview(buf), 0
+        while done < size:
+            got = os.preadv(self._fd, [view[done:]], info.start + index * size + done)
+            if got <= 0:
+                raise self._fail(f"tensor {name!r} could not be read completely")
+            done += got
+        return np.frombuffer(buf, dtype=info.dtype).reshape(info.shape[1:])
+
     def hash_into(self, digest, chunk: int = 16 << 20) -> None:
         """Feed the whole file (header and tensor data) to `digest`, `chunk` bytes per read."""
         offset = 0
