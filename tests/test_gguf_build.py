@@ -56,15 +56,15 @@ def test_gguf_build_matches_transformers(tiny_ggufs, tmp_path, qtype):
 
 @pytest.mark.parametrize("qtype,bits", [("Q4_0", 4), ("Q8_0", 8)])
 def test_native_blocks_are_transcoded_losslessly(tiny_ggufs, tmp_path, qtype, bits):
-    """-p int4 (int8) with symmetric block 32 copies Q4_0 (Q8_0) blocks: the weights the ONNX model
+    """-p int4 (int8) copies Q4_0 (Q8_0) blocks: the weights the ONNX model
     dequantizes are bit-identical to the GGUF's dequantized weights, and the report says so."""
     path = tiny_ggufs[qtype]
     out = tmp_path / "out"
     report = onnxforge.build(path, out, recipe=Recipe(precision=f"int{bits}", block_size=32, symmetric=True,
                                                       accuracy_level=0))
-    transcoded = [g for g in report.groups if f"transcoded {qtype}" in g["storage"]]
+    transcoded = [g for g in report.groups if f"(exact {qtype})" in g["storage"]]
     assert len(transcoded) >= 4 * 2 + 1  # qkv, o, gate_up, down per layer + lm_head
-    assert f"transcoded {qtype}" in report.summary()
+    assert f"(exact {qtype})" in report.summary()
     model = onnx.load(str(out / "model.onnx"))
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     src = GGUFSource(path)
@@ -84,9 +84,14 @@ def test_native_blocks_are_transcoded_losslessly(tiny_ggufs, tmp_path, qtype, bi
     assert np.abs(a - b).max() < 1e-4
 
 
-def test_asymmetric_recipe_requantizes_instead(tiny_ggufs, tmp_path):
-    report = onnxforge.build(tiny_ggufs["Q4_0"], tmp_path / "out", recipe=Recipe(precision="int4", symmetric=False))
-    assert not any("transcoded" in g["storage"] for g in report.groups)
+def test_requantize_recipe_requantizes_instead(tiny_ggufs, tmp_path):
+    """-p int4 keeps Q4_0 blocks whatever the recipe's own int4 form; --requantize quantizes them again."""
+    report = onnxforge.build(tiny_ggufs["Q4_0"], tmp_path / "kept", recipe=Recipe(precision="int4", symmetric=False))
+    assert all("(exact Q4_0)" in g["storage"] for g in report.groups if "layers" in g["label"] and "proj" in g["label"])
+    report = onnxforge.build(tiny_ggufs["Q4_0"], tmp_path / "out", recipe=Recipe(precision="int4", symmetric=False,
+                                                                                requantize=True))
+    assert not any("transcoded" in g["storage"] or "exact" in g["storage"] for g in report.groups)
+    assert any("(re-quantized Q4_0: as the recipe asks)" in g["storage"] for g in report.groups)
 
 
 # -- the embedded SmolLM2-135M --------------------------------------------------------------------

@@ -195,14 +195,20 @@ def transformers_tensors(path: Path, hf_config) -> dict[str, np.ndarray]:
 
 
 def matmulnbits_dequantize(blocks) -> np.ndarray:
-    """MatMulNBits math on `NativeBlocks`: (q - zero_point) * scale, default zero point 2**(bits-1)."""
+    """MatMulNBits math on `NativeBlocks`: (q - zero_point) * scale (+ offset), default zero point 2**(bits-1)."""
     n, k_blocks, _ = blocks.data.shape
     if blocks.bits == 4:
         q = np.stack([blocks.data & 0x0F, blocks.data >> 4], axis=-1).reshape(n, k_blocks, blocks.block_size)
     else:
         q = blocks.data
     zero = np.float32(2 ** (blocks.bits - 1))
-    return ((q.astype(np.float32) - zero) * blocks.scales[..., None]).reshape(n, k_blocks * blocks.block_size)
+    if blocks.zero_points is not None:
+        assert blocks.bits == 4 and not blocks.zero_points.any()
+        zero = np.float32(0)
+    w = (q.astype(np.float32) - zero) * blocks.scales[..., None]
+    if blocks.offsets is not None:
+        w = w + blocks.offsets[..., None]
+    return w.reshape(n, k_blocks * blocks.block_size)
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -474,7 +480,14 @@ def test_every_block_type_reads_as_gguf_dequantize(tmp_path, bpe_vocab, qtype):
             if ".q_proj." in name or ".k_proj." in name:
                 expected = unpermute(name, expected, config)
             np.testing.assert_array_equal(source.read(name), expected, err_msg=name)
-            assert source.native_blocks(name, 4, 32) is None
+            fmt = source.native_format(name)
+            if fmt is None or fmt.bits == 0:  # float, codebook: no MatMulNBits form
+                assert source.native_blocks(name, 4, 32) is None and source.native_blocks(name, 8, 32) is None
+                continue
+            blocks = source.native_blocks(name, fmt.bits, fmt.block_size)  # linear types: carried over exactly
+            got = matmulnbits_dequantize(blocks)
+            finite = np.isfinite(expected)
+            np.testing.assert_array_equal(got[finite], expected[finite], err_msg=name)
 
 
 # ----------------------------------------------------------------------------- SmolLM2 (real file)
@@ -520,7 +533,8 @@ def test_smollm2_reads_equal_transformers_dequantized_weights(smol, smol_path, s
     assert len(names) == 272
     for name in names:  # Q4_1 (q/k permuted), Q8_0 embedding, F32 norms
         np.testing.assert_array_equal(smol.read(name), reference[name], err_msg=name)
-    assert smol.native_blocks("model.layers.0.self_attn.q_proj.weight", 4, 32) is None  # Q4_1 is asymmetric
+    q4_1 = smol.native_blocks("model.layers.0.self_attn.q_proj.weight", 4, 32)  # codes, zero point 0, + min
+    assert q4_1.zero_points is not None and not q4_1.zero_points.any() and q4_1.offsets is not None
     assert smol.native_blocks("model.embed_tokens.weight", 8, 32) is not None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -18,6 +19,7 @@ from .export.report import BuildReport, fold_layers, peak_rss_bytes
 from .export.writer import WeightWriter
 from .graph.builder import GraphBuilder
 from .graph.decoder import Emitter
+from .quant.native import has_native, native_lookup
 from .quant.recipe import Recipe
 from .quant.templates import apply_template, template_for
 from .sources.open import open_source
@@ -26,7 +28,7 @@ from .sources.open import open_source
 def build(
     model: str | Path,
     output: str | Path,
-    precision: str = "fp32",
+    precision: str = "source",
     provider: str = "cpu",
     *,
     recipe: Recipe | None = None,
@@ -38,7 +40,8 @@ def build(
 ) -> BuildReport:
     """Build `model` (HF folder or .gguf) into an onnxruntime-genai folder at `output`.
 
-    `recipe` overrides `precision`/`provider` when given. Returns the build report. Checkpoint tensors
+    `recipe` overrides `precision`/`provider` when given. Precision "source" (the default) keeps
+    pre-quantized weights (GGUF blocks, GPTQ/AWQ/...) exactly as stored, and is fp32 for a float checkpoint. Returns the build report. Checkpoint tensors
     the build does not use are a warning in the report, or with `strict` an error before anything is
     written (those the family declares as ignored get a note instead).
     """
@@ -48,10 +51,13 @@ def build(
     try:
         arch = architecture_for(source.config)
         spec = arch.make_spec(source.config)
+        if recipe.precision == "source" and not has_native(source):
+            recipe = replace(recipe, precision="fp32")
         _check_runtime_limits(spec, recipe)
-        recipe = apply_template(recipe, template_for(arch.model_type).name).bind(spec)
+        names = arch.resolver(source)
+        recipe = apply_template(recipe, template_for(arch.model_type).name).bind(spec, native_lookup(source, spec, names))
         builder = GraphBuilder()
-        emitter = Emitter(builder, spec, arch.resolver(source), source, recipe)
+        emitter = Emitter(builder, spec, names, source, recipe)
         emitter.build()
         report = BuildReport(
             output=str(Path(output)),
@@ -65,6 +71,7 @@ def build(
             shared_embeddings=emitter.shared,
         )
         report.notes.extend(_ignored_note(arch, source))
+        report.notes.extend(_as_stored_note(builder, recipe))
         report.unread_tensors = _unread(builder, arch, source)
         if report.unread_tensors:
             shown = ", ".join(fold_layers(report.unread_tensors))
@@ -127,6 +134,17 @@ def _ignored_note(arch, source) -> list[str]:
     groups = sorted({g for g in arch.ignored if any(fnmatch.fnmatchcase(n, g) for n in unread)})
     return [f"{len(unread)} checkpoint tensors left unread on purpose ({', '.join(groups)}): "
             f"not part of the {arch.name} text decoder"]
+
+
+def _as_stored_note(builder: GraphBuilder, recipe: Recipe) -> list[str]:
+    """Say how carried-over weights compute: their values are exact, the activations are not."""
+    if not any("(exact " in job.storage for job in builder.jobs):
+        return []
+    level = recipe.accuracy
+    how = ("int8 activations per block, as llama.cpp's own quantized dot products do" if level == 4 else
+           "fp32 activations" if level in (0, 1) else f"accuracy_level {level}")
+    return [f"pre-quantized weights are carried over exactly (no value changed); MatMulNBits computes at "
+            f"accuracy_level {level} ({how}){'; --extra_options int4_accuracy_level=0 computes in fp32' if level == 4 else ''}"]
 
 
 def _check_runtime_limits(spec, recipe: Recipe) -> None:

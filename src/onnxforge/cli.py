@@ -21,8 +21,10 @@ def _add_build(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="output folder (built in a temporary folder, renamed at the end)")
     from .quant.recipe import valid_pairs
 
-    p.add_argument("-p", "--precision", default="fp32",
-                   help=f"fp32, fp16, bf16, int4 or int8 (default fp32). What runs where: {valid_pairs()}")
+    p.add_argument("-p", "--precision", default="source",
+                   help="source (default: quantized weights of a GGUF or GPTQ/AWQ/... checkpoint exactly as stored; "
+                   "fp32 for a float checkpoint), fp32, fp16, bf16, int4 or int8 (these two keep stored weights of at "
+                   f"most that many bits and re-quantize the rest). What runs where: {valid_pairs()}")
     p.add_argument("-e", "--execution_provider", "--provider", dest="provider", default="cpu",
                    help="cpu (default), cuda, dml or webgpu")
     p.add_argument("-c", "--cache_dir", "--cache-dir", dest="cache_dir", help="accepted for compatibility; unused")
@@ -36,6 +38,8 @@ def _add_build(sub) -> None:
     p.add_argument("--keep-float", action="append", default=[], metavar="PATTERN",
                    help="glob of node or HF module names to keep float (repeatable)")
     p.add_argument("--unpack-matmul", action="store_true", help="keep q/k/v and gate/up as separate MatMuls")
+    p.add_argument("--requantize", action="store_true",
+                   help="-p int4/int8: re-quantize pre-quantized weights too, instead of keeping those already that small")
     p.add_argument("--extra_options", "--extra-options", nargs="+", default=[], metavar="KEY=VALUE",
                    help="the onnxruntime-genai builder's options, e.g. int4_algo_config=k_quant")
     p.add_argument("--max-length", type=int, help="search.max_length in genai_config.json (default: context length)")
@@ -74,6 +78,8 @@ def make_recipe(args):
         changes["keep_float"] = recipe.keep_float + tuple(args.keep_float)
     if args.unpack_matmul:
         changes["unpack_matmul"] = True
+    if args.requantize:
+        changes["requantize"] = True
     recipe = replace(recipe, **changes)
     if args.extra_options:
         recipe = apply_extra_options(recipe, args.extra_options)

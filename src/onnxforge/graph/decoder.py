@@ -80,8 +80,22 @@ class Emitter:
             w = self.b.weights(W.float_matmul_job(self.source, node, f"{prefix}.weight", parts, N, K, st))[0]
             return self.b.op("MatMul", [x, w], f"{node}/MatMul")
         job = W.quant_matmul_job(self.source, node, prefix, parts, N, K, st, self.io.ir_dtype, self.io.np_dtype)
-        return self.b.op("MatMulNBits", [x, *self.b.weights(job)], f"{node}/MatMul", domain=MS, K=K, N=N,
-                         bits=st.bits, block_size=st.block_size, accuracy_level=st.accuracy_level)
+        return self.matmul_nbits(x, self.b.weights(job), node, K, N, st)
+
+    def matmul_nbits(self, x: ir.Value, ws: Sequence[ir.Value], node: str, K: int, N: int, st: Storage) -> ir.Value:
+        """MatMulNBits; with per-block offsets (weights stored as scale x code + offset, e.g. GGUF Q4_K),
+        y += ReduceSum(x per block) @ offsets^T: a MatMul of width K / block_size."""
+        ws = list(ws)
+        offsets = ws.pop() if st.offsets else None
+        y = self.b.op("MatMulNBits", [x, *ws], f"{node}/MatMul", domain=MS, K=K, N=N, bits=st.bits,
+                      block_size=st.block_size, accuracy_level=st.accuracy_level)
+        if offsets is None:
+            return y
+        b, kb = self.b, W.k_blocks(K, st.block_size)
+        blocks = b.op("Reshape", [x, b.const([0, 0, kb, st.block_size], np.int64)], f"{node}/offsets/Reshape")
+        sums = b.op("ReduceSum", [blocks, b.const([-1], np.int64)], f"{node}/offsets/ReduceSum", keepdims=0)
+        fix = b.op("FusedMatMul", [sums, offsets], f"{node}/offsets/MatMul", domain=MS, transB=1, alpha=1.0)
+        return b.op("Add", [y, fix], f"{node}/offsets/Add")
 
     def linear_group(self, x: ir.Value, packed: str, i: int | None, roles: Sequence[tuple[str, str, int]], K: int,
                      bias: bool = False) -> list[ir.Value]:
@@ -219,8 +233,15 @@ class Emitter:
         kb = W.k_blocks(K, st.block_size)
         flat = b.op("Reshape", [ws[0], b.const([self.spec.vocab_size, kb * st.block_size * st.bits // 8], np.int64)],
                     f"{node}/Reshape")
+        ws, offsets = (ws[:-1], ws[-1]) if st.offsets else (ws, None)
         x = b.op("GatherBlockQuantized", [flat, input_ids, *ws[1:]], f"{node}/GatherBlockQuantized", domain=MS,
                  bits=st.bits, block_size=st.block_size, gather_axis=0, quantize_axis=1)
+        if offsets is not None:  # each row's per-block offsets, added to its block: (b, s, kb, block) + (b, s, kb, 1)
+            rows = b.op("Gather", [offsets, input_ids], f"{node}/offsets/Gather", axis=0)
+            blocks = b.op("Reshape", [x, b.const([0, 0, kb, st.block_size], np.int64)], f"{node}/offsets/Reshape")
+            x = b.op("Add", [blocks, b.op("Unsqueeze", [rows, b.const([-1], np.int64)], f"{node}/offsets/Unsqueeze")],
+                     f"{node}/offsets/Add")
+            x = b.op("Reshape", [x, b.const([0, 0, kb * st.block_size], np.int64)], f"{node}/offsets/Reshape_1")
         if kb * st.block_size != K:
             x = b.op("Slice", [x, b.const([0], np.int64), b.const([K], np.int64), b.const([-1], np.int64)], f"{node}/Slice")
         return x
@@ -229,8 +250,7 @@ class Emitter:
         spec, b = self.spec, self.b
         V, H = spec.vocab_size, spec.hidden_size
         if self.shared and st.quantized:
-            y = b.op("MatMulNBits", [x, *self.head_weights], "/lm_head/MatMul", domain=MS, K=H, N=V,
-                     bits=st.bits, block_size=st.block_size, accuracy_level=st.accuracy_level)
+            y = self.matmul_nbits(x, self.head_weights, "/lm_head", H, V, st)
         elif self.shared:
             y = b.op("FusedMatMul", [x, self.table], "/lm_head/MatMul", domain=MS, transB=1, alpha=1.0)
         else:

@@ -51,7 +51,8 @@ def float_matmul_job(source: Source, label: str, init: str, parts: Sequence[Part
             del part
         return [out]
 
-    return WeightJob(label, (TensorSlot(init, st.ir_dtype, (K, N)),), produce, st.describe(), tuple(map(str, parts)))
+    return WeightJob(label, (TensorSlot(init, st.ir_dtype, (K, N)),), produce,
+                     st.describe() + stored_note(source, parts, st), tuple(map(str, parts)))
 
 
 def float_table_job(source: Source, label: str, init: str, name: str, shape: tuple[int, ...], st: Storage,
@@ -64,7 +65,8 @@ def float_table_job(source: Source, label: str, init: str, name: str, shape: tup
             arr = arr.astype(np.float32) + np.float32(offset)
         return [arr.astype(st.np_dtype, copy=False)]
 
-    return WeightJob(label, (TensorSlot(init, st.ir_dtype, shape),), produce, st.describe(), (name,))
+    return WeightJob(label, (TensorSlot(init, st.ir_dtype, shape),), produce,
+                     st.describe() + stored_note(source, [Part(name)], st), (name,))
 
 
 def concat_vector_job(source: Source, label: str, init: str, parts: Sequence[Part], size: int, st: Storage) -> WeightJob:
@@ -85,16 +87,25 @@ def quant_slots(prefix: str, N: int, K: int, st: Storage, scale_dtype: ir.DataTy
     ]
     if not st.symmetric:
         slots.append(TensorSlot(f"{prefix}.weight_zp", ir.DataType.UINT8, (N, -(-kb * st.bits // 8))))
+    if st.offsets:  # w = scale x (code - zero point) + offset per block; Emitter.matmul adds them back
+        slots.append(TensorSlot(f"{prefix}.weight_offsets", scale_dtype, (N, kb)))
     return tuple(slots)
 
 
 def quant_matmul_job(source: Source, label: str, prefix: str, parts: Sequence[Part], N: int, K: int, st: Storage,
                      scale_dtype: ir.DataType, scale_np: np.dtype) -> WeightJob:
-    """MatMulNBits B / scales / zero_points, transcoded from native blocks when the source has them."""
+    """MatMulNBits B / scales / zero_points (/ offsets), carried over from native blocks when the source has
+    them in this form (always for storage method "source"), else quantized from the float weights."""
     parts = tuple(parts)
     slots = quant_slots(prefix, N, K, st, scale_dtype)
     native = _all_native(source, parts, st)
-    storage = st.describe() + (f" (transcoded {native})" if native else "")
+    if st.method == "source" and not native:
+        raise ValueError(f"{label}: the recipe keeps {', '.join(map(str, parts))} as stored, but the source has "
+                         f"no exact {st.describe()} form for it")
+    if native:
+        storage = st.describe() if st.method == "source" else st.describe() + f" (transcoded {native})"
+    else:
+        storage = st.describe() + stored_note(source, parts, st)
 
     def produce():
         if native:
@@ -104,14 +115,41 @@ def quant_matmul_job(source: Source, label: str, prefix: str, parts: Sequence[Pa
     return WeightJob(label, slots, produce, storage, tuple(map(str, parts)))
 
 
+def stored_formats(source: Source, parts: Sequence[Part]) -> str:
+    """"Q4_K/Q6_K": the quantized formats the parts are stored in ("" for float tensors)."""
+    fmt = getattr(source, "native_format", None)
+    found = {f.origin for f in (fmt(p.name) for p in parts) if f is not None} if fmt else set()
+    return "/".join(sorted(found))
+
+
+def stored_note(source: Source, parts: Sequence[Part], st: Storage) -> str:
+    """What happened to pre-quantized parts that are not carried over: " (dequantized Q4_1)",
+    " (re-quantized Q6_K: 8-bit codes > int4)", " (re-quantized IQ2_XS: no exact form)"."""
+    origins = stored_formats(source, parts)
+    if not origins:
+        return ""
+    if not st.quantized:
+        return f" (dequantized {origins})"
+    fmts = [source.native_format(p.name) for p in parts]
+    if any(f is not None and f.bits == 0 for f in fmts):
+        return f" (re-quantized {origins}: no exact MatMulNBits form)"
+    wider = max((f.bits for f in fmts if f is not None), default=0)
+    why = f"{wider}-bit storage > int{st.bits}" if wider > st.bits else "as the recipe asks"
+    return f" (re-quantized {origins}: {why})"
+
+
 def _all_native(source: Source, parts: Sequence[Part], st: Storage) -> str | None:
-    """The native block format if every part can be transcoded losslessly into `st`, else None."""
+    """The native block format(s) if every part is stored exactly in the form `st` describes, else None."""
+    fmt = getattr(source, "native_format", None)
+    if fmt is None:
+        return None
     origins = set()
     for p in parts:
-        nb = source.native_blocks(p.name, st.bits, st.block_size)
-        if nb is None or (nb.zero_points is None) != st.symmetric:
+        f = fmt(p.name)
+        if (f is None or (f.bits, f.block_size) != (st.bits, st.block_size) or f.zero_points == st.symmetric
+                or f.offsets != st.offsets):
             return None
-        origins.add(nb.origin)
+        origins.add(f.origin)
     return "/".join(sorted(origins))
 
 
@@ -120,10 +158,13 @@ def _native_arrays(source: Source, parts: Sequence[Part], st: Storage, scale_np:
     for p in parts:
         nb = source.native_blocks(p.name, st.bits, st.block_size)
         rows = slice(*p.rows) if p.rows else slice(None)
-        blocks.append((nb.data[rows], nb.scales[rows], None if nb.zero_points is None else nb.zero_points[rows]))
+        blocks.append([None if a is None else a[rows] for a in (nb.data, nb.scales, nb.zero_points, nb.offsets)])
+        del nb
     arrays = [np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks]).astype(scale_np)]
     if not st.symmetric:
         arrays.append(np.concatenate([b[2] for b in blocks]))
+    if st.offsets:
+        arrays.append(np.concatenate([b[3] for b in blocks]).astype(scale_np))
     return arrays
 
 

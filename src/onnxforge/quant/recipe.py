@@ -1,7 +1,7 @@
 """A recipe decides, for every weight by its name, how it is stored.
 
 Independent axes:
-  * precision / io dtype  (fp32, fp16, bf16, int4, int8)
+  * precision / io dtype  (fp32, fp16, bf16, int4, int8, or source: pre-quantized weights as stored)
   * the INT4 method       (rtn, k_quant, hqq, default) with block size, symmetry, accuracy level
   * where INT8 goes       (last MatMul, the llama.cpp mixed layers, linear attention)
   * what stays float      (templates per model type, user exclusions, op types)
@@ -13,20 +13,22 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass, replace
-from typing import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Callable, Sequence
 
 from ..errors import RecipeError
+from ..sources.base import NativeFormat
 from ..spec import ModelSpec
 from .storage import Storage
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int4", "int8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int4", "int8", "source")
 PROVIDERS = ("cpu", "cuda", "dml", "webgpu")
 METHODS = ("default", "rtn", "k_quant", "hqq")
 # precision -> the execution providers whose onnxruntime kernels run it (CPU has no bf16 MatMul;
 # MatMulNBits at 8 bits runs on CPU and CUDA only)
 RUNS_ON: dict[str, tuple[str, ...]] = {
     "fp32": PROVIDERS, "fp16": PROVIDERS, "bf16": ("cuda",), "int4": PROVIDERS, "int8": ("cpu", "cuda"),
+    "source": ("cpu", "cuda"),  # pre-quantized weights as stored: 4- and 8-bit MatMulNBits
 }
 
 
@@ -64,6 +66,10 @@ class Recipe:
     unpack_matmul: bool = False
     shared_embeddings: bool | None = None  # None: share whenever the checkpoint ties them
     num_layers: int = 0  # set by bind()
+    # int4/int8 keep a pre-quantized weight whose exact form has at most that many bits; True re-quantizes it
+    requantize: bool = False
+    # names -> the stored quantized form of the weight they name (set by bind(); see quant/native.py)
+    native: Callable[[Sequence[str]], NativeFormat | None] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         _one_of("precision", self.precision, PRECISIONS)
@@ -101,8 +107,22 @@ class Recipe:
     def base_bits(self) -> int:
         return {"int4": 4, "int8": 8}.get(self.precision, 0)
 
-    def bind(self, spec: ModelSpec) -> "Recipe":
-        return replace(self, num_layers=spec.num_layers)
+    def _as_stored(self, names: Sequence[str], op: str) -> Storage | None:
+        """The weight's own exact form when the recipe keeps it: always under "source", under int4/int8
+        when that form has at most as many bits. A "source" weight with no exact form (codebook types)
+        is re-quantized to int8 (rtn, symmetric, block 32); float weights stay float."""
+        if self.native is None or self.precision not in ("source", "int4", "int8") or self.requantize:
+            return None
+        fmt = self.native(names)
+        if fmt is None or (self.precision != "source" and (op not in self.op_types or fmt.bits > self.base_bits)):
+            return None
+        if fmt.bits == 0:
+            return Storage(dtype=self.io.dtype, bits=8) if self.precision == "source" else None
+        return Storage(dtype=self.io.dtype, bits=fmt.bits, block_size=fmt.block_size, method="source",
+                       symmetric=not fmt.zero_points, offsets=fmt.offsets, origin=fmt.origin)
+
+    def bind(self, spec: ModelSpec, native: Callable[[Sequence[str]], NativeFormat | None] | None = None) -> "Recipe":
+        return replace(self, num_layers=spec.num_layers, native=native or self.native)
 
     # -- the decision ---------------------------------------------------------------------------
     def storage(self, names: Sequence[str], op: str) -> Storage:
@@ -119,6 +139,9 @@ class Recipe:
         return st
 
     def _base(self, names: Sequence[str], op: str) -> Storage:
+        kept = self._as_stored(names, op)
+        if kept is not None:
+            return kept
         if not self.base_bits or op not in self.op_types:
             return self.io
         st = Storage(dtype=self.io.dtype, bits=self.base_bits, block_size=self.block_size, method=self.method,
@@ -163,6 +186,7 @@ class Recipe:
             "keep_float": list(self.keep_float), "rules": [(r.pattern, r.storage.describe() if r.storage else "float")
                                                            for r in self.rules],
             "unpack_matmul": self.unpack_matmul, "shared_embeddings": self.shared_embeddings,
+            "requantize": self.requantize,
         }
 
 

@@ -1,7 +1,7 @@
 """How one weight is stored: as floats of some dtype, or block-quantized for MatMulNBits."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ml_dtypes
 import numpy as np
@@ -24,6 +24,8 @@ class Storage:
     method: str = "rtn"
     symmetric: bool = True
     accuracy_level: int | None = None  # None: the recipe's (4 on CPU, as the anchor)
+    offsets: bool = False  # method "source": a per-block additive term, added back by a correction MatMul
+    origin: str = field(default="", compare=False)  # method "source": the format it is carried over from
 
     @property
     def quantized(self) -> bool:
@@ -40,6 +42,9 @@ class Storage:
     def describe(self) -> str:
         if not self.quantized:
             return self.dtype
+        if self.method == "source":  # carried over as stored: no quantizer ran
+            extra = ("" if self.symmetric else " zero points") + (" + offsets" if self.offsets else "")
+            return f"int{self.bits} block {self.block_size}{extra} (exact {self.origin})"
         sym = "sym" if self.symmetric else "asym"
         return f"int{self.bits} {self.method} {sym} block {self.block_size}"
 

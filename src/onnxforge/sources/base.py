@@ -20,6 +20,8 @@ class NativeBlocks:
     `data` uint8 (N, k_blocks, block_size*bits/8) packed like MatMulNBits `B`,
     `scales` float32 (N, k_blocks), `zero_points` packed uint8 (N, ceil(k_blocks*bits/8)) or None
     (None means the op's default 2**(bits-1)). `origin` names the source format, e.g. "Q4_0".
+    `offsets` float32 (N, k_blocks) or None: a per-block term added to every weight of the block
+    (w = scale x (code - zero point) + offset), which the graph adds back as a correction MatMul.
     """
 
     data: np.ndarray
@@ -28,6 +30,21 @@ class NativeBlocks:
     bits: int
     block_size: int
     origin: str
+    offsets: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class NativeFormat:
+    """How a stored quantized tensor maps onto MatMulNBits, known without reading its data.
+
+    `bits == 0`: quantized, but with no exact MatMulNBits form (codebook types): it is dequantized.
+    """
+
+    origin: str  # the source's own name: "Q4_K", "GPTQ int4 g128 asym"
+    bits: int  # MatMulNBits storage bits (codes of 2-3 bits go into 4, of 5-6 bits into 8)
+    block_size: int
+    zero_points: bool  # explicit packed zero points
+    offsets: bool  # a per-block additive term (see NativeBlocks.offsets)
 
 
 class Source(Protocol):
@@ -50,6 +67,10 @@ class Source(Protocol):
     def native_blocks(self, name: str, bits: int, block_size: int) -> NativeBlocks | None:
         """Lossless MatMulNBits form of `name` at (bits, block_size), or None."""
         ...
+
+    # optional (sources of pre-quantized weights):
+    #   native_format(name) -> NativeFormat | None   what native_blocks would give, without reading data
+    #   stored_format(name) -> str                    the tensor's own type ("Q4_K", "F16", "BF16")
 
     def write_tokenizer(self, out_dir: Path) -> list[str]:
         """Write tokenizer.json / tokenizer_config.json (and friends) into out_dir; return file names."""

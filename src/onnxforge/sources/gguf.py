@@ -4,8 +4,9 @@
 front) and speaks like a transformers checkpoint: `config` is the config.json dict transformers
 would build, tensor names/shapes are the state-dict ones, `read()` dequantizes one tensor on the
 fly with `gguf.quants.dequantize`, and Q/K rows that llama.cpp's converter permuted for its rotary
-layout are put back (as transformers' `LlamaTensorProcessor` does). Q4_0 / Q8_0 weights can be
-handed over losslessly as MatMulNBits blocks (`native_blocks`).
+layout are put back (as transformers' `LlamaTensorProcessor` does). Weights of the linear block types
+(Q4_0 ... Q8_0, Q2_K ... Q6_K) are handed over exactly as MatMulNBits blocks (`native_blocks`,
+gguf_blocks.py); codebook and ternary types are dequantized.
 """
 from __future__ import annotations
 
@@ -18,11 +19,13 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader, GGUFValueType
+from gguf.constants import GGML_QUANT_SIZES
 from gguf.gguf_reader import ReaderTensor
 from gguf.quants import dequantize
 
 from ..errors import CheckpointError, ConfigError, OnnxForgeError, OutputError, UnsupportedArchitectureError
-from .base import NativeBlocks
+from .base import NativeBlocks, NativeFormat
+from .gguf_blocks import block_form, transcode
 from .gguf_maps import AUXILIARY_TENSORS, FAMILIES, GGUFFamily, compile_tensor_map, hf_tensor_name, permuted_heads
 from .gguf_tokenizer import build_tokenizer
 
@@ -33,6 +36,7 @@ SUPPORTED_TYPES: frozenset[QT] = frozenset({
     QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0,
     QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K,
     QT.IQ4_NL, QT.IQ4_XS, QT.IQ3_S, QT.IQ3_XXS, QT.IQ2_S, QT.IQ2_XS, QT.IQ2_XXS, QT.IQ1_S, QT.IQ1_M,
+    QT.TQ1_0, QT.TQ2_0,
 })
 
 # Bytes of each tensor's data folded into the fingerprint (besides the whole header).
@@ -96,27 +100,45 @@ class GGUFSource:
                 "The file may be corrupt: re-download or re-convert it."
             ) from err
 
-    def native_blocks(self, name: str, bits: int, block_size: int) -> NativeBlocks | None:
-        """Lossless MatMulNBits form of a Q4_0 (4, 32) or Q8_0 (8, 32) weight; None otherwise."""
+    def stored_format(self, name: str) -> str:
+        """The tensor's GGUF type name ("Q4_K", "F16", ...)."""
+        return self._tensor(name).tensor_type.name
+
+    def native_format(self, name: str) -> NativeFormat | None:
+        """How `name` maps onto MatMulNBits without changing a value (None for float tensors;
+        bits 0 for quantized types that have no such form: codebooks, ternary)."""
         tensor = self._tensor(name)
         kind = tensor.tensor_type
-        if len(tensor.shape) != 2 or block_size != 32 or (kind, bits) not in ((QT.Q4_0, 4), (QT.Q8_0, 8)):
+        if kind in (QT.F32, QT.F16, QT.BF16):
             return None
+        form = block_form(kind)
+        if form is None or len(tensor.shape) != 2:
+            return NativeFormat(kind.name, 0, 0, False, False)
+        return NativeFormat(kind.name, form.bits, form.block_size, form.zero_points, form.offsets)
+
+    def native_blocks(self, name: str, bits: int, block_size: int) -> NativeBlocks | None:
+        """The exact MatMulNBits arrays of a block-quantized weight whose native form is (bits,
+        block_size) (see gguf_blocks.py), rows un-permuted like `read()`; None otherwise."""
+        fmt = self.native_format(name)
+        if fmt is None or (fmt.bits, fmt.block_size) != (bits, block_size):
+            return None
+        tensor = self._tensor(name)
+        kind = tensor.tensor_type
         n_rows, n_cols = _hf_shape(tensor)
         try:
-            raw = np.asarray(tensor.data, dtype=np.uint8).reshape(n_rows, n_cols // 32, -1)
+            elements, _ = GGML_QUANT_SIZES[kind]
+            raw = np.asarray(tensor.data, dtype=np.uint8).reshape(n_rows, n_cols // elements, -1)
             perm = self._row_permutation(name, n_rows)
             if perm is not None:
                 raw = raw[perm]
-            scales = raw[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
-            data = _q4_0_to_matmulnbits(raw[..., 2:]) if kind == QT.Q4_0 else raw[..., 2:] ^ np.uint8(0x80)
+            t = transcode(raw, kind)
         except OnnxForgeError:
             raise
         except Exception as err:  # a raw numpy error must not escape
             raise CheckpointError(
                 f"cannot repack {tensor.name!r} ({name}, {kind.name}) from {self.path}: {err}."
             ) from err
-        return NativeBlocks(np.ascontiguousarray(data), scales, None, bits, block_size, kind.name)
+        return NativeBlocks(t.data, t.scales, t.zero_points, bits, block_size, kind.name, t.offsets)
 
     def write_tokenizer(self, out_dir: Path) -> list[str]:
         """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json; return their names."""
@@ -517,12 +539,6 @@ def _dequantize(tensor: ReaderTensor) -> np.ndarray:
     if tensor.tensor_type == QT.F32:
         return np.array(tensor.data, dtype=np.float32)
     return np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
-
-
-def _q4_0_to_matmulnbits(nibbles: np.ndarray) -> np.ndarray:
-    """Q4_0 block bytes (element j low, j+16 high nibble of byte j) -> MatMulNBits (2i low, 2i+1 high)."""
-    values = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1)
-    return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
 
 
 def _llama3_factors(inv_freq: np.ndarray, factor: float, low: float, high: float, original: int) -> np.ndarray:

@@ -1,0 +1,182 @@
+"""GGUF block types onto MatMulNBits without changing a value.
+
+Every linear GGUF type stores a weight as `scale x code` or `scale x code + min` per block (layouts in
+llama.cpp's ggml-common.h; the element order below follows gguf-py's `gguf.quants` dequantizers, which
+the tests compare against bit for bit). A transcoder turns a tensor's raw blocks, (rows, blocks per row,
+bytes per block) uint8, into the arrays MatMulNBits takes:
+
+- codes packed along K as MatMulNBits `B` (low nibble first at 4 bits),
+- scales (rows, k_blocks) float32, computed with the same float32 products gguf-py uses,
+- zero points: None where the codes are offset to the op's default (8 at 4 bits, 128 at 8 bits),
+  or packed zeros where the codes fill the whole 4-bit range,
+- offsets (rows, k_blocks) float32 or None: a per-block additive term (`+ m` of Q4_1/Q5_1, `- dmin x m`
+  of the K types) that the graph adds back as `ReduceSum(x per block) @ offsets`.
+
+5- and 6-bit codes go into 8-bit storage, 2- and 3-bit ones into 4-bit storage (CPU MatMulNBits at 2
+bits is fast only at block 32). Codebook (IQ*) and ternary (TQ*) types have no such form.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+
+QK_K = 256
+
+
+@dataclass(frozen=True)
+class BlockForm:
+    """How one GGUF type maps onto MatMulNBits: storage bits, block size, zero points, offsets."""
+
+    bits: int
+    block_size: int
+    zero_points: bool  # explicit (all-zero) packed zero points
+    offsets: bool  # a per-block additive term
+    code_bits: int  # bits the format itself spends on a code (for the report)
+
+
+@dataclass(frozen=True)
+class Transcoded:
+    data: np.ndarray  # uint8 (rows, k_blocks, block_size * bits / 8)
+    scales: np.ndarray  # float32 (rows, k_blocks)
+    zero_points: np.ndarray | None  # packed uint8 (rows, ceil(k_blocks * bits / 8))
+    offsets: np.ndarray | None  # float32 (rows, k_blocks)
+
+
+def _f16(raw: np.ndarray) -> np.ndarray:
+    """Two bytes per block (..., 2) -> float32 (..., 1), as gguf-py reads d / dmin."""
+    return np.ascontiguousarray(raw).view(np.float16).astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """Q4_0-style bytes (..., 16): element j is the low nibble of byte j, element j+16 its high nibble."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _high_bits(qh: np.ndarray, n: int) -> np.ndarray:
+    """(..., 4) bytes holding one bit per element of a 32-element block -> (..., 32) in {0, 1}."""
+    bits = np.ascontiguousarray(qh).view(np.uint32) >> np.arange(n, dtype=np.uint32)
+    return (bits & 1).astype(np.uint8)
+
+
+def _k_scale_min(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K / Q5_K's twelve bytes of packed 6-bit scales and mins -> (..., 8) each (gguf-py get_scale_min)."""
+    d, m, m_d = scales[..., 0:4], scales[..., 4:8], scales[..., 8:12]
+    sc = np.concatenate([d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
+    mn = np.concatenate([m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)], axis=-1)
+    return sc, mn
+
+
+def _shifted(bytes_: np.ndarray, group: int, shifts: tuple[int, ...], mask: int) -> np.ndarray:
+    """gguf-py's unpacking idiom: (..., n) bytes in groups of `group`, each group read at every shift."""
+    lead = bytes_.shape[:-1]
+    g = bytes_.reshape(*lead, -1, 1, group) >> np.array(shifts, dtype=np.uint8).reshape(1, -1, 1)
+    return (g & np.uint8(mask)).reshape(*lead, -1)
+
+
+# ----------------------------------------------------------------------------- per type
+# Each returns (codes uint8 (rows, nb, elements per block), scales, offsets) with scales/offsets
+# (rows, nb, sub-blocks per block); codes already include the offset to the storage's zero point.
+
+def _q4_0(raw):
+    return _nibbles(raw[..., 2:]), _f16(raw[..., :2]), None
+
+
+def _q4_1(raw):
+    return _nibbles(raw[..., 4:]), _f16(raw[..., :2]), _f16(raw[..., 2:4])
+
+
+def _q5_0(raw):
+    q = _nibbles(raw[..., 6:]) | (_high_bits(raw[..., 2:6], 32) << 4)
+    return q + np.uint8(112), _f16(raw[..., :2]), None  # d x (q - 16): code q + 112 against zero point 128
+
+
+def _q5_1(raw):
+    q = _nibbles(raw[..., 8:]) | (_high_bits(raw[..., 4:8], 32) << 4)
+    return q + np.uint8(128), _f16(raw[..., :2]), _f16(raw[..., 2:4])
+
+
+def _q8_0(raw):
+    return raw[..., 2:] ^ np.uint8(0x80), _f16(raw[..., :2]), None  # int8 + 128
+
+
+def _q2_k(raw):
+    scales, qs = raw[..., :16], raw[..., 16:80]
+    d, dmin = _f16(raw[..., 80:82]), _f16(raw[..., 82:84])
+    q = _shifted(qs, 32, (0, 2, 4, 6), 3)
+    dl = d * (scales & 0xF).astype(np.float32)
+    ml = dmin * (scales >> 4).astype(np.float32)
+    return q + np.uint8(8), dl, -ml
+
+
+def _q3_k(raw):
+    hmask, qs, packed, d = raw[..., :32], raw[..., 32:96], raw[..., 96:108], _f16(raw[..., 108:110])
+    low = _shifted(packed[..., :8], 8, (0, 4), 0x0F)
+    high = _shifted(packed[..., 8:12], 4, (0, 2, 4, 6), 0x03)
+    sc = ((low | (high << 4)).astype(np.int8) - np.int8(32)).astype(np.float32)
+    ql = _shifted(qs, 32, (0, 2, 4, 6), 3)
+    qh = _shifted(hmask, 32, tuple(range(8)), 1)
+    q = ql + (qh << 2)  # gguf-py: ql - 4 x (1 - qh), in [-4, 3]; + 4 is ql + 4 qh in [0, 7]
+    return q + np.uint8(4), d * sc, None  # code (q - 4) + 8 against zero point 8
+
+
+def _q4_k(raw):
+    d, dmin = _f16(raw[..., :2]), _f16(raw[..., 2:4])
+    sc, mn = _k_scale_min(raw[..., 4:16])
+    q = _shifted(raw[..., 16:144], 32, (0, 4), 0x0F)
+    return q, d * sc.astype(np.float32), -(dmin * mn.astype(np.float32))
+
+
+def _q5_k(raw):
+    d, dmin = _f16(raw[..., :2]), _f16(raw[..., 2:4])
+    sc, mn = _k_scale_min(raw[..., 4:16])
+    qh = _shifted(raw[..., 16:48], 32, tuple(range(8)), 1)
+    q = _shifted(raw[..., 48:176], 32, (0, 4), 0x0F) | (qh << 4)
+    return q + np.uint8(128), d * sc.astype(np.float32), -(dmin * mn.astype(np.float32))
+
+
+def _q6_k(raw):
+    ql, qh = raw[..., :128], raw[..., 128:192]
+    sc = np.ascontiguousarray(raw[..., 192:208]).view(np.int8).astype(np.float32)
+    d = _f16(raw[..., 208:210])
+    lo = _shifted(ql, 64, (0, 4), 0x0F)
+    hi = _shifted(qh, 32, (0, 2, 4, 6), 3)
+    return (lo | (hi << 4)) + np.uint8(96), d * sc, None  # d x sc x (q - 32): code q + 96 against 128
+
+
+FORMS: dict[QT, tuple[BlockForm, Callable]] = {
+    QT.Q4_0: (BlockForm(4, 32, False, False, 4), _q4_0),
+    QT.Q4_1: (BlockForm(4, 32, True, True, 4), _q4_1),
+    QT.Q5_0: (BlockForm(8, 32, False, False, 5), _q5_0),
+    QT.Q5_1: (BlockForm(8, 32, False, True, 5), _q5_1),
+    QT.Q8_0: (BlockForm(8, 32, False, False, 8), _q8_0),
+    QT.Q2_K: (BlockForm(4, 16, False, True, 2), _q2_k),
+    QT.Q3_K: (BlockForm(4, 16, False, False, 3), _q3_k),
+    QT.Q4_K: (BlockForm(4, 32, True, True, 4), _q4_k),
+    QT.Q5_K: (BlockForm(8, 32, False, True, 5), _q5_k),
+    QT.Q6_K: (BlockForm(8, 16, False, False, 6), _q6_k),
+}
+
+
+def block_form(kind: QT) -> BlockForm | None:
+    entry = FORMS.get(kind)
+    return None if entry is None else entry[0]
+
+
+def transcode(raw: np.ndarray, kind: QT) -> Transcoded:
+    """Raw GGUF blocks (rows, blocks per row, bytes per block) -> MatMulNBits arrays for `kind`."""
+    form, unpack = FORMS[kind]
+    rows = raw.shape[0]
+    codes, scales, offsets = unpack(raw)
+    kb = codes.shape[1] * codes.shape[2] // form.block_size
+    codes = codes.reshape(rows, kb, form.block_size)
+    data = codes if form.bits == 8 else (codes[..., 0::2] | (codes[..., 1::2] << 4))
+    zero_points = np.zeros((rows, -(-kb * form.bits // 8)), dtype=np.uint8) if form.zero_points else None
+    return Transcoded(
+        np.ascontiguousarray(data, dtype=np.uint8),
+        np.ascontiguousarray(scales.reshape(rows, kb), np.float32),
+        zero_points,
+        None if offsets is None else np.ascontiguousarray(offsets.reshape(rows, kb), np.float32),
+    )
