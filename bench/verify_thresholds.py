@@ -1,25 +1,36 @@
-"""Measure what `onnxforge verify` reports for correct builds at each precision, and for wrong models,
-so that its default thresholds (verify/thresholds.py) sit between the two. Prints one table.
+"""Measure what `onnxforge verify` reports for correct builds at each precision and for wrong models, so
+that its default thresholds (src/onnxforge/verify/thresholds.py) sit between the two. Prints one table
+and writes it to OUT/results.json; docs/verify.md keeps the figures.
 
-Correct builds: SmolLM2-135M-Instruct (the demo GGUF; its Q4_1 weights dequantized are the reference)
-at fp32, fp16, int8 and int4 (default and k_quant_mixed), and a tiny random Llama at the same precisions.
-Wrong models: the tiny Llama built from one seed and verified against another seed's checkpoint, and
-SmolLM2 int4 with one layer's MLP weights zeroed in the reference.
+Checkpoints (both float, so every precision below is quantized by onnxforge itself):
+  * SmolLM2-135M-Instruct: the demo GGUF (Q4_1) loaded by transformers and saved as an fp32 safetensors
+    folder, once;
+  * a tiny random Llama (tests/tiny.py, seed 0), and the same shape with seed 1 as a wrong reference.
+Correct builds: fp32, fp16, int8, int4 (default recipe) and int4 k_quant_mixed, each verified against the
+checkpoint it was built from. bf16 cannot run on onnxruntime's CPU provider, so its row is emulated:
+transformers' own model in bf16 against the same model in fp32 (fp16 is emulated the same way, to show how
+close emulation comes to a real onnxruntime fp16 build).
+Wrong models: the tiny build against the other seed; SmolLM2 builds against a reference with
+rope_theta halved (a config converted wrongly) and one with layer 15's mlp.down_proj zeroed (one tensor
+lost).
 
-    python bench/verify_thresholds.py [--out bench/_work/verify]
+    python bench/verify_thresholds.py [--out bench/_work/verify]      # about 15 minutes on 2 cores
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+import numpy as np  # noqa: E402
+
 import onnxforge  # noqa: E402
 from onnxforge.quant.recipe import Recipe  # noqa: E402
-from onnxforge.verify.parity import verify  # noqa: E402
+from onnxforge.verify import parity  # noqa: E402
 
 RECIPES = {
     "fp32": Recipe(precision="fp32"),
@@ -28,12 +39,80 @@ RECIPES = {
     "int4": Recipe(precision="int4"),
     "int4 k_quant_mixed": Recipe(precision="int4", method="k_quant", int8_last_matmul=True, int8_mixed_layers=True),
 }
+KEYS = ("max_abs_diff", "mean_kl", "top1", "greedy_agreement")
 
 
 def measure(model_dir: Path, reference: Path) -> dict:
-    r = verify(model_dir, reference, write=False, plot=False, defaults=False)
-    m = r["metrics"]
-    return {k: m[k] for k in ("max_abs_diff", "mean_kl", "top1", "greedy_agreement")}
+    r = parity.verify(model_dir, reference, write=False, plot=False, defaults=False)
+    return {k: r["metrics"][k] for k in KEYS}
+
+
+def emulate(reference: Path, dtype: str) -> dict:
+    """transformers in `dtype` against transformers in fp32, on verify's prompts and positions."""
+    import torch
+
+    model, tok = parity.load_reference(reference)
+    low = parity.load_reference(reference)[0].to(getattr(torch, dtype))
+    eos = [model.generation_config.eos_token_id] if isinstance(model.generation_config.eos_token_id, int) else []
+    kl, top1, diff = [], [], []
+    for text in parity.DEFAULT_PROMPTS:
+        ids = list(tok(text)["input_ids"])
+        seq = ids + parity.reference_greedy(model, ids, 16, eos, 0)
+        with torch.no_grad():
+            a = model(torch.tensor([seq])).logits[0].float().numpy()
+            b = low(torch.tensor([seq])).logits[0].float().numpy()
+        m = parity.compare_logits(a, b)
+        kl.append(m["kl"]), top1.append(m["top1"]), diff.append(m["max_abs_diff"])
+    return {"max_abs_diff": float(np.concatenate(diff).max()), "mean_kl": float(np.concatenate(kl).mean()),
+            "top1": float(np.concatenate(top1).mean()), "greedy_agreement": None}
+
+
+def smollm2_float(out: Path) -> Path:
+    """The demo GGUF as an fp32 Hugging Face folder (transformers dequantizes it)."""
+    folder = out / "smollm2-hf"
+    if not (folder / "config.json").exists():
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from onnxforge.sources.aliases import resolve_model
+
+        gguf = resolve_model("smollm2-135m")
+        kw = {"gguf_file": gguf.name}
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kw)
+        config = model.config
+        if hasattr(config, "quantization_config"):  # transformers refuses to save a model loaded from GGUF
+            del config.quantization_config
+        clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        clean.load_state_dict(model.state_dict())
+        clean.save_pretrained(folder, safe_serialization=True)
+        AutoTokenizer.from_pretrained(str(gguf.parent), **kw).save_pretrained(folder)
+    return folder
+
+
+def variant(base: Path, out: Path, name: str, *, config=None, zero: str | None = None) -> Path:
+    """A copy of `base` with its config.json dict changed by `config` or one tensor zeroed."""
+    folder = out / name
+    if folder.exists():
+        return folder
+    shutil.copytree(base, folder)
+    if config:
+        cfg = json.loads((folder / "config.json").read_text())
+        config(cfg)
+        (folder / "config.json").write_text(json.dumps(cfg, indent=1))
+    if zero:
+        from safetensors.numpy import load_file, save_file
+
+        for f in folder.glob("*.safetensors"):
+            tensors = load_file(f)
+            if zero in tensors:
+                tensors[zero] = np.zeros_like(tensors[zero])
+                save_file(tensors, f, metadata={"format": "pt"})
+    return folder
+
+
+def halve_rope_theta(cfg: dict) -> None:
+    where = cfg["rope_parameters"] if isinstance(cfg.get("rope_parameters"), dict) else cfg  # transformers 5 / 4
+    where["rope_theta"] = where["rope_theta"] / 2
 
 
 def main() -> None:
@@ -42,29 +121,35 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from onnxforge.sources.aliases import resolve_model
     from tiny import make_model
 
-    smol = resolve_model("smollm2-135m")
+    smol = smollm2_float(out)
     tiny_a, tiny_b = out / "tiny_a", out / "tiny_b"
     if not tiny_a.exists():
         make_model("llama", tiny_a, seed=0)
         make_model("llama", tiny_b, seed=1)
     rows = []
-    for name, source in (("SmolLM2-135M", smol), ("tiny llama", tiny_a)):
+    for name, source in (("SmolLM2-135M", smol), ("tiny Llama", tiny_a)):
         for label, recipe in RECIPES.items():
             built = out / f"{name.split()[0]}-{label.replace(' ', '_')}"
             if not built.exists():
                 onnxforge.build(source, built, recipe=recipe)
             rows.append((name, label, "correct", measure(built, source)))
+        for dtype in ("bfloat16", "float16"):
+            rows.append((name, {"bfloat16": "bf16", "float16": "fp16"}[dtype], "correct, emulated in transformers",
+                         emulate(source, dtype)))
     for label in ("fp32", "int4"):
-        rows.append(("tiny llama", label, "wrong reference (other seed)",
-                     measure(out / f"tiny-{label}", tiny_b)))
-    print(f"{'model':<14} {'build':<20} {'case':<30} {'max|dlogit|':>11} {'mean KL':>9} {'top-1':>7} {'greedy':>7}")
+        rows.append(("tiny Llama", label, "wrong: other seed", measure(out / f"tiny-{label}", tiny_b)))
+    rope = variant(smol, out, "smollm2-hf-rope-half", config=halve_rope_theta)
+    down = variant(smol, out, "smollm2-hf-no-down15", zero="model.layers.15.mlp.down_proj.weight")
+    for label in ("fp32", "int4"):
+        rows.append(("SmolLM2-135M", label, "wrong: rope_theta halved", measure(out / f"SmolLM2-135M-{label}", rope)))
+        rows.append(("SmolLM2-135M", label, "wrong: layer 15 down_proj zero",
+                     measure(out / f"SmolLM2-135M-{label}", down)))
+    print(f"| model | build | case | max abs diff | mean KL | top-1 | greedy |\n|---|---|---|---|---|---|---|")
     for model, label, case, m in rows:
         g = "-" if m["greedy_agreement"] is None else f"{100 * m['greedy_agreement']:.0f}%"
-        print(f"{model:<14} {label:<20} {case:<30} {m['max_abs_diff']:>11.3g} {m['mean_kl']:>9.3g} "
-              f"{100 * m['top1']:>6.1f}% {g:>7}")
+        print(f"| {model} | {label} | {case} | {m['max_abs_diff']:.3g} | {m['mean_kl']:.3g} | {100 * m['top1']:.1f}% | {g} |")
     (out / "results.json").write_text(json.dumps(rows, indent=1))
 
 

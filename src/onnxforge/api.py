@@ -12,10 +12,10 @@ import onnx_ir as ir
 
 from . import __version__
 from .archs.registry import architecture_for
-from .errors import CheckpointError, ConfigError, OutputError
-from .export.genai_config import genai_config, unk_token_id
+from .errors import ConfigError, OutputError
+from .export.genai_config import genai_config
 from .export.output import staged_folder
-from .export.report import BuildReport, fold_layers, peak_rss_bytes
+from .export.report import BuildReport, peak_rss_bytes
 from .export.writer import WeightWriter
 from .graph.builder import GraphBuilder
 from .graph.decoder import Emitter
@@ -23,6 +23,7 @@ from .quant.native import has_native, native_lookup
 from .quant.recipe import Recipe
 from .quant.templates import apply_template, template_for
 from .sources.open import open_source
+from .sources.tracking import TrackingSource, report_unused
 
 
 def build(
@@ -41,13 +42,13 @@ def build(
     """Build `model` (HF folder or .gguf) into an onnxruntime-genai folder at `output`.
 
     `recipe` overrides `precision`/`provider` when given. Precision "source" (the default) keeps
-    pre-quantized weights (GGUF blocks, GPTQ/AWQ/...) exactly as stored, and is fp32 for a float checkpoint. Returns the build report. Checkpoint tensors
-    the build does not use are a warning in the report, or with `strict` an error before anything is
-    written (those the family declares as ignored get a note instead).
+    pre-quantized weights (GGUF blocks, GPTQ/AWQ/...) exactly as stored, and is fp32 for a float checkpoint. Returns the build report.
+    Checkpoint tensors the build never reads are a warning in the report, or with `strict` an error
+    that leaves nothing written (those the family declares as ignored get a note instead).
     """
     start = time.perf_counter()
     recipe = recipe or Recipe(precision=precision, provider=provider)
-    source = open_source(model)
+    source = TrackingSource(open_source(model))  # records which tensors the build reads
     try:
         arch = architecture_for(source.config)
         spec = arch.make_spec(source.config)
@@ -72,18 +73,10 @@ def build(
         )
         report.notes.extend(_ignored_note(arch, source))
         report.notes.extend(_as_stored_note(builder, recipe))
-        report.unread_tensors = _unread(builder, arch, source)
-        if report.unread_tensors:
-            shown = ", ".join(fold_layers(report.unread_tensors))
-            what = (f"{len(report.unread_tensors)} checkpoint tensors are not used by the {arch.name} build: {shown}. "
-                    "config.json may not describe the weights (e.g. fewer layers than the checkpoint has), or the "
-                    "architecture has parts onnxforge does not build")
-            if strict:
-                raise CheckpointError(what + "; without --strict this is a warning")
-            report.warnings.append(what)
         with staged_folder(Path(output), overwrite) as tmp:
             writer = WeightWriter(tmp, workers=workers)
             writer.run(builder, _progress_callback(progress, builder))
+            report_unused(report, source, arch, strict)  # after the writer: its jobs read the weights
             model_ir = builder.to_model("onnxforge", __version__)
             try:
                 ir.save(model_ir, tmp / "model.onnx")
@@ -91,7 +84,7 @@ def build(
                 raise OutputError(f"cannot write model.onnx: {e.strerror}") from None
             source.write_tokenizer(tmp)
             config = genai_config(spec, arch.model_type, source.generation_config, provider=recipe.provider,
-                                  max_length=max_length, unk=unk_token_id(tmp), notes=report.notes)
+                                  max_length=max_length, tokenizer_dir=tmp, notes=report.notes)
             _write_json(tmp / "genai_config.json", config)
             report.groups = [{"label": g.label, "storage": g.storage, "bytes": g.nbytes, "sources": list(g.sources)}
                              for g in writer.groups]
@@ -110,18 +103,6 @@ def _write_json(path: Path, data: dict) -> None:
         path.write_text(json.dumps(data, indent=4) + "\n", encoding="utf-8")
     except OSError as e:
         raise OutputError(f"cannot write {path.name}: {e.strerror}") from None
-
-
-ALWAYS_IGNORED = ("*rotary_emb.inv_freq",)  # buffers older checkpoints saved; recomputed from the config
-
-
-def _unread(builder: GraphBuilder, arch, source) -> list[str]:
-    """Checkpoint tensors no weight job reads (jobs declare their sources; row ranges count as reads)."""
-    import fnmatch
-
-    read = {s.split("[", 1)[0] for job in builder.jobs for s in job.sources}
-    skip = (*arch.ignored, *ALWAYS_IGNORED)
-    return [n for n in source.tensor_names() if n not in read and not any(fnmatch.fnmatchcase(n, g) for g in skip)]
 
 
 def _ignored_note(arch, source) -> list[str]:
@@ -148,6 +129,9 @@ def _as_stored_note(builder: GraphBuilder, recipe: Recipe) -> list[str]:
 
 
 def _check_runtime_limits(spec, recipe: Recipe) -> None:
+    from .runs_on import check_runs_on
+
+    check_runs_on(recipe)  # a precision (or int8 placement) the provider has no kernels for
     hd = spec.attention.head_dim
     if recipe.provider == "cpu" and hd % 16:
         raise ConfigError(

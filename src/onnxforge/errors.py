@@ -27,3 +27,8 @@ class RecipeError(OnnxForgeError):
 
 class OutputError(OnnxForgeError):
     """The output folder cannot be written (exists, disk full, permissions)."""
+
+
+class RunError(OnnxForgeError, ValueError):
+    """A built model cannot be loaded or run here, or a measurement lacks an input it needs (a ValueError
+    too, as these were before they got one-line messages)."""

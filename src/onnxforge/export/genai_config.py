@@ -10,46 +10,58 @@ SEARCH_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty
                "num_return_sequences", "length_penalty", "no_repeat_ngram_size", "diversity_penalty")
 
 
-def unk_token_id(tokenizer_dir: Path) -> int | None:
-    """The id of tokenizer.json's unknown token, if its model has one."""
+def tokenizer_ids(tokenizer_dir: Path) -> tuple[int | None, int | None]:
+    """(id of tokenizer.json's unknown token or None, one past the largest id it can emit or None)."""
     try:
         tok = json.loads((Path(tokenizer_dir) / "tokenizer.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
+        return None, None
     model = tok.get("model") or {}
-    if isinstance(model.get("unk_id"), int):  # Unigram
-        return model["unk_id"]
-    unk, vocab = model.get("unk_token"), model.get("vocab")
-    if isinstance(unk, str) and isinstance(vocab, dict) and isinstance(vocab.get(unk), int):
-        return vocab[unk]
-    return None
+    vocab = model.get("vocab")
+    ids = [i for i in (vocab.values() if isinstance(vocab, dict) else range(len(vocab or []))) if isinstance(i, int)]
+    ids += [t["id"] for t in tok.get("added_tokens") or [] if isinstance(t, dict) and isinstance(t.get("id"), int)]
+    unk = model.get("unk_id") if isinstance(model.get("unk_id"), int) else None  # Unigram
+    name = model.get("unk_token")
+    if unk is None and isinstance(name, str) and isinstance(vocab, dict) and isinstance(vocab.get(name), int):
+        unk = vocab[name]
+    return unk, (max(ids) + 1 if ids else None)
 
 
-def choose_pad(pad, eos, bos, unk, vocab_size: int) -> tuple[int | None, str | None]:
-    """onnxruntime-genai takes a prompt's leading tokens equal to pad_token_id for left padding and drops
-    them, so the pad id it is given must not be one a prompt can start with (bos, the unknown token).
-    Returns (pad id, a note when it differs from the checkpoint's)."""
+def choose_pad(pad, eos, bos, unk, vocab_size: int, emitted: int | None = None) -> tuple[int | None, str | None]:
+    """The pad_token_id for genai_config.json, and a note when it is not the checkpoint's.
+
+    onnxruntime-genai takes tokens equal to pad_token_id at the end of a prompt for right padding: it
+    answers from the last token before them (measured with onnxruntime-genai 0.18: the prompt [5, 7, 9, 11, 0]
+    with pad 0 continues exactly like [5, 7, 9, 11]). A pad id that is also the unknown token (any unknown
+    word at the end of a prompt) or the bos token (an empty prompt) therefore changes what the model
+    answers. Such a pad is replaced by an id the tokenizer never emits (`emitted`: one past its largest
+    id), else by eos, else by the last id that is neither."""
     first_eos = eos[0] if isinstance(eos, list) and eos else eos
     if pad is None:
         pad = first_eos
     taken = {t for t in (bos, unk) if t is not None}
     if pad is None or pad not in taken:
         return pad, None
-    for candidate in (first_eos, vocab_size - 1, *range(vocab_size - 2, -1, -1)):
+    unused = vocab_size - 1 if emitted is not None and emitted < vocab_size else None
+    for candidate in (unused, first_eos, *range(vocab_size - 1, -1, -1)):
         if candidate is not None and candidate not in taken:
             why = "the unknown token" if pad == unk else "the bos token"
-            return candidate, (f"pad_token_id {pad} is also {why}; onnxruntime-genai would drop it from the start of "
-                               f"a prompt as padding, so genai_config.json pads with {candidate}")
+            what = "an id the tokenizer never emits" if candidate == unused else (
+                "the eos token" if candidate == first_eos else "an id that is neither")
+            return candidate, (f"pad_token_id {pad} is also {why}; onnxruntime-genai would take it at the end of a prompt "
+                               f"for padding and answer from the token before it, so genai_config.json pads with "
+                               f"{candidate} ({what})")
     return pad, None
 
 
 def genai_config(spec: ModelSpec, model_type: str, generation: dict | None, *, filename: str = "model.onnx",
-                 provider: str = "cpu", max_length: int | None = None, unk: int | None = None,
+                 provider: str = "cpu", max_length: int | None = None, tokenizer_dir: Path | None = None,
                  notes: list[str] | None = None) -> dict:
     gen = generation or {}
     eos = gen.get("eos_token_id", spec.eos_token_id)
     bos = gen.get("bos_token_id", spec.bos_token_id)
-    pad, note = choose_pad(gen.get("pad_token_id", spec.pad_token_id), eos, bos, unk, spec.vocab_size)
+    unk, emitted = tokenizer_ids(tokenizer_dir) if tokenizer_dir is not None else (None, None)
+    pad, note = choose_pad(gen.get("pad_token_id", spec.pad_token_id), eos, bos, unk, spec.vocab_size, emitted)
     if note and notes is not None:
         notes.append(note)
     a = spec.attention

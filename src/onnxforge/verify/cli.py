@@ -6,6 +6,7 @@ Heavy modules are imported inside the command functions: `onnxforge --help` stay
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def _positive(value: str) -> int:
@@ -105,24 +106,29 @@ def add_commands(sub) -> None:
 def _check_model_dir(path: str) -> None:
     from pathlib import Path
 
-    from ..errors import OnnxForgeError
+    from ..errors import RunError
 
     if not (Path(path) / "genai_config.json").is_file():
-        raise OnnxForgeError(f"{path} is not a built model folder (no genai_config.json); "
-                             "make one with `onnxforge build`")
+        raise RunError(f"{path} is not a built model folder (no genai_config.json); "
+                       "make one with `onnxforge build`")
 
 
 def _check_file(path: str, what: str) -> None:
     from pathlib import Path
 
-    from ..errors import OnnxForgeError
+    from ..errors import RunError
 
     if not Path(path).is_file():
-        raise OnnxForgeError(f"{what} {path} does not exist")
+        raise RunError(f"{what} {path} does not exist; pass the path of a UTF-8 text file")
 
 
 def cmd_verify(args) -> int:
     _check_model_dir(args.model_dir)
+    if not Path(args.reference).exists():
+        from ..errors import RunError
+
+        raise RunError(f"reference {args.reference} does not exist; pass the Hugging Face folder or .gguf file "
+                       "the model was built from")
     for path, what in ((args.text, "text file"), (args.prompts, "prompts file")):
         if path:
             _check_file(path, what)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Callable, TextIO
 
+from ..errors import RunError
 from .ort_runner import load_genai_model
 
 DEFAULT_NEW_TOKENS = 256
@@ -54,7 +55,8 @@ class Generation:
                 continue
             self.template_kind = kind
             return text
-        raise RuntimeError(f"cannot render the chat template: {last_error}")
+        raise RunError(f"cannot render the chat template of {self.dir}: {last_error}; run without --chat-template "
+                       "and write the prompt in the model's format yourself")
 
     def _render_genai(self, messages, add_generation_prompt) -> str:
         source = self.template_source()
@@ -103,7 +105,7 @@ class Generation:
         og = self.og
         if len(ids) >= options["max_length"]:
             raise ValueError(f"the prompt has {len(ids)} tokens, which leaves no room under max_length "
-                             f"{options['max_length']} (context {self.context})")
+                             f"{options['max_length']} (context {self.context}); shorten it or raise --max-length")
         params = og.GeneratorParams(self.model)
         params.set_search_options(**options)
         gen = og.Generator(self.model, params)
@@ -232,16 +234,18 @@ def run_cli(args) -> int:
         print(text, file=sys.stderr, flush=True)
     ids = g.encode(text)
     if not ids:
-        print("onnxforge run: error: the prompt is empty", file=sys.stderr)
-        return 2
+        raise RunError("the prompt is empty; pass some text to continue")
     opts = g.search_options(len(ids), **_sampling(args))
     try:
         g.stream(ids, opts, _writer(sys.stdout))
     except ValueError as e:
-        print(f"onnxforge run: error: {e}", file=sys.stderr)
-        return 2
+        raise RunError(str(e)) from None
     except KeyboardInterrupt:
         pass
+    except Exception as e:  # noqa: BLE001 - onnxruntime-genai's RuntimeError while generating
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunError(f"onnxruntime-genai failed while generating from {g.dir} ({first[:240]}); check that the model "
+                       "was built for this execution provider (build_report.json) or rebuild it") from None
     sys.stdout.write("\n")
     sys.stdout.flush()
     return 0
@@ -286,7 +290,7 @@ def chat_loop(g: Generation, args, stdin: TextIO, stdout: TextIO, stderr: TextIO
         try:
             reply, _ = g.stream(ids, opts, write, stops)
         except ValueError as e:
-            print(f"onnxforge chat: {e}", file=stderr, flush=True)
+            print(f"onnxforge: error: {e}", file=stderr, flush=True)
             history.pop()
             continue
         except KeyboardInterrupt:

@@ -6,20 +6,36 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import OnnxForgeError
+from ..errors import RunError
 
 ORT_TO_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
-def cannot_load(model_dir, runtime: str, err: Exception) -> OnnxForgeError:
+def _built_for(model_dir) -> tuple[str | None, str | None]:
+    """(precision, provider) from build_report.json, or (None, None)."""
+    try:
+        report = json.loads((Path(model_dir) / "build_report.json").read_text())
+        return report.get("precision"), report.get("provider")
+    except (OSError, ValueError, AttributeError):
+        return None, None
+
+
+def cannot_load(model_dir, runtime: str, err: Exception) -> RunError:
+    """One line: what failed, why (the runtime's first line), and what to do."""
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return OnnxForgeError(f"{runtime} cannot load the model in {model_dir}: {first[:300]}. If it was built for "
-                          "another execution provider or precision (e.g. -p bf16 or -e cuda), rebuild it with "
-                          "-e cpu -p fp32/fp16/int4/int8 to run it here")
+    precision, provider = _built_for(model_dir)
+    if precision == "bf16" or provider not in (None, "cpu"):
+        from ..runs_on import precisions_on
+
+        fix = (f"it was built with -p {precision} -e {provider}, which this machine's CPU provider cannot run: "
+               f"rebuild it with -e cpu -p {'/'.join(p for p in precisions_on('cpu') if p != 'source')} to run it here")
+    else:
+        fix = "the folder may be incomplete or damaged: rebuild it with `onnxforge build`"
+    return RunError(f"{runtime} cannot load the model in {model_dir} ({first[:240]}); {fix}")
 
 
 def load_genai_model(model_dir):
-    """onnxruntime_genai.Model of a built folder, or one OnnxForgeError saying why not."""
+    """onnxruntime_genai.Model of a built folder, or one RunError saying why not."""
     import onnxruntime_genai as og
 
     try:

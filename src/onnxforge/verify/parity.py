@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, RunError
 from .ort_runner import load_genai_model
 from .perplexity import decoder, effective_window, perplexity, tokenize_file
 
@@ -205,7 +205,7 @@ def verify(out_dir: str | Path, reference: str | Path, *, prompts: Sequence[str]
     thresholds = {k: v for k, v in normalise_thresholds({**(base if defaults else {}), **given}).items()
                   if k not in dropped}
     if "max_ppl_ratio" in thresholds and text is None:
-        raise ValueError("max_ppl_ratio needs a text file (--text)")
+        raise RunError("the max_ppl_ratio threshold needs a text file: pass --text FILE or --max-ppl-ratio off")
     log(f"loading reference {reference}")
     model, tokenizer = load_reference(reference)
     texts, ids, source = prompt_ids(out_dir, tokenizer, prompts)
@@ -230,6 +230,7 @@ def verify(out_dir: str | Path, reference: str | Path, *, prompts: Sequence[str]
         per_prompt.append({
             "prompt": text_i,
             "prompt_tokens": len(prompt),
+            "prompt_ids_tail": prompt[-1],
             "positions": len(got),
             "max_abs_diff": float(m["max_abs_diff"].max()),
             "mean_kl": float(m["kl"].mean()),
@@ -242,7 +243,15 @@ def verify(out_dir: str | Path, reference: str | Path, *, prompts: Sequence[str]
                              "top1": m["top1"].astype(int).tolist()},
         })
     if not per_prompt:
-        raise ValueError("no prompt produced any token")
+        raise RunError("no prompt gave any token; pass prompts with text in them (--prompts FILE)")
+    notes = [f"prompt {i} ends with token {pad}, which genai_config.json has as pad_token_id: onnxruntime-genai takes "
+             "pad tokens at the end of a prompt for padding and answers from the token before them, so its greedy "
+             "tokens are not the reference's continuation. The mismatch is genai's, not the model's: set pad_token_id in "
+             "genai_config.json to an id prompts do not end with (onnxforge build does so when the pad is the "
+             "unknown or bos token)"
+             for i, p in enumerate(per_prompt, 1) if p["prompt_ids_tail"] == pad]
+    for p in per_prompt:
+        del p["prompt_ids_tail"]
     all_kl = np.concatenate([p["per_position"]["kl"] for p in per_prompt])
     all_top1 = np.concatenate([p["per_position"]["top1"] for p in per_prompt])
     total_greedy = sum(p["greedy_tokens"] for p in per_prompt)
@@ -271,6 +280,7 @@ def verify(out_dir: str | Path, reference: str | Path, *, prompts: Sequence[str]
         "threshold_source": f"{precision} defaults" if defaults else "given",
         "failures": failures,
         "passed": not failures,
+        "notes": notes,
         "versions": _versions(),
         "seconds": time.perf_counter() - start,
     }
@@ -343,6 +353,7 @@ def format_table(result: dict) -> str:
     greedy = "-" if m["greedy_agreement"] is None else f"{100 * m['greedy_agreement']:.1f}%"
     lines.append(f"{'all':>3}  {m['positions']:>9}  {m['max_abs_diff']:>11.3g}  {m['mean_kl']:>9.3g}  "
                  f"{100 * m['top1']:>6.1f}%  {greedy:>8}")
+    lines += [f"note: {n}" for n in result.get("notes", [])]
     ppl = result.get("perplexity")
     if ppl:
         o, r = ppl["onnx"], ppl["reference"]

@@ -16,6 +16,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from ..errors import RunError
+
 LogitsFn = Callable[[np.ndarray], np.ndarray]  # ids (seq,) int64 -> logits (seq, vocab)
 
 
@@ -35,9 +37,9 @@ class Perplexity:
 def windows(n: int, window: int, stride: int) -> Iterator[tuple[int, int, int]]:
     """(begin, end, first_scored) for each window over n tokens; positions [first_scored, end) are scored."""
     if window < 2:
-        raise ValueError(f"window must be at least 2 tokens, got {window}")
+        raise RunError(f"the perplexity window must be at least 2 tokens, got {window}; pass --window 2 or more")
     if not 1 <= stride <= window:
-        raise ValueError(f"stride must be between 1 and the window ({window}), got {stride}")
+        raise RunError(f"the stride must be between 1 and the window ({window}), got {stride}; pass a smaller --stride")
     prev_end = 0
     for begin in range(0, n, stride):
         end = min(begin + window, n)
@@ -62,7 +64,7 @@ def perplexity(ids: Sequence[int], logits_fn: LogitsFn, window: int = 512, strid
     """Perplexity of `ids` under `logits_fn`, which maps a window of ids to its logits (one row per id)."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     if len(ids) < 2:
-        raise ValueError("perplexity needs at least 2 tokens")
+        raise RunError(f"perplexity needs a text of at least 2 tokens, this one has {len(ids)}; pass a longer --text")
     total, count, nwin = 0.0, 0, 0
     spans = list(windows(len(ids), window, stride))
     for k, (begin, end, first) in enumerate(spans):

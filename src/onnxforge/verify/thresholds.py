@@ -7,7 +7,6 @@ correct build is within a few 1e-5 of transformers.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 DEFAULTS: dict[str, dict[str, float]] = {
@@ -26,18 +25,26 @@ DEFAULTS: dict[str, dict[str, float]] = {
 
 
 def stored_precision(model_dir: Path) -> str:
-    """The narrowest storage of any matmul weight (int4 < int8 < the float dtype), from build_report.json."""
-    report = Path(model_dir) / "build_report.json"
+    """How the model stores its weights, read from model.onnx (no weights loaded): "int4" or "int8" by the
+    fewest bits of any MatMulNBits / GatherBlockQuantized, else the float type of its MatMul weights."""
+    import onnx
+
     try:
-        data = json.loads(report.read_text())
-    except (OSError, ValueError):
+        model = onnx.load(str(Path(model_dir) / "model.onnx"), load_external_data=False)
+    except Exception:  # noqa: BLE001 - an unreadable model fails later, with its own message
         return "fp32"
-    storages = " ".join(str(g.get("storage", "")) for g in data.get("groups", []))
-    for bits in ("int2", "int4", "int8"):
-        if bits + " " in storages + " ":
-            return "int4" if bits == "int2" else bits
-    precision = str(data.get("precision", "fp32"))
-    return precision if precision in DEFAULTS else "fp32"
+    bits = [next((a.i for a in n.attribute if a.name == "bits"), 4) for n in model.graph.node
+            if n.op_type in ("MatMulNBits", "GatherBlockQuantized")]
+    if bits:
+        return "int4" if min(bits) <= 4 else "int8"
+    types = {i.name: i.data_type for i in model.graph.initializer}
+    weights = {types.get(n.input[1]) for n in model.graph.node if n.op_type in ("MatMul", "FusedMatMul", "Gemm")
+               and len(n.input) > 1}
+    T = onnx.TensorProto
+    for dtype, name in ((T.BFLOAT16, "bf16"), (T.FLOAT16, "fp16")):
+        if dtype in weights:
+            return name
+    return "fp32"
 
 
 def defaults_for(model_dir: Path) -> tuple[str, dict[str, float]]:
