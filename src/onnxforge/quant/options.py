@@ -107,6 +107,14 @@ def _not_yet(what: str) -> Callable[[str, object], dict]:
     return check
 
 
+def _moe_type(key: str, value: object) -> dict:
+    return {"moe_quant_type": str(value).strip()}
+
+
+def _use_8bits_moe(key: str, value: object) -> dict:  # the anchor's older spelling; moe_quant_type wins
+    return {"moe_quant_type": "int8" if parse_bool(key, value) else "int4"}
+
+
 def _no_remote_code(key: str, value: object) -> dict:
     if str(value).strip().lower() in ("1", "true", "yes", "on"):
         raise RecipeError(f"{key}=true would run code shipped with the model; onnxforge never does. Drop the option")
@@ -139,6 +147,10 @@ EXTRA_OPTIONS: dict[str, Callable[[str, object], dict]] = {
     "int8_last_matmul": _flag("int8_last_matmul"),
     "int8_mixed_layers": _flag("int8_mixed_layers"),
     "int8_linear_attn": _flag("int8_linear_attn"),
+    "moe_quant_type": _moe_type,
+    "use_8bits_moe": _use_8bits_moe,
+    "qmoe_block_size": _int("qmoe_block_size"),
+    "qmoe_weights_prepacked": _int("qmoe_weights_prepacked"),
     # accepted for compatibility; they do not change a CPU build
     "use_qdq": _accepted_and_ignored,
     "fuse_qk_norm_gqa": _accepted_and_ignored,
@@ -166,7 +178,8 @@ def parse_extra_options(items: list[str] | Mapping[str, object]) -> dict[str, ob
 
 def apply_extra_options(recipe: Recipe, options: Mapping[str, object]) -> Recipe:
     changes: dict = {}
-    for key, value in parse_extra_options(options).items():
+    pairs = parse_extra_options(options).items()
+    for key, value in sorted(pairs, key=lambda kv: kv[0] != "use_8bits_moe"):  # moe_quant_type overrides it
         changes.update(EXTRA_OPTIONS[key](key, value))
     return replace(recipe, **changes)
 

@@ -25,6 +25,7 @@ PRECISIONS = ("fp32", "fp16", "bf16", "int4", "int8", "source")
 PROVIDERS = ("cpu", "cuda", "dml", "webgpu")
 METHODS = ("default", "rtn", "k_quant", "hqq")
 OP_TYPES = ("MatMul", "Gather")
+MOE_QUANT_TYPES = ("int4", "int8", "mxfp4")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,9 @@ class Recipe:
     rules: tuple[Rule, ...] = ()
     unpack_matmul: bool = False
     shared_embeddings: bool | None = None  # None: share whenever the checkpoint ties them
+    moe_quant_type: str | None = None  # experts: None follows the precision; "int4", "int8"; "mxfp4" (CUDA)
+    qmoe_block_size: int = 32  # experts' QMoE blocks along K; 0: one scale per output channel
+    qmoe_weights_prepacked: int = -1  # the anchor's option; onnxforge writes the raw layout (0) either way
     num_layers: int = 0  # set by bind()
     # int4/int8 keep a pre-quantized weight whose exact form has at most that many bits; True re-quantizes it
     requantize: bool = False
@@ -64,6 +68,7 @@ class Recipe:
         _one_of("precision", self.precision, PRECISIONS)
         _one_of("execution provider", self.provider, PROVIDERS)
         _one_of("int4 method", self.method, METHODS)
+        self._check_moe()
         if self.block_size not in (16, 32, 64, 128, 256):
             raise RecipeError(f"block size must be one of 16, 32, 64, 128, 256, got {self.block_size}")
         if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
@@ -71,6 +76,22 @@ class Recipe:
         bad = set(self.op_types) - set(OP_TYPES)
         if bad:
             raise RecipeError(f"op types {sorted(bad)} cannot be quantized; choose from {', '.join(OP_TYPES)}")
+
+    def _check_moe(self) -> None:
+        if self.moe_quant_type not in (None, *MOE_QUANT_TYPES):
+            raise RecipeError(f"moe_quant_type={self.moe_quant_type!r} is not supported; choose one of "
+                              f"{', '.join(MOE_QUANT_TYPES)} (int2 and nvfp4 experts are not built)")
+        if self.moe_quant_type == "mxfp4" and self.provider != "cuda":
+            raise RecipeError("moe_quant_type=mxfp4 runs on CUDA only (onnxruntime's CPU QMoE has no fp4 kernel); "
+                              f"use int4 or int8 experts on {self.provider}")
+        if self.qmoe_block_size not in (0, 16, 32, 64, 128, 256):
+            raise RecipeError(f"qmoe_block_size must be 0 (per channel) or one of 16, 32, 64, 128, 256, "
+                              f"got {self.qmoe_block_size}")
+        if self.qmoe_weights_prepacked not in (-1, 0, 1):
+            raise RecipeError(f"qmoe_weights_prepacked must be -1, 0 or 1, got {self.qmoe_weights_prepacked}")
+        if self.qmoe_weights_prepacked == 1:
+            raise RecipeError("qmoe_weights_prepacked=1 (CUTLASS-prepacked experts) is not built: onnxforge writes "
+                              "the raw [E, N, K/pack] layout that every provider prepacks at load; use 0 or -1")
 
     # -- derived ------------------------------------------------------------------------------
     @property
@@ -169,6 +190,7 @@ class Recipe:
             "keep_float": list(self.keep_float), "rules": [(r.pattern, r.storage.describe() if r.storage else "float")
                                                            for r in self.rules],
             "unpack_matmul": self.unpack_matmul, "shared_embeddings": self.shared_embeddings,
+            "moe_quant_type": self.moe_quant_type, "qmoe_block_size": self.qmoe_block_size,
             "requantize": self.requantize,
         }
 

@@ -50,6 +50,7 @@ def apply_template(recipe: Recipe, name: str) -> Recipe:
 
 
 _ROUTERS = ("*/moe/gate/*", "*.mlp.gate", "*router*", "*.block_sparse_moe.gate")
+_SHARED_GATES = ("*shared_expert_gate*",)
 for _t in (
     Template("default", doc="dense decoders: every linear layer may be quantized"),
     Template("llama", doc="Llama / SmolLM2: every linear layer may be quantized"),
@@ -59,5 +60,10 @@ for _t in (
     Template("mixtral", keep_float=_ROUTERS, doc="Mixtral: routers stay float"),
     Template("qwen3_moe", keep_float=_ROUTERS, doc="Qwen3-MoE: routers stay float"),
     Template("gpt_oss", keep_float=_ROUTERS, doc="GPT-OSS: routers stay float"),
+    Template("qwen2_moe", keep_float=_ROUTERS + _SHARED_GATES, doc="Qwen2-MoE: routers and shared-expert gates stay float"),
+    Template("olmoe", keep_float=_ROUTERS, doc="OLMoE: routers stay float"),
+    Template("granitemoe", keep_float=_ROUTERS, doc="Granite-MoE: routers stay float"),
+    Template("ernie4_5_moe", keep_float=_ROUTERS, doc="ERNIE 4.5 MoE: routers stay float"),
+    Template("phimoe", keep_float=_ROUTERS, doc="PhiMoE: routers stay float"),
 ):
     register_template(_t)
