@@ -13,7 +13,7 @@ from ..errors import ConfigError, UnsupportedArchitectureError
 from ..spec import ModelSpec, base_spec, replace
 from .names import Names
 
-FAMILY_MODULES = ("llama", "phi", "gemma", "olmo", "others")
+FAMILY_MODULES = ("llama", "phi", "gemma", "olmo", "others", "moe")
 
 
 @dataclass(frozen=True)

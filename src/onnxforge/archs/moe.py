@@ -1,0 +1,117 @@
+"""Mixture-of-experts families: a Llama-like decoder whose MLP is, on some or all layers, the MoE
+part (graph/moe.py). Each family says how many experts, how they route, and which layers have them.
+
+Mixtral, OLMoE (softmax -> top-k, renormalised or not; OLMoE adds q/k norms over the projections and
+clip_qkv after them), Qwen2-MoE (a shared expert with a sigmoid gate; layers by mlp_only_layers /
+decoder_sparse_step), Qwen3-MoE (per-head q/k norm), Granite-MoE (top-k of the logits then softmax;
+Granite's multipliers), ERNIE 4.5 MoE (selection on softmax + e_score_correction_bias, shared experts,
+interleaved rotary, MoE from moe_layer_start_index), PhiMoE (the sparse mixer, LayerNorms with bias).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from ..errors import ConfigError
+from ..spec import MoESpec, base_spec
+from .registry import Architecture, register
+
+
+def _int(cfg: dict, *keys: str) -> int:
+    for key in keys:
+        v = cfg.get(key)
+        if v is not None:
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"config.json: {key} must be a positive integer, got {v!r}")
+            return v
+    raise ConfigError(f"config.json has no {keys[0]!r}; the checkpoint's config is incomplete")
+
+
+def experts(cfg: dict, is_moe=lambda i: True, **fields) -> dict:
+    """Spec changes: the MoESpec (counts from the usual keys, `fields` for the rest) and the MoE layers."""
+    spec = MoESpec(num_experts=_int(cfg, "num_experts", "num_local_experts", "moe_num_experts"),
+                   top_k=_int(cfg, "num_experts_per_tok", "moe_k"),
+                   intermediate_size=_int(cfg, "moe_intermediate_size", "intermediate_size"), **fields)
+    layers = base_spec(cfg).layers
+    return {"moe": spec, "layers": tuple(dataclasses.replace(layer, moe=bool(is_moe(i))) for i, layer in enumerate(layers))}
+
+
+def _qwen_layers(cfg: dict):
+    only, step = cfg.get("mlp_only_layers") or [], cfg.get("decoder_sparse_step", 1) or 1
+    return lambda i: i not in only and (i + 1) % step == 0
+
+
+def _mixtral(cfg: dict) -> dict:
+    return experts(cfg)
+
+
+def _qwen2_moe(cfg: dict) -> dict:
+    return {**experts(cfg, _qwen_layers(cfg), normalize=bool(cfg.get("norm_topk_prob", False)),
+                      shared_intermediate_size=_int(cfg, "shared_expert_intermediate_size"), shared_gate=True),
+            "attention.qkv_bias": bool(cfg.get("qkv_bias", True)), "attention.o_bias": False}
+
+
+def _qwen3_moe(cfg: dict) -> dict:
+    bias = bool(cfg.get("attention_bias", False))
+    return {**experts(cfg, _qwen_layers(cfg), normalize=bool(cfg.get("norm_topk_prob", False))),
+            "attention.qkv_bias": bias, "attention.o_bias": bias}
+
+
+def _olmoe(cfg: dict) -> dict:
+    clip = cfg.get("clip_qkv")
+    return {**experts(cfg, normalize=bool(cfg.get("norm_topk_prob", False))), "attention.clip_qkv": float(clip or 0.0)}
+
+
+def _granitemoe(cfg: dict) -> dict:
+    return {**experts(cfg), "embedding_scale": float(cfg.get("embedding_multiplier", 1.0)),
+            "residual_scale": float(cfg.get("residual_multiplier", 1.0)),
+            "logit_scale": float(cfg.get("logits_scaling", 1.0)),
+            "attention.scale": float(cfg.get("attention_multiplier", 1.0))}
+
+
+def _ernie_config(cfg: dict) -> dict:
+    return {**cfg, "rope_interleaved": True}
+
+
+def _ernie_moe(cfg: dict) -> dict:
+    n = cfg["num_hidden_layers"]
+    start, end = cfg.get("moe_layer_start_index", 1), cfg.get("moe_layer_end_index", -1)
+    end = n - 1 if end in (-1, None) else end
+    interval = cfg.get("moe_layer_interval", 1) or 1
+    shared = cfg.get("moe_num_shared_experts", 0) or 0
+    bias = bool(cfg.get("use_bias", False))
+    return {**experts(cfg, lambda i: (i + 1) % interval == 0 and start <= i <= end, selection_bias=True,
+                      shared_intermediate_size=shared * _int(cfg, "moe_intermediate_size")),
+            "attention.qkv_bias": bias, "attention.o_bias": bias, "mlp.bias": bias, "lm_head_bias": bias}
+
+
+def _phimoe(cfg: dict) -> dict:
+    bias = bool(cfg.get("attention_bias", False))
+    return {**experts(cfg, mixer="sparsemixer", jitter_eps=float(cfg.get("router_jitter_noise", 0.01))),
+            "attention.qkv_bias": bias, "attention.o_bias": bias, "lm_head_bias": bool(cfg.get("lm_head_bias", False))}
+
+
+MIXTRAL = {"num_local_experts": 8, "num_experts_per_tok": 2, "rms_norm_eps": 1e-5, "rope_theta": 1e6}
+register(Architecture("MixtralForCausalLM", "mistral", hook=_mixtral, config_defaults=MIXTRAL, gguf="llama",
+                      doc="Mixtral 8x7B / 8x22B (top-2 of 8 experts, renormalised)"))
+register(Architecture("Qwen2MoeForCausalLM", "qwen2", hook=_qwen2_moe,
+                      config_defaults={"num_experts": 60, "num_experts_per_tok": 4, "moe_intermediate_size": 1408,
+                                       "shared_expert_intermediate_size": 5632},
+                      gguf="qwen2moe", doc="Qwen1.5-MoE, Qwen2-MoE (shared expert with a sigmoid gate)"))
+register(Architecture("Qwen3MoeForCausalLM", "qwen3", {"attention.qk_norm": "head"}, hook=_qwen3_moe,
+                      config_defaults={"num_experts_per_tok": 8, "moe_intermediate_size": 768},
+                      gguf="qwen3moe", doc="Qwen3-MoE (30B-A3B, 235B-A22B)"))
+register(Architecture("OlmoeForCausalLM", "olmo", {"attention.qk_norm": "full"}, hook=_olmoe,
+                      config_defaults={"num_experts": 64, "num_experts_per_tok": 8, "rms_norm_eps": 1e-5},
+                      gguf="olmoe", doc="OLMoE (q/k norms over the projections, 64 experts)"))
+register(Architecture("GraniteMoeForCausalLM", "granite", hook=_granitemoe,
+                      config_defaults={"num_local_experts": 8, "num_experts_per_tok": 2},
+                      gguf="granitemoe", doc="Granite 3 MoE (Granite's multipliers, stacked experts)"))
+register(Architecture("Ernie4_5_MoeForCausalLM", "ernie4_5", hook=_ernie_moe, config_fix=_ernie_config,
+                      config_defaults={"moe_num_experts": 64, "moe_k": 6, "moe_intermediate_size": 1536,
+                                       "moe_num_shared_experts": 2, "tie_word_embeddings": True, "rms_norm_eps": 1e-5,
+                                       "rope_theta": 500000.0},
+                      gguf="ernie4_5-moe", doc="ERNIE 4.5 MoE (biased expert selection, shared experts)"))
+register(Architecture("PhimoeForCausalLM", "phimoe", {"norm.kind": "layer", "norm.bias": True}, hook=_phimoe,
+                      config_defaults={"num_local_experts": 16, "num_experts_per_tok": 2, "rms_norm_eps": 1e-5,
+                                       "rope_theta": 1e6, "router_jitter_noise": 0.01},
+                      doc="Phi-3.5-MoE (sparse mixer, LayerNorm)"))

@@ -1,0 +1,175 @@
+"""Expert weights of a mixture-of-experts layer: found in any checkpoint form, read one expert's
+projection at a time, written as the MoE / QMoE op's stacked tensors.
+
+Checkpoint forms (archs/names.py roles):
+  * one module per expert: Mixtral `block_sparse_moe.experts.{e}.w1/w2/w3`, Qwen `mlp.experts.{e}.gate_proj/...`;
+  * stacked (E, N, K) tensors: transformers 5 `mlp.experts.gate_up_proj` (gate rows, then up rows) and
+    `down_proj`, Granite's `input_linear` / `output_linear`, llama.cpp's `ffn_{gate,up,down}_exps`;
+  * GPT-OSS's stacked (E, K, N) tensors with gate and up interleaved (spec.moe.layout "interleaved_t"),
+    and their MXFP4 form `<name>_blocks` / `<name>_scales` (quant/mxfp4.py).
+The op's fc1 is SwiGLU fused and interleaved (`swiglu_fusion=1`): row 2j is gate j, row 2j+1 is up j.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from ..errors import CheckpointError
+from ..quant.storage import Storage
+from .builder import TensorSlot, WeightJob
+
+if TYPE_CHECKING:
+    from .decoder import Emitter
+
+
+def read_expert(source, name: str, e: int) -> np.ndarray:
+    """Expert `e` of a stacked tensor, reading only its bytes where the source can."""
+    read_slice = getattr(source, "read_slice", None)
+    if read_slice is not None:
+        return read_slice(name, e)
+    return source.read(name)[e]
+
+
+def interleave(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    out = np.empty((gate.shape[0] * 2, *gate.shape[1:]), dtype=np.float32)
+    out[0::2] = gate
+    out[1::2] = up
+    return out
+
+
+@dataclass
+class ExpertTensors:
+    """How to read one layer's experts: fc1 (2I, H) interleaved and fc2 (H, I) of expert e, float32."""
+
+    fc1: Callable[[int], np.ndarray]
+    fc2: Callable[[int], np.ndarray]
+    fc1_sources: tuple[str, ...]
+    fc2_sources: tuple[str, ...]
+    fc1_bias: Callable[[int], np.ndarray] | None = None
+    fc2_bias: Callable[[int], np.ndarray] | None = None
+    bias_sources: tuple[str, ...] = ()
+    mxfp4: tuple[str, str] | None = None  # GPT-OSS's original blocks (fc1, fc2 tensor names), if the source has them
+
+
+def find_experts(e: "Emitter", i: int) -> ExpertTensors:
+    """The checkpoint form of layer i's experts, with shapes checked against the config."""
+    from ..quant.mxfp4 import mxfp4_expert, mxfp4_shape
+
+    m, H, src, names = e.spec.moe, e.spec.hidden_size, e.source, e.names
+    E, I = m.num_experts, m.intermediate_size
+    f = lambda a: np.asarray(a, dtype=np.float32)  # noqa: E731
+
+    def check(name: str, shape: tuple[int, ...], got: tuple[int, ...] | None = None) -> None:
+        got = tuple(src.shape(name)) if got is None else got
+        if got != shape:
+            raise CheckpointError(f"tensor {name!r} has shape {got}, but config.json implies {shape}")
+
+    bias = None
+    if m.expert_bias:
+        b1, b2 = names.tensor("experts_gate_up", i, "_bias"), names.tensor("experts_down", i, "_bias")
+        if b1 is None or b2 is None:
+            raise CheckpointError(f"layer {i}: the experts' biases (gate_up_proj_bias, down_proj_bias) are missing")
+        check(b1, (E, 2 * I))
+        check(b2, (E, H))
+        bias = (lambda x: f(read_expert(src, b1, x)), lambda x: f(read_expert(src, b2, x)), (b1, b2))
+
+    gate_up, down = names.tensor("experts_gate_up", i), names.tensor("experts_down", i)
+    if gate_up is not None and down is not None:
+        if m.layout == "interleaved_t":  # GPT-OSS: (E, H, 2I) with gate/up alternating columns, down (E, I, H)
+            check(gate_up, (E, H, 2 * I))
+            check(down, (E, I, H))
+            return ExpertTensors(lambda x: f(read_expert(src, gate_up, x)).T.copy(),
+                                 lambda x: f(read_expert(src, down, x)).T.copy(), (gate_up,), (down,),
+                                 *(bias or (None, None, ())))
+        check(gate_up, (E, 2 * I, H))
+        check(down, (E, H, I))
+
+        def fc1_stacked(x: int) -> np.ndarray:
+            w = f(read_expert(src, gate_up, x))
+            return interleave(w[:I], w[I:])
+
+        return ExpertTensors(fc1_stacked, lambda x: f(read_expert(src, down, x)), (gate_up,), (down,),
+                             *(bias or (None, None, ())))
+
+    blocks = [names.tensor(r, i, "_blocks") for r in ("experts_gate_up", "experts_down")]
+    if all(blocks):  # GPT-OSS MXFP4: (E, N, K/32, 16) codes + (E, N, K/32) E8M0 scales, N rows interleaved
+        b1, b2 = blocks
+        s1, s2 = b1[: -len("_blocks")] + "_scales", b2[: -len("_blocks")] + "_scales"
+        check(b1, (E, 2 * I, H), mxfp4_shape(src.shape(b1)))
+        check(b2, (E, H, I), mxfp4_shape(src.shape(b2)))
+        return ExpertTensors(lambda x: mxfp4_expert(src, b1, s1, x), lambda x: mxfp4_expert(src, b2, s2, x),
+                             (b1, s1), (b2, s2), *(bias or (None, None, ())), mxfp4=(b1, b2))
+
+    gate, up = names.tensor("experts_gate", i), names.tensor("experts_up", i)
+    if gate is not None and up is not None and down is not None:  # llama.cpp: gate and up stacked apart
+        for n in (gate, up):
+            check(n, (E, I, H))
+        check(down, (E, H, I))
+        return ExpertTensors(lambda x: interleave(f(read_expert(src, gate, x)), f(read_expert(src, up, x))),
+                             lambda x: f(read_expert(src, down, x)), (gate, up), (down,), *(bias or (None, None, ())))
+
+    per = [[names.module(r, i, e=x) for x in range(E)] for r in ("expert_gate", "expert_up", "expert_down")]
+    gates, ups, downs = ([f"{mod}.weight" for mod in mods] for mods in per)
+    for g, u, d in zip(gates, ups, downs):
+        check(g, (I, H))
+        check(u, (I, H))
+        check(d, (H, I))
+    return ExpertTensors(lambda x: interleave(f(src.read(gates[x])), f(src.read(ups[x]))),
+                         lambda x: f(src.read(downs[x])), tuple(gates + ups), tuple(downs),
+                         *(bias or (None, None, ())))
+
+
+def float_experts_job(source_of: Callable[[int], np.ndarray], label: str, init: str, E: int, N: int, K: int,
+                      st: Storage, sources: tuple[str, ...]) -> WeightJob:
+    """(E, N, K) float weights (or (E, N) biases with K = 0) for the MoE op, filled one expert at a time."""
+    shape = (E, N, K) if K else (E, N)
+
+    def produce():
+        out = np.empty(shape, dtype=st.np_dtype)
+        for x in range(E):
+            out[x] = source_of(x)
+        return [out]
+
+    return WeightJob(label, (TensorSlot(init, st.ir_dtype, shape),), produce, st.describe(), sources)
+
+
+def describe(st: Storage) -> str:
+    if not st.quantized:
+        return st.describe()
+    where = "per-channel" if not st.block_size else f"block {st.block_size}"
+    return f"int{st.bits} {st.method} {'sym' if st.symmetric else 'asym'} {where} (QMoE)"
+
+
+def quant_experts_slots(prefix: str, E: int, N: int, K: int, st: Storage, scale_dtype: ir.DataType
+                        ) -> tuple[TensorSlot, ...]:
+    bits, block = st.bits, st.block_size
+    slots = [TensorSlot(f"{prefix}.qweight", ir.DataType.UINT8, (E, N, K * bits // 8)),
+             TensorSlot(f"{prefix}.scales", scale_dtype, (E, N, K // block) if block else (E, N))]
+    if not st.symmetric:
+        zp = (E, N, -(-(K // block) * bits // 8)) if block else (E, -(-N * bits // 8))
+        slots.append(TensorSlot(f"{prefix}.zero_points", ir.DataType.UINT8, zp))
+    return tuple(slots)
+
+
+def quant_experts_job(source_of: Callable[[int], np.ndarray], label: str, prefix: str, E: int, N: int, K: int,
+                      st: Storage, scale_dtype: ir.DataType, scale_np: np.dtype, sources: tuple[str, ...]) -> WeightJob:
+    """QMoE codes / scales (/ zero points) of one projection, quantized one expert at a time."""
+    from ..quant.qmoe import qmoe_arrays, quantize_expert
+
+    slots = quant_experts_slots(prefix, E, N, K, st, scale_dtype)
+    method = st.method if st.method in ("rtn", "k_quant", "hqq", "default") else "rtn"
+
+    def produce():
+        outs = [np.empty(s.shape, dtype=np.uint8 if s.dtype == ir.DataType.UINT8 else scale_np) for s in slots]
+        for x in range(E):
+            q = quantize_expert(source_of(x), bits=st.bits, block_size=st.block_size, symmetric=st.symmetric,
+                                method=method)
+            for out, arr in zip(outs, qmoe_arrays(q, per_channel=not st.block_size)):
+                if arr is not None:
+                    out[x] = arr
+        return outs
+
+    return WeightJob(label, slots, produce, describe(st), sources)

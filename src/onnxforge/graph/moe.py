@@ -1,0 +1,241 @@
+"""The mixture-of-experts MLP part: router MatMul, then com.microsoft `MoE` (float experts) or `QMoE`
+(quantized experts), with the routing variants the spec names and a dense shared expert beside the op.
+
+What onnxruntime's CPU kernels take (../shared/REFERENCE.md, and measured in tests/test_moe_op.py):
+SwiGLU fused and interleaved (`swiglu_fusion=1`, no FC3); `activation_alpha/beta` and `swiglu_limit`
+give SiLU-gated (1, 0, none) or GPT-OSS's clamped form. The op applies softmax to `router_probs`,
+takes the top k and (with `normalize_routing_weights`) renormalises them:
+  * softmax -> top-k (-> renormalise): Mixtral, Qwen, OLMoE; top-k of the logits -> softmax (GPT-OSS,
+    Granite) is the same as softmax -> top-k -> renormalise. Without renormalising (Qwen2-MoE,
+    norm_topk_prob false) the op still renormalises and its output is scaled by the top-k softmax mass:
+    onnxruntime 1.31.1's CPU kernels get `normalize_routing_weights=0` wrong (QMoE always, MoE when its
+    input comes from the arena; tests/test_moe_op.py shows both);
+  * selection on softmax + a bias, mixing with the softmax (ERNIE 4.5's e_score_correction_bias): QMoE
+    takes the softmax as `router_weights`; MoE has no such input, so the unselected experts' logits are
+    pushed to the dtype's minimum (TopK + ScatterElements) and the op renormalises over the selected ones;
+  * PhiMoE's sparse mixer: the CPU kernel ignores `use_sparse_mixer` (it runs plain top-2; measured), so
+    its two experts are two k=1 passes of the op over the same weights (the argmax, then the argmax with
+    the first removed), each scaled by the mixer's masked-softmax weight computed beside it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from ..errors import ConfigError, RecipeError
+from ..quant.storage import Storage
+from . import experts as X
+from .builder import MS
+from .parts import dense_mlp
+
+if TYPE_CHECKING:
+    from .decoder import Emitter
+
+
+def expert_storage(plan, names: Sequence[str]) -> Storage:
+    """How an expert projection is stored: the recipe's MatMul decision for `names` (INT8 placement,
+    templates, rules), from the MoE options' bits when set, in QMoE blocks of qmoe_block_size (0: per channel)."""
+    kind = getattr(plan, "moe_quant_type", None)
+    recipe = plan if kind is None else dataclasses.replace(plan, precision="int8" if kind == "int8" else "int4")
+    st = recipe.storage(names, "MatMul")
+    if st.quantized:
+        st = dataclasses.replace(st, dtype=plan.io.dtype, block_size=getattr(plan, "qmoe_block_size", 32))
+    return st
+
+
+class Experts:
+    """One layer's expert initializers, registered once; `op` emits a MoE / QMoE node over them."""
+
+    def __init__(self, e: "Emitter", i: int):
+        m, H = e.spec.moe, e.spec.hidden_size
+        E, I = m.num_experts, m.intermediate_size
+        self.e, self.i, self.m = e, i, m
+        base = f"/model/layers.{i}/moe/experts"
+        t = X.find_experts(e, i)
+        modules = lambda srcs: [s[: -len(".weight")] if s.endswith(".weight") else s for s in srcs]  # noqa: E731
+        st1 = expert_storage(e.plan, [f"{base}/gate_up_proj/MatMul", f"{base}/gate_proj/MatMul",
+                                      f"{base}/up_proj/MatMul", f"model.layers.{i}.mlp.experts.gate_up_proj",
+                                      *modules(t.fc1_sources)])
+        st2 = expert_storage(e.plan, [f"{base}/down_proj/MatMul", f"model.layers.{i}.mlp.experts.down_proj",
+                                      *modules(t.fc2_sources)])
+        if st1.quantized != st2.quantized:  # the op stores both projections alike: keep both float
+            st1 = st2 = e.io
+        elif st1.quantized and st1.bits != st2.bits:  # one bit width per op on CPU: the wider one
+            bits = max(st1.bits, st2.bits)
+            st1, st2 = dataclasses.replace(st1, bits=bits), dataclasses.replace(st2, bits=bits)
+        self.quantized, self.st = st1.quantized, st1
+        prefix = f"model.layers.{i}.moe.experts"
+        io = e.io
+        if self.quantized:
+            if getattr(e.plan, "moe_quant_type", None) == "mxfp4":
+                raise RecipeError("moe_quant_type=mxfp4 keeps GPT-OSS's original MXFP4 blocks, which this build "
+                                  "does not carry over yet; use int4 or int8 experts")
+            from ..quant.qmoe import check_qmoe
+
+            for st in (st1, st2):
+                check_qmoe(st.bits, st.block_size, {"hidden size": H, "intermediate size": I})
+            self.fc1 = e.b.weights(X.quant_experts_job(t.fc1, f"{base}/gate_up_proj", f"{prefix}.gate_up_proj", E,
+                                                       2 * I, H, st1, io.ir_dtype, io.np_dtype, t.fc1_sources))
+            self.fc2 = e.b.weights(X.quant_experts_job(t.fc2, f"{base}/down_proj", f"{prefix}.down_proj", E, H, I,
+                                                       st2, io.ir_dtype, io.np_dtype, t.fc2_sources))
+        else:
+            self.fc1 = e.b.weights(X.float_experts_job(t.fc1, f"{base}/gate_up_proj", f"{prefix}.gate_up_proj.weight",
+                                                       E, 2 * I, H, io, t.fc1_sources))
+            self.fc2 = e.b.weights(X.float_experts_job(t.fc2, f"{base}/down_proj", f"{prefix}.down_proj.weight", E,
+                                                       H, I, io, t.fc2_sources))
+        self.b1 = self.b2 = None
+        if t.fc1_bias is not None:
+            (self.b1,) = e.b.weights(X.float_experts_job(t.fc1_bias, f"{base}/gate_up_proj", f"{prefix}.gate_up_proj.bias",
+                                                         E, 2 * I, 0, io, t.bias_sources[:1]))
+            (self.b2,) = e.b.weights(X.float_experts_job(t.fc2_bias, f"{base}/down_proj", f"{prefix}.down_proj.bias",
+                                                         E, H, 0, io, t.bias_sources[1:]))
+
+    def op(self, x: ir.Value, router: ir.Value, k: int, normalize: bool, name: str,
+           router_weights: ir.Value | None = None) -> ir.Value:
+        m, st = self.m, self.st
+        attrs = dict(k=k, activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=int(normalize),
+                     activation_alpha=m.swiglu_alpha, activation_beta=m.swiglu_beta)
+        if m.swiglu_limit is not None:
+            attrs["swiglu_limit"] = m.swiglu_limit
+        if not self.quantized:
+            return self.e.b.op("MoE", [x, router, self.fc1[0], self.b1, self.fc2[0], self.b2], name, domain=MS, **attrs)
+        attrs["expert_weight_bits"] = st.bits
+        if st.block_size:
+            attrs["block_size"] = st.block_size
+        if st.accuracy_level is not None:
+            attrs["accuracy_level"] = st.accuracy_level
+        if getattr(self.e.plan, "provider", "cpu") == "cuda":
+            attrs["weights_prepacked"] = 0  # raw [E, N, K/pack]; CUDA's default would expect CUTLASS-prepacked
+        zp1 = self.fc1[2] if len(self.fc1) > 2 else None
+        zp2 = self.fc2[2] if len(self.fc2) > 2 else None
+        inputs = [x, router, self.fc1[0], self.fc1[1], self.b1, self.fc2[0], self.fc2[1], self.b2, None, None, None,
+                  zp1, zp2, None, router_weights]
+        while inputs[-1] is None:
+            inputs.pop()
+        return self.e.b.op("QMoE", inputs, name, domain=MS, **attrs)
+
+
+def _check(e: "Emitter") -> None:
+    m, act = e.spec.moe, e.spec.mlp.activation
+    if m is None:
+        raise ConfigError("a layer is marked as a mixture of experts but the spec has no experts")
+    clamped = (m.swiglu_alpha, m.swiglu_beta, m.swiglu_limit) != (1.0, 0.0, None)
+    if act not in ("silu", "swish") and not clamped:
+        raise ConfigError(f"the experts' activation {act!r} is not supported: onnxruntime's MoE runs SwiGLU experts")
+    if m.mixer == "sparsemixer" and m.top_k != 2:
+        raise ConfigError(f"the sparse mixer selects 2 experts, but the config asks for {m.top_k}")
+    if not 0 < m.top_k <= m.num_experts:
+        raise ConfigError(f"experts per token ({m.top_k}) must be between 1 and the number of experts ({m.num_experts})")
+
+
+def moe(e: "Emitter", i: int, x: ir.Value) -> ir.Value:
+    _check(e)
+    m, H, b = e.spec.moe, e.spec.hidden_size, e.b
+    E = m.num_experts
+    base = f"/model/layers.{i}/moe"
+    logits = _router(e, x, i, "router", f"{base}/router", E, m.router_bias)
+    router = b.op("Reshape", [logits, b.const([-1, E], np.int64)], f"{base}/router/Reshape")
+    experts = Experts(e, i)
+    name = f"{base}/{'QMoE' if experts.quantized else 'MoE'}"
+    if m.mixer == "sparsemixer":
+        y = _sparsemixer(e, base, x, router, experts)
+    elif m.selection_bias:
+        y = _biased_selection(e, i, base, x, router, experts, name)
+    elif m.normalize:
+        y = experts.op(x, router, m.top_k, True, name)
+    else:
+        y = _unnormalized(e, base, x, router, experts, name)
+    if m.shared_intermediate_size:
+        node = f"/model/layers.{i}/shared_expert"
+        s = dense_mlp(e, i, x, ("shared_gate", "shared_up", "shared_down"), node, m.shared_intermediate_size)
+        if m.shared_gate:
+            g = _router(e, x, i, "shared_expert_gate", f"{node}_gate", 1, False)
+            s = b.op("Mul", [b.op("Sigmoid", [g], f"{node}_gate/Sigmoid"), s], f"{node}_gate/Mul")
+        y = b.op("Add", [y, s], f"{base}/shared_expert/Add")
+    return y
+
+
+def _router(e: "Emitter", x: ir.Value, i: int, role: str, node: str, N: int, bias: bool) -> ir.Value:
+    """A router (or shared-expert gate) MatMul: float unless a user rule stores it otherwise (op type
+    "Router" is not one the recipe quantizes), as AMD Quark's MoE templates keep them."""
+    (part,) = e.names.linear([role], [N], i)
+    st = e.plan.storage([f"{node}/MatMul", part.module], "Router")
+    y = e.matmul(x, node, [part], [N], e.spec.hidden_size, st)
+    return e.add_bias(y, node, [part.with_suffix("bias")], N) if bias else y
+
+
+def _unnormalized(e: "Emitter", base: str, x: ir.Value, router: ir.Value, experts: Experts, name: str) -> ir.Value:
+    """sum over the top k of p_i * expert_i(x) = (renormalised mix) x (sum of the top k p_i)."""
+    m, b, H = e.spec.moe, e.b, e.spec.hidden_size
+    probs = b.op("Softmax", [router], f"{base}/router/Softmax", axis=-1)
+    top, _ = b.op("TopK", [probs, b.const([m.top_k], np.int64)], f"{base}/router/TopK", n_out=2, axis=-1)
+    mass = b.op("ReduceSum", [top, b.const([-1], np.int64)], f"{base}/router/ReduceSum", keepdims=1)
+    flat = b.op("Reshape", [x, b.const([-1, H], np.int64)], f"{base}/Reshape")
+    y = b.op("Mul", [experts.op(flat, router, m.top_k, True, name), mass], f"{base}/Mul")
+    return b.op("Reshape", [y, b.op("Shape", [x], f"{base}/Shape")], f"{base}/Reshape_1")
+
+
+def _lowest(e: "Emitter") -> ir.Value:
+    return e.b.const(np.asarray(np.finfo(e.io.np_dtype).min, dtype=e.io.np_dtype).reshape(1))
+
+
+def _biased_selection(e: "Emitter", i: int, base: str, x: ir.Value, router: ir.Value, experts: Experts,
+                      name: str) -> ir.Value:
+    """Select the top k of softmax(logits) + bias, mix with softmax(logits) renormalised over them."""
+    m, b = e.spec.moe, e.b
+    bias_name = e.names.tensor("selection_bias", i)
+    if bias_name is None:
+        raise ConfigError(f"layer {i}: the router's selection bias (e_score_correction_bias) is missing")
+    shape = tuple(e.source.shape(bias_name))
+    if int(np.prod(shape)) != m.num_experts:
+        raise ConfigError(f"{bias_name} has shape {shape}, expected {m.num_experts} values")
+    from . import weights as W
+
+    bias = b.weights(W.float_table_job(e.source, f"{base}/router", f"model.layers.{i}.moe.router.selection_bias",
+                                       bias_name, shape, e.io))[0]
+    probs = b.op("Softmax", [router], f"{base}/router/Softmax", axis=-1)
+    select = b.op("Add", [probs, bias], f"{base}/router/Add")
+    if experts.quantized:
+        return experts.op(x, select, m.top_k, True, name, router_weights=probs)
+    _, idx = b.op("TopK", [select, b.const([m.top_k], np.int64)], f"{base}/router/TopK", n_out=2, axis=-1)
+    low = b.op("Expand", [_lowest(e), b.op("Shape", [router], f"{base}/router/Shape")], f"{base}/router/Expand")
+    zeros = b.op("Expand", [e.b.const(np.zeros(1, e.io.np_dtype)), b.op("Shape", [idx], f"{base}/router/Shape_1")],
+                 f"{base}/router/Expand_1")
+    keep = b.op("ScatterElements", [low, idx, zeros], f"{base}/router/ScatterElements", axis=-1)
+    masked = b.op("Add", [router, keep], f"{base}/router/Add_1")
+    return experts.op(x, masked, m.top_k, True, name)
+
+
+def _sparsemixer(e: "Emitter", base: str, x: ir.Value, s: ir.Value, experts: Experts) -> ir.Value:
+    """PhiMoE's top-2 sparse mixer (eval mode) as two k=1 passes; see the module docstring."""
+    m, b, H = e.spec.moe, e.b, e.spec.hidden_size
+    node = f"{base}/sparsemixer"
+    axes = b.const([-1], np.int64)
+    eps2 = e.scalar(2 * m.jitter_eps)
+    zero = e.scalar(0.0)
+    abs_s = b.op("Abs", [s], f"{node}/Abs")
+
+    def weight(scores: ir.Value, tag: str) -> ir.Value:
+        """1 / sum of exp(score - max) over the experts within the jitter threshold of the max."""
+        top = b.op("ReduceMax", [scores, axes], f"{node}/{tag}/ReduceMax", keepdims=1)
+        factor = b.op("Max", [abs_s, top], f"{node}/{tag}/Max")
+        gap = b.op("Div", [b.op("Sub", [top, s], f"{node}/{tag}/Sub"), factor], f"{node}/{tag}/Div")
+        masked = b.op("Greater", [gap, eps2], f"{node}/{tag}/Greater")
+        ex = b.op("Exp", [b.op("Sub", [scores, top], f"{node}/{tag}/Sub_1")], f"{node}/{tag}/Exp")
+        total = b.op("ReduceSum", [b.op("Where", [masked, zero, ex], f"{node}/{tag}/Where"), axes],
+                     f"{node}/{tag}/ReduceSum", keepdims=1)
+        return b.op("Reciprocal", [total], f"{node}/{tag}/Reciprocal")
+
+    first = b.op("ArgMax", [s], f"{node}/ArgMax", axis=-1, keepdims=1)
+    low = b.op("Expand", [_lowest(e), b.op("Shape", [first], f"{node}/Shape")], f"{node}/Expand")
+    s2 = b.op("ScatterElements", [s, first, low], f"{node}/ScatterElements", axis=-1)
+    w1, w2 = weight(s, "top1"), weight(s2, "top2")
+    flat = b.op("Reshape", [x, b.const([-1, H], np.int64)], f"{node}/Reshape")
+    kind = "QMoE" if experts.quantized else "MoE"
+    y1 = experts.op(flat, s, 1, True, f"{base}/{kind}")
+    y2 = experts.op(flat, s2, 1, True, f"{base}/{kind}_1")
+    y = b.op("Add", [b.op("Mul", [y1, w1], f"{node}/Mul"), b.op("Mul", [y2, w2], f"{node}/Mul_1")], f"{node}/Add")
+    return b.op("Reshape", [y, b.op("Shape", [x], f"{node}/Shape_1")], f"{node}/Reshape_1")

@@ -1,0 +1,98 @@
+"""Expert weights for com.microsoft QMoE: one expert's (N, K) projection at a time.
+
+QMoE dequantizes `w[n, k] = (q[n, k] - zp) * scale` with the codes packed along K, low bits first,
+`(E, N, K * bits / 8)`, exactly MatMulNBits' layout without the block axis:
+  * block-wise (`block_size` 16-256, K divisible by it): scales `(E, N, K / block)`, packed zero
+    points `(E, N, ceil(K / block * bits / 8))`, one per block as MatMulNBits packs them;
+  * per-channel (`block_size` 0): scales `(E, N)`, zero points packed along N `(E, ceil(N * bits / 8))`.
+Without zero points the op uses 2^(bits-1) (8 / 128): the symmetric encoding of onnxforge's quantizers.
+Block-wise codes come from the recipe's INT4 method (rtn, k_quant, hqq, default); per-channel ones from
+the same fits over one block of K values ("default" is rtn there: onnxruntime's quantizer is block-wise).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import RecipeError
+from .pack import dequantize, pack_bits, quantize_blockwise, unpack_bits, zero_point_levels
+from .types import QuantizedWeight
+
+QMOE_BITS = (4, 8)
+QMOE_BLOCK_SIZES = (0, 16, 32, 64, 128, 256)  # 0: per channel
+
+
+def check_qmoe(bits: int, block_size: int, dims: dict[str, int]) -> None:
+    """Raise RecipeError unless the op can take `bits` / `block_size` for projections of input sizes `dims`."""
+    if bits not in QMOE_BITS:
+        raise RecipeError(f"QMoE experts are stored at 4 or 8 bits, got {bits}")
+    if block_size not in QMOE_BLOCK_SIZES:
+        raise RecipeError(f"qmoe_block_size must be 0 (per channel) or one of 16, 32, 64, 128, 256, got {block_size}")
+    for what, K in dims.items():
+        if block_size and K % block_size:
+            raise RecipeError(f"qmoe_block_size {block_size} does not divide the experts' {what} ({K}): QMoE needs "
+                              "whole blocks; choose a block size that divides it, or 0 for per-channel scales")
+        if (K * bits) % 8:
+            raise RecipeError(f"the experts' {what} ({K}) at {bits} bits is not a whole number of bytes")
+
+
+def _per_channel_fit(method: str, bits: int, symmetric: bool):
+    from .hqq import _optimise
+    from .kquant import _asymmetric, _symmetric
+    from .rtn import asymmetric_scale_zp, symmetric_scale
+
+    if method in ("rtn", "default"):
+        return lambda x: (symmetric_scale(x, bits), None) if symmetric else asymmetric_scale_zp(x, bits)
+    if method == "k_quant":
+        return lambda x: _symmetric(x, bits) if symmetric else _asymmetric(x, bits)
+    if method == "hqq":
+        def fit(x):
+            if symmetric:
+                s0 = symmetric_scale(x, bits)
+                return _optimise(x, s0, np.full_like(s0, 1 << (bits - 1)), bits, fit_zero=False)[0], None
+            s0, zp0 = asymmetric_scale_zp(x, bits)
+            return _optimise(x, s0, zp0, bits, fit_zero=True)
+
+        return fit
+    raise RecipeError(f"quantization method {method!r} cannot store MoE experts; use rtn, k_quant, hqq or default")
+
+
+def quantize_expert(w: np.ndarray, *, bits: int, block_size: int, symmetric: bool, method: str) -> QuantizedWeight:
+    """One expert's (N, K) weight; `block_size` 0 gives one block of K per row (per channel)."""
+    if block_size:
+        from .methods import quantize
+
+        return quantize(w, bits=bits, block_size=block_size, symmetric=symmetric, method=method)
+    w = np.asarray(w)
+    if w.ndim != 2 or not np.isfinite(w.astype(np.float32, copy=False)).all():
+        raise RecipeError(f"an expert weight must be a finite (N, K) matrix, got shape {w.shape}")
+    return quantize_blockwise(w, bits, w.shape[1], symmetric, _per_channel_fit(method, bits, symmetric))
+
+
+def qmoe_arrays(q: QuantizedWeight, per_channel: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(codes (N, K*bits/8), scales (N, K/block) or (N,), zero points or None) of one expert, QMoE's layout."""
+    data = q.data.reshape(q.N, -1)
+    if not per_channel:
+        return data, q.scales, q.zero_points
+    zp = None if q.zero_points is None else pack_bits(zero_point_levels(q)[:, 0][None, :], q.bits)[0]
+    return data, q.scales[:, 0], zp
+
+
+def dequantize_qmoe(data: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int,
+                    block_size: int) -> np.ndarray:
+    """float32 (N, K) of one expert from its QMoE arrays, as the op computes it."""
+    N = data.shape[0]
+    K = data.shape[1] * 8 // bits
+    levels = unpack_bits(data, bits, K).astype(np.float32)
+    if block_size:
+        kb = K // block_size
+        zp = (np.full((N, kb), 1 << (bits - 1), np.float32) if zero_points is None
+              else unpack_bits(zero_points, bits, kb).astype(np.float32))
+        w = (levels.reshape(N, kb, block_size) - zp[..., None]) * scales.astype(np.float32)[..., None]
+        return w.reshape(N, K)
+    zp = (np.full(N, 1 << (bits - 1), np.float32) if zero_points is None
+          else unpack_bits(zero_points[None, :], bits, N)[0].astype(np.float32))
+    return (levels - zp[:, None]) * scales.astype(np.float32)[:, None]
+
+
+__all__ = ["QMOE_BITS", "QMOE_BLOCK_SIZES", "check_qmoe", "dequantize", "dequantize_qmoe", "qmoe_arrays",
+           "quantize_expert"]
