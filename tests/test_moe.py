@@ -163,3 +163,25 @@ def test_bad_expert_config(tmp_path, moe_model):
     (bad / "config.json").write_text(json.dumps({**cfg, "num_experts_per_tok": 9}))
     with pytest.raises(ConfigError, match="experts per token"):
         onnxforge.build(bad, tmp_path / "out", "fp32")
+
+
+def test_stacked_expert_checkpoint(moe_model, tmp_path):
+    """transformers 5's own parameter layout (`mlp.experts.gate_up_proj` (E, 2I, H), `down_proj` (E, H, I)),
+    as a checkpoint saved from the in-memory state dict holds it: read one expert at a time, same logits."""
+    from safetensors.torch import save_file
+
+    folder, model = moe_model("qwen3_moe")
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    for f in folder.iterdir():
+        if not f.name.endswith(".safetensors"):
+            (fused / f.name).write_bytes(f.read_bytes())
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in state
+    save_file(state, str(fused / "model.safetensors"))
+    out = tmp_path / "out"
+    onnxforge.build(fused, out, "fp32")
+    assert max_diff(out, model) < FP32_TOL
+    report = json.loads((out / "build_report.json").read_text())
+    assert not report.get("unread_tensors")
+    assert any("mlp.experts.gate_up_proj" in s for g in report["groups"] for s in g["sources"])
