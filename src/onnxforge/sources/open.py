@@ -14,8 +14,15 @@ def open_source(path: str | Path):
         return GGUFSource(p)
     if p.is_dir():
         from .hf import HFSource
+        from .prequant import PrequantSource, quantization_scheme
 
-        return HFSource(p)
+        source = HFSource(p)
+        try:
+            scheme = quantization_scheme(source.config, p)  # GPTQ, AWQ, compressed-tensors: carried over
+        except BaseException:
+            source.close()
+            raise
+        return source if scheme is None else PrequantSource(source, scheme)
     if not p.exists():
         raise CheckpointError(f"{p} does not exist; pass a Hugging Face checkpoint folder or a .gguf file")
     raise CheckpointError(f"{p} is neither a Hugging Face checkpoint folder nor a .gguf file")
