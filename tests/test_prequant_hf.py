@@ -119,3 +119,17 @@ def test_unsupported_formats_fail_with_one_clear_error(float_dir, tmp_path, qcfg
     with pytest.raises(CheckpointError, match="supported: gptq, awq") as err:
         onnxforge.build(folder, tmp_path / "out")
     assert what in str(err.value)
+
+
+def test_verify_reference_is_the_dequantized_checkpoint(float_dir, tmp_path):
+    """`verify --reference` on a GPTQ folder: transformers' float model with the checkpoint's weights
+    dequantized (as for a GGUF), equal to the float checkpoint of the same weights."""
+    torch = pytest.importorskip("torch")
+    from onnxforge.verify.parity import load_reference
+
+    write_prequantized(float_dir, tmp_path / "q", tmp_path / "ref", "gptq", 4, 32, False)
+    ids = torch.tensor([prompt_and_decode()[0]])
+    with torch.no_grad():
+        got = load_reference(tmp_path / "q")[0](ids).logits
+        want = load_reference(tmp_path / "ref")[0](ids).logits
+    assert torch.equal(got, want)

@@ -41,7 +41,7 @@ THRESHOLDS = {
 def load_reference(reference: str | Path):
     """(transformers model in fp32 on CPU, tokenizer or None) for an HF folder or a .gguf file."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     ref = Path(reference)
     kwargs = {}
@@ -50,6 +50,9 @@ def load_reference(reference: str | Path):
         where, kwargs = ref.parent, {"gguf_file": ref.name}
     if not ref.exists():
         raise CheckpointError(f"reference {ref} does not exist")
+    if ref.is_dir() and (ref / "config.json").is_file() and "quantization_config" in json.loads(
+            (ref / "config.json").read_text()):
+        return _dequantized_reference(ref), _tokenizer(ref, {})
     try:
         model = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch.float32, **kwargs).eval()
     except ValueError as e:
@@ -57,11 +60,40 @@ def load_reference(reference: str | Path):
             raise CheckpointError("transformers needs the package accelerate to load a GGUF reference: "
                                   "pip install accelerate") from None
         raise
+    return model, _tokenizer(where, kwargs)
+
+
+def _tokenizer(where: Path, kwargs: dict):
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(where), **kwargs)
+        return AutoTokenizer.from_pretrained(str(where), **kwargs)
     except Exception:  # noqa: BLE001 - any failure means "no usable tokenizer"
-        tokenizer = None
-    return model, tokenizer
+        return None
+
+
+def _dequantized_reference(ref: Path):
+    """A pre-quantized HF folder (GPTQ, AWQ, compressed-tensors) as transformers' float model holding the
+    checkpoint's weights dequantized, as it is done for a GGUF reference (no GPTQ/AWQ kernels needed)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..sources.open import open_source
+
+    config = AutoConfig.from_pretrained(str(ref))
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    source = open_source(ref)
+    try:
+        state = {n: torch.from_numpy(np.asarray(source.read(n), dtype=np.float32)) for n in source.tensor_names()}
+    finally:
+        source.close()
+    missing, _ = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    if [m for m in missing if "lm_head" not in m]:
+        raise CheckpointError(f"reference {ref}: tensors missing for transformers: {missing[:5]}")
+    return model
 
 
 def _vocab(out_dir: Path) -> int:
