@@ -46,6 +46,7 @@ class AttentionSpec:
     scale: float | None = None
     softcap: float = 0.0
     clip_qkv: float = 0.0  # OLMo: q, k, v clamped to +-clip_qkv
+    sinks: bool = False  # a learned logit per head in the softmax's denominator (GPT-OSS; GQA's head_sink)
 
     @property
     def q_size(self) -> int:

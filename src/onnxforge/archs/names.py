@@ -45,6 +45,7 @@ ROLES: dict[str, Role] = {
     "o": Role((L + "self_attn.o_proj", L + "self_attn.dense"), "blk.{i}.attn_output"),  # dense: Phi-2
     "q_norm": Role((L + "self_attn.q_norm", L + "self_attn.q_layernorm"), "blk.{i}.attn_q_norm"),
     "k_norm": Role((L + "self_attn.k_norm", L + "self_attn.k_layernorm"), "blk.{i}.attn_k_norm"),
+    "sinks": Role((L + "self_attn.sinks",), "blk.{i}.attn_sinks"),  # a parameter (Names.tensor)
     # MLP; fc1/fc2: Phi-2's plain MLP
     "gate": Role((L + "mlp.gate_proj",), "blk.{i}.ffn_gate"),
     "up": Role((L + "mlp.up_proj", L + "mlp.fc1"), "blk.{i}.ffn_up"),

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from .builder import MS
 
 if TYPE_CHECKING:
@@ -123,8 +123,14 @@ def attention(e: "Emitter", i: int, x: ir.Value, ctx: AttnInputs) -> ir.Value:
     if layer.rope is not None:
         cos, sin = ctx.rotary[layer.rope]
         attrs.update(do_rotary=1, rotary_interleaved=int(e.spec.rope_for(layer.rope).interleaved))
+    sink = []
+    if a.sinks:  # GQA's head_sink, after position_ids and attention_bias
+        name = e.names.tensor("sinks", i)
+        if name is None:
+            raise CheckpointError(f"layer {i}: the attention sinks (self_attn.sinks) are missing from the checkpoint")
+        sink = [None, None, e.vector(f"{base}/GroupQueryAttention", name, a.num_heads)]
     out, present_k, present_v = e.b.op(
-        "GroupQueryAttention", [q, k, v, *e.past[i], ctx.seqlens_k, ctx.total_len, cos, sin],
+        "GroupQueryAttention", [q, k, v, *e.past[i], ctx.seqlens_k, ctx.total_len, cos, sin, *sink],
         f"{base}/GroupQueryAttention", domain=MS, n_out=3, **attrs)
     kv_shape = ["batch_size", a.num_kv_heads, "total_sequence_length", a.head_dim]
     e.b.output(present_k, f"present.{i}.key", e.io.ir_dtype, kv_shape)
