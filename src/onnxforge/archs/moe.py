@@ -90,6 +90,20 @@ def _phimoe(cfg: dict) -> dict:
             "attention.qkv_bias": bias, "attention.o_bias": bias, "lm_head_bias": bool(cfg.get("lm_head_bias", False))}
 
 
+def _gpt_oss_config(cfg: dict) -> dict:
+    """As GptOssConfig loads: without layer_types, sliding and full attention alternate."""
+    if cfg.get("layer_types") is not None:
+        return cfg
+    n = cfg["num_hidden_layers"]
+    return {**cfg, "layer_types": ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]}
+
+
+def _gpt_oss(cfg: dict) -> dict:
+    return {**experts(cfg, router_bias=True, expert_bias=True, layout="interleaved_t", swiglu_beta=1.0,
+                      swiglu_alpha=float(cfg.get("swiglu_alpha", 1.702)), swiglu_limit=float(cfg["swiglu_limit"])),
+            "attention.sinks": True}
+
+
 MIXTRAL = {"num_local_experts": 8, "num_experts_per_tok": 2, "rms_norm_eps": 1e-5, "rope_theta": 1e6}
 register(Architecture("MixtralForCausalLM", "mistral", hook=_mixtral, config_defaults=MIXTRAL, gguf="llama",
                       doc="Mixtral 8x7B / 8x22B (top-2 of 8 experts, renormalised)"))
@@ -115,3 +129,7 @@ register(Architecture("PhimoeForCausalLM", "phimoe", {"norm.kind": "layer", "nor
                       config_defaults={"num_local_experts": 16, "num_experts_per_tok": 2, "rms_norm_eps": 1e-5,
                                        "rope_theta": 1e6, "router_jitter_noise": 0.01},
                       doc="Phi-3.5-MoE (sparse mixer, LayerNorm)"))
+register(Architecture("GptOssForCausalLM", "gptoss", hook=_gpt_oss, config_fix=_gpt_oss_config,
+                      config_defaults={"num_local_experts": 128, "num_experts_per_tok": 4, "swiglu_limit": 7.0,
+                                       "attention_bias": True, "rms_norm_eps": 1e-5, "sliding_window": 128},
+                      gguf="gpt-oss", doc="gpt-oss-20b / 120b (attention sinks, clamped SwiGLU, biases, MXFP4 experts)"))

@@ -96,12 +96,12 @@ def find_experts(e: "Emitter", i: int) -> ExpertTensors:
 
     blocks = [names.tensor(r, i, "_blocks") for r in ("experts_gate_up", "experts_down")]
     if all(blocks):  # GPT-OSS MXFP4: (E, N, K/32, 16) codes + (E, N, K/32) E8M0 scales, N rows interleaved
-        b1, b2 = blocks
-        s1, s2 = b1[: -len("_blocks")] + "_scales", b2[: -len("_blocks")] + "_scales"
-        check(b1, (E, 2 * I, H), mxfp4_shape(src.shape(b1)))
-        check(b2, (E, H, I), mxfp4_shape(src.shape(b2)))
-        return ExpertTensors(lambda x: mxfp4_expert(src, b1, s1, x), lambda x: mxfp4_expert(src, b2, s2, x),
-                             (b1, s1), (b2, s2), *(bias or (None, None, ())), mxfp4=(b1, b2))
+        k1, k2 = blocks
+        s1, s2 = k1[: -len("_blocks")] + "_scales", k2[: -len("_blocks")] + "_scales"
+        check(k1, (E, 2 * I, H), mxfp4_shape(src.shape(k1)))
+        check(k2, (E, H, I), mxfp4_shape(src.shape(k2)))
+        return ExpertTensors(lambda x: mxfp4_expert(src, k1, s1, x), lambda x: mxfp4_expert(src, k2, s2, x),
+                             (k1, s1), (k2, s2), *(bias or (None, None, ())), mxfp4=(k1, k2))
 
     gate, up = names.tensor("experts_gate", i), names.tensor("experts_up", i)
     if gate is not None and up is not None and down is not None:  # llama.cpp: gate and up stacked apart
@@ -173,3 +173,32 @@ def quant_experts_job(source_of: Callable[[int], np.ndarray], label: str, prefix
         return outs
 
     return WeightJob(label, slots, produce, describe(st), sources)
+
+
+def fp4_pack(blocks: np.ndarray) -> np.ndarray:
+    """One expert's MXFP4 blocks (N, K/32, 16) as CUDA QMoE's fp4 weight (K, N/2): two rows per byte, as
+    onnxruntime-genai's GPT-OSS loader repacks them (the codes themselves are unchanged)."""
+    even, odd = blocks[0::2], blocks[1::2]
+    lo = ((odd & 0x0F) << 4) | (even & 0x0F)  # even k
+    hi = ((odd >> 4) << 4) | (even >> 4)  # odd k
+    packed = np.stack((lo, hi), axis=-1)  # (N/2, K/32, 16, 2)
+    return np.ascontiguousarray(packed.transpose(1, 2, 3, 0).reshape(blocks.shape[1] * 32, blocks.shape[0] // 2))
+
+
+def fp4_experts_job(source, label: str, prefix: str, blocks: str, E: int, N: int, K: int) -> WeightJob:
+    """CUDA QMoE quant_type "fp4" inputs from GPT-OSS's MXFP4 blocks, carried over expert by expert:
+    weight (E, K, N/2), E8M0 scales (E, N, K/32) as stored, global scales 1."""
+    scales = blocks[: -len("_blocks")] + "_scales"
+    slots = (TensorSlot(f"{prefix}.qweight", ir.DataType.UINT8, (E, K, N // 2)),
+             TensorSlot(f"{prefix}.scales", ir.DataType.FLOAT8E8M0, (E, N, K // 32)),
+             TensorSlot(f"{prefix}.global_scales", ir.DataType.FLOAT, (E,)))
+
+    def produce():
+        weight = np.empty(slots[0].shape, np.uint8)
+        scale = np.empty(slots[1].shape, np.uint8)
+        for x in range(E):
+            weight[x] = fp4_pack(np.asarray(source.read_slice(blocks, x, raw=True), dtype=np.uint8))
+            scale[x] = source.read_slice(scales, x, raw=True)
+        return [weight, scale, np.ones(E, np.float32)]
+
+    return WeightJob(label, slots, produce, "mxfp4 (carried over)", (blocks, scales))

@@ -69,10 +69,17 @@ class Experts:
         self.quantized, self.st = st1.quantized, st1
         prefix = f"model.layers.{i}.moe.experts"
         io = e.io
-        if self.quantized:
-            if getattr(e.plan, "moe_quant_type", None) == "mxfp4":
-                raise RecipeError("moe_quant_type=mxfp4 keeps GPT-OSS's original MXFP4 blocks, which this build "
-                                  "does not carry over yet; use int4 or int8 experts")
+        self.fp4 = getattr(e.plan, "moe_quant_type", None) == "mxfp4"
+        if self.fp4:  # CUDA only (the recipe refuses it elsewhere): GPT-OSS's own blocks, carried over
+            if t.mxfp4 is None:
+                raise RecipeError("moe_quant_type=mxfp4 carries over the checkpoint's MXFP4 expert blocks; this "
+                                  "checkpoint has float experts (use int4 or int8 experts)")
+            self.quantized = True
+            self.fc1 = e.b.weights(X.fp4_experts_job(e.source, f"{base}/gate_up_proj", f"{prefix}.gate_up_proj",
+                                                     t.mxfp4[0], E, 2 * I, H))
+            self.fc2 = e.b.weights(X.fp4_experts_job(e.source, f"{base}/down_proj", f"{prefix}.down_proj",
+                                                     t.mxfp4[1], E, H, I))
+        elif self.quantized:
             from ..quant.qmoe import check_qmoe
 
             for st in (st1, st2):
@@ -102,6 +109,11 @@ class Experts:
             attrs["swiglu_limit"] = m.swiglu_limit
         if not self.quantized:
             return self.e.b.op("MoE", [x, router, self.fc1[0], self.b1, self.fc2[0], self.b2], name, domain=MS, **attrs)
+        if self.fp4:  # MXFP4: E8M0 block scales of 32, per-expert global scales at inputs 15 and 16
+            inputs = [x, router, self.fc1[0], self.fc1[1], self.b1, self.fc2[0], self.fc2[1], self.b2, None, None, None,
+                      None, None, None, router_weights, self.fc1[2], self.fc2[2]]
+            return self.e.b.op("QMoE", inputs, name, domain=MS, quant_type="fp4", expert_weight_bits=4, block_size=32,
+                               **attrs)
         attrs["expert_weight_bits"] = st.bits
         if st.block_size:
             attrs["block_size"] = st.block_size
