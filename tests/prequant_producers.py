@@ -1,7 +1,8 @@
 """Pre-quantized HF checkpoints written the way their producers write them.
 
 gptqmodel / AutoGPTQ and AutoAWQ do not install here (CUDA extensions compiled from source), so their
-packers are transcribed from the producers' own code, loop for loop: AutoGPTQ's
+packers are transcribed from the producers' own code, loop for loop: AMD Quark's `Pack_4_bits.pack`
+(amd-quark would replace this environment's onnx), AutoGPTQ's
 `qlinear_cuda_old.QuantLinear.pack` (GPTQ "v1": zero points stored minus one, as gptqmodel still
 writes for checkpoint_format "gptq") and AutoAWQ's `WQLinear_GEMM.from_linear` (nibble order 0 2 4 6
 1 3 5 7). compressed-tensors installs cleanly and packs with its own `pack_to_int32`. Each writer gets
@@ -81,6 +82,32 @@ def awq_pack(q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> dict:
     return {"qweight": qweight, "qzeros": qzeros, "scales": np.ascontiguousarray(scale.T)}
 
 
+def quark_pack_4_bits(to_pack: np.ndarray, signed: bool) -> np.ndarray:
+    """AMD Quark's Pack_4_bits.pack for per_group (transpose, then AWQ's order along the last axis)."""
+    order_map = [0, 2, 4, 6, 1, 3, 5, 7]
+    pack_num = 8
+    to_pack = np.ascontiguousarray(to_pack.T).astype(np.int32)
+    packed = np.zeros((to_pack.shape[0], (to_pack.shape[1] + pack_num - 1) // pack_num), dtype=np.int32)
+    for c in range(packed.shape[1]):
+        for i in range(pack_num):
+            idx = c * pack_num + order_map[i]
+            if idx >= to_pack.shape[1]:
+                continue
+            col = to_pack[:, idx]
+            if signed:
+                col = col & 0x0F
+            packed[:, c] = packed[:, c] | (col << (i * 4))
+    return packed
+
+
+def quark_pack(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, signed: bool) -> dict:
+    """Quark's HF export of int4 / uint4 per-group weights: weight (K, N/8), weight_scale (K/g, N),
+    weight_zero_point (K/g, N/8); int4 stores value - 8 (two's complement), zero points likewise."""
+    shift = 8 if signed else 0
+    return {"weight": quark_pack_4_bits(q - shift, signed), "weight_scale": np.ascontiguousarray(scale.T),
+            "weight_zero_point": quark_pack_4_bits(zero - shift, signed)}
+
+
 def compressed_tensors_pack(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int, symmetric: bool) -> dict:
     """compressed-tensors' PackedQuantizationCompressor layout, packed by the library's pack_to_int32."""
     import torch
@@ -97,6 +124,12 @@ def compressed_tensors_pack(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, 
 
 
 def quantization_config(method: str, bits: int, group: int, symmetric: bool, act_order: bool = False) -> dict:
+    if method.startswith("quark"):
+        weight = {"dtype": method.split("-")[1], "qscheme": "per_group", "ch_axis": 1, "group_size": group,
+                  "symmetric": symmetric, "is_dynamic": False, "round_method": "half_even"}
+        return {"quant_method": "quark", "global_quant_config": {"weight": weight, "input_tensors": None,
+                                                                 "output_tensors": None, "bias": None},
+                "layer_quant_config": {}, "exclude": ["lm_head"], "export": {"pack_method": "reorder"}}
     if method == "gptq":
         return {"quant_method": "gptq", "bits": bits, "group_size": group, "sym": symmetric, "desc_act": act_order,
                 "checkpoint_format": "gptq"}
@@ -137,7 +170,9 @@ def write_prequantized(float_dir: Path, out: Path, ref_out: Path, method: str, b
             q, _, _ = rtn_with_groups(w, scale, zero, g_idx, bits)
         deq[module] = reference[name] = dequantized(q, scale, zero, g_idx)
         packed = {"gptq": lambda: gptq_pack(q, scale, zero, bits, g_idx), "awq": lambda: awq_pack(q, scale, zero),
-                  "compressed-tensors": lambda: compressed_tensors_pack(q, scale, zero, bits, symmetric)}[method]()
+                  "compressed-tensors": lambda: compressed_tensors_pack(q, scale, zero, bits, symmetric),
+                  "quark-int4": lambda: quark_pack(q, scale, zero, True),
+                  "quark-uint4": lambda: quark_pack(q, scale, zero, False)}[method]()
         quantized.update({f"{module}.{k}": np.ascontiguousarray(v) for k, v in packed.items()})
     for folder, tensors, cfg in ((out, quantized, {**config, "quantization_config":
                                                    quantization_config(method, bits, group, symmetric, act_order)}),

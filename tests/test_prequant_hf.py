@@ -1,4 +1,4 @@
-"""Pre-quantized Hugging Face checkpoints carried over exactly (issue 13): GPTQ, AWQ, compressed-tensors.
+"""Pre-quantized Hugging Face checkpoints carried over exactly (issue 13): GPTQ, AWQ, compressed-tensors, Quark.
 
 Checkpoints are packed as their producers pack them (tests/prequant_producers.py: compressed-tensors'
 own pack_to_int32; AutoGPTQ's and AutoAWQ's packers transcribed, since those do not install here). The
@@ -31,6 +31,7 @@ CASES = [  # method, bits, group (-1: per channel), symmetric
     ("gptq", 4, 128, True), ("gptq", 4, 32, False), ("gptq", 8, 64, False), ("gptq", 2, 32, False),
     ("awq", 4, 64, False), ("awq", 4, 128, False),
     ("compressed-tensors", 4, 128, True), ("compressed-tensors", 4, 32, False), ("compressed-tensors", 8, -1, True),
+    ("quark-int4", 4, 128, True), ("quark-uint4", 4, 32, False),
 ]
 
 
@@ -107,7 +108,8 @@ def test_act_order_gptq_falls_back_to_requantizing_and_says_so(float_dir, tmp_pa
     ({"quant_method": "gptq", "bits": 3}, "GPTQ with 3 bits"),
     ({"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {}},
      "compressed-tensors format 'float-quantized'"),
-    ({"quant_method": "quark", "export": {}}, "'quark'"),
+    ({"quant_method": "quark", "global_quant_config": {"weight": {"dtype": "fp8_e4m3", "qscheme": "per_tensor"}}},
+     "Quark fp8_e4m3 weights"),
 ])
 def test_unsupported_formats_fail_with_one_clear_error(float_dir, tmp_path, qcfg, what):
     import shutil

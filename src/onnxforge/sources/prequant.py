@@ -1,4 +1,4 @@
-"""Pre-quantized Hugging Face checkpoints (GPTQ, AWQ, compressed-tensors) carried over exactly.
+"""Pre-quantized Hugging Face checkpoints (GPTQ, AWQ, compressed-tensors, AMD Quark) carried over exactly.
 
 config.json's `quantization_config` says how the Linear weights are stored; every format here is
 `w[n, k] = scale[n, group(k)] x (code[n, k] - zero[n, group(k)])` with integer codes and zero points,
@@ -12,6 +12,8 @@ presents each quantized module as a virtual `{module}.weight`: `read()` dequanti
   MatMulNBits form: such weights are dequantized and re-quantized, and the report says so.
 - AWQ, version "gemm" (`qweight` (K, N/8) packed along N in the order 0 2 4 6 1 3 5 7, `qzeros`,
   `scales` (groups, N)). 4 bits.
+- AMD Quark's export, int4/uint4 per group: AWQ's layout (`weight` (K, N/8) int32, `weight_zero_point`,
+  `weight_scale` (groups, N)); int4 nibbles are two's complement, pack_method "reorder" is AWQ's order.
 - compressed-tensors "pack-quantized" (llm-compressor W4A16 / W8A16 ...): `weight_packed` int32
   (N, K*bits/32), codes stored as value + 2**(bits-1); `weight_scale` (N, groups) or (N, 1) per channel;
   `weight_zero_point` packed along N when asymmetric; `weight_g_idx` for act-order groups.
@@ -28,7 +30,8 @@ import numpy as np
 from ..errors import CheckpointError
 from .base import NativeBlocks, NativeFormat
 
-SUPPORTED = ("gptq", "awq (version gemm)", "compressed-tensors (format pack-quantized)")
+SUPPORTED = ("gptq", "awq (version gemm)", "compressed-tensors (format pack-quantized)",
+             "quark (int4/uint4 weights per group)")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's gemm packing: nibble i holds column AWQ_ORDER[i] of 8
 MAX_BLOCK = 128
 
@@ -40,12 +43,15 @@ class Scheme:
     group_size: int  # -1: per output channel
     symmetric: bool
     zeros_minus_one: bool = False  # GPTQ v1
+    signed: bool = False  # Quark int4: two's complement nibbles
+    reorder: bool = True  # Quark pack_method "reorder" (AWQ's nibble order); "order": plain
 
     @property
     def origin(self) -> str:
         group = "per channel" if self.group_size <= 0 else f"g{self.group_size}"
-        return f"{self.method.upper() if self.method != 'compressed-tensors' else self.method} int{self.bits} " \
-               f"{group} {'sym' if self.symmetric else 'asym'}"
+        name = {"compressed-tensors": "compressed-tensors", "quark": "Quark"}.get(self.method, self.method.upper())
+        kind = ("int" if self.signed or self.method != "quark" else "uint") + str(self.bits)
+        return f"{name} {kind} {group} {'sym' if self.symmetric else 'asym'}"
 
 
 @dataclass
@@ -95,6 +101,8 @@ def quantization_scheme(config: dict, path) -> Scheme | None:
         return Scheme("awq", 4, int(q.get("group_size", q.get("q_group_size", 128))), not q.get("zero_point", True))
     if method == "compressed-tensors":
         return _compressed_tensors(q, refuse)
+    if method == "quark":
+        return _quark(q, refuse)
     raise refuse(f"the {method or 'unnamed'!r} format")
 
 
@@ -116,6 +124,22 @@ def _compressed_tensors(q: dict, refuse) -> Scheme:
     return Scheme("compressed-tensors", int(w["num_bits"]), group, bool(w.get("symmetric", True)))
 
 
+def _quark(q: dict, refuse) -> Scheme:
+    """AMD Quark's exported (safetensors) format: int4/uint4 weight-only, per group."""
+    g = q.get("global_quant_config") or {}
+    w = g.get("weight") or {}
+    if isinstance(w, list) or q.get("layer_quant_config") or q.get("layer_type_quant_config"):
+        raise refuse("Quark with per-layer or several weight schemes")
+    if any(g.get(k) for k in ("input_tensors", "output_tensors", "bias")):
+        raise refuse("Quark with quantized activations")
+    dtype = str(w.get("dtype", "")).lower()
+    if dtype not in ("int4", "uint4") or str(w.get("qscheme", "")).lower() != "per_group":
+        raise refuse(f"Quark {dtype or 'unknown'} weights, {w.get('qscheme')} (supported: int4/uint4 per_group)")
+    pack = str((q.get("export") or {}).get("pack_method", "reorder")).lower()
+    return Scheme("quark", 4, int(w.get("group_size") or 128), bool(w.get("symmetric", dtype == "int4")),
+                  signed=dtype == "int4", reorder=pack == "reorder")
+
+
 def _unpack_rows(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     """int32 words (..., W) holding 32/bits codes each, low bits first -> (..., count) uint8."""
     words = packed.astype(np.int32, copy=False).view(np.uint32)
@@ -131,14 +155,16 @@ class PrequantSource:
         self._inner = inner
         self.scheme = scheme
         self.path, self.config, self.generation_config = inner.path, inner.config, inner.generation_config
-        marker = {"gptq": "qweight", "awq": "qweight", "compressed-tensors": "weight_packed"}[scheme.method]
+        marker = {"gptq": "qweight", "awq": "qweight", "compressed-tensors": "weight_packed",
+                  "quark": "weight_scale"}[scheme.method]
         names = inner.tensor_names()
         self._modules = {n[:-len(marker) - 1] for n in names if n.endswith("." + marker)}
         if not self._modules:
             raise CheckpointError(f"{self.path}: config.json says {scheme.origin}, but no tensor ends in .{marker}")
         parts = {"gptq": ("qweight", "qzeros", "scales", "g_idx"), "awq": ("qweight", "qzeros", "scales"),
                  "compressed-tensors": ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point",
-                                        "weight_g_idx")}[scheme.method]
+                                        "weight_g_idx"),
+                 "quark": ("weight", "weight_scale", "weight_zero_point")}[scheme.method]
         self._hidden = {f"{m}.{p}" for m in self._modules for p in parts}
         self._shapes = {m: self._shape_of(m) for m in self._modules}
         self._formats: dict[str, NativeFormat] = {}
@@ -209,8 +235,8 @@ class PrequantSource:
         if s.method == "gptq":
             rows, n = inner.shape(f"{m}.qweight")
             return n, rows * 32 // s.bits
-        if s.method == "awq":
-            k, cols = inner.shape(f"{m}.qweight")
+        if s.method in ("awq", "quark"):
+            k, cols = inner.shape(f"{m}.qweight" if s.method == "awq" else f"{m}.weight")
             return cols * 8, k
         n, k = (int(v) for v in self._raw(f"{m}.weight_shape"))
         return n, k
@@ -244,16 +270,22 @@ class PrequantSource:
                 zeros = (zeros + 1) & mask
             scales = self._raw(f"{m}.scales").astype(np.float32).T
             g_idx = self._raw(f"{m}.g_idx").astype(np.int64) if self._inner.has(f"{m}.g_idx") else None
-        elif s.method == "awq":
-            order = np.argsort(AWQ_ORDER)  # column j of 8 sits in nibble order.index(j)
+        elif s.method in ("awq", "quark"):  # (K, N/8) and (groups, N/8), packed along N
+            order = np.argsort(AWQ_ORDER) if s.reorder else np.arange(8)  # column j sits in nibble order[j]
+            flip = np.uint8(8 if s.signed else 0)  # Quark int4: two's complement -> unsigned, value + 8
 
             def columns(packed):
                 nibbles = _unpack_rows(packed, 4, packed.shape[-1] * 8).reshape(*packed.shape, 8)
-                return nibbles[..., order].reshape(packed.shape[0], -1)
+                return nibbles[..., order].reshape(packed.shape[0], -1) ^ flip
 
-            codes = columns(self._raw(f"{m}.qweight")).T  # (N, K)
-            zeros = columns(self._raw(f"{m}.qzeros")).T.astype(np.int16)
-            scales = self._raw(f"{m}.scales").astype(np.float32).T
+            names = ("qweight", "qzeros", "scales") if s.method == "awq" else ("weight", "weight_zero_point",
+                                                                                 "weight_scale")
+            codes = columns(self._raw(f"{m}.{names[0]}")).T  # (N, K)
+            scales = self._raw(f"{m}.{names[2]}").astype(np.float32).T
+            if self._inner.has(f"{m}.{names[1]}"):
+                zeros = columns(self._raw(f"{m}.{names[1]}")).T.astype(np.int16)
+            else:  # Quark symmetric int4 may leave the (zero) zero points out
+                zeros = np.full(scales.shape, 8, np.int16)
             g_idx = None
         else:
             codes = _unpack_rows(self._raw(f"{m}.weight_packed"), s.bits, K)
