@@ -2,7 +2,8 @@
 
 The quantized files are made by the producers themselves: gguf-py's `gguf.quants.quantize` (Q4_0, Q4_1,
 Q5_0, Q5_1, Q8_0, TQ2_0) and llama.cpp's own quantizer through llama-cpp-python's
-`llama_model_quantize` for the K and IQ types (a test-only dependency: those tests skip without it).
+`llama_model_quantize` for the K and IQ types (a test-only dependency, `pip install -e ".[producers]"`:
+those tests skip without it).
 For each type:
 - every weight, dequantized by the ONNX ops themselves (MatMulNBits, plus the offsets correction where
   the type has a minimum, over an identity matrix at accuracy_level 0), equals gguf-py's dequantization
@@ -75,7 +76,7 @@ def producer_file(kind: str, folder: Path, vocab, f32: Path) -> Path:
     if kind in GGUF_PY_TYPES or kind == "TQ2_0":
         write_gguf(path, _model(vocab), vocab, QT[kind])
         return path
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the dev extra) quantizes the K types")
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the producers extra) quantizes the K types")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, LLAMA_CPP_FTYPES[kind])
     params.nthread = 1
