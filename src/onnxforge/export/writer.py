@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..errors import CheckpointError, OnnxForgeError, OutputError
-from ..graph.builder import GraphBuilder, WeightJob
+from ..graph.builder import GraphBuilder, Pieces, WeightJob
 
 ALIGN = 64
 open_data_file = open  # replaced in tests to simulate a full disk where no small file system can be mounted
@@ -38,7 +38,8 @@ def _check(job: WeightJob, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         raise AssertionError(f"{job.label}: produced {len(arrays)} arrays for {len(job.slots)} slots")
     out = []
     for slot, arr in zip(job.slots, arrays):
-        arr = np.ascontiguousarray(arr)
+        if not isinstance(arr, Pieces):
+            arr = np.ascontiguousarray(arr)
         if tuple(arr.shape) != slot.shape or arr.dtype.itemsize != slot.dtype.itemsize:
             raise CheckpointError(
                 f"{slot.name}: expected shape {slot.shape} ({slot.dtype.name}), got {tuple(arr.shape)} ({arr.dtype}); "
@@ -57,6 +58,23 @@ def _write_all(f, data: memoryview) -> None:
                 f"disk full while writing {f.name}: free some space or choose another output folder (-o)"
             ) from None
         raise OutputError(f"cannot write {f.name}: {e.strerror}") from None
+
+
+def _write_slot(f, arr, name: str) -> int:
+    """Write an array, or a Pieces' arrays one after the other; returns the bytes written."""
+    if not isinstance(arr, Pieces):
+        _write_all(f, memoryview(arr.reshape(-1).view(np.uint8)))
+        return arr.nbytes
+    want = int(np.prod(arr.shape, dtype=np.int64)) * np.dtype(arr.dtype).itemsize
+    done = 0
+    for piece in arr.pieces():
+        piece = np.ascontiguousarray(piece, dtype=arr.dtype)
+        _write_all(f, memoryview(piece.reshape(-1).view(np.uint8)))
+        done += piece.nbytes
+        del piece
+    if done != want:
+        raise CheckpointError(f"{name}: its pieces hold {done} bytes, not the {want} of shape {arr.shape}")
+    return done
 
 
 class WeightWriter:
@@ -106,12 +124,12 @@ class WeightWriter:
                     if pad:
                         _write_all(f, memoryview(b"\0" * pad))
                         offset += pad
-                    _write_all(f, memoryview(arr.reshape(-1).view(np.uint8)))
+                    nbytes = _write_slot(f, arr, slot.name)
                     builder.initializers[slot.name].const_value = ir.ExternalTensor(
-                        self.filename, offset, arr.nbytes, slot.dtype,
+                        self.filename, offset, nbytes, slot.dtype,
                         shape=ir.Shape(slot.shape), name=slot.name, base_dir=self.folder,
                     )
-                    offset += arr.nbytes
+                    offset += nbytes
                 del arrays
                 in_flight -= job.nbytes
                 self.groups.append(WrittenGroup(job.label, job.storage, job.nbytes, job.sources))

@@ -7,7 +7,7 @@ initializers when the writer asks for them, so the graph is complete before any 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -36,6 +36,16 @@ class TensorSlot:
     @property
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+@dataclass
+class Pieces:
+    """A slot's array produced in pieces along its first axis (say one expert at a time) and written as
+    they come, so the whole array never has to exist in memory; a job may return one instead of an array."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    pieces: Callable[[], Iterable[np.ndarray]]
 
 
 @dataclass

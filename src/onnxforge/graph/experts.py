@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from ..errors import CheckpointError
 from ..quant.storage import Storage
-from .builder import TensorSlot, WeightJob
+from .builder import Pieces, TensorSlot, WeightJob
 
 if TYPE_CHECKING:
     from .decoder import Emitter
@@ -122,16 +122,28 @@ def find_experts(e: "Emitter", i: int) -> ExpertTensors:
                          *(bias or (None, None, ())))
 
 
+def each_expert(E: int, work: Callable[[int], object], ahead: int = 2):
+    """work(0), work(1), ... in order, with up to `ahead` experts computed in advance on threads (numpy and
+    the quantizers release the GIL): memory stays at a few experts, time is not one expert after the other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(ahead) as pool:
+        pending = [pool.submit(work, x) for x in range(min(ahead, E))]
+        for x in range(E):
+            result = pending.pop(0).result()
+            if x + ahead < E:
+                pending.append(pool.submit(work, x + ahead))
+            yield result
+
+
 def float_experts_job(source_of: Callable[[int], np.ndarray], label: str, init: str, E: int, N: int, K: int,
                       st: Storage, sources: tuple[str, ...]) -> WeightJob:
-    """(E, N, K) float weights (or (E, N) biases with K = 0) for the MoE op, filled one expert at a time."""
+    """(E, N, K) float weights (or (E, N) biases with K = 0) for the MoE op, read and written one expert at
+    a time (the stacked array never exists whole)."""
     shape = (E, N, K) if K else (E, N)
 
     def produce():
-        out = np.empty(shape, dtype=st.np_dtype)
-        for x in range(E):
-            out[x] = source_of(x)
-        return [out]
+        return [Pieces(shape, np.dtype(st.np_dtype), lambda: each_expert(E, lambda x: source_of(x).astype(st.np_dtype)))]
 
     return WeightJob(label, (TensorSlot(init, st.ir_dtype, shape),), produce, st.describe(), sources)
 
@@ -156,21 +168,25 @@ def quant_experts_slots(prefix: str, E: int, N: int, K: int, st: Storage, scale_
 
 def quant_experts_job(source_of: Callable[[int], np.ndarray], label: str, prefix: str, E: int, N: int, K: int,
                       st: Storage, scale_dtype: ir.DataType, scale_np: np.dtype, sources: tuple[str, ...]) -> WeightJob:
-    """QMoE codes / scales (/ zero points) of one projection, quantized one expert at a time."""
+    """QMoE codes / scales (/ zero points) of one projection, quantized one expert at a time: the codes are
+    written expert by expert as they are made; the scales (1/4 to 1/16 of the codes) wait for them."""
     from ..quant.qmoe import qmoe_arrays, quantize_expert
 
     slots = quant_experts_slots(prefix, E, N, K, st, scale_dtype)
     method = st.method if st.method in ("rtn", "k_quant", "hqq", "default") else "rtn"
 
     def produce():
-        outs = [np.empty(s.shape, dtype=np.uint8 if s.dtype == ir.DataType.UINT8 else scale_np) for s in slots]
-        for x in range(E):
+        rest = [np.empty(s.shape, dtype=np.uint8 if s.dtype == ir.DataType.UINT8 else scale_np) for s in slots[1:]]
+
+        def quantized(x: int) -> np.ndarray:
             q = quantize_expert(source_of(x), bits=st.bits, block_size=st.block_size, symmetric=st.symmetric,
                                 method=method)
-            for out, arr in zip(outs, qmoe_arrays(q, per_channel=not st.block_size)):
-                if arr is not None:
-                    out[x] = arr
-        return outs
+            codes, *others = qmoe_arrays(q, per_channel=not st.block_size)
+            for out, arr in zip(rest, others):
+                out[x] = arr
+            return codes
+
+        return [Pieces(slots[0].shape, np.dtype(np.uint8), lambda: each_expert(E, quantized)), *rest]
 
     return WeightJob(label, slots, produce, describe(st), sources)
 
@@ -194,11 +210,9 @@ def fp4_experts_job(source, label: str, prefix: str, blocks: str, E: int, N: int
              TensorSlot(f"{prefix}.global_scales", ir.DataType.FLOAT, (E,)))
 
     def produce():
-        weight = np.empty(slots[0].shape, np.uint8)
-        scale = np.empty(slots[1].shape, np.uint8)
-        for x in range(E):
-            weight[x] = fp4_pack(np.asarray(source.read_slice(blocks, x, raw=True), dtype=np.uint8))
-            scale[x] = source.read_slice(scales, x, raw=True)
-        return [weight, scale, np.ones(E, np.float32)]
+        weight = lambda x: fp4_pack(np.asarray(source.read_slice(blocks, x, raw=True), dtype=np.uint8))  # noqa: E731
+        scale = lambda x: np.asarray(source.read_slice(scales, x, raw=True), dtype=np.uint8)  # noqa: E731
+        return [Pieces(slots[0].shape, np.dtype(np.uint8), lambda: each_expert(E, weight)),
+                Pieces(slots[1].shape, np.dtype(np.uint8), lambda: each_expert(E, scale)), np.ones(E, np.float32)]
 
     return WeightJob(label, slots, produce, "mxfp4 (carried over)", (blocks, scales))
