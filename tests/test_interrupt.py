@@ -173,10 +173,16 @@ def test_killed_build_leaves_no_broken_output(reference, tmp_path, capsys, scena
 def test_killed_build_leaves_no_processes(reference):
     model, _, _, seconds = reference
     out = Path(reference[1]).parent / "orphans-out"
-    for after in (seconds * 0.5, seconds * 0.7):  # while the int4 weights are being quantized
-        running, left, _ = kill_build(build_cmd(model, out), after, linger=3.0)
-        assert running
+    hits = 0
+    # while the int4 weights are being quantized; the machine's speed varies, so earlier points are
+    # tried until two kills have hit a running build
+    for share in (0.5, 0.7, 0.35, 0.25, 0.15, 0.1):
+        running, left, _ = kill_build(build_cmd(model, out), seconds * share, linger=3.0)
         assert not left, f"{len(left)} processes of the killed build are still running 3 s later"
+        hits += running
+        if hits == 2:
+            break
+    assert hits == 2, f"only {hits} kills hit a running build (reference {seconds:.2f} s)"
 
 
 def _dead_pid() -> int:

@@ -90,8 +90,10 @@ def test_longrope_short_and_long_tables_match_phi3(partial):
     rope, short, long = _ours(config, "Phi3ForCausalLM", 2 * ORIG + 1)
     below = [i for i, p in enumerate(POSITIONS) if p + 1 <= ORIG]
     above = [i for i, p in enumerate(POSITIONS) if p + 1 > ORIG]
-    assert _max_err([rows[i] for i in below], short, [POSITIONS[i] for i in below], half) < 1e-6
-    assert _max_err([rows[i] for i in above], long, [POSITIONS[i] for i in above], half) < 1e-6
+    # 5e-6: transformers forms the angles in float32 (position x inv_freq, then x the attention factor
+    # 1.15), we in float64; a few float32 ulps of angles up to ~2 x ORIG radians
+    assert _max_err([rows[i] for i in below], short, [POSITIONS[i] for i in below], half) < 5e-6
+    assert _max_err([rows[i] for i in above], long, [POSITIONS[i] for i in above], half) < 5e-6
     assert np.abs(long[0][2 * ORIG] - short[0][2 * ORIG]).max() > 1e-2  # the two tables really differ
 
 

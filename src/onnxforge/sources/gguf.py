@@ -100,6 +100,22 @@ class GGUFSource:
                 "The file may be corrupt: re-download or re-convert it."
             ) from err
 
+    def read_slice(self, name: str, index: int, *, raw: bool = False) -> np.ndarray:
+        """`name[index]` along its first axis (one expert of a stacked `*_exps` tensor), dequantizing only
+        its rows; a tensor whose rows are permuted or offset is read whole."""
+        tensor = self._tensor(name)
+        shape = _hf_shape(tensor)
+        if len(shape) < 3 or self._row_permutation(name, shape[0]) is not None or self._family.offset(name):
+            return self.read(name)[index]
+        try:
+            data = tensor.data[index]
+            values = (np.array(data, dtype=np.float32) if tensor.tensor_type == QT.F32
+                      else np.asarray(dequantize(data, tensor.tensor_type), dtype=np.float32))
+            return np.ascontiguousarray(values.reshape(shape[1:]))
+        except Exception as err:  # a raw numpy/gguf error must not escape
+            raise CheckpointError(f"cannot read expert {index} of {tensor.name!r} ({name}) from {self.path}: {err}. "
+                                  "The file may be corrupt: re-download or re-convert it.") from err
+
     def stored_format(self, name: str) -> str:
         """The tensor's GGUF type name ("Q4_K", "F16", ...)."""
         return self._tensor(name).tensor_type.name

@@ -66,12 +66,34 @@ def _olmo2(cfg: dict, key: Callable[..., Any]) -> dict:
             "layer_types": ["sliding_attention" if slide else "full_attention" for slide in pattern]}
 
 
+_EXPERT_KEYS = {"expert_count": "num_experts", "expert_used_count": "num_experts_per_tok",
+                "expert_feed_forward_length": "moe_intermediate_size",
+                "expert_shared_feed_forward_length": "shared_expert_intermediate_size"}
+
+
+def _llama_experts(cfg: dict, key: Callable[..., Any]) -> dict:
+    """Mixtral is written as llama with expert_count (its experts stacked as ffn_*_exps)."""
+    if not cfg.get("num_experts"):
+        return {}
+    return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "num_local_experts": cfg["num_experts"]}
+
+
 FAMILIES: dict[str, GGUFFamily] = {
-    # llama.cpp writes Llama, Mistral (v0.1-v0.3), SmolLM, TinyLlama... as "llama" and permutes Q/K.
-    "llama": GGUFFamily("LlamaForCausalLM", "llama", True, {"mlp_bias": False}),
+    # llama.cpp writes Llama, Mistral (v0.1-v0.3), SmolLM, TinyLlama... as "llama" and permutes Q/K;
+    # Mixtral too, with expert_count and its experts stacked.
+    "llama": GGUFFamily("LlamaForCausalLM", "llama", True, {"mlp_bias": False}, config_keys=_EXPERT_KEYS,
+                        config_hook=_llama_experts),
     # Qwen2/Qwen3 converters do not permute (they use the neox rotary layout in llama.cpp).
     "qwen2": GGUFFamily("Qwen2ForCausalLM", "qwen2", False, {"use_sliding_window": False}),
     "qwen3": GGUFFamily("Qwen3ForCausalLM", "qwen3", False, {"use_sliding_window": False}),
+    # Qwen3-MoE: every layer MoE, top-k renormalised (llama.cpp's qwen3moe graph hard-codes both).
+    "qwen3moe": GGUFFamily("Qwen3MoeForCausalLM", "qwen3_moe", False, {"use_sliding_window": False,
+                                                                      "norm_topk_prob": True},
+                           config_keys=_EXPERT_KEYS),
+    # Qwen1.5/2-MoE: shared expert with its sigmoid gate, top-k not renormalised (llama.cpp's qwen2moe graph).
+    "qwen2moe": GGUFFamily("Qwen2MoeForCausalLM", "qwen2_moe", False, {"use_sliding_window": False,
+                                                                      "norm_topk_prob": False},
+                           config_keys=_EXPERT_KEYS),
     # Gemma: the converter adds 1 to every norm weight; llama.cpp fixes GELU-tanh, the sliding pattern
     # (2, 6: the architectures' defaults), Gemma 3's local rope base (rope.freq_base_swa, else 10000)
     # and the attention scale (1/sqrt(head_dim), 1/sqrt(hidden/heads) for the 27B models).
