@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -22,12 +24,14 @@ from .graph.decoder import Emitter
 from .quant.native import has_native, native_lookup
 from .quant.recipe import Recipe
 from .quant.templates import apply_template, template_for
+from .quant.pool import processes
+from .sources.base import Source
 from .sources.open import open_source
 from .sources.tracking import TrackingSource, report_unused
 
 
 def build(
-    model: str | Path,
+    model: str | Path | Source,
     output: str | Path,
     precision: str = "source",
     provider: str = "cpu",
@@ -39,7 +43,8 @@ def build(
     max_length: int | None = None,
     strict: bool = False,
 ) -> BuildReport:
-    """Build `model` (HF folder or .gguf) into an onnxruntime-genai folder at `output`.
+    """Build `model` (HF folder or .gguf, or an object implementing the Source protocol of
+    onnxforge.sources.base, e.g. a synthetic checkpoint) into an onnxruntime-genai folder at `output`.
 
     `recipe` overrides `precision`/`provider` when given. Precision "source" (the default) keeps
     pre-quantized weights (GGUF blocks, GPTQ/AWQ/...) exactly as stored, and is fp32 for a float checkpoint. Returns the build report.
@@ -57,6 +62,10 @@ def build(
         _check_runtime_limits(spec, recipe)
         names = arch.resolver(source)
         recipe = apply_template(recipe, template_for(arch.model_type).name).bind(spec, native_lookup(source, spec, names))
+        # the input's hash streams every byte: it runs beside the build (hashlib releases the GIL)
+        fingerprint = ThreadPoolExecutor(1, thread_name_prefix="onnxforge-hash")
+        input_sha256 = fingerprint.submit(source.fingerprint)
+        fingerprint.shutdown(wait=False)
         builder = GraphBuilder()
         emitter = Emitter(builder, spec, names, source, recipe)
         emitter.build()
@@ -67,7 +76,7 @@ def build(
             precision=recipe.precision,
             provider=recipe.provider,
             recipe=recipe.describe(),
-            input_sha256=source.fingerprint(),
+            input_sha256="",  # set when the hash running beside the build is done
             recipe_sha256=hashlib.sha256(json.dumps(recipe.describe(), sort_keys=True).encode()).hexdigest(),
             shared_embeddings=emitter.shared,
         )
@@ -75,8 +84,10 @@ def build(
         report.notes.extend(_as_stored_note(builder, recipe))
         with staged_folder(Path(output), overwrite) as tmp:
             writer = WeightWriter(tmp, workers=workers)
-            writer.run(builder, _progress_callback(progress, builder))
+            with processes(min(writer.workers, os.cpu_count() or 1)):  # default / k_quant / hqq slices go to worker processes
+                writer.run(builder, _progress_callback(progress, builder))
             report_unused(report, source, arch, strict)  # after the writer: its jobs read the weights
+            report.input_sha256 = input_sha256.result()
             model_ir = builder.to_model("onnxforge", __version__)
             try:
                 ir.save(model_ir, tmp / "model.onnx")

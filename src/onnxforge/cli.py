@@ -45,7 +45,8 @@ def _add_build(sub) -> None:
     p.add_argument("--extra_options", "--extra-options", nargs="+", default=[], metavar="KEY=VALUE",
                    help="the onnxruntime-genai builder's options, e.g. int4_algo_config=k_quant")
     p.add_argument("--max-length", type=int, help="search.max_length in genai_config.json (default: context length)")
-    p.add_argument("--workers", type=int, help="quantization threads (default: up to 4)")
+    p.add_argument("--workers", type=int, help="quantization threads, and worker processes for the default, k_quant "
+                   "and hqq methods (default: the cores, up to 4; 1 quantizes in this process)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--strict", action="store_true",
                    help="fail when the checkpoint has tensors the build does not use (default: a warning)")

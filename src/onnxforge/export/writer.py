@@ -103,7 +103,7 @@ class WeightWriter:
             jobs = iter(builder.jobs)
             exhausted = False
             while True:
-                while not exhausted and (not pending or (in_flight < self.max_in_flight_bytes and len(pending) < 2 * self.workers)):
+                while not exhausted and (not pending or (in_flight < self.max_in_flight_bytes and len(pending) < 4 * self.workers)):
                     job = next(jobs, None)
                     if job is None:
                         exhausted = True

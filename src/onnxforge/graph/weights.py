@@ -10,7 +10,7 @@ import onnx_ir as ir
 from ..archs.names import Part
 from ..quant.storage import Storage
 from ..sources.base import Source
-from .builder import TensorSlot, WeightJob
+from .builder import Pieces, TensorSlot, WeightJob
 
 
 def k_blocks(K: int, block_size: int) -> int:
@@ -18,6 +18,7 @@ def k_blocks(K: int, block_size: int) -> int:
 
 
 TRANSPOSE_ROWS = 256
+PIECES_BYTES = 64 << 20  # float tables larger than this are written in slices of rows as they are read
 
 
 def read_parts(source: Source, parts: Sequence[Part]):
@@ -59,11 +60,18 @@ def float_table_job(source: Source, label: str, init: str, name: str, shape: tup
                     offset: float = 0.0) -> WeightJob:
     """A tensor stored as it is in the checkpoint (embedding table, norm weight, bias), cast."""
 
-    def produce():
-        arr = source.read(name)
+    def cast(arr):
         if offset:
             arr = arr.astype(np.float32) + np.float32(offset)
-        return [arr.astype(st.np_dtype, copy=False)]
+        return arr.astype(st.np_dtype, copy=False)
+
+    def produce():
+        read_rows = getattr(source, "read_rows", None)
+        if read_rows is not None and len(shape) == 2 and np.prod(shape) * st.np_dtype.itemsize > PIECES_BYTES:
+            step = max(1, CHUNK_ELEMENTS // shape[1])  # a large table (an untied 70B embedding: 4 GB) in slices
+            return [Pieces(shape, st.np_dtype, lambda: (cast(read_rows(name, i, min(i + step, shape[0])))
+                                                        for i in range(0, shape[0], step)))]
+        return [cast(source.read(name))]
 
     return WeightJob(label, (TensorSlot(init, st.ir_dtype, shape),), produce,
                      st.describe() + stored_note(source, [Part(name)], st), (name,))
@@ -110,7 +118,7 @@ def quant_matmul_job(source: Source, label: str, prefix: str, parts: Sequence[Pa
     def produce():
         if native:
             return _native_arrays(source, parts, st, scale_np)
-        return quantize_rows(source, parts, slots, st, scale_np)
+        return quantize_rows(source, parts, slots, st, scale_np, K)
 
     return WeightJob(label, slots, produce, storage, tuple(map(str, parts)))
 
@@ -172,7 +180,7 @@ CHUNK_ELEMENTS = 1 << 22  # rows are quantized in slices of ~4M values (16 MB in
 
 
 def quantize_rows(source: Source, parts: Sequence[Part], slots: Sequence[TensorSlot], st: Storage,
-                  scale_np: np.dtype) -> list[np.ndarray]:
+                  scale_np: np.dtype, K: int) -> list[np.ndarray]:
     """Quantize stacked (N_i, K) parts into preallocated MatMulNBits arrays, a slice of rows at a time.
 
     Blocks never span rows, so slicing rows gives exactly the result of quantizing the whole
@@ -188,13 +196,38 @@ def quantize_rows(source: Source, parts: Sequence[Part], slots: Sequence[TensorS
         if not st.symmetric:
             outs[2][rows] = zero_points
 
+    from ..quant import pool
+
+    workers = pool.active() if st.method in pool.PROCESS_METHODS else None
     row = 0
-    for part in read_parts(source, parts):
-        step = max(1, CHUNK_ELEMENTS // max(1, part.shape[1]))
-        for i in range(0, part.shape[0], step):
-            q = quantize(part[i:i + step], bits=st.bits, block_size=st.block_size, symmetric=st.symmetric,
-                         method=st.method, accuracy_level=st.accuracy_level)
-            store(slice(row + i, row + i + q.data.shape[0]), q.data, q.scales, q.zero_points)
-        row += part.shape[0]
-        del part
+    for n, chunks in row_chunks(source, parts, K):
+        if workers is not None:  # the slices of one weight on every worker process
+            for start, q in workers.quantize_many(chunks, bits=st.bits, block_size=st.block_size,
+                                                  symmetric=st.symmetric, method=st.method):
+                store(slice(row + start, row + start + q.data.shape[0]), q.data, q.scales, q.zero_points)
+        else:
+            for start, chunk in chunks:
+                q = quantize(chunk, bits=st.bits, block_size=st.block_size, symmetric=st.symmetric,
+                             method=st.method, accuracy_level=st.accuracy_level)
+                del chunk
+                store(slice(row + start, row + start + q.data.shape[0]), q.data, q.scales, q.zero_points)
+        row += n
     return outs
+
+
+def row_chunks(source: Source, parts: Sequence[Part], K: int, elements: int | None = None):
+    """For each part: (its rows, an iterator of (first row, rows) slices of about `elements` values).
+
+    Slices are read on demand with the source's `read_rows` where it has one (a safetensors weight of
+    any size never exists whole in memory; a 70B lm_head is 1 billion values), else cut from one read
+    of the tensor. The slicing depends only on K, never on the worker count."""
+    step = max(1, (elements or CHUNK_ELEMENTS) // max(1, K))
+    read_rows = getattr(source, "read_rows", None)
+    if read_rows is None:
+        for part in read_parts(source, parts):
+            yield part.shape[0], ((i, part[i:i + step]) for i in range(0, part.shape[0], step))
+            del part
+        return
+    for p in parts:
+        first, last = p.rows if p.rows is not None else (0, source.shape(p.name)[0])
+        yield last - first, ((i - first, read_rows(p.name, i, min(i + step, last))) for i in range(first, last, step))

@@ -52,4 +52,9 @@ def quantize(w: np.ndarray, *, bits: int, block_size: int, symmetric: bool, meth
         raise RecipeError(f"unknown quantization method {method!r}; choose one of {sorted(METHODS)}")
     if accuracy_level is not None and (isinstance(accuracy_level, bool) or accuracy_level not in range(5)):
         raise RecipeError(f"accuracy_level must be 0, 1, 2, 3 or 4, got {accuracy_level!r}")
+    from onnxforge.quant import pool
+
+    workers = pool.active()
+    if workers is not None and method in pool.PROCESS_METHODS:
+        return workers.quantize(w, bits=bits, block_size=block_size, symmetric=bool(symmetric), method=method)
     return fn(w, bits=bits, block_size=block_size, symmetric=bool(symmetric))

@@ -152,6 +152,13 @@ class HFSource:
             self.read(name)  # raises, naming the pre-quantized checkpoint
         return f.read_slice(name, index)
 
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """`tensor[start:stop]` along the first axis, reading only those bytes (a large weight in slices)."""
+        f, info = self._info(name)
+        if info.dtype not in _FLOAT_NP:
+            self.read(name)  # raises, naming the pre-quantized checkpoint
+        return f.read_rows(name, start, stop)
+
     def native_blocks(self, name: str, bits: int, block_size: int) -> NativeBlocks | None:
         return None
 

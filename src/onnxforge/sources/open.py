@@ -6,7 +6,11 @@ from pathlib import Path
 from ..errors import CheckpointError
 
 
-def open_source(path: str | Path):
+def open_source(path):
+    """A Source for `path`; an object that already implements the Source protocol (see sources/base.py:
+    config, tensor_names, has, shape, read, write_tokenizer, fingerprint, close) is used as it is."""
+    if not isinstance(path, (str, Path)) and all(hasattr(path, a) for a in ("config", "tensor_names", "read")):
+        return path
     p = Path(path)
     if p.is_file() and p.suffix.lower() == ".gguf":
         from .gguf import GGUFSource

@@ -22,6 +22,8 @@ than 128 (per channel included) is cut into blocks of 128 that repeat its scale 
 """
 from __future__ import annotations
 
+import threading
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,6 +170,7 @@ class PrequantSource:
         self._hidden = {f"{m}.{p}" for m in self._modules for p in parts}
         self._shapes = {m: self._shape_of(m) for m in self._modules}
         self._formats: dict[str, NativeFormat] = {}
+        self._last = threading.local()  # read_rows: the dequantized weight being read in slices
 
     # -- Source protocol ------------------------------------------------------------------
     def tensor_names(self) -> list[str]:
@@ -184,6 +187,20 @@ class PrequantSource:
     def read(self, name: str) -> np.ndarray:
         m = self._module(name)
         return self._inner.read(name) if m is None else self._unpack(m).dequantize()
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Float tensors: a slice read. Quantized ones are dequantized whole, once per reading thread
+        (a job reads its slices in order from one thread), and sliced."""
+        m = self._module(name)
+        if m is None:
+            return self._inner.read_rows(name, start, stop)
+        last = getattr(self._last, "value", None)
+        if last is None or last[0] != name:
+            self._last.value = last = None  # drop the previous weight before making the next
+            self._last.value = last = (name, self.read(name))
+        if stop >= last[1].shape[0]:
+            self._last.value = None  # the last slice: forget the weight
+        return last[1][start:stop]
 
     def stored_format(self, name: str) -> str:
         return self.scheme.origin if self._module(name) is not None else "float"

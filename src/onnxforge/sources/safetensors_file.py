@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import threading
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,7 @@ class SafetensorsFile:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self._lock = threading.Lock()
         try:  # O_NONBLOCK: opening a FIFO must not wait for a writer (regular files ignore the flag)
             self._fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
         except OSError as e:
@@ -135,30 +137,42 @@ class SafetensorsFile:
         info = self.tensors[name]
         if not info.shape or not 0 <= index < info.shape[0]:
             raise IndexError(f"{name}: index {index} is outside its first axis {info.shape[:1]}")
-        size = info.nbytes // info.shape[0]
+        return self.read_rows(name, index, index + 1).reshape(info.shape[1:])
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """`tensor[start:stop]` along the first axis, reading only those bytes (a slice of a large weight)."""
+        info = self.tensors[name]
+        if not info.shape or not 0 <= start <= stop <= info.shape[0]:
+            raise IndexError(f"{name}: rows {start}:{stop} are outside its first axis {info.shape[:1]}")
+        row = info.nbytes // info.shape[0] if info.shape[0] else 0
+        size = (stop - start) * row
         buf = bytearray(size)
         view, done = memoryview(buf), 0
         while done < size:
-            got = os.preadv(self._fd, [view[done:]], info.start + index * size + done)
+            got = os.preadv(self._fd, [view[done:]], info.start + start * row + done)
             if got <= 0:
                 raise self._fail(f"tensor {name!r} could not be read completely")
             done += got
-        return np.frombuffer(buf, dtype=info.dtype).reshape(info.shape[1:])
+        return np.frombuffer(buf, dtype=info.dtype).reshape((stop - start, *info.shape[1:]))
 
     def hash_into(self, digest, chunk: int = 16 << 20) -> None:
         """Feed the whole file (header and tensor data) to `digest`, `chunk` bytes per read."""
         offset = 0
         while offset < self.file_size:
-            data = os.pread(self._fd, min(chunk, self.file_size - offset), offset)
+            with self._lock:
+                if self._fd < 0:
+                    raise CheckpointError(f"{self.path} was closed while it was being hashed")
+                data = os.pread(self._fd, min(chunk, self.file_size - offset), offset)
             if not data:
                 raise self._fail(f"file ends at byte {offset}, before its size {self.file_size}")
             digest.update(data)
             offset += len(data)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        with self._lock:  # not while hash_into (which may run in another thread) reads
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
     def __del__(self) -> None:  # pragma: no cover - best effort
         try:
