@@ -47,6 +47,16 @@ def test_quality_smoke(work):
     assert all(sizes[n] < sizes["fp32"] for n in sizes if n != "fp32")
 
 
+def test_moe_memory_smoke(work):
+    """Each build runs, its graph holds the MoE / QMoE nodes its label names (checked by the script), and a
+    peak RSS is measured."""
+    out = _run("moe_memory.py", work)
+    assert "MoE build peak RSS" in out and "FAILED" not in out, out
+    rows = [ln.split() for ln in out.splitlines() if ln.startswith(("fp32 ", "int4 rtn ", "int8 per-channel "))]
+    assert len(rows) == 6, out
+    assert all(float(r[-5]) > 0 for r in rows), out  # peak GiB
+
+
 def test_write_section_replaces_only_its_section(tmp_path, monkeypatch):
     sys.path.insert(0, str(BENCH))
     import common
