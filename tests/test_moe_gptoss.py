@@ -104,6 +104,29 @@ def test_bf16_int4(gpt_oss, tmp_path):
     assert max_diff(out, moe_reference(folder, out)) < FP32_TOL
 
 
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+def test_quantized_keeps_routers_sinks_and_biases_float(gpt_oss, tmp_path, precision):
+    """The gpt_oss template: routers (and their biases), attention sinks and the experts' biases stay float32
+    in a quantized build, while attention, lm_head and experts are quantized."""
+    folder, _, _, _ = gpt_oss
+    out = tmp_path / "out"
+    onnxforge.build(folder, out, recipe=Recipe(precision=precision, method="rtn"))
+    g = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    dtypes = {t.name: t.data_type for t in g.initializer}
+    FLOAT = onnx.TensorProto.FLOAT
+    gqa = [n for n in g.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == GPT_OSS["num_hidden_layers"]
+    assert all(dtypes[n.input[11]] == FLOAT for n in gqa)  # head_sink
+    routers = [n for n in g.node if "/moe/router/" in n.name and n.op_type in ("MatMul", "MatMulNBits", "Add")]
+    assert {n.op_type for n in routers} == {"MatMul", "Add"} and len(routers) == 2 * GPT_OSS["num_hidden_layers"]
+    assert all(dtypes[i] == FLOAT for n in routers for i in n.input if i in dtypes)
+    qmoe = [n for n in g.node if n.op_type == "QMoE"]
+    assert len(qmoe) == GPT_OSS["num_hidden_layers"]
+    assert all(n.input[4] and n.input[7] and dtypes[n.input[4]] == dtypes[n.input[7]] == FLOAT for n in qmoe)
+    assert not [n.name for n in g.node if n.op_type == "MatMul" and n not in routers]  # the rest is quantized
+    assert [n for n in g.node if n.op_type == "MatMulNBits"]
+
+
 def test_mxfp4_fp32_matches_transformers_dequantized(gpt_oss, tmp_path):
     _, _, folder, reference = gpt_oss
     out = tmp_path / "out"

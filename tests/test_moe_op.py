@@ -95,7 +95,7 @@ def _checkpoint_experts(model, layer: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("bits,block,symmetric", [(4, 16, True), (4, 16, False), (4, 0, True), (4, 0, False),
-                                                  (8, 16, True), (8, 0, True), (8, 0, False)])
+                                                  (8, 16, True), (8, 16, False), (8, 0, True), (8, 0, False)])
 def test_op_dequantizes_as_the_quantizer(tiny_models, tmp_path, monkeypatch, bits, block, symmetric):
     if bits == 8 and block:
         monkeypatch.setenv("ORT_QMOE_CPU_QNBIT_GEMM", "fp32")  # the exact path; the default uses int8 activations
