@@ -2,8 +2,9 @@
 8192, vocab 32000), at fp32 and int4 (rtn, k_quant, default), optionally against the
 onnxruntime-genai builder (--anchor).
 
-Each build runs in its own child process; peak RSS is the child's maximum resident set
-(getrusage RUSAGE_CHILDREN, measured around one child at a time). Prints figures and ratios.
+Each build runs in its own child process; peak RSS is the larger of its largest process (getrusage
+RUSAGE_CHILDREN, measured around one child at a time) and the largest sum over its process tree (the
+build and its quantization workers, sampled). Prints figures and ratios.
 
     python bench/build_memory.py                      # onnxforge fp32 + int4 rtn/k_quant/default
     python bench/build_memory.py --anchor             # also the onnxruntime-genai builder
@@ -75,20 +76,48 @@ def make_checkpoint(folder: Path, dims: dict, dtype: str = "bfloat16") -> Path:
     return folder
 
 
+def tree_rss(pid: int) -> int:
+    """Resident bytes of pid and all its descendants (a build and its quantization worker processes)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:")), 0)
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
 def run_child(cmd: list[str]) -> tuple[float, int, int]:
-    """Measure in a fresh helper process so RUSAGE_CHILDREN holds this one build only."""
+    """Run one build; returns (seconds, peak bytes, return code). The peak is the larger of the largest
+    single process (getrusage RUSAGE_CHILDREN of a helper that runs only this build) and the largest sum
+    over the build's process tree (the build and its worker processes), sampled every 0.1 s."""
+    import time
+
     code = ("import json,sys,subprocess,time,resource;t=time.perf_counter();"
-            "p=subprocess.run(sys.argv[1:],stdout=subprocess.DEVNULL,stderr=subprocess.PIPE,text=True);"
-            "sys.stderr.write(p.stderr[-3000:] if p.returncode else '');"
+            "p=subprocess.Popen(sys.argv[1:],stdout=subprocess.DEVNULL,stderr=subprocess.PIPE,text=True);"
+            "print(p.pid,flush=True);err=p.communicate()[1];"
+            "sys.stderr.write(err[-3000:] if p.returncode else '');"
             "print(json.dumps([time.perf_counter()-t,resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss*1024,p.returncode]))")
-    out = subprocess.run([sys.executable, "-c", code, *cmd], capture_output=True, text=True)
-    if out.returncode or not out.stdout.strip():
-        sys.stderr.write(out.stderr)
+    helper = subprocess.Popen([sys.executable, "-c", code, *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = helper.stdout.readline().strip()
+    tree = 0
+    if first.isdigit():
+        while helper.poll() is None:
+            tree = max(tree, tree_rss(int(first)))
+            time.sleep(0.1)
+    out, err = helper.communicate()
+    if helper.returncode or not out.strip():
+        sys.stderr.write(err)
         return 0.0, 0, 1
-    if out.stderr:
-        sys.stderr.write(out.stderr)
-    seconds, peak, rc = json.loads(out.stdout.strip().splitlines()[-1])
-    return seconds, peak, rc
+    if err:
+        sys.stderr.write(err)
+    seconds, peak, rc = json.loads(out.strip().splitlines()[-1])
+    return seconds, max(peak, tree), rc
 
 
 def ours(ckpt: Path, out: Path, label: str) -> list[str]:

@@ -27,6 +27,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from build_memory import tree_rss  # noqa: E402
 
 WORK = HERE / "_work"
 BIG = dict(hidden_size=1024, num_hidden_layers=16, intermediate_size=3584, vocab_size=32000, num_attention_heads=16,
@@ -96,22 +97,6 @@ def make_checkpoint(folder: Path, dims: dict) -> Path:
     return folder
 
 
-def _tree_rss(pid: int) -> int:
-    """Resident bytes of pid and all its descendants (the build and its quantization workers)."""
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            with open(f"/proc/{p}/status") as f:
-                total += next((int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmRSS:")), 0)
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children") as f:
-                    todo.extend(int(c) for c in f.read().split())
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return total
-
-
 def measure(cmd: list[str], every: float = 0.02) -> tuple[float, int, int, int]:
     """Run one build; (seconds, peak summed RSS of its process tree sampled every `every` s, the largest
     single process's ru_maxrss, exit code). Default / k_quant / hqq quantize non-expert weights in worker
@@ -124,7 +109,7 @@ def measure(cmd: list[str], every: float = 0.02) -> tuple[float, int, int, int]:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
-            tree = max(tree, _tree_rss(proc.pid))
+            tree = max(tree, tree_rss(proc.pid))
             time.sleep(every)
         seconds = time.perf_counter() - t
         proc.returncode = rc = os.waitstatus_to_exitcode(status)

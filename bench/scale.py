@@ -37,6 +37,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from build_memory import tree_rss  # noqa: E402
 
 LLAMA3_70B = dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
                   intermediate_size=28672, vocab_size=128256)
@@ -134,25 +135,6 @@ def tokenizer_dir(work: Path) -> Path:
     return folder
 
 
-def _tree_rss(pid: int) -> int:
-    """Resident bytes of pid and all its descendants."""
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            with open(f"/proc/{p}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
-                        break
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children") as f:
-                    todo.extend(int(c) for c in f.read().split())
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return total
-
-
 CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, {here!r})
@@ -174,7 +156,7 @@ def run(dims: dict, layers: int | None, method: str, out: Path, tok: Path) -> di
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = 0
     while proc.poll() is None:
-        peak = max(peak, _tree_rss(proc.pid))
+        peak = max(peak, tree_rss(proc.pid))
         time.sleep(0.2)
     stdout, stderr = proc.communicate()
     if proc.returncode:
