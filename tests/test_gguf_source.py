@@ -641,7 +641,7 @@ def test_unknown_architecture(tmp_path, bpe_vocab):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(UnsupportedArchitectureError, match=r"'bert-ish'.*llama, .*qwen2, qwen3"):
+    with pytest.raises(UnsupportedArchitectureError, match=r"'bert-ish'.*llama, .*qwen2, .*qwen3"):
         open_gguf(path)
 
 
