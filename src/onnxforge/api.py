@@ -23,8 +23,8 @@ from .graph.builder import GraphBuilder
 from .graph.decoder import Emitter
 from .quant.native import has_native, native_lookup
 from .quant.recipe import Recipe
-from .quant.templates import apply_template, template_for
 from .quant.pool import processes
+from .quant.templates import apply_template, template_for
 from .sources.base import Source
 from .sources.open import open_source
 from .sources.tracking import TrackingSource, report_unused

@@ -202,15 +202,13 @@ def quantize_rows(source: Source, parts: Sequence[Part], slots: Sequence[TensorS
     row = 0
     for n, chunks in row_chunks(source, parts, K):
         if workers is not None:  # the slices of one weight on every worker process
-            for start, q in workers.quantize_many(chunks, bits=st.bits, block_size=st.block_size,
-                                                  symmetric=st.symmetric, method=st.method):
-                store(slice(row + start, row + start + q.data.shape[0]), q.data, q.scales, q.zero_points)
+            done = workers.quantize_many(chunks, bits=st.bits, block_size=st.block_size, symmetric=st.symmetric,
+                                         method=st.method)
         else:
-            for start, chunk in chunks:
-                q = quantize(chunk, bits=st.bits, block_size=st.block_size, symmetric=st.symmetric,
-                             method=st.method, accuracy_level=st.accuracy_level)
-                del chunk
-                store(slice(row + start, row + start + q.data.shape[0]), q.data, q.scales, q.zero_points)
+            done = ((start, quantize(chunk, bits=st.bits, block_size=st.block_size, symmetric=st.symmetric,
+                                     method=st.method, accuracy_level=st.accuracy_level)) for start, chunk in chunks)
+        for start, q in done:
+            store(slice(row + start, row + start + q.data.shape[0]), q.data, q.scales, q.zero_points)
         row += n
     return outs
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import os
 import stat
-import threading
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
