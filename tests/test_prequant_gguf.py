@@ -7,12 +7,16 @@ those tests skip without it).
 For each type:
 - every weight, dequantized by the ONNX ops themselves (MatMulNBits, plus the offsets correction where
   the type has a minimum, over an identity matrix at accuracy_level 0), equals gguf-py's dequantization
-  bit for bit in fp32;
+  bit for bit in fp32 for the types without a minimum; the types with one (Q4_1, Q5_1, Q2_K, Q4_K,
+  Q5_K) are stored centred (codes q - c, offset m + c x d rounded once in fp32, sources/gguf_blocks.py),
+  and there the op's weight is within half an ulp of the offset plus one ulp of the weight of
+  gguf-py's, and MatMulNBits alone gives the centred codes times the scale exactly;
 - a tiny model built as stored (`-p source`) gives the logits of the fp32 build of the same file.
 """
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 from pathlib import Path
 
@@ -31,7 +35,7 @@ from onnxforge.sources.gguf import GGUFSource
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
-from test_gguf_source import tiny_model, train_byte_level_vocab, write_gguf  # noqa: E402
+from test_gguf_source import assert_same_weight, tiny_model, train_byte_level_vocab, write_gguf  # noqa: E402
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -106,7 +110,10 @@ def gguf_dequantize(source: GGUFSource, name: str) -> np.ndarray:
 
 
 def check_ops_exact(path: Path) -> set[str]:
-    """Every 2-D tensor with an exact form: op output == gguf dequantization bit for bit. Returns the types."""
+    """Every 2-D tensor with an exact form: op output == gguf dequantization, bit for bit where the type
+    has no minimum; for a centred type within the rounding of its offset (see the module docstring), and
+    MatMulNBits' own part (the centred codes x scale) exact: the whole weight minus the offsets computed
+    in float64 from gguf-py's values. Returns the types."""
     seen = set()
     with GGUFSource(path) as source:
         for name in source.tensor_names():
@@ -114,8 +121,17 @@ def check_ops_exact(path: Path) -> set[str]:
             if fmt is None or fmt.bits == 0:
                 continue
             N, K = source.shape(name)
-            got = op_dequantize(source.native_blocks(name, fmt.bits, fmt.block_size), K, N)
-            np.testing.assert_array_equal(got, gguf_dequantize(source, name), err_msg=f"{path.name}: {name}")
+            blocks = source.native_blocks(name, fmt.bits, fmt.block_size)
+            got, ref = op_dequantize(blocks, K, N), gguf_dequantize(source, name)
+            assert_same_weight(got, ref, blocks, err_msg=f"{path.name}: {name}")
+            if blocks.offsets is not None:
+                offsets = np.repeat(blocks.offsets, fmt.block_size, axis=1)
+                # the part MatMulNBits computes, d x (q - c), is exact: gguf-py's weight minus the offset,
+                # in float64, lands on it within the offset's own rounding
+                codes_part = op_dequantize(dataclasses.replace(blocks, offsets=None), K, N).astype(np.float64)
+                half_ulps = 0.5 * (np.spacing(np.abs(offsets)) + np.spacing(np.abs(ref)))
+                excess = np.abs(codes_part - (ref - offsets.astype(np.float64))) - half_ulps
+                assert excess.max() <= 0, f"{path.name}: {name}: MatMulNBits' part off by {excess.max()}"
             seen.add(fmt.origin)
     return seen
 

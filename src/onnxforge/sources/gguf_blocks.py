@@ -7,10 +7,21 @@ bytes per block) uint8, into the arrays MatMulNBits takes:
 
 - codes packed along K as MatMulNBits `B` (low nibble first at 4 bits),
 - scales (rows, k_blocks) float32, computed with the same float32 products gguf-py uses,
-- zero points: None where the codes are offset to the op's default (8 at 4 bits, 128 at 8 bits),
-  or packed zeros where the codes fill the whole 4-bit range,
-- offsets (rows, k_blocks) float32 or None: a per-block additive term (`+ m` of Q4_1/Q5_1, `- dmin x m`
-  of the K types) that the graph adds back as `ReduceSum(x per block) @ offsets`.
+- no zero points: every code is offset to the op's default zero point (8 at 4 bits, 128 at 8 bits),
+- offsets (rows, k_blocks) float32 or None: a per-block additive term that the graph adds back as
+  `ReduceSum(x per block) @ offsets`.
+
+Types with a minimum (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K: `w = d x q + m`, q in [0, 2^b)) are re-centred:
+the codes are stored as q - c against the default zero point, with c = 2^(b-1) the middle of the code
+range, and the offset becomes m + c x d (rounded once, in float32). The weight is the same up to that
+one rounding: d x (q - c) is exact in float32 (a scale has at most 17 significant bits, fp16 times a
+6-bit sub-block scale, and q - c at most 5), so the op's weight differs from gguf-py's d x q + m by at
+most half an ulp of the offset plus the sum's own rounding (tests/test_prequant_gguf.py). The centring
+matters at accuracy_level 4, where MatMulNBits quantizes the activations to int8 per block: with codes
+stored against zero point 0 every block carries a large common term d x 7.5 that multiplies the
+activations' rounding error; centred, that term moves to the offset, which the graph applies to the
+exact float activations. (Measured on SmolLM2's Q4_1 file: perplexity +1.3% of fp32 before, +0.3% after,
+and no zero-point tensor makes MatMulNBits faster.)
 
 5- and 6-bit codes go into 8-bit storage, 2- and 3-bit ones into 4-bit storage (CPU MatMulNBits at 2
 bits is fast only at block 32). Codebook (IQ*) and ternary (TQ*) types have no such form.
@@ -78,14 +89,23 @@ def _shifted(bytes_: np.ndarray, group: int, shifts: tuple[int, ...], mask: int)
 
 # ----------------------------------------------------------------------------- per type
 # Each returns (codes uint8 (rows, nb, elements per block), scales, offsets) with scales/offsets
-# (rows, nb, sub-blocks per block); codes already include the offset to the storage's zero point.
+# (rows, nb, sub-blocks per block); codes already include the offset to the storage's zero point, and
+# the types with a minimum are centred by _centred.
+
+
+def _centred(q: np.ndarray, scale: np.ndarray, minimum: np.ndarray, code_bits: int, storage_bits: int):
+    """`scale x q + minimum`, q in [0, 2^code_bits) -> codes q - c against the storage's default zero
+    point and offset `minimum + c x scale` (c = 2^(code_bits - 1)), in float32."""
+    c = 1 << (code_bits - 1)
+    zero_point = 1 << (storage_bits - 1)
+    return q + np.uint8(zero_point - c), scale, (minimum + np.float32(c) * scale).astype(np.float32)
 
 def _q4_0(raw):
     return _nibbles(raw[..., 2:]), _f16(raw[..., :2]), None
 
 
 def _q4_1(raw):
-    return _nibbles(raw[..., 4:]), _f16(raw[..., :2]), _f16(raw[..., 2:4])
+    return _centred(_nibbles(raw[..., 4:]), _f16(raw[..., :2]), _f16(raw[..., 2:4]), 4, 4)
 
 
 def _q5_0(raw):
@@ -95,7 +115,7 @@ def _q5_0(raw):
 
 def _q5_1(raw):
     q = _nibbles(raw[..., 8:]) | (_high_bits(raw[..., 4:8], 32) << 4)
-    return q + np.uint8(128), _f16(raw[..., :2]), _f16(raw[..., 2:4])
+    return _centred(q, _f16(raw[..., :2]), _f16(raw[..., 2:4]), 5, 8)
 
 
 def _q8_0(raw):
@@ -108,7 +128,7 @@ def _q2_k(raw):
     q = _shifted(qs, 32, (0, 2, 4, 6), 3)
     dl = d * (scales & 0xF).astype(np.float32)
     ml = dmin * (scales >> 4).astype(np.float32)
-    return q + np.uint8(8), dl, -ml
+    return _centred(q, dl, -ml, 2, 4)
 
 
 def _q3_k(raw):
@@ -126,7 +146,7 @@ def _q4_k(raw):
     d, dmin = _f16(raw[..., :2]), _f16(raw[..., 2:4])
     sc, mn = _k_scale_min(raw[..., 4:16])
     q = _shifted(raw[..., 16:144], 32, (0, 4), 0x0F)
-    return q, d * sc.astype(np.float32), -(dmin * mn.astype(np.float32))
+    return _centred(q, d * sc.astype(np.float32), -(dmin * mn.astype(np.float32)), 4, 4)
 
 
 def _q5_k(raw):
@@ -134,7 +154,7 @@ def _q5_k(raw):
     sc, mn = _k_scale_min(raw[..., 4:16])
     qh = _shifted(raw[..., 16:48], 32, tuple(range(8)), 1)
     q = _shifted(raw[..., 48:176], 32, (0, 4), 0x0F) | (qh << 4)
-    return q + np.uint8(128), d * sc.astype(np.float32), -(dmin * mn.astype(np.float32))
+    return _centred(q, d * sc.astype(np.float32), -(dmin * mn.astype(np.float32)), 5, 8)
 
 
 def _q6_k(raw):
@@ -148,13 +168,13 @@ def _q6_k(raw):
 
 FORMS: dict[QT, tuple[BlockForm, Callable]] = {
     QT.Q4_0: (BlockForm(4, 32, False, False, 4), _q4_0),
-    QT.Q4_1: (BlockForm(4, 32, True, True, 4), _q4_1),
+    QT.Q4_1: (BlockForm(4, 32, False, True, 4), _q4_1),
     QT.Q5_0: (BlockForm(8, 32, False, False, 5), _q5_0),
     QT.Q5_1: (BlockForm(8, 32, False, True, 5), _q5_1),
     QT.Q8_0: (BlockForm(8, 32, False, False, 8), _q8_0),
     QT.Q2_K: (BlockForm(4, 16, False, True, 2), _q2_k),
     QT.Q3_K: (BlockForm(4, 16, False, False, 3), _q3_k),
-    QT.Q4_K: (BlockForm(4, 32, True, True, 4), _q4_k),
+    QT.Q4_K: (BlockForm(4, 32, False, True, 4), _q4_k),
     QT.Q5_K: (BlockForm(8, 32, False, True, 5), _q5_k),
     QT.Q6_K: (BlockForm(8, 16, False, False, 6), _q6_k),
 }
