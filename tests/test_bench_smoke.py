@@ -60,7 +60,7 @@ def test_prequant_smoke(work):
     assert float(cells["as stored"][0]) < float(cells["fp32"][0])
     assert abs(float(cells["as stored"][2].rstrip("%"))) < 0.5  # same integers and scales, int8 activations
     assert all(float(cells[n][4]) > 0 for n in ("as stored", "int4 re-quantized"))
-    assert "as stored: int4 block 32 zero points + offsets (exact Q4_1)" in out
+    assert "as stored: int4 block 16 + offsets (exact Q4_1); int4 block 32 + offsets (exact Q4_1)" in out
     assert "re-quantized Q4_1" in out and "decode speed as stored / int4 re-quantized" in out
     assert "llama.cpp (same file)" in out or "llama.cpp skipped" in out or "llama.cpp failed" in out
     assert "machine during the decode timing" in out

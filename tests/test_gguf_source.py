@@ -321,19 +321,23 @@ def test_config_matches_the_llama_config(tiny_llama_files, qtype):
 def test_native_blocks_are_bit_identical_to_read(tiny_llama_files, qtype, bits):
     path, _, _ = tiny_llama_files[qtype]
     with open_gguf(path) as source:
+        head = "lm_head.weight" if source.has("lm_head.weight") else "model.embed_tokens.weight"
         for name in source.tensor_names():
-            blocks = source.native_blocks(name, bits, 32)
+            # the lm_head's blocks are split to 16 (sources/gguf.py HEAD_BLOCK), every other weight is block 32
+            block = 16 if name == head else 32
+            blocks = source.native_blocks(name, bits, block)
             if len(source.shape(name)) != 2:
                 assert blocks is None
                 continue
+            assert source.native_format(name).block_size == block
             assert blocks.origin == qtype.name and blocks.zero_points is None
             assert blocks.data.dtype == np.uint8 and blocks.scales.dtype == np.float32
             n, k = source.shape(name)
-            assert blocks.data.shape == (n, k // 32, 32 * bits // 8) and blocks.scales.shape == (n, k // 32)
+            assert blocks.data.shape == (n, k // block, block * bits // 8) and blocks.scales.shape == (n, k // block)
             np.testing.assert_array_equal(matmulnbits_dequantize(blocks), source.read(name), err_msg=name)
             other = 8 if bits == 4 else 4
-            assert source.native_blocks(name, other, 32) is None
-            assert source.native_blocks(name, bits, 64) is None
+            assert source.native_blocks(name, other, block) is None
+            assert source.native_blocks(name, bits, 48 - block) is None
 
 
 @pytest.mark.parametrize("qtype,bits", [(QT.Q4_0, 4), (QT.Q8_0, 8)], ids=["Q4_0", "Q8_0"])
@@ -554,7 +558,9 @@ def test_smollm2_reads_equal_transformers_dequantized_weights(smol, smol_path, s
     q4_1 = smol.native_blocks(name, 4, 32)  # codes centred on the default zero point, + min + 8 x scale
     assert q4_1.zero_points is None and q4_1.offsets is not None
     assert_same_weight(matmulnbits_dequantize(q4_1), reference[name], q4_1, err_msg=name)
-    assert smol.native_blocks("model.embed_tokens.weight", 8, 32) is not None
+    embed = smol.native_blocks("model.embed_tokens.weight", 8, 16)  # Q8_0, tied: the lm_head's blocks split to 16
+    assert embed is not None and smol.native_blocks("model.embed_tokens.weight", 8, 32) is None
+    np.testing.assert_array_equal(matmulnbits_dequantize(embed), reference["model.embed_tokens.weight"])
 
 
 def test_smollm2_tokenizer_matches_transformers(smol, smol_path, tmp_path):

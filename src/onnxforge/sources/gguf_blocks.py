@@ -200,3 +200,25 @@ def transcode(raw: np.ndarray, kind: QT) -> Transcoded:
         zero_points,
         None if offsets is None else np.ascontiguousarray(offsets.reshape(rows, kb), np.float32),
     )
+
+
+def split_blocks(t: Transcoded, bits: int, block_size: int, to: int) -> Transcoded:
+    """The same weight at a finer block: each block of `block_size` codes as block_size / `to` blocks of
+    `to`, with its scale (and offset) repeated. No value changes (codes are packed in K order, so a
+    block's first `to` codes are its first bytes)."""
+    if to >= block_size:
+        return t
+    n, rows = block_size // to, t.data.shape[0]
+    kb = t.scales.shape[1]
+    repeat = (lambda a: None if a is None else np.ascontiguousarray(np.repeat(a, n, axis=1)))
+    if t.zero_points is not None:  # packed per block: unpack, repeat, repack (4-bit: two per byte)
+        zp = t.zero_points if bits == 8 else np.stack([t.zero_points & 0x0F, t.zero_points >> 4], -1).reshape(rows, -1)
+        zp = np.repeat(zp[:, :kb], n, axis=1)
+        if bits == 4:
+            zp = np.pad(zp, ((0, 0), (0, zp.shape[1] % 2)))
+            zp = zp[:, 0::2] | (zp[:, 1::2] << 4)
+        zero_points = np.ascontiguousarray(zp, dtype=np.uint8)
+    else:
+        zero_points = None
+    return Transcoded(np.ascontiguousarray(t.data.reshape(rows, kb * n, to * bits // 8)), repeat(t.scales),
+                      zero_points, repeat(t.offsets))
