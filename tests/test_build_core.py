@@ -87,6 +87,11 @@ def test_genai_config_and_report(tiny_models, tmp_path):
     assert d["head_size"] == c.hidden_size // c.num_attention_heads and cfg["model"]["type"] == "mistral"
     assert cfg["model"]["eos_token_id"] == c.eos_token_id and cfg["model"]["context_length"] == c.max_position_embeddings
     assert d["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    # ONNX Runtime's default thread count (one per physical core), which onnxruntime-genai accepts; without
+    # the key genai runs the model on one thread
+    assert d["session_options"]["intra_op_num_threads"] == 0
+    og = pytest.importorskip("onnxruntime_genai")
+    og.Model(str(out))
     assert {"tokenizer.json", "tokenizer_config.json", "model.onnx", "model.onnx.data"} <= set(p.name for p in out.iterdir())
     saved = json.loads((out / "build_report.json").read_text())
     assert saved["input_sha256"] == report.input_sha256 and len(report.input_sha256) == 64
