@@ -132,3 +132,27 @@ def test_gpu_providers_change_dtypes_and_config(tiny_models, tmp_path, provider)
     assert nbits and all({a.name: a.i for a in n.attribute}["accuracy_level"] == 0 for n in nbits)
     cfg = json.loads((out / "genai_config.json").read_text())
     assert cfg["model"]["decoder"]["session_options"]["provider_options"] == [{provider: {}}]
+
+
+def test_prune_lm_head(tiny_models, tmp_path):
+    """prune_lm_head (the anchor's option): logits of the last position only, equal to that row of the full
+    build's; onnxruntime-genai generates the same tokens; perplexity still scores every position."""
+    from conftest import genai_greedy, reference_greedy
+
+    from onnxforge.quant.options import apply_extra_options
+    from onnxforge.quant.recipe import Recipe
+    from onnxforge.verify.perplexity import ort_logits_fn
+
+    folder, model = tiny_models("llama")
+    onnxforge.build(folder, tmp_path / "full")
+    onnxforge.build(folder, tmp_path / "pruned", recipe=apply_extra_options(Recipe(), {"prune_lm_head": "true"}))
+    logits = next(o for o in _graph(tmp_path / "pruned").output if o.name == "logits")
+    assert [d.dim_value for d in logits.type.tensor_type.shape.dim][1:] == [1, 320]
+    prompt, decode = prompt_and_decode()
+    ref = reference_logits(model, prompt + decode)
+    got = onnx_step_logits(tmp_path / "pruned", prompt, decode)
+    assert got.shape == (1 + len(decode), ref.shape[1])
+    assert np.abs(got - ref[len(prompt) - 1:]).max() < 1e-4
+    ids = np.asarray(prompt + decode)
+    assert np.abs(ort_logits_fn(tmp_path / "pruned")(ids) - ort_logits_fn(tmp_path / "full")(ids)).max() < 1e-4
+    assert genai_greedy(tmp_path / "pruned", prompt) == reference_greedy(model, prompt)

@@ -34,6 +34,7 @@ class Plan(Protocol):
 
     io: Storage  # activation dtype (bits == 0)
     unpack_matmul: bool
+    prune_lm_head: bool
 
     def storage(self, names: Sequence[str], op: str) -> Storage: ...
 
@@ -149,8 +150,12 @@ class Emitter:
         for i in range(spec.num_layers):
             h = block(self, i, h, ctx)
         x, _ = norm(self, h, "final_norm", None, "/model/norm")
+        if self.plan.prune_lm_head:  # the last position only: (B, S, H) -> (B, 1, H)
+            x = b.op("Slice", [x, b.const([-1], np.int64), b.const([np.iinfo(np.int64).max], np.int64),
+                               b.const([1], np.int64)], "/lm_head/prune/Slice")
         logits = self.lm_head(x, lm_head_store)
-        b.output(logits, "logits", io.ir_dtype, ["batch_size", "sequence_length", spec.vocab_size])
+        seq = 1 if self.plan.prune_lm_head else "sequence_length"
+        b.output(logits, "logits", io.ir_dtype, ["batch_size", seq, spec.vocab_size])
 
     def mask_to_lengths(self, mask: ir.Value) -> tuple[ir.Value, ir.Value]:
         b, base = self.b, "/model/attn_mask_reformat/attn_mask_subgraph"

@@ -139,6 +139,7 @@ EXTRA_OPTIONS: dict[str, Callable[[str, object], dict]] = {
     "int4_tied_embeddings": _shared,
     "unpack_matmul": _flag("unpack_matmul"),
     "disable_qkv_fusion": _flag("unpack_matmul"),
+    "prune_lm_head": _flag("prune_lm_head"),
     "exclude_embeds": _not_yet("a model without its embedding layer"),
     "exclude_lm_head": _not_yet("a model without its lm_head"),
     "include_hidden_states": _not_yet("a hidden_states output"),

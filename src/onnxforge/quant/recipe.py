@@ -54,6 +54,8 @@ class Recipe:
     keep_float: tuple[str, ...] = ()  # from the model-type template and user exclusions
     rules: tuple[Rule, ...] = ()
     unpack_matmul: bool = False
+    # logits for the last position only (prefill skips the lm_head on every other row; the anchor's option)
+    prune_lm_head: bool = False
     shared_embeddings: bool | None = None  # None: share whenever the checkpoint ties them
     moe_quant_type: str | None = None  # experts: None follows the precision; "int4", "int8"; "mxfp4" (CUDA)
     qmoe_block_size: int = 32  # experts' QMoE blocks along K; 0: one scale per output channel
@@ -189,7 +191,8 @@ class Recipe:
             "int8_linear_attn": self.int8_linear_attn, "op_types": sorted(self.op_types),
             "keep_float": list(self.keep_float), "rules": [(r.pattern, r.storage.describe() if r.storage else "float")
                                                            for r in self.rules],
-            "unpack_matmul": self.unpack_matmul, "shared_embeddings": self.shared_embeddings,
+            "unpack_matmul": self.unpack_matmul, "prune_lm_head": self.prune_lm_head,
+            "shared_embeddings": self.shared_embeddings,
             "moe_quant_type": self.moe_quant_type, "qmoe_block_size": self.qmoe_block_size,
             "requantize": self.requantize,
         }
