@@ -10,6 +10,7 @@ import pytest
 from conftest import onnx_step_logits, prompt_and_decode, reference_logits
 
 import onnxforge
+import tiny
 from onnxforge.sources.hf import HFSource
 
 
@@ -156,3 +157,12 @@ def test_prune_lm_head(tiny_models, tmp_path):
     ids = np.asarray(prompt + decode)
     assert np.abs(ort_logits_fn(tmp_path / "pruned")(ids) - ort_logits_fn(tmp_path / "full")(ids)).max() < 1e-4
     assert genai_greedy(tmp_path / "pruned", prompt) == reference_greedy(model, prompt)
+    from onnxforge.verify.parity import verify
+
+    text = tmp_path / "text.txt"
+    text.write_text(tiny.TEXT)
+    r = verify(tmp_path / "pruned", folder, text=text, tokens=8, window=64, stride=64, plot=False, write=False)
+    assert r["passed"] and r["metrics"]["max_abs_diff"] < 1e-4, r["failures"]
+    assert all(p["positions"] == 1 + p["greedy_tokens"] for p in r["prompts"])  # the prompt's last + decoded
+    ppl = r["perplexity"]
+    assert abs(ppl["onnx"]["ppl"] / ppl["reference"]["ppl"] - 1) < 1e-4

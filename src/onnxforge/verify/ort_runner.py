@@ -63,6 +63,8 @@ class OrtDecoder:
         self.layers = cfg["num_hidden_layers"]
         self.kv_heads = cfg["num_key_value_heads"]
         self.head_size = cfg["head_size"]
+        logits = next(o for o in self.session.get_outputs() if o.name == "logits")
+        self.pruned = logits.shape[1] == 1  # built with prune_lm_head: the last position's logits only
         past = next(i for i in self.session.get_inputs() if i.name.startswith("past_key_values"))
         self.kv_dtype = ORT_TO_NP[past.type]
         self.reset()
@@ -84,6 +86,14 @@ class OrtDecoder:
                 self.past[f"past_key_values.{i}.{kv}"] = outs[f"present.{i}.{kv}"]
         self.length = total
         return outs["logits"].astype(np.float32)
+
+    def window_logits(self, ids: np.ndarray) -> np.ndarray:
+        """Logits (seq, vocab) of every position of `ids` from an empty cache; a pruned model one token per step."""
+        self.reset()
+        ids = np.asarray(ids).reshape(1, -1)
+        if not self.pruned:
+            return self.step(ids)[0]
+        return np.concatenate([self.step(ids[:, i:i + 1])[0] for i in range(ids.shape[1])])
 
     def logits_for(self, prompt: list[int], decode: list[int]) -> list[np.ndarray]:
         """Prefill `prompt` then feed `decode` one token at a time; returns per-step logits (seq, vocab)."""

@@ -121,18 +121,7 @@ def decoder(model_dir: str | Path, threads: int = 0):
 
 def ort_logits_fn(model_dir: str | Path, threads: int = 0) -> LogitsFn:
     """A logits function running the built model in plain onnxruntime (fresh KV cache per window)."""
-    dec = decoder(model_dir, threads=threads)
-    logits = next(o for o in dec.session.get_outputs() if o.name == "logits")
-    pruned = logits.shape[1] == 1  # built with prune_lm_head: the last position's logits only
-
-    def fn(ids: np.ndarray) -> np.ndarray:
-        dec.reset()
-        ids = np.asarray(ids).reshape(1, -1)
-        if not pruned:
-            return dec.step(ids)[0]
-        return np.concatenate([dec.step(ids[:, i:i + 1])[0] for i in range(ids.shape[1])])  # one token per step
-
-    return fn
+    return decoder(model_dir, threads=threads).window_logits
 
 
 def tokenize_file(model_dir: str | Path, text: str) -> list[int]:
