@@ -97,15 +97,16 @@ def anchor_available() -> tuple[bool, str]:
     return True, ""
 
 
-def build_anchor(hf_dir: Path, out: Path, precision: str = "int4") -> tuple[Path | None, str]:
-    """The anchor's build (onnxruntime-genai's model builder, in a subprocess); (folder or None, why not)."""
+def build_anchor(hf_dir: Path, out: Path, precision: str = "int4", extra: tuple[str, ...] = ()) -> tuple[Path | None, str]:
+    """The anchor's build (onnxruntime-genai's model builder, in a subprocess, with `--extra_options` `extra`);
+    (folder or None, why not)."""
     ok, why = anchor_available()
     if not ok:
         return None, why
     cache = WORK / "anchor-cache"
     cache.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
-           "-p", precision, "-e", "cpu", "-c", str(cache)]
+           "-p", precision, "-e", "cpu", "-c", str(cache)] + (["--extra_options", *extra] if extra else [])
     log("anchor: " + " ".join(cmd))
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -116,7 +117,7 @@ def build_anchor(hf_dir: Path, out: Path, precision: str = "int4") -> tuple[Path
     return out, ""
 
 
-def anchor_for(model: Path, out: Path, precision: str = "int4") -> tuple[Path | None, str]:
+def anchor_for(model: Path, out: Path, precision: str = "int4", extra: tuple[str, ...] = ()) -> tuple[Path | None, str]:
     """The anchor's build of `model` (a .gguf is converted to an HF folder first)."""
     ok, why = anchor_available()
     if not ok:
@@ -125,7 +126,7 @@ def anchor_for(model: Path, out: Path, precision: str = "int4") -> tuple[Path | 
         hf_dir = hf_folder_for(model)
     except Exception as e:  # noqa: BLE001 - e.g. transformers needs accelerate for GGUF
         return None, f"cannot make an HF folder from {model.name} for the anchor: {e}"
-    return build_anchor(hf_dir, out, precision)
+    return build_anchor(hf_dir, out, precision, extra)
 
 
 def model_bytes(folder: Path) -> int:

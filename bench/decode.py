@@ -20,6 +20,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -27,41 +28,71 @@ import common  # noqa: E402
 from llamacpp import LlamaCpp  # noqa: E402
 
 
-def measure(folder: Path, prefill: int, decode: int, reps: int, seed: int = 0, threads: int | None = None) -> dict:
-    """Median prefill seconds (prompt -> first token) and decode tokens/s over `decode` further tokens,
-    with `threads` intra-op threads (None: what the model's genai_config says)."""
-    import numpy as np
-    import onnxruntime_genai as og
+class Runner:
+    """One model in onnxruntime-genai with `threads` intra-op threads (None: what its genai_config says);
+    `once()` times a prefill (prompt -> first token) and `decode` further tokens."""
 
-    vocab = json.loads((folder / "genai_config.json").read_text())["model"]["vocab_size"]
-    ids = np.random.default_rng(seed).integers(3, vocab, prefill).astype(np.int32)
-    config = og.Config(str(folder))
-    if threads is not None:
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
-    model = og.Model(config)
-    total = prefill + 1 + decode
+    def __init__(self, folder: Path, prefill: int, decode: int, seed: int = 0, threads: int | None = None):
+        import numpy as np
+        import onnxruntime_genai as og
 
-    def once() -> tuple[float, float]:
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=total, min_length=total, do_sample=False)
-        gen = og.Generator(model, params)
+        self.og, self.decode = og, decode
+        vocab = json.loads((folder / "genai_config.json").read_text())["model"]["vocab_size"]
+        self.ids = np.random.default_rng(seed).integers(3, vocab, prefill).astype(np.int32)
+        config = og.Config(str(folder))
+        if threads is not None:
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+        self.model = og.Model(config)
+        self.total = prefill + 1 + decode
+
+    def once(self) -> tuple[float, float]:
+        og = self.og
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(max_length=self.total, min_length=self.total, do_sample=False)
+        gen = og.Generator(self.model, params)
         t0 = time.perf_counter()
-        gen.append_tokens(ids)
+        gen.append_tokens(self.ids)
         gen.generate_next_token()
         gen.get_next_tokens()
         t1 = time.perf_counter()
         n = 0
-        while not gen.is_done() and n < decode:
+        while not gen.is_done() and n < self.decode:
             gen.generate_next_token()
             n += 1
         gen.get_next_tokens()
         t2 = time.perf_counter()
         return t1 - t0, n / (t2 - t1)
 
-    once()  # warm-up: allocations, thread pools
-    runs = [once() for _ in range(reps)]
+
+def summarise(runs: list[tuple[float, float]]) -> dict:
     return {"prefill_s": statistics.median(r[0] for r in runs), "decode_tok_s": statistics.median(r[1] for r in runs),
             "runs": runs}
+
+
+def measure_interleaved(folders: dict[str, Path], prefill: int, decode: int, reps: int,
+                        threads: int | None = None) -> dict[str, dict]:
+    """Medians per model over `reps` rounds, each round running every model once in turn (after one warm-up
+    each), so a change in the machine's load falls on all of them alike."""
+    runners = {name: Runner(folder, prefill, decode, threads=threads) for name, folder in folders.items()}
+    for r in runners.values():
+        r.once()  # warm-up: allocations, thread pools
+    runs: dict[str, list] = {name: [] for name in runners}
+    for _ in range(reps):
+        for name, r in runners.items():
+            runs[name].append(r.once())
+    return {name: summarise(v) for name, v in runs.items()}
+
+
+def measure(folder: Path, prefill: int, decode: int, reps: int, seed: int = 0, threads: int | None = None) -> dict:
+    """Median prefill seconds and decode tokens/s of one model (see Runner)."""
+    r = Runner(folder, prefill, decode, seed, threads)
+    r.once()
+    return summarise([r.once() for _ in range(reps)])
+
+
+PRUNED = "ours int4 prune_lm_head"  # logits for the last position only: prefill skips the lm_head's other rows
+ANCHOR_PRUNED = "anchor int4 prune_lm_head"
+LLAMA = "llama.cpp (GGUF as stored)"
 
 
 def main(argv=None) -> int:
@@ -88,16 +119,19 @@ def main(argv=None) -> int:
 
     # requantize: like the anchor, whatever the checkpoint stores (a GGUF's own blocks: bench/prequant.py)
     int4 = Recipe(precision="int4", requantize=True)
-    builds: list[tuple[str, Path]] = [("ours int4", common.build_ours(model, work / "ours-int4", recipe=int4))]
+    builds = {"ours int4": common.build_ours(model, work / "ours-int4", recipe=int4),
+              PRUNED: common.build_ours(model, work / "ours-int4-prune", recipe=replace(int4, prune_lm_head=True))}
     note = ""
     if args.smoke or args.no_anchor:
         note = "anchor skipped (" + ("--smoke" if args.smoke else "--no-anchor") + ")"
     else:
-        anchor, why = common.anchor_for(model, work / "anchor-int4", "int4")
-        if anchor is None:
-            note = f"anchor skipped: {why}"
-        else:
-            builds.append(("anchor int4", anchor))
+        for name, out, extra in (("anchor int4", "anchor-int4", ()),
+                                 (ANCHOR_PRUNED, "anchor-int4-prune", ("prune_lm_head=true",))):
+            anchor, why = common.anchor_for(model, work / out, "int4", extra)
+            if anchor is None:
+                note = f"anchor skipped: {why}"
+                break
+            builds[name] = anchor
 
     threads = args.threads
     rows, results = [], {}
@@ -107,34 +141,40 @@ def main(argv=None) -> int:
         rows.append([name, f"{size / 2**20:.1f}", f"{1000 * r['prefill_s']:.1f}", f"{prefill / r['prefill_s']:.0f}",
                      f"{r['decode_tok_s']:.1f}"])
 
-    for name, folder in builds:
-        common.log(f"measuring {name} ({prefill} prefill, {decode} decode, median of {reps}, {threads} threads)")
-        row(name, common.model_bytes(folder), measure(folder, prefill, decode, reps, threads=threads))
+    common.log(f"measuring {', '.join(builds)} in turns ({prefill} prefill, {decode} decode, median of {reps}, "
+               f"{threads} threads)")
+    for name, r in measure_interleaved(builds, prefill, decode, reps, threads=threads).items():
+        row(name, common.model_bytes(builds[name]), r)
     lcpp = LlamaCpp(model, threads) if model.suffix == ".gguf" and not args.smoke else None
     if lcpp is not None:
         common.log("measuring llama.cpp on the GGUF")
         r = lcpp.run("decode", prefill=prefill, decode=decode, reps=reps)
         if r:
-            row("llama.cpp (GGUF as stored)", model.stat().st_size, r)
+            row(LLAMA, model.stat().st_size, r)
     headers = ["model", "size MiB", f"prefill {prefill} tok (ms)", "prefill tok/s", f"decode tok/s ({decode})"]
     lines = [f"decode benchmark: {label}, batch 1, greedy, {threads} threads for every model, median of {reps}"]
     if note:
         lines.append(note)
     lines += ["", common.table(headers, rows)]
     ratios = []
-    for peer in ("anchor int4", "llama.cpp (GGUF as stored)"):
+    for ours, peer in (("ours int4", "anchor int4"), (PRUNED, ANCHOR_PRUNED), ("ours int4", LLAMA),
+                       (PRUNED, LLAMA)):
         if peer in results:
-            o, a = results["ours int4"], results[peer]
-            ratios.append(f"ours/{peer.split()[0]}: prefill speed {a['prefill_s'] / o['prefill_s']:.2f}x, "
+            o, a = results[ours], results[peer]
+            ratios.append(f"{ours} / {peer}: prefill speed {a['prefill_s'] / o['prefill_s']:.2f}x, "
                           f"decode speed {o['decode_tok_s'] / a['decode_tok_s']:.2f}x (higher is better)")
-    peers = [results[p] for p in ("anchor int4", "llama.cpp (GGUF as stored)") if p in results]
-    if peers:
-        o = results["ours int4"]
-        best_prefill, best_decode = min(p["prefill_s"] for p in peers), max(p["decode_tok_s"] for p in peers)
-        pf, dc = best_prefill / o["prefill_s"], o["decode_tok_s"] / best_decode
-        met = lambda ok: "met" if ok else "MISSED"  # noqa: E731
-        ratios.append(f"against the better peer: prefill {pf:.2f}x, decode {dc:.2f}x (target 1.1x: prefill "
-                      f"{met(pf >= 1.1)}, decode {met(dc >= 1.1)})")
+    met = lambda ok: "met" if ok else "MISSED"  # noqa: E731
+    for what, ours, anchors in (("defaults", ["ours int4"], ["anchor int4"]),
+                                ("each at its fastest option", ["ours int4", PRUNED], ["anchor int4", ANCHOR_PRUNED])):
+        peers = [results[p] for p in anchors + [LLAMA] if p in results]
+        if not peers:
+            continue
+        best_prefill = min(p["prefill_s"] for p in peers)
+        best_decode = max(p["decode_tok_s"] for p in peers)
+        pf = best_prefill / min(results[o]["prefill_s"] for o in ours)
+        dc = max(results[o]["decode_tok_s"] for o in ours) / best_decode
+        ratios.append(f"against the better peer, {what}: prefill {pf:.2f}x, decode {dc:.2f}x (target 1.1x: "
+                      f"prefill {met(pf >= 1.1)}, decode {met(dc >= 1.1)})")
     if lcpp is not None:
         ratios += lcpp.notes
     if ratios:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from decode import measure  # noqa: E402
+from decode import measure_interleaved  # noqa: E402
 from llamacpp import LlamaCpp  # noqa: E402
 
 
@@ -121,9 +121,9 @@ def main(argv=None) -> int:
     # decode timing first, while the builds are fresh and before the long perplexity runs
     speed = {}
     load_before, cpu_before = os.getloadavg()[0], cpu_use()
-    for name in ("as stored", "int4 re-quantized"):
-        common.log(f"decode speed of {name}")
-        speed[name] = measure(builds[name], prefill, decode, reps, threads=threads)
+    common.log("decode speed of as stored and int4 re-quantized, in turns")
+    speed = measure_interleaved({name: builds[name] for name in ("as stored", "int4 re-quantized")},
+                                prefill, decode, reps, threads=threads)
     lcpp = LlamaCpp(model, threads) if model.suffix == ".gguf" else None
     llama = lcpp.run("decode", prefill=prefill, decode=decode, reps=reps) if lcpp else None
     load_after, others = os.getloadavg()[0], other_cores(cpu_before, cpu_use())

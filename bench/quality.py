@@ -22,7 +22,7 @@ import common  # noqa: E402
 
 
 def recipes():
-    """(name, recipe or None for fp32): our int4 recipes, block 32."""
+    """(name, recipe or None for fp32): our int4 recipes, block 32 (and three at block 64)."""
     from onnxforge.quant.options import apply_extra_options
     from onnxforge.quant.recipe import Recipe
 
@@ -37,6 +37,10 @@ def recipes():
         ("int4 hqq asym", replace(base, method="hqq", symmetric=False)),  # HQQ optimises zero points too
         ("int4 default", replace(base, method="default")),
         ("int4 k_quant_mixed", apply_extra_options(base, ["int4_algo_config=k_quant_mixed"])),
+        # block 64: half the scales to read per token (faster decode, bench/decode.py), at what quality cost
+        ("int4 rtn sym b64", replace(base, method="rtn", symmetric=True, block_size=64)),
+        ("int4 k_quant b64", replace(base, method="k_quant", block_size=64)),
+        ("int4 hqq asym b64", replace(base, method="hqq", symmetric=False, block_size=64)),
     ]
 
 
