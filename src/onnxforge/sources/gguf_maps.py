@@ -66,9 +66,20 @@ def _olmo2(cfg: dict, key: Callable[..., Any]) -> dict:
             "layer_types": ["sliding_attention" if slide else "full_attention" for slide in pattern]}
 
 
+_GRANITE_KEYS = {"attention.scale": "attention_multiplier", "embedding_scale": "embedding_multiplier",
+                 "residual_scale": "residual_multiplier", "logit_scale": "logits_scaling"}
+
 _EXPERT_KEYS = {"expert_count": "num_experts", "expert_used_count": "num_experts_per_tok",
                 "expert_feed_forward_length": "moe_intermediate_size",
                 "expert_shared_feed_forward_length": "shared_expert_intermediate_size"}
+
+
+def _granitemoe(cfg: dict, key: Callable[..., Any]) -> dict:
+    """Granite MoE as _granite; GraniteMoeShared (its shared expert, ffn_*_shexp) has no HF family here."""
+    if key("expert_shared_feed_forward_length", None):
+        raise ConfigError("this granitemoe GGUF is GraniteMoeShared (a shared expert beside the routed ones), "
+                          "which onnxforge does not build; only Granite 3 MoE without shared experts is supported")
+    return _granite(cfg, key)
 
 
 def _llama_experts(cfg: dict, key: Callable[..., Any]) -> dict:
@@ -118,13 +129,19 @@ FAMILIES: dict[str, GGUFFamily] = {
     "phi2": GGUFFamily("PhiForCausalLM", "phi", False, {"hidden_act": "gelu_new"},
                        config_keys={"attention.layer_norm_epsilon": "layer_norm_eps"}),
     # Granite 3.x dense: llama-shaped (Q/K permuted, head_dim dropped), its multipliers as metadata.
-    "granite": GGUFFamily("GraniteForCausalLM", "granite", True, config_hook=_granite,
-                          config_keys={"attention.scale": "attention_multiplier", "embedding_scale": "embedding_multiplier",
-                                       "residual_scale": "residual_multiplier", "logit_scale": "logits_scaling"}),
+    "granite": GGUFFamily("GraniteForCausalLM", "granite", True, config_hook=_granite, config_keys=_GRANITE_KEYS),
+    # Granite 3 MoE: as granite, input_linear split into ffn_gate_exps / ffn_up_exps; llama.cpp's graph
+    # renormalises the softmax over the top k, which is HF's softmax over the top-k logits.
+    "granitemoe": GGUFFamily("GraniteMoeForCausalLM", "granitemoe", True, config_hook=_granitemoe,
+                             config_keys={**_GRANITE_KEYS, **_EXPERT_KEYS}),
     # OLMo 1: Q/K permuted, no norm tensors (its LayerNorm has no weights), clip_qkv as clamp_kqv.
     "olmo": GGUFFamily("OlmoForCausalLM", "olmo", True, config_keys={"attention.clamp_kqv": "clip_qkv"}),
     # OLMo 2 and OLMo 3 (see _olmo2): neox rotary, not permuted.
     "olmo2": GGUFFamily("Olmo2ForCausalLM", "olmo2", False, config_hook=_olmo2),
+    # OLMoE: neox rotary, q/k norms over the whole projection. llama.cpp's olmoe graph does not
+    # renormalise the top k and has no clip_qkv (the converter writes no clamp_kqv).
+    "olmoe": GGUFFamily("OlmoeForCausalLM", "olmoe", False, {"norm_topk_prob": False},
+                        config_keys=_EXPERT_KEYS),
     # SmolLM3: permuted like llama; llama.cpp fixes the NoPE layers at every fourth, as SmolLM3Config's default.
     "smollm3": GGUFFamily("SmolLM3ForCausalLM", "smollm3", True),
     # Nemotron: LayerNorm1p stored as weight + 1, squared ReLU, partial rotary (rope.dimension_count).
@@ -134,6 +151,14 @@ FAMILIES: dict[str, GGUFFamily] = {
     # use_bias (q/k/v/o and MLP) is read from the tensors present.
     "ernie4_5": GGUFFamily("Ernie4_5ForCausalLM", "ernie4_5", False,
                            config_hook=lambda cfg, key: {"use_bias": cfg["attention_bias"]}),
+    # ERNIE 4.5 MoE: as ernie4_5; MoE on layers i >= leading_dense_block_count with (i + 1) % step == 0
+    # (llama.cpp has no end index), selection bias exp_probs_b, top k renormalised, shared experts
+    # (expert_shared_count of expert_feed_forward_length each).
+    "ernie4_5-moe": GGUFFamily("Ernie4_5_MoeForCausalLM", "ernie4_5_moe", False, {"moe_layer_end_index": -1},
+                               config_keys={**_EXPERT_KEYS, "expert_shared_count": "moe_num_shared_experts",
+                                            "leading_dense_block_count": "moe_layer_start_index",
+                                            "interleave_moe_layer_step": "moe_layer_interval"},
+                               config_hook=lambda cfg, key: {"use_bias": cfg["attention_bias"]}),
 }
 
 # HF names whose rows llama.cpp permuted, and which head count the permutation used.
@@ -159,6 +184,10 @@ def compile_tensor_map(family: GGUFFamily) -> list[tuple[re.Pattern[str], str]]:
     compiled = []
     for gguf_base, role in gguf_names(family.gguf_names).items():
         hf_base = pinned.get(role) or ROLES[role].hf[0]
+        if hf_base.endswith("_bias"):  # a bare parameter the converter renamed `x_bias` -> `x.bias`
+            pattern = re.escape(f"{gguf_base}.bias").replace(r"\{i\}", r"(?P<i>\d+)")
+            compiled.append((re.compile(f"^{pattern}$"), hf_base))
+            continue
         for suffix in ("weight", "bias"):
             pattern = re.escape(f"{gguf_base}.{suffix}").replace(r"\{i\}", r"(?P<i>\d+)")
             compiled.append((re.compile(f"^{pattern}$"), f"{hf_base}.{suffix}"))

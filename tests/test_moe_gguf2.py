@@ -1,0 +1,209 @@
+"""GGUF input for OLMoE (`olmoe`), Granite MoE (`granitemoe`) and ERNIE 4.5 MoE (`ernie4_5-moe`), each
+written as llama.cpp's convert_hf_to_gguf.py writes it (TextModel.set_gguf_parameters
+plus the family's keys; gguf-py's own HF -> GGUF names; experts stacked per layer as ffn_{gate,up,down}_exps
+(E, I, H)), and built against the HF build and transformers.
+
+Where llama.cpp's graph fixes what the HF config states, the GGUF means llama.cpp's choice and the tiny
+models are made to agree with it:
+  * OLMoE: llama.cpp's olmoe graph never renormalises the top k and has no clip_qkv (the converter writes
+    neither), its attn_k_norm is n_embd wide (kv heads = heads), and the converter writes rms eps 1e-5
+    whatever the config says; the tiny model has norm_topk_prob false, no clip_qkv, 4 kv heads, eps 1e-5.
+  * Granite MoE: Q/K permuted (GraniteModel is a LlamaModel), head_dim dropped, the multipliers as
+    attention.scale / embedding_scale / residual_scale / logit_scale; input_linear split into gate / up.
+  * ERNIE 4.5 MoE: llama.cpp's graph uses the q/k/v biases only (no o_proj / MLP / lm_head bias), so the
+    model has use_bias false; MoE layers are i >= leading_dense_block_count with (i + 1) % step == 0 (no
+    end index); the converter writes the shared experts' width as intermediate_size // kv heads, which the
+    tiny model makes equal to moe_intermediate_size x moe_num_shared_experts as the real checkpoints are.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import onnx_step_logits, prompt_and_decode, reference_logits
+from gguf import GGMLQuantizationType as QT
+
+import onnxforge
+from onnxforge.errors import ConfigError
+
+torch = pytest.importorskip("torch")
+gguf = pytest.importorskip("gguf")
+
+CONFIGS = {  # 4 experts, top 2, 2 layers (ERNIE: layer 0 dense, layer 1 MoE)
+    "olmoe": dict(cls="OlmoeConfig", hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
+                  intermediate_size=32, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2,
+                  norm_topk_prob=False, rms_norm_eps=1e-5),
+    "granitemoe": dict(cls="GraniteMoeConfig", hidden_size=64, num_attention_heads=4, num_key_value_heads=1,
+                       intermediate_size=48, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
+                       embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=2.0,
+                       attention_multiplier=0.2),
+    "ernie4_5_moe": dict(cls="Ernie4_5_MoeConfig", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=2, moe_num_experts=4,
+                         moe_k=2, moe_num_shared_experts=1, use_bias=False),
+}
+ARCH = {"olmoe": "olmoe", "granitemoe": "granitemoe", "ernie4_5_moe": "ernie4_5-moe"}
+
+
+def write_metadata(w, c, arch: str) -> None:
+    """TextModel.set_gguf_parameters, then the family's set_gguf_parameters."""
+    w.add_name("tiny")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(1e-5 if arch == "olmoe" else c.rms_norm_eps)  # OlmoeModel overwrites it with 1e-5
+    hp = c.to_dict()  # what find_hparam looks in
+    if hp.get("num_local_experts") or hp.get("num_experts"):
+        w.add_expert_count(hp.get("num_local_experts") or hp.get("num_experts"))
+    if hp.get("num_experts_per_tok"):
+        w.add_expert_used_count(hp["num_experts_per_tok"])
+    if arch != "granitemoe" and hp.get("head_dim"):  # GraniteModel drops head_dim
+        w.add_key_length(hp["head_dim"])
+        w.add_value_length(hp["head_dim"])
+    if arch == "granitemoe":  # LlamaModel's, then GraniteModel's
+        w.add_vocab_size(c.vocab_size)
+        w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+        w.add_attention_scale(c.attention_multiplier)
+        w.add_embedding_scale(c.embedding_multiplier)
+        w.add_residual_scale(c.residual_multiplier)
+        w.add_logit_scale(c.logits_scaling)
+    if arch == "ernie4_5-moe":
+        w.add_expert_count(c.moe_num_experts)
+        w.add_expert_used_count(c.moe_k)
+        w.add_interleave_moe_layer_step(c.moe_layer_interval)
+        w.add_leading_dense_block_count(c.moe_layer_start_index)
+        w.add_expert_feed_forward_length(c.moe_intermediate_size)
+        w.add_expert_shared_count(c.moe_num_shared_experts)
+        w.add_expert_shared_feed_forward_length(c.intermediate_size // c.num_key_value_heads)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+
+
+def converted_tensors(model, arch: str) -> dict[str, np.ndarray]:
+    """GGUF name -> array, as the family's modify_tensors writes them (from transformers 5's state dict,
+    whose stacked experts are what the converter stacks from the per-expert checkpoint tensors)."""
+    from test_gguf_source import llamacpp_permute
+
+    c = model.config
+    model_arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
+    names = gguf.get_tensor_name_map(model_arch, c.num_hidden_layers)
+    exps = {part: gguf.TENSOR_NAMES[getattr(gguf.MODEL_TENSOR, f"FFN_{part.upper()}_EXP")]
+            for part in ("gate", "up", "down")}
+    out = {}
+    for k, t in model.state_dict().items():
+        v = t.detach().float().numpy()
+        if k == "lm_head.weight" and c.tie_word_embeddings:
+            continue  # not in a tied checkpoint
+        i = int(k.split("layers.")[1].split(".")[0]) if "layers." in k else None
+        if k.endswith("experts.gate_up_proj"):
+            gate, up = np.split(v, 2, axis=1)  # (E, 2I, H): gate rows, then up rows (Granite's input_linear alike)
+            out[exps["gate"].format(bid=i) + ".weight"], out[exps["up"].format(bid=i) + ".weight"] = gate, up
+            continue
+        if k.endswith("experts.down_proj"):
+            out[exps["down"].format(bid=i) + ".weight"] = v
+            continue
+        if arch == "granitemoe":  # LlamaModel.modify_tensors permutes Q/K; the router is router.layer on the Hub
+            if k.endswith("q_proj.weight"):
+                v = llamacpp_permute(v, c.num_attention_heads, c.num_attention_heads)
+            if k.endswith("k_proj.weight"):
+                v = llamacpp_permute(v, c.num_attention_heads, c.num_key_value_heads)
+            k = k.replace("block_sparse_moe.router.", "block_sparse_moe.router.layer.")
+        k = k.replace("mlp.gate.moe_statics.e_score_correction_bias", "mlp.moe_statics.e_score_correction.bias")
+        stem, suffix = k.rsplit(".", 1)
+        name = names.get_name(stem)
+        assert name is not None, k
+        out[f"{name}.{suffix}"] = v
+    return out
+
+
+def write_gguf(path, model, vocab: dict, qtype: QT | None = None) -> None:
+    """The family's converter output; with `qtype`, the stacked experts quantized to it by gguf-py."""
+    from test_gguf_source import add_vocab
+
+    arch = ARCH[model.config.model_type]
+    w = gguf.GGUFWriter(path, arch)
+    write_metadata(w, model.config, arch)
+    add_vocab(w, vocab)
+    for name, v in converted_tensors(model, arch).items():
+        if qtype is not None and v.ndim == 3:
+            w.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(v), qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(name, np.ascontiguousarray(v))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def load_gguf_experts(model, path) -> None:
+    """Put gguf-py's dequantization of the file's stacked experts into the transformers model."""
+    from moe_check import experts_module
+
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+
+    def read(name):
+        t = tensors[name]
+        shape = tuple(int(d) for d in reversed(t.shape))
+        return gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32)
+
+    with torch.no_grad():
+        for i in range(model.config.num_hidden_layers):
+            if f"blk.{i}.ffn_down_exps.weight" not in tensors:
+                continue
+            gate, up, down = (read(f"blk.{i}.ffn_{p}_exps.weight") for p in ("gate", "up", "down"))
+            experts = experts_module(model, i)
+            experts.gate_up_proj.copy_(torch.from_numpy(np.concatenate([gate, up], axis=1)))
+            experts.down_proj.copy_(torch.from_numpy(np.ascontiguousarray(down)))
+
+
+@pytest.mark.parametrize("name,qtype", [(name, None) for name in CONFIGS] + [("ernie4_5_moe", "Q8_0")])
+def test_gguf_equals_the_hf_build(tmp_path, name: str, qtype: str | None):
+    """fp32: the GGUF build equals the HF build and transformers; quantized experts: it equals transformers
+    holding gguf-py's dequantization of them."""
+    from test_gguf_source import train_byte_level_vocab
+    from tiny import make_model
+
+    vocab = train_byte_level_vocab()
+    model = make_model(name, tmp_path / "hf", **CONFIGS[name], vocab_size=len(vocab["tokens"]))
+    path = tmp_path / f"{name}.gguf"
+    write_gguf(path, model, vocab, qtype and QT[qtype])
+    report = onnxforge.build(path, tmp_path / "gguf-out", "fp32")
+    assert not report.unread_tensors
+    prompt, decode = prompt_and_decode()
+    from_gguf = onnx_step_logits(tmp_path / "gguf-out", prompt, decode)
+    if qtype is None:
+        onnxforge.build(tmp_path / "hf", tmp_path / "hf-out", "fp32")
+        assert np.abs(from_gguf - onnx_step_logits(tmp_path / "hf-out", prompt, decode)).max() < 1e-4
+        cfg = json.loads((tmp_path / "hf-out" / "genai_config.json").read_text())["model"]
+        assert cfg["type"] == json.loads((tmp_path / "gguf-out" / "genai_config.json").read_text())["model"]["type"]
+    else:
+        load_gguf_experts(model, path)
+    assert np.abs(from_gguf - reference_logits(model, prompt + decode)).max() < 1e-4
+
+
+def _minimal_gguf(path, arch: str, **keys) -> None:
+    from test_gguf_source import add_vocab, train_byte_level_vocab
+
+    w = gguf.GGUFWriter(path, arch)
+    w.add_block_count(1)
+    w.add_embedding_length(64)
+    w.add_feed_forward_length(48)
+    w.add_head_count(4)
+    for key, value in keys.items():
+        getattr(w, f"add_{key}")(value)
+    add_vocab(w, train_byte_level_vocab())
+    w.add_tensor("token_embd.weight", np.zeros((4, 64), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_granitemoe_shared_is_refused(tmp_path):
+    """GraniteMoeShared is written as granitemoe with expert_shared_feed_forward_length; no HF family here."""
+    _minimal_gguf(tmp_path / "shared.gguf", "granitemoe", expert_shared_feed_forward_length=32)
+    with pytest.raises(ConfigError, match="GraniteMoeShared"):
+        onnxforge.build(tmp_path / "shared.gguf", tmp_path / "out", "fp32")
