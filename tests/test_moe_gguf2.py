@@ -1,5 +1,5 @@
-"""GGUF input for OLMoE (`olmoe`), Granite MoE (`granitemoe`) and ERNIE 4.5 MoE (`ernie4_5-moe`), each
-written as llama.cpp's convert_hf_to_gguf.py writes it (TextModel.set_gguf_parameters
+"""GGUF input for OLMoE (`olmoe`), Granite MoE (`granitemoe`), ERNIE 4.5 MoE (`ernie4_5-moe`) and gpt-oss
+(`gpt-oss`), each written as llama.cpp's convert_hf_to_gguf.py writes it (TextModel.set_gguf_parameters
 plus the family's keys; gguf-py's own HF -> GGUF names; experts stacked per layer as ffn_{gate,up,down}_exps
 (E, I, H)), and built against the HF build and transformers.
 
@@ -14,6 +14,10 @@ models are made to agree with it:
     model has use_bias false; MoE layers are i >= leading_dense_block_count with (i + 1) % step == 0 (no
     end index); the converter writes the shared experts' width as intermediate_size // kv heads, which the
     tiny model makes equal to moe_intermediate_size x moe_num_shared_experts as the real checkpoints are.
+  * gpt-oss: swiglu_oai hard-codes alpha 1.702 and limit 7 (the tiny model uses limit 7), and llama.cpp's
+    yarn always truncates the correction range (floor / ceil), where gpt-oss's config says truncate false:
+    the tiny model is made with truncate true, as the GGUF is computed. Its experts are also written as
+    MXFP4 (type 39) with gguf-py's quantizer; the reference then holds gguf-py's dequantization of them.
 """
 from __future__ import annotations
 
@@ -30,7 +34,9 @@ from onnxforge.errors import ConfigError
 torch = pytest.importorskip("torch")
 gguf = pytest.importorskip("gguf")
 
-CONFIGS = {  # 4 experts, top 2, 2 layers (ERNIE: layer 0 dense, layer 1 MoE)
+_YARN = dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=True,
+             original_max_position_embeddings=4096, rope_theta=150000.0)
+CONFIGS = {  # 4 experts, top 2, 2 layers (ERNIE: layer 0 dense, layer 1 MoE; gpt-oss: sliding, full)
     "olmoe": dict(cls="OlmoeConfig", hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
                   intermediate_size=32, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2,
                   norm_topk_prob=False, rms_norm_eps=1e-5),
@@ -41,8 +47,11 @@ CONFIGS = {  # 4 experts, top 2, 2 layers (ERNIE: layer 0 dense, layer 1 MoE)
     "ernie4_5_moe": dict(cls="Ernie4_5_MoeConfig", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                          intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=2, moe_num_experts=4,
                          moe_k=2, moe_num_shared_experts=1, use_bias=False),
+    "gpt_oss": dict(cls="GptOssConfig", hidden_size=64, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                    intermediate_size=32, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
+                    sliding_window=6, swiglu_limit=7.0, rope_parameters=_YARN),
 }
-ARCH = {"olmoe": "olmoe", "granitemoe": "granitemoe", "ernie4_5_moe": "ernie4_5-moe"}
+ARCH = {"olmoe": "olmoe", "granitemoe": "granitemoe", "ernie4_5_moe": "ernie4_5-moe", "gpt_oss": "gpt-oss"}
 
 
 def write_metadata(w, c, arch: str) -> None:
@@ -54,7 +63,14 @@ def write_metadata(w, c, arch: str) -> None:
     w.add_feed_forward_length(c.intermediate_size)
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    rope = c.rope_parameters
+    if rope["rope_type"] == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(rope["factor"])
+        w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        w.add_rope_scaling_yarn_beta_fast(rope["beta_fast"])
+        w.add_rope_scaling_yarn_beta_slow(rope["beta_slow"])
+    w.add_rope_freq_base(rope["rope_theta"])
     w.add_layer_norm_rms_eps(1e-5 if arch == "olmoe" else c.rms_norm_eps)  # OlmoeModel overwrites it with 1e-5
     hp = c.to_dict()  # what find_hparam looks in
     if hp.get("num_local_experts") or hp.get("num_experts"):
@@ -79,6 +95,9 @@ def write_metadata(w, c, arch: str) -> None:
         w.add_expert_feed_forward_length(c.moe_intermediate_size)
         w.add_expert_shared_count(c.moe_num_shared_experts)
         w.add_expert_shared_feed_forward_length(c.intermediate_size // c.num_key_value_heads)
+    if arch == "gpt-oss":
+        w.add_sliding_window(c.sliding_window)
+        w.add_expert_feed_forward_length(c.intermediate_size)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
 
 
@@ -99,11 +118,21 @@ def converted_tensors(model, arch: str) -> dict[str, np.ndarray]:
             continue  # not in a tied checkpoint
         i = int(k.split("layers.")[1].split(".")[0]) if "layers." in k else None
         if k.endswith("experts.gate_up_proj"):
-            gate, up = np.split(v, 2, axis=1)  # (E, 2I, H): gate rows, then up rows (Granite's input_linear alike)
+            if arch == "gpt-oss":  # (E, H, 2I), gate / up alternating: transposed, then split by row parity
+                v = v.transpose(0, 2, 1)
+                gate, up = v[:, 0::2], v[:, 1::2]
+            else:  # (E, 2I, H): gate rows, then up rows (Granite's input_linear split alike)
+                gate, up = np.split(v, 2, axis=1)
             out[exps["gate"].format(bid=i) + ".weight"], out[exps["up"].format(bid=i) + ".weight"] = gate, up
             continue
+        if k.endswith("experts.gate_up_proj_bias"):
+            out[exps["gate"].format(bid=i) + ".bias"], out[exps["up"].format(bid=i) + ".bias"] = v[:, 0::2], v[:, 1::2]
+            continue
         if k.endswith("experts.down_proj"):
-            out[exps["down"].format(bid=i) + ".weight"] = v
+            out[exps["down"].format(bid=i) + ".weight"] = v.transpose(0, 2, 1) if arch == "gpt-oss" else v
+            continue
+        if k.endswith("experts.down_proj_bias"):
+            out[exps["down"].format(bid=i) + ".bias"] = v
             continue
         if arch == "granitemoe":  # LlamaModel.modify_tensors permutes Q/K; the router is router.layer on the Hub
             if k.endswith("q_proj.weight"):
@@ -112,6 +141,8 @@ def converted_tensors(model, arch: str) -> dict[str, np.ndarray]:
                 v = llamacpp_permute(v, c.num_attention_heads, c.num_key_value_heads)
             k = k.replace("block_sparse_moe.router.", "block_sparse_moe.router.layer.")
         k = k.replace("mlp.gate.moe_statics.e_score_correction_bias", "mlp.moe_statics.e_score_correction.bias")
+        if k.endswith("self_attn.sinks"):
+            k += ".weight"  # GptOssModel.filter_tensors
         stem, suffix = k.rsplit(".", 1)
         name = names.get_name(stem)
         assert name is not None, k
@@ -149,17 +180,25 @@ def load_gguf_experts(model, path) -> None:
         shape = tuple(int(d) for d in reversed(t.shape))
         return gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32)
 
+    gpt_oss = model.config.model_type == "gpt_oss"
     with torch.no_grad():
         for i in range(model.config.num_hidden_layers):
             if f"blk.{i}.ffn_down_exps.weight" not in tensors:
                 continue
             gate, up, down = (read(f"blk.{i}.ffn_{p}_exps.weight") for p in ("gate", "up", "down"))
             experts = experts_module(model, i)
-            experts.gate_up_proj.copy_(torch.from_numpy(np.concatenate([gate, up], axis=1)))
+            if gpt_oss:
+                gate_up = np.empty((gate.shape[0], gate.shape[2], 2 * gate.shape[1]), np.float32)
+                gate_up[..., 0::2], gate_up[..., 1::2] = gate.transpose(0, 2, 1), up.transpose(0, 2, 1)
+                down = down.transpose(0, 2, 1)
+            else:
+                gate_up = np.concatenate([gate, up], axis=1)
+            experts.gate_up_proj.copy_(torch.from_numpy(np.ascontiguousarray(gate_up)))
             experts.down_proj.copy_(torch.from_numpy(np.ascontiguousarray(down)))
 
 
-@pytest.mark.parametrize("name,qtype", [(name, None) for name in CONFIGS] + [("ernie4_5_moe", "Q8_0")])
+@pytest.mark.parametrize("name,qtype", [(name, None) for name in CONFIGS] + [("gpt_oss", "MXFP4"),
+                                                                              ("ernie4_5_moe", "Q8_0")])
 def test_gguf_equals_the_hf_build(tmp_path, name: str, qtype: str | None):
     """fp32: the GGUF build equals the HF build and transformers; quantized experts: it equals transformers
     holding gguf-py's dequantization of them."""
@@ -182,6 +221,33 @@ def test_gguf_equals_the_hf_build(tmp_path, name: str, qtype: str | None):
     else:
         load_gguf_experts(model, path)
     assert np.abs(from_gguf - reference_logits(model, prompt + decode)).max() < 1e-4
+
+
+def converter_nibbles(blocks: np.ndarray) -> np.ndarray:
+    """GptOssModel.transform_nibble_layout (numpy): HF MXFP4 bytes (value 2k low, 2k + 1 high) -> ggml's
+    (value j low, j + 16 high)."""
+    t = ((blocks & 0x0F) << 4) | (blocks >> 4)
+    a, b = t[..., :8], t[..., 8:]
+    a = np.stack([a & 0xF0, a << 4], axis=-1).reshape(t.shape)
+    b = np.stack([b >> 4, b & 0x0F], axis=-1).reshape(t.shape)
+    out = a | b
+    return ((out & 0xF0) >> 4) | ((out & 0x0F) << 4)
+
+
+def test_mxfp4_blocks_are_onnxforges_mxfp4():
+    """The HF checkpoint's MXFP4 blocks repacked as GptOssModel.repack_mxfp4 does (the scale byte, then the
+    nibbles in ggml's order) dequantize with gguf-py to what onnxforge decodes from the HF blocks; and
+    gguf-py's own MXFP4 quantizer (used for the test files above) rounds as the OCP MX rule does."""
+    from test_moe_gptoss import encode_mxfp4
+
+    from onnxforge.quant.mxfp4 import decode_mxfp4
+
+    w = np.random.default_rng(0).normal(0, 1, (2, 4, 64)).astype(np.float32)
+    blocks, scales = encode_mxfp4(w)
+    repacked = np.concatenate([scales[..., None], converter_nibbles(blocks)], axis=-1).reshape(2, 4, -1)
+    decoded = decode_mxfp4(blocks, scales)
+    assert np.array_equal(gguf.quants.dequantize(repacked, QT.MXFP4), decoded)
+    assert np.array_equal(gguf.quants.dequantize(gguf.quants.quantize(w, QT.MXFP4), QT.MXFP4), decoded)
 
 
 def _minimal_gguf(path, arch: str, **keys) -> None:

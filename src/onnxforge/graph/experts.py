@@ -50,7 +50,7 @@ class ExpertTensors:
     fc2_sources: tuple[str, ...]
     fc1_bias: Callable[[int], np.ndarray] | None = None
     fc2_bias: Callable[[int], np.ndarray] | None = None
-    bias_sources: tuple[str, ...] = ()
+    bias_sources: tuple[str, ...] = ()  # fc1 bias tensors, then the fc2 bias tensor
     mxfp4: tuple[str, str] | None = None  # GPT-OSS's original blocks (fc1, fc2 tensor names), if the source has them
 
 
@@ -70,11 +70,21 @@ def find_experts(e: "Emitter", i: int) -> ExpertTensors:
     bias = None
     if m.expert_bias:
         b1, b2 = names.tensor("experts_gate_up", i, "_bias"), names.tensor("experts_down", i, "_bias")
-        if b1 is None or b2 is None:
+        apart = [names.module(r, i, required=False) for r in ("experts_gate", "experts_up", "experts_down")]
+        if b1 is None and all(apart) and all(src.has(f"{mod}.bias") for mod in apart):
+            # llama.cpp: the gate and up biases stacked apart like their weights, (E, I) each
+            bg, bu, b2 = (f"{mod}.bias" for mod in apart)
+            for n in (bg, bu):
+                check(n, (E, I))
+            check(b2, (E, H))
+            bias = (lambda x: interleave(f(read_expert(src, bg, x)), f(read_expert(src, bu, x))),
+                    lambda x: f(read_expert(src, b2, x)), (bg, bu, b2))
+        elif b1 is None or b2 is None:
             raise CheckpointError(f"layer {i}: the experts' biases (gate_up_proj_bias, down_proj_bias) are missing")
-        check(b1, (E, 2 * I))
-        check(b2, (E, H))
-        bias = (lambda x: f(read_expert(src, b1, x)), lambda x: f(read_expert(src, b2, x)), (b1, b2))
+        else:
+            check(b1, (E, 2 * I))
+            check(b2, (E, H))
+            bias = (lambda x: f(read_expert(src, b1, x)), lambda x: f(read_expert(src, b2, x)), (b1, b2))
 
     gate_up, down = names.tensor("experts_gate_up", i), names.tensor("experts_down", i)
     if gate_up is not None and down is not None:

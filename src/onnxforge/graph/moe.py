@@ -96,9 +96,9 @@ class Experts:
         self.b1 = self.b2 = None
         if t.fc1_bias is not None:
             (self.b1,) = e.b.weights(X.float_experts_job(t.fc1_bias, f"{base}/gate_up_proj", f"{prefix}.gate_up_proj.bias",
-                                                         E, 2 * I, 0, io, t.bias_sources[:1]))
+                                                         E, 2 * I, 0, io, t.bias_sources[:-1]))
             (self.b2,) = e.b.weights(X.float_experts_job(t.fc2_bias, f"{base}/down_proj", f"{prefix}.down_proj.bias",
-                                                         E, H, 0, io, t.bias_sources[1:]))
+                                                         E, H, 0, io, t.bias_sources[-1:]))
 
     def op(self, x: ir.Value, router: ir.Value, k: int, normalize: bool, name: str,
            router_weights: ir.Value | None = None) -> ir.Value:

@@ -37,6 +37,7 @@ SUPPORTED_TYPES: frozenset[QT] = frozenset({
     QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K,
     QT.IQ4_NL, QT.IQ4_XS, QT.IQ3_S, QT.IQ3_XXS, QT.IQ2_S, QT.IQ2_XS, QT.IQ2_XXS, QT.IQ1_S, QT.IQ1_M,
     QT.TQ1_0, QT.TQ2_0,
+    QT.MXFP4,  # gpt-oss's experts (E8M0 scale + 16 bytes of E2M1 per 32 values), dequantized by gguf-py
 })
 
 # Bytes of each tensor's data folded into the fingerprint (besides the whole header).

@@ -159,6 +159,11 @@ FAMILIES: dict[str, GGUFFamily] = {
                                             "leading_dense_block_count": "moe_layer_start_index",
                                             "interleave_moe_layer_step": "moe_layer_interval"},
                                config_hook=lambda cfg, key: {"use_bias": cfg["attention_bias"]}),
+    # gpt-oss: neox rotary, sinks (attn_sinks), biases, experts' gate/up split apart (MXFP4 or float);
+    # llama.cpp's swiglu_oai hard-codes alpha 1.702 and limit 7, and its yarn always truncates the ramp
+    # (no GGUF key says otherwise, so rope_scaling gets no `truncate: false`).
+    "gpt-oss": GGUFFamily("GptOssForCausalLM", "gpt_oss", False, {"swiglu_limit": 7.0},
+                          config_keys=_EXPERT_KEYS),
 }
 
 # HF names whose rows llama.cpp permuted, and which head count the permutation used.
