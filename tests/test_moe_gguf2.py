@@ -1,7 +1,7 @@
 """GGUF input for OLMoE (`olmoe`), Granite MoE (`granitemoe`), ERNIE 4.5 MoE (`ernie4_5-moe`) and gpt-oss
 (`gpt-oss`), each written as llama.cpp's convert_hf_to_gguf.py writes it (TextModel.set_gguf_parameters
 plus the family's keys; gguf-py's own HF -> GGUF names; experts stacked per layer as ffn_{gate,up,down}_exps
-(E, I, H)), and built against the HF build and transformers.
+(E, I, H)), and built against the HF build and transformers. PhiMoE (`phimoe`) is refused.
 
 Where llama.cpp's graph fixes what the HF config states, the GGUF means llama.cpp's choice and the tiny
 models are made to agree with it:
@@ -266,6 +266,14 @@ def _minimal_gguf(path, arch: str, **keys) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def test_phimoe_is_refused(tmp_path):
+    """llama.cpp computes PhiMoE otherwise than transformers (softmax top-2 renormalised, not the sparse
+    mixer; RMSNorm, not LayerNorm), so its GGUF cannot be built faithfully to both."""
+    _minimal_gguf(tmp_path / "phimoe.gguf", "phimoe")
+    with pytest.raises(ConfigError, match=r"'phimoe'.*sparse mixer.*Hugging Face folder"):
+        onnxforge.build(tmp_path / "phimoe.gguf", tmp_path / "out", "fp32")
 
 
 def test_granitemoe_shared_is_refused(tmp_path):

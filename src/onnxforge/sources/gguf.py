@@ -26,7 +26,8 @@ from gguf.quants import dequantize
 from ..errors import CheckpointError, ConfigError, OnnxForgeError, OutputError, UnsupportedArchitectureError
 from .base import NativeBlocks, NativeFormat
 from .gguf_blocks import block_form, split_blocks, transcode
-from .gguf_maps import AUXILIARY_TENSORS, FAMILIES, GGUFFamily, compile_tensor_map, hf_tensor_name, permuted_heads
+from .gguf_maps import (AUXILIARY_TENSORS, FAMILIES, UNFAITHFUL, GGUFFamily, compile_tensor_map, hf_tensor_name,
+                        permuted_heads)
 from .gguf_tokenizer import build_tokenizer
 
 GGUF_MAGIC = b"GGUF"
@@ -539,6 +540,9 @@ def _metadata(reader: GGUFReader) -> dict[str, Any]:
 
 
 def _family(arch: str, path: Path) -> GGUFFamily:
+    if arch in UNFAITHFUL:
+        raise ConfigError(f"{path} is a GGUF of architecture {arch!r}, which onnxforge does not build: "
+                          f"{UNFAITHFUL[arch]}. Convert from the Hugging Face folder instead.")
     family = FAMILIES.get(arch)
     if family is None:
         raise UnsupportedArchitectureError(

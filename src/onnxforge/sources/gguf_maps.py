@@ -166,6 +166,13 @@ FAMILIES: dict[str, GGUFFamily] = {
                           config_keys=_EXPERT_KEYS),
 }
 
+# GGUF architectures that llama.cpp converts but computes otherwise than the HF model, so that no build
+# can be faithful to both: architecture -> what differs.
+UNFAITHFUL: dict[str, str] = {
+    "phimoe": "llama.cpp's graph for it routes with a softmax over the top 2 experts renormalised, not "
+              "Phi-3.5-MoE's sparse mixer, and normalises with RMSNorm (plus the LayerNorm's bias), not LayerNorm",
+}
+
 # HF names whose rows llama.cpp permuted, and which head count the permutation used.
 _PERMUTED = re.compile(r"\.self_attn\.(?P<proj>[qk])_proj\.(weight|bias)$")
 
