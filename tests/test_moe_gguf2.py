@@ -250,7 +250,7 @@ def test_mxfp4_blocks_are_onnxforges_mxfp4():
     assert np.array_equal(gguf.quants.dequantize(gguf.quants.quantize(w, QT.MXFP4), QT.MXFP4), decoded)
 
 
-def _minimal_gguf(path, arch: str, **keys) -> None:
+def _minimal_gguf(path, arch: str, tensors: dict[str, np.ndarray] | None = None, **keys) -> None:
     from test_gguf_source import add_vocab, train_byte_level_vocab
 
     w = gguf.GGUFWriter(path, arch)
@@ -261,7 +261,8 @@ def _minimal_gguf(path, arch: str, **keys) -> None:
     for key, value in keys.items():
         getattr(w, f"add_{key}")(value)
     add_vocab(w, train_byte_level_vocab())
-    w.add_tensor("token_embd.weight", np.zeros((4, 64), np.float32))
+    for name, value in {"token_embd.weight": np.zeros((4, 64), np.float32), **(tensors or {})}.items():
+        w.add_tensor(name, value)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -281,3 +282,14 @@ def test_granitemoe_shared_is_refused(tmp_path):
     _minimal_gguf(tmp_path / "shared.gguf", "granitemoe", expert_shared_feed_forward_length=32)
     with pytest.raises(ConfigError, match="GraniteMoeShared"):
         onnxforge.build(tmp_path / "shared.gguf", tmp_path / "out", "fp32")
+
+
+def test_gpt_oss_fused_gate_up_is_refused(tmp_path):
+    """convert_hf_to_gguf.py --fuse-gate-up-exps writes gpt-oss's gate and up as one ffn_gate_up_exps
+    (gate rows, then up rows), which onnxforge does not read for gpt-oss (its HF experts alternate them)."""
+    from onnxforge.errors import CheckpointError
+
+    fused = {"blk.0.ffn_gate_up_exps.weight": np.zeros((4, 64, 64), np.float32)}
+    _minimal_gguf(tmp_path / "fused.gguf", "gpt-oss", fused)
+    with pytest.raises(CheckpointError, match=r"'blk.0.ffn_gate_up_exps.weight'.*'gpt-oss'.*not supported"):
+        onnxforge.build(tmp_path / "fused.gguf", tmp_path / "out", "fp32")

@@ -161,9 +161,10 @@ FAMILIES: dict[str, GGUFFamily] = {
                                config_hook=lambda cfg, key: {"use_bias": cfg["attention_bias"]}),
     # gpt-oss: neox rotary, sinks (attn_sinks), biases, experts' gate/up split apart (MXFP4 or float);
     # llama.cpp's swiglu_oai hard-codes alpha 1.702 and limit 7, and its yarn always truncates the ramp
-    # (no GGUF key says otherwise, so rope_scaling gets no `truncate: false`).
+    # (no GGUF key says otherwise, so rope_scaling gets no `truncate: false`). The converter's opt-in
+    # --fuse-gate-up-exps form (ffn_gate_up_exps: gate rows, then up rows) is not read.
     "gpt-oss": GGUFFamily("GptOssForCausalLM", "gpt_oss", False, {"swiglu_limit": 7.0},
-                          config_keys=_EXPERT_KEYS),
+                          gguf_names={"experts_gate_up": None}, config_keys=_EXPERT_KEYS),
 }
 
 # GGUF architectures that llama.cpp converts but computes otherwise than the HF model, so that no build
