@@ -190,7 +190,7 @@ def main(argv=None) -> int:
                           f"greedy, {said}; prefill = time from a "
                           f"{prefill}-token prompt to the first token, decode = {decode} further tokens; "
                           f"median of {reps} after a warm-up. `python bench/decode.py"
-                          + (" --smoke" if args.smoke else "") + "`", "", *common.header_lines(), "",
+                          + (" --smoke" if args.smoke else "") + ("" if threads else " --threads 0") + "`", "", *common.header_lines(), "",
                           common.table(headers, rows, markdown=True)] + ([f"\n{ratio}"] if ratio else [])
                          + ([f"\n{note}"] if note else []))
         common.write_section("decode" + (" (smoke)" if args.smoke else "") + ("" if threads else " (out of the box)"),
