@@ -293,3 +293,28 @@ def test_gpt_oss_fused_gate_up_is_refused(tmp_path):
     _minimal_gguf(tmp_path / "fused.gguf", "gpt-oss", fused)
     with pytest.raises(CheckpointError, match=r"'blk.0.ffn_gate_up_exps.weight'.*'gpt-oss'.*not supported"):
         onnxforge.build(tmp_path / "fused.gguf", tmp_path / "out", "fp32")
+
+
+def test_mxfp4_experts_are_reported_and_kept_off_cuda_fp4(tmp_path):
+    """A GGUF's MXFP4 experts have no exact QMoE form: the report says they were re-quantized; asking for
+    CUDA's fp4 QMoE (which carries a Hugging Face checkpoint's blocks) names the GGUF tensors and the fix."""
+    from test_gguf_source import train_byte_level_vocab
+    from tiny import make_model
+
+    from onnxforge.errors import RecipeError
+    from onnxforge.quant.options import apply_extra_options
+    from onnxforge.quant.recipe import Recipe
+
+    vocab = train_byte_level_vocab()
+    model = make_model("gpt_oss", tmp_path / "hf", **CONFIGS["gpt_oss"], vocab_size=len(vocab["tokens"]))
+    path = tmp_path / "gpt-oss.gguf"
+    write_gguf(path, model, vocab, QT.MXFP4)
+    onnxforge.build(path, tmp_path / "out", "int4")
+    report = json.loads((tmp_path / "out" / "build_report.json").read_text())
+    experts = [g["storage"] for g in report["groups"] if g["label"].endswith(("experts/gate_up_proj", "experts/down_proj"))
+               and "QMoE" in g["storage"]]
+    assert len(experts) == 4 and all(s.endswith("(re-quantized MXFP4: no exact QMoE form)") for s in experts), experts
+    cuda = apply_extra_options(Recipe(precision="int4", provider="cuda"), {"moe_quant_type": "mxfp4"})
+    with pytest.raises(RecipeError, match="MXFP4 GGUF tensors.*moe_quant_type=int4"):
+        onnxforge.build(path, tmp_path / "cuda", recipe=cuda)
+    assert not (tmp_path / "cuda").exists()

@@ -147,7 +147,7 @@ def each_expert(E: int, work: Callable[[int], object], ahead: int = 2):
 
 
 def float_experts_job(source_of: Callable[[int], np.ndarray], label: str, init: str, E: int, N: int, K: int,
-                      st: Storage, sources: tuple[str, ...]) -> WeightJob:
+                      st: Storage, sources: tuple[str, ...], note: str = "") -> WeightJob:
     """(E, N, K) float weights (or (E, N) biases with K = 0) for the MoE op, read and written one expert at
     a time (the stacked array never exists whole)."""
     shape = (E, N, K) if K else (E, N)
@@ -155,7 +155,7 @@ def float_experts_job(source_of: Callable[[int], np.ndarray], label: str, init: 
     def produce():
         return [Pieces(shape, np.dtype(st.np_dtype), lambda: each_expert(E, lambda x: source_of(x).astype(st.np_dtype)))]
 
-    return WeightJob(label, (TensorSlot(init, st.ir_dtype, shape),), produce, st.describe(), sources)
+    return WeightJob(label, (TensorSlot(init, st.ir_dtype, shape),), produce, st.describe() + note, sources)
 
 
 def describe(st: Storage) -> str:
@@ -177,7 +177,8 @@ def quant_experts_slots(prefix: str, E: int, N: int, K: int, st: Storage, scale_
 
 
 def quant_experts_job(source_of: Callable[[int], np.ndarray], label: str, prefix: str, E: int, N: int, K: int,
-                      st: Storage, scale_dtype: ir.DataType, scale_np: np.dtype, sources: tuple[str, ...]) -> WeightJob:
+                      st: Storage, scale_dtype: ir.DataType, scale_np: np.dtype, sources: tuple[str, ...],
+                      note: str = "") -> WeightJob:
     """QMoE codes / scales (/ zero points) of one projection, quantized one expert at a time: the codes are
     written expert by expert as they are made; the scales (1/4 to 1/16 of the codes) wait for them."""
     from ..quant.qmoe import qmoe_arrays, quantize_expert
@@ -198,7 +199,7 @@ def quant_experts_job(source_of: Callable[[int], np.ndarray], label: str, prefix
 
         return [Pieces(slots[0].shape, np.dtype(np.uint8), lambda: each_expert(E, quantized)), *rest]
 
-    return WeightJob(label, slots, produce, describe(st), sources)
+    return WeightJob(label, slots, produce, describe(st) + note, sources)
 
 
 def fp4_pack(blocks: np.ndarray) -> np.ndarray:

@@ -27,7 +27,9 @@ import onnx_ir as ir
 
 from ..errors import ConfigError, RecipeError
 from ..quant.storage import Storage
+from ..archs.names import Part
 from . import experts as X
+from . import weights as W
 from .builder import MS
 from .parts import dense_mlp
 
@@ -70,10 +72,15 @@ class Experts:
         prefix = f"model.layers.{i}.moe.experts"
         io = e.io
         self.fp4 = getattr(e.plan, "moe_quant_type", None) == "mxfp4"
+        # a GGUF's quantized experts (e.g. GPT-OSS's MXFP4) have no exact QMoE form: the report says so
+        stored = lambda srcs, st: W.stored_note(e.source, [Part(s) for s in srcs], st, "QMoE")  # noqa: E731
         if self.fp4:  # CUDA only (the recipe refuses it elsewhere): GPT-OSS's own blocks, carried over
             if t.mxfp4 is None:
-                raise RecipeError("moe_quant_type=mxfp4 carries over the checkpoint's MXFP4 expert blocks; this "
-                                  "checkpoint has float experts (use int4 or int8 experts)")
+                held = W.stored_formats(e.source, [Part(s) for s in t.fc1_sources])
+                raise RecipeError("moe_quant_type=mxfp4 carries over the MXFP4 expert blocks of a Hugging Face "
+                                  "GPT-OSS checkpoint; " + (f"this file's experts are {held} GGUF tensors, which "
+                                  "onnxforge re-encodes (use moe_quant_type=int4 or int8)" if held else
+                                  "this checkpoint has float experts (use int4 or int8 experts)"))
             self.quantized = True
             self.fc1 = e.b.weights(X.fp4_experts_job(e.source, f"{base}/gate_up_proj", f"{prefix}.gate_up_proj",
                                                      t.mxfp4[0], E, 2 * I, H))
@@ -85,14 +92,16 @@ class Experts:
             for st in (st1, st2):
                 check_qmoe(st.bits, st.block_size, {"hidden size": H, "intermediate size": I})
             self.fc1 = e.b.weights(X.quant_experts_job(t.fc1, f"{base}/gate_up_proj", f"{prefix}.gate_up_proj", E,
-                                                       2 * I, H, st1, io.ir_dtype, io.np_dtype, t.fc1_sources))
+                                                       2 * I, H, st1, io.ir_dtype, io.np_dtype, t.fc1_sources,
+                                                       stored(t.fc1_sources, st1)))
             self.fc2 = e.b.weights(X.quant_experts_job(t.fc2, f"{base}/down_proj", f"{prefix}.down_proj", E, H, I,
-                                                       st2, io.ir_dtype, io.np_dtype, t.fc2_sources))
+                                                       st2, io.ir_dtype, io.np_dtype, t.fc2_sources,
+                                                       stored(t.fc2_sources, st2)))
         else:
             self.fc1 = e.b.weights(X.float_experts_job(t.fc1, f"{base}/gate_up_proj", f"{prefix}.gate_up_proj.weight",
-                                                       E, 2 * I, H, io, t.fc1_sources))
+                                                       E, 2 * I, H, io, t.fc1_sources, stored(t.fc1_sources, io)))
             self.fc2 = e.b.weights(X.float_experts_job(t.fc2, f"{base}/down_proj", f"{prefix}.down_proj.weight", E,
-                                                       H, I, io, t.fc2_sources))
+                                                       H, I, io, t.fc2_sources, stored(t.fc2_sources, io)))
         self.b1 = self.b2 = None
         if t.fc1_bias is not None:
             (self.b1,) = e.b.weights(X.float_experts_job(t.fc1_bias, f"{base}/gate_up_proj", f"{prefix}.gate_up_proj.bias",

@@ -130,7 +130,7 @@ def stored_formats(source: Source, parts: Sequence[Part]) -> str:
     return "/".join(sorted(found))
 
 
-def stored_note(source: Source, parts: Sequence[Part], st: Storage) -> str:
+def stored_note(source: Source, parts: Sequence[Part], st: Storage, op: str = "MatMulNBits") -> str:
     """What happened to pre-quantized parts that are not carried over: " (dequantized Q4_1)",
     " (re-quantized Q6_K: 8-bit codes > int4)", " (re-quantized IQ2_XS: no exact form)"."""
     origins = stored_formats(source, parts)
@@ -140,7 +140,7 @@ def stored_note(source: Source, parts: Sequence[Part], st: Storage) -> str:
         return f" (dequantized {origins})"
     fmts = [source.native_format(p.name) for p in parts]
     if any(f is not None and f.bits == 0 for f in fmts):
-        return f" (re-quantized {origins}: no exact MatMulNBits form)"
+        return f" (re-quantized {origins}: no exact {op} form)"
     wider = max((f.bits for f in fmts if f is not None), default=0)
     why = f"{wider}-bit storage > int{st.bits}" if wider > st.bits else "as the recipe asks"
     return f" (re-quantized {origins}: {why})"
