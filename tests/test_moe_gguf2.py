@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
 from conftest import onnx_step_logits, prompt_and_decode, reference_logits
 from gguf import GGMLQuantizationType as QT
@@ -295,26 +296,50 @@ def test_gpt_oss_fused_gate_up_is_refused(tmp_path):
         onnxforge.build(tmp_path / "fused.gguf", tmp_path / "out", "fp32")
 
 
-def test_mxfp4_experts_are_reported_and_kept_off_cuda_fp4(tmp_path):
-    """A GGUF's MXFP4 experts have no exact QMoE form: the report says they were re-quantized; asking for
-    CUDA's fp4 QMoE (which carries a Hugging Face checkpoint's blocks) names the GGUF tensors and the fix."""
+def test_mxfp4_experts_requantized_on_cpu_carried_over_for_cuda(tmp_path):
+    """A GGUF's MXFP4 experts: on CPU (no fp4 QMoE kernel) re-quantized, and the report says so; with -e cuda
+    and moe_quant_type=mxfp4, QMoE fp4 over the file's own codes and E8M0 scales, which decode (E2M1 values
+    times 2^(e - 127)) to exactly gguf-py's dequantization of the GGUF tensors (no CUDA here: the graph's
+    initializers are inspected)."""
+    from onnx import numpy_helper
     from test_gguf_source import train_byte_level_vocab
     from tiny import make_model
 
-    from onnxforge.errors import RecipeError
     from onnxforge.quant.options import apply_extra_options
     from onnxforge.quant.recipe import Recipe
 
     vocab = train_byte_level_vocab()
-    model = make_model("gpt_oss", tmp_path / "hf", **CONFIGS["gpt_oss"], vocab_size=len(vocab["tokens"]))
+    c = CONFIGS["gpt_oss"]
+    model = make_model("gpt_oss", tmp_path / "hf", **c, vocab_size=len(vocab["tokens"]))
     path = tmp_path / "gpt-oss.gguf"
     write_gguf(path, model, vocab, QT.MXFP4)
-    onnxforge.build(path, tmp_path / "out", "int4")
-    report = json.loads((tmp_path / "out" / "build_report.json").read_text())
-    experts = [g["storage"] for g in report["groups"] if g["label"].endswith(("experts/gate_up_proj", "experts/down_proj"))
-               and "QMoE" in g["storage"]]
+    onnxforge.build(path, tmp_path / "cpu", "int4")
+    report = json.loads((tmp_path / "cpu" / "build_report.json").read_text())
+    experts = [g["storage"] for g in report["groups"] if "QMoE" in g["storage"]]
     assert len(experts) == 4 and all(s.endswith("(re-quantized MXFP4: no exact QMoE form)") for s in experts), experts
+
     cuda = apply_extra_options(Recipe(precision="int4", provider="cuda"), {"moe_quant_type": "mxfp4"})
-    with pytest.raises(RecipeError, match="MXFP4 GGUF tensors.*moe_quant_type=int4"):
-        onnxforge.build(path, tmp_path / "cuda", recipe=cuda)
-    assert not (tmp_path / "cuda").exists()
+    onnxforge.build(path, tmp_path / "cuda", recipe=cuda)
+    graph = onnx.load(str(tmp_path / "cuda" / "model.onnx")).graph
+    inits = {t.name: t for t in graph.initializer}
+    nodes = [n for n in graph.node if n.op_type == "QMoE"]
+    assert len(nodes) == c["num_hidden_layers"]
+    reader = gguf.GGUFReader(path)
+    ref = {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in reader.tensors if "_exps.weight" in t.name}
+    e2m1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+    for i, n in enumerate(nodes):
+        a = {x.name: onnx.helper.get_attribute_value(x) for x in n.attribute}
+        assert a["quant_type"] == b"fp4" and a["block_size"] == 32 and a["expert_weight_bits"] == 4
+        gate_up = np.empty_like(ref[f"blk.{i}.ffn_gate_exps.weight"], shape=(c["num_local_experts"],
+                                                                           2 * c["intermediate_size"],
+                                                                           c["hidden_size"]))
+        gate_up[:, 0::2], gate_up[:, 1::2] = ref[f"blk.{i}.ffn_gate_exps.weight"], ref[f"blk.{i}.ffn_up_exps.weight"]
+        for (w, sc), want in (((n.input[2], n.input[3]), gate_up),
+                              ((n.input[5], n.input[6]), ref[f"blk.{i}.ffn_down_exps.weight"])):
+            weight = numpy_helper.to_array(inits[w])  # (E, K, N/2): code of (n, k) at [k, n // 2], nibble n % 2
+            assert inits[sc].data_type == onnx.TensorProto.FLOAT8E8M0
+            codes = np.empty(want.shape, np.uint8)
+            codes[:, 0::2, :], codes[:, 1::2, :] = (weight & 0x0F).transpose(0, 2, 1), (weight >> 4).transpose(0, 2, 1)
+            e8m0 = np.frombuffer(inits[sc].raw_data, np.uint8).reshape(*want.shape[:2], -1)
+            got = e2m1[codes] * np.repeat(np.exp2(e8m0.astype(np.float32) - 127), 32, axis=-1)
+            assert np.array_equal(got, want.astype(np.float32))

@@ -34,7 +34,7 @@ def read_expert(source, name: str, e: int) -> np.ndarray:
 
 
 def interleave(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-    out = np.empty((gate.shape[0] * 2, *gate.shape[1:]), dtype=np.float32)
+    out = np.empty((gate.shape[0] * 2, *gate.shape[1:]), dtype=gate.dtype)
     out[0::2] = gate
     out[1::2] = up
     return out
@@ -51,7 +51,10 @@ class ExpertTensors:
     fc1_bias: Callable[[int], np.ndarray] | None = None
     fc2_bias: Callable[[int], np.ndarray] | None = None
     bias_sources: tuple[str, ...] = ()  # fc1 bias tensors, then the fc2 bias tensor
-    mxfp4: tuple[str, str] | None = None  # GPT-OSS's original blocks (fc1, fc2 tensor names), if the source has them
+    # GPT-OSS's original MXFP4 blocks, if the source has them: per projection, expert -> (codes (N, K/32, 16) in the
+    # Hugging Face nibble order, E8M0 scales (N, K/32)), fc1's rows interleaved like `fc1`
+    mxfp4: tuple[Callable[[int], tuple[np.ndarray, np.ndarray]], Callable[[int], tuple[np.ndarray, np.ndarray]]] \
+        | None = None
 
 
 def find_experts(e: "Emitter", i: int) -> ExpertTensors:
@@ -110,16 +113,28 @@ def find_experts(e: "Emitter", i: int) -> ExpertTensors:
         s1, s2 = k1[: -len("_blocks")] + "_scales", k2[: -len("_blocks")] + "_scales"
         check(k1, (E, 2 * I, H), mxfp4_shape(src.shape(k1)))
         check(k2, (E, H, I), mxfp4_shape(src.shape(k2)))
+        raw = lambda k, s: lambda x: (np.asarray(src.read_slice(k, x, raw=True), dtype=np.uint8),  # noqa: E731
+                                      np.asarray(src.read_slice(s, x, raw=True), dtype=np.uint8))
         return ExpertTensors(lambda x: mxfp4_expert(src, k1, s1, x), lambda x: mxfp4_expert(src, k2, s2, x),
-                             (k1, s1), (k2, s2), *(bias or (None, None, ())), mxfp4=(k1, k2))
+                             (k1, s1), (k2, s2), *(bias or (None, None, ())), mxfp4=(raw(k1, s1), raw(k2, s2)))
 
     gate, up = names.tensor("experts_gate", i), names.tensor("experts_up", i)
     if gate is not None and up is not None and down is not None:  # llama.cpp: gate and up stacked apart
         for n in (gate, up):
             check(n, (E, I, H))
         check(down, (E, H, I))
+        fp4 = None
+        blocks_of = getattr(src, "mxfp4_blocks", None)  # a GGUF's MXFP4 experts: the same codes and scales
+        if blocks_of is not None and all(src.native_format(n) is not None and src.native_format(n).origin == "MXFP4"
+                                         for n in (gate, up, down)):
+            def fc1_blocks(x: int) -> tuple[np.ndarray, np.ndarray]:
+                (gb, gs), (ub, us) = blocks_of(gate, x), blocks_of(up, x)
+                return interleave(gb, ub), interleave(gs, us)
+
+            fp4 = (fc1_blocks, lambda x: blocks_of(down, x))
         return ExpertTensors(lambda x: interleave(f(read_expert(src, gate, x)), f(read_expert(src, up, x))),
-                             lambda x: f(read_expert(src, down, x)), (gate, up), (down,), *(bias or (None, None, ())))
+                             lambda x: f(read_expert(src, down, x)), (gate, up), (down,), *(bias or (None, None, ())),
+                             mxfp4=fp4)
 
     per = [[names.module(r, i, e=x) for x in range(E)] for r in ("expert_gate", "expert_up", "expert_down")]
     gates, ups, downs = ([f"{mod}.weight" for mod in mods] for mods in per)
@@ -212,18 +227,18 @@ def fp4_pack(blocks: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(packed.transpose(1, 2, 3, 0).reshape(blocks.shape[1] * 32, blocks.shape[0] // 2))
 
 
-def fp4_experts_job(source, label: str, prefix: str, blocks: str, E: int, N: int, K: int) -> WeightJob:
-    """CUDA QMoE quant_type "fp4" inputs from GPT-OSS's MXFP4 blocks, carried over expert by expert:
-    weight (E, K, N/2), E8M0 scales (E, N, K/32) as stored, global scales 1."""
-    scales = blocks[: -len("_blocks")] + "_scales"
+def fp4_experts_job(read: Callable[[int], tuple[np.ndarray, np.ndarray]], label: str, prefix: str, E: int, N: int,
+                    K: int, sources: tuple[str, ...]) -> WeightJob:
+    """CUDA QMoE quant_type "fp4" inputs from GPT-OSS's MXFP4 blocks (`read(e)`: codes, scales), carried over
+    expert by expert: weight (E, K, N/2), E8M0 scales (E, N, K/32) as stored, global scales 1."""
     slots = (TensorSlot(f"{prefix}.qweight", ir.DataType.UINT8, (E, K, N // 2)),
              TensorSlot(f"{prefix}.scales", ir.DataType.FLOAT8E8M0, (E, N, K // 32)),
              TensorSlot(f"{prefix}.global_scales", ir.DataType.FLOAT, (E,)))
 
     def produce():
-        weight = lambda x: fp4_pack(np.asarray(source.read_slice(blocks, x, raw=True), dtype=np.uint8))  # noqa: E731
-        scale = lambda x: np.asarray(source.read_slice(scales, x, raw=True), dtype=np.uint8)  # noqa: E731
+        weight = lambda x: fp4_pack(read(x)[0])  # noqa: E731
+        scale = lambda x: read(x)[1]  # noqa: E731
         return [Pieces(slots[0].shape, np.dtype(np.uint8), lambda: each_expert(E, weight)),
                 Pieces(slots[1].shape, np.dtype(np.uint8), lambda: each_expert(E, scale)), np.ones(E, np.float32)]
 
-    return WeightJob(label, slots, produce, "mxfp4 (carried over)", (blocks, scales))
+    return WeightJob(label, slots, produce, "mxfp4 (carried over)", sources)

@@ -77,15 +77,15 @@ class Experts:
         if self.fp4:  # CUDA only (the recipe refuses it elsewhere): GPT-OSS's own blocks, carried over
             if t.mxfp4 is None:
                 held = W.stored_formats(e.source, [Part(s) for s in t.fc1_sources])
-                raise RecipeError("moe_quant_type=mxfp4 carries over the MXFP4 expert blocks of a Hugging Face "
-                                  "GPT-OSS checkpoint; " + (f"this file's experts are {held} GGUF tensors, which "
-                                  "onnxforge re-encodes (use moe_quant_type=int4 or int8)" if held else
-                                  "this checkpoint has float experts (use int4 or int8 experts)"))
+                raise RecipeError("moe_quant_type=mxfp4 carries over the checkpoint's MXFP4 expert blocks; "
+                                  + (f"this file's experts are {held}, which have no fp4 form (use "
+                                     "moe_quant_type=int4 or int8)" if held else
+                                     "this checkpoint has float experts (use int4 or int8 experts)"))
             self.quantized = True
-            self.fc1 = e.b.weights(X.fp4_experts_job(e.source, f"{base}/gate_up_proj", f"{prefix}.gate_up_proj",
-                                                     t.mxfp4[0], E, 2 * I, H))
-            self.fc2 = e.b.weights(X.fp4_experts_job(e.source, f"{base}/down_proj", f"{prefix}.down_proj",
-                                                     t.mxfp4[1], E, H, I))
+            self.fc1 = e.b.weights(X.fp4_experts_job(t.mxfp4[0], f"{base}/gate_up_proj", f"{prefix}.gate_up_proj",
+                                                     E, 2 * I, H, t.fc1_sources))
+            self.fc2 = e.b.weights(X.fp4_experts_job(t.mxfp4[1], f"{base}/down_proj", f"{prefix}.down_proj",
+                                                     E, H, I, t.fc2_sources))
         elif self.quantized:
             from ..quant.qmoe import check_qmoe
 

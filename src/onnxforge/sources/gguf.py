@@ -122,6 +122,20 @@ class GGUFSource:
         """The tensor's GGUF type name ("Q4_K", "F16", ...)."""
         return self._tensor(name).tensor_type.name
 
+    def mxfp4_blocks(self, name: str, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Expert `index` of an MXFP4 tensor as a Hugging Face GPT-OSS checkpoint stores it: codes (N, K/32, 16),
+        value 2k in the low nibble of byte k and 2k + 1 in the high one, and the E8M0 scales (N, K/32).
+        ggml's block is the scale byte, then 16 bytes holding value j low and j + 16 high (the converter's
+        repacking, undone: the same codes and scales)."""
+        tensor = self._tensor(name)
+        if tensor.tensor_type != QT.MXFP4 or len(tensor.shape) != 3:
+            raise CheckpointError(f"{tensor.name!r} ({name}) is {tensor.tensor_type.name}, not stacked MXFP4 experts")
+        n = _hf_shape(tensor)[1]
+        raw = np.asarray(tensor.data[index], dtype=np.uint8).reshape(n, -1, 17)
+        qs = raw[..., 1:]
+        values = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # (N, K/32, 32) in order
+        return np.ascontiguousarray(values[..., 0::2] | (values[..., 1::2] << 4)), np.ascontiguousarray(raw[..., 0])
+
     def native_format(self, name: str) -> NativeFormat | None:
         """How `name` maps onto MatMulNBits without changing a value (None for float tensors;
         bits 0 for quantized types that have no such form: codebooks, ternary)."""
