@@ -261,17 +261,11 @@ def write_gemma_gguf(path, model, vocab: dict, arch: str) -> None:
     """GemmaModel / Gemma2Model / Gemma3Model (conversion/gemma.py): metadata keys, norm weights + 1,
     no lm_head for Gemma 1/2 (tied), gguf's HF->GGUF tensor names."""
     import gguf
-    from test_gguf_source import add_vocab, write_gguf_tensors
+    from test_gguf_source import add_vocab, text_model_params, write_gguf_tensors
 
     c = model.config
     w = gguf.GGUFWriter(path, arch)
-    w.add_name("tiny")
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
+    text_model_params(w, c)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_key_length(c.head_dim)
     w.add_value_length(c.head_dim)

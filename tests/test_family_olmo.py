@@ -170,18 +170,12 @@ def write_olmo_gguf(path, model, vocab: dict) -> None:
     """TextModel.set_gguf_parameters plus OlmoModel's (layer_norm_eps 1e-5, clamp_kqv, Q/K permuted) or
     Olmo2Model's (sliding_window and its per-layer pattern); gguf's HF->GGUF tensor names."""
     import gguf
-    from test_gguf_source import add_vocab, llamacpp_permute, write_gguf_tensors
+    from test_gguf_source import add_vocab, llamacpp_permute, text_model_params, write_gguf_tensors
 
     c = model.config
     arch = "olmo" if c.model_type == "olmo" else "olmo2"
     w = gguf.GGUFWriter(path, arch)
-    w.add_name("tiny")
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
+    text_model_params(w, c)
     rope = c.rope_parameters.get("full_attention", c.rope_parameters)
     if rope["rope_type"] == "yarn":
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)

@@ -177,7 +177,7 @@ def write_gguf(path, model, vocab: dict) -> None:
     NemotronModel (layer_norm_eps, partial rope dimension, no rope scaling, norm weights + 1) or
     Ernie4_5Model (nothing more); gguf's HF->GGUF tensor names."""
     import gguf
-    from test_gguf_source import add_vocab, llamacpp_permute, write_gguf_tensors
+    from test_gguf_source import add_vocab, llamacpp_permute, text_model_params, write_gguf_tensors
 
     c = model.config
     arch = c.model_type
@@ -185,13 +185,7 @@ def write_gguf(path, model, vocab: dict) -> None:
     if arch == "granite":
         hp.pop("head_dim", None)
     w = gguf.GGUFWriter(path, arch)
-    w.add_name("tiny")
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
+    text_model_params(w, c)
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(hp.get("rms_norm_eps", hp.get("norm_eps")))
     if hp.get("head_dim") is not None:

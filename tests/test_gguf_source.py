@@ -83,6 +83,17 @@ def sentencepiece_vocab() -> dict:
     return {"model": "llama", "tokens": tokens, "types": types, "scores": scores, "bos": 1, "eos": 2, "unk": 0}
 
 
+def text_model_params(w, c) -> None:
+    """The keys convert_hf_to_gguf.py's TextModel.set_gguf_parameters writes first, from an HF config `c`."""
+    w.add_name("tiny")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+
+
 def add_vocab(writer: gguf.GGUFWriter, vocab: dict) -> None:
     """Tokenizer metadata as llama.cpp's converter writes it."""
     writer.add_tokenizer_model(vocab["model"])
@@ -164,15 +175,23 @@ def write_gguf_tensors(writer, tensors: dict, arch: str, n_layers: int, qtype=No
     import gguf
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n_layers)
+    named = {}
     for hf_name, array in tensors.items():
         stem, suffix = hf_name.rsplit(".", 1)
-        gguf_name = f"{names.get_name(stem)}.{suffix}"
-        if array.ndim == 2 and qtype not in (None, QT.F32):
-            writer.add_tensor(gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+        named[f"{names.get_name(stem)}.{suffix}"] = array
+    finish_gguf(writer, {**named, **(extra or {})}, qtype, lambda name, array: array.ndim == 2 and name not in (extra or {}))
+
+
+def finish_gguf(writer, named: dict, qtype=None, quantized=lambda name, array: array.ndim == 2) -> None:
+    """Add GGUF-named arrays (those `quantized` picks stored as `qtype` by gguf.quants.quantize), then write
+    the header, metadata and tensors and close the file."""
+    import gguf
+
+    for name, array in named.items():
+        if qtype not in (None, QT.F32) and quantized(name, array):
+            writer.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(array), qtype), raw_dtype=qtype)
         else:
-            writer.add_tensor(gguf_name, np.ascontiguousarray(array))
-    for name, array in (extra or {}).items():
-        writer.add_tensor(name, array)
+            writer.add_tensor(name, np.ascontiguousarray(array))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

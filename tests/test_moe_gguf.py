@@ -33,18 +33,12 @@ ARCH = {"mixtral": "llama", "qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe"}
 def write_gguf(path, model, vocab: dict, qtype=None) -> None:
     """TextModel.set_gguf_parameters (+ expert counts), LlamaModel's Q/K permutation for Mixtral,
     Qwen2MoeModel's expert lengths; experts stacked per layer into 3-D tensors as modify_tensors does."""
-    from test_gguf_source import add_vocab, llamacpp_permute
+    from test_gguf_source import add_vocab, finish_gguf, llamacpp_permute, text_model_params
 
     c = model.config
     arch = ARCH[c.model_type]
     w = gguf.GGUFWriter(path, arch)
-    w.add_name("tiny")
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
+    text_model_params(w, c)
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     if getattr(c, "head_dim", None) and arch != "llama":
@@ -74,18 +68,12 @@ def write_gguf(path, model, vocab: dict, qtype=None) -> None:
         if arch == "llama" and k.endswith("k_proj.weight"):
             v = llamacpp_permute(v, c.num_attention_heads, c.num_key_value_heads)
         tensors[k] = v
+    named = {}
     for k, v in tensors.items():
         stem, suffix = (k, "weight") if k.endswith(("experts.gate_proj", "experts.up_proj", "experts.down_proj")) \
             else k.rsplit(".", 1)
-        name = f"{names.get_name(stem)}.{suffix}"
-        if qtype is not None and v.ndim == 3:
-            w.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(v), qtype), raw_dtype=qtype)
-        else:
-            w.add_tensor(name, np.ascontiguousarray(v))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+        named[f"{names.get_name(stem)}.{suffix}"] = v
+    finish_gguf(w, named, qtype, lambda name, v: v.ndim == 3)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

@@ -57,13 +57,9 @@ ARCH = {"olmoe": "olmoe", "granitemoe": "granitemoe", "ernie4_5_moe": "ernie4_5-
 
 def write_metadata(w, c, arch: str) -> None:
     """TextModel.set_gguf_parameters, then the family's set_gguf_parameters."""
-    w.add_name("tiny")
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
+    from test_gguf_source import text_model_params
+
+    text_model_params(w, c)
     rope = c.rope_parameters
     if rope["rope_type"] == "yarn":
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
@@ -153,21 +149,13 @@ def converted_tensors(model, arch: str) -> dict[str, np.ndarray]:
 
 def write_gguf(path, model, vocab: dict, qtype: QT | None = None) -> None:
     """The family's converter output; with `qtype`, the stacked experts quantized to it by gguf-py."""
-    from test_gguf_source import add_vocab
+    from test_gguf_source import add_vocab, finish_gguf
 
     arch = ARCH[model.config.model_type]
     w = gguf.GGUFWriter(path, arch)
     write_metadata(w, model.config, arch)
     add_vocab(w, vocab)
-    for name, v in converted_tensors(model, arch).items():
-        if qtype is not None and v.ndim == 3:
-            w.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(v), qtype), raw_dtype=qtype)
-        else:
-            w.add_tensor(name, np.ascontiguousarray(v))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_gguf(w, converted_tensors(model, arch), qtype, lambda name, v: v.ndim == 3)
 
 
 def load_gguf_experts(model, path) -> None:
