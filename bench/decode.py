@@ -84,13 +84,6 @@ def measure_interleaved(folders: dict[str, Path], prefill: int, decode: int, rep
     return {name: summarise(v) for name, v in runs.items()}
 
 
-def measure(folder: Path, prefill: int, decode: int, reps: int, seed: int = 0, threads: int | None = None) -> dict:
-    """Median prefill seconds and decode tokens/s of one model (see Runner)."""
-    r = Runner(folder, prefill, decode, seed, threads)
-    r.once()
-    return summarise([r.once() for _ in range(reps)])
-
-
 PRUNED = "ours int4 prune_lm_head"  # logits for the last position only: prefill skips the lm_head's other rows
 ANCHOR_PRUNED = "anchor int4 prune_lm_head"
 LLAMA = "llama.cpp (GGUF as stored)"

@@ -240,7 +240,7 @@ def test_mxfp4_blocks_are_onnxforges_mxfp4():
 
 
 def _minimal_gguf(path, arch: str, tensors: dict[str, np.ndarray] | None = None, **keys) -> None:
-    from test_gguf_source import add_vocab, train_byte_level_vocab
+    from test_gguf_source import add_vocab, finish_gguf, train_byte_level_vocab
 
     w = gguf.GGUFWriter(path, arch)
     w.add_block_count(1)
@@ -250,12 +250,7 @@ def _minimal_gguf(path, arch: str, tensors: dict[str, np.ndarray] | None = None,
     for key, value in keys.items():
         getattr(w, f"add_{key}")(value)
     add_vocab(w, train_byte_level_vocab())
-    for name, value in {"token_embd.weight": np.zeros((4, 64), np.float32), **(tensors or {})}.items():
-        w.add_tensor(name, value)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_gguf(w, {"token_embd.weight": np.zeros((4, 64), np.float32), **(tensors or {})})
 
 
 def test_phimoe_is_refused(tmp_path):

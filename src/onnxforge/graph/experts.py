@@ -125,7 +125,7 @@ def find_experts(e: "Emitter", i: int) -> ExpertTensors:
         check(down, (E, H, I))
         fp4 = None
         blocks_of = getattr(src, "mxfp4_blocks", None)  # a GGUF's MXFP4 experts: the same codes and scales
-        if blocks_of is not None and all(src.native_format(n) is not None and src.native_format(n).origin == "MXFP4"
+        if blocks_of is not None and all(getattr(src.native_format(n), "origin", None) == "MXFP4"
                                          for n in (gate, up, down)):
             def fc1_blocks(x: int) -> tuple[np.ndarray, np.ndarray]:
                 (gb, gs), (ub, us) = blocks_of(gate, x), blocks_of(up, x)
@@ -236,9 +236,13 @@ def fp4_experts_job(read: Callable[[int], tuple[np.ndarray, np.ndarray]], label:
              TensorSlot(f"{prefix}.global_scales", ir.DataType.FLOAT, (E,)))
 
     def produce():
-        weight = lambda x: fp4_pack(read(x)[0])  # noqa: E731
-        scale = lambda x: read(x)[1]  # noqa: E731
-        return [Pieces(slots[0].shape, np.dtype(np.uint8), lambda: each_expert(E, weight)),
-                Pieces(slots[1].shape, np.dtype(np.uint8), lambda: each_expert(E, scale)), np.ones(E, np.float32)]
+        scales = np.empty(slots[1].shape, np.uint8)  # 1/16 of the codes: filled as the codes are written
+
+        def weight(x: int) -> np.ndarray:
+            codes, scales[x] = read(x)
+            return fp4_pack(codes)
+
+        return [Pieces(slots[0].shape, np.dtype(np.uint8), lambda: each_expert(E, weight)), scales,
+                np.ones(E, np.float32)]
 
     return WeightJob(label, slots, produce, "mxfp4 (carried over)", sources)

@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from ..archs.names import Part
 from ..errors import ConfigError, RecipeError
 from ..quant.storage import Storage
-from ..archs.names import Part
 from . import experts as X
 from . import weights as W
 from .builder import MS
@@ -73,10 +73,11 @@ class Experts:
         io = e.io
         self.fp4 = getattr(e.plan, "moe_quant_type", None) == "mxfp4"
         # a GGUF's quantized experts (e.g. GPT-OSS's MXFP4) have no exact QMoE form: the report says so
-        stored = lambda srcs, st: W.stored_note(e.source, [Part(s) for s in srcs], st, "QMoE")  # noqa: E731
+        parts1, parts2 = [Part(s) for s in t.fc1_sources], [Part(s) for s in t.fc2_sources]
+        stored = lambda parts, st: W.stored_note(e.source, parts, st, "QMoE")  # noqa: E731
         if self.fp4:  # CUDA only (the recipe refuses it elsewhere): GPT-OSS's own blocks, carried over
             if t.mxfp4 is None:
-                held = W.stored_formats(e.source, [Part(s) for s in t.fc1_sources])
+                held = W.stored_formats(e.source, parts1)
                 raise RecipeError("moe_quant_type=mxfp4 carries over the checkpoint's MXFP4 expert blocks; "
                                   + (f"this file's experts are {held}, which have no fp4 form (use "
                                      "moe_quant_type=int4 or int8)" if held else
@@ -93,15 +94,15 @@ class Experts:
                 check_qmoe(st.bits, st.block_size, {"hidden size": H, "intermediate size": I})
             self.fc1 = e.b.weights(X.quant_experts_job(t.fc1, f"{base}/gate_up_proj", f"{prefix}.gate_up_proj", E,
                                                        2 * I, H, st1, io.ir_dtype, io.np_dtype, t.fc1_sources,
-                                                       stored(t.fc1_sources, st1)))
+                                                       stored(parts1, st1)))
             self.fc2 = e.b.weights(X.quant_experts_job(t.fc2, f"{base}/down_proj", f"{prefix}.down_proj", E, H, I,
                                                        st2, io.ir_dtype, io.np_dtype, t.fc2_sources,
-                                                       stored(t.fc2_sources, st2)))
+                                                       stored(parts2, st2)))
         else:
             self.fc1 = e.b.weights(X.float_experts_job(t.fc1, f"{base}/gate_up_proj", f"{prefix}.gate_up_proj.weight",
-                                                       E, 2 * I, H, io, t.fc1_sources, stored(t.fc1_sources, io)))
+                                                       E, 2 * I, H, io, t.fc1_sources, stored(parts1, io)))
             self.fc2 = e.b.weights(X.float_experts_job(t.fc2, f"{base}/down_proj", f"{prefix}.down_proj.weight", E,
-                                                       H, I, io, t.fc2_sources, stored(t.fc2_sources, io)))
+                                                       H, I, io, t.fc2_sources, stored(parts2, io)))
         self.b1 = self.b2 = None
         if t.fc1_bias is not None:
             (self.b1,) = e.b.weights(X.float_experts_job(t.fc1_bias, f"{base}/gate_up_proj", f"{prefix}.gate_up_proj.bias",
