@@ -312,3 +312,68 @@ def test_gather_block_quantized_unrepresentable_k() -> None:
     q = quantize(weights(4, 101), bits=4, block_size=32, symmetric=True)
     with pytest.raises(RecipeError, match="K \\* bits"):
         to_gather_block_quantized(q, shared=False)
+
+
+# ---------------------------------------------------------------- k_quant's C kernel
+
+def _kernel_buildable() -> bool:
+    """Where pip install must have built the kernel: Linux x86-64 with a C compiler and AVX2."""
+    import platform
+    import shutil
+
+    if platform.system() != "Linux" or platform.machine() != "x86_64" or not shutil.which("cc"):
+        return False
+    with open("/proc/cpuinfo") as f:
+        return " avx2" in f.read()
+
+
+def test_kquant_kernel_is_built_where_it_can_be() -> None:
+    """The extension is optional (an install without a compiler still works, on the numpy reference),
+    so a failed compile would pass unnoticed but for this."""
+    from onnxforge.quant import _native
+
+    if _kernel_buildable():
+        assert _native.KQUANT is not None, "the k_quant C kernel did not build (pip install -e . compiles it)"
+
+
+def _hard_blocks(n_rows: int, k: int, seed: int) -> np.ndarray:
+    """Weights with the blocks that stress exactness: zeros, constants, +-a ties, subnormals, huge values,
+    a single nonzero, values on rounding ties, and mixed scales."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((n_rows, k)) * rng.uniform(1e-3, 3, (n_rows, 1))).astype(np.float32)
+    w[0] = 0
+    w[1] = 0.125
+    w[2, ::2], w[2, 1::2] = 0.5, -0.5
+    w[3] = rng.standard_normal(k).astype(np.float32) * np.float32(1e-39)  # subnormal
+    w[4] = rng.standard_normal(k).astype(np.float32) * np.float32(1e15)  # squares near float32's top
+    w[5] = 0
+    w[5, 7] = -2.0
+    w[6] = np.round(rng.standard_normal(k) * 8) / 16  # halves of a plausible step: rounding ties
+    w[7] = -np.abs(w[7])
+    return w
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("block_size", [16, 32, 64, 128, 256])
+def test_kquant_kernel_equals_numpy_reference(symmetric: bool, bits: int, block_size: int) -> None:
+    """The C kernel and the numpy reference make the same search with the same float32 operations in
+    the same order: every byte agrees (levels, scales, zero points), on hard blocks and on a padded K."""
+    from onnxforge.quant import _native
+    from onnxforge.quant.kquant import quantize_kquant
+
+    if _native.KQUANT is None:
+        pytest.skip("the k_quant C kernel is not built here (test_kquant_kernel_is_built_where_it_can_be "
+                    "says whether it should be)")
+    w = _hard_blocks(24, 3 * block_size - 5, seed=bits * block_size)
+    with np.errstate(all="ignore"):  # the 1e15 row's scores overflow to inf, in both
+        ref = quantize_kquant(w, bits=bits, block_size=block_size, symmetric=symmetric, native=False)
+    got = quantize_kquant(w, bits=bits, block_size=block_size, symmetric=symmetric, native=True)
+    np.testing.assert_array_equal(got.data, ref.data)
+    np.testing.assert_array_equal(got.scales.view(np.uint32), ref.scales.view(np.uint32))  # -0.0 too
+    assert np.isfinite(got.scales).all()
+    assert (got.zero_points is None) == symmetric
+    if not symmetric:
+        np.testing.assert_array_equal(got.zero_points, ref.zero_points)
+    assert quantize(w, bits=bits, block_size=block_size, symmetric=symmetric, method="k_quant").data.tobytes() \
+        == got.data.tobytes()  # what builds use

@@ -21,10 +21,10 @@ from onnxforge.quant.rtn import asymmetric_scale_zp, signed_absmax
 from onnxforge.quant.types import (
     QuantizedWeight,
     check_params,
-    dot,
     keep_better,
     reciprocal,
     round_levels,
+    to_blocks,
 )
 
 KQUANT_BITS = (2, 4, 8)
@@ -33,9 +33,24 @@ GRID = np.arange(-0.9, 0.91, 0.1, dtype=np.float32)
 LLOYD_ROUNDS = 2
 
 
+def tsum(a: np.ndarray) -> np.ndarray:
+    """Sum over the last axis (a power of two long) as a halving tree, keeping it: ``(..., 1)``.
+
+    The order of the additions is fixed (``a[i] + a[i + n/2]``, then again on the first half), so
+    the C kernel (``_native/kquant.c``) reproduces every sum, and so every choice, bit for bit.
+    """
+    n = a.shape[-1]
+    if n & (n - 1):
+        raise ValueError(f"tsum needs a power-of-two axis, got {n}")
+    while n > 1:
+        n //= 2
+        a = a[..., :n] + a[..., n:]
+    return a
+
+
 def importance(x: np.ndarray) -> np.ndarray:
     """Per-element weights ``|x| + rms(block)``, never all zero for a nonzero block."""
-    rms = np.sqrt(np.mean(x * x, axis=-1, keepdims=True))
+    rms = np.sqrt(tsum(x * x) / np.float32(x.shape[-1]))
     return np.abs(x) + rms
 
 
@@ -45,8 +60,8 @@ def _ls_scale(wx: np.ndarray, wt: np.ndarray, lev: np.ndarray) -> tuple[np.ndarr
     Minimising ``sum wt (x - s lev)^2`` gives ``s = sum wx lev / sum wt lev^2``; the
     error is ``sum wt x^2 - score`` with ``score = s * sum wx lev`` (higher is better).
     """
-    slx = dot(wx, lev)
-    sl2 = dot(wt, lev * lev)
+    slx = tsum(wx * lev)
+    sl2 = tsum(wt * (lev * lev))
     s = np.divide(slx, sl2, out=np.zeros_like(slx), where=sl2 > 0)
     return s, s * slx
 
@@ -81,8 +96,8 @@ def _asymmetric(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     qmax = np.float32((1 << bits) - 1)
     wt = importance(x)
     wx = wt * x
-    sw = wt.sum(axis=-1, keepdims=True)
-    swx = wx.sum(axis=-1, keepdims=True)
+    sw = tsum(wt)
+    swx = tsum(wx)
     s0, zp0 = asymmetric_scale_zp(x, bits)
     best_s, best = _ls_scale(wx, wt, round_levels(x, s0, zp0, bits) - zp0)  # RTN start
     best_zp = zp0
@@ -93,7 +108,7 @@ def _asymmetric(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
         lev = np.floor((x - lo) * iscale + np.float32(0.5))
         np.clip(lev, 0, qmax, out=lev)
         # joint weighted least squares x ~ a * lev + b, then snap -b/a to an integer zero point
-        swl, swl2, swlx = dot(wt, lev), dot(wt, lev * lev), dot(wx, lev)
+        swl, swl2, swlx = tsum(wt * lev), tsum(wt * (lev * lev)), tsum(wx * lev)
         det = sw * swl2 - swl * swl
         ok = det > 1e-12 * sw * swl2
         a = np.divide(sw * swlx - swx * swl, det, out=np.zeros_like(det), where=ok)
@@ -107,8 +122,38 @@ def _asymmetric(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     return _lloyd(x, wt, wx, best_s, best_zp, best, bits), best_zp
 
 
-def quantize_kquant(w: np.ndarray, *, bits: int, block_size: int, symmetric: bool) -> QuantizedWeight:
-    """k-quant style search of per-block scale (and integer zero point); see module docstring."""
+def _native(w: np.ndarray, bits: int, block_size: int, symmetric: bool) -> QuantizedWeight:
+    """The C kernel's search: the same float32 operations in the same order, so the same bytes."""
+    from onnxforge.quant._native import KQUANT
+    from onnxforge.quant.pack import from_levels
+
+    blocks, k = to_blocks(w, block_size)
+    n, kb, _ = blocks.shape
+    scales = np.empty((n, kb), np.float32)
+    zps = None if symmetric else np.empty((n, kb), np.float32)
+    levels = np.empty(blocks.shape, np.uint8)
+    args = (blocks, n * kb, block_size, bits, GRID, len(GRID), LLOYD_ROUNDS, scales)
+    rc = KQUANT.kquant_symmetric(*args, levels) if symmetric else KQUANT.kquant_asymmetric(*args, zps, levels)
+    if rc:
+        raise RuntimeError("the k_quant C kernel refused to run on this CPU")
+    return from_levels(levels, scales, zps, bits, block_size, k)
+
+
+def quantize_kquant(w: np.ndarray, *, bits: int, block_size: int, symmetric: bool,
+                    native: bool | None = None) -> QuantizedWeight:
+    """k-quant style search of per-block scale (and integer zero point); see module docstring.
+
+    ``native`` (default: when built) runs the C kernel, else the numpy reference; both give the same
+    bytes (tests/test_quantizers.py checks it), the kernel about ? times faster.
+    """
+    from onnxforge.quant._native import KQUANT
+
     check_params("k_quant", bits, block_size, KQUANT_BITS)
+    if native is None:
+        native = KQUANT is not None
+    if native:
+        if KQUANT is None:
+            raise RuntimeError("the k_quant C kernel is not built (pip install -e . compiles it)")
+        return _native(w, bits, block_size, symmetric)
     return quantize_blockwise(w, bits, block_size, symmetric,
                               lambda x: _symmetric(x, bits) if symmetric else _asymmetric(x, bits))

@@ -1,8 +1,8 @@
 """Quantization in worker processes, so every core is busy whatever the method.
 
-onnxruntime's C++ quantizer (method ``default``) holds the GIL, and the numpy methods (k_quant, hqq)
-release it only inside large numpy calls, so threads alone leave cores idle. A build with more than
-one worker hands each slice of rows to one of N worker processes.
+onnxruntime's C++ quantizer (method ``default``) holds the GIL, and the numpy methods (hqq, and
+k_quant without its C kernel) release it only inside large numpy calls, so threads alone leave cores
+idle. A build with more than one worker hands each slice of rows to one of N worker processes.
 
 The workers are plain subprocesses running ``python -m onnxforge.quant.worker``: they never import
 the caller's ``__main__`` (multiprocessing's spawn and forkserver do, which breaks a script that
@@ -31,12 +31,14 @@ from typing import BinaryIO
 import numpy as np
 
 from onnxforge import errors
+from onnxforge.quant import _native
 from onnxforge.quant.types import QuantizedWeight
 
 _LEN = struct.Struct("<Q")
 # the methods worth a process: the pure-numpy rtn is as fast in threads (it releases the GIL in its
-# large numpy calls), and moving its input to another process costs more than it saves
-PROCESS_METHODS = frozenset({"default", "k_quant", "hqq"})
+# large numpy calls), and moving its input to another process costs more than it saves; so is k_quant
+# when its C kernel is built (ctypes releases the GIL for the whole search)
+PROCESS_METHODS = frozenset({"default", "hqq"} | ({"k_quant"} if _native.KQUANT is None else set()))
 AVAILABLE = hasattr(os, "memfd_create")  # Linux; elsewhere builds quantize in threads
 
 
