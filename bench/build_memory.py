@@ -180,7 +180,14 @@ def main() -> int:
         text = io.StringIO()
         with contextlib.redirect_stdout(text):
             print_table(rows, title)
-        body = "\n".join(common.header_lines() + ["", "```", text.getvalue().rstrip(), "```"])
+        from onnxforge.quant import _native
+
+        kernel = "its C kernel" if _native.KQUANT is not None else "the numpy reference (the C kernel is not built)"
+        notes = [f"onnxforge on {os.cpu_count()} workers; k_quant ran {kernel}, in threads (ctypes releases the GIL); "
+                 "default and hqq in worker processes. The anchor's rows pass `algo_config=` (onnxruntime-genai "
+                 "0.18 silently ignores the legacy `int4_algo_config=` spelling). Issue 14's target for k_quant is "
+                 "1/20 of the anchor's time."]
+        body = "\n".join(common.header_lines() + ["", "```", text.getvalue().rstrip(), "```"] + notes)
         common.write_section("Build time and peak memory by int4 method (bench/build_memory.py)", body)
     if args.anchor and not anchor_available():
         print("anchor: onnxruntime-genai builder not available (needs onnxruntime-genai, torch, transformers)")

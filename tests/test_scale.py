@@ -124,6 +124,34 @@ def test_worker_processes_are_used_and_change_no_byte(tmp_path, monkeypatch, met
     assert pool.active() is None, "the pool outlived the build"
 
 
+def test_kquant_without_its_kernel_gives_the_same_model(tmp_path, monkeypatch):
+    """k_quant's numpy reference in worker processes writes the same bytes as its C kernel in threads."""
+    from tiny import write_random_llama
+
+    from onnxforge.quant import _native
+
+    ckpt = write_random_llama(tmp_path / "ckpt", inter=256)
+    recipe = Recipe(precision="int4", method="k_quant", block_size=32, symmetric=False)
+    onnxforge.build(ckpt, tmp_path / "kernel", recipe=recipe, workers=2)
+    monkeypatch.setenv("ONNXFORGE_NO_NATIVE", "1")  # the worker processes inherit it
+    monkeypatch.setattr(_native, "KQUANT", None)
+    monkeypatch.setattr(pool, "PROCESS_METHODS", pool.PROCESS_METHODS | {"k_quant"})
+    monkeypatch.setattr(pool.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr("onnxforge.api.os.cpu_count", lambda: 2)
+    used = []
+    real = pool.WorkerPool.quantize
+
+    def spy(self, *args, **kwargs):
+        used.append(self.n)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(pool.WorkerPool, "quantize", spy)
+    onnxforge.build(ckpt, tmp_path / "numpy", recipe=recipe, workers=2)
+    assert used or not pool.AVAILABLE, "the numpy k_quant did not run in worker processes"
+    for name in ("model.onnx", "model.onnx.data"):
+        assert _sha(tmp_path / "kernel" / name) == _sha(tmp_path / "numpy" / name), name
+
+
 def test_a_worker_error_is_the_same_error():
     if not pool.AVAILABLE:
         pytest.skip("worker processes need os.memfd_create (Linux)")
