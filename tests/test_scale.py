@@ -97,14 +97,9 @@ def test_a_large_float_table_is_written_in_pieces(tmp_path, monkeypatch):
     assert _sha(tmp_path / "one" / "model.onnx.data") == _sha(tmp_path / "pieces" / "model.onnx.data")
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_worker_processes_are_used_and_change_no_byte(tmp_path, monkeypatch, method):
-    from tiny import write_random_llama
-
-    ckpt = write_random_llama(tmp_path / "ckpt", inter=256)
-    recipe = Recipe(precision="int4", method=method, block_size=32)
-    onnxforge.build(ckpt, tmp_path / "one", recipe=recipe, workers=1)
-    monkeypatch.setattr(pool.os, "cpu_count", lambda: 2)  # processes = min(workers, cores): 2 even on one core
+def _two_workers_spied(monkeypatch) -> list[int]:
+    """Two worker processes even on one core; returns the list each pool quantize call appends its size to."""
+    monkeypatch.setattr(pool.os, "cpu_count", lambda: 2)  # processes = min(workers, cores)
     monkeypatch.setattr("onnxforge.api.os.cpu_count", lambda: 2)
     used = []
     real = pool.WorkerPool.quantize
@@ -114,6 +109,17 @@ def test_worker_processes_are_used_and_change_no_byte(tmp_path, monkeypatch, met
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(pool.WorkerPool, "quantize", spy)
+    return used
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_worker_processes_are_used_and_change_no_byte(tmp_path, monkeypatch, method):
+    from tiny import write_random_llama
+
+    ckpt = write_random_llama(tmp_path / "ckpt", inter=256)
+    recipe = Recipe(precision="int4", method=method, block_size=32)
+    onnxforge.build(ckpt, tmp_path / "one", recipe=recipe, workers=1)
+    used = _two_workers_spied(monkeypatch)
     onnxforge.build(ckpt, tmp_path / "two", recipe=recipe, workers=2)
     if method in pool.PROCESS_METHODS and pool.AVAILABLE:
         assert used and set(used) == {2}, "the build did not quantize in worker processes"
@@ -136,16 +142,7 @@ def test_kquant_without_its_kernel_gives_the_same_model(tmp_path, monkeypatch):
     monkeypatch.setenv("ONNXFORGE_NO_NATIVE", "1")  # the worker processes inherit it
     monkeypatch.setattr(_native, "KQUANT", None)
     monkeypatch.setattr(pool, "PROCESS_METHODS", pool.PROCESS_METHODS | {"k_quant"})
-    monkeypatch.setattr(pool.os, "cpu_count", lambda: 2)
-    monkeypatch.setattr("onnxforge.api.os.cpu_count", lambda: 2)
-    used = []
-    real = pool.WorkerPool.quantize
-
-    def spy(self, *args, **kwargs):
-        used.append(self.n)
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(pool.WorkerPool, "quantize", spy)
+    used = _two_workers_spied(monkeypatch)
     onnxforge.build(ckpt, tmp_path / "numpy", recipe=recipe, workers=2)
     assert used or not pool.AVAILABLE, "the numpy k_quant did not run in worker processes"
     for name in ("model.onnx", "model.onnx.data"):
