@@ -277,6 +277,8 @@ def test_f32_reads_equal_the_hf_weights_exactly(tiny_llama_files):
             got = source.read(name)
             assert got.dtype == np.float32
             np.testing.assert_array_equal(got, expected, err_msg=name)
+            if expected.ndim == 2:
+                np.testing.assert_array_equal(source.read_rows(name, 3, 11), expected[3:11], err_msg=name)
 
 
 @pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_0], ids=lambda t: t.name)
@@ -518,6 +520,9 @@ def test_every_block_type_reads_as_gguf_dequantize(tmp_path, bpe_vocab, qtype):
             if ".q_proj." in name or ".k_proj." in name:
                 expected = unpermute(name, expected, config)
             np.testing.assert_array_equal(source.read(name), expected, err_msg=name)
+            for start in range(0, expected.shape[0], 37):  # slices of rows: 37 cuts across Q/K's head groups
+                np.testing.assert_array_equal(source.read_rows(name, start, start + 37), expected[start:start + 37],
+                                              err_msg=f"{name} rows {start}:{start + 37}")
             fmt = source.native_format(name)
             if fmt is None or fmt.bits == 0:  # float, codebook: no MatMulNBits form
                 assert source.native_blocks(name, 4, 32) is None and source.native_blocks(name, 8, 32) is None

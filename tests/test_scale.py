@@ -97,6 +97,40 @@ def test_a_large_float_table_is_written_in_pieces(tmp_path, monkeypatch):
     assert _sha(tmp_path / "one" / "model.onnx.data") == _sha(tmp_path / "pieces" / "model.onnx.data")
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_a_gguf_is_read_a_slice_of_rows_at_a_time(tmp_path, monkeypatch, precision):
+    """GGUF weights are dequantized a slice of rows at a time (no whole float32 lm_head), and the model is
+    byte-identical to one built from whole reads."""
+    pytest.importorskip("torch")
+    from gguf import GGMLQuantizationType as QT
+    from test_gguf_source import tiny_model, train_byte_level_vocab, write_gguf
+
+    from onnxforge.quant.recipe import Recipe
+    from onnxforge.sources.gguf import GGUFSource
+
+    vocab = train_byte_level_vocab()
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, tiny_model("llama", len(vocab["tokens"])), vocab, QT.Q8_0)
+    recipe = Recipe(precision=precision, requantize=True, block_size=32)
+    monkeypatch.setattr(W, "CHUNK_ELEMENTS", 64 * 100)  # 100 rows of 64
+    monkeypatch.setattr(W, "PIECES_BYTES", 1 << 10)
+    whole = []
+    real_read = GGUFSource.read
+    monkeypatch.setattr(GGUFSource, "read", lambda self, name: whole.append(name) or real_read(self, name))
+    rows = []
+    real_rows = GGUFSource.read_rows
+    monkeypatch.setattr(GGUFSource, "read_rows",
+                        lambda self, name, a, b: rows.append((name, a, b)) or real_rows(self, name, a, b))
+    onnxforge.build(path, tmp_path / "rows", recipe=recipe)
+    embed = [(a, b) for n, a, b in rows if n == "model.embed_tokens.weight"]
+    assert embed and all(b - a <= 100 for a, b in embed), embed
+    assert not [n for n in whole if n.endswith("_proj.weight") or n.endswith("embed_tokens.weight")], whole
+    monkeypatch.delattr(GGUFSource, "read_rows")
+    onnxforge.build(path, tmp_path / "whole", recipe=recipe)
+    for name in ("model.onnx", "model.onnx.data"):
+        assert _sha(tmp_path / "rows" / name) == _sha(tmp_path / "whole" / name), name
+
+
 def _two_workers_spied(monkeypatch) -> list[int]:
     """Two worker processes even on one core; returns the list each pool quantize call appends its size to."""
     monkeypatch.setattr(pool.os, "cpu_count", lambda: 2)  # processes = min(workers, cores)

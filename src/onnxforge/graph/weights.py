@@ -44,12 +44,12 @@ def float_matmul_job(source: Source, label: str, init: str, parts: Sequence[Part
     def produce():
         out = np.empty((K, N), dtype=st.np_dtype)  # one allocation: transpose and cast on assignment
         row = 0
-        for part in read_parts(source, parts):
-            for i in range(0, part.shape[0], TRANSPOSE_ROWS):  # blocks of rows: cache-friendly, 3x faster
-                rows = part[i:i + TRANSPOSE_ROWS].astype(st.np_dtype)
-                out[:, row + i:row + i + rows.shape[0]] = rows.T
-            row += part.shape[0]
-            del part
+        for n, chunks in row_chunks(source, parts, K):  # read a slice of rows at a time where the source can
+            for start, part in chunks:
+                for i in range(0, part.shape[0], TRANSPOSE_ROWS):  # blocks of rows: cache-friendly, 3x faster
+                    rows = part[i:i + TRANSPOSE_ROWS].astype(st.np_dtype)
+                    out[:, row + start + i:row + start + i + rows.shape[0]] = rows.T
+            row += n
         return [out]
 
     return WeightJob(label, (TensorSlot(init, st.ir_dtype, (K, N)),), produce,

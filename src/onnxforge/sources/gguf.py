@@ -102,6 +102,30 @@ class GGUFSource:
                 "The file may be corrupt: re-download or re-convert it."
             ) from err
 
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """`read(name)[start:stop]` for a 2-D tensor, dequantizing only those rows of the memory map (a
+        70B model's 1-billion-value lm_head never exists whole in float32). GGUF stores each row's blocks
+        together, so a row slice is a byte slice; Q/K rows permuted for llama.cpp's rotary are gathered."""
+        tensor = self._tensor(name)
+        shape = _hf_shape(tensor)
+        if len(shape) != 2:
+            return self.read(name)[start:stop]
+        try:
+            perm = self._row_permutation(name, shape[0])
+            data = tensor.data[perm[start:stop] if perm is not None else slice(start, stop)]
+            values = (np.array(data, dtype=np.float32) if tensor.tensor_type == QT.F32
+                      else np.asarray(dequantize(data, tensor.tensor_type), dtype=np.float32))
+            values = values.reshape(-1, shape[1])
+            offset = self._family.offset(name)
+            return np.ascontiguousarray(values - np.float32(offset) if offset else values)
+        except OnnxForgeError:
+            raise
+        except Exception as err:  # a raw numpy/gguf error must not escape
+            raise CheckpointError(
+                f"cannot read rows {start}:{stop} of tensor {tensor.name!r} ({name}, {tensor.tensor_type.name}) "
+                f"from {self.path}: {err}. The file may be corrupt: re-download or re-convert it."
+            ) from err
+
     def read_slice(self, name: str, index: int, *, raw: bool = False) -> np.ndarray:
         """`name[index]` along its first axis (one expert of a stacked `*_exps` tensor), dequantizing only
         its rows; a tensor whose rows are permuted or offset is read whole."""
