@@ -126,9 +126,8 @@ def _asymmetric(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     return _lloyd(x, wt, wx, best_s, best_zp, best, bits), best_zp
 
 
-def _native(w: np.ndarray, bits: int, block_size: int, symmetric: bool) -> QuantizedWeight:
+def _native(kernel, w: np.ndarray, bits: int, block_size: int, symmetric: bool) -> QuantizedWeight:
     """The C kernel's search: the same float32 operations in the same order, so the same bytes."""
-    from onnxforge.quant._native import KQUANT
     from onnxforge.quant.pack import from_levels
 
     blocks, k = to_blocks(w, block_size)
@@ -137,7 +136,7 @@ def _native(w: np.ndarray, bits: int, block_size: int, symmetric: bool) -> Quant
     zps = None if symmetric else np.empty((n, kb), np.float32)
     levels = np.empty(blocks.shape, np.uint8)
     args = (blocks, n * kb, block_size, bits, GRID, len(GRID), LLOYD_ROUNDS, scales)
-    rc = KQUANT.kquant_symmetric(*args, levels) if symmetric else KQUANT.kquant_asymmetric(*args, zps, levels)
+    rc = kernel.kquant_symmetric(*args, levels) if symmetric else kernel.kquant_asymmetric(*args, zps, levels)
     if rc:
         raise RuntimeError("the k_quant C kernel refused to run on this CPU")
     return from_levels(levels, scales, zps, bits, block_size, k)
@@ -158,6 +157,6 @@ def quantize_kquant(w: np.ndarray, *, bits: int, block_size: int, symmetric: boo
     if native:
         if KQUANT is None:
             raise RuntimeError("the k_quant C kernel is not built (pip install -e . compiles it)")
-        return _native(w, bits, block_size, symmetric)
+        return _native(KQUANT, w, bits, block_size, symmetric)
     return quantize_blockwise(w, bits, block_size, symmetric,
                               lambda x: _symmetric(x, bits) if symmetric else _asymmetric(x, bits))

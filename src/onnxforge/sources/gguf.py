@@ -88,7 +88,7 @@ class GGUFSource:
         """`name` as a float32 array in HF layout, dequantized and Q/K-unpermuted."""
         tensor = self._tensor(name)
         try:
-            values = _dequantize(tensor).reshape(_hf_shape(tensor))
+            values = _dequantize(tensor.data, tensor.tensor_type).reshape(_hf_shape(tensor))
             offset = self._family.offset(name)
             if offset:  # e.g. Gemma's converter stores norm weights + 1; HF stores them as they are
                 values = values - np.float32(offset)
@@ -112,10 +112,8 @@ class GGUFSource:
             return self.read(name)[start:stop]
         try:
             perm = self._row_permutation(name, shape[0])
-            data = tensor.data[perm[start:stop] if perm is not None else slice(start, stop)]
-            values = (np.array(data, dtype=np.float32) if tensor.tensor_type == QT.F32
-                      else np.asarray(dequantize(data, tensor.tensor_type), dtype=np.float32))
-            values = values.reshape(-1, shape[1])
+            rows = perm[start:stop] if perm is not None else slice(start, stop)
+            values = _dequantize(tensor.data[rows], tensor.tensor_type).reshape(-1, shape[1])
             offset = self._family.offset(name)
             return np.ascontiguousarray(values - np.float32(offset) if offset else values)
         except OnnxForgeError:
@@ -134,10 +132,7 @@ class GGUFSource:
         if len(shape) < 3 or self._row_permutation(name, shape[0]) is not None or self._family.offset(name):
             return self.read(name)[index]
         try:
-            data = tensor.data[index]
-            values = (np.array(data, dtype=np.float32) if tensor.tensor_type == QT.F32
-                      else np.asarray(dequantize(data, tensor.tensor_type), dtype=np.float32))
-            return np.ascontiguousarray(values.reshape(shape[1:]))
+            return np.ascontiguousarray(_dequantize(tensor.data[index], tensor.tensor_type).reshape(shape[1:]))
         except Exception as err:  # a raw numpy/gguf error must not escape
             raise CheckpointError(f"cannot read expert {index} of {tensor.name!r} ({name}) from {self.path}: {err}. "
                                   "The file may be corrupt: re-download or re-convert it.") from err
@@ -411,7 +406,7 @@ class GGUFSource:
         freqs = next((t for t in self._open().tensors if t.name == "rope_freqs.weight"), None)
         if freqs is None:
             return None
-        scaling = _llama3_rope_scaling(_dequantize(freqs).reshape(-1), theta, head_dim)
+        scaling = _llama3_rope_scaling(_dequantize(freqs.data, freqs.tensor_type).reshape(-1), theta, head_dim)
         if scaling is None:
             raise ConfigError(
                 f"{self.path}: rope_freqs.weight does not match llama3 rope scaling with any standard parameters; "
@@ -427,7 +422,8 @@ class GGUFSource:
         if len(factors) != 2:
             raise CheckpointError(f"{self.path} has only one of {' and '.join(_LONGROPE_TENSORS)}; the file is "
                                   "incomplete: re-convert it.")
-        long, short = (_dequantize(factors[name]).reshape(-1).tolist() for name in _LONGROPE_TENSORS)
+        long, short = (_dequantize(t.data, t.tensor_type).reshape(-1).tolist()
+                       for t in (factors[name] for name in _LONGROPE_TENSORS))
         scaling: dict[str, Any] = {"rope_type": "longrope", "long_factor": long, "short_factor": short}
         original = self._key("rope.scaling.original_context_length", None)
         if original:
@@ -605,11 +601,12 @@ def _hf_shape(tensor: ReaderTensor) -> tuple[int, ...]:
     return tuple(int(d) for d in reversed(tensor.shape))
 
 
-def _dequantize(tensor: ReaderTensor) -> np.ndarray:
-    """The tensor's values as a fresh float32 array (never a view of the memory map)."""
-    if tensor.tensor_type == QT.F32:
-        return np.array(tensor.data, dtype=np.float32)
-    return np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+def _dequantize(data: np.ndarray, qtype: QT) -> np.ndarray:
+    """Stored values (a whole tensor's, or some of its rows) as a fresh float32 array (never a view of the
+    memory map)."""
+    if qtype == QT.F32:
+        return np.array(data, dtype=np.float32)
+    return np.asarray(dequantize(data, qtype), dtype=np.float32)
 
 
 def _llama3_factors(inv_freq: np.ndarray, factor: float, low: float, high: float, original: int) -> np.ndarray:
