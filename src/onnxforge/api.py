@@ -52,6 +52,10 @@ def build(
     that leaves nothing written (those the family declares as ignored get a note instead).
     """
     start = time.perf_counter()
+    if isinstance(model, str):  # the names `-m` takes: an alias (smollm2-135m) becomes the file its package ships
+        from .sources.aliases import resolve_model
+
+        model = resolve_model(model)
     recipe = recipe or Recipe(precision=precision, provider=provider)
     source = TrackingSource(open_source(model))  # records which tensors the build reads
     try:
