@@ -14,7 +14,7 @@ import onnx_ir as ir
 
 from . import __version__
 from .archs.registry import architecture_for
-from .errors import ConfigError, OutputError
+from .errors import OutputError
 from .export.genai_config import genai_config
 from .export.output import staged_folder
 from .export.report import BuildReport, peak_rss_bytes
@@ -144,22 +144,10 @@ def _as_stored_note(builder: GraphBuilder, recipe: Recipe) -> list[str]:
 
 
 def _check_runtime_limits(spec, recipe: Recipe) -> None:
-    from .runs_on import check_runs_on
+    from .runs_on import check_attention_shape, check_runs_on
 
     check_runs_on(recipe)  # a precision (or int8 placement) the provider has no kernels for
-    hd = spec.attention.head_dim
-    if recipe.provider == "cpu" and hd % 16:
-        raise ConfigError(
-            f"head_dim {hd} is not a multiple of 16, which onnxruntime's CPU GroupQueryAttention rejects; "
-            "this model cannot run on the CPU provider"
-        )
-    rotary = sorted({spec.rope_for(layer.rope).rotary_dim for layer in spec.layers if layer.rope is not None})
-    if recipe.provider == "cpu" and any(d % 16 for d in rotary):
-        raise ConfigError(
-            f"rotary dimension {next(d for d in rotary if d % 16)} (partial rotary) is not a multiple of 16: "
-            "onnxruntime's GroupQueryAttention needs a multiple of 8 cos/sin cache columns; "
-            "this model cannot run on the CPU provider"
-        )
+    check_attention_shape(spec)  # a head / rotary size GroupQueryAttention rejects, on every provider
 
 
 def _progress_callback(progress, builder: GraphBuilder):

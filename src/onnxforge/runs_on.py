@@ -12,10 +12,17 @@ it before reading a weight (api._check_runtime_limits) and `onnxforge build --he
     follows int8.
 The CPU row is checked on every test run (every precision listed for cpu loads and runs there); the
 GPU rows come from the providers' kernel lists and cannot be checked on this machine.
+
+Attention shapes (`check_attention_shape`) are one rule for every provider: onnxruntime's CPU, CUDA,
+ROCm and WebGPU GroupQueryAttention kernels all start with the same shape check
+(contrib_ops/cpu/bert/group_query_attention_helper.h, CheckInputs): head_size a multiple of 8; with
+rotary (cos/sin caches) head_size a multiple of 16 and cos/sin caches of at most (head_size / 16) * 8
+columns, a multiple of 8, i.e. a rotary dimension that is a multiple of 16. tests/test_refusals.py runs
+that check on the CPU provider (`gqa_runs`) for each shape it refuses and accepts.
 """
 from __future__ import annotations
 
-from .errors import RecipeError
+from .errors import ConfigError, RecipeError
 from .quant.recipe import PRECISIONS, PROVIDERS
 
 RUNS_ON: dict[str, tuple[str, ...]] = {
@@ -71,3 +78,29 @@ def check_runs_on(recipe) -> None:
         raise RecipeError(
             f"{' and '.join(int8)} would be stored at 8 bits, which onnxruntime cannot run on {provider} "
             f"(8-bit MatMulNBits runs on {', '.join(RUNS_ON['int8'])}); drop the int8 options for -e {provider}")
+
+
+def attention_shape_problem(head_dim: int, rotary_dims: list[int]) -> str | None:
+    """Why GroupQueryAttention cannot run this head size / these rotary dimensions (None: it can)."""
+    if head_dim % 8:
+        return f"head_dim {head_dim} is not a multiple of 8, which GroupQueryAttention rejects"
+    if rotary_dims and head_dim % 16:
+        return (f"head_dim {head_dim} is not a multiple of 16, which GroupQueryAttention rejects when it applies "
+                "rotary embeddings itself")
+    bad = [d for d in rotary_dims if d % 16 or d > head_dim]
+    if bad:
+        return (f"rotary dimension {bad[0]} (partial rotary) is not a multiple of 16: GroupQueryAttention needs "
+                "cos/sin caches with a multiple of 8 columns")
+    return None
+
+
+def check_attention_shape(spec) -> None:
+    """Raise ConfigError, for every execution provider, when GroupQueryAttention cannot run the model's shape."""
+    rotary = sorted({spec.rope_for(layer.rope).rotary_dim for layer in spec.layers if layer.rope is not None})
+    problem = attention_shape_problem(spec.attention.head_dim, rotary)
+    if problem:
+        raise ConfigError(
+            f"{problem}; this model cannot run on any execution provider (CPU, CUDA, ROCm and WebGPU share that "
+            "shape check), so nothing is built. What would run: a head_dim that is a multiple of 16 and a rotary "
+            "dimension (head_dim x partial_rotary_factor) that is a multiple of 16; onnxforge does not yet apply "
+            "rotary outside the attention op")
