@@ -50,7 +50,8 @@ def gqa_runs(head_dim: int, rotary_dim: int) -> bool:
     node = h.make_node("GroupQueryAttention", names, ["o", "pk", "pv"], domain="com.microsoft", num_heads=2,
                        kv_num_heads=1, **attrs)
     graph = h.make_graph([node], "g", ins, [h.make_tensor_value_info("o", T.FLOAT, None)], inits)
-    model = h.make_model(graph, ir_version=10, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)])
+    model = h.make_model(graph, ir_version=10,
+                         opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)])
     opts = ort.SessionOptions()
     opts.log_severity_level = 4
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
@@ -96,3 +97,104 @@ def test_a_rotary_dimension_that_gqa_runs_still_builds(tmp_path):
     _edit_config(folder, partial_rotary_factor=0.5)
     onnxforge.build(folder, tmp_path / "out", "fp32")
     assert (tmp_path / "out" / "model.onnx").exists()
+
+
+# -- FP8 (and integer) weights without the scales or the config that applies them ----------------------
+def _retype(folder, name, dtype, extra=None):
+    """Rewrite `folder`'s single safetensors file with tensor `name` stored as torch `dtype`, plus `extra`."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors[name] = tensors[name].to(dtype)
+    tensors.update(extra or {})
+    save_file(tensors, str(folder / "model.safetensors"))
+    return torch
+
+
+@pytest.fixture
+def llama(tmp_path):
+    return write_random_llama(tmp_path / "ckpt", hidden=64, heads=4, kv_heads=2)
+
+
+@pytest.mark.parametrize("dtype,shown", [("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")])
+def test_fp8_weights_without_quantization_config_are_refused(llama, tmp_path, capsys, dtype, shown):
+    torch = pytest.importorskip("torch")
+    _retype(llama, "model.layers.1.mlp.down_proj.weight", getattr(torch, dtype))
+    code, err = _cli_build(llama, tmp_path / "out", capsys)
+    assert code == 2 and len(err) == 1, err
+    assert "'model.layers.1.mlp.down_proj.weight'" in err[0] and shown in err[0], err
+    assert "no quantization_config" in err[0] and "no scale tensor" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_fp8_weights_with_scales_but_no_config_name_the_scales(llama, tmp_path):
+    """DeepSeek-style blocks (weight_scale_inv beside the F8 weight): without quantization_config, refused when
+    the checkpoint is opened, naming the scales; with quant_method fp8, the one unsupported-format error."""
+    torch = pytest.importorskip("torch")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    _retype(llama, name, torch.float8_e4m3fn,
+            {"model.layers.0.self_attn.q_proj.weight_scale_inv": torch.ones(1, 1)})
+    from onnxforge.sources.open import open_source
+
+    with pytest.raises(CheckpointError, match=r"q_proj.weight'.*F8_E4M3.*no quantization_config.*"
+                                              r"q_proj.weight_scale_inv beside it"):
+        open_source(llama)  # before any weight is read
+    _edit_config(llama, quantization_config={"quant_method": "fp8", "activation_scheme": "dynamic",
+                                             "weight_block_size": [128, 128]})
+    with pytest.raises(CheckpointError, match=r"'fp8' format.*supported: gptq, awq"):
+        onnxforge.build(llama, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_fp8_tensor_beside_a_gptq_config_is_refused(tmp_path):
+    """A supported quantization_config does not cover FP8 tensors it does not describe."""
+    torch = pytest.importorskip("torch")
+    import tiny
+    from prequant_producers import write_prequantized
+
+    from onnxforge.sources.open import open_source
+
+    tiny.make_model("llama", tmp_path / "float", hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=32, intermediate_size=256)
+    write_prequantized(tmp_path / "float", tmp_path / "q", tmp_path / "ref", "gptq", 4, 32, False)
+    _retype(tmp_path / "q", "lm_head.weight", torch.float8_e4m3fn)
+    with pytest.raises(CheckpointError, match=r"'lm_head.weight'.*F8_E4M3.*describes GPTQ int4 g32 asym weights"):
+        open_source(tmp_path / "q")
+
+
+def test_integer_weights_are_refused_when_the_checkpoint_is_opened(llama):
+    """int8 weights with no quantization_config: refused at open (before the writer), not at their read."""
+    from safetensors.numpy import load_file, save_file
+
+    from onnxforge.sources.open import open_source
+
+    tensors = load_file(str(llama / "model.safetensors"))
+    tensors["model.layers.0.mlp.up_proj.weight"] = (tensors["model.layers.0.mlp.up_proj.weight"] * 50).astype(np.int8)
+    save_file(tensors, str(llama / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"up_proj.weight'.*stored as int8.*no quantization_config"):
+        open_source(llama)
+
+
+# -- every warning the README promises is in build_report.json ------------------------------------------
+def test_act_order_gptq_warning_reaches_build_report_json(tmp_path, capsys):
+    """README: "an act-order GPTQ (g_idx not in group order) is re-quantized, with a warning in the report"."""
+    pytest.importorskip("torch")
+    import tiny
+    from prequant_producers import write_prequantized
+
+    float_dir = tmp_path / "float"
+    tiny.make_model("llama", float_dir, hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                    intermediate_size=256)
+    write_prequantized(float_dir, tmp_path / "q", tmp_path / "ref", "gptq", 4, 32, False, act_order=True)
+    assert main(["build", "-m", str(tmp_path / "q"), "-o", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr()
+    saved = json.loads((tmp_path / "out" / "build_report.json").read_text())
+    warned = [w for w in saved["warnings"] if "act-order g_idx" in w and "re-quantized" in w]
+    assert len(warned) == 1 and "8 weight groups" in warned[0], saved["warnings"]  # 2 layers x qkv, o, gate_up, down
+    assert "WARNING: " + warned[0] in printed.out + printed.err or warned[0] in printed.err
+
+    # a GPTQ checkpoint in group order is carried over exactly: no warning
+    write_prequantized(float_dir, tmp_path / "q2", tmp_path / "ref2", "gptq", 4, 32, False)
+    report = onnxforge.build(tmp_path / "q2", tmp_path / "out2")
+    assert report.warnings == [], report.warnings

@@ -86,6 +86,7 @@ def build(
         )
         report.notes.extend(_ignored_note(arch, source))
         report.notes.extend(_as_stored_note(builder, recipe))
+        report.warnings.extend(_no_exact_form_warning(builder))
         with staged_folder(Path(output), overwrite) as tmp:
             writer = WeightWriter(tmp, workers=workers)
             with processes(min(writer.workers, os.cpu_count() or 1)):  # default / k_quant / hqq slices go to worker processes
@@ -141,6 +142,18 @@ def _as_stored_note(builder: GraphBuilder, recipe: Recipe) -> list[str]:
            "fp32 activations" if level in (0, 1) else f"accuracy_level {level}")
     return [f"pre-quantized weights are carried over exactly (no value changed); MatMulNBits computes at "
             f"accuracy_level {level} ({how}){'; --extra_options int4_accuracy_level=0 computes in fp32' if level == 4 else ''}"]
+
+
+def _no_exact_form_warning(builder: GraphBuilder) -> list[str]:
+    """Pre-quantized weights that had to be re-quantized (an act-order GPTQ, a GGUF codebook type): their
+    values are no longer the checkpoint's, which the report must say as a warning, not only in a storage label."""
+    changed: dict[str, int] = {}
+    for job in builder.jobs:
+        if "no exact" in job.storage and "(re-quantized " in job.storage:
+            changed[job.storage] = changed.get(job.storage, 0) + 1
+    return [f"{n} weight group{'s' if n > 1 else ''} stored as {storage}: the checkpoint's quantized values have no "
+            "exact form in onnxruntime's ops, so they were re-quantized and differ from the file's; -p fp32 or "
+            "-p fp16 keeps the checkpoint's values exactly (dequantized)" for storage, n in changed.items()]
 
 
 def _check_runtime_limits(spec, recipe: Recipe) -> None:

@@ -26,6 +26,7 @@ TOKENIZER_FILES = (
 )
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "consolidated.00.pth")
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+SCALED_DTYPES = ("F8_E4M3", "F8_E5M2")  # floats that mean nothing without their scales (and a rule to apply them)
 MAX_JSON_BYTES = 64 << 20  # config and index files are kilobytes; a huge one is damaged, not read whole
 HASH_CHUNK = 16 << 20  # the input fingerprint streams the shards in 16 MB reads
 GENERATION_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -82,6 +83,12 @@ class HFSource:
         self._files: dict[str, SafetensorsFile] = {}
         self._where: dict[str, str] = {}
         self._open_shards()
+        if not self.config.get("quantization_config"):  # with one, sources/prequant.py judges the dtypes
+            try:
+                refuse_scaled_tensors(self, "config.json has no quantization_config saying how to apply them")
+            except BaseException:
+                self.close()
+                raise
 
     def _shard_names(self) -> list[str]:
         index = self.path / "model.safetensors.index.json"
@@ -219,6 +226,35 @@ class HFSource:
 
 
 _FLOAT_NP = tuple(DTYPES[k] for k in FLOAT_DTYPES)
+_SCALED_NP = tuple(DTYPES[k] for k in SCALED_DTYPES)
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def needs_scales(name: str, shape: tuple[int, ...], dtype: np.dtype) -> bool:
+    """FP8 tensors, and integer weight matrices: stored values that need scales to mean a weight."""
+    return dtype in _SCALED_NP or (dtype.kind in "iu" and name.endswith(".weight") and len(shape) >= 2)
+
+
+def refuse_scaled_tensors(source: "HFSource", why: str, skip: frozenset[str] | set[str] = frozenset()) -> None:
+    """Raise CheckpointError, before any weight is read, naming the first tensor stored in a form that needs
+    scales (FP8, integer weights; those in `skip` are accounted for) and what is missing (`why`), with any
+    scale tensors found beside it."""
+    found = [(n, f, f.tensors[n]) for n, f in ((n, source._files[s]) for n, s in source._where.items())
+             if n not in skip and needs_scales(n, f.tensors[n].shape, f.tensors[n].dtype)]
+    if not found:
+        return
+    name, f, info = found[0]
+    module = name.rsplit(".", 1)[0] + "."
+    beside = [n for n in source._where if n.startswith(module) and n != name and n.count(".") == name.count(".")
+              and not n.endswith(".bias")]
+    more = f" (and {len(found) - 1} more tensors like it)" if len(found) > 1 else ""
+    scales = (f"; the checkpoint has {', '.join(beside[:3])} beside it" if beside else
+              "; the checkpoint has no scale tensor beside it")
+    stored = f"{info.dtype} (safetensors {_DTYPE_NAMES.get(info.dtype)})"
+    raise CheckpointError(
+        f"tensor {name!r} in {f.path.name} is stored as {stored}{more}, a pre-quantized form that needs "
+        f"scales: {why}{scales}. Reading it as plain values would build a wrong model; build from the original "
+        "float (bf16/fp16/fp32) checkpoint instead")
 
 
 def _inside(path: Path, folder: Path) -> bool:

@@ -31,6 +31,7 @@ import numpy as np
 
 from ..errors import CheckpointError
 from .base import NativeBlocks, NativeFormat
+from .hf import refuse_scaled_tensors
 
 SUPPORTED = ("gptq", "awq (version gemm)", "compressed-tensors (format pack-quantized)",
              "quark (int4/uint4 weights per group)")
@@ -168,6 +169,8 @@ class PrequantSource:
                                         "weight_g_idx"),
                  "quark": ("weight", "weight_scale", "weight_zero_point")}[scheme.method]
         self._hidden = {f"{m}.{p}" for m in self._modules for p in parts}
+        refuse_scaled_tensors(inner, f"config.json's quantization_config describes {scheme.origin} weights, not "
+                              "these", skip=self._hidden)
         self._shapes = {m: self._shape_of(m) for m in self._modules}
         self._formats: dict[str, NativeFormat] = {}
         self._last = threading.local()  # read_rows: the dequantized weight being read in slices
