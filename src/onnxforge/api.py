@@ -14,7 +14,7 @@ import onnx_ir as ir
 
 from . import __version__
 from .archs.registry import architecture_for
-from .errors import OutputError
+from .errors import OutputError, RecipeError
 from .export.genai_config import genai_config
 from .export.output import staged_folder
 from .export.report import BuildReport, peak_rss_bytes
@@ -57,12 +57,15 @@ def build(
 
         model = resolve_model(model)
     recipe = recipe or Recipe(precision=precision, provider=provider)
+    _check_values(recipe, workers, max_length)  # types and ranges: before the source is opened
     source = TrackingSource(open_source(model))  # records which tensors the build reads
     try:
         arch = architecture_for(source.config)
         spec = arch.make_spec(source.config)
         if recipe.precision == "source" and not has_native(source):
             recipe = replace(recipe, precision="fp32")
+        recipe.check_quantizes()  # again: "source" may have become fp32
+        _check_context(spec, max_length)
         _check_runtime_limits(spec, recipe)
         names = arch.resolver(source)
         recipe = apply_template(recipe, template_for(arch.model_type).name).bind(spec, native_lookup(source, spec, names))
@@ -73,6 +76,7 @@ def build(
         builder = GraphBuilder()
         emitter = Emitter(builder, spec, names, source, recipe)
         emitter.build()
+        recipe.check_patterns()  # every user pattern matched a weight: before any weight is read
         report = BuildReport(
             output=str(Path(output)),
             architecture=arch.name,
@@ -84,6 +88,7 @@ def build(
             recipe_sha256=hashlib.sha256(json.dumps(recipe.describe(), sort_keys=True).encode()).hexdigest(),
             shared_embeddings=emitter.shared,
         )
+        report.notes.extend(emitter.notes)
         report.notes.extend(_ignored_note(arch, source))
         report.notes.extend(_as_stored_note(builder, recipe))
         report.warnings.extend(_no_exact_form_warning(builder))
@@ -112,6 +117,27 @@ def build(
         return report
     finally:
         source.close()
+
+
+def _check_values(recipe: Recipe, workers: object, max_length: object) -> None:
+    """The checks `onnxforge build`'s flags make, for the Python API too (RecipeError, one line each)."""
+    if not isinstance(recipe, Recipe):
+        raise RecipeError(f"recipe must be an onnxforge.quant.recipe.Recipe, got {type(recipe).__name__}")
+    for key, value in (("workers", workers), ("max_length", max_length)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{key} must be an integer, got {value!r}")
+        if value < 1:
+            raise RecipeError(f"{key} must be at least 1, got {value}" +
+                              (" (None: the cores, up to 4)" if key == "workers" else " (None: the context length)"))
+    recipe.check_quantizes()
+
+
+def _check_context(spec, max_length: int | None) -> None:
+    if max_length is not None and max_length > spec.context_length:
+        raise RecipeError(f"max length {max_length} is above the model's context length ({spec.context_length}), "
+                          "which onnxruntime-genai refuses to generate with; choose at most that, or leave it out")
 
 
 def _write_json(path: Path, data: dict) -> None:

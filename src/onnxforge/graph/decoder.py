@@ -49,6 +49,7 @@ class Emitter:
     source: Source
     plan: Plan
     past: list[tuple[ir.Value, ir.Value]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # choices the build made that the report should say
 
     # -- weight helpers ----------------------------------------------------------------------
     @property

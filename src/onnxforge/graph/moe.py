@@ -37,14 +37,14 @@ if TYPE_CHECKING:
     from .decoder import Emitter
 
 
-def expert_storage(plan, names: Sequence[str]) -> Storage:
+def expert_storage(plan, names: Sequence[str], block: int) -> Storage:
     """How an expert projection is stored: the recipe's MatMul decision for `names` (INT8 placement,
-    templates, rules), from the MoE options' bits when set, in QMoE blocks of qmoe_block_size (0: per channel)."""
+    templates, rules), from the MoE options' bits when set, in QMoE blocks of `block` (0: per channel)."""
     kind = getattr(plan, "moe_quant_type", None)
     recipe = plan if kind is None else dataclasses.replace(plan, precision="int8" if kind == "int8" else "int4")
     st = recipe.storage(names, "MatMul")
     if st.quantized:
-        st = dataclasses.replace(st, dtype=plan.io.dtype, block_size=getattr(plan, "qmoe_block_size", 32))
+        st = dataclasses.replace(st, dtype=plan.io.dtype, block_size=block)
     return st
 
 
@@ -58,11 +58,15 @@ class Experts:
         base = f"/model/layers.{i}/moe/experts"
         t = X.find_experts(e, i)
         modules = lambda srcs: [s[: -len(".weight")] if s.endswith(".weight") else s for s in srcs]  # noqa: E731
+        from ..quant.qmoe import qmoe_block
+
+        dims = {"hidden size": H, "intermediate size": I}
+        block, block_note = qmoe_block(getattr(e.plan, "qmoe_block_size", None), dims)
         st1 = expert_storage(e.plan, [f"{base}/gate_up_proj/MatMul", f"{base}/gate_proj/MatMul",
                                       f"{base}/up_proj/MatMul", f"model.layers.{i}.mlp.experts.gate_up_proj",
-                                      *modules(t.fc1_sources)])
+                                      *modules(t.fc1_sources)], block)
         st2 = expert_storage(e.plan, [f"{base}/down_proj/MatMul", f"model.layers.{i}.mlp.experts.down_proj",
-                                      *modules(t.fc2_sources)])
+                                      *modules(t.fc2_sources)], block)
         if st1.quantized != st2.quantized:  # the op stores both projections alike: keep both float
             st1 = st2 = e.io
         elif st1.quantized and st1.bits != st2.bits:  # one bit width per op on CPU: the wider one
@@ -91,7 +95,9 @@ class Experts:
             from ..quant.qmoe import check_qmoe
 
             for st in (st1, st2):
-                check_qmoe(st.bits, st.block_size, {"hidden size": H, "intermediate size": I})
+                check_qmoe(st.bits, st.block_size, dims)
+            if block_note and block_note not in e.notes:  # the default block adapted to these experts
+                e.notes.append(block_note)
             self.fc1 = e.b.weights(X.quant_experts_job(t.fc1, f"{base}/gate_up_proj", f"{prefix}.gate_up_proj", E,
                                                        2 * I, H, st1, io.ir_dtype, io.np_dtype, t.fc1_sources,
                                                        stored(parts1, st1)))

@@ -38,14 +38,19 @@ LLOYD_ROUNDS = 2
 
 
 def tsum(a: np.ndarray) -> np.ndarray:
-    """Sum over the last axis (a power of two long) as a halving tree, keeping it: ``(..., 1)``.
+    """Sum over the last axis as a halving tree, keeping it: ``(..., 1)``.
 
     The order of the additions is fixed (``a[i] + a[i + n/2]``, then again on the first half), so
-    the C kernel (``_native/kquant.c``) reproduces every sum, and so every choice, bit for bit.
+    the C kernel (``_native/kquant.c``, power-of-two blocks of 16 to 256) reproduces every sum, and so
+    every choice, bit for bit. Any other length (a per-channel row of K values) is padded with zeros to
+    the next power of two: ``x + 0`` is exact, so the padding changes no sum, and power-of-two lengths
+    are summed exactly as before.
     """
     n = a.shape[-1]
     if n & (n - 1):
-        raise ValueError(f"tsum needs a power-of-two axis, got {n}")
+        p = 1 << (n - 1).bit_length()
+        a = np.concatenate([a, np.zeros((*a.shape[:-1], p - n), a.dtype)], axis=-1)
+        n = p
     while n > 1:
         n //= 2
         a = a[..., :n] + a[..., n:]

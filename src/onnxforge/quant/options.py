@@ -1,17 +1,21 @@
 """Map the onnxruntime-genai builder's `--extra_options` (and our TOML recipes) onto a Recipe.
 
 Every key is known, every value is checked: an unknown key or a bad value is a RecipeError that
-names what is accepted (the anchor silently ignores some).
+names what is accepted (the anchor silently ignores some). On the command line every value is a string
+("true"/"false"/"1"/"0" are the anchor's booleans); a TOML file has real types, so there a string where a
+boolean or an integer belongs (`symmetric = "false"`, also inside its `[extra_options]` table) is an error
+naming the key, the type wanted and its line.
 """
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Callable, Mapping
 
 from ..errors import RecipeError
-from .recipe import METHODS, Recipe, Rule
+from .recipe import FIELD_KINDS, METHODS, Recipe, Rule, wrong_type
 from .storage import Storage
 
 # algo_config aliases -> (method, placement flags)
@@ -86,16 +90,17 @@ def _shared(key: str, value: object) -> dict:
     return {"shared_embeddings": parse_bool(key, value)}
 
 
+def _typed(kind: str, fn: Callable[[str, object], dict]) -> Callable[[str, object], dict]:
+    fn.kind = kind  # type: ignore[attr-defined]  # the TOML type the option takes ("bool", "int")
+    return fn
+
+
 def _flag(field: str) -> Callable[[str, object], dict]:
-    return lambda key, value: {field: parse_bool(key, value)}
+    return _typed("bool", lambda key, value: {field: parse_bool(key, value)})
 
 
 def _int(field: str) -> Callable[[str, object], dict]:
-    return lambda key, value: {field: parse_int(key, value)}
-
-
-def _accepted_and_ignored(key: str, value: object) -> dict:
-    return {}
+    return _typed("int", lambda key, value: {field: parse_int(key, value)})
 
 
 def _not_yet(what: str) -> Callable[[str, object], dict]:
@@ -104,7 +109,24 @@ def _not_yet(what: str) -> Callable[[str, object], dict]:
             raise RecipeError(f"{key}=true ({what}) is not supported yet; drop the option")
         return {}
 
-    return check
+    return _typed("bool", check)
+
+
+def _off_only(why: str) -> Callable[[str, object], dict]:
+    """An anchor option onnxforge does not build: false is accepted (it changes nothing), true is refused."""
+    def check(key: str, value: object) -> dict:
+        if parse_bool(key, value):
+            raise RecipeError(f"{key}=true: {why}; drop the option or set it to false")
+        return {}
+
+    return _typed("bool", check)
+
+
+def _hf_token(key: str, value: object) -> dict:
+    if value is False or str(value).strip().lower() in ("0", "false", "no", "off", ""):
+        return {}
+    raise RecipeError(f"{key}: Hub IDs are not supported yet; pass a local folder (download the model first, "
+                      "e.g. with `huggingface-cli download`) and drop the option")
 
 
 def _moe_type(key: str, value: object) -> dict:
@@ -116,9 +138,13 @@ def _use_8bits_moe(key: str, value: object) -> dict:  # the anchor's older spell
 
 
 def _no_remote_code(key: str, value: object) -> dict:
-    if str(value).strip().lower() in ("1", "true", "yes", "on"):
+    if parse_bool(key, value):
         raise RecipeError(f"{key}=true would run code shipped with the model; onnxforge never does. Drop the option")
     return {}
+
+
+for _fn in (_shared, _use_8bits_moe, _no_remote_code):
+    _typed("bool", _fn)
 
 
 EXTRA_OPTIONS: dict[str, Callable[[str, object], dict]] = {
@@ -152,11 +178,12 @@ EXTRA_OPTIONS: dict[str, Callable[[str, object], dict]] = {
     "use_8bits_moe": _use_8bits_moe,
     "qmoe_block_size": _int("qmoe_block_size"),
     "qmoe_weights_prepacked": _int("qmoe_weights_prepacked"),
-    # accepted for compatibility; they do not change a CPU build
-    "use_qdq": _accepted_and_ignored,
-    "fuse_qk_norm_gqa": _accepted_and_ignored,
-    "enable_cuda_graph": _accepted_and_ignored,
-    "hf_token": _accepted_and_ignored,
+    # the anchor's options onnxforge does not build: false is accepted, true refused
+    "use_qdq": _off_only("QDQ is not built yet; MatMulNBits is written"),
+    "fuse_qk_norm_gqa": _off_only("onnxforge writes the q/k norms as their own ops before GroupQueryAttention "
+                                  "(the fused form is not built)"),
+    "enable_cuda_graph": _off_only("onnxforge writes no CUDA-graph provider option into genai_config.json yet"),
+    "hf_token": _hf_token,
 }
 
 
@@ -190,13 +217,56 @@ RECIPE_KEYS = {f.name for f in fields(Recipe)} - {"num_layers", "rules"} | {"rul
                                                                              "scheme"}
 
 
-def _rule(i: int, entry: object) -> Rule:
+RULE_KINDS = {"match": "str", "scheme": "str", "bits": "int", "block_size": "int", "method": "str",
+              "symmetric": "bool", "accuracy_level": "int", "keep_float": "bool"}
+
+
+def line_of(text: str, key: str, table: str | None = None, index: int = 0) -> int | None:
+    """The line of `key = ...` in TOML `text`: at the top level, in `[table]`, or in the index-th `[[table]]`
+    (tomllib gives no positions). An inline table's key is found on the line that opens it."""
+    current, count = None, -1
+    lines = text.splitlines()
+    for no, line in enumerate(lines, 1):
+        head = re.match(r"\s*(\[\[?)\s*([^\]]+?)\s*\]", line)
+        if head:
+            current = head.group(2).strip()
+            count = count + 1 if head.group(1) == "[[" and current == table else (index if current == table else -1)
+            continue
+        if current == table and (table is None or count == index) and re.match(rf"\s*{re.escape(key)}\s*=", line):
+            return no
+    if table is not None:
+        for no, line in enumerate(lines, 1):
+            if re.match(rf"\s*{re.escape(table)}\s*=", line) and re.search(rf"\b{re.escape(key)}\s*=", line):
+                return no
+    return None
+
+
+class _Where:
+    """Names a key in the recipe's errors: `FILE:LINE: key` when the file's text is known."""
+
+    def __init__(self, text: str = "", origin: str = "recipe"):
+        self.text, self.origin = text, origin
+
+    def __call__(self, key: str, table: str | None = None, index: int = 0) -> str:
+        line = line_of(self.text, key, table, index) if self.text else None
+        return f"{self.origin}:{line}: " if line else f"{self.origin}: "
+
+    def check(self, shown: str, value: object, kind: str | None, key: str, table: str | None = None,
+              index: int = 0) -> None:
+        msg = wrong_type(shown, value, kind) if kind else None
+        if msg:
+            raise RecipeError(self(key, table, index) + msg)
+
+
+def _rule(i: int, entry: object, where: _Where = _Where()) -> Rule:
     if not isinstance(entry, dict) or "match" not in entry:
         raise RecipeError(f"rules[{i}] must be a table with 'match' and 'scheme' or bits/block_size/method/symmetric")
-    allowed = {"match", "scheme", "bits", "block_size", "method", "symmetric", "accuracy_level", "keep_float"}
+    allowed = set(RULE_KINDS)
     unknown = set(entry) - allowed
     if unknown:
         raise RecipeError(f"rules[{i}]: unknown key(s) {sorted(unknown)}; accepted: {sorted(allowed)}")
+    for key, value in entry.items():
+        where.check(f"rules[{i}].{key}", value, RULE_KINDS[key], key, "rules", i)
     if entry.get("keep_float"):
         return Rule(str(entry["match"]), None)
     if "scheme" in entry:
@@ -214,16 +284,35 @@ def _rule(i: int, entry: object) -> Rule:
     return Rule(str(entry["match"]), st)
 
 
-def recipe_from_mapping(data: Mapping[str, object], base: Recipe) -> Recipe:
+def _check_types(data: Mapping[str, object], where: _Where) -> None:
+    """Real TOML types: a string where a boolean or an integer belongs names the key, the type and the line."""
+    for key, value in data.items():
+        if key in FIELD_KINDS or key in ("template", "scheme"):
+            where.check(key, value, FIELD_KINDS.get(key, "str"), key)
+        elif key in ("op_types", "keep_float") and not isinstance(value, str) and \
+                not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise RecipeError(where(key) + f"{key} takes a list of strings, got {value!r}")
+        elif key == "extra_options":
+            if not isinstance(value, Mapping):
+                raise RecipeError(where(key) + f"extra_options takes a table ([extra_options]), got {value!r}")
+            for option, v in value.items():
+                where.check(f"extra_options.{option}", v, getattr(EXTRA_OPTIONS.get(option), "kind", None), option,
+                            "extra_options")
+
+
+def recipe_from_mapping(data: Mapping[str, object], base: Recipe, text: str = "", origin: str = "recipe") -> Recipe:
+    """A recipe from TOML data over `base`; `text` (the file's) lets errors name lines of `origin`."""
     unknown = sorted(set(data) - RECIPE_KEYS)
     if unknown:
         raise RecipeError(f"unknown recipe key(s) {', '.join(unknown)}; accepted: {', '.join(sorted(RECIPE_KEYS))}")
+    where = _Where(text, origin)
+    _check_types(data, where)
     changes: dict = {}
     for key, value in data.items():
         if key == "rules":
             if not isinstance(value, list):
                 raise RecipeError("rules must be an array of tables ([[rules]])")
-            changes["rules"] = tuple(_rule(i, e) for i, e in enumerate(value))
+            changes["rules"] = tuple(_rule(i, e, where) for i, e in enumerate(value))
         elif key == "op_types" or key == "keep_float":
             changes[key] = frozenset(parse_list(value)) if key == "op_types" else tuple(parse_list(value))
         elif key in ("template", "scheme", "extra_options"):
@@ -235,6 +324,9 @@ def recipe_from_mapping(data: Mapping[str, object], base: Recipe) -> Recipe:
         from .schemes import apply_scheme
 
         recipe = apply_scheme(recipe, str(data["scheme"]))
+        if "precision" in data and recipe.precision != data["precision"]:
+            raise RecipeError(where("scheme") + f"scheme {data['scheme']!r} stores {recipe.precision} weights, but "
+                              f"precision is {data['precision']!r}: the scheme would win; drop one of them")
     if "template" in data:
         from .templates import apply_template
 
@@ -246,9 +338,12 @@ def recipe_from_mapping(data: Mapping[str, object], base: Recipe) -> Recipe:
 
 def load_recipe_file(path: str | Path, base: Recipe) -> Recipe:
     try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        text = Path(path).read_text(encoding="utf-8")
+        data = tomllib.loads(text)
     except FileNotFoundError:
         raise RecipeError(f"recipe file {path} not found") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise RecipeError(f"recipe file {path} is not valid TOML: {e}") from None
-    return recipe_from_mapping(data, base)
+    except OSError as e:
+        raise RecipeError(f"recipe file {path} cannot be read: {e.strerror}") from None
+    return recipe_from_mapping(data, base, text, str(path))

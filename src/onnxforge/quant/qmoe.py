@@ -19,6 +19,7 @@ from .types import QuantizedWeight
 
 QMOE_BITS = (4, 8)
 QMOE_BLOCK_SIZES = (0, 16, 32, 64, 128, 256)  # 0: per channel
+DEFAULT_QMOE_BLOCK = 32
 
 
 def check_qmoe(bits: int, block_size: int, dims: dict[str, int]) -> None:
@@ -29,10 +30,27 @@ def check_qmoe(bits: int, block_size: int, dims: dict[str, int]) -> None:
         raise RecipeError(f"qmoe_block_size must be 0 (per channel) or one of 16, 32, 64, 128, 256, got {block_size}")
     for what, K in dims.items():
         if block_size and K % block_size:
+            fits = [str(b) for b in QMOE_BLOCK_SIZES if b and all(k % b == 0 for k in dims.values())] + ["0"]
+            choose = " or ".join([", ".join(fits[:-1]), fits[-1]] if len(fits) > 1 else fits)
             raise RecipeError(f"qmoe_block_size {block_size} does not divide the experts' {what} ({K}): QMoE needs "
-                              "whole blocks; choose a block size that divides it, or 0 for per-channel scales")
+                              f"whole blocks; choose {choose} (0: per-channel scales), or leave the option out "
+                              "for the default, which adapts")
         if (K * bits) % 8:
             raise RecipeError(f"the experts' {what} ({K}) at {bits} bits is not a whole number of bytes")
+
+
+def qmoe_block(requested: int | None, dims: dict[str, int]) -> tuple[int, str]:
+    """The experts' QMoE block and a note for the report: an explicit choice as given (check_qmoe refuses one that
+    cannot apply); by default 32, else the largest supported block that divides every size, else per-channel."""
+    if requested is not None:
+        return requested, ""
+    block = next((b for b in (32, 16) if all(K % b == 0 for K in dims.values())), 0)
+    if block == DEFAULT_QMOE_BLOCK:
+        return block, ""
+    sizes = ", ".join(f"{what} {K}" for what, K in dims.items())
+    chosen = f"QMoE block {block}" if block else "per-channel QMoE scales (qmoe_block_size 0)"
+    return block, (f"experts stored with {chosen}: the default block {DEFAULT_QMOE_BLOCK} does not divide the "
+                   f"experts' sizes ({sizes}); --extra_options qmoe_block_size=N chooses")
 
 
 def _per_channel_fit(method: str, bits: int, symmetric: bool):
@@ -94,5 +112,5 @@ def dequantize_qmoe(data: np.ndarray, scales: np.ndarray, zero_points: np.ndarra
     return (levels - zp[:, None]) * scales.astype(np.float32)[:, None]
 
 
-__all__ = ["QMOE_BITS", "QMOE_BLOCK_SIZES", "check_qmoe", "dequantize", "dequantize_qmoe", "qmoe_arrays",
+__all__ = ["QMOE_BITS", "QMOE_BLOCK_SIZES", "check_qmoe", "qmoe_block", "dequantize", "dequantize_qmoe", "qmoe_arrays",
            "quantize_expert"]

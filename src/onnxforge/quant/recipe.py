@@ -11,6 +11,7 @@ exclusions -> user rules.
 """
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import re
 from dataclasses import dataclass, field, replace
@@ -26,6 +27,35 @@ PROVIDERS = ("cpu", "cuda", "dml", "webgpu")
 METHODS = ("default", "rtn", "k_quant", "hqq")
 OP_TYPES = ("MatMul", "Gather")
 MOE_QUANT_TYPES = ("int4", "int8", "mxfp4")
+FLOAT_PRECISIONS = ("fp32", "fp16", "bf16")
+
+# the type each field takes (None allowed where the default is None): a wrong type is one error naming it
+_KINDS = {"bool": (lambda v: isinstance(v, bool), "a boolean (true or false)"),
+          "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+          "str": (lambda v: isinstance(v, str), "a string")}
+FIELD_KINDS = {
+    "precision": "str", "provider": "str", "method": "str", "block_size": "int", "symmetric": "bool",
+    "accuracy_level": "int", "int8_last_matmul": "bool", "int8_mixed_layers": "bool", "int8_linear_attn": "bool",
+    "unpack_matmul": "bool", "prune_lm_head": "bool", "shared_embeddings": "bool", "moe_quant_type": "str",
+    "qmoe_block_size": "int", "qmoe_weights_prepacked": "int", "requantize": "bool",
+}
+
+
+def type_name(value: object) -> str:
+    """How a value's type reads in an error: 'a string', 'an integer', ..."""
+    for t, name in ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
+                    (list, "an array"), (tuple, "an array"), (dict, "a table")):
+        if isinstance(value, t):
+            return name
+    return f"a {type(value).__name__}"
+
+
+def wrong_type(key: str, value: object, kind: str) -> str | None:
+    """The message when `value` is not of `kind` ("bool", "int", "str"), else None."""
+    ok, wanted = _KINDS[kind]
+    if ok(value):
+        return None
+    return f"{key} takes {wanted}, got {value!r} ({type_name(value)})"
 
 
 @dataclass(frozen=True)
@@ -51,22 +81,36 @@ class Recipe:
     int8_mixed_layers: bool = False
     int8_linear_attn: bool = False
     op_types: frozenset[str] = frozenset({"MatMul"})
-    keep_float: tuple[str, ...] = ()  # from the model-type template and user exclusions
+    keep_float: tuple[str, ...] = ()  # user exclusions (each must match a weight: check_patterns)
     rules: tuple[Rule, ...] = ()
     unpack_matmul: bool = False
     # logits for the last position only (prefill skips the lm_head on every other row; the anchor's option)
     prune_lm_head: bool = False
     shared_embeddings: bool | None = None  # None: share whenever the checkpoint ties them
     moe_quant_type: str | None = None  # experts: None follows the precision; "int4", "int8"; "mxfp4" (CUDA)
-    qmoe_block_size: int = 32  # experts' QMoE blocks along K; 0: one scale per output channel
+    # experts' QMoE blocks along K; 0: one scale per output channel; None: 32, or what divides the experts
+    qmoe_block_size: int | None = None
     qmoe_weights_prepacked: int = -1  # the anchor's option; onnxforge writes the raw layout (0) either way
     num_layers: int = 0  # set by bind()
     # int4/int8 keep a pre-quantized weight whose exact form has at most that many bits; True re-quantizes it
     requantize: bool = False
     # names -> the stored quantized form of the weight they name (set by bind(); see quant/native.py)
     native: Callable[[Sequence[str]], NativeFormat | None] | None = field(default=None, compare=False, repr=False)
+    template_float: tuple[str, ...] = ()  # what the model-type template keeps float (may match nothing)
+    # every name storage() was asked about (bind() starts it): user patterns are checked against it
+    seen: set[str] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        for key, kind in FIELD_KINDS.items():
+            value = getattr(self, key)
+            if value is not None or key not in ("accuracy_level", "shared_embeddings", "moe_quant_type",
+                                                "qmoe_block_size"):
+                msg = wrong_type(key, value, kind)
+                if msg:
+                    raise RecipeError(msg)
+        for key in ("keep_float", "template_float"):
+            if isinstance(getattr(self, key), str) or not all(isinstance(p, str) for p in getattr(self, key)):
+                raise RecipeError(f"{key} takes a list of glob patterns (strings), got {getattr(self, key)!r}")
         _one_of("precision", self.precision, PRECISIONS)
         _one_of("execution provider", self.provider, PROVIDERS)
         _one_of("int4 method", self.method, METHODS)
@@ -86,7 +130,7 @@ class Recipe:
         if self.moe_quant_type == "mxfp4" and self.provider != "cuda":
             raise RecipeError("moe_quant_type=mxfp4 runs on CUDA only (onnxruntime's CPU QMoE has no fp4 kernel); "
                               f"use int4 or int8 experts on {self.provider}")
-        if self.qmoe_block_size not in (0, 16, 32, 64, 128, 256):
+        if self.qmoe_block_size not in (None, 0, 16, 32, 64, 128, 256):
             raise RecipeError(f"qmoe_block_size must be 0 (per channel) or one of 16, 32, 64, 128, 256, "
                               f"got {self.qmoe_block_size}")
         if self.qmoe_weights_prepacked not in (-1, 0, 1):
@@ -128,12 +172,46 @@ class Recipe:
                        symmetric=not fmt.zero_points, offsets=fmt.offsets, origin=fmt.origin)
 
     def bind(self, spec: ModelSpec, native: Callable[[Sequence[str]], NativeFormat | None] | None = None) -> "Recipe":
-        return replace(self, num_layers=spec.num_layers, native=native or self.native)
+        return replace(self, num_layers=spec.num_layers, native=native or self.native, seen=set())
+
+    # -- checks that need no weights ------------------------------------------------------------
+    def check_patterns(self) -> None:
+        """Each user pattern (keep_float, rules) matched a name the build asked about, else an error naming the
+        closest names. Template patterns may match nothing (a dense model has no router)."""
+        if self.seen is None:
+            return
+        names = sorted(self.seen)
+        for what, pattern in [("keep-float pattern", p) for p in self.keep_float] + \
+                             [("rule", r.pattern) for r in self.rules]:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.4)
+                raise RecipeError(
+                    f"{what} {pattern!r} matches no weight of this model (patterns are globs on ONNX node names, "
+                    f"e.g. /model/layers.0/attn/qkv_proj/MatMul, or on Hugging Face module names); closest names: "
+                    f"{', '.join(map(repr, close)) or 'none'}")
+
+    def check_quantizes(self) -> None:
+        """Method options on a build that quantizes nothing would be ignored: an error instead."""
+        if self.precision not in FLOAT_PRECISIONS or self.moe_quant_type or any(r.storage for r in self.rules):
+            return
+        given = [what for what, on in ((f"method {self.method}", self.method != "default"),
+                                       (f"block size {self.block_size}", self.block_size != 32),
+                                       ("asymmetric", not self.symmetric),
+                                       ("int8_last_matmul", self.int8_last_matmul),
+                                       ("int8_mixed_layers", self.int8_mixed_layers),
+                                       ("int8_linear_attn", self.int8_linear_attn)) if on]
+        if given:
+            raise RecipeError(
+                f"{', '.join(given)} set how weights are quantized, but this build is {self.precision} and nothing is "
+                f"quantized, so they would be ignored: add -p int4 or -p int8 (or a scheme, a quantizing rule or "
+                f"moe_quant_type), or drop them")
 
     # -- the decision ---------------------------------------------------------------------------
     def storage(self, names: Sequence[str], op: str) -> Storage:
+        if self.seen is not None:
+            self.seen.update(names)
         st = self._base(names, op)
-        for pattern in self.keep_float:
+        for pattern in self.keep_float + self.template_float:
             if any(fnmatch.fnmatchcase(n, pattern) for n in names):
                 st = self.io
         for rule in self.rules:
@@ -189,7 +267,7 @@ class Recipe:
             "block_size": self.block_size, "symmetric": self.symmetric, "accuracy_level": self.accuracy,
             "int8_last_matmul": self.int8_last_matmul, "int8_mixed_layers": self.int8_mixed_layers,
             "int8_linear_attn": self.int8_linear_attn, "op_types": sorted(self.op_types),
-            "keep_float": list(self.keep_float), "rules": [(r.pattern, r.storage.describe() if r.storage else "float")
+            "keep_float": list(dict.fromkeys(self.keep_float + self.template_float)), "rules": [(r.pattern, r.storage.describe() if r.storage else "float")
                                                            for r in self.rules],
             "unpack_matmul": self.unpack_matmul, "prune_lm_head": self.prune_lm_head,
             "shared_embeddings": self.shared_embeddings,

@@ -46,7 +46,7 @@ def template_for(model_type: str) -> Template:
 
 def apply_template(recipe: Recipe, name: str) -> Recipe:
     t = get_template(name)
-    return replace(recipe, keep_float=tuple(dict.fromkeys(recipe.keep_float + t.keep_float)))
+    return replace(recipe, template_float=tuple(dict.fromkeys(recipe.template_float + t.keep_float)))
 
 
 _ROUTERS = ("*/moe/gate/*", "*.mlp.gate", "*router*", "*.block_sparse_moe.gate")
