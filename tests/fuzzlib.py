@@ -24,8 +24,8 @@ CASE_SECONDS = 20
 MEMORY_HEADROOM = 4 << 30  # address space a case may add before an allocation fails (MemoryError)
 
 
-def fuzz_settings(n: int):
-    return settings(max_examples=n, derandomize=True, deadline=None, database=None, print_blob=False,
+def fuzz_settings(n: int, derandomize: bool = True):
+    return settings(max_examples=n, derandomize=derandomize, deadline=None, database=None, print_blob=False,
                     suppress_health_check=list(HealthCheck))
 
 
