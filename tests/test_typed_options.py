@@ -75,6 +75,8 @@ def test_toml_value_of_the_wrong_type(tmp_path, key, text, wanted):
     ('[[rules]]\nmatch = "*"\nblock_size = "64"\n', "block_size", 5),
     ('[[rules]]\nmatch = "*"\nkeep_float = "true"\n', "keep_float", 5),
     ('[[rules]]\nmatch = 3\n', "match", 4),
+    ('[[rules]]\nmatch = "*"\nblock_size = 48\n', "block_size", 5),
+    ('[[rules]]\nmatch = "*"\n# eight\nbits = 3\n', "bits", 6),
 ])
 def test_toml_rule_value_of_the_wrong_type(tmp_path, text, key, line):
     path = tmp_path / "r.toml"

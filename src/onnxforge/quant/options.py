@@ -17,6 +17,7 @@ from typing import Callable, Mapping
 from ..errors import RecipeError
 from .recipe import FIELD_KINDS, METHODS, Recipe, Rule, wrong_type
 from .storage import Storage
+from .types import BLOCK_SIZES
 
 # algo_config aliases -> (method, placement flags)
 ALGO_ALIASES: dict[str, tuple[str, dict]] = {
@@ -279,8 +280,11 @@ def _rule(i: int, entry: object, where: _Where = _Where()) -> Rule:
     if "method" in overrides and overrides["method"] not in METHODS:
         raise RecipeError(f"rules[{i}]: unknown method {overrides['method']!r}; choose one of {', '.join(METHODS)}")
     st = replace(st, **overrides)
-    if st.bits not in (2, 4, 8):
-        raise RecipeError(f"rules[{i}]: bits must be 2, 4 or 8, got {st.bits}")
+    for key, value, allowed in (("bits", st.bits, (2, 4, 8)), ("block_size", st.block_size, BLOCK_SIZES),
+                                ("accuracy_level", st.accuracy_level, (None, 0, 1, 2, 3, 4))):
+        if value not in allowed:
+            shown = ", ".join(str(a) for a in allowed if a is not None)
+            raise RecipeError(where(key, "rules", i) + f"rules[{i}].{key} must be one of {shown}, got {value}")
     return Rule(str(entry["match"]), st)
 
 
