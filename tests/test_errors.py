@@ -102,11 +102,15 @@ def test_existing_output_needs_overwrite(checkpoint, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
+    code, err = run_build(checkpoint, out, capsys, "--overwrite")  # it replaces only a previous build
+    assert code == 2 and "keep.txt" in err and "no onnxforge build wrote" in err
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    assert run_build(checkpoint, out, capsys)[0] == 0  # an empty folder is used
     code, err = run_build(checkpoint, out, capsys)
     assert code == 2 and "--overwrite" in err
-    assert (out / "keep.txt").read_text() == "mine"
     code, _ = run_build(checkpoint, out, capsys, "--overwrite")
-    assert code == 0 and (out / "model.onnx").is_file() and not (out / "keep.txt").exists()
+    assert code == 0 and (out / "model.onnx").is_file()
 
 
 def test_pickle_only_checkpoint(checkpoint, tmp_path, capsys):

@@ -2,8 +2,8 @@
 
 After every kill the target folder must either not exist or hold a complete build (every file's
 SHA-256 equal to a reference build's; build_report.json differs only in times and memory), and no
-folder with the target's name may be partial. Stale `.NAME.partial-PID` folders may stay next to the
-target until the next build into it, which removes them and succeeds.
+folder with the target's name may be partial. Stale `.NAME.partial-PID` folders (and the killed build's
+`.NAME.lock`) may stay next to the target until the next build into it, which removes them and succeeds.
 """
 from __future__ import annotations
 
@@ -108,6 +108,8 @@ def check_state(target: Path, ref_digests: dict[str, str]) -> str:
     name = target.name
     for entry in target.parent.iterdir():
         if entry.name == name:
+            continue
+        if entry.name == f".{name}.lock":  # the killed build's lock, removed by the next build into the target
             continue
         assert re.fullmatch(rf"\.{re.escape(name)}\.(partial|old)-\d+", entry.name), f"unexpected {entry.name}"
         if ".old-" in entry.name:  # the previous build, moved aside the instant before the rename

@@ -16,7 +16,7 @@ from . import __version__
 from .archs.registry import architecture_for
 from .errors import OutputError, RecipeError
 from .export.genai_config import genai_config
-from .export.output import staged_folder
+from .export.output import claim_output, staged_folder
 from .export.report import BuildReport, peak_rss_bytes
 from .export.writer import WeightWriter
 from .graph.builder import GraphBuilder
@@ -58,7 +58,13 @@ def build(
         model = resolve_model(model)
     recipe = recipe or Recipe(precision=precision, provider=provider)
     _check_values(recipe, workers, max_length)  # types and ranges: before the source is opened
-    source = TrackingSource(open_source(model))  # records which tensors the build reads
+    # the output is checked against the input and the user's files, and locked, before the source is opened
+    release_output = claim_output(Path(output), model, overwrite)
+    try:
+        source = TrackingSource(open_source(model))  # records which tensors the build reads
+    except BaseException:
+        release_output()
+        raise
     try:
         arch = architecture_for(source.config)
         spec = arch.make_spec(source.config)
@@ -117,6 +123,7 @@ def build(
         return report
     finally:
         source.close()
+        release_output()  # after the rename: the lock covers the whole build
 
 
 def _check_values(recipe: Recipe, workers: object, max_length: object) -> None:

@@ -1,21 +1,209 @@
-"""Build into a temporary sibling folder and rename it into place only when complete."""
+"""The output folder: refused where a build could hurt the user's files, locked while a build writes
+it, built in a temporary sibling folder and renamed into place only when complete."""
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from ..errors import OutputError
+from ..sources.hf import TOKENIZER_FILES
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock; the checks and the atomic rename still apply
+    fcntl = None
+
+# what a build writes into its folder, and what `onnxforge verify` adds to it: --overwrite replaces
+# a folder holding build_report.json and nothing else than these, or an empty one
+BUILD_FILES = frozenset({"model.onnx", "model.onnx.data", "genai_config.json", "build_report.json",
+                         "verify.json", "verify.png", *TOKENIZER_FILES})
+OVERWRITE = "pass --overwrite (overwrite=True in Python)"
+
+
+def claim_output(out: Path, model=None, overwrite: bool = False) -> Callable[[], None]:
+    """Check `out` against the input, the user's places and its contents, and take its lock; all
+    before the source is opened. Returns the function that releases the lock (call it when done)."""
+    check_place(out, model)
+    check_target(out, overwrite)
+    made = _make_parents(out)
+    try:
+        lock = output_lock(out)
+        lock.__enter__()
+    except BaseException:
+        _remove_empty(made)
+        raise
+
+    def release() -> None:
+        lock.__exit__(None, None, None)
+        _remove_empty(made)
+
+    try:
+        check_target(out, overwrite)  # again, now that no other build can be changing it
+    except BaseException:
+        release()
+        raise
+    return release
+
+
+def check_place(out: Path, model=None) -> None:
+    """Refuse, from the paths alone, an output whose replacement would take the user's files with it."""
+    real = os.path.realpath(out)
+    if real == os.path.dirname(real) or os.path.ismount(real):
+        raise OutputError(f"output {out} is a filesystem root (or mount point); choose a new folder inside it")
+    for what, place in (("the current folder", os.getcwd()), ("your home folder", _home())):
+        if place and _within(os.path.realpath(place), real):
+            how = "is" if os.path.realpath(place) == real else "holds"
+            raise OutputError(f"output {out} {how} {what} ({place}); choose a new folder, e.g. {Path(place) / 'model-onnx'}")
+    src = _input_path(model)
+    if src is None:
+        return
+    src_real = os.path.realpath(src)
+    if real == src_real:
+        raise OutputError(f"output {out} is the input {src}; choose another output folder")
+    if _within(src_real, real):
+        raise OutputError(f"output {out} holds the input {src}; choose another output folder")
+    if os.path.isdir(src_real) and _within(real, src_real):
+        raise OutputError(f"output {out} lies inside the input checkpoint folder {src}; choose a folder outside it")
 
 
 def check_target(out: Path, overwrite: bool) -> None:
+    """Refuse an existing output that is not a folder, holds what no build wrote, or needs --overwrite."""
+    if out.is_symlink():
+        raise OutputError(f"output {out} is a symbolic link (to {os.path.realpath(out)}); name the folder itself")
     if out.exists() and not out.is_dir():
-        raise OutputError(f"{out} exists and is not a folder; choose another output path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputError(f"output folder {out} exists and is not empty; pass --overwrite to replace it")
+        raise OutputError(f"output {out} is a file, not a folder; choose another output folder")
+    if not out.is_dir():
+        return
+    try:
+        names = sorted(p.name for p in out.iterdir())
+    except OSError as e:
+        raise OutputError(f"cannot list the output folder {out}: {e.strerror}") from None
+    if not names:
+        return
+    why = _not_a_build(out, names)
+    if why:
+        raise OutputError(f"output folder {out} {why}; --overwrite replaces only a previous onnxforge build or an "
+                          "empty folder: choose another output folder, or move those files away yourself")
+    if not overwrite:
+        raise OutputError(f"output folder {out} holds a previous onnxforge build; {OVERWRITE} to replace it")
+
+
+def _not_a_build(out: Path, names: list[str]) -> str | None:
+    """Why `out` is not (only) a previous build, or None when it is."""
+    foreign = [n + "/" if (out / n).is_dir() else n for n in names
+               if n not in BUILD_FILES or (out / n).is_symlink() or not (out / n).is_file()]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        return f"holds files no onnxforge build wrote ({shown})"
+    if "build_report.json" not in names:
+        return "is not an onnxforge build (it has no build_report.json)"
+    try:
+        report = json.loads((out / "build_report.json").read_bytes()[: 16 << 20])
+    except (OSError, ValueError):
+        report = None
+    if not isinstance(report, dict) or not {"architecture", "input_sha256"} <= report.keys():
+        return "has a build_report.json that onnxforge did not write"
+    return None
+
+
+def _within(child: str, parent: str) -> bool:
+    return os.path.commonpath([child, parent]) == parent
+
+
+def _home() -> str | None:
+    try:
+        return str(Path.home())
+    except (RuntimeError, KeyError):  # no HOME and no passwd entry
+        return None
+
+
+def _input_path(model) -> Path | None:
+    if isinstance(model, (str, os.PathLike)):
+        return Path(model)
+    path = getattr(model, "path", None)  # a Source object: the folder or file it reads, when it has one
+    return Path(path) if isinstance(path, (str, os.PathLike)) else None
+
+
+def _make_parents(out: Path) -> list[Path]:
+    """Create the folders above `out` that are missing; return them, deepest first."""
+    made = [p for p in Path(os.path.abspath(out)).parents if not p.exists()]
+    try:
+        out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create {out.absolute().parent}: {e.strerror}") from None
+    return made
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first; a folder that holds anything stays
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+
+
+@contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold `.OUT.lock` beside `out` (an exclusive flock, never waited for): another build into `out`
+    refuses at once. The holder removes the file when done, also one left by a killed build."""
+    path = _lock_path(out)
+    fd = _take_lock(path, out)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            try:
+                if _same_file(fd, path):
+                    os.unlink(path)  # while holding it: a build that opened it meanwhile sees it moved and retries
+            except OSError:
+                pass
+            os.close(fd)  # releases the lock
+
+
+def _lock_path(out: Path) -> Path:
+    real = Path(os.path.realpath(out))
+    return real.parent / f".{real.name}.lock"
+
+
+def _take_lock(path: Path, out: Path) -> int | None:
+    if fcntl is None:
+        return None
+    for _ in range(16):  # the file was removed by the build that held it between our open and our flock
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OutputError(f"cannot create the lock file {path}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            who = f" (pid {pid})" if pid.isdigit() else ""
+            raise OutputError(f"another onnxforge build{who} is writing {out}; wait for it to finish, "
+                              "or choose another output folder") from None
+        except OSError:  # this filesystem has no flock (some network mounts): build without the lock
+            os.close(fd)
+            return None
+        if _same_file(fd, path):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        os.close(fd)
+    raise OutputError(f"cannot take the lock {path}: other builds keep replacing it")
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
 
 @contextmanager
@@ -36,7 +224,7 @@ def staged_folder(out: Path, overwrite: bool) -> Iterator[Path]:
         raise OutputError(f"cannot create a folder next to {out}: {e.strerror}") from None
     try:
         yield tmp
-        _replace(tmp, out)
+        _replace(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -74,7 +262,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _replace(tmp: Path, out: Path) -> None:
+def _replace(tmp: Path, out: Path, overwrite: bool) -> None:
+    check_target(out, overwrite)  # what the user may have put into `out` while the build ran is not moved aside
     old = None
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
