@@ -68,7 +68,7 @@ def _add_build(sub) -> None:
     p.add_argument("--workers", type=_ranged("workers", 1),
                    help="quantization threads, and worker processes for the default, k_quant and hqq methods, at "
                    "least 1 (default: the cores, up to 4; 1 quantizes in this process)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous onnxforge build in the output folder (never a folder with other files)")
     p.add_argument("--strict", action="store_true",
                    help="fail when the checkpoint has tensors the build does not use (default: a warning)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
