@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from . import interrupts
 from .errors import OnnxForgeError, RecipeError
 
 
@@ -206,8 +207,20 @@ OPTIONAL_PACKAGES = {"onnxruntime_genai": "onnxruntime-genai", "torch": "torch",
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run a command; SIGINT, SIGTERM and SIGHUP end it cleanly: one line on stderr, exit code 128 + the signal."""
+    args = None
+    with interrupts.signals_as_exceptions():
+        try:
+            args = build_parser().parse_args(argv)
+            code = _run(args)
+        except KeyboardInterrupt as e:
+            code = _interrupted(e, args)
+        if code and argv is None:  # this process ends now: a stopped build's threads get seconds, not minutes
+            interrupts.exit_without_lingering_threads(code)
+    return code
+
+
+def _run(args) -> int:
     try:
         return args.func(args)
     except OnnxForgeError as e:
@@ -222,9 +235,16 @@ def main(argv: list[str] | None = None) -> int:
               f"pip install {pkg}  (or pip install 'onnxforge[verify]' for everything verify and run use)",
               file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("onnxforge: interrupted; nothing was written to the output folder", file=sys.stderr)
-        return 130
+
+
+def _interrupted(e: KeyboardInterrupt, args) -> int:
+    signum = interrupts.signum_of(e)
+    where = f"; nothing was written to {args.output}" if getattr(args, "command", None) == "build" else ""
+    try:
+        print(f"onnxforge: interrupted ({interrupts.describe(signum)}){where}", file=sys.stderr)
+    except OSError:  # a terminal that hung up
+        pass
+    return 128 + signum
 
 
 if __name__ == "__main__":

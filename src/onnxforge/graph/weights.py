@@ -196,6 +196,7 @@ def quantize_rows(source: Source, parts: Sequence[Part], slots: Sequence[TensorS
         if not st.symmetric:
             outs[2][rows] = zero_points
 
+    from .. import cancel
     from ..quant import pool
 
     workers = pool.active() if st.method in pool.PROCESS_METHODS else None
@@ -209,6 +210,7 @@ def quantize_rows(source: Source, parts: Sequence[Part], slots: Sequence[TensorS
                                      method=st.method, accuracy_level=st.accuracy_level)) for start, chunk in chunks)
         for start, q in done:
             store(slice(row + start, row + start + q.data.shape[0]), q.data, q.scales, q.zero_points)
+            cancel.check()  # a stopped build's threads end at the next slice
         row += n
     return outs
 

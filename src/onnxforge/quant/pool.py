@@ -13,7 +13,9 @@ small framed format: a JSON header on a pipe, the arrays in two anonymous shared
 
 The result of a slice does not depend on which process quantized it, so the output is
 byte-identical to a one-worker build. Each worker holds one slice at a time; a worker's stdin
-closes when the build's process dies, and the worker exits.
+closes when the build's process dies, and the worker exits. Workers run in their own process group and
+ignore SIGINT and SIGHUP (a terminal's Ctrl-C goes to the build alone, which ends them); no wait on a worker
+is unbounded (see WorkerPool).
 """
 from __future__ import annotations
 
@@ -21,10 +23,12 @@ import json
 import mmap
 import os
 import queue
+import select
 import struct
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import BinaryIO
 
@@ -103,10 +107,14 @@ def send_header(f: BinaryIO, header: dict) -> None:
     f.flush()
 
 
-def _read_exact(f: BinaryIO, n: int) -> bytes:
+def _read_exact(f: BinaryIO, n: int, ready=None) -> bytes:
+    """`n` bytes from `f`; `ready()`, when given, is called before each read and returns once data can be read
+    (or raises), so the read never blocks without a bound."""
     buf = bytearray(n)
     view, done = memoryview(buf), 0
     while done < n:
+        if ready is not None:
+            ready()
         got = f.readinto(view[done:])
         if not got:
             raise EOFError
@@ -114,13 +122,31 @@ def _read_exact(f: BinaryIO, n: int) -> bytes:
     return bytes(buf)
 
 
-def receive_header(f: BinaryIO) -> dict:
-    (size,) = _LEN.unpack(_read_exact(f, _LEN.size))
-    return json.loads(_read_exact(f, size))
+def receive_header(f: BinaryIO, ready=None) -> dict:
+    (size,) = _LEN.unpack(_read_exact(f, _LEN.size, ready))
+    return json.loads(_read_exact(f, size, ready))
+
+
+ANSWER_SECONDS = 600.0  # a worker that does not answer one slice (seconds of work) within this is an error
+CLOSE_SECONDS = 2.0  # how long an idle worker gets to exit on its own when the pool closes, before it is killed
+WAIT_SLICE = 0.25  # waits look at the pool's state (closed, failed) this often
+
+
+def _stopped(code) -> errors.OnnxForgeError:
+    return errors.OnnxForgeError(
+        f"a quantization worker process stopped unexpectedly (exit code {code}); it may have run out of "
+        "memory: retry with fewer workers (--workers 1 quantizes in this process)")
+
+
+def _closed_error() -> errors.OnnxForgeError:
+    return errors.OnnxForgeError("the quantization worker pool is closed (the build was stopped)")
 
 
 class _Worker:
-    def __init__(self) -> None:
+    """One worker process. Its own process group: a terminal's Ctrl-C (SIGINT to the foreground group) reaches
+    the build, which ends its workers; the worker ignores SIGINT and SIGHUP too, and exits when its stdin closes."""
+
+    def __init__(self, closed: threading.Event) -> None:
         import onnxforge
 
         env = dict(os.environ)
@@ -132,72 +158,140 @@ class _Worker:
         try:
             self.proc = subprocess.Popen([sys.executable, "-m", "onnxforge.quant.worker", *map(str, fds)],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, bufsize=0,
-                                         pass_fds=fds)
+                                         pass_fds=fds, process_group=0)
         except BaseException:
             for fd in fds:
                 os.close(fd)
             raise
         self.inp, self.out = Buffer(fds[0]), Buffer(fds[1])
+        self.closed = closed  # the pool's: set when it closes
+        self.busy = threading.Lock()  # held for a whole call
+        self.released = False
+
+    def _ready(self, deadline: float) -> None:
+        """Return once the answer (or EOF: the worker died) can be read; raise when the pool closes or the
+        worker has not answered by `deadline`."""
+        poller = select.poll()
+        poller.register(self.proc.stdout.fileno(), select.POLLIN)
+        while not poller.poll(WAIT_SLICE * 1000):
+            if self.closed.is_set():
+                raise _closed_error()
+            if time.monotonic() > deadline:
+                raise errors.OnnxForgeError(
+                    f"a quantization worker process did not answer within {ANSWER_SECONDS:g} s (process "
+                    f"{self.proc.pid}); retry with --workers 1, which quantizes in this process")
 
     def call(self, header: dict, arrays: list[np.ndarray | None]) -> tuple[dict, list[np.ndarray | None]]:
-        try:
-            send_header(self.proc.stdin, dict(header, arrays=self.inp.put(arrays)))
-            answer = receive_header(self.proc.stdout)
-        except (EOFError, BrokenPipeError, OSError) as err:
-            code = self.proc.poll()
-            raise errors.OnnxForgeError(
-                f"a quantization worker process stopped unexpectedly (exit code {code}); it may have run out of "
-                "memory: retry with fewer workers (--workers 1 quantizes in this process)") from err
-        return answer, self.out.get(answer.pop("arrays", []), copy=True)
+        with self.busy:
+            if self.closed.is_set() or self.released:
+                raise _closed_error()
+            deadline = time.monotonic() + ANSWER_SECONDS
+            try:
+                send_header(self.proc.stdin, dict(header, arrays=self.inp.put(arrays)))
+                answer = receive_header(self.proc.stdout, lambda: self._ready(deadline))
+            except (EOFError, OSError, ValueError) as err:  # ValueError: a pipe closed by the pool
+                if self.closed.is_set():
+                    raise _closed_error() from None
+                raise _stopped(self.proc.poll()) from err
+            return answer, self.out.get(answer.pop("arrays", []), copy=True)
 
-    def close(self) -> None:
+    def end_input(self) -> None:
+        """Close its stdin: an idle worker exits."""
         try:
             self.proc.stdin.close()
         except OSError:
             pass
+
+    def stop(self, deadline: float) -> None:
+        """Let it exit until `deadline` if idle, else kill it now (a slice in progress is not wanted)."""
+        if not self.busy.locked():
+            try:
+                self.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                return
+            except subprocess.TimeoutExpired:
+                pass
+        self.proc.kill()
+        self.proc.wait()  # SIGKILL: at once
+
+    def release(self) -> None:
+        """Close its pipes and shared memory, once no call uses them (a call ends at once when the pool is closed
+        and the worker dead)."""
+        if not self.busy.acquire(timeout=10 * WAIT_SLICE):
+            return  # left to the garbage collector rather than closed under a reader
         try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc.stdout.close()
-        for buf in (self.inp, self.out):
-            buf.map = None
-            os.close(buf.fd)
+            if not self.released:
+                self.released = True
+                self.end_input()
+                self.proc.stdout.close()
+                for buf in (self.inp, self.out):
+                    buf.map = None
+                    os.close(buf.fd)
+        finally:
+            self.busy.release()
+
+    def end(self) -> None:
+        """A worker that failed a call: kill it and free what it holds."""
+        self.end_input()
+        self.stop(time.monotonic())
+        self.release()
 
 
 class WorkerPool:
-    """N worker processes, started on first use; `quantize` is safe to call from many threads."""
+    """N worker processes, started on first use; `quantize` is safe to call from many threads.
+
+    Every wait is bounded: a call waits at most ANSWER_SECONDS for its worker, and waits for a free worker look
+    every WAIT_SLICE at whether the pool was closed or has failed (a worker died: every later call fails with the
+    same error at once). `close` ends the workers, which ends any call in progress."""
 
     def __init__(self, n: int) -> None:
         self.n = n
         self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
         self._all: list[_Worker] = []
         self._lock = threading.Lock()
-        self._closed = False
+        self._closed = threading.Event()
+        self._failed: errors.OnnxForgeError | None = None
         self._threads = None
 
+    def _check(self) -> None:
+        if self._closed.is_set():
+            raise _closed_error()
+        if self._failed is not None:
+            raise errors.OnnxForgeError(str(self._failed))
+
     def _take(self) -> _Worker:
-        try:
-            return self._idle.get_nowait()
-        except queue.Empty:
-            pass
+        while True:
+            try:
+                return self._idle.get_nowait()
+            except queue.Empty:
+                pass
+            with self._lock:
+                self._check()
+                if len(self._all) < self.n:
+                    worker = _Worker(self._closed)
+                    self._all.append(worker)
+                    return worker
+            try:
+                return self._idle.get(timeout=WAIT_SLICE)
+            except queue.Empty:
+                pass
+
+    def _drop(self, worker: _Worker, err: BaseException) -> None:
+        """A call failed: the worker's state is unknown, so it is ended; a dead or silent worker fails the pool."""
         with self._lock:
-            if self._closed:
-                raise errors.OnnxForgeError("the quantization worker pool is closed")
-            if len(self._all) < self.n:
-                worker = _Worker()
-                self._all.append(worker)
-                return worker
-        return self._idle.get()
+            if worker in self._all:
+                self._all.remove(worker)
+            if isinstance(err, errors.OnnxForgeError) and not self._closed.is_set() and self._failed is None:
+                self._failed = err
+        worker.end()
 
     def quantize(self, w: np.ndarray, *, bits: int, block_size: int, symmetric: bool, method: str) -> QuantizedWeight:
         worker = self._take()
         try:
             header, arrays = worker.call({"method": method, "bits": bits, "block_size": block_size,
                                           "symmetric": bool(symmetric)}, [w])
-        except errors.OnnxForgeError:
-            raise  # a dead worker is not put back
+        except BaseException as err:
+            self._drop(worker, err)  # a dead worker is not put back
+            raise
         self._idle.put(worker)
         if not header.get("ok"):
             kind = getattr(errors, header.get("kind", ""), None)
@@ -211,14 +305,19 @@ class WorkerPool:
     def quantize_many(self, chunks, *, bits: int, block_size: int, symmetric: bool, method: str):
         """Yield (key, QuantizedWeight) for each (key, array) of `chunks` as they finish, up to n at once
         (the slices of one large weight on every worker); arrays are drawn from `chunks` only as workers
-        free up, so a lazy iterator reads them on demand."""
+        free up, so a lazy iterator reads them on demand. Stops with an error when the pool closes or
+        fails, or the build this thread works for is cancelled."""
         from concurrent.futures import FIRST_COMPLETED, wait
 
+        from onnxforge import cancel
+
         with self._lock:
+            self._check()
             if self._threads is None:
                 from concurrent.futures import ThreadPoolExecutor
 
                 self._threads = ThreadPoolExecutor(2 * self.n, thread_name_prefix="onnxforge-chunk")
+            threads = self._threads
         running, it = set(), iter(chunks)
 
         def submit() -> bool:
@@ -226,8 +325,8 @@ class WorkerPool:
             if nxt is None:
                 return False
             i, w = nxt  # (key, array): the key comes back with the result
-            fut = self._threads.submit(self.quantize, w, bits=bits, block_size=block_size, symmetric=symmetric,
-                                       method=method)
+            fut = threads.submit(self.quantize, w, bits=bits, block_size=block_size, symmetric=symmetric,
+                                 method=method)
             fut.index = i
             running.add(fut)
             return True
@@ -236,7 +335,10 @@ class WorkerPool:
             while len(running) < self.n and submit():
                 pass
             while running:
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                done, _ = wait(running, timeout=WAIT_SLICE, return_when=FIRST_COMPLETED)
+                if not done:
+                    cancel.check()
+                    self._check()
                 for fut in done:
                     running.discard(fut)
                     yield fut.index, fut.result()
@@ -246,14 +348,21 @@ class WorkerPool:
                 fut.cancel()
 
     def close(self) -> None:
+        """End the workers: idle ones exit when their stdin closes (killed after CLOSE_SECONDS), busy ones are
+        killed at once, so a call in progress ends (EOF) and no thread waits on a worker after this."""
         with self._lock:
+            self._closed.set()
             if self._threads is not None:
                 self._threads.shutdown(wait=False, cancel_futures=True)
                 self._threads = None
-            self._closed = True
             workers, self._all = self._all, []
         for worker in workers:
-            worker.close()
+            worker.end_input()
+        deadline = time.monotonic() + CLOSE_SECONDS
+        for worker in workers:
+            worker.stop(deadline)
+        for worker in workers:
+            worker.release()
 
 
 _current: WorkerPool | None = None
