@@ -151,6 +151,21 @@ def test_gguf_input(tmp_path, capsys, monkeypatch):
     assert hashlib.sha256(gguf.read_bytes()).hexdigest() == digest
 
 
+def test_demo_alias_is_checked_as_the_file_it_names(tmp_path, capsys, monkeypatch, no_source):
+    from onnxforge.sources import aliases
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    gguf = cache / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setattr(aliases, "resolve_model", lambda name, **k: gguf)
+    code = main(["build", "--demo", "-o", str(cache), "--overwrite", "--quiet"])
+    refused(code, capsys.readouterr().err, str(cache), "holds the input")
+    with pytest.raises(OutputError, match="is the input"):
+        onnxforge.build("demo", gguf, overwrite=True)
+    assert gguf.read_bytes() == b"GGUF"
+
+
 def test_overwrite_replaces_a_previous_build_or_an_empty_folder(ckpt, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

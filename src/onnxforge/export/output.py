@@ -6,7 +6,7 @@ import glob
 import json
 import os
 import shutil
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -30,24 +30,15 @@ def claim_output(out: Path, model=None, overwrite: bool = False) -> Callable[[],
     before the source is opened. Returns the function that releases the lock (call it when done)."""
     check_place(out, model)
     check_target(out, overwrite)
-    made = _make_parents(out)
+    held = ExitStack()
     try:
-        lock = output_lock(out)
-        lock.__enter__()
-    except BaseException:
-        _remove_empty(made)
-        raise
-
-    def release() -> None:
-        lock.__exit__(None, None, None)
-        _remove_empty(made)
-
-    try:
+        held.callback(_remove_empty, _make_parents(out))  # runs last: the folders made for the lock, if still empty
+        held.enter_context(output_lock(out))
         check_target(out, overwrite)  # again, now that no other build can be changing it
     except BaseException:
-        release()
+        held.close()
         raise
-    return release
+    return held.close
 
 
 def check_place(out: Path, model=None) -> None:
@@ -55,7 +46,7 @@ def check_place(out: Path, model=None) -> None:
     real = os.path.realpath(out)
     if real == os.path.dirname(real) or os.path.ismount(real):
         raise OutputError(f"output {out} is a filesystem root (or mount point); choose a new folder inside it")
-    for what, place in (("the current folder", os.getcwd()), ("your home folder", _home())):
+    for what, place in (("the current folder", _cwd()), ("your home folder", _home())):
         if place and _within(os.path.realpath(place), real):
             how = "is" if os.path.realpath(place) == real else "holds"
             raise OutputError(f"output {out} {how} {what} ({place}); choose a new folder, e.g. {Path(place) / 'model-onnx'}")
@@ -113,6 +104,13 @@ def _not_a_build(out: Path, names: list[str]) -> str | None:
 
 def _within(child: str, parent: str) -> bool:
     return os.path.commonpath([child, parent]) == parent
+
+
+def _cwd() -> str | None:
+    try:
+        return os.getcwd()
+    except OSError:  # the current folder was removed
+        return None
 
 
 def _home() -> str | None:
