@@ -319,7 +319,10 @@ def _check_rope_params(rope: RopeSpec, context_length: int | None) -> None:
 
 
 def layer_types(cfg: dict, num_layers: int) -> tuple[tuple[str, ...], int]:
-    """Each layer's type and the sliding window, from `layer_types` or a global `sliding_window`."""
+    """Each layer's type and the sliding window, from `layer_types` or a global `sliding_window`
+    (every layer slides). A family whose transformers config derives the types another way (from
+    use_sliding_window, max_window_layers, a pattern) writes them into `layer_types` first
+    (Architecture.config_fix, with `derived_layer_types` and `gated_window` below)."""
     window = cfg.get("sliding_window")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 0):
         raise ConfigError(f"config.json: sliding_window must be a non-negative integer or null, got {window!r}")
@@ -333,14 +336,71 @@ def layer_types(cfg: dict, num_layers: int) -> tuple[tuple[str, ...], int]:
         if unknown:
             raise ConfigError(f"config.json: layer_types has {', '.join(unknown)}; supported: {', '.join(LAYER_TYPES)}")
         return tuple(types), window or 0
-    if cfg.get("use_sliding_window") is False or not window:
+    if not window:
         return ("full_attention",) * num_layers, 0
-    pattern = cfg.get("sliding_window_pattern")  # 4.x Gemma 3 / Cohere 2: every pattern-th layer is global
-    if pattern is not None:
-        if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern <= 0:
-            raise ConfigError(f"config.json: sliding_window_pattern must be a positive integer, got {pattern!r}")
-        return tuple("sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)), window
     return ("sliding_attention",) * num_layers, window
+
+
+def whole_head_rotary(cfg: dict) -> dict:
+    """`cfg` for a family whose attention rotates the whole head: its default rotary table ignores
+    partial_rotary_factor (transformers computes it from head_dim alone), so the key is dropped; a scaled
+    one (yarn, llama3...) would shorten the table below what the attention applies it to, a model
+    transformers cannot run either, so that is refused."""
+    top = cfg.get("partial_rotary_factor")
+    out = {k: v for k, v in cfg.items() if k != "partial_rotary_factor"}
+    for key in ("rope_parameters", "rope_scaling"):
+        params = cfg.get(key)
+        if not isinstance(params, dict):
+            continue
+        per_type = {k: v for k, v in params.items() if k in LAYER_TYPES and isinstance(v, dict)}
+        tables = per_type or {None: params}
+        for name, table in tables.items():
+            partial = table.get("partial_rotary_factor", None if per_type else top)  # 5.x moves the top one in
+            kind = table.get("rope_type", table.get("type", "default")) or "default"
+            if partial not in (None, 1, 1.0) and kind != "default":
+                raise ConfigError(f"config.json: partial_rotary_factor {partial!r} with rope type {kind!r}: this "
+                                  "family's attention rotates the whole head, and transformers' model cannot run "
+                                  "a shorter table; remove partial_rotary_factor")
+            tables[name] = {k: v for k, v in table.items() if k != "partial_rotary_factor"}
+        out[key] = {**params, **tables} if per_type else tables[None]
+    return out
+
+
+# config.json keys that say which layers slide; a family whose model never windows drops them all
+WINDOW_KEYS = ("sliding_window", "layer_types", "use_sliding_window", "sliding_window_pattern", "max_window_layers")
+
+
+def gated_window(cfg: dict) -> dict:
+    """`sliding_window` as a config class that sets it to null unless `use_sliding_window` is true
+    (Qwen2/3, their MoE, SmolLM3: a missing use_sliding_window means false)."""
+    return {**cfg, "sliding_window": cfg.get("sliding_window") if _flag(cfg, "use_sliding_window") else None}
+
+
+def config_int(cfg: dict, key: str, default: int, minimum: int = 0) -> int:
+    """An integer config key that only derives others (max_window_layers, a layer pattern)."""
+    value = _get(cfg, key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"config.json: {key} must be an integer of at least {minimum}, got {value!r}")
+    return value
+
+
+def derived_layer_types(cfg: dict, slides) -> dict:
+    """`cfg` with `layer_types` filled in as its config class derives them when config.json has none:
+    layer i slides where `slides(i)` (an older config; transformers 5 writes the list it derived)."""
+    n = cfg.get("num_hidden_layers")
+    if cfg.get("layer_types") is not None or isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= MAX_LAYERS:
+        return cfg  # base_spec refuses a bad layer count
+    return {**cfg, "layer_types": ["sliding_attention" if slides(i) else "full_attention" for i in range(n)]}
+
+
+def window_semantics(cfg: dict, kind: str) -> dict:
+    """How a family's model reads the window keys: "none" never windows, "all" windows every layer
+    with `sliding_window` (layer_types unread), "types" windows the layers `layer_types` marks."""
+    if kind == "none":
+        return {k: v for k, v in cfg.items() if k not in WINDOW_KEYS}
+    if kind == "all":
+        return {k: v for k, v in cfg.items() if k != "layer_types"}
+    return cfg
 
 
 def layer_specs(cfg: dict, num_layers: int, ropes: tuple[tuple[str, RopeSpec], ...]) -> tuple[LayerSpec, ...]:
@@ -390,7 +450,7 @@ def base_spec(cfg: dict, **overrides) -> ModelSpec:
         attention=attention,
         ropes=ropes,
         layers=layer_specs(cfg, layers, ropes),
-        norm=NormSpec(eps=_finite(cfg, "rms_norm_eps", _finite(cfg, "layer_norm_eps", 1e-6))),
+        norm=NormSpec(eps=_finite(cfg, "rms_norm_eps", 1e-6)),  # families with another key set it in a hook
         mlp=MLPSpec(intermediate_size=inter, activation=str(act), bias=_flag(cfg, "mlp_bias")),
         tie_embeddings=_flag(cfg, "tie_word_embeddings"),
         bos_token_id=_token(cfg, "bos_token_id"),

@@ -9,6 +9,7 @@ own rope base); Gemma 2: attention and final logit softcapping.
 from __future__ import annotations
 
 from ..errors import ConfigError
+from ..spec import config_int, derived_layer_types
 from .registry import Architecture, register
 
 SANDWICH = {"norm.weight_offset": 1.0, "block": "sandwich"}
@@ -55,6 +56,36 @@ def _gemma2(cfg: dict) -> dict:
             "final_softcap": _number(cfg, "final_logit_softcapping")}
 
 
+def _gemma2_config(cfg: dict) -> dict:
+    """As Gemma2Config loads: without layer_types, sliding and full layers alternate (a
+    sliding_window_pattern key is not read)."""
+    return derived_layer_types(cfg, lambda i: (i + 1) % 2)
+
+
+def _gemma3_config(cfg: dict) -> dict:
+    """As Gemma3TextConfig loads: without layer_types, every sliding_window_pattern-th layer (default 6)
+    is full, the others slide."""
+    pattern = config_int(cfg, "sliding_window_pattern", 6, minimum=1)
+    return _gemma3_rope(derived_layer_types(cfg, lambda i: (i + 1) % pattern))
+
+
+def _gemma3_rope(cfg: dict) -> dict:
+    """As Gemma3TextConfig reads rope settings: only per-layer-type rope_parameters count (a flat one is
+    ignored); a 4.x rope_scaling updates the full-attention table (its legacy `type` key is not read);
+    the full layers' base is rope_theta, the sliding layers' rope_local_base_freq."""
+    given, scaling = cfg.get("rope_parameters"), cfg.get("rope_scaling")
+    if scaling is not None and not isinstance(scaling, dict):
+        raise ConfigError(f"config.json: rope_scaling must be an object, got {scaling!r}")
+    given = given if isinstance(given, dict) else {}
+    full = dict(given.get("full_attention") or {"rope_type": "default"})
+    sliding = dict(given.get("sliding_attention") or {"rope_type": "default"})
+    full.update(scaling or {})
+    full.setdefault("rope_theta", cfg.get("rope_theta"))
+    sliding.setdefault("rope_theta", cfg.get("rope_local_base_freq"))
+    rest = {k: v for k, v in cfg.items() if k not in ("rope_scaling", "rope_local_base_freq")}
+    return {**rest, "rope_parameters": {"full_attention": full, "sliding_attention": sliding}}
+
+
 def _gemma3_wrapper(cfg: dict) -> dict:
     return {**_gemma2(cfg), "final_softcap": 0.0}  # Gemma3ForConditionalGeneration never softcaps its logits
 
@@ -62,11 +93,11 @@ def _gemma3_wrapper(cfg: dict) -> dict:
 register(Architecture("GemmaForCausalLM", "gemma", {"norm.weight_offset": 1.0}, hook=_gemma,
                       config_defaults=DEFAULTS, gguf="gemma", doc="Gemma (1), CodeGemma"))
 register(Architecture("Gemma2ForCausalLM", "gemma2", SANDWICH, hook=_gemma2, names=PRE_FFN_NORM,
-                      config_defaults={**DEFAULTS2, "sliding_window_pattern": 2, "attn_logit_softcapping": 50.0,
-                                       "final_logit_softcapping": 30.0},
+                      config_fix=_gemma2_config, sliding="types",
+                      config_defaults={**DEFAULTS2, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
                       gguf="gemma2", doc="Gemma 2 (softcapping, alternating sliding window)"))
-GEMMA3 = dict(spec={**SANDWICH, "attention.qk_norm": "head"}, names=PRE_FFN_NORM,
-              config_defaults={**DEFAULTS2, "sliding_window_pattern": 6, "rope_theta": 1_000_000.0,
+GEMMA3 = dict(spec={**SANDWICH, "attention.qk_norm": "head"}, names=PRE_FFN_NORM, config_fix=_gemma3_config,
+              sliding="types", config_defaults={**DEFAULTS2, "rope_theta": 1_000_000.0,
                                "rope_local_base_freq": 10_000.0, "max_position_embeddings": 131_072,
                                "vocab_size": 262_208})
 register(Architecture("Gemma3ForCausalLM", "gemma3_text", **GEMMA3, hook=_gemma2, gguf="gemma3",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..errors import ConfigError
-from ..spec import MoESpec, base_spec
+from ..spec import MoESpec, base_spec, config_int, derived_layer_types, gated_window
 from .registry import Architecture, register
 
 
@@ -41,7 +41,7 @@ def _qwen_layers(cfg: dict):
 
 
 def _mixtral(cfg: dict) -> dict:
-    return experts(cfg)
+    return {**experts(cfg), "attention.qkv_bias": False, "attention.o_bias": False}  # attention_bias is not read
 
 
 def _qwen2_moe(cfg: dict) -> dict:
@@ -90,12 +90,24 @@ def _phimoe(cfg: dict) -> dict:
             "attention.qkv_bias": bias, "attention.o_bias": bias, "lm_head_bias": bool(cfg.get("lm_head_bias", False))}
 
 
+GPT_OSS_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                "original_max_position_embeddings": 4096}
+
+
 def _gpt_oss_config(cfg: dict) -> dict:
-    """As GptOssConfig loads: without layer_types, sliding and full attention alternate."""
-    if cfg.get("layer_types") is not None:
-        return cfg
-    n = cfg["num_hidden_layers"]
-    return {**cfg, "layer_types": ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]}
+    """As GptOssConfig loads: without layer_types, sliding and full attention alternate; without any
+    rope settings, yarn (factor 32 over 4096 positions) at rope_theta (default 150000)."""
+    if cfg.get("rope_parameters") is None and cfg.get("rope_scaling") is None:
+        cfg = {**cfg, "rope_parameters": {**GPT_OSS_ROPE, "rope_theta": cfg.get("rope_theta", 150000.0)}}
+    return derived_layer_types(cfg, lambda i: (i + 1) % 2)
+
+
+def _qwen2_moe_config(cfg: dict) -> dict:
+    """As Qwen2MoeConfig loads: the window only with use_sliding_window; without layer_types, the
+    even layers (0, 2, ...) below max_window_layers slide."""
+    cfg = gated_window(cfg)
+    end = config_int(cfg, "max_window_layers", 28)
+    return derived_layer_types(cfg, lambda i: cfg["sliding_window"] is not None and (i + 1) % 2 and i < end)
 
 
 def _gpt_oss(cfg: dict) -> dict:
@@ -106,13 +118,17 @@ def _gpt_oss(cfg: dict) -> dict:
 
 MIXTRAL = {"num_local_experts": 8, "num_experts_per_tok": 2, "rms_norm_eps": 1e-5, "rope_theta": 1e6}
 register(Architecture("MixtralForCausalLM", "mistral", hook=_mixtral, config_defaults=MIXTRAL, gguf="llama",
+                      sliding="all",
                       doc="Mixtral 8x7B / 8x22B (top-2 of 8 experts, renormalised)"))
-register(Architecture("Qwen2MoeForCausalLM", "qwen2", hook=_qwen2_moe,
+register(Architecture("Qwen2MoeForCausalLM", "qwen2", hook=_qwen2_moe, config_fix=_qwen2_moe_config, sliding="types",
                       config_defaults={"num_experts": 60, "num_experts_per_tok": 4, "moe_intermediate_size": 1408,
-                                       "shared_expert_intermediate_size": 5632},
+                                       "shared_expert_intermediate_size": 5632, "use_sliding_window": False,
+                                       "sliding_window": 4096, "max_window_layers": 28},
                       gguf="qwen2moe", doc="Qwen1.5-MoE, Qwen2-MoE (shared expert with a sigmoid gate)"))
 register(Architecture("Qwen3MoeForCausalLM", "qwen3", {"attention.qk_norm": "head"}, hook=_qwen3_moe,
-                      config_defaults={"num_experts_per_tok": 8, "moe_intermediate_size": 768},
+                      config_fix=gated_window, sliding="all",
+                      config_defaults={"num_experts_per_tok": 8, "moe_intermediate_size": 768,
+                                       "use_sliding_window": False, "sliding_window": 4096},
                       gguf="qwen3moe", doc="Qwen3-MoE (30B-A3B, 235B-A22B)"))
 register(Architecture("OlmoeForCausalLM", "olmo", {"attention.qk_norm": "full"}, hook=_olmoe,
                       config_defaults={"num_experts": 64, "num_experts_per_tok": 8, "rms_norm_eps": 1e-5},
@@ -127,9 +143,10 @@ register(Architecture("Ernie4_5_MoeForCausalLM", "ernie4_5", hook=_ernie_moe, co
                       gguf="ernie4_5-moe", doc="ERNIE 4.5 MoE (biased expert selection, shared experts)"))
 register(Architecture("PhimoeForCausalLM", "phimoe", {"norm.kind": "layer", "norm.bias": True}, hook=_phimoe,
                       config_defaults={"num_local_experts": 16, "num_experts_per_tok": 2, "rms_norm_eps": 1e-5,
-                                       "rope_theta": 1e6, "router_jitter_noise": 0.01},
+                                       "rope_theta": 1e6, "router_jitter_noise": 0.01}, sliding="all",
                       doc="Phi-3.5-MoE (sparse mixer, LayerNorm)"))
-register(Architecture("GptOssForCausalLM", "gptoss", hook=_gpt_oss, config_fix=_gpt_oss_config,
+register(Architecture("GptOssForCausalLM", "gptoss", hook=_gpt_oss, config_fix=_gpt_oss_config, sliding="types",
                       config_defaults={"num_local_experts": 128, "num_experts_per_tok": 4, "swiglu_limit": 7.0,
-                                       "attention_bias": True, "rms_norm_eps": 1e-5, "sliding_window": 128},
+                                       "attention_bias": True, "rms_norm_eps": 1e-5, "sliding_window": 128,
+                                       "head_dim": 64, "rope_theta": 150000.0},
                       gguf="gpt-oss", doc="gpt-oss-20b / 120b (attention sinks, clamped SwiGLU, biases, MXFP4 experts)"))

@@ -150,6 +150,19 @@ class Names:
     def weight(self, role: str, i: int | None = None) -> str:
         return f"{self.module(role, i)}.weight"
 
+    def lm_head(self, tied: bool) -> str:
+        """The weight the output projection reads: the embedding's where the embeddings are tied, else
+        lm_head's; an untied checkpoint without it is an error naming it, never a silent tie."""
+        if tied:
+            return self.weight("embed")
+        head = self.module("lm_head", required=False)
+        if head is None or not self.source.has(f"{head}.weight"):
+            raise CheckpointError("tensor 'lm_head.weight' is missing from the checkpoint, and config.json says the "
+                                  "output projection is its own (tie_word_embeddings is false or, for this family, "
+                                  "false when missing); the download may be incomplete, or config.json does not "
+                                  "match the weights (set tie_word_embeddings: true if the model ties them)")
+        return f"{head}.weight"
+
     def has(self, role: str, i: int | None = None, suffix: str = "weight") -> bool:
         m = self.module(role, i, required=False)
         return m is not None and self.source.has(f"{m}.{suffix}")

@@ -10,6 +10,7 @@ rotary table is the default one at the full layers' rope_theta; a rope scaling i
 from __future__ import annotations
 
 from ..errors import ConfigError
+from ..spec import derived_layer_types
 from .registry import Architecture, register
 
 DEFAULTS = {"vocab_size": 50304, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
@@ -29,9 +30,7 @@ def _olmo(cfg: dict) -> dict:
 def _olmo3_config(cfg: dict) -> dict:
     """As Olmo3Config loads: layer types default to three sliding layers then a full one; both layer
     types get a rotary table, the sliding one unscaled, each at rope_theta (default 500000)."""
-    n = cfg.get("num_hidden_layers")
-    if cfg.get("layer_types") is None and isinstance(n, int) and n > 0:
-        cfg = {**cfg, "layer_types": ["sliding_attention" if (i + 1) % 4 else "full_attention" for i in range(n)]}
+    cfg = derived_layer_types(cfg, lambda i: (i + 1) % 4)
     given, scaling = cfg.get("rope_parameters"), cfg.get("rope_scaling")
     if scaling is not None and not isinstance(scaling, dict):
         raise ConfigError(f"config.json: rope_scaling must be an object, got {scaling!r}")
@@ -51,6 +50,6 @@ register(Architecture("OlmoForCausalLM", "olmo",
 # onnxruntime-genai knows the model type "olmo" only; the graph carries what differs
 register(Architecture("Olmo2ForCausalLM", "olmo", POST, config_defaults=DEFAULTS, gguf="olmo2",
                       doc="OLMo 2 (post-norms, q/k norm over the projection)"))
-register(Architecture("Olmo3ForCausalLM", "olmo", POST, config_fix=_olmo3_config,
+register(Architecture("Olmo3ForCausalLM", "olmo", POST, config_fix=_olmo3_config, sliding="types",
                       config_defaults={**DEFAULTS, "sliding_window": 4096}, gguf="olmo2",
                       doc="OLMo 3 (OLMo 2 with sliding layers; llama.cpp writes its GGUF files as olmo2)"))

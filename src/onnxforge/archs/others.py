@@ -13,6 +13,7 @@ rotary on interleaved pairs (x[2i], x[2i+1]); tied embeddings by default.
 from __future__ import annotations
 
 from ..errors import ConfigError
+from ..spec import MAX_LAYERS, derived_layer_types, gated_window
 from .registry import Architecture, register
 
 LLAMA_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
@@ -35,20 +36,21 @@ def _granite(cfg: dict) -> dict:
 
 
 def _smollm3_config(cfg: dict) -> dict:
-    """As SmolLM3Config fills in no_rope_layers (1 = rotary) and layer_types when they are missing."""
+    """As SmolLM3Config fills in no_rope_layers (1 = rotary) and layer_types when they are missing; the
+    model windows a sliding layer only when use_sliding_window is true (false when missing)."""
     n = cfg.get("num_hidden_layers")
-    if not isinstance(n, int) or n <= 0:
+    if not isinstance(n, int) or not 0 < n <= MAX_LAYERS:
         return cfg
     if cfg.get("no_rope_layers") is None:
         step = cfg.get("no_rope_layer_interval", 4)
         if isinstance(step, bool) or not isinstance(step, int) or step <= 0:
             raise ConfigError(f"config.json: no_rope_layer_interval must be a positive integer, got {step!r}")
         cfg = {**cfg, "no_rope_layers": [int((i + 1) % step != 0) for i in range(n)]}
-    if cfg.get("layer_types") is None and isinstance(cfg["no_rope_layers"], list):
-        slide = bool(cfg.get("use_sliding_window")) and cfg.get("sliding_window") is not None
-        cfg = {**cfg, "layer_types": ["sliding_attention" if slide and not rope else "full_attention"
-                                      for rope in cfg["no_rope_layers"]]}
-    return cfg
+    cfg = gated_window(cfg)
+    rope = cfg["no_rope_layers"]
+    if not isinstance(rope, list) or len(rope) != n:
+        return cfg  # spec.layer_specs refuses it
+    return derived_layer_types(cfg, lambda i: cfg["sliding_window"] is not None and not rope[i])
 
 
 def _nemotron_config(cfg: dict) -> dict:
@@ -68,7 +70,7 @@ def _ernie(cfg: dict) -> dict:
 
 register(Architecture("GraniteForCausalLM", "granite", hook=_granite, config_defaults=LLAMA_DEFAULTS, gguf="granite",
                       doc="Granite 3.x dense (embedding, residual, attention and logit multipliers)"))
-register(Architecture("SmolLM3ForCausalLM", "smollm3", config_fix=_smollm3_config, gguf="smollm3",
+register(Architecture("SmolLM3ForCausalLM", "smollm3", config_fix=_smollm3_config, gguf="smollm3", sliding="types",
                       config_defaults={**LLAMA_DEFAULTS, "vocab_size": 128256, "hidden_size": 2048,
                                        "num_hidden_layers": 36, "num_attention_heads": 16, "num_key_value_heads": 4,
                                        "max_position_embeddings": 32768, "rope_theta": 2_000_000.0,
@@ -76,7 +78,7 @@ register(Architecture("SmolLM3ForCausalLM", "smollm3", config_fix=_smollm3_confi
                       doc="SmolLM3 (NoPE layers, optional sliding window)"))
 register(Architecture("NemotronForCausalLM", "nemotron",
                       {"norm.kind": "layer", "norm.weight_offset": 1.0, "norm.bias": True, "mlp.gated": False},
-                      hook=lambda cfg: {"norm.eps": _positive(cfg, "norm_eps")}, config_fix=_nemotron_config,
+                      hook=lambda cfg: {"norm.eps": _positive(cfg, "norm_eps")}, config_fix=_nemotron_config, partial_rotary=True,
                       config_defaults={**LLAMA_DEFAULTS, "vocab_size": 256000, "hidden_size": 6144,
                                        "intermediate_size": 24576, "num_attention_heads": 48, "hidden_act": "relu2",
                                        "max_position_embeddings": 4096, "norm_eps": 1e-5},

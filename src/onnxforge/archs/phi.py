@@ -57,9 +57,10 @@ def _phi3_config(cfg: dict) -> dict:
 register(Architecture("PhiForCausalLM", "phi",
                       {"block": "parallel", "norm.kind": "layer", "norm.bias": True, "mlp.gated": False,
                        "mlp.bias": True, "attention.qkv_bias": True, "attention.o_bias": True, "lm_head_bias": True},
-                      hook=_phi, config_fix=_phi_config, config_defaults=PHI_DEFAULTS, gguf="phi2",
+                      hook=_phi, config_fix=_phi_config, partial_rotary=True, config_defaults=PHI_DEFAULTS, gguf="phi2",
                       doc="phi-1, phi-1.5, phi-2 (parallel block, LayerNorm, partial rotary, biases)"))
 register(Architecture("Phi3ForCausalLM", "phi3",
                       {"attention.qkv_bias": False, "attention.o_bias": False, "mlp.bias": False},
-                      config_fix=_phi3_config, config_defaults=PHI3_DEFAULTS, gguf="phi3",
+                      config_fix=_phi3_config, config_defaults=PHI3_DEFAULTS, gguf="phi3", sliding="all",
+                      partial_rotary=True,
                       doc="Phi-3, Phi-3.5-mini, Phi-4-mini (fused qkv/gate_up, LongRoPE, partial rotary)"))

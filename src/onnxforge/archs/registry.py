@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from ..errors import ConfigError, UnsupportedArchitectureError
-from ..spec import ModelSpec, base_spec, replace
+from ..spec import ModelSpec, base_spec, replace, whole_head_rotary, window_semantics
 from .names import Names
 
 FAMILY_MODULES = ("llama", "phi", "gemma", "olmo", "others", "moe")
@@ -28,6 +28,11 @@ class Architecture:
     names: Mapping[str, str] = field(default_factory=dict)  # role -> pinned HF spelling
     rewrites: tuple[tuple[str, str], ...] = ()  # module prefix rewrites, e.g. ("model.", "model.language_model.")
     ignored: tuple[str, ...] = ()  # globs of checkpoint tensors the build leaves unread on purpose
+    # how the family's transformers model reads sliding_window / layer_types (spec.window_semantics):
+    # "none" never windows, "all" windows every layer, "types" the layers layer_types marks (config_fix
+    # derives the list where config.json has none, as the config class does)
+    sliding: str = "none"
+    partial_rotary: bool = False  # the attention rotates rotary_dim = head_dim * partial_rotary_factor (Phi, Nemotron)
     text_config: bool = False  # a multimodal wrapper: the decoder's config is under "text_config"
     gguf: str | None = None  # llama.cpp's general.architecture for this family, where it converts it
     doc: str = ""
@@ -38,14 +43,17 @@ class Architecture:
             text = cfg.get("text_config")
             if not isinstance(text, dict):
                 raise ConfigError(f"config.json of {self.name} has no text_config object")
-            cfg = {**{k: v for k, v in cfg.items() if k != "text_config"}, **text,
+            # the wrapper ties its lm_head by its own config's tie_word_embeddings, never the text config's
+            top = {k: v for k, v in cfg.items() if k != "text_config"}
+            cfg = {**top, **{k: v for k, v in text.items() if k != "tie_word_embeddings"},
                    "architectures": cfg["architectures"]}
         # A default fills a missing key only: an explicit null stays null, as in transformers' config
         # classes (Gemma 2's `final_logit_softcapping: null` turns softcapping off; missing means 30).
         # Other nulls are dropped, so the spec's own defaults apply to them.
         cfg = {**self.config_defaults,
                **{k: v for k, v in cfg.items() if v is not None or k in self.config_defaults}}
-        return self.config_fix(cfg) if self.config_fix else cfg
+        cfg = window_semantics(self.config_fix(cfg) if self.config_fix else cfg, self.sliding)
+        return cfg if self.partial_rotary else whole_head_rotary(cfg)
 
     def make_spec(self, cfg: dict) -> ModelSpec:
         cfg = self.config(cfg)

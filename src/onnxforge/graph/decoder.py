@@ -135,6 +135,7 @@ class Emitter:
     # -- model -----------------------------------------------------------------------------
     def build(self) -> None:
         spec, b, io = self.spec, self.b, self.io
+        self.names.lm_head(spec.tie_embeddings)  # an untied checkpoint without lm_head: refused before any read
         a = spec.attention
         input_ids = b.input("input_ids", ir.DataType.INT64, ["batch_size", "sequence_length"])
         mask = b.input("attention_mask", ir.DataType.INT64, ["batch_size", "total_sequence_length"])
@@ -224,10 +225,7 @@ class Emitter:
         return head_st, x
 
     def _lm_head_weight(self) -> Part:
-        head = self.names.module("lm_head", required=False)
-        if self.spec.tie_embeddings or head is None or not self.source.has(f"{head}.weight"):
-            return Part(self.names.weight("embed"))
-        return Part(f"{head}.weight")
+        return Part(self.names.lm_head(self.spec.tie_embeddings))
 
     def _quantized_weights(self, label: str, prefix: str, part: Part, st: Storage) -> tuple[ir.Value, ...]:
         V, H = self.spec.vocab_size, self.spec.hidden_size

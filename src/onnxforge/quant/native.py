@@ -24,14 +24,10 @@ def native_lookup(source: Source, spec: ModelSpec, names: Names) -> Callable[[Se
     fmt = getattr(source, "native_format", None)
     if fmt is None:
         return lambda _: None
-    embed = names.weight("embed")
 
     def tensor_of(module: str) -> str | None:
         if module == "lm_head":
-            head = names.module("lm_head", required=False)
-            if spec.tie_embeddings or head is None or not source.has(f"{head}.weight"):
-                return embed
-            return f"{head}.weight"
+            return names.lm_head(spec.tie_embeddings)
         return f"{module}.weight" if source.has(f"{module}.weight") else None
 
     def lookup(keys: Sequence[str]) -> NativeFormat | None:

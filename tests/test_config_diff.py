@@ -1,0 +1,405 @@
+"""Differential config test (issue 23): for every family in `onnxforge archs`, many config.json variants,
+each loaded by transformers (the family's own config class, and the modules its model builds from
+it) and by onnxforge's spec, compared field by field on what onnxforge derives.
+
+What transformers derives is read from the reference itself wherever the model keeps it: the decoder
+layers are instantiated on the meta device (no weights) and asked for their attention scaling, softcap,
+head_dim, biases, q/k norms, norm epsilon, per-layer sliding window, NoPE flag and MoE router; the rotary
+module is instantiated for real and its inverse frequencies and attention scaling compared with the
+ones onnxforge's graph/rope.py computes from the spec. Two things transformers' modules do not store
+are tabled below from its modeling code: how the mask reads the window (WINDOW_READ) and whether the
+router renormalises when it has no norm_topk_prob (RENORMALISES).
+
+No model is built: configs only. The tiny-model parity runs of the risky variants are in
+tests/test_config_semantics.py and at the end of this file.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import random
+import sys
+import warnings
+import zlib
+
+import numpy as np
+import pytest
+
+from onnxforge.archs.registry import load_families
+from onnxforge.errors import ConfigError
+from onnxforge.graph.rope import inv_freq_and_scale
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+# How the model's mask reads sliding_window where its attention modules keep no per-layer window:
+# "none": never (LlamaModel builds create_causal_mask only); "all": every layer (MistralModel, Phi3Model,
+# MixtralModel, PhimoeModel: create_sliding_window_causal_mask unless config.sliding_window is None).
+# OLMoE passes getattr(config, "sliding_window") to the attention kernel only (flash attention), never
+# to its causal mask: eager and sdpa, the reference here, do not window.
+WINDOW_READ = {
+    "LlamaForCausalLM": "none", "GemmaForCausalLM": "none", "GraniteForCausalLM": "none",
+    "NemotronForCausalLM": "none", "Ernie4_5ForCausalLM": "none", "PhiForCausalLM": "none",
+    "OlmoForCausalLM": "none", "Olmo2ForCausalLM": "none", "GraniteMoeForCausalLM": "none",
+    "Ernie4_5_MoeForCausalLM": "none", "OlmoeForCausalLM": "none",
+    "MistralForCausalLM": "all", "Phi3ForCausalLM": "all", "MixtralForCausalLM": "all", "PhimoeForCausalLM": "all",
+    "Qwen3MoeForCausalLM": "all",
+}
+# Routers without a norm_topk_prob attribute: Mixtral softmax -> top-k -> renormalise; Granite-MoE and
+# gpt-oss top-k of the logits -> softmax (the same); ERNIE 4.5 MoE renormalises (moe_norm_min).
+RENORMALISES = {"MixtralForCausalLM": True, "GraniteMoeForCausalLM": True, "GptOssForCausalLM": True,
+                "Ernie4_5_MoeForCausalLM": True}
+# The attentions that rotate only rotary_dim = head_dim * partial_rotary_factor of each head (the others
+# apply cos/sin to the whole head: a shorter table is a model that fails in its first forward pass).
+PARTIAL_ROTARY = {"PhiForCausalLM": True, "Phi3ForCausalLM": True, "NemotronForCausalLM": True}
+FINAL_SOFTCAP = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")  # the causal-LM heads that softcap their logits
+
+ABSENT = object()  # a knob value: the key is not in config.json
+N_LAYERS = 6
+BASE = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=N_LAYERS, vocab_size=128,
+            intermediate_size=96, max_position_embeddings=256, bos_token_id=1, eos_token_id=0)
+MOE_BASE = {"num_experts": 4, "num_local_experts": 4, "moe_num_experts": 4, "num_experts_per_tok": 2, "moe_k": 2,
+            "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48, "moe_num_shared_experts": 1}
+MIX = ["sliding_attention", "full_attention", "full_attention", "sliding_attention", "sliding_attention",
+       "full_attention"]
+
+# Knobs: key (or a tuple of keys set together) -> the choices; ABSENT drops the key.
+ROPES = [
+    {}, {"rope_theta": 50000.0},
+    {"rope_scaling": {"type": "linear", "factor": 2.0}},  # 4.x spelling, legacy "type"
+    {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+    {"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
+    {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}},
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 20000.0}},  # 5.x spelling
+    {"rope_parameters": {"rope_type": "yarn", "rope_theta": 20000.0, "factor": 2.0, "beta_fast": 16.0,
+                         "beta_slow": 2.0, "original_max_position_embeddings": 128}},
+    {"rope_theta": 999.0, "rope_parameters": {"rope_type": "linear", "rope_theta": 30000.0, "factor": 3.0}},
+]
+TYPED_ROPES = [  # families with a rotary table per layer type (Gemma 3, OLMo 3)
+    {"rope_parameters": {"full_attention": {"rope_type": "linear", "rope_theta": 40000.0, "factor": 4.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 5000.0}}},
+    {"rope_theta": 40000.0, "rope_local_base_freq": 3000.0},
+    {"rope_theta": 40000.0, "rope_scaling": {"rope_type": "linear", "factor": 8.0}},
+]
+WINDOWS = [
+    {}, {"sliding_window": 8}, {"sliding_window": 8, "use_sliding_window": True}, {"use_sliding_window": True},
+    {"sliding_window": 8, "use_sliding_window": True, "max_window_layers": 3},
+    {"use_sliding_window": True, "max_window_layers": 2},
+    {"sliding_window": None}, {"sliding_window": 8, "layer_types": MIX},
+    {"sliding_window": 8, "use_sliding_window": False, "layer_types": MIX},
+    {"sliding_window": 8, "use_sliding_window": True, "max_window_layers": 3, "layer_types": MIX},
+    {"sliding_window": 8, "sliding_window_pattern": 3}, {"sliding_window_pattern": 2},
+]
+COMMON = {
+    "rope": ROPES,
+    "head_dim": [ABSENT, 32],
+    "partial_rotary_factor": [ABSENT, 0.5, 1.0],
+    "tie_word_embeddings": [ABSENT, True, False],
+    "eps": [{}, {"rms_norm_eps": 1e-5}, {"layer_norm_eps": 1e-4}, {"norm_eps": 3e-5}],
+    "window": WINDOWS,
+    "attention_bias": [ABSENT, True, False],
+}
+FAMILY_KNOBS = {
+    "Gemma2ForCausalLM": {"query_pre_attn_scalar": [ABSENT, 20], "attn_logit_softcapping": [ABSENT, None, 10.0],
+                          "final_logit_softcapping": [ABSENT, None, 7.0]},
+    "Gemma3ForCausalLM": {"query_pre_attn_scalar": [ABSENT, 20], "attn_logit_softcapping": [ABSENT, None, 10.0],
+                          "final_logit_softcapping": [ABSENT, None, 7.0], "rope": ROPES + TYPED_ROPES},
+    "Olmo3ForCausalLM": {"rope": ROPES + TYPED_ROPES},
+    "GraniteForCausalLM": {"multipliers": [{}, {"embedding_multiplier": 12.0, "residual_multiplier": 0.22,
+                                                "attention_multiplier": 0.0078125, "logits_scaling": 8.0}]},
+    "SmolLM3ForCausalLM": {"no_rope_layer_interval": [ABSENT, 2, 3],
+                           "no_rope_layers": [ABSENT, [1, 0, 0, 1, 1, 1]]},
+    "PhiForCausalLM": {"qk_layernorm": [ABSENT, True, False]},
+    "Qwen2MoeForCausalLM": {"norm_topk_prob": [ABSENT, True, False], "mlp_only_layers": [ABSENT, [1, 4]],
+                            "decoder_sparse_step": [ABSENT, 2]},
+    "Qwen3MoeForCausalLM": {"norm_topk_prob": [ABSENT, True, False], "mlp_only_layers": [ABSENT, [0]],
+                            "decoder_sparse_step": [ABSENT, 3]},
+    "OlmoeForCausalLM": {"norm_topk_prob": [ABSENT, True, False]},
+    "Ernie4_5_MoeForCausalLM": {"moe_layer_start_index": [ABSENT, 0, 2], "moe_layer_end_index": [ABSENT, 3, -1],
+                                "moe_layer_interval": [ABSENT, 2]},
+    "GraniteMoeForCausalLM": {"multipliers": [{}, {"embedding_multiplier": 12.0, "residual_multiplier": 0.22,
+                                                   "attention_multiplier": 0.0078125, "logits_scaling": 8.0}]},
+}
+FAMILY_KNOBS["Gemma3ForConditionalGeneration"] = FAMILY_KNOBS["Gemma3ForCausalLM"]
+VARIANTS_PER_FAMILY = 40
+
+
+def knobs(arch: str) -> dict:
+    return {**COMMON, **FAMILY_KNOBS.get(arch, {})}
+
+
+def config_dict(arch: str, choice: dict) -> dict:
+    """config.json for one choice of every knob."""
+    choice = {k: v if v is ABSENT else copy.deepcopy(v) for k, v in choice.items()}
+    text = {**BASE, **(MOE_BASE if "Moe" in arch or "Mixtral" in arch or "Phimoe" in arch or "GptOss" in arch else {})}
+    for key, value in choice.items():
+        if value is ABSENT:
+            continue
+        if isinstance(value, dict) and key not in ("no_rope_layers",):
+            text.update(value)
+        else:
+            text[key] = value
+    if "longrope" in str(text.get("rope_scaling")):  # pragma: no cover - not a knob today
+        pass
+    if arch == "Gemma3ForConditionalGeneration":
+        return {"architectures": [arch], "model_type": "gemma3", "text_config": {**text, "model_type": "gemma3_text"}}
+    return {"architectures": [arch], "model_type": model_class(arch).config_class.model_type, **text}
+
+
+def variants(arch: str) -> list[tuple[str, dict]]:
+    """The all-absent config, each knob's choices one at a time, and seeded random combinations."""
+    ks = knobs(arch)
+    base = {k: (ABSENT if ABSENT in v else v[0]) for k, v in ks.items()}
+    out = [("base", base)]
+    for key, choices in ks.items():
+        for j, value in enumerate(choices):
+            out.append((f"{key}={j}", {**base, key: value}))
+    rng = random.Random(zlib.crc32(arch.encode()))
+    for n in range(VARIANTS_PER_FAMILY):
+        choice = {k: rng.choice(v) for k, v in ks.items()}
+        out.append((f"random{n}", choice))
+    return out
+
+
+def model_class(arch: str):
+    return getattr(transformers, arch)
+
+
+# ----------------------------------------------------------------------------- what transformers derives
+
+
+class CannotRun(Exception):
+    """transformers loads the config but its model cannot run it."""
+
+
+def reference(arch: str, d: dict) -> dict:
+    """Every compared field, as transformers' config class and modules derive it from config.json `d`."""
+    cls = model_class(arch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        top = cls.config_class.from_dict(copy.deepcopy(d))  # it rewrites nested rope dicts in place
+    c = top.get_text_config()
+    c._attn_implementation = "eager"
+    mod = sys.modules[cls.__module__]
+    prefix = cls.__name__.replace("ForCausalLM", "").replace("ForConditionalGeneration", "")
+    with torch.device("meta"):
+        layers = [getattr(mod, f"{prefix}DecoderLayer")(c, i) for i in range(c.num_hidden_layers)]
+    attn = [layer.self_attn for layer in layers]
+    out = {
+        "num_layers": c.num_hidden_layers,
+        "num_heads": c.num_attention_heads,
+        "num_kv_heads": c.num_key_value_heads or c.num_attention_heads,
+        "head_dim": attn[0].head_dim,
+        "scale": float(attn[0].scaling),
+        "softcap": float(getattr(attn[0], "attn_logit_softcapping", None) or 0.0),
+        "final_softcap": float(getattr(c, "final_logit_softcapping", None) or 0.0) if arch in FINAL_SOFTCAP else 0.0,
+        "tie_embeddings": bool(getattr(top, "tie_word_embeddings", False)),
+        "eps": norm_eps(layers[0]),
+        "qkv_bias": has_bias(attn[0], "q_proj", "qkv_proj"),
+        "o_bias": has_bias(attn[0], "o_proj", "dense"),
+        "qk_norm": any(hasattr(attn[0], n) and getattr(attn[0], n) is not None for n in ("q_norm", "q_layernorm")),
+        "windows": windows(arch, c, attn),
+        "no_rope": tuple(not getattr(a, "use_rope", True) for a in attn),
+        "rope": rope_tables(mod, prefix, c),
+        "layer_rope_type": tuple(c.layer_types) if hasattr(c, "layer_types") and c.layer_types else None,
+        "moe_layers": tuple(is_moe(layer) for layer in layers),
+        "scales": (float(getattr(c, "embedding_multiplier", math.sqrt(c.hidden_size) if "Gemma" in arch else 1.0)),
+                   float(getattr(c, "residual_multiplier", 1.0)), float(getattr(c, "logits_scaling", 1.0))),
+    }
+    for table, _ in out["rope"].values():
+        if 2 * len(table) != out["head_dim"] and not PARTIAL_ROTARY.get(arch):
+            raise CannotRun(f"a rotary table of {2 * len(table)} dims for a head of {out['head_dim']}")
+    moe = next((layer for layer in layers if is_moe(layer)), None)
+    if moe is not None:
+        out["top_k"] = int(find_attr(mlp_of(moe), ("top_k", "num_experts_per_tok")))
+        norm = find_attr(mlp_of(moe), ("norm_topk_prob",))
+        out["normalize"] = bool(norm) if norm is not None else RENORMALISES.get(arch)
+    return out
+
+
+def norm_eps(layer) -> float:
+    if type(layer).__name__ == "OlmoDecoderLayer":
+        return 1e-5  # OlmoLayerNorm: F.layer_norm(..., eps=1e-5), no config key
+    for module in layer.modules():
+        if "norm" in type(module).__name__.lower():
+            for attr in ("variance_epsilon", "eps"):
+                if getattr(module, attr, None) is not None:
+                    return float(getattr(module, attr))
+    raise AssertionError(f"no norm with an epsilon in {type(layer).__name__}")
+
+
+def has_bias(attn, *names: str) -> bool:
+    for n in names:
+        m = getattr(attn, n, None)
+        if m is not None:
+            return m.bias is not None
+    raise AssertionError(f"{type(attn).__name__} has none of {names}")
+
+
+def windows(arch: str, c, attn) -> tuple[int, ...]:
+    read = WINDOW_READ.get(arch)
+    if read == "none":
+        return (0,) * c.num_hidden_layers
+    if read == "all":
+        return (getattr(c, "sliding_window", None) or 0,) * c.num_hidden_layers
+    return tuple(getattr(a, "sliding_window", None) or 0 for a in attn)
+
+
+def rope_tables(mod, prefix: str, c) -> dict:
+    """layer type (or None) -> (inv_freq, attention scaling) of the model's rotary module."""
+    rotary = getattr(mod, f"{prefix}RotaryEmbedding")(c)
+    if hasattr(rotary, "inv_freq"):
+        return {None: (rotary.inv_freq.numpy(), float(rotary.attention_scaling))}
+    return {lt: (getattr(rotary, f"{lt}_inv_freq").numpy(), float(getattr(rotary, f"{lt}_attention_scaling")))
+            for lt in sorted(set(c.layer_types))}
+
+
+def mlp_of(layer):
+    return layer.mlp if hasattr(layer, "mlp") else layer.block_sparse_moe  # Granite-MoE
+
+
+def is_moe(layer) -> bool:
+    return hasattr(mlp_of(layer), "experts")
+
+
+def find_attr(module, names):
+    for m in module.modules():
+        for n in names:
+            v = getattr(m, n, None)
+            if v is not None and not isinstance(v, torch.nn.Module):
+                return v
+    return None
+
+
+# ----------------------------------------------------------------------------- what onnxforge derives
+
+
+def ours(arch_obj, d: dict, ref: dict) -> dict:
+    spec = arch_obj.make_spec(d)
+    a = spec.attention
+    out = {
+        "num_layers": spec.num_layers, "num_heads": a.num_heads, "num_kv_heads": a.num_kv_heads,
+        "head_dim": a.head_dim, "scale": a.scale if a.scale is not None else a.head_dim ** -0.5,
+        "softcap": a.softcap, "final_softcap": spec.final_softcap, "tie_embeddings": spec.tie_embeddings,
+        "eps": spec.norm.eps, "qkv_bias": a.qkv_bias, "o_bias": a.o_bias, "qk_norm": bool(a.qk_norm),
+        "windows": spec.layer_windows, "no_rope": tuple(layer.rope is None for layer in spec.layers),
+        "moe_layers": tuple(layer.moe for layer in spec.layers),
+        "scales": (spec.embedding_scale, spec.residual_scale, spec.logit_scale),
+    }
+    # the rotary table each layer uses, keyed as the reference keys its tables
+    keyed = ref["layer_rope_type"] if len(ref["rope"]) > 1 or None not in ref["rope"] else None
+    tables = {}
+    for i, layer in enumerate(spec.layers):
+        key = keyed[i] if keyed else None
+        if layer.rope is not None:
+            tables.setdefault(key, inv_freq_and_scale(spec.rope_for(layer.rope), spec.context_length))
+    out["rope"] = tables
+    out["layer_rope_type"] = ref["layer_rope_type"]
+    if spec.moe is not None:  # the sparse mixer (PhiMoE) has no renormalisation to compare
+        out["top_k"], out["normalize"] = spec.moe.top_k, spec.moe.normalize if spec.moe.mixer == "softmax" else None
+    return out
+
+
+def differences(ref: dict, got: dict) -> list[str]:
+    diffs = []
+    for key, want in ref.items():
+        have = got.get(key)
+        if key == "rope":
+            for lt, (freq, scale) in want.items():
+                if lt not in have:
+                    if any(lt == t for t, nr in zip(ref["layer_rope_type"] or [], ref["no_rope"]) if not nr) \
+                            or (lt is None and not all(ref["no_rope"])):
+                        diffs.append((f"rope[{lt}]", "no table"))
+                    continue
+                f2, s2 = have[lt]
+                if f2.shape != freq.shape or not np.allclose(f2, freq, rtol=1e-5, atol=0) or not math.isclose(
+                        s2, scale, rel_tol=1e-6):
+                    diffs.append((f"rope[{lt}]", f"inv_freq {f2[:3]}..(len {len(f2)}) x{s2} != transformers "
+                                                 f"{freq[:3]}..(len {len(freq)}) x{scale}"))
+        elif key in ("scale", "eps", "softcap", "final_softcap"):
+            if not math.isclose(float(have), float(want), rel_tol=1e-6):
+                diffs.append((key, f"{have} != transformers {want}"))
+        elif key == "scales":
+            if not all(math.isclose(x, y, rel_tol=1e-6) for x, y in zip(have, want)):
+                diffs.append((key, f"{have} != transformers {want}"))
+        elif have != want:
+            diffs.append((key, f"{have} != transformers {want}"))
+    return diffs
+
+
+def quirk(arch: str, d: dict, field: str) -> str | None:
+    """Why a difference is transformers 5's and not a difference in the model the checkpoint was made for."""
+    if arch == "Olmo3ForCausalLM" and field == "rope[sliding_attention]" and d.get("rope_theta") is not None \
+            and "sliding_attention" not in (d.get("rope_parameters") or {}):
+        # Olmo3Config.convert_rope_params_to_dict pops rope_theta for the full layers, then pops it again for
+        # the sliding ones and gets the default (500000). transformers 4.x, which wrote the OLMo 3 configs that
+        # spell a top-level rope_theta, rotated the sliding layers at rope_theta (Olmo3RotaryEmbedding(config,
+        # rope_type="default")); onnxforge keeps that. Every released OLMo 3 has rope_theta 500000 (equal).
+        return "transformers 5 Olmo3Config drops rope_theta for the sliding layers"
+    return None
+
+
+def check_family(arch: str) -> tuple[int, list[str], list[str], list[str]]:
+    """(compared, differences, onnxforge refusals, transformers refusals) over the family's variants."""
+    arch_obj = load_families()[arch]
+    compared, diffs, refused, tf_refused = 0, [], [], []
+    seen = set()
+    for name, choice in variants(arch):
+        d = config_dict(arch, choice)
+        key = repr(sorted(d.items(), key=str))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            ref = reference(arch, d)
+        except Exception as e:  # transformers refuses the config (or cannot build its model)
+            tf_refused.append(f"{name}: {type(e).__name__}: {str(e)[:100]}")
+            continue
+        try:
+            got = ours(arch_obj, d, ref)
+        except ConfigError as e:
+            refused.append(f"{name}: {e}")
+            continue
+        compared += 1
+        diffs += [f"{arch} {name} {short(d)}: {field}: {x}" for field, x in differences(ref, got)
+                  if not quirk(arch, d, field)]
+    return compared, diffs, refused, tf_refused
+
+
+def short(d: dict) -> str:
+    keys = set(BASE) | set(MOE_BASE) | {"architectures", "model_type"}
+    text = d.get("text_config", d)
+    return "{" + ", ".join(f"{k}: {v}" for k, v in text.items() if k not in keys) + "}"
+
+
+ARCHS = sorted(load_families())
+
+
+def test_every_family_has_a_window_rule():
+    """A family whose attention keeps no per-layer window must say how its mask reads the window."""
+    for arch in ARCHS:
+        cls = model_class(arch)
+        prefix = cls.__name__.replace("ForCausalLM", "").replace("ForConditionalGeneration", "")
+        src = sys.modules[cls.__module__]
+        import inspect
+
+        per_layer = "self.sliding_window" in inspect.getsource(getattr(src, f"{prefix}Attention"))
+        assert per_layer or arch in WINDOW_READ, f"{arch}: add it to WINDOW_READ"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_spec_equals_transformers(arch):
+    compared, diffs, refused, tf_refused = check_family(arch)
+    assert not diffs, f"{len(diffs)} differences, e.g.:\n" + "\n".join(diffs[:25])
+    # most variants are valid configs both sides take
+    assert compared >= 0.5 * (compared + len(refused) + len(tf_refused)) and compared >= 20, (
+        compared, refused[:10], tf_refused[:10])
+    assert not refused, "onnxforge refuses configs transformers loads:\n" + "\n".join(refused[:10])
+
+
+def test_many_cases():
+    """Hundreds of config.json variants over every family."""
+    total = sum(len(variants(a)) for a in ARCHS)
+    assert total >= 1000 and len(ARCHS) == len(set(itertools.chain(ARCHS)))
