@@ -3,6 +3,7 @@ API) is typed and ranged; options are implemented or refused; patterns that matc
 contradict each other and defaults that cannot apply are said, not resolved silently."""
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 
@@ -24,15 +25,31 @@ def ckpt(tiny_models, tmp_path):
     return folder
 
 
-@pytest.fixture
-def no_weights_read(monkeypatch):
-    """Fail the test if the writer (the only thing that reads weights) is ever constructed."""
+def _refuse_writer(mp) -> None:
     import onnxforge.api as api
 
     def refuse(*a, **k):
         raise AssertionError("a weight would be read before the error")
 
-    monkeypatch.setattr(api, "WeightWriter", refuse)
+    mp.setattr(api, "WeightWriter", refuse)
+
+
+@pytest.fixture
+def no_weights_read(monkeypatch):
+    """Fail the test if the writer (the only thing that reads weights) is ever constructed."""
+    _refuse_writer(monkeypatch)
+
+
+@pytest.fixture
+def weights_unread():
+    """A context in which constructing the writer fails the test (for the part of a test that must error)."""
+    @contextlib.contextmanager
+    def unread():
+        with pytest.MonkeyPatch.context() as mp:
+            _refuse_writer(mp)
+            yield
+
+    return unread
 
 
 def build_cli(ckpt, out, capsys, *extra):
@@ -133,13 +150,17 @@ def test_cli_flag_out_of_range(ckpt, tmp_path, capsys, flag, value, words):
     assert not (tmp_path / "out").exists()
 
 
-def test_max_length_above_the_context(ckpt, tmp_path, capsys, no_weights_read):
-    code, err = build_cli(ckpt, tmp_path / "out", capsys, "--max-length", "99999999")
-    line = error_line(err)
-    assert code == 2 and "99999999" in line and "context length (256)" in line, err
-    assert not (tmp_path / "out").exists()
-    with pytest.raises(RecipeError, match="context length"):
-        onnxforge.build(ckpt, tmp_path / "out", max_length=257)
+def test_max_length_above_the_context(ckpt, tmp_path, capsys, weights_unread):
+    with weights_unread():
+        code, err = build_cli(ckpt, tmp_path / "out", capsys, "--max-length", "99999999")
+        line = error_line(err)
+        assert code == 2 and "99999999" in line and "context length (256)" in line, err
+        assert not (tmp_path / "out").exists()
+        with pytest.raises(RecipeError, match="context length"):
+            onnxforge.build(ckpt, tmp_path / "out", max_length=257)
+    onnxforge.build(ckpt, tmp_path / "out", max_length=256, workers=1)  # the context itself is fine
+    cfg = json.loads((tmp_path / "out" / "genai_config.json").read_text())
+    assert cfg["search"]["max_length"] == 256
 
 
 def test_api_ranges_agree_with_the_cli(ckpt, tmp_path, no_weights_read):
@@ -151,18 +172,20 @@ def test_api_ranges_agree_with_the_cli(ckpt, tmp_path, no_weights_read):
         assert not (tmp_path / "out").exists()
 
 
-def test_max_length_at_the_context_builds(ckpt, tmp_path):
-    onnxforge.build(ckpt, tmp_path / "out", max_length=256, workers=1)
-    cfg = json.loads((tmp_path / "out" / "genai_config.json").read_text())
-    assert cfg["search"]["max_length"] == 256
-
-
 # ---- patterns that match nothing -----------------------------------------------------------------
-def test_keep_float_typo(ckpt, tmp_path, capsys, no_weights_read):
-    code, err = build_cli(ckpt, tmp_path / "out", capsys, "-p", "int4", "--keep-float", "/model/layer.0/*")
-    line = error_line(err)
-    assert code == 2 and "'/model/layer.0/*' matches no weight" in line and "/model/layers.0/" in line, err
-    assert not (tmp_path / "out").exists()
+def test_keep_float_typo(ckpt, tmp_path, capsys, weights_unread):
+    """A typo is an error naming the closest names; the pattern meant builds; a template's patterns (MoE
+    routers) may match nothing on a dense model."""
+    from onnxforge.quant.templates import apply_template
+
+    with weights_unread():
+        code, err = build_cli(ckpt, tmp_path / "out", capsys, "-p", "int4", "--keep-float", "/model/layer.0/*")
+        line = error_line(err)
+        assert code == 2 and "'/model/layer.0/*' matches no weight" in line and "/model/layers.0/" in line, err
+        assert not (tmp_path / "out").exists()
+    recipe = apply_template(Recipe(precision="int4", keep_float=("/model/layers.0/*",)), "mixtral")
+    report = onnxforge.build(ckpt, tmp_path / "out", recipe=recipe, workers=1)
+    assert any("fp32" in g["storage"] and "layers.0" in g["label"] for g in report.groups)
 
 
 def test_nodes_to_exclude_typo(ckpt, tmp_path, capsys, no_weights_read):
@@ -178,15 +201,6 @@ def test_rule_matching_nothing(ckpt, tmp_path, no_weights_read):
     with pytest.raises(RecipeError, match=r"rule 'model\.layers\.\*\.mlp\.dwon_proj' matches no weight.*"
                                           r"model\.layers\.\d\.mlp\.down_proj"):
         onnxforge.build(ckpt, tmp_path / "out", recipe=load_recipe_file(recipe, Recipe()))
-
-
-def test_patterns_that_match_and_template_patterns_build(ckpt, tmp_path):
-    """A pattern that matches builds; a template's patterns (MoE routers) may match nothing on a dense model."""
-    from onnxforge.quant.templates import apply_template
-
-    recipe = apply_template(Recipe(precision="int4", keep_float=("/model/layers.0/*",)), "mixtral")
-    report = onnxforge.build(ckpt, tmp_path / "out", recipe=recipe, workers=1)
-    assert any("fp32" in g["storage"] and "layers.0" in g["label"] for g in report.groups)
 
 
 # ---- options implemented or refused ------------------------------------------------------------------
@@ -205,23 +219,35 @@ def test_options_refused(option, words):
         apply_extra_options(Recipe(precision="int4"), [option])
 
 
-def test_options_accepted_when_off():
+@pytest.mark.parametrize("option", ["use_qdq", "enable_cuda_graph", "fuse_qk_norm_gqa", "hf_token"])
+def test_options_off_accepted_on_refused(option):
     base = Recipe(precision="int4")
-    assert apply_extra_options(base, ["use_qdq=false", "enable_cuda_graph=0", "fuse_qk_norm_gqa=false",
-                                      "hf_token=false"]) == base
+    assert apply_extra_options(base, [f"{option}=false"]) == base
+    assert apply_extra_options(base, {option: False}) == base
+    with pytest.raises(RecipeError, match=option):
+        apply_extra_options(base, [f"{option}=true"])
 
 
 # ---- contradictions ----------------------------------------------------------------------------------
-def test_precision_against_a_recipe_or_scheme(ckpt, tmp_path, capsys, no_weights_read):
+def test_precision_against_a_recipe_or_scheme(ckpt, tmp_path, capsys, weights_unread):
     recipe = tmp_path / "int4.toml"
     recipe.write_text('precision = "int4"\n')
-    code, err = build_cli(ckpt, tmp_path / "out", capsys, "-p", "fp16", "--recipe", str(recipe))
-    line = error_line(err)
-    assert code == 2 and "-p fp16" in line and "int4" in line and "int4.toml" in line, err
-    code, err = build_cli(ckpt, tmp_path / "out", capsys, "-p", "int4", "--scheme", "int8_wo")
-    line = error_line(err)
-    assert code == 2 and "-p int4" in line and "int8_wo" in line and "int8" in line, err
-    assert not (tmp_path / "out").exists()
+    with weights_unread():
+        code, err = build_cli(ckpt, tmp_path / "out", capsys, "-p", "fp16", "--recipe", str(recipe))
+        line = error_line(err)
+        assert code == 2 and "-p fp16" in line and "int4" in line and "int4.toml" in line, err
+        code, err = build_cli(ckpt, tmp_path / "out", capsys, "-p", "int4", "--scheme", "int8_wo")
+        line = error_line(err)
+        assert code == 2 and "-p int4" in line and "int8_wo" in line and "int8" in line, err
+        code, err = build_cli(ckpt, tmp_path / "out", capsys, "--recipe", str(recipe), "--scheme", "int8_wo")
+        assert code == 2 and "the recipe" in error_line(err) and "int8_wo" in error_line(err), err
+        assert not (tmp_path / "out").exists()
+    # options that agree build
+    code, _ = build_cli(ckpt, tmp_path / "a", capsys, "-p", "int4", "--recipe", str(recipe), "--workers", "1")
+    assert code == 0
+    code, _ = build_cli(ckpt, tmp_path / "b", capsys, "--scheme", "int8_wo", "--workers", "1")
+    assert code == 0
+    assert json.loads((tmp_path / "b" / "build_report.json").read_text())["precision"] == "int8"
 
 
 def test_method_options_on_a_float_build(ckpt, tmp_path, capsys, no_weights_read):
@@ -232,16 +258,6 @@ def test_method_options_on_a_float_build(ckpt, tmp_path, capsys, no_weights_read
     with pytest.raises(RecipeError, match="nothing is quantized"):
         onnxforge.build(ckpt, tmp_path / "out", recipe=Recipe(precision="fp32", method="hqq"))
     assert not (tmp_path / "out").exists()
-
-
-def test_agreeing_options_build(ckpt, tmp_path, capsys):
-    recipe = tmp_path / "int4.toml"
-    recipe.write_text('precision = "int4"\n')
-    code, _ = build_cli(ckpt, tmp_path / "a", capsys, "-p", "int4", "--recipe", str(recipe), "--workers", "1")
-    assert code == 0
-    code, _ = build_cli(ckpt, tmp_path / "b", capsys, "--scheme", "int8_wo", "--workers", "1")
-    assert code == 0
-    assert json.loads((tmp_path / "b" / "build_report.json").read_text())["precision"] == "int8"
 
 
 # ---- k_quant on any K, and the QMoE block default that adapts ------------------------------------------
