@@ -166,7 +166,9 @@ def test_max_length_above_the_context(ckpt, tmp_path, capsys, weights_unread):
 def test_api_ranges_agree_with_the_cli(ckpt, tmp_path, no_weights_read):
     for kw, words in [({"workers": -1}, "workers must be at least 1"), ({"workers": 0}, "workers must be at least 1"),
                       ({"workers": 2.5}, "workers must be an integer"), ({"max_length": -5}, "at least 1"),
-                      ({"max_length": True}, "max_length must be an integer")]:
+                      ({"max_length": True}, "max_length must be an integer"),
+                      ({"overwrite": "false"}, "overwrite must be True or False"),
+                      ({"strict": 1}, "strict must be True or False")]:
         with pytest.raises(RecipeError, match=words):
             onnxforge.build(ckpt, tmp_path / "out", **kw)
         assert not (tmp_path / "out").exists()

@@ -57,7 +57,7 @@ def build(
 
         model = resolve_model(model)
     recipe = recipe or Recipe(precision=precision, provider=provider)
-    _check_values(recipe, workers, max_length)  # types and ranges: before the source is opened
+    _check_values(recipe, workers, max_length, overwrite=overwrite, strict=strict)  # before the source is opened
     # the output is checked against the input and the user's files, and locked, before the source is opened
     release_output = claim_output(Path(output), model, overwrite)
     try:
@@ -126,10 +126,13 @@ def build(
         release_output()  # after the rename: the lock covers the whole build
 
 
-def _check_values(recipe: Recipe, workers: object, max_length: object) -> None:
+def _check_values(recipe: Recipe, workers: object, max_length: object, **flags: object) -> None:
     """The checks `onnxforge build`'s flags make, for the Python API too (RecipeError, one line each)."""
     if not isinstance(recipe, Recipe):
         raise RecipeError(f"recipe must be an onnxforge.quant.recipe.Recipe, got {type(recipe).__name__}")
+    for key, value in flags.items():  # overwrite="false" must not mean True
+        if not isinstance(value, bool):
+            raise RecipeError(f"{key} must be True or False, got {value!r}")
     for key, value in (("workers", workers), ("max_length", max_length)):
         if value is None:
             continue
