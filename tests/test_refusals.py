@@ -73,10 +73,20 @@ def test_the_shape_rule_is_onnxruntimes(head_dim, rotary_dim):
     assert refused == (not gqa_runs(head_dim, rotary_dim)), (head_dim, rotary_dim)
 
 
+def _phi(folder, partial: float):
+    """A tiny Phi-2 (a family with partial rotary): head_dim 32, rotary 32 x partial."""
+    pytest.importorskip("torch")
+    import tiny
+
+    tiny.make_model("phi", folder, cls="PhiConfig", hidden_size=64, num_attention_heads=2, num_key_value_heads=1,
+                    intermediate_size=97, num_hidden_layers=2, partial_rotary_factor=partial)
+    return folder
+
+
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_partial_rotary_gqa_cannot_run_is_refused_for_every_provider(tmp_path, provider, capsys):
-    folder = write_random_llama(tmp_path / "ckpt", hidden=128, heads=4, kv_heads=2)  # head_dim 32
-    _edit_config(folder, partial_rotary_factor=0.75)  # rotary 24
+    folder = _phi(tmp_path / "ckpt", 0.75)  # rotary 24
+    capsys.readouterr()
     code, err = _cli_build(folder, tmp_path / "out", capsys, "-p", "fp16", "-e", provider)
     assert code == 2 and len(err) == 1, err
     assert "rotary dimension 24" in err[0] and "any execution provider" in err[0] and "multiple of 16" in err[0]
@@ -92,10 +102,8 @@ def test_head_dim_gqa_cannot_rotate_is_refused_for_every_provider(tmp_path, prov
 
 
 def test_a_rotary_dimension_that_gqa_runs_still_builds(tmp_path):
-    """The wrong input's counterpart: head_dim 32 with rotary 16 (partial 0.5) builds and runs."""
-    folder = write_random_llama(tmp_path / "ckpt", hidden=128, heads=4, kv_heads=2)
-    _edit_config(folder, partial_rotary_factor=0.5)
-    onnxforge.build(folder, tmp_path / "out", "fp32")
+    """The wrong input's counterpart: head_dim 32 with rotary 16 (partial 0.5) builds."""
+    onnxforge.build(_phi(tmp_path / "ckpt", 0.5), tmp_path / "out", "fp32")
     assert (tmp_path / "out" / "model.onnx").exists()
 
 
@@ -198,3 +206,131 @@ def test_act_order_gptq_warning_reaches_build_report_json(tmp_path, capsys):
     write_prequantized(float_dir, tmp_path / "q2", tmp_path / "ref2", "gptq", 4, 32, False)
     report = onnxforge.build(tmp_path / "q2", tmp_path / "out2")
     assert report.warnings == [], report.warnings
+
+
+# -- every field of a quantization_config is read ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def prequant_dirs(tmp_path_factory):
+    """A tiny Llama quantized as GPTQ, AWQ and Quark write it (tests/prequant_producers.py)."""
+    pytest.importorskip("torch")
+    import tiny
+    from prequant_producers import write_prequantized
+
+    root = tmp_path_factory.mktemp("refusals_prequant")
+    tiny.make_model("llama", root / "float", hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=32, intermediate_size=256)
+    for method in ("gptq", "awq", "quark-int4"):
+        write_prequantized(root / "float", root / method, root / f"{method}-ref", method, 4, 32, method == "quark-int4")
+    return root
+
+
+def _with_qconfig(prequant_dirs, method, tmp_path, edit):
+    folder = tmp_path / method
+    shutil.copytree(prequant_dirs / method, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    edit(cfg["quantization_config"])
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def _set(**kv):
+    return lambda q: q.update(kv)
+
+
+def _set_in(key, **kv):
+    return lambda q: q[key].update(kv)
+
+
+REFUSED = [  # method, edit of its quantization_config, the field and value the error must name
+    ("gptq", _set(dynamic={"-:.*down_proj": {}}), 'quantization_config.dynamic = {"-:.*down_proj": {}}'),
+    ("gptq", _set(rotation="hadamard"), "quantization_config.rotation = 'hadamard'"),
+    ("gptq", _set(pack_dtype="int16"), "quantization_config.pack_dtype = 'int16'"),
+    ("gptq", _set(act_bits=8), "quantization_config.act_bits = 8"),
+    ("awq", _set(act_quant={"bits": 8}), 'quantization_config.act_quant = {"bits": 8}'),
+    ("quark-int4", _set(algo_config=[{"name": "rotation"}]), "quantization_config.algo_config[0]"),
+    ("quark-int4", _set_in("export", weight_format="fake_quantized"),
+     "quantization_config.export.weight_format = 'fake_quantized'"),
+    ("quark-int4", lambda q: q["global_quant_config"]["weight"].update(is_dynamic=True),
+     "quantization_config.global_quant_config.weight.is_dynamic = True"),
+    ("quark-int4", _set(kv_cache_quant_config={"*v_proj": {"dtype": "fp8_e4m3"}}),
+     "quantization_config.kv_cache_quant_config"),
+]
+
+
+@pytest.mark.parametrize("method,edit,field", REFUSED, ids=[f"{m}-{f.split(' =')[0].split('.')[-1]}"
+                                                            for m, _, f in REFUSED])
+def test_quantization_config_fields_onnxforge_cannot_reproduce_are_refused(prequant_dirs, tmp_path, method, edit,
+                                                                           field):
+    from onnxforge.sources.open import open_source
+
+    folder = _with_qconfig(prequant_dirs, method, tmp_path, edit)
+    with pytest.raises(ConfigError) as err:
+        open_source(folder)
+    assert field in str(err.value) and "original float checkpoint" in str(err.value), str(err.value)
+
+
+def test_a_refused_field_is_one_cli_line(prequant_dirs, tmp_path, capsys):
+    folder = _with_qconfig(prequant_dirs, "gptq", tmp_path, _set(dynamic={"+:.*": {"bits": 8}}))
+    code, err = _cli_build(folder, tmp_path / "out", capsys)
+    assert code == 2 and len(err) == 1 and "quantization_config.dynamic" in err[0], err
+    assert not (tmp_path / "out").exists()
+    # the counterpart: calibration settings and unknown keys left at null/false are carried over
+    folder = _with_qconfig(prequant_dirs, "gptq", tmp_path / "inert", _set(
+        damp_percent=0.01, true_sequential=True, meta={"quantizer": ["gptqmodel:2.0"]}, dynamic=None,
+        some_future_flag=False, pack_dtype="int32", lm_head=False))
+    report = onnxforge.build(folder, tmp_path / "out")
+    assert report.precision == "source" and report.warnings == []
+    folder = _with_qconfig(prequant_dirs, "quark-int4", tmp_path / "inert", _set(algo_config=[{"name": "awq"}]))
+    onnxforge.build(folder, tmp_path / "out-quark")
+
+
+def write_compressed_tensors(float_dir, out, preset: str, group: int = 32):
+    """A checkpoint made by compressed-tensors itself, as llm-compressor saves one: the preset scheme applied
+    to every Linear but the lm_head, scales from each group's min/max (the library's calculate_qparams), then
+    ModelCompressor packs the weights ("pack-quantized") and writes quantization_config into config.json."""
+    import torch
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config, preset_name_to_scheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.float32)
+    scheme = preset_name_to_scheme(preset, ["Linear"])
+    scheme.weights.group_size = group
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"]))
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "weight_scale"):
+                w = module.weight.reshape(module.weight.shape[0], -1, group)
+                scale, zero = calculate_qparams(w.amin(-1), w.amax(-1), module.quantization_scheme.weights)
+                module.weight_scale.copy_(scale.reshape(module.weight_scale.shape))
+                module.weight_zero_point.copy_(zero.reshape(module.weight_zero_point.shape))
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+    compressor.compress_model(model)
+    model.save_pretrained(out)
+    compressor.update_config(out)
+    for extra in float_dir.iterdir():
+        if extra.name.startswith("tokenizer"):
+            shutil.copy(extra, out / extra.name)
+    return out
+
+
+def test_compressed_tensors_w4a8_is_refused_naming_its_activation_quantization(prequant_dirs, tmp_path, capsys):
+    """llm-compressor's W4A8 (int8 dynamic per-token activations) is not carried over as an "exact" W4A16."""
+    pytest.importorskip("compressed_tensors")
+    from onnxforge.sources.open import open_source
+
+    w4a8 = write_compressed_tensors(prequant_dirs / "float", tmp_path / "w4a8", "W4A8")
+    capsys.readouterr()  # the producer's progress bars
+    with pytest.raises(ConfigError) as err:
+        open_source(w4a8)
+    msg = str(err.value)
+    assert "quantization_config.config_groups.group_0.input_activations = {" in msg and '"strategy": "token"' in msg
+    assert '"num_bits": 8' in msg and "quantized activations" in msg and "W4A16" in msg, msg
+    code, lines = _cli_build(w4a8, tmp_path / "out", capsys)
+    assert code == 2 and len(lines) == 1 and "input_activations" in lines[0] and not (tmp_path / "out").exists()
+    # the counterpart: the same producer's W4A16 (every field of its config read) is carried over exactly
+    w4a16 = write_compressed_tensors(prequant_dirs / "float", tmp_path / "w4a16", "W4A16")
+    report = onnxforge.build(w4a16, tmp_path / "out16")
+    stored = {g["storage"] for g in report.groups if "proj" in g["label"] and "lm_head" not in g["label"]}
+    assert stored and all("(exact compressed-tensors int4 g32 sym)" in s for s in stored), stored

@@ -32,6 +32,7 @@ import numpy as np
 from ..errors import CheckpointError
 from .base import NativeBlocks, NativeFormat
 from .hf import refuse_scaled_tensors
+from .qconfig_fields import CHECKS
 
 SUPPORTED = ("gptq", "awq (version gemm)", "compressed-tensors (format pack-quantized)",
              "quark (int4/uint4 weights per group)")
@@ -88,25 +89,30 @@ def quantization_scheme(config: dict, path) -> Scheme | None:
 
     if method == "mxfp4":  # GPT-OSS's MXFP4 experts: graph/experts.py decodes (or, for CUDA, carries over) them
         return None
-    if method == "gptq":
-        bits = int(q.get("bits", 4))
-        if bits not in (2, 4, 8):
-            raise refuse(f"GPTQ with {bits} bits (supported: 2, 4, 8)")
-        fmt = str(q.get("checkpoint_format", "gptq")).lower()
-        if fmt not in ("gptq", "gptq_v2"):
-            raise refuse(f"GPTQ checkpoint_format {fmt!r}")
-        return Scheme("gptq", bits, int(q.get("group_size", 128)), bool(q.get("sym", True)), fmt == "gptq")
-    if method == "awq":
-        version = str(q.get("version", "gemm")).lower()
-        bits = int(q.get("bits", q.get("w_bit", 4)))
-        if version != "gemm" or bits != 4:
-            raise refuse(f"AWQ version {version!r} at {bits} bits")
-        return Scheme("awq", 4, int(q.get("group_size", q.get("q_group_size", 128))), not q.get("zero_point", True))
-    if method == "compressed-tensors":
-        return _compressed_tensors(q, refuse)
-    if method == "quark":
-        return _quark(q, refuse)
-    raise refuse(f"the {method or 'unnamed'!r} format")
+    parse = {"gptq": _gptq, "awq": _awq, "compressed-tensors": _compressed_tensors, "quark": _quark}.get(method)
+    if parse is None:
+        raise refuse(f"the {method or 'unnamed'!r} format")
+    scheme = parse(q, refuse)
+    CHECKS[method](q, path)  # every other field: read, known to be inert, or refused (qconfig_fields.py)
+    return scheme
+
+
+def _gptq(q: dict, refuse) -> Scheme:
+    bits = int(q.get("bits", 4))
+    if bits not in (2, 4, 8):
+        raise refuse(f"GPTQ with {bits} bits (supported: 2, 4, 8)")
+    fmt = str(q.get("checkpoint_format", q.get("format", "gptq"))).lower()
+    if fmt not in ("gptq", "gptq_v2"):
+        raise refuse(f"GPTQ checkpoint_format {fmt!r}")
+    return Scheme("gptq", bits, int(q.get("group_size", 128)), bool(q.get("sym", True)), fmt == "gptq")
+
+
+def _awq(q: dict, refuse) -> Scheme:
+    version = str(q.get("version", "gemm")).lower()
+    bits = int(q.get("bits", q.get("w_bit", 4)))
+    if version != "gemm" or bits != 4:
+        raise refuse(f"AWQ version {version!r} at {bits} bits")
+    return Scheme("awq", 4, int(q.get("group_size", q.get("q_group_size", 128))), not q.get("zero_point", True))
 
 
 def _compressed_tensors(q: dict, refuse) -> Scheme:
