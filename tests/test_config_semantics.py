@@ -123,7 +123,7 @@ RISKY = {
     "gemma3_flat_rope_and_legacy_type_not_read": (
         dict(cls="Gemma3TextConfig", hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
              intermediate_size=97, num_hidden_layers=3, sliding_window=WINDOW, query_pre_attn_scalar=20,
-             tie_word_embeddings=False),
+             tie_word_embeddings=False, layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
         ("rope_parameters",), {"rope_scaling": {"type": "linear", "factor": 4.0}, "rope_theta": 50000.0}),
 }
 
