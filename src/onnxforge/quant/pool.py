@@ -127,7 +127,8 @@ def receive_header(f: BinaryIO, ready=None) -> dict:
     return json.loads(_read_exact(f, size, ready))
 
 
-ANSWER_SECONDS = 600.0  # a worker that does not answer one slice (seconds of work) within this is an error
+ANSWER_SECONDS = 600.0  # a worker that does not answer within this per 4M values (a slice: seconds of work) is an error
+ANSWER_ELEMENTS = 1 << 22
 CLOSE_SECONDS = 2.0  # how long an idle worker gets to exit on its own when the pool closes, before it is killed
 WAIT_SLICE = 0.25  # waits look at the pool's state (closed, failed) this often
 
@@ -168,7 +169,7 @@ class _Worker:
         self.busy = threading.Lock()  # held for a whole call
         self.released = False
 
-    def _ready(self, deadline: float) -> None:
+    def _ready(self, deadline: float, bound: float) -> None:
         """Return once the answer (or EOF: the worker died) can be read; raise when the pool closes or the
         worker has not answered by `deadline`."""
         poller = select.poll()
@@ -178,17 +179,19 @@ class _Worker:
                 raise _closed_error()
             if time.monotonic() > deadline:
                 raise errors.OnnxForgeError(
-                    f"a quantization worker process did not answer within {ANSWER_SECONDS:g} s (process "
+                    f"a quantization worker process did not answer within {bound:g} s (process "
                     f"{self.proc.pid}); retry with --workers 1, which quantizes in this process")
 
     def call(self, header: dict, arrays: list[np.ndarray | None]) -> tuple[dict, list[np.ndarray | None]]:
         with self.busy:
             if self.closed.is_set() or self.released:
                 raise _closed_error()
-            deadline = time.monotonic() + ANSWER_SECONDS
+            size = sum(a.size for a in arrays if a is not None)
+            bound = ANSWER_SECONDS * max(1.0, size / ANSWER_ELEMENTS)
+            deadline = time.monotonic() + bound
             try:
                 send_header(self.proc.stdin, dict(header, arrays=self.inp.put(arrays)))
-                answer = receive_header(self.proc.stdout, lambda: self._ready(deadline))
+                answer = receive_header(self.proc.stdout, lambda: self._ready(deadline, bound))
             except (EOFError, OSError, ValueError) as err:  # ValueError: a pipe closed by the pool
                 if self.closed.is_set():
                     raise _closed_error() from None
@@ -239,9 +242,9 @@ class _Worker:
 class WorkerPool:
     """N worker processes, started on first use; `quantize` is safe to call from many threads.
 
-    Every wait is bounded: a call waits at most ANSWER_SECONDS for its worker, and waits for a free worker look
-    every WAIT_SLICE at whether the pool was closed or has failed (a worker died: every later call fails with the
-    same error at once). `close` ends the workers, which ends any call in progress."""
+    Every wait is bounded: a call waits at most ANSWER_SECONDS per 4M values for its worker, and waits for a
+    free worker look every WAIT_SLICE at whether the pool was closed or has failed (a worker died: every later
+    call fails with the same error at once). `close` ends the workers, which ends any call in progress."""
 
     def __init__(self, n: int) -> None:
         self.n = n
