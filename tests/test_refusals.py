@@ -334,3 +334,30 @@ def test_compressed_tensors_w4a8_is_refused_naming_its_activation_quantization(p
     report = onnxforge.build(w4a16, tmp_path / "out16")
     stored = {g["storage"] for g in report.groups if "proj" in g["label"] and "lm_head" not in g["label"]}
     assert stored and all("(exact compressed-tensors int4 g32 sym)" in s for s in stored), stored
+
+
+# -- a tensor the config says exists is an error naming it --------------------------------------------
+@pytest.mark.parametrize("key,missing", [("attention_bias", "model.layers.0.self_attn.q_proj.bias"),
+                                         ("mlp_bias", "model.layers.0.mlp.gate_proj.bias")])
+def test_a_bias_the_config_promises_is_missing(llama, tmp_path, capsys, key, missing):
+    """(Already refused before this issue; kept as the guard.)"""
+    _edit_config(llama, **{key: True})
+    code, err = _cli_build(llama, tmp_path / "out", capsys)
+    assert code == 2 and len(err) == 1 and repr(missing) in err[0] and "missing" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_qwen2_checkpoint_without_its_qkv_bias_is_refused(tmp_path):
+    """Qwen2 always has q/k/v biases (no config key): one that lacks them is refused, naming the tensor."""
+    pytest.importorskip("torch")
+    import tiny
+    from safetensors.numpy import load_file, save_file
+
+    folder = tmp_path / "qwen2"
+    tiny.make_model("qwen2", folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    del tensors["model.layers.1.self_attn.k_proj.bias"]
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"'model.layers.1.self_attn.k_proj.bias' is missing"):
+        onnxforge.build(folder, tmp_path / "out", "fp32")
+    assert not (tmp_path / "out").exists()
