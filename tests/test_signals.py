@@ -317,3 +317,23 @@ def test_a_stopped_writer_does_not_wait_for_its_running_jobs(tmp_path):
     assert box and box[0][0] == "raised" and isinstance(box[0][1], CheckpointError), box
     assert time.monotonic() - start < 2, "the writer waited for a job it no longer needs"
     assert ended.wait(2), "the running job did not stop"
+
+
+def test_an_interrupt_after_the_rename_does_not_say_nothing_was_written(tmp_path, capsys):
+    """A signal in the instant after the build was renamed into place: the line says the build is complete."""
+    import argparse
+
+    from onnxforge import cli
+    from onnxforge.interrupts import Interrupted
+
+    out = tmp_path / "out"
+    out.mkdir()
+    args = argparse.Namespace(command="build", output=str(out))
+    started = time.time() - 1
+    assert cli._interrupted(Interrupted(signal.SIGTERM), args, started) == 143
+    assert capsys.readouterr().err.strip().endswith(f"nothing was written to {out}")
+    (out / "build_report.json").write_text("{}")  # the build this process just finished
+    assert cli._interrupted(Interrupted(signal.SIGTERM), args, started) == 143
+    assert capsys.readouterr().err.strip() == f"onnxforge: interrupted (SIGTERM); the build in {out} is complete"
+    assert cli._interrupted(Interrupted(signal.SIGTERM), args, time.time() + 10) == 143  # an earlier build's
+    assert "nothing was written" in capsys.readouterr().err

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from . import interrupts
@@ -208,13 +209,13 @@ OPTIONAL_PACKAGES = {"onnxruntime_genai": "onnxruntime-genai", "torch": "torch",
 
 def main(argv: list[str] | None = None) -> int:
     """Run a command; SIGINT, SIGTERM and SIGHUP end it cleanly: one line on stderr, exit code 128 + the signal."""
-    args = None
+    args, started = None, time.time()
     with interrupts.signals_as_exceptions():
         try:
             args = build_parser().parse_args(argv)
             code = _run(args)
         except KeyboardInterrupt as e:
-            code = _interrupted(e, args)
+            code = _interrupted(e, args, started)
         if code and argv is None:  # this process ends now: a stopped build's threads get seconds, not minutes
             interrupts.exit_without_lingering_threads(code)
     return code
@@ -237,9 +238,16 @@ def _run(args) -> int:
         return 2
 
 
-def _interrupted(e: KeyboardInterrupt, args) -> int:
+def _interrupted(e: KeyboardInterrupt, args, started: float) -> int:
     signum = interrupts.signum_of(e)
-    where = f"; nothing was written to {args.output}" if getattr(args, "command", None) == "build" else ""
+    where = ""
+    if getattr(args, "command", None) == "build":
+        report = Path(args.output) / "build_report.json"  # renamed into place: the build is complete
+        try:
+            done = report.stat().st_mtime >= started
+        except OSError:
+            done = False
+        where = f"; the build in {args.output} is complete" if done else f"; nothing was written to {args.output}"
     try:
         print(f"onnxforge: interrupted ({interrupts.describe(signum)}){where}", file=sys.stderr)
     except OSError:  # a terminal that hung up
