@@ -8,7 +8,9 @@ same output at once. Then it checks: the build ended within a bound, no tracebac
 the fault's (130/-2, 143/-15, 129/-1; 2 for a dying worker, a full disk or a read-only folder; 0 when the
 build finished first), no `.OUT.*` folder (a build killed with SIGKILL cannot clean up: its partial
 folder is counted as `stale`, which the next build removes), the output absent or complete (loads in
-onnxruntime), no process of the session left, and the checkpoint byte-identical.
+onnxruntime), no process of the session left, and the checkpoint byte-identical. A SIGINT that lands
+while the interpreter itself starts (its `site` module, ~0.1 s, before any onnxforge code runs) gets
+Python's own KeyboardInterrupt traceback: counted as `startup`, apart from the tracebacks.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import tiny
 
 FAULTS = ("sigint_group", "sigterm", "sighup", "kill9_worker", "kill9_build", "disk_full", "readonly", "concurrent")
 BAD = ("traceback", "hang", "unclear", "partial", "orphans", "input_changed")
-COLUMNS = ("cases", "built", "ended", "stale", "skipped", *BAD)
+COLUMNS = ("cases", "built", "ended", "stale", "startup", "skipped", *BAD)
 SIGNAL_RC = {"sigint_group": {130, -2}, "sigterm": {143, -15}, "sighup": {129, -1}}
 END_SECONDS = 30  # how long a build may take to end after its fault (on top of its own duration)
 LINGER = 5.0  # seconds the session's processes may take to go after the build ended
@@ -196,7 +198,8 @@ def run_fault(fault: str, ckpt: Checkpoint, rng: np.random.Generator, site: Path
         if not mount.ok:
             return "skipped", "mount -t tmpfs is not allowed here"
     out = (mount.path if mount else site) / "out"
-    at = float(rng.uniform(0.0, 1.1)) * ckpt.seconds
+    # a second build must reach its output check while the first still runs to meet the lock
+    at = float(rng.uniform(0.0, 0.6 if fault == "concurrent" else 1.1)) * ckpt.seconds
     try:
         builds, what = inject(fault, ckpt, out, site, at)
         return judge(fault, builds, out, ckpt, f"{fault} at {at:.2f} s of {ckpt.seconds:.2f} s ({what}), "
@@ -240,7 +243,7 @@ def judge(fault: str, builds: list[tuple[Build, int | None]], out: Path, ckpt: C
     if any(rc is None for rc in rcs):
         return "hang", detail
     if "Traceback (most recent call last)" in text:
-        return "traceback", detail
+        return ("startup" if in_startup(text) else "traceback"), detail
     if left:
         return "orphans", f"{len(left)} processes of the session still alive {LINGER:.0f} s after the end; {detail}"
     broken = output_state(out)
@@ -255,6 +258,12 @@ def judge(fault: str, builds: list[tuple[Build, int | None]], out: Path, ckpt: C
     if any(rc not in (0, -9) and "error" not in text and "interrupted" not in text and rc > 0 for rc in rcs):
         return "unclear", f"no message; {detail}"
     return ("built" if all(rc == 0 for rc in rcs) else "ended"), detail
+
+
+def in_startup(text: str) -> bool:
+    """A KeyboardInterrupt while Python's `site` ran (a .pth file's imports), before any onnxforge code
+    could install a handler: the interpreter prints that traceback itself."""
+    return "<frozen site>" in text and "onnxforge" not in text and text.rstrip().endswith("KeyboardInterrupt")
 
 
 def expected_rcs(fault: str) -> set[int]:
