@@ -252,6 +252,25 @@ def test_precision_against_a_recipe_or_scheme(ckpt, tmp_path, capsys, weights_un
     assert json.loads((tmp_path / "b" / "build_report.json").read_text())["precision"] == "int8"
 
 
+@pytest.mark.parametrize("argv, words", [
+    (["--extra_options", "int4_block_size=32", "block_size=64"], "int4_block_size and block_size contradict"),
+    (["--extra_options", "int4_is_symmetric=true", "int4_is_symmetric=false"], "int4_is_symmetric is given twice"),
+    (["--extra_options", "int4_algo_config=rtn_last", "int8_last_matmul=false"], "contradict each other"),
+    (["--block-size", "64", "--extra_options", "int4_block_size=32"], "--block-size contradicts --extra_options"),
+    (["--method", "hqq", "--extra_options", "int4_algo_config=rtn"], "--method contradicts --extra_options"),
+    (["--asymmetric", "--extra_options", "int4_is_symmetric=true"], "--asymmetric contradicts --extra_options"),
+])
+def test_flags_against_extra_options(ckpt, tmp_path, capsys, weights_unread, argv, words):
+    with weights_unread():
+        code, err = build_cli(ckpt, tmp_path / "out", capsys, "-p", "int4", *argv)
+        assert code == 2 and words in error_line(err), err
+        assert not (tmp_path / "out").exists()
+    if words.startswith("--block-size"):  # agreeing is fine
+        code, err = build_cli(ckpt, tmp_path / "ok", capsys, "-p", "int4", "--workers", "1", "--block-size", "64",
+                              "--extra_options", "int4_block_size=64", "block_size=64")
+        assert code == 0, err
+
+
 def test_method_options_on_a_float_build(ckpt, tmp_path, capsys, no_weights_read):
     code, err = build_cli(ckpt, tmp_path / "out", capsys, "-p", "fp16", "--block-size", "64", "--method", "hqq",
                           "--asymmetric")

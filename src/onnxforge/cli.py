@@ -113,8 +113,17 @@ def make_recipe(args):
     recipe = replace(recipe, **changes)
     if args.extra_options:
         recipe = apply_extra_options(recipe, args.extra_options)
+        for name, value in changes.items():  # a flag and an extra option that set one thing differently
+            if name != "keep_float" and getattr(recipe, name) != value:
+                raise RecipeError(f"{_FLAGS[name]} contradicts --extra_options, which sets {name} to "
+                                  f"{getattr(recipe, name)!r} and would win: keep one")
     recipe.check_quantizes()
     return recipe
+
+
+_FLAGS = {"method": "--method", "block_size": "--block-size", "symmetric": "--asymmetric",
+          "int8_last_matmul": "--int8-last-matmul", "int8_mixed_layers": "--int8-mixed-layers",
+          "unpack_matmul": "--unpack-matmul", "requantize": "--requantize"}
 
 
 def _agree(by: str | None, before: str, after: str, other: str) -> None:

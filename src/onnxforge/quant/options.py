@@ -198,7 +198,10 @@ def parse_extra_options(items: list[str] | Mapping[str, object]) -> dict[str, ob
             key, sep, value = item.partition("=")
             if not sep:
                 raise RecipeError(f"extra option {item!r} must be key=value")
-            pairs[key.strip()] = value.strip()
+            key, value = key.strip(), value.strip()
+            if pairs.get(key, value) != value:
+                raise RecipeError(f"extra option {key} is given twice ({key}={pairs[key]} and {key}={value}); keep one")
+            pairs[key] = value
     unknown = sorted(set(pairs) - set(EXTRA_OPTIONS))
     if unknown:
         raise RecipeError(f"unknown extra option(s) {', '.join(unknown)}; accepted: {', '.join(sorted(EXTRA_OPTIONS))}")
@@ -206,10 +209,17 @@ def parse_extra_options(items: list[str] | Mapping[str, object]) -> dict[str, ob
 
 
 def apply_extra_options(recipe: Recipe, options: Mapping[str, object]) -> Recipe:
+    """Two options (or an option and its alias) that set one thing differently are an error, not a silent win
+    (except the anchor's documented rule: moe_quant_type overrides use_8bits_moe)."""
     changes: dict = {}
+    setter: dict[str, str] = {}
     pairs = parse_extra_options(options).items()
     for key, value in sorted(pairs, key=lambda kv: kv[0] != "use_8bits_moe"):  # moe_quant_type overrides it
-        changes.update(EXTRA_OPTIONS[key](key, value))
+        for name, v in EXTRA_OPTIONS[key](key, value).items():
+            if changes.get(name, v) != v and setter[name] != "use_8bits_moe":
+                raise RecipeError(f"extra options {setter[name]} and {key} contradict each other (they set {name} to "
+                                  f"{changes[name]!r} and {v!r}); keep one")
+            changes[name], setter[name] = v, key
     return replace(recipe, **changes)
 
 
