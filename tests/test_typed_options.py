@@ -103,6 +103,14 @@ def test_toml_rule_value_of_the_wrong_type(tmp_path, text, key, line):
     assert f"{path}:{line}" in str(e.value) and key in str(e.value) and "rules[" in str(e.value), str(e.value)
 
 
+def test_toml_internal_fields_are_not_recipe_keys(tmp_path):
+    path = tmp_path / "r.toml"
+    for key in ("native = 1", "seen = []", "template_float = [\"*\"]", "num_layers = 2"):
+        path.write_text(f'precision = "int4"\n{key}\n')
+        with pytest.raises(RecipeError, match=f"unknown recipe key.*{key.split()[0]}"):
+            load_recipe_file(path, Recipe())
+
+
 def test_toml_extra_options_table_needs_real_types(tmp_path):
     """Inside a TOML file the anchor's options take TOML's types too: a boolean option given "false" is an error
     (on the command line, --extra_options strings "true"/"false"/"1"/"0" stay the anchor's spelling)."""

@@ -224,8 +224,8 @@ def apply_extra_options(recipe: Recipe, options: Mapping[str, object]) -> Recipe
 
 
 # ---- TOML recipes ----------------------------------------------------------------------------
-RECIPE_KEYS = {f.name for f in fields(Recipe)} - {"num_layers", "rules"} | {"rules", "extra_options", "template",
-                                                                             "scheme"}
+INTERNAL_FIELDS = {"num_layers", "native", "seen", "template_float"}  # set by the build, not by a recipe file
+RECIPE_KEYS = {f.name for f in fields(Recipe)} - INTERNAL_FIELDS | {"extra_options", "template", "scheme"}
 
 
 RULE_KINDS = {"match": "str", "scheme": "str", "bits": "int", "block_size": "int", "method": "str",
