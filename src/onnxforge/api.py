@@ -113,8 +113,8 @@ def build(
             config = genai_config(spec, arch.model_type, source.generation_config, provider=recipe.provider,
                                   max_length=max_length, tokenizer_dir=tmp, notes=report.notes)
             _write_json(tmp / "genai_config.json", config)
-            report.groups = [{"label": g.label, "storage": g.storage, "bytes": g.nbytes, "sources": list(g.sources)}
-                             for g in writer.groups]
+            report.groups = [{"label": g.label, "storage": g.storage, "bytes": g.nbytes, "sources": list(g.sources),
+                              "initializers": list(g.initializers)} for g in writer.groups]
             report.seconds = time.perf_counter() - start
             report.peak_rss = peak_rss_bytes()
             report.files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}

@@ -35,6 +35,7 @@ class WrittenGroup:
     storage: str
     nbytes: int
     sources: tuple[str, ...] = ()
+    initializers: tuple[str, ...] = ()  # the slots' names, in order (verify maps them back to the sources)
 
 
 def _check(job: WeightJob, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -147,7 +148,8 @@ class WeightWriter:
                 offset += nbytes
             del arrays
             in_flight -= job.nbytes
-            self.groups.append(WrittenGroup(job.label, job.storage, job.nbytes, job.sources))
+            self.groups.append(WrittenGroup(job.label, job.storage, job.nbytes, job.sources,
+                                               tuple(slot.name for slot in job.slots)))
             if progress:
                 progress(job.nbytes)
 

@@ -69,6 +69,14 @@ def add_commands(sub) -> None:
     t.add_argument("--max-ppl-ratio", type=_threshold, metavar="X", help="largest allowed ppl(onnx)/ppl(reference)")
     t.add_argument("--min-greedy", type=_threshold, metavar="X",
                    help="smallest greedy agreement (0..1, or percent if > 1)")
+    c = p.add_argument_group(
+        "conversion thresholds (exit code 1 when one is missed)",
+        "Judged against the reference holding the build's own stored weights, dequantized, so that quantization "
+        "noise is not in them; defaults in docs/verify.md. X=off drops one; --no-thresholds drops them too.")
+    c.add_argument("--max-conversion-kl", type=_threshold, metavar="X", help="largest allowed mean KL")
+    c.add_argument("--min-conversion-top1", type=_threshold, metavar="X", help="smallest top-1 agreement")
+    c.add_argument("--max-weight-error", type=_threshold, metavar="X",
+                   help="largest allowed ||stored - original|| / ||original|| of any weight tensor")
     t.add_argument("--no-thresholds", action="store_true", help="report only; no default thresholds")
     p.add_argument("--no-plot", action="store_true", help="do not write verify.png")
     p.set_defaults(func=cmd_verify)

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import CheckpointError, RunError
+from .conversion import conversion_limits, judge_conversion
 from .ort_runner import load_genai_model
 from .perplexity import decoder, effective_window, perplexity, tokenize_file
 
@@ -194,11 +195,11 @@ def normalise_thresholds(thresholds: dict | None) -> dict:
     return out
 
 
-def check_thresholds(metrics: dict, thresholds: dict) -> list[str]:
-    """Human-readable failures, one per missed threshold."""
+def check_thresholds(metrics: dict, thresholds: dict, table: dict | None = None) -> list[str]:
+    """Human-readable failures, one per missed threshold (`table`: name -> (metric, direction))."""
     failures = []
     for name, limit in thresholds.items():
-        key, direction = THRESHOLDS[name]
+        key, direction = (table or THRESHOLDS)[name]
         value = metrics.get(key)
         if value is None:
             failures.append(f"{name}: metric {key} was not measured")
@@ -206,6 +207,28 @@ def check_thresholds(metrics: dict, thresholds: dict) -> list[str]:
             sign = ">" if direction == "max" else "<"
             failures.append(f"{name}: {key} = {_fmt(key, value)} {sign} {_fmt(key, limit)}")
     return failures
+
+
+def nan_max(values) -> float:
+    """The largest value, NaN when any is NaN (Python's `max` skips a NaN that is not first)."""
+    arr = np.asarray(list(values), dtype=np.float64)
+    return float(arr.max()) if arr.size else float("nan")
+
+
+def nonfinite_failures(per_prompt: Sequence[dict], metrics: dict, what: str = "") -> list[str]:
+    """One failure per prompt whose logits hold NaN/Inf and per metric that is NaN/Inf, thresholds or not."""
+    out = []
+    for i, p in enumerate(per_prompt, 1):
+        for side, n in p.get("nonfinite", {}).items():
+            if n:
+                out.append(f"{what}prompt {i}: {n} NaN/Inf values in the {side} logits")
+        for key in ("max_abs_diff", "mean_kl", "top1"):
+            if key in p and not np.isfinite(p[key]):
+                out.append(f"{what}prompt {i}: {key} = {p[key]}")
+    for key, value in metrics.items():
+        if isinstance(value, float) and not np.isfinite(value):
+            out.append(f"{what}{key} = {value} (NaN/Inf)")
+    return out
 
 
 def _fmt(key: str, v: float) -> str:
@@ -219,11 +242,15 @@ def _fmt(key: str, v: float) -> str:
 def verify(out_dir: str | Path, reference: str | Path, *, prompts: Sequence[str] | None = None,
            text: str | Path | None = None, tokens: int = 16, window: int = 512, stride: int = 256,
            max_text_tokens: int | None = None, thresholds: dict | None = None, write: bool = True,
-           plot: bool = True, log: Callable[[str], None] | None = None, defaults: bool = True) -> dict:
+           plot: bool = True, log: Callable[[str], None] | None = None, defaults: bool = True,
+           conversion_thresholds: dict | None = None) -> dict:
     """Compare the built model in `out_dir` with `reference`; returns the result dict (also verify.json).
 
-    `defaults`: start from the default thresholds of the stored precision (verify/thresholds.py);
-    `thresholds` override them, a value of None leaves a default in place and "off" drops it."""
+    Two verdicts: the quantization's cost (the ONNX model against the original weights, `thresholds`) and
+    the conversion (against the reference holding the build's own stored weights, `conversion_thresholds`,
+    see verify/stored.py). `defaults`: start from the default thresholds of the stored precision
+    (verify/thresholds.py); given thresholds override them, a value of None leaves a default in place and
+    "off" drops it."""
     import torch
 
     from .thresholds import defaults_for
@@ -246,7 +273,7 @@ def verify(out_dir: str | Path, reference: str | Path, *, prompts: Sequence[str]
 
     og_model = load_genai_model(out_dir)
     dec = decoder(out_dir)
-    per_prompt = []
+    per_prompt, runs = [], []  # runs: (sequence, onnx logits) per prompt, for the conversion's reference
     for text_i, prompt in zip(texts, ids):
         if not prompt:
             continue
@@ -256,7 +283,9 @@ def verify(out_dir: str | Path, reference: str | Path, *, prompts: Sequence[str]
         with torch.no_grad():
             ref_logits = model(torch.tensor([seq])).logits[0].float().numpy()
         got = np.concatenate(dec.logits_for(prompt, ref_cont), axis=0)
-        m = compare_logits(ref_logits[len(seq) - len(got):], got)  # a pruned lm_head: from the prompt's last
+        ref_logits = ref_logits[len(seq) - len(got):]  # a pruned lm_head: from the prompt's last
+        m = compare_logits(ref_logits, got)
+        runs.append((seq, got))
         og_cont = genai_greedy(out_dir, prompt, tokens, og_model) if tokens else []
         match = _matching_prefix(ref_cont, og_cont)
         per_prompt.append({
@@ -271,6 +300,7 @@ def verify(out_dir: str | Path, reference: str | Path, *, prompts: Sequence[str]
             "greedy_tokens": len(ref_cont),
             "reference_tokens": ref_cont,
             "onnx_tokens": og_cont,
+            "nonfinite": {"onnx": int((~np.isfinite(got)).sum()), "reference": int((~np.isfinite(ref_logits)).sum())},
             "per_position": {"max_abs_diff": m["max_abs_diff"].tolist(), "kl": m["kl"].tolist(),
                              "top1": m["top1"].astype(int).tolist()},
         })
@@ -288,7 +318,7 @@ def verify(out_dir: str | Path, reference: str | Path, *, prompts: Sequence[str]
     all_top1 = np.concatenate([p["per_position"]["top1"] for p in per_prompt])
     total_greedy = sum(p["greedy_tokens"] for p in per_prompt)
     metrics = {
-        "max_abs_diff": max(p["max_abs_diff"] for p in per_prompt),
+        "max_abs_diff": nan_max([p["max_abs_diff"] for p in per_prompt]),
         "mean_kl": float(all_kl.mean()),
         "top1": float(all_top1.mean()),
         "positions": int(len(all_kl)),
@@ -300,12 +330,17 @@ def verify(out_dir: str | Path, reference: str | Path, *, prompts: Sequence[str]
         ppl = _perplexities(out_dir, model, Path(text), window, stride, max_text_tokens, dec, log)
         metrics.update(ppl_onnx=ppl["onnx"]["ppl"], ppl_reference=ppl["reference"]["ppl"],
                        ppl_ratio=ppl["onnx"]["ppl"] / ppl["reference"]["ppl"])
-    failures = check_thresholds(metrics, thresholds)
+    failures = nonfinite_failures(per_prompt, metrics) + check_thresholds(metrics, thresholds)
+    log("loading the build's stored weights into the reference (the conversion's reference)")
+    conv_limits = conversion_limits(precision, conversion_thresholds, defaults)
+    conversion = judge_conversion(model, out_dir, runs, conv_limits, per_prompt)
+    failures += [f"conversion {f}" for f in conversion["failures"]]
     result = {
         "model": str(out_dir),
         "reference": str(reference),
         "prompt_source": source,
         "metrics": metrics,
+        "conversion": conversion,
         "perplexity": ppl,
         "prompts": per_prompt,
         "thresholds": thresholds,
@@ -316,18 +351,9 @@ def verify(out_dir: str | Path, reference: str | Path, *, prompts: Sequence[str]
         "versions": _versions(),
         "seconds": time.perf_counter() - start,
     }
-    if write:
-        (out_dir / "verify.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        result["json_path"] = str(out_dir / "verify.json")
-    if plot:
-        from .plot import plot_verify
+    from .outputs import write_outputs
 
-        path = out_dir / "verify.png"
-        try:
-            plot_verify(result, path)
-            result["plot_path"] = str(path)
-        except ImportError:  # matplotlib is optional
-            result["plot_note"] = "no verify.png: matplotlib is not installed (pip install matplotlib)"
+    write_outputs(result, out_dir, write=write, plot=plot)  # a failure is result["write_error"], not lost results
     return result
 
 
@@ -400,6 +426,10 @@ def format_table(result: dict) -> str:
             shown = "-" if value is None else _fmt(key, value)
             sign = "<=" if direction == "max" else ">="
             lines.append(f"  {'FAIL' if bad else 'ok  '}  {name}: {key} {shown} (want {sign} {_fmt(key, limit)})")
+    if result.get("conversion"):
+        from .conversion import conversion_lines
+
+        lines += conversion_lines(result["conversion"], _fmt)
     if result.get("json_path"):
         plot = f" and {result['plot_path']}" if result.get("plot_path") else ""
         lines += ["", f"wrote {result['json_path']}{plot}"]
@@ -408,8 +438,8 @@ def format_table(result: dict) -> str:
     if result["failures"]:
         lines += ["", "FAIL: " + "; ".join(result["failures"])]
     else:
-        lines += ["", "PASS" + (" (no thresholds)" if not result["thresholds"] else
-                                f" ({len(result['thresholds'])} thresholds met)")]
+        n = len(result["thresholds"]) + len((result.get("conversion") or {}).get("thresholds", {}))
+        lines += ["", "PASS" + (" (no thresholds)" if not n else f" ({n} thresholds met)")]
     return "\n".join(lines)
 
 
@@ -421,12 +451,19 @@ def run_cli(args) -> int:
         prompts = [ln for ln in Path(args.prompts).read_text(encoding="utf-8").splitlines() if ln.strip()]
     thresholds = {"max_abs_diff": args.max_abs_diff, "min_top1": args.min_top1, "max_kl": args.max_kl,
                   "max_ppl_ratio": args.max_ppl_ratio, "min_greedy": args.min_greedy}
+    conversion = {"max_kl": getattr(args, "max_conversion_kl", None),
+                  "min_top1": getattr(args, "min_conversion_top1", None),
+                  "max_weight_error": getattr(args, "max_weight_error", None)}
     if args.max_ppl_ratio not in (None, "off") and not args.text:
         print("onnxforge: error: --max-ppl-ratio needs --text", file=sys.stderr)
         return 2
     result = verify(args.model_dir, args.reference, prompts=prompts, text=args.text, tokens=args.tokens,
                     window=args.window, stride=args.stride, max_text_tokens=args.max_tokens,
                     thresholds=thresholds, plot=not args.no_plot, defaults=not args.no_thresholds,
+                    conversion_thresholds=conversion,
                     log=lambda s: print(s, file=sys.stderr, flush=True))
-    print(format_table(result))
+    print(format_table(result), flush=True)
+    if result.get("write_error"):  # after the results: they are not lost to a folder that cannot be written
+        print(f"onnxforge: error: {result['write_error']}", file=sys.stderr)
+        return 2
     return 1 if result["failures"] else 0

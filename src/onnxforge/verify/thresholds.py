@@ -24,6 +24,19 @@ DEFAULTS: dict[str, dict[str, float]] = {
     "int4": {"max_kl": 1.0, "min_top1": 0.3},
 }
 
+# The conversion verdict: the ONNX model against transformers holding the build's own stored weights
+# (verify/stored.py); only the kernels' arithmetic is left, so one tight limit serves (measured in docs/verify.md).
+# max_weight_error: ||stored - original|| / ||original|| of the worst tensor (int4 rounding measures ~0.1;
+# a zeroed tensor 1.0, two layers swapped ~1.4)
+CONVERSION_DEFAULTS: dict[str, dict[str, float]] = {
+    "fp32": {"max_kl": 1e-3, "min_top1": 0.95, "max_weight_error": 0.5},
+    "fp16": {"max_kl": 1e-3, "min_top1": 0.95, "max_weight_error": 0.5},
+    "bf16": {"max_kl": 0.02, "min_top1": 0.85, "max_weight_error": 0.5},
+    # int8 activations (accuracy_level 4) are left: the tiny Llama measures KL 3.6e-3, top-1 94.6%
+    "int8": {"max_kl": 0.03, "min_top1": 0.85, "max_weight_error": 0.5},
+    "int4": {"max_kl": 0.03, "min_top1": 0.85, "max_weight_error": 0.5},
+}
+
 
 def stored_precision(model_dir: Path) -> str:
     """How the model stores its weights, read from model.onnx (no weights loaded): "int4" or "int8" by the

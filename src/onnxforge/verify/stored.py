@@ -1,0 +1,227 @@
+"""The conversion's reference: transformers' model holding the build's own stored weights.
+
+`verify` compares the ONNX model twice. Against the original weights it measures what quantization
+costs; against a transformers model whose weights are the ONNX model's own (dequantized exactly as
+MatMulNBits / GatherBlockQuantized compute them), what is left is the conversion: the graph, the
+config, the layouts, plus the kernels' arithmetic. A tight threshold then catches a lost or misplaced
+projection at any precision.
+
+Which checkpoint tensor each stored weight holds comes from the build: build_report.json lists, per
+weight group, the initializers it wrote (`initializers`) and the checkpoint tensors it read in order
+(`sources`, `name[start:stop]` for a row range); for a build made before `initializers` was recorded,
+the initializers whose names start with the group's label (`/model/layers.0/attn/qkv_proj` ->
+`model.layers.0.attn.qkv_proj.*`), which is how the graph names them. A MatMul weight packs its sources' rows along N (q/k/v,
+gate/up), so the dequantized (N, K) array is cut back into them in that order. The stored values are
+read with numpy memory maps from model.onnx.data, one group at a time, dequantized a slice of rows at a
+time and copied into the model's parameters in place: the original weights are overwritten as the
+stored ones arrive (each tensor's relative difference to the original is measured on the way), so the
+model is never held twice.
+
+What the build stores in other forms (1-D tables: norms, biases; MoE experts) is not read back: those
+parameters keep the original values, rounded to the stored float type for 1-D tables; `notes` says which.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ROWS_PER_SLICE = 1 << 22  # values dequantized at a time (16 MB in float32)
+_Q = re.compile(r"^(?P<prefix>.+)\.weight_Q(?P<bits>\d+)$")
+_SOURCE = re.compile(r"^(?P<name>.+?)(\[(?P<start>\d+):(?P<stop>\d+)\])?$")
+
+
+@dataclass
+class StoredReport:
+    """What loading the stored weights found: per checkpoint tensor, ||stored - original|| / ||original||."""
+
+    errors: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)  # parameters left with the original values
+
+    @property
+    def max_error(self) -> tuple[str | None, float]:
+        if not self.errors:
+            return None, 0.0
+        name = max(self.errors, key=lambda k: (np.nan_to_num(self.errors[k], nan=np.inf), k))
+        return name, self.errors[name]
+
+
+class _Initializers:
+    """model.onnx's initializers without their data, read on demand from the external data file."""
+
+    def __init__(self, out_dir: Path) -> None:
+        import onnx
+
+        self.dir = out_dir
+        graph = onnx.load(str(out_dir / "model.onnx"), load_external_data=False).graph
+        self.protos = {i.name: i for i in graph.initializer}
+        self.transposed = {n.input[1] for n in graph.node if len(n.input) > 1 and (
+            n.op_type == "MatMul" or (n.op_type in ("FusedMatMul", "Gemm")
+                                      and not any(a.name == "transB" and a.i for a in n.attribute)))}
+
+    def dtype(self, name: str) -> np.dtype:
+        import ml_dtypes  # noqa: F401 - registers bfloat16 for tensor_dtype_to_np_dtype
+        from onnx.helper import tensor_dtype_to_np_dtype
+
+        return np.dtype(tensor_dtype_to_np_dtype(self.protos[name].data_type))
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.protos[name].dims)
+
+    def read(self, name: str) -> np.ndarray:
+        """A read-only memory map of the initializer (or its inline data)."""
+        from onnx import numpy_helper
+
+        proto = self.protos[name]
+        ext = {e.key: e.value for e in proto.external_data}
+        if not ext:
+            return numpy_helper.to_array(proto)
+        return np.memmap(self.dir / ext["location"], dtype=self.dtype(name), mode="r",
+                         offset=int(ext.get("offset", 0)), shape=self.shape(name))
+
+
+def _dequantize_rows(inits: _Initializers, prefix: str, bits: int, rows: slice, K: int) -> np.ndarray:
+    """float32 (rows, K) of a MatMulNBits weight: (code - zero point) x scale (+ offset), as the op computes."""
+    from ..quant.pack import unpack_bits
+
+    q = inits.read(f"{prefix}.weight_Q{bits}")[rows]
+    block = q.shape[2] * 8 // bits
+    kb = q.shape[1]
+    codes = unpack_bits(q, bits, block).astype(np.float32)
+    zp_name = f"{prefix}.weight_zp"
+    if zp_name in inits.protos:
+        zp = unpack_bits(inits.read(zp_name)[rows], bits, kb).astype(np.float32)
+    else:
+        zp = np.float32(1 << (bits - 1))
+    codes -= zp[..., None] if np.ndim(zp) else zp
+    codes *= inits.read(f"{prefix}.weight_scales")[rows].astype(np.float32)[..., None]
+    off_name = f"{prefix}.weight_offsets"
+    if off_name in inits.protos:
+        codes += inits.read(off_name)[rows].astype(np.float32)[..., None]
+    return codes.reshape(codes.shape[0], -1)[:, :K]
+
+
+def _float_rows(inits: _Initializers, name: str, rows: slice) -> np.ndarray:
+    w = inits.read(name)
+    part = w[:, rows].T if name in inits.transposed else w[rows]
+    return np.asarray(part, dtype=np.float32)
+
+
+def _sources(group: dict) -> list[tuple[str, int | None, int | None]]:
+    out = []
+    for s in group.get("sources", []):
+        m = _SOURCE.match(s)
+        start, stop = m.group("start"), m.group("stop")
+        out.append((m.group("name"), None if start is None else int(start), None if stop is None else int(stop)))
+    return out
+
+
+def _weight_kind(inits: _Initializers, group: dict) -> tuple[str, str, int] | None:
+    """("q", prefix, bits) for MatMulNBits-form slots, ("f", name, 0) for one 2-D float weight, else None."""
+    names = group.get("initializers") or []
+    for n in names:
+        m = _Q.match(n)
+        if m:
+            return "q", m.group("prefix"), int(m.group("bits"))
+    if len(names) == 1 and names[0] in inits.protos and len(inits.shape(names[0])) == 2:
+        dtype = inits.dtype(names[0])
+        if dtype.kind == "f" or dtype.name == "bfloat16":
+            return "f", names[0], 0
+    return None
+
+
+def load_stored_weights(model, out_dir: Path) -> StoredReport:
+    """Overwrite `model`'s parameters (a transformers model holding the original weights) with the build's
+    stored weights, group by group; returns each tensor's relative difference and what was kept."""
+    out_dir = Path(out_dir)
+    report = StoredReport()
+    groups = json.loads((out_dir / "build_report.json").read_text()).get("groups", [])
+    inits = _Initializers(out_dir)
+    for group in groups:
+        if not group.get("initializers"):  # a build before they were recorded: the names follow the label
+            prefix = group["label"].strip("/").replace("/", ".") + "."
+            group["initializers"] = [n for n in inits.protos if n.startswith(prefix)]
+    params = dict(model.named_parameters(remove_duplicate=False))
+    done: set[str] = set()
+    for group in groups:
+        kind = _weight_kind(inits, group)
+        sources = _sources(group)
+        if not sources:  # computed tables (rotary caches): no checkpoint tensor behind them
+            continue
+        if kind is None:
+            _round_tables(params, inits, group, sources, done)
+            continue
+        if not _load_group(params, inits, group, kind, sources, report, done):
+            report.kept += [s[0] for s in sources]
+    if report.kept:
+        report.notes.append(f"{len(report.kept)} tensors keep the original weights (no stored form the reference "
+                            f"reads back): {', '.join(sorted(set(report.kept))[:6])}"
+                            + (" ..." if len(set(report.kept)) > 6 else ""))
+    return report
+
+
+def _round_tables(params, inits: _Initializers, group: dict, sources, done: set) -> None:
+    """1-D float tables (norms, biases): the original values rounded to the stored float type."""
+    import torch
+
+    names = group.get("initializers") or []
+    if not names or names[0] not in inits.protos:
+        return
+    dtype = inits.dtype(names[0])
+    if dtype.kind != "f" and dtype.name != "bfloat16" or dtype == np.float32:
+        return
+    tdtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype.name)
+    for name, _, _ in sources:
+        p = params.get(name)
+        if p is not None and p.ndim == 1 and name not in done and tdtype is not None:
+            with torch.no_grad():
+                p.copy_(p.to(tdtype).float())
+            done.add(name)
+
+
+def _load_group(params, inits: _Initializers, group: dict, kind, sources, report: StoredReport, done: set) -> bool:
+    """Copy one MatMul/embedding group's stored rows into the parameters its sources name."""
+    import torch
+
+    form, key, bits = kind
+    targets = []
+    for name, start, stop in sources:
+        p = params.get(name)
+        if p is None or p.ndim != 2:
+            report.notes.append(f"{group['label']}: {name} is not a 2-D parameter of the reference; kept original")
+            return False
+        first, last = (0, p.shape[0]) if start is None else (start, stop)
+        targets.append((name, p, first, last))
+    N = sum(last - first for _, _, first, last in targets)
+    K = targets[0][1].shape[1]
+    stored_n = inits.shape(f"{key}.weight_Q{bits}")[0] if form == "q" else (
+        inits.shape(key)[1] if key in inits.transposed else inits.shape(key)[0])
+    if stored_n != N:
+        report.notes.append(f"{group['label']}: stored {stored_n} rows, its sources {N}; kept original")
+        return False
+    for name, _, _, _ in targets:
+        if name in done:
+            report.notes.append(f"{group['label']}: {name} is stored twice; the reference holds this copy")
+    row = 0
+    for name, p, first, last in targets:
+        step = max(1, ROWS_PER_SLICE // K)
+        diff2 = ref2 = 0.0
+        for i in range(0, last - first, step):
+            n = min(step, last - first - i)
+            rows = slice(row + i, row + i + n)
+            w = _dequantize_rows(inits, key, bits, rows, K) if form == "q" else _float_rows(inits, key, rows)
+            with torch.no_grad():
+                orig = p[first + i:first + i + n]
+                o = orig.detach().double().numpy()
+                diff2 += float(((w.astype(np.float64) - o) ** 2).sum())
+                ref2 += float((o ** 2).sum())
+                orig.copy_(torch.from_numpy(np.array(w, dtype=np.float32)))
+        row += last - first
+        label = name if (first, last) == (0, p.shape[0]) else f"{name}[{first}:{last}]"
+        report.errors[label] = float(np.sqrt(diff2 / ref2)) if ref2 > 0 else float(np.sqrt(diff2) > 0)
+        done.add(name)
+    return True
