@@ -150,7 +150,7 @@ def test_a_killed_worker_ends_the_build_with_one_error(ckpt, tmp_path):
         os.kill(workers[0], signal.SIGKILL)
         seconds, err = finish(proc, time.monotonic())
         assert proc.returncode == 2, (proc.returncode, err)
-        assert_one_line(err, "error: a quantization worker process stopped unexpectedly")
+        assert_one_line(err, "error: a quantization worker process stopped unexpectedly (killed by SIGKILL)")
         assert "--workers 1" in err
         assert_no_partial(out)
         assert not out.exists()

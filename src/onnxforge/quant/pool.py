@@ -24,6 +24,7 @@ import mmap
 import os
 import queue
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -133,9 +134,17 @@ CLOSE_SECONDS = 2.0  # how long an idle worker gets to exit on its own when the 
 WAIT_SLICE = 0.25  # waits look at the pool's state (closed, failed) this often
 
 
-def _stopped(code) -> errors.OnnxForgeError:
+def _stopped(proc: subprocess.Popen) -> errors.OnnxForgeError:
+    try:
+        code = proc.wait(timeout=1.0)  # its pipe closed: it has exited or is about to
+    except subprocess.TimeoutExpired:
+        code = None
+    if code is not None and code < 0:
+        how = f"killed by {signal.Signals(-code).name}" if -code in signal.valid_signals() else f"killed by signal {-code}"
+    else:
+        how = "still running, its pipe closed" if code is None else f"exit code {code}"
     return errors.OnnxForgeError(
-        f"a quantization worker process stopped unexpectedly (exit code {code}); it may have run out of "
+        f"a quantization worker process stopped unexpectedly ({how}); it may have run out of "
         "memory: retry with fewer workers (--workers 1 quantizes in this process)")
 
 
@@ -195,7 +204,7 @@ class _Worker:
             except (EOFError, OSError, ValueError) as err:  # ValueError: a pipe closed by the pool
                 if self.closed.is_set():
                     raise _closed_error() from None
-                raise _stopped(self.proc.poll()) from err
+                raise _stopped(self.proc) from err
             return answer, self.out.get(answer.pop("arrays", []), copy=True)
 
     def end_input(self) -> None:
