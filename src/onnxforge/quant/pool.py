@@ -140,7 +140,8 @@ def _stopped(proc: subprocess.Popen) -> errors.OnnxForgeError:
     except subprocess.TimeoutExpired:
         code = None
     if code is not None and code < 0:
-        how = f"killed by {signal.Signals(-code).name}" if -code in signal.valid_signals() else f"killed by signal {-code}"
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+        how = f"killed by {name}"
     else:
         how = "still running, its pipe closed" if code is None else f"exit code {code}"
     return errors.OnnxForgeError(
