@@ -337,3 +337,27 @@ def test_an_interrupt_after_the_rename_does_not_say_nothing_was_written(tmp_path
     assert capsys.readouterr().err.strip() == f"onnxforge: interrupted (SIGTERM); the build in {out} is complete"
     assert cli._interrupted(Interrupted(signal.SIGTERM), args, time.time() + 10) == 143  # an earlier build's
     assert "nothing was written" in capsys.readouterr().err
+
+
+def test_an_ending_cli_does_not_wait_for_lingering_threads(monkeypatch):
+    """Python joins non-daemon threads at exit (a hash of a large input running beside a stopped build):
+    the CLI gives them LINGER_SECONDS, then exits with its code without them."""
+    from onnxforge import interrupts
+
+    exits = []
+    monkeypatch.setattr(interrupts, "LINGER_SECONDS", 0.3)
+    monkeypatch.setattr(interrupts.os, "_exit", exits.append)
+    others = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
+    interrupts.exit_without_lingering_threads(143)
+    assert exits == ([143] if any(t.is_alive() for t in others) else []), "exited although no thread lingered"
+    exits.clear()
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait, args=(30,))
+    t.start()
+    try:
+        start = time.monotonic()
+        interrupts.exit_without_lingering_threads(143)
+        assert exits == [143] and time.monotonic() - start < 2
+    finally:
+        stop.set()
+        t.join()
