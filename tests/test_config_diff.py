@@ -83,6 +83,14 @@ TYPED_ROPES = [  # families with a rotary table per layer type (Gemma 3, OLMo 3)
     {"rope_theta": 40000.0, "rope_local_base_freq": 3000.0},
     {"rope_theta": 40000.0, "rope_scaling": {"rope_type": "linear", "factor": 8.0}},
 ]
+LONG = "long factors"  # filled in with rotary_dim / 2 numbers (config_dict)
+LONGROPES = [  # Phi-3 / PhiMoE: LongRoPE in its spellings, 4.x "su" and "longrope", top-level original length
+    {"rope_scaling": {"type": "su", "short_factor": LONG, "long_factor": LONG}, "original_max_position_embeddings": 64},
+    {"rope_scaling": {"rope_type": "longrope", "short_factor": LONG, "long_factor": LONG,
+                      "original_max_position_embeddings": 32}},
+    {"rope_parameters": {"rope_type": "longrope", "rope_theta": 25000.0, "short_factor": LONG, "long_factor": LONG,
+                         "original_max_position_embeddings": 128, "factor": 2.0}},
+]
 WINDOWS = [
     {}, {"sliding_window": 8}, {"sliding_window": 8, "use_sliding_window": True}, {"use_sliding_window": True},
     {"sliding_window": 8, "use_sliding_window": True, "max_window_layers": 3},
@@ -112,6 +120,8 @@ FAMILY_KNOBS = {
     "SmolLM3ForCausalLM": {"no_rope_layer_interval": [ABSENT, 2, 3],
                            "no_rope_layers": [ABSENT, [1, 0, 0, 1, 1, 1]]},
     "PhiForCausalLM": {"qk_layernorm": [ABSENT, True, False]},
+    "Phi3ForCausalLM": {"rope": ROPES + LONGROPES},
+    "PhimoeForCausalLM": {"rope": ROPES + LONGROPES},
     "Qwen2MoeForCausalLM": {"norm_topk_prob": [ABSENT, True, False], "mlp_only_layers": [ABSENT, [1, 4]],
                             "decoder_sparse_step": [ABSENT, 2]},
     "Qwen3MoeForCausalLM": {"norm_topk_prob": [ABSENT, True, False], "mlp_only_layers": [ABSENT, [0]],
@@ -123,7 +133,7 @@ FAMILY_KNOBS = {
                                                    "attention_multiplier": 0.0078125, "logits_scaling": 8.0}]},
 }
 FAMILY_KNOBS["Gemma3ForConditionalGeneration"] = FAMILY_KNOBS["Gemma3ForCausalLM"]
-VARIANTS_PER_FAMILY = 40
+VARIANTS_PER_FAMILY = 30
 
 
 def knobs(arch: str) -> dict:
@@ -141,8 +151,15 @@ def config_dict(arch: str, choice: dict) -> dict:
             text.update(value)
         else:
             text[key] = value
-    if "longrope" in str(text.get("rope_scaling")):  # pragma: no cover - not a knob today
-        pass
+    for key in ("rope_scaling", "rope_parameters"):
+        params = text.get(key)
+        if isinstance(params, dict) and params.get("short_factor") == LONG:
+            head = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+            half = int(head * (params.get("partial_rotary_factor") or text.get("partial_rotary_factor") or 1.0)) // 2
+            params["short_factor"] = [1.0 + 0.1 * i for i in range(half)]
+            params["long_factor"] = [2.0 + 0.5 * i for i in range(half)]
+            if arch == "PhimoeForCausalLM":  # PhimoeConfig requires both; Phi-3.5-MoE has them equal
+                params.update(short_mscale=1.25, long_mscale=1.25)
     if arch == "Gemma3ForConditionalGeneration":
         return {"architectures": [arch], "model_type": "gemma3", "text_config": {**text, "model_type": "gemma3_text"}}
     return {"architectures": [arch], "model_type": model_class(arch).config_class.model_type, **text}
@@ -203,6 +220,7 @@ def reference(arch: str, d: dict) -> dict:
         "windows": windows(arch, c, attn),
         "no_rope": tuple(not getattr(a, "use_rope", True) for a in attn),
         "rope": rope_tables(mod, prefix, c),
+        "rope_long": long_table(mod, prefix, c),
         "layer_rope_type": tuple(c.layer_types) if hasattr(c, "layer_types") and c.layer_types else None,
         "moe_layers": tuple(is_moe(layer) for layer in layers),
         "scales": (float(getattr(c, "embedding_multiplier", math.sqrt(c.hidden_size) if "Gemma" in arch else 1.0)),
@@ -251,13 +269,36 @@ def rope_tables(mod, prefix: str, c) -> dict:
     """layer type (or None) -> (inv_freq, attention scaling) of the model's rotary module."""
     rotary = getattr(mod, f"{prefix}RotaryEmbedding")(c)
     if hasattr(rotary, "inv_freq"):
-        return {None: (rotary.inv_freq.numpy(), float(rotary.attention_scaling))}
+        return {None: (rotary.inv_freq.numpy(), mscale(rotary, c, "short_mscale"))}
     return {lt: (getattr(rotary, f"{lt}_inv_freq").numpy(), float(getattr(rotary, f"{lt}_attention_scaling")))
             for lt in sorted(set(c.layer_types))}
 
 
 def mlp_of(layer):
     return layer.mlp if hasattr(layer, "mlp") else layer.block_sparse_moe  # Granite-MoE
+
+
+def mscale(rotary, c, key: str) -> float:
+    """The factor the rotary module's forward multiplies cos/sin by: its attention scaling, except
+    PhimoeRotaryEmbedding's, which multiplies by short_mscale (long_mscale past the original length)."""
+    if type(rotary).__name__ == "PhimoeRotaryEmbedding" and c.rope_parameters["rope_type"] != "default":
+        return float(c.rope_parameters[key])
+    return float(rotary.attention_scaling)
+
+
+def long_table(mod, prefix: str, c):
+    """LongRoPE past original_max_position_embeddings: (inv_freq, scale) as the forward computes it then
+    (dynamic_rope_update recomputes with seq_len; PhiMoE keeps its table and takes long_mscale)."""
+    params = c.rope_parameters
+    if params.get("rope_type") != "longrope":
+        return None
+    rotary = getattr(mod, f"{prefix}RotaryEmbedding")(c)
+    if type(rotary).__name__ == "PhimoeRotaryEmbedding":
+        return rotary.inv_freq.numpy(), mscale(rotary, c, "long_mscale")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    inv, scale = ROPE_INIT_FUNCTIONS["longrope"](c, None, seq_len=params["original_max_position_embeddings"] + 1)
+    return inv.numpy(), float(scale)
 
 
 def is_moe(layer) -> bool:
@@ -296,6 +337,7 @@ def ours(arch_obj, d: dict, ref: dict) -> dict:
         if layer.rope is not None:
             tables.setdefault(key, inv_freq_and_scale(spec.rope_for(layer.rope), spec.context_length))
     out["rope"] = tables
+    out["rope_long"] = inv_freq_and_scale(spec.rope, spec.context_length, long=True) if ref["rope_long"] else None
     out["layer_rope_type"] = ref["layer_rope_type"]
     if spec.moe is not None:  # the sparse mixer (PhiMoE) has no renormalisation to compare
         out["top_k"], out["normalize"] = spec.moe.top_k, spec.moe.normalize if spec.moe.mixer == "softmax" else None
@@ -318,6 +360,10 @@ def differences(ref: dict, got: dict) -> list[str]:
                         s2, scale, rel_tol=1e-6):
                     diffs.append((f"rope[{lt}]", f"inv_freq {f2[:3]}..(len {len(f2)}) x{s2} != transformers "
                                                  f"{freq[:3]}..(len {len(freq)}) x{scale}"))
+        elif key == "rope_long" and want is not None:
+            if have[0].shape != want[0].shape or not np.allclose(have[0], want[0], rtol=1e-5, atol=0) \
+                    or not math.isclose(have[1], want[1], rel_tol=1e-6):
+                diffs.append((key, f"{have[0][:3]} x{have[1]} != transformers {want[0][:3]} x{want[1]}"))
         elif key in ("scale", "eps", "softcap", "final_softcap"):
             if not math.isclose(float(have), float(want), rel_tol=1e-6):
                 diffs.append((key, f"{have} != transformers {want}"))

@@ -105,7 +105,15 @@ def test_missing_tie_key_uses_the_family_default(tmp_path, ckpt):
 QWEN2_MOE = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=80,
                  moe_intermediate_size=32, shared_expert_intermediate_size=48, num_hidden_layers=4, num_experts=6,
                  num_experts_per_tok=2, norm_topk_prob=False, mlp_only_layers=[0])
+PHIMOE_LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 16,
+                   "short_factor": [1.0 + 0.2 * i for i in range(8)], "long_factor": [3.0 + i for i in range(8)],
+                   "short_mscale": 1.25, "long_mscale": 1.25}
 RISKY = {
+    # PhimoeRotaryEmbedding: the short factors at every length, cos/sin times short_mscale / long_mscale (not
+    # LongRoPE's attention factor); the 16-token prompt and its decode steps cross original_max_position_embeddings
+    "phimoe_longrope_mscale": (dict(cls="PhimoeConfig", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                    intermediate_size=48, num_hidden_layers=2, num_local_experts=4,
+                                    num_experts_per_tok=2, rope_parameters=PHIMOE_LONGROPE), (), {}),
     # Qwen2-MoE derives its sliding layers its own way: the even layers below max_window_layers
     "qwen2_moe_max_window_layers": (dict(cls="Qwen2MoeConfig", **QWEN2_MOE, use_sliding_window=True,
                                          sliding_window=WINDOW, max_window_layers=3), ("layer_types",), {}),

@@ -84,6 +84,31 @@ def _ernie_moe(cfg: dict) -> dict:
             "attention.qkv_bias": bias, "attention.o_bias": bias, "mlp.bias": bias, "lm_head_bias": bias}
 
 
+def _phimoe_config(cfg: dict) -> dict:
+    """As PhimoeRotaryEmbedding runs a scaled rope: the table its rope type computes at load (LongRoPE:
+    the short factors, at every length), times short_mscale up to original_max_position_embeddings and
+    long_mscale past it, in place of the attention factor. Phi-3.5-MoE's LongRoPE (equal mscales) is
+    built as a LongRoPE whose long factors are its short ones; other scalings are refused."""
+    key = "rope_parameters" if isinstance(cfg.get("rope_parameters"), dict) else "rope_scaling"
+    params = cfg.get(key)
+    if not isinstance(params, dict):
+        return cfg
+    kind = params.get("rope_type", params.get("type", "default")) or "default"
+    if kind == "default":
+        return cfg
+    short, long = params.get("short_mscale"), params.get("long_mscale")
+    if kind not in ("longrope", "su") or not _real(short) or short != long:
+        raise ConfigError(f"config.json: PhiMoE rope scaling {kind!r} with short_mscale {short!r} and long_mscale "
+                          f"{long!r}: onnxforge builds LongRoPE with equal short_mscale and long_mscale (as "
+                          "Phi-3.5-MoE has) only")
+    return {**cfg, key: {**params, "rope_type": "longrope", "long_factor": params.get("short_factor"),
+                         "attention_factor": float(short)}}
+
+
+def _real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < float("inf")
+
+
 def _phimoe(cfg: dict) -> dict:
     bias = bool(cfg.get("attention_bias", False))
     return {**experts(cfg, mixer="sparsemixer", jitter_eps=float(cfg.get("router_jitter_noise", 0.01))),
@@ -142,6 +167,7 @@ register(Architecture("Ernie4_5_MoeForCausalLM", "ernie4_5", hook=_ernie_moe, co
                                        "rope_theta": 500000.0},
                       gguf="ernie4_5-moe", doc="ERNIE 4.5 MoE (biased expert selection, shared experts)"))
 register(Architecture("PhimoeForCausalLM", "phimoe", {"norm.kind": "layer", "norm.bias": True}, hook=_phimoe,
+                      config_fix=_phimoe_config,
                       config_defaults={"num_local_experts": 16, "num_experts_per_tok": 2, "rms_norm_eps": 1e-5,
                                        "rope_theta": 1e6, "router_jitter_noise": 0.01}, sliding="all",
                       doc="Phi-3.5-MoE (sparse mixer, LayerNorm)"))
