@@ -33,10 +33,10 @@ def test_family_files_are_short_data(module):
     assert per_family <= 60, f"archs/{module}.py: {per_family:.0f} lines per family"
 
 
-def test_head_size_the_cpu_cannot_run_is_refused_before_the_build(tmp_path):
-    folder = write_random_llama(tmp_path / "ckpt", hidden=96, heads=4, kv_heads=2)  # head_dim 24
-    with pytest.raises(ConfigError, match="multiple of 16"):
+def test_head_size_no_provider_can_run_is_refused_before_the_build(tmp_path):
+    folder = write_random_llama(tmp_path / "ckpt", hidden=48, heads=4, kv_heads=2)  # head_dim 12
+    with pytest.raises(ConfigError, match="multiple of 8"):
         onnxforge.build(folder, tmp_path / "out", "fp32")
     assert not (tmp_path / "out").exists()
     cfg = json.loads((folder / "config.json").read_text())
-    assert cfg["hidden_size"] // cfg["num_attention_heads"] == 24
+    assert cfg["hidden_size"] // cfg["num_attention_heads"] == 12

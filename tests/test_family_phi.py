@@ -17,7 +17,6 @@ from family_check import check_fp16, check_fp32, check_int4
 
 import onnxforge
 from onnxforge.archs.registry import architecture_for
-from onnxforge.errors import ConfigError
 from onnxforge.verify.ort_runner import OrtDecoder
 
 torch = pytest.importorskip("torch")
@@ -103,11 +102,12 @@ def test_fp16(phi, tmp_path, name):
     check_fp16(folder, model, tmp_path / "out")
 
 
-def test_partial_rotary_gqa_cannot_run_is_refused(phi, tmp_path):
-    """GroupQueryAttention wants cos/sin caches with a multiple of 8 columns (rotary_dim % 16 == 0)."""
-    folder, _ = phi("phi2_rotary24", **{**PHI2, "hidden_size": 64, "partial_rotary_factor": 0.75})
-    with pytest.raises(ConfigError, match="rotary dimension 24"):
-        onnxforge.build(folder, tmp_path / "out", "fp32")
+def test_partial_rotary_gqa_cannot_take_is_applied_before_it(phi, tmp_path):
+    """GroupQueryAttention wants cos/sin caches with a multiple of 8 columns (rotary_dim % 16 == 0): rotary 24
+    goes through RotaryEmbedding on q and k before it (graph/parts.py), and matches transformers."""
+    folder, model = phi("phi2_rotary24", **{**PHI2, "hidden_size": 64, "partial_rotary_factor": 0.75})
+    check_fp32(folder, model, tmp_path / "out")
+    assert sum(n.op_type == "RotaryEmbedding" for n in _graph(tmp_path / "out").node) == 4
 
 
 # -- LongRoPE across original_max_position_embeddings -------------------------------------------------

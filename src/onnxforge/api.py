@@ -196,7 +196,7 @@ def _check_runtime_limits(spec, recipe: Recipe) -> None:
     from .runs_on import check_attention_shape, check_runs_on
 
     check_runs_on(recipe)  # a precision (or int8 placement) the provider has no kernels for
-    check_attention_shape(spec)  # a head / rotary size GroupQueryAttention rejects, on every provider
+    check_attention_shape(spec, recipe.provider)  # a head size no provider's attention runs
 
 
 def _progress_callback(progress, builder: GraphBuilder):

@@ -17,8 +17,9 @@ Attention shapes (`check_attention_shape`) are one rule for every provider: onnx
 ROCm and WebGPU GroupQueryAttention kernels all start with the same shape check
 (contrib_ops/cpu/bert/group_query_attention_helper.h, CheckInputs): head_size a multiple of 8; with
 rotary (cos/sin caches) head_size a multiple of 16 and cos/sin caches of at most (head_size / 16) * 8
-columns, a multiple of 8, i.e. a rotary dimension that is a multiple of 16. tests/test_refusals.py runs
-that check on the CPU provider (`gqa_runs`) for each shape it refuses and accepts.
+columns, a multiple of 8, i.e. a rotary dimension that is a multiple of 16. A head_size that is not a
+multiple of 8 is refused; a rotary GQA cannot apply itself is applied before it (`rotary_in_gqa`).
+tests/test_refusals.py runs that check on the CPU provider (`gqa_runs`) for each shape.
 """
 from __future__ import annotations
 
@@ -80,27 +81,34 @@ def check_runs_on(recipe) -> None:
             f"(8-bit MatMulNBits runs on {', '.join(RUNS_ON['int8'])}); drop the int8 options for -e {provider}")
 
 
-def attention_shape_problem(head_dim: int, rotary_dims: list[int]) -> str | None:
-    """Why GroupQueryAttention cannot run this head size / these rotary dimensions (None: it can)."""
+def rotary_in_gqa(head_dim: int, rotary_dim: int) -> bool:
+    """Whether GroupQueryAttention can apply this rotary itself (do_rotary=1 with cos/sin caches). When it
+    cannot, graph/parts.py applies it before the op (RotaryEmbedding on q and k) and GQA runs without it."""
+    return head_dim % 16 == 0 and rotary_dim % 16 == 0 and rotary_dim <= head_dim
+
+
+def attention_shape_problem(head_dim: int) -> str | None:
+    """Why GroupQueryAttention cannot run this head size at all (None: it can)."""
     if head_dim % 8:
         return f"head_dim {head_dim} is not a multiple of 8, which GroupQueryAttention rejects"
-    if rotary_dims and head_dim % 16:
-        return (f"head_dim {head_dim} is not a multiple of 16, which GroupQueryAttention rejects when it applies "
-                "rotary embeddings itself")
-    bad = [d for d in rotary_dims if d % 16 or d > head_dim]
-    if bad:
-        return (f"rotary dimension {bad[0]} (partial rotary) is not a multiple of 16: GroupQueryAttention needs "
-                "cos/sin caches with a multiple of 8 columns")
     return None
 
 
-def check_attention_shape(spec) -> None:
-    """Raise ConfigError, for every execution provider, when GroupQueryAttention cannot run the model's shape."""
-    rotary = sorted({spec.rope_for(layer.rope).rotary_dim for layer in spec.layers if layer.rope is not None})
-    problem = attention_shape_problem(spec.attention.head_dim, rotary)
+def check_attention_shape(spec, provider: str = "cpu") -> None:
+    """Raise ConfigError when the model's attention shape cannot run: a head size GroupQueryAttention rejects
+    (every provider), or a partial rotary applied outside GQA on DirectML, whose RotaryEmbedding rotates whole
+    heads (it takes the head size from the cos cache: DmlOperatorRotaryEmbedding.cpp)."""
+    hd = spec.attention.head_dim
+    problem = attention_shape_problem(hd)
     if problem:
         raise ConfigError(
             f"{problem}; this model cannot run on any execution provider (CPU, CUDA, ROCm and WebGPU share that "
-            "shape check), so nothing is built. What would run: a head_dim that is a multiple of 16 and a rotary "
-            "dimension (head_dim x partial_rotary_factor) that is a multiple of 16; onnxforge does not yet apply "
-            "rotary outside the attention op")
+            "shape check), so nothing is built. What would run: a head_dim (hidden_size / num_attention_heads, "
+            "or config.json's head_dim) that is a multiple of 8")
+    rotary = sorted({spec.rope_for(layer.rope).rotary_dim for layer in spec.layers if layer.rope is not None})
+    partial = [d for d in rotary if d < hd and not rotary_in_gqa(hd, d)]
+    if provider == "dml" and partial:
+        raise ConfigError(
+            f"rotary dimension {partial[0]} of head_dim {hd}: GroupQueryAttention cannot apply it (not a multiple "
+            "of 16), and DirectML's RotaryEmbedding, which would apply it before the op, rotates whole heads only; "
+            "this model cannot run on -e dml. It builds for -e cpu, cuda and webgpu (rotary applied before the op)")

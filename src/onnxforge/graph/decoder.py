@@ -20,6 +20,7 @@ import onnx_ir as ir
 from ..archs.names import Names, Part
 from ..errors import CheckpointError
 from ..quant.storage import Storage
+from ..runs_on import rotary_in_gqa
 from ..sources.base import Source
 from ..spec import ModelSpec
 from . import weights as W
@@ -145,7 +146,8 @@ class Emitter:
             for i in range(spec.num_layers)
         ]
         seqlens_k, total_len = self.mask_to_lengths(mask)
-        ctx = AttnInputs(seqlens_k, total_len, self.rotary_tables(total_len))
+        ctx = AttnInputs(seqlens_k, total_len, self.rotary_tables(total_len),
+                         self.positions(input_ids, seqlens_k, total_len))
         lm_head_store, x = self.embedding(input_ids)
         block = BLOCKS[spec.block]
         h = Stream(x)
@@ -168,6 +170,25 @@ class Emitter:
         length = b.op("Gather", [shape, b.const(1, np.int64)], f"{base}/Gather", axis=0)
         total_len = b.op("Cast", [length], f"{base}/Gather/Cast", to=ir.DataType.INT32)
         return seqlens_k, total_len
+
+    def positions(self, input_ids: ir.Value, seqlens_k: ir.Value, total_len: ir.Value) -> ir.Value | None:
+        """(batch, seq) int64 position ids, only where a layer's rotary is applied outside GroupQueryAttention:
+        those GQA itself uses, 0..S-1 for a first prompt (S == total length), else past length + 0..S-1."""
+        spec, b, base = self.spec, self.b, "/model/pos_ids_reformat"
+        if all(layer.rope is None or rotary_in_gqa(spec.attention.head_dim, spec.rope_for(layer.rope).rotary_dim)
+               for layer in spec.layers):
+            return None
+        seq = b.op("Gather", [b.op("Shape", [input_ids], f"{base}/Shape"), b.const(1, np.int64)], f"{base}/Gather",
+                   axis=0)
+        steps = b.op("Range", [b.const(0, np.int64), seq, b.const(1, np.int64)], f"{base}/Range")
+        lengths = b.op("Cast", [seqlens_k], f"{base}/Cast", to=ir.DataType.INT64)
+        past = b.op("Sub", [b.op("Add", [lengths, b.const(1, np.int64)], f"{base}/Add"), seq], f"{base}/Sub")
+        later = b.op("Add", [b.op("Unsqueeze", [past, b.const([1], np.int64)], f"{base}/Unsqueeze"), steps],
+                     f"{base}/Add_1")
+        total = b.op("Cast", [total_len], f"{base}/Cast_1", to=ir.DataType.INT64)
+        first = b.op("Equal", [seq, total], f"{base}/Equal")
+        return b.op("Where", [first, b.op("Unsqueeze", [steps, b.const([0], np.int64)], f"{base}/Unsqueeze_1"), later],
+                    f"{base}/Where")
 
     def rotary_tables(self, total_len: ir.Value) -> dict[str, tuple[ir.Value, ir.Value]]:
         """(cos, sin) per rotary table the layers use. LongRoPE switches to its long factors once the

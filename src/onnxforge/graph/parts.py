@@ -12,6 +12,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..errors import CheckpointError, ConfigError
+from ..runs_on import rotary_in_gqa
 from .builder import MS
 
 if TYPE_CHECKING:
@@ -96,6 +97,13 @@ class AttnInputs:
     seqlens_k: ir.Value
     total_len: ir.Value
     rotary: dict[str, tuple[ir.Value, ir.Value]]
+    positions: ir.Value | None = None  # (batch, seq) int64, for rotary applied outside GQA (Emitter.positions)
+
+
+def rotary_outside(e: "Emitter", x: ir.Value, heads: int, rope, caches, positions, node: str) -> ir.Value:
+    """RoPE on (B, S, heads x head_dim) with com.microsoft RotaryEmbedding, from the caches GQA would take."""
+    return e.b.op("RotaryEmbedding", [x, positions, *caches], f"{node}/RotaryEmbedding", domain=MS, num_heads=heads,
+                  rotary_embedding_dim=rope.rotary_dim, interleaved=int(rope.interleaved))
 
 
 def attention(e: "Emitter", i: int, x: ir.Value, ctx: AttnInputs) -> ir.Value:
@@ -120,9 +128,14 @@ def attention(e: "Emitter", i: int, x: ir.Value, ctx: AttnInputs) -> ir.Value:
     if a.scale is not None:
         attrs["scale"] = a.scale
     cos = sin = None
-    if layer.rope is not None:
+    rope = e.spec.rope_for(layer.rope) if layer.rope is not None else None
+    if rope is not None and rotary_in_gqa(a.head_dim, rope.rotary_dim):
         cos, sin = ctx.rotary[layer.rope]
-        attrs.update(do_rotary=1, rotary_interleaved=int(e.spec.rope_for(layer.rope).interleaved))
+        attrs.update(do_rotary=1, rotary_interleaved=int(rope.interleaved))
+    elif rope is not None:  # a rotary GQA cannot take (runs_on.rotary_in_gqa): applied to q and k before it
+        q, k, v = e.split(qkv, [a.q_size, a.kv_size, a.kv_size], f"{base}/qkv_proj")
+        q = rotary_outside(e, q, a.num_heads, rope, ctx.rotary[layer.rope], ctx.positions, f"{base}/q_rotary")
+        k = rotary_outside(e, k, a.num_kv_heads, rope, ctx.rotary[layer.rope], ctx.positions, f"{base}/k_rotary")
     sink = []
     if a.sinks:  # GQA's head_sink, after position_ids and attention_bias
         name = e.names.tensor("sinks", i)
