@@ -27,6 +27,7 @@ from .quant.pool import processes
 from .quant.templates import apply_template, template_for
 from .sources.base import Source
 from .sources.open import open_source
+from .sources.tokenizer_check import check_tokenizer
 from .sources.tracking import TrackingSource, report_unused
 
 
@@ -66,6 +67,7 @@ def build(
         release_output()
         raise
     try:
+        tokenizer_warnings = check_tokenizer(source)  # a damaged tokenizer file fails before any weight is read
         arch = architecture_for(source.config)
         spec = arch.make_spec(source.config)
         if recipe.precision == "source" and not has_native(source):
@@ -98,6 +100,7 @@ def build(
         report.notes.extend(_ignored_note(arch, source))
         report.notes.extend(_as_stored_note(builder, recipe))
         report.warnings.extend(_no_exact_form_warning(builder))
+        report.warnings.extend(tokenizer_warnings)
         with staged_folder(Path(output), overwrite) as tmp:
             writer = WeightWriter(tmp, workers=workers)
             with processes(min(writer.workers, os.cpu_count() or 1)):  # default / k_quant / hqq slices go to worker processes

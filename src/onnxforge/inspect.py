@@ -1,23 +1,20 @@
 """`onnxforge inspect`: what a built model folder holds."""
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
-from .errors import CheckpointError
 from .export.report import human
 
 DTYPE_NAMES = {1: "fp32", 10: "fp16", 16: "bf16", 2: "uint8", 7: "int64", 6: "int32"}
 
 
 def model_facts(model_dir: Path) -> dict:
-    import onnx
+    """What the folder holds; a damaged, truncated or missing file is one RunError naming it
+    (verify/folder.py), like `run` and `verify` would meet it."""
+    from .verify.folder import load_onnx, read_genai_config
 
-    path = model_dir / "model.onnx"
-    if not path.is_file():
-        raise CheckpointError(f"{model_dir} has no model.onnx; is it an onnxforge or onnxruntime-genai model folder?")
-    g = onnx.load(str(path), load_external_data=False).graph
+    g = load_onnx(model_dir, read_genai_config(model_dir, required=False)).graph
     inits = {t.name: t for t in g.initializer}
 
     def nbytes(t) -> int:
@@ -59,13 +56,22 @@ def _type_str(v) -> str:
     return f"{DTYPE_NAMES.get(t.elem_type, t.elem_type)}[{', '.join(dims)}]"
 
 
+class Missing(dict):
+    """A genai_config.json section that shows an absent key as "?"."""
+
+    def __missing__(self, key):
+        return "?"
+
+
 def inspect_model(model_dir: Path) -> str:
+    from .verify.folder import read_genai_config
+
     f = model_facts(model_dir)
     lines = [f"{model_dir}:"]
-    cfg_path = model_dir / "genai_config.json"
-    if cfg_path.is_file():
-        m = json.loads(cfg_path.read_text())["model"]
-        d = m["decoder"]
+    cfg = read_genai_config(model_dir, required=False)  # checked by model_facts
+    if cfg:
+        m = Missing(cfg["model"])
+        d = Missing(m["decoder"])
         lines.append(f"  type {m['type']}, {d['num_hidden_layers']} layers, hidden {d['hidden_size']}, "
                      f"heads {d['num_attention_heads']}/{d['num_key_value_heads']} kv, head {d['head_size']}, "
                      f"vocab {m['vocab_size']}, context {m['context_length']}")

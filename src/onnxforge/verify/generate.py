@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from ..errors import RunError
-from .ort_runner import load_genai_model
+from .ort_runner import first_line, load_genai_model
 
 DEFAULT_NEW_TOKENS = 256
 PLAIN_STOPS = ("\nUser:", "\nSystem:")
@@ -26,9 +26,15 @@ class Generation:
         self.og = og
         self.dir = Path(model_dir)
         self.model = load_genai_model(self.dir)
-        self.tokenizer = og.Tokenizer(self.model)
+        try:
+            self.tokenizer = og.Tokenizer(self.model)
+        except Exception as e:  # noqa: BLE001 - genai raises plain RuntimeErrors
+            raise RunError(f"onnxruntime-genai cannot load the tokenizer in {self.dir} (tokenizer.json, "
+                           f"tokenizer_config.json: {first_line(e)}); copy the checkpoint's tokenizer files into "
+                           "the folder or rebuild it") from None
         cfg = json.loads((self.dir / "genai_config.json").read_text())
-        self.context = int(cfg["model"].get("context_length") or cfg["search"].get("max_length") or 2048)
+        self.context = int(cfg["model"].get("context_length") or cfg.get("search", {}).get("max_length") or 2048)
+        self.vocab = cfg["model"].get("vocab_size")
         self.tok_config = _read_json(self.dir / "tokenizer_config.json")
         self.template_kind: str | None = None  # "genai", "jinja2" or "plain", once known
 
@@ -91,6 +97,9 @@ class Generation:
         elif max_new_tokens:
             max_length = min(max_length, prompt_len + max_new_tokens)
         opts = {"max_length": min(int(max_length), self.context)}
+        if top_k is not None and isinstance(self.vocab, int) and top_k > self.vocab:
+            raise RunError(f"--top-k {top_k} is larger than the vocabulary ({self.vocab} tokens) of {self.dir}; "
+                           f"pass --top-k {self.vocab} or less")
         for key, value in (("do_sample", do_sample), ("temperature", temperature), ("top_p", top_p),
                            ("top_k", top_k), ("random_seed", seed)):
             if value is not None:
@@ -107,7 +116,11 @@ class Generation:
             raise ValueError(f"the prompt has {len(ids)} tokens, which leaves no room under max_length "
                              f"{options['max_length']} (context {self.context}); shorten it or raise --max-length")
         params = og.GeneratorParams(self.model)
-        params.set_search_options(**options)
+        try:
+            params.set_search_options(**options)
+        except Exception as e:  # noqa: BLE001 - genai's RuntimeError: a value it does not take
+            raise RunError(f"onnxruntime-genai refused the generation options {options} ({first_line(e)}); "
+                           "change the flag it names") from None
         gen = og.Generator(self.model, params)
         gen.append_tokens(ids)
         decoder = self.tokenizer.create_stream()
@@ -243,9 +256,8 @@ def run_cli(args) -> int:
     except KeyboardInterrupt:
         pass
     except Exception as e:  # noqa: BLE001 - onnxruntime-genai's RuntimeError while generating
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RunError(f"onnxruntime-genai failed while generating from {g.dir} ({first[:240]}); check that the model "
-                       "was built for this execution provider (build_report.json) or rebuild it") from None
+        raise RunError(f"onnxruntime-genai failed while generating from {g.dir} ({first_line(e)}); check that the "
+                       "model was built for this execution provider (build_report.json) or rebuild it") from None
     sys.stdout.write("\n")
     sys.stdout.flush()
     return 0

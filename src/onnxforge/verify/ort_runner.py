@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import RunError
+from ..sources.tokenizer_check import first_line
 
 ORT_TO_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -22,7 +23,7 @@ def _built_for(model_dir) -> tuple[str | None, str | None]:
 
 def cannot_load(model_dir, runtime: str, err: Exception) -> RunError:
     """One line: what failed, why (the runtime's first line), and what to do."""
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    first = first_line(err)
     precision, provider = _built_for(model_dir)
     if precision == "bf16" or provider not in (None, "cpu"):
         from ..runs_on import precisions_on
@@ -31,7 +32,7 @@ def cannot_load(model_dir, runtime: str, err: Exception) -> RunError:
                f"rebuild it with -e cpu -p {'/'.join(p for p in precisions_on('cpu') if p != 'source')} to run it here")
     else:
         fix = "the folder may be incomplete or damaged: rebuild it with `onnxforge build`"
-    return RunError(f"{runtime} cannot load the model in {model_dir} ({first[:240]}); {fix}")
+    return RunError(f"{runtime} cannot load the model in {model_dir} ({first}); {fix}")
 
 
 def load_genai_model(model_dir):
