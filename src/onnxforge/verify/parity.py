@@ -250,7 +250,8 @@ def verify(out_dir: str | Path, reference: str | Path, *, prompts: Sequence[str]
     the conversion (against the reference holding the build's own stored weights, `conversion_thresholds`,
     see verify/stored.py). `defaults`: start from the default thresholds of the stored precision
     (verify/thresholds.py); given thresholds override them, a value of None leaves a default in place and
-    "off" drops it."""
+    "off" drops it. verify.json/verify.png that cannot be written do not raise: result["write_error"] says
+    which and why (verify/outputs.py; the CLI prints the results, then that error, and exits 2)."""
     import torch
 
     from .thresholds import defaults_for
