@@ -303,12 +303,21 @@ def test_a_refused_field_is_one_cli_line(prequant_dirs, tmp_path, capsys):
     code, err = _cli_build(folder, tmp_path / "out", capsys)
     assert code == 2 and len(err) == 1 and "quantization_config.dynamic" in err[0], err
     assert not (tmp_path / "out").exists()
-    # the counterpart: calibration settings and unknown keys left at null/false are carried over
-    folder = _with_qconfig(prequant_dirs, "gptq", tmp_path / "inert", _set(
-        damp_percent=0.01, true_sequential=True, meta={"quantizer": ["gptqmodel:2.0"]}, dynamic=None,
-        some_future_flag=False, pack_dtype="int32", lm_head=False))
+    # the counterpart: what transformers' own GPTQConfig / AwqConfig write (calibration settings), and unknown
+    # keys left at null/false, are carried over
+    from transformers import AwqConfig, GPTQConfig
+
+    def producer(cfg):
+        return lambda q: q.update({k: getattr(v, "value", v) for k, v in cfg.to_dict().items()})
+
+    gptq = producer(GPTQConfig(bits=4, group_size=32, sym=False, dataset="c4", model_seqlen=2048, desc_act=False))
+    folder = _with_qconfig(prequant_dirs, "gptq", tmp_path / "inert", lambda q: (
+        gptq(q), q.update(some_future_flag=False, dynamic=None, lm_head=False)))
     report = onnxforge.build(folder, tmp_path / "out")
     assert report.precision == "source" and report.warnings == []
+    folder = _with_qconfig(prequant_dirs, "awq", tmp_path / "inert", producer(AwqConfig(
+        bits=4, group_size=32, zero_point=True, version="gemm")))
+    onnxforge.build(folder, tmp_path / "out-awq")
     folder = _with_qconfig(prequant_dirs, "quark-int4", tmp_path / "inert", _set(algo_config=[{"name": "awq"}]))
     onnxforge.build(folder, tmp_path / "out-quark")
 

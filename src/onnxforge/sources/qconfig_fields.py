@@ -18,21 +18,24 @@ from ..errors import ConfigError
 READ, INERT, OFF = "read", "inert", "off"
 ACTIVATIONS = "activations"  # OFF, with the message that says what the checkpoint was tuned with
 
+# how a GPTQ-style quantizer was run (transformers' GPTQConfig / AwqConfig.to_dict(), gptqmodel, AutoGPTQ)
+CALIBRATION = ("damp_percent", "damp_auto_increment", "true_sequential", "act_group_aware", "static_groups",
+               "model_name_or_path", "model_file_base_name", "meta", "quantizer", "tokenizer", "dataset",
+               "model_seqlen", "use_exllama", "exllama_config", "max_input_length", "cache_block_outputs",
+               "modules_in_block_to_quantize", "batch_size", "pad_token_id", "use_cuda_fp16",
+               "module_name_preceding_first_block", "block_name_to_quantize", "backend", "mse", "lm_head",
+               "modules_to_not_convert")
 GPTQ = {
     **dict.fromkeys(("quant_method", "bits", "group_size", "sym", "checkpoint_format"), READ),
     "format": ("gptq", "gptq_v2"), "pack_dtype": ("int32",),
-    **dict.fromkeys(("desc_act", "static_groups", "damp_percent", "damp_auto_increment", "true_sequential",
-                     "model_name_or_path", "model_file_base_name", "meta", "quantizer", "tokenizer", "dataset",
-                     "use_exllama", "exllama_config", "max_input_length", "cache_block_outputs",
-                     "modules_in_block_to_quantize", "batch_size", "pad_token_id", "use_cuda_fp16",
-                     "module_name_preceding_first_block", "block_name_to_quantize", "backend", "mse", "lm_head",
-                     "modules_to_not_convert"), INERT),
+    **dict.fromkeys((*CALIBRATION, "desc_act"), INERT),  # act order: the g_idx tensors say it (prequant._act_order)
     "dynamic": OFF, "rotation": OFF,
 }
 AWQ = {
     **dict.fromkeys(("quant_method", "bits", "w_bit", "group_size", "q_group_size", "zero_point", "version"), READ),
-    **dict.fromkeys(("modules_to_not_convert", "backend", "do_fuse", "fuse_max_seq_len", "modules_to_fuse",
-                     "exllama_config"), INERT),
+    "format": ("gemm",), "sym": INERT,  # transformers 5 writes sym beside zero_point; the qzeros decide
+    **dict.fromkeys((*CALIBRATION, "do_fuse", "fuse_max_seq_len", "modules_to_fuse"), INERT),
+    "desc_act": OFF,  # AWQ's gemm layout has no g_idx to carry an activation order
 }
 CT = {
     **dict.fromkeys(("quant_method", "format", "config_groups"), READ),
