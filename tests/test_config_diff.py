@@ -449,3 +449,29 @@ def test_many_cases():
     """Hundreds of config.json variants over every family."""
     total = sum(len(variants(a)) for a in ARCHS)
     assert total >= 1000 and len(ARCHS) == len(set(itertools.chain(ARCHS)))
+
+
+JUNK = [None, True, "x", -1, 0, 2**40, 1.5, [], [3], {"a": 1}, {"full_attention": 3}, {"sliding_attention": "x"},
+        {"rope_type": "longrope", "short_mscale": "x"},
+        {"type": "su", "short_mscale": 1.0, "long_mscale": 1.0, "short_factor": "x"}]
+DERIVING_KEYS = ["sliding_window", "use_sliding_window", "max_window_layers", "layer_types", "sliding_window_pattern",
+                 "rope_parameters", "rope_scaling", "partial_rotary_factor", "tie_word_embeddings", "rms_norm_eps",
+                 "head_dim", "num_hidden_layers", "no_rope_layers", "no_rope_layer_interval", "rope_local_base_freq",
+                 "rope_theta", "text_config"]
+
+
+def test_junk_in_the_keys_the_rules_read_is_a_config_error():
+    """Every value of every key these rules derive from either builds a spec or is one ConfigError."""
+    crashes = []
+    for arch in ARCHS:
+        arch_obj, base = load_families()[arch], config_dict(arch, {})
+        for key, junk in itertools.product(DERIVING_KEYS, JUNK):
+            d = copy.deepcopy(base)
+            (d["text_config"] if "text_config" in d and key != "text_config" else d)[key] = copy.deepcopy(junk)
+            try:
+                arch_obj.make_spec(d)
+            except ConfigError:
+                pass
+            except Exception as e:  # noqa: BLE001 - the point is to list them
+                crashes.append(f"{arch} {key}={junk!r}: {type(e).__name__}: {e}")
+    assert not crashes, "\n".join(crashes[:20])

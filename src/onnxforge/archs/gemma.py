@@ -77,6 +77,9 @@ def _gemma3_rope(cfg: dict) -> dict:
     if scaling is not None and not isinstance(scaling, dict):
         raise ConfigError(f"config.json: rope_scaling must be an object, got {scaling!r}")
     given = given if isinstance(given, dict) else {}
+    bad = [k for k in ("full_attention", "sliding_attention") if given.get(k) is not None and not isinstance(given[k], dict)]
+    if bad:
+        raise ConfigError(f"config.json: rope_parameters[{bad[0]!r}] must be an object")
     full = dict(given.get("full_attention") or {"rope_type": "default"})
     sliding = dict(given.get("sliding_attention") or {"rope_type": "default"})
     full.update(scaling or {})

@@ -73,7 +73,7 @@ def _ernie_config(cfg: dict) -> dict:
 
 
 def _ernie_moe(cfg: dict) -> dict:
-    n = cfg["num_hidden_layers"]
+    n = _int(cfg, "num_hidden_layers")
     start, end = cfg.get("moe_layer_start_index", 1), cfg.get("moe_layer_end_index", -1)
     end = n - 1 if end in (-1, None) else end
     interval = cfg.get("moe_layer_interval", 1) or 1
