@@ -182,7 +182,9 @@ class Checkpoint:
         self.digest = folder_digest(self.path)
         ref = folder.parent / f"{folder.name}-ref"
         start = time.perf_counter()
-        subprocess.run(build_cmd(self.path, ref), check=True, capture_output=True)
+        done = subprocess.run(build_cmd(self.path, ref), capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"the reference build of {self.path} failed (rc {done.returncode}): {done.stderr[-800:]}")
         self.seconds = time.perf_counter() - start
         self.mb = sum(p.stat().st_size for p in self.path.iterdir()) / 1e6
         self.out_mb = sum(p.stat().st_size for p in ref.iterdir()) / 1e6
@@ -199,7 +201,7 @@ def run_fault(fault: str, ckpt: Checkpoint, rng: np.random.Generator, site: Path
             return "skipped", "mount -t tmpfs is not allowed here"
     out = (mount.path if mount else site) / "out"
     # a second build must reach its output check while the first still runs to meet the lock
-    at = float(rng.uniform(0.0, 0.6 if fault == "concurrent" else 1.1)) * ckpt.seconds
+    at = float(rng.uniform(0.0, 0.6 if fault == "concurrent" else 0.95)) * ckpt.seconds
     try:
         builds, what = inject(fault, ckpt, out, site, at)
         return judge(fault, builds, out, ckpt, f"{fault} at {at:.2f} s of {ckpt.seconds:.2f} s ({what}), "

@@ -200,7 +200,9 @@ STR_ARGS = {"-p": ["fp32", "fp16", "bf16", "int4", "int4", "int8", "source", "in
             "--scheme": sorted(schemes()) + ["bogus", "", "int4_wo_48"], "--method": list(METHODS) + ["bogus", ""]}
 SWITCHES = ["--asymmetric", "--int8-last-matmul", "--int8-mixed-layers", "--unpack-matmul", "--requantize",
             "--overwrite", "--strict"]
-OPTION_VALUES = ["true", "false", "1", "0", "banana", "", "32", "-1", "0.5", "k_quant", "rtn", "int8", "MatMul", "*"]
+OPTION_VALUES = ["true", "false", "1", "0", "banana", "", "32", "-1", "0.5", "k_quant", "rtn", "int8", "MatMul", "*",
+                 "/lm_head/MatMul", "/lm_head/MatMull", "/model/layer.0/*"]
+EXCLUDE_OPTIONS = ("nodes_to_exclude", "int4_nodes_to_exclude")
 EXTRA = st.one_of(st.builds(lambda k, v: f"{k}={v}", st.sampled_from(sorted(EXTRA_OPTIONS) + ["bogus"]),
                             st.sampled_from(OPTION_VALUES)), st.sampled_from(["novalue", "=1"]))
 FLAG_VALUES = {**{k: st.sampled_from(v) for k, v in {**INT_ARGS, **STR_ARGS}.items()},
@@ -248,6 +250,8 @@ def cli_problems(target: str, flags: dict, switches: list[str]) -> list[str]:
         key, _, value = item.partition("=")
         if key in IGNORED_OPTIONS and value not in ("false", "0"):
             problems.append(f"--extra_options {item} is accepted and ignored")
+        if key in EXCLUDE_OPTIONS and any(p in NOMATCH for p in value.split(",")):
+            problems.append(f"--extra_options {item} names a node no weight has")
     precision = flags.get("-p")
     method_options = [k for k in ("--method", "--block-size", "--scheme") if k in flags]
     method_options += [s for s in switches if s in ("--asymmetric", "--int8-last-matmul", "--int8-mixed-layers")]
