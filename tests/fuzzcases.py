@@ -210,12 +210,7 @@ def run_case(counts: Counts, case: Case, folder: Path, seconds: int = fuzzlib.CA
     finally:
         os.chdir(cwd)
     column, detail = classify(case, rc, text, folder)
-    if folder.exists():
-        if case.target == "empty" and (folder / "empty").is_dir() and column in ("refused", "accepted", "built"):
-            exclude = frozenset({"empty"})
-        changed = _changes(before, tree_digest(folder, exclude))
-    else:
-        changed = ["the whole case folder is gone"]
+    changed = _changes(before, tree_digest(folder, exclude)) if folder.exists() else ["the whole case folder is gone"]
     if changed:
         column, detail = "input_changed", f"changed: {changed[:5]} ({column}: {detail[:200]})"
     counts.add(case.kind, column, case.repro, detail)

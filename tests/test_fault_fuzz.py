@@ -17,10 +17,12 @@ import numpy as np
 import pytest
 
 import faultlib
+import onnxforge.cli
 from fuzzargs import all_kinds
 from fuzzcases import BAD, Case, Counts, run_case, user_files
 from fuzzkinds import build_argv, plain_checkpoint, run_kind, write_files
 
+REAL_MAIN = onnxforge.cli.main  # the fakes below replace it
 GENERATED = 50
 KINDS = {k.name: k for k in all_kinds()}
 # findings of this harness still open in code other tasks own: (kind, text of the reproduction, a file
@@ -65,8 +67,6 @@ def test_known_open(name, tmp_path):
 
 def fake_case(tmp_path: Path, monkeypatch, behaviour, invalid=()) -> str:
     """Run a case whose `onnxforge.cli.main` is `behaviour` (called in the case folder); its column."""
-    import onnxforge.cli
-
     folder = tmp_path / f"case{len(list(tmp_path.iterdir()))}"
     folder.mkdir()
     user_files(folder)
@@ -86,10 +86,7 @@ def _refuse(text="onnxforge: error: no"):
 
 def _build_then(fn):
     def behaviour():
-        from onnxforge.cli import build_parser
-
-        args = build_parser().parse_args(["build", "-m", "ckpt", "-o", "out", "--quiet"])
-        rc = args.func(args)
+        rc = REAL_MAIN(["build", "-m", "ckpt", "-o", "out", "--quiet"])
         fn()
         return rc
     return behaviour
