@@ -236,3 +236,46 @@ def test_dequantized_weights_equal_what_onnxruntime_computes(builds, tmp_path):
     wrong = mine.copy()
     wrong[:, :32] = 0
     assert np.abs(wrong - y.T).max() > 1e-2  # the comparison can fail
+
+
+def test_an_exact_gguf_import_with_offsets_passes_and_a_lost_projection_fails(tmp_path, capsys):
+    """Q4_1 blocks carried exactly (scale x code + per-block offset): the stored-weights reference equals the
+    GGUF's own values (weight error ~0) and the conversion passes; zeroed scales of one down_proj fail it."""
+    torch = pytest.importorskip("torch")
+    from gguf import GGMLQuantizationType as QT
+    from test_gguf_source import tiny_model, train_byte_level_vocab, write_gguf
+
+    vocab = train_byte_level_vocab()
+    model = tiny_model("llama", len(vocab["tokens"]), hidden_size=128, intermediate_size=256)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.2)
+    path = tmp_path / "tiny-Q4_1.gguf"
+    write_gguf(path, model, vocab, QT.Q4_1)
+    out = tmp_path / "exact"
+    report = onnxforge.build(path, out)
+    assert any("offsets" in g["storage"] for g in report.groups), [g["storage"] for g in report.groups]
+    code, text, err = _run(capsys, out, "--reference", path)
+    r = json.loads((out / "verify.json").read_text())
+    assert code == 0 and _last(text).startswith("PASS"), text + err
+    assert r["conversion"]["metrics"]["weight_error"] < 1e-5 and r["conversion"]["metrics"]["weights_compared"] > 8
+    bad = _copy(out, tmp_path / "lost")
+    patch_initializer(bad, "model.layers.1.mlp.down_proj.weight_scales", np.zeros_like)
+    code, text, _ = _run(capsys, bad, "--reference", path)
+    assert code == 1 and "conversion max_weight_error" in _last(text), text
+
+
+def test_a_tensor_the_reference_cannot_hold_is_named_and_not_judged_as_conversion(builds, tmp_path, capsys):
+    """A quantized group whose source is no parameter of the reference (as MoE experts today) keeps the original
+    weights: verify says which, and does not judge its quantization noise as a conversion error."""
+    odd = _copy(builds / "int4", tmp_path / "unmapped")
+    report = json.loads((odd / "build_report.json").read_text())
+    for g in report["groups"]:
+        g["sources"] = [s.replace("layers.1.mlp.down_proj", "layers.1.mlp.experts_down") for s in g["sources"]]
+    (odd / "build_report.json").write_text(json.dumps(report))
+    code, out, _ = _run(capsys, odd, "--reference", builds / "hf")
+    r = json.loads((odd / "verify.json").read_text())
+    notes = " ".join(r["conversion"]["notes"])
+    assert "1 tensors keep the original weights" in notes and "model.layers.1.mlp.experts_down.weight" in notes
+    assert "max_kl and min_top1 not judged" in notes and set(r["conversion"]["thresholds"]) == {"max_weight_error"}
+    assert r["conversion"]["metrics"]["weights_compared"] == 15 and code == 0, out

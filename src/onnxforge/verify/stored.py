@@ -41,6 +41,7 @@ class StoredReport:
     errors: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)  # parameters left with the original values
+    kept_quantized: bool = False  # some of them are stored quantized (their noise is in the logits)
 
     @property
     def max_error(self) -> tuple[str | None, float]:
@@ -154,9 +155,15 @@ def load_stored_weights(model, out_dir: Path) -> StoredReport:
             continue
         if kind is None:
             _round_tables(params, inits, group, sources, done)
+            kept = [name for name, _, _ in sources if name not in params or params[name].ndim > 1]
+            report.kept += kept
+            report.kept_quantized |= bool(kept) and any(
+                inits.dtype(n).kind not in "f" and inits.dtype(n).name != "bfloat16"
+                for n in group.get("initializers", []) if n in inits.protos)
             continue
         if not _load_group(params, inits, group, kind, sources, report, done):
             report.kept += [s[0] for s in sources]
+            report.kept_quantized |= kind[0] == "q"
     if report.kept:
         report.notes.append(f"{len(report.kept)} tensors keep the original weights (no stored form the reference "
                             f"reads back): {', '.join(sorted(set(report.kept))[:6])}"
@@ -191,8 +198,7 @@ def _load_group(params, inits: _Initializers, group: dict, kind, sources, report
     targets = []
     for name, start, stop in sources:
         p = params.get(name)
-        if p is None or p.ndim != 2:
-            report.notes.append(f"{group['label']}: {name} is not a 2-D parameter of the reference; kept original")
+        if p is None or p.ndim != 2:  # not a parameter of the reference by this name: counted in `kept`
             return False
         first, last = (0, p.shape[0]) if start is None else (start, stop)
         targets.append((name, p, first, last))
