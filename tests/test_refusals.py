@@ -283,6 +283,9 @@ REFUSED = [  # method, edit of its quantization_config, the field and value the 
      "quantization_config.global_quant_config.weight.is_dynamic = True"),
     ("quark-int4", _set(kv_cache_quant_config={"*v_proj": {"dtype": "fp8_e4m3"}}),
      "quantization_config.kv_cache_quant_config"),
+    ("quark-int4", _set_in("global_quant_config", input_tensors={"dtype": "int8", "qscheme": "per_tensor",
+                                                                 "is_dynamic": True}),
+     'quantization_config.global_quant_config.input_tensors = {"dtype": "int8"'),
 ]
 
 
@@ -367,11 +370,36 @@ def test_compressed_tensors_w4a8_is_refused_naming_its_activation_quantization(p
     assert '"num_bits": 8' in msg and "quantized activations" in msg and "W4A16" in msg, msg
     code, lines = _cli_build(w4a8, tmp_path / "out", capsys)
     assert code == 2 and len(lines) == 1 and "input_activations" in lines[0] and not (tmp_path / "out").exists()
+    assert "drop_activation_quant=true" in lines[0]
     # the counterpart: the same producer's W4A16 (every field of its config read) is carried over exactly
     w4a16 = write_compressed_tensors(prequant_dirs / "float", tmp_path / "w4a16", "W4A16")
     report = onnxforge.build(w4a16, tmp_path / "out16")
     stored = {g["storage"] for g in report.groups if "proj" in g["label"] and "lm_head" not in g["label"]}
     assert stored and all("(exact compressed-tensors int4 g32 sym)" in s for s in stored), stored
+    assert report.warnings == []
+
+
+def test_drop_activation_quant_is_an_explicit_opt_in_with_a_warning(prequant_dirs, tmp_path, capsys):
+    """--extra_options drop_activation_quant=true builds a W4A8 checkpoint's weights alone: the warning names what
+    was dropped, in the summary and in build_report.json; on a checkpoint with nothing to drop it is refused."""
+    pytest.importorskip("compressed_tensors")
+    w4a8 = write_compressed_tensors(prequant_dirs / "float", tmp_path / "w4a8", "W4A8")
+    capsys.readouterr()
+    code = main(["build", "-m", str(w4a8), "-o", str(tmp_path / "out"), "--extra_options",
+                 "drop_activation_quant=true"])
+    printed = capsys.readouterr()
+    saved = json.loads((tmp_path / "out" / "build_report.json").read_text())
+    warned = [w for w in saved["warnings"] if "drop_activation_quant=true" in w]
+    assert code == 0 and len(warned) == 1, saved["warnings"]
+    assert "config_groups.group_0.input_activations" in warned[0] and '"strategy": "token"' in warned[0]
+    assert warned[0] in printed.out + printed.err
+    assert saved["recipe"]["drop_activation_quant"] is True
+    stored = {g["storage"] for g in saved["groups"] if "proj" in g["label"] and "lm_head" not in g["label"]}
+    assert stored and all("(exact compressed-tensors int4 g32 sym)" in s for s in stored), stored
+    code, err = _cli_build(prequant_dirs / "gptq", tmp_path / "out2", capsys, "--extra_options",
+                           "drop_activation_quant=true")
+    assert code == 2 and len(err) == 1 and "no quantized activations to drop" in err[0], err
+    assert not (tmp_path / "out2").exists()
 
 
 # -- a tensor the config says exists is an error naming it --------------------------------------------

@@ -14,7 +14,7 @@ import onnx_ir as ir
 
 from . import __version__
 from .archs.registry import architecture_for
-from .errors import OutputError, RecipeError
+from .errors import ConfigError, OutputError, RecipeError
 from .export.genai_config import genai_config
 from .export.output import claim_output, staged_folder
 from .export.report import BuildReport, peak_rss_bytes
@@ -62,7 +62,7 @@ def build(
     # the output is checked against the input and the user's files, and locked, before the source is opened
     release_output = claim_output(Path(output), model, overwrite)
     try:
-        source = TrackingSource(open_source(model))  # records which tensors the build reads
+        source = TrackingSource(open_source(model, recipe.drop_activation_quant))  # records what the build reads
     except BaseException:
         release_output()
         raise
@@ -100,6 +100,7 @@ def build(
         report.notes.extend(_ignored_note(arch, source))
         report.notes.extend(_as_stored_note(builder, recipe))
         report.warnings.extend(_no_exact_form_warning(builder))
+        report.warnings.extend(_dropped_activations_warning(source, recipe))
         report.warnings.extend(tokenizer_warnings)
         with staged_folder(Path(output), overwrite) as tmp:
             writer = WeightWriter(tmp, workers=workers)
@@ -193,6 +194,20 @@ def _no_exact_form_warning(builder: GraphBuilder) -> list[str]:
     return [f"{n} weight group{'s' if n > 1 else ''} stored as {storage}: the checkpoint's quantized values have no "
             "exact form in onnxruntime's ops, so they were re-quantized and differ from the file's; -p fp32 or "
             "-p fp16 keeps the checkpoint's values exactly (dequantized)" for storage, n in changed.items()]
+
+
+def _dropped_activations_warning(source, recipe: Recipe) -> list[str]:
+    """drop_activation_quant: the activation quantization the checkpoint was tuned with, left out, as a warning;
+    the option on a checkpoint without any is refused (an option is never accepted and ignored)."""
+    if not recipe.drop_activation_quant:
+        return []
+    dropped = getattr(getattr(source, "scheme", None), "dropped", ())
+    if not dropped:
+        raise ConfigError("drop_activation_quant=true, but the checkpoint has no quantized activations to drop "
+                          "(its quantization_config has none); remove the option")
+    return [f"the checkpoint was tuned with quantized activations ({'; '.join(dropped)}); drop_activation_quant=true "
+            "built its weights alone (weight-only), so the model computes with other activations than it was tuned "
+            "with: check it with `onnxforge verify` before use"]
 
 
 def _check_runtime_limits(spec, recipe: Recipe) -> None:

@@ -167,6 +167,7 @@ EXTRA_OPTIONS: dict[str, Callable[[str, object], dict]] = {
     "unpack_matmul": _flag("unpack_matmul"),
     "disable_qkv_fusion": _flag("unpack_matmul"),
     "prune_lm_head": _flag("prune_lm_head"),
+    "drop_activation_quant": _flag("drop_activation_quant"),
     "exclude_embeds": _not_yet("a model without its embedding layer"),
     "exclude_lm_head": _not_yet("a model without its lm_head"),
     "include_hidden_states": _not_yet("a hidden_states output"),

@@ -38,6 +38,7 @@ FIELD_KINDS = {
     "accuracy_level": "int", "int8_last_matmul": "bool", "int8_mixed_layers": "bool", "int8_linear_attn": "bool",
     "unpack_matmul": "bool", "prune_lm_head": "bool", "shared_embeddings": "bool", "moe_quant_type": "str",
     "qmoe_block_size": "int", "qmoe_weights_prepacked": "int", "requantize": "bool",
+    "drop_activation_quant": "bool",
 }
 
 
@@ -94,6 +95,8 @@ class Recipe:
     num_layers: int = 0  # set by bind()
     # int4/int8 keep a pre-quantized weight whose exact form has at most that many bits; True re-quantizes it
     requantize: bool = False
+    # a pre-quantized checkpoint tuned with quantized activations (W4A8, W8A8) is built as weight-only, warned
+    drop_activation_quant: bool = False
     # names -> the stored quantized form of the weight they name (set by bind(); see quant/native.py)
     native: Callable[[Sequence[str]], NativeFormat | None] | None = field(default=None, compare=False, repr=False)
     template_float: tuple[str, ...] = ()  # what the model-type template keeps float (may match nothing)
@@ -272,7 +275,7 @@ class Recipe:
             "unpack_matmul": self.unpack_matmul, "prune_lm_head": self.prune_lm_head,
             "shared_embeddings": self.shared_embeddings,
             "moe_quant_type": self.moe_quant_type, "qmoe_block_size": self.qmoe_block_size,
-            "requantize": self.requantize,
+            "requantize": self.requantize, "drop_activation_quant": self.drop_activation_quant,
         }
 
 

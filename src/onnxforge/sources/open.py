@@ -6,9 +6,10 @@ from pathlib import Path
 from ..errors import CheckpointError
 
 
-def open_source(path):
+def open_source(path, drop_activation_quant: bool = False):
     """A Source for `path`; an object that already implements the Source protocol (see sources/base.py:
-    config, tensor_names, has, shape, read, write_tokenizer, fingerprint, close) is used as it is."""
+    config, tensor_names, has, shape, read, write_tokenizer, fingerprint, close) is used as it is.
+    `drop_activation_quant`: a pre-quantized checkpoint tuned with quantized activations opens (weights only)."""
     if not isinstance(path, (str, Path)) and all(hasattr(path, a) for a in ("config", "tensor_names", "read")):
         return path
     p = Path(path)
@@ -22,7 +23,7 @@ def open_source(path):
 
         source = HFSource(p)
         try:
-            scheme = quantization_scheme(source.config, p)  # GPTQ, AWQ, compressed-tensors: carried over
+            scheme = quantization_scheme(source.config, p, drop_activation_quant)  # GPTQ, AWQ, ...: carried over
         except BaseException:
             source.close()
             raise

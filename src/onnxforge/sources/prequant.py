@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import threading
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -49,6 +49,7 @@ class Scheme:
     zeros_minus_one: bool = False  # GPTQ v1
     signed: bool = False  # Quark int4: two's complement nibbles
     reorder: bool = True  # Quark pack_method "reorder" (AWQ's nibble order); "order": plain
+    dropped: tuple[str, ...] = ()  # quantized activations left out (only with drop_activation_quant)
 
     @property
     def origin(self) -> str:
@@ -73,8 +74,9 @@ class Unpacked:
         return (self.codes.astype(np.float32) - z) * s
 
 
-def quantization_scheme(config: dict, path) -> Scheme | None:
-    """The scheme `quantization_config` describes, None if there is none; an unsupported one is an error."""
+def quantization_scheme(config: dict, path, drop_activation_quant: bool = False) -> Scheme | None:
+    """The scheme `quantization_config` describes, None if there is none; an unsupported one is an error.
+    Quantized activations are an error too, unless `drop_activation_quant` (then Scheme.dropped lists them)."""
     q = config.get("quantization_config")
     if not q:
         return None
@@ -93,8 +95,9 @@ def quantization_scheme(config: dict, path) -> Scheme | None:
     if parse is None:
         raise refuse(f"the {method or 'unnamed'!r} format")
     scheme = parse(q, refuse)
-    CHECKS[method](q, path)  # every other field: read, known to be inert, or refused (qconfig_fields.py)
-    return scheme
+    dropped: list[str] | None = [] if drop_activation_quant else None
+    CHECKS[method](q, path, dropped)  # every other field: read, known to be inert, or refused (qconfig_fields.py)
+    return replace(scheme, dropped=tuple(dropped or ()))
 
 
 def _gptq(q: dict, refuse) -> Scheme:
@@ -139,8 +142,8 @@ def _quark(q: dict, refuse) -> Scheme:
     w = g.get("weight") or {}
     if isinstance(w, list) or q.get("layer_quant_config") or q.get("layer_type_quant_config"):
         raise refuse("Quark with per-layer or several weight schemes")
-    if any(g.get(k) for k in ("input_tensors", "output_tensors", "bias")):
-        raise refuse("Quark with quantized activations")
+    if g.get("bias"):
+        raise refuse("Quark with quantized biases")
     dtype = str(w.get("dtype", "")).lower()
     if dtype not in ("int4", "uint4") or str(w.get("qscheme", "")).lower() != "per_group":
         raise refuse(f"Quark {dtype or 'unknown'} weights, {w.get('qscheme')} (supported: int4/uint4 per_group)")

@@ -79,20 +79,25 @@ def _show(value) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def check_fields(q: dict, table: dict, where: str, path) -> None:
+def check_fields(q: dict, table: dict, where: str, path, dropped: list[str] | None = None) -> None:
     """Refuse, with one ConfigError naming `quantization_config.{where}{key}` and its value, every field of `q`
-    that `table` does not let through."""
+    that `table` does not let through. Quantized activations are listed in `dropped` instead when it is given
+    (the build's explicit opt-in, `drop_activation_quant`)."""
     for key, value in q.items():
         rule = table.get(key)
         field = f"{path}/config.json: quantization_config.{where}{key} = {_show(value)}"
         if rule in (READ, INERT) or (rule in (OFF, ACTIVATIONS, None) and _empty(value)):
+            continue
+        if rule == ACTIVATIONS and dropped is not None:
+            dropped.append(f"quantization_config.{where}{key} = {_show(value)}")
             continue
         if rule == ACTIVATIONS:
             raise ConfigError(
                 f"{field}: the checkpoint was tuned with quantized activations, which onnxforge does not reproduce "
                 "(MatMulNBits takes float activations, or int8 per block at accuracy_level 4, not this scheme); "
                 "carrying its weights over as weight-only would compute something it was not tuned for. Build from "
-                "the original float checkpoint, or from a weight-only (W4A16 / W8A16) export")
+                "the original float checkpoint, or from a weight-only (W4A16 / W8A16) export; "
+                "`--extra_options drop_activation_quant=true` builds its weights alone, with a warning")
         if isinstance(rule, tuple):
             if (value.lower() if isinstance(value, str) else value) in rule:
                 continue
@@ -103,19 +108,19 @@ def check_fields(q: dict, table: dict, where: str, path) -> None:
                           "the original float checkpoint instead")
 
 
-def check_compressed_tensors(q: dict, path) -> None:
+def check_compressed_tensors(q: dict, path, dropped: list[str] | None = None) -> None:
     check_fields(q, CT, "", path)
     for name, group in (q.get("config_groups") or {}).items():
         if isinstance(group, dict):
-            check_fields(group, CT_GROUP, f"config_groups.{name}.", path)
+            check_fields(group, CT_GROUP, f"config_groups.{name}.", path, dropped)
             if isinstance(group.get("weights"), dict):
                 check_fields(group["weights"], CT_WEIGHTS, f"config_groups.{name}.weights.", path)
 
 
-def check_quark(q: dict, path) -> None:
+def check_quark(q: dict, path, dropped: list[str] | None = None) -> None:
     check_fields(q, QUARK, "", path)
     g = q.get("global_quant_config") or {}
-    check_fields(g, QUARK_GLOBAL, "global_quant_config.", path)
+    check_fields(g, QUARK_GLOBAL, "global_quant_config.", path, dropped)
     if isinstance(g.get("weight"), dict):
         check_fields(g["weight"], QUARK_WEIGHT, "global_quant_config.weight.", path)
     check_fields(q.get("export") or {}, QUARK_EXPORT, "export.", path)
@@ -127,6 +132,6 @@ def check_quark(q: dict, path) -> None:
                               f"over {', '.join(QUARK_ALGOS)}); build from the original float checkpoint instead")
 
 
-CHECKS = {"gptq": lambda q, path: check_fields(q, GPTQ, "", path),
-          "awq": lambda q, path: check_fields(q, AWQ, "", path),
+CHECKS = {"gptq": lambda q, path, dropped=None: check_fields(q, GPTQ, "", path),
+          "awq": lambda q, path, dropped=None: check_fields(q, AWQ, "", path),
           "compressed-tensors": check_compressed_tensors, "quark": check_quark}
