@@ -32,6 +32,7 @@ from onnxforge.graph.rope import inv_freq_and_scale
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+from transformers.activations import ACT2FN  # noqa: E402
 
 # How the model's mask reads sliding_window where its attention modules keep no per-layer window:
 # "none": never (LlamaModel builds create_causal_mask only); "all": every layer (MistralModel, Phi3Model,
@@ -100,7 +101,10 @@ WINDOWS = [
     {"sliding_window": 8, "use_sliding_window": True, "max_window_layers": 3, "layer_types": MIX},
     {"sliding_window": 8, "sliding_window_pattern": 3}, {"sliding_window_pattern": 2},
 ]
+ACTS = [{}, {"hidden_act": "gelu"}, {"hidden_act": "gelu_pytorch_tanh"}, {"hidden_activation": "gelu_pytorch_tanh"},
+        {"hidden_act": "silu", "hidden_activation": "gelu"}]
 COMMON = {
+    "act": ACTS,
     "rope": ROPES,
     "head_dim": [ABSENT, 32],
     "partial_rotary_factor": [ABSENT, 0.5, 1.0],
@@ -223,6 +227,7 @@ def reference(arch: str, d: dict) -> dict:
         "rope_long": long_table(mod, prefix, c),
         "layer_rope_type": tuple(c.layer_types) if hasattr(c, "layer_types") and c.layer_types else None,
         "moe_layers": tuple(is_moe(layer) for layer in layers),
+        "activation": activation_of(layers[0]),
         "scales": (float(getattr(c, "embedding_multiplier", math.sqrt(c.hidden_size) if "Gemma" in arch else 1.0)),
                    float(getattr(c, "residual_multiplier", 1.0)), float(getattr(c, "logits_scaling", 1.0))),
     }
@@ -272,6 +277,20 @@ def rope_tables(mod, prefix: str, c) -> dict:
         return {None: (rotary.inv_freq.numpy(), mscale(rotary, c, "short_mscale"))}
     return {lt: (getattr(rotary, f"{lt}_inv_freq").numpy(), float(getattr(rotary, f"{lt}_attention_scaling")))
             for lt in sorted(set(c.layer_types))}
+
+
+def activation_of(layer) -> str:
+    """The class of the MLP's activation module (transformers.activations), e.g. PytorchGELUTanh."""
+    import transformers.activations as acts
+
+    for m in mlp_of(layer).modules():
+        if type(m).__module__ == acts.__name__ or isinstance(m, (torch.nn.SiLU, torch.nn.GELU, torch.nn.ReLU)):
+            return activation_name(m)
+    return None  # gpt-oss: its clamped SwiGLU is inline code, no config key (MoESpec.swiglu_*)
+
+
+def activation_name(m) -> str:
+    return type(m).__name__ + (f"({m.approximate})" if isinstance(m, torch.nn.GELU) else "")
 
 
 def mlp_of(layer):
@@ -328,6 +347,7 @@ def ours(arch_obj, d: dict, ref: dict) -> dict:
         "windows": spec.layer_windows, "no_rope": tuple(layer.rope is None for layer in spec.layers),
         "moe_layers": tuple(layer.moe for layer in spec.layers),
         "scales": (spec.embedding_scale, spec.residual_scale, spec.logit_scale),
+        "activation": activation_name(ACT2FN[spec.mlp.activation]) if spec.mlp.activation in ACT2FN else "?",
     }
     # the rotary table each layer uses, keyed as the reference keys its tables
     keyed = ref["layer_rope_type"] if len(ref["rope"]) > 1 or None not in ref["rope"] else None
@@ -360,6 +380,8 @@ def differences(ref: dict, got: dict) -> list[str]:
                         s2, scale, rel_tol=1e-6):
                     diffs.append((f"rope[{lt}]", f"inv_freq {f2[:3]}..(len {len(f2)}) x{s2} != transformers "
                                                  f"{freq[:3]}..(len {len(freq)}) x{scale}"))
+        elif key == "activation" and want is None:
+            continue
         elif key == "rope_long" and want is not None:
             if have[0].shape != want[0].shape or not np.allclose(have[0], want[0], rtol=1e-5, atol=0) \
                     or not math.isclose(have[1], want[1], rel_tol=1e-6):

@@ -122,6 +122,9 @@ RISKY = {
                                      {"partial_rotary_factor": 0.5}),
     # LlamaRMSNorm reads rms_norm_eps only (default 1e-6); a layer_norm_eps key is not its epsilon
     "llama_layer_norm_eps_not_read": (dict(cls="LlamaConfig", **QWEN), ("rms_norm_eps",), {"layer_norm_eps": 0.5}),
+    # LlamaMLP's activation is hidden_act; a hidden_activation key (Gemma 2 / 3 spell it so) is not read
+    "llama_hidden_activation_not_read": (dict(cls="LlamaConfig", **QWEN), (),
+                                         {"hidden_activation": "gelu_pytorch_tanh"}),
     # Qwen3Config's head_dim is 128 when config.json has none (not hidden_size / heads = 16)
     "qwen3_head_dim_default": (dict(cls="Qwen3Config", **{**QWEN, "head_dim": 128}), ("head_dim",), {}),
     # MistralAttention has no biases whatever attention_bias says

@@ -105,12 +105,14 @@ class MoESpec:
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """What differs between layers: the attention window, which rotary table (None: no rotary), and
-    whether the MLP is the model's mixture of experts."""
+    """What differs between layers: the kind of token mixer (a key of graph/kinds.py's MIXERS), the
+    attention window, which rotary table (None: no rotary), and whether the MLP is the model's mixture of
+    experts."""
 
     window: int = 0  # sliding window, 0 = full attention
     rope: str | None = "full_attention"
     moe: bool = False
+    mixer: str = "attention"
 
 
 @dataclass(frozen=True)
@@ -437,7 +439,7 @@ def base_spec(cfg: dict, **overrides) -> ModelSpec:
     head_dim = _positive_int({"head_dim": head_dim}, "head_dim")
     bias = _flag(cfg, "attention_bias")
     attention = AttentionSpec(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, qkv_bias=bias, o_bias=bias)
-    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
+    act = cfg.get("hidden_act") or "silu"  # Gemma 2 / 3 read hidden_activation instead (their hooks)
     context = _positive_int(cfg, "max_position_embeddings", 4096, limit=MAX_CONTEXT)
     ropes = ropes_from_config(cfg, head_dim, context)
     spec = ModelSpec(

@@ -51,7 +51,8 @@ def _gemma2(cfg: dict) -> dict:
     scalar = _number(cfg, "query_pre_attn_scalar")
     if not scalar:
         raise ConfigError("config.json: query_pre_attn_scalar must be a positive number")
-    return {**_common(cfg), "attention.scale": scalar ** -0.5,
+    act = cfg.get("hidden_activation") or "gelu_pytorch_tanh"  # Gemma2Config / Gemma3TextConfig: not hidden_act
+    return {**_common(cfg), "mlp.activation": str(act), "attention.scale": scalar ** -0.5,
             "attention.softcap": _number(cfg, "attn_logit_softcapping"),
             "final_softcap": _number(cfg, "final_logit_softcapping")}
 
@@ -77,7 +78,8 @@ def _gemma3_rope(cfg: dict) -> dict:
     if scaling is not None and not isinstance(scaling, dict):
         raise ConfigError(f"config.json: rope_scaling must be an object, got {scaling!r}")
     given = given if isinstance(given, dict) else {}
-    bad = [k for k in ("full_attention", "sliding_attention") if given.get(k) is not None and not isinstance(given[k], dict)]
+    bad = [k for k in ("full_attention", "sliding_attention")
+           if given.get(k) is not None and not isinstance(given[k], dict)]
     if bad:
         raise ConfigError(f"config.json: rope_parameters[{bad[0]!r}] must be an object")
     full = dict(given.get("full_attention") or {"rope_type": "default"})

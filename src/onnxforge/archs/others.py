@@ -78,7 +78,8 @@ register(Architecture("SmolLM3ForCausalLM", "smollm3", config_fix=_smollm3_confi
                       doc="SmolLM3 (NoPE layers, optional sliding window)"))
 register(Architecture("NemotronForCausalLM", "nemotron",
                       {"norm.kind": "layer", "norm.weight_offset": 1.0, "norm.bias": True, "mlp.gated": False},
-                      hook=lambda cfg: {"norm.eps": _positive(cfg, "norm_eps")}, config_fix=_nemotron_config, partial_rotary=True,
+                      hook=lambda cfg: {"norm.eps": _positive(cfg, "norm_eps")}, config_fix=_nemotron_config,
+                      partial_rotary=True,
                       config_defaults={**LLAMA_DEFAULTS, "vocab_size": 256000, "hidden_size": 6144,
                                        "intermediate_size": 24576, "num_attention_heads": 48, "hidden_act": "relu2",
                                        "max_position_embeddings": 4096, "norm_eps": 1e-5},
