@@ -40,7 +40,7 @@ def built(tmp_path_factory):
         if name not in cache:
             folder = tmp_path_factory.mktemp(name)
             model = make_model(name, folder, **MODELS[name])
-            out = folder / "onnx"
+            out = tmp_path_factory.mktemp(f"{name}-onnx") / "onnx"  # beside the checkpoint, never inside
             onnxforge.build(folder, out, "fp32")
             cache[name] = (out, model, folder)
         return cache[name]
