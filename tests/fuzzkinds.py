@@ -263,10 +263,17 @@ def run_kind(kind: Kind, n: int, counts: Counts, scratch: Path, seconds: int = f
     def one(drawn):
         counter[0] += 1
         folder = scratch / f"{kind.name}{counter[0]}"
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir()
-        user_files(folder)
-        run_case(counts, kind.make(folder, drawn), folder, seconds)
+        case = None
+        try:
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            user_files(folder)
+            case = kind.make(folder, drawn)
+            run_case(counts, case, folder, seconds)
+        except Exception as e:  # noqa: BLE001 -- the harness's own file operations failed: a build broke this process
+            counts.add(kind.name, "traceback", case.repro if case else repr(drawn),
+                       f"this process failed after the case (a build closed a file descriptor it did not own, or "
+                       f"the like; the culprit may be an earlier case): {type(e).__name__}: {e}")
 
     with fuzzlib.guarded():
         for drawn in kind.pinned() if chunk == 0 else []:

@@ -175,3 +175,31 @@ def test_fault_judge_catches_each_bad_outcome(checkpoint, tmp_path):
         assert judge("sigterm", 143) == "input_changed"
     finally:
         checkpoint.digest = digest
+
+
+def test_failed_safetensors_file_closes_its_descriptor_once(tmp_path):
+    """Found by bench/fault_fuzz.py: a header that failed validation closed the file in __init__ and again
+    in __del__, by then a descriptor another file had (the bench's next rmtree failed with EBADF)."""
+    import gc
+
+    from onnxforge.errors import CheckpointError
+    from onnxforge.sources.safetensors_file import SafetensorsFile
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x08\0\0\0\0\0\0\0[]      ")  # the header is not a JSON object
+
+    def attempt():
+        try:
+            SafetensorsFile(bad)
+        except CheckpointError as e:
+            return e  # keeps the frame, and the half-made object, alive
+
+    error = attempt()
+    assert error is not None
+    other = os.open(tmp_path / "bad.safetensors", os.O_RDONLY)  # takes the number just freed
+    try:
+        del error
+        gc.collect()
+        os.fstat(other)  # EBADF if the failed file closed it
+    finally:
+        os.close(other)

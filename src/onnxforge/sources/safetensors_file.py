@@ -67,6 +67,7 @@ class SafetensorsFile:
             self.header_bytes, self.tensors, self.metadata = self._parse_header()
         except BaseException:
             os.close(self._fd)
+            self._fd = -1  # else __del__ closes the number again, by then another file's
             raise
 
     def _fail(self, what: str) -> CheckpointError:
