@@ -182,6 +182,20 @@ def test_api_ranges_agree_with_the_cli(ckpt, tmp_path, no_weights_read):
         assert not (tmp_path / "out").exists()
 
 
+def test_api_precision_or_provider_against_its_recipe(ckpt, tmp_path, no_weights_read):
+    """build(model, out, "fp16", recipe=Recipe(precision="int4")) used to build int4 without a word."""
+    for kw, words in [({"precision": "fp16"}, "precision='fp16' contradicts the recipe's precision 'int4'"),
+                      ({"provider": "cuda"}, "provider='cuda' contradicts the recipe's provider 'cpu'")]:
+        with pytest.raises(RecipeError, match=words):
+            onnxforge.build(ckpt, tmp_path / "out", recipe=Recipe(precision="int4"), **kw)
+        assert not (tmp_path / "out").exists()
+
+
+def test_api_precision_agreeing_with_its_recipe_builds(ckpt, tmp_path):
+    report = onnxforge.build(ckpt, tmp_path / "out", "int4", "cpu", recipe=Recipe(precision="int4", method="rtn"))
+    assert report.precision == "int4" and report.recipe["method"] == "rtn"
+
+
 # ---- patterns that match nothing -----------------------------------------------------------------
 def test_keep_float_typo(ckpt, tmp_path, capsys, weights_unread):
     """A typo is an error naming the closest names; the pattern meant builds; a template's patterns (MoE

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import os
 import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -20,7 +21,7 @@ from .export.output import claim_output, staged_folder
 from .export.report import BuildReport, peak_rss_bytes
 from .export.writer import WeightWriter
 from .graph.builder import GraphBuilder
-from .graph.decoder import Emitter
+from .graph.decoder import Decoder
 from .quant.native import has_native, native_lookup
 from .quant.recipe import Recipe
 from .quant.pool import processes
@@ -34,8 +35,8 @@ from .sources.tracking import TrackingSource, report_unused
 def build(
     model: str | Path | Source,
     output: str | Path,
-    precision: str = "source",
-    provider: str = "cpu",
+    precision: str | None = None,
+    provider: str | None = None,
     *,
     recipe: Recipe | None = None,
     overwrite: bool = False,
@@ -47,7 +48,8 @@ def build(
     """Build `model` (HF folder or .gguf, or an object implementing the Source protocol of
     onnxforge.sources.base, e.g. a synthetic checkpoint) into an onnxruntime-genai folder at `output`.
 
-    `recipe` overrides `precision`/`provider` when given. Precision "source" (the default) keeps
+    Give `precision`/`provider` or a `recipe` that holds them (both, when they disagree, is an error). Precision
+    "source" (the default) keeps
     pre-quantized weights (GGUF blocks, GPTQ/AWQ/...) exactly as stored, and is fp32 for a float checkpoint. Returns the build report.
     Checkpoint tensors the build never reads are a warning in the report, or with `strict` an error
     that leaves nothing written (those the family declares as ignored get a note instead).
@@ -57,7 +59,7 @@ def build(
         from .sources.aliases import resolve_model
 
         model = resolve_model(model)
-    recipe = recipe or Recipe(precision=precision, provider=provider)
+    recipe = _recipe_for(recipe, precision, provider)
     _check_values(recipe, workers, max_length, overwrite=overwrite, strict=strict)  # before the source is opened
     # the output is checked against the input and the user's files, and locked, before the source is opened
     release_output = claim_output(Path(output), model, overwrite)
@@ -82,7 +84,7 @@ def build(
         input_sha256 = fingerprint.submit(source.fingerprint)
         fingerprint.shutdown(wait=False)
         builder = GraphBuilder()
-        emitter = Emitter(builder, spec, names, source, recipe)
+        emitter = Decoder(builder, spec, names, source, recipe)
         emitter.build()
         recipe.check_patterns()  # every user pattern matched a weight: before any weight is read
         report = BuildReport(
@@ -98,7 +100,6 @@ def build(
         )
         report.notes.extend(emitter.notes)
         report.notes.extend(_ignored_note(arch, source))
-        report.notes.extend(_as_stored_note(builder, recipe))
         report.warnings.extend(_no_exact_form_warning(builder))
         report.warnings.extend(_dropped_activations_warning(source, recipe))
         report.warnings.extend(tokenizer_warnings)
@@ -107,6 +108,7 @@ def build(
             with processes(min(writer.workers, os.cpu_count() or 1)):  # default / k_quant / hqq slices go to worker processes
                 writer.run(builder, _progress_callback(progress, builder))
             report_unused(report, source, arch, strict)  # after the writer: its jobs read the weights
+            report.notes.extend(_as_stored_note(builder, recipe))  # after the writer: it measured the closest forms
             report.input_sha256 = input_sha256.result()
             model_ir = builder.to_model("onnxforge", __version__)
             try:
@@ -118,7 +120,8 @@ def build(
                                   max_length=max_length, tokenizer_dir=tmp, notes=report.notes)
             _write_json(tmp / "genai_config.json", config)
             report.groups = [{"label": g.label, "storage": g.storage, "bytes": g.nbytes, "sources": list(g.sources),
-                              "initializers": list(g.initializers)} for g in writer.groups]
+                              "initializers": list(g.initializers), **_max_difference(builder, g.label)}
+                             for g in writer.groups]
             report.seconds = time.perf_counter() - start
             report.peak_rss = peak_rss_bytes()
             report.files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
@@ -128,6 +131,19 @@ def build(
     finally:
         source.close()
         release_output()  # after the rename: the lock covers the whole build
+
+
+def _recipe_for(recipe: Recipe | None, precision: str | None, provider: str | None) -> Recipe:
+    """The recipe, or one made of `precision`/`provider`; both given and disagreeing is an error, not a silent pick."""
+    if recipe is None:
+        return Recipe(precision="source" if precision is None else precision,
+                      provider="cpu" if provider is None else provider)
+    for what, given, held in (("precision", precision, getattr(recipe, "precision", None)),
+                              ("provider", provider, getattr(recipe, "provider", None))):
+        if given is not None and given != held:
+            raise RecipeError(f"{what}={given!r} contradicts the recipe's {what} {held!r}; give one of them "
+                              f"(drop {what}=, or make a Recipe with {what}={given!r})")
+    return recipe
 
 
 def _check_values(recipe: Recipe, workers: object, max_length: object, **flags: object) -> None:
@@ -174,14 +190,38 @@ def _ignored_note(arch, source) -> list[str]:
 
 
 def _as_stored_note(builder: GraphBuilder, recipe: Recipe) -> list[str]:
-    """Say how carried-over weights compute: their values are exact, the activations are not."""
-    if not any("(exact " in job.storage for job in builder.jobs):
+    """Say, group by group, what happened to pre-quantized weights: carried over exactly ("no value changed" only
+    when every one was), in a closest form (by how much they differ), or re-quantized; and how they compute."""
+    exact = [j for j in builder.jobs if "(exact " in j.storage]
+    closest = [j for j in builder.jobs if "(closest " in j.storage]
+    changed = [j for j in builder.jobs if "(re-quantized " in j.storage or "(dequantized " in j.storage]
+    if not exact and not closest:
         return []
     level = recipe.accuracy
     how = ("int8 activations per block, as llama.cpp's own quantized dot products do" if level == 4 else
            "fp32 activations" if level in (0, 1) else f"accuracy_level {level}")
-    return [f"pre-quantized weights are carried over exactly (no value changed); MatMulNBits computes at "
-            f"accuracy_level {level} ({how}){'; --extra_options int4_accuracy_level=0 computes in fp32' if level == 4 else ''}"]
+    compute = (f"MatMulNBits computes at accuracy_level {level} ({how})"
+               f"{'; --extra_options int4_accuracy_level=0 computes in fp32' if level == 4 else ''}")
+    if any("QMoE" in j.storage and j.storage.startswith("int8") for j in exact + closest):
+        compute += "; 8-bit QMoE experts compute with int8 activations at every accuracy level (onnxruntime's CPU kernel)"
+    if not closest and not changed:
+        return [f"pre-quantized weights are carried over exactly (no value changed); {compute}"]
+    parts = [f"{len(exact)} pre-quantized weight group{'s' if len(exact) != 1 else ''} carried over exactly"]
+    if closest:
+        worst = max((j.max_difference or 0.0) for j in closest)
+        kinds = sorted({re.search(r"\(closest (\S+)", j.storage).group(1) for j in closest})
+        parts.append(f"{len(closest)} in the closest QMoE form of {'/'.join(kinds)} (QMoE has no per-block minimum: "
+                     f"max |difference| from the file's values {worst:.3g}, per group in build_report.json "
+                     "max_difference)")
+    if changed:
+        parts.append(f"{len(changed)} re-quantized or dequantized (see their storage)")
+    return ["; ".join(parts) + f"; {compute}"]
+
+
+def _max_difference(builder: GraphBuilder, label: str) -> dict:
+    """{"max_difference": max |written - checkpoint|} for a group of carried-over values, else {}."""
+    job = next((j for j in builder.jobs if j.label == label and j.max_difference is not None), None)
+    return {} if job is None else {"max_difference": job.max_difference}
 
 
 def _no_exact_form_warning(builder: GraphBuilder) -> list[str]:
