@@ -57,6 +57,8 @@ class WeightJob:
     produce: Callable[[], Sequence[np.ndarray]]
     storage: str = "float"  # human-readable: "fp32", "int4 rtn sym b32", "int4 (transcoded Q4_0)", ...
     sources: tuple[str, ...] = ()  # the checkpoint tensors it reads, `name[start:stop]` for a row range
+    # pre-quantized values carried over: max |written - checkpoint| once produced (0 exact; None: not carried over)
+    max_difference: float | None = None
 
     @property
     def nbytes(self) -> int:

@@ -11,6 +11,7 @@ The op's fc1 is SwiGLU fused and interleaved (`swiglu_fusion=1`): row 2j is gate
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -22,7 +23,7 @@ from ..quant.storage import Storage
 from .builder import Pieces, TensorSlot, WeightJob
 
 if TYPE_CHECKING:
-    from .decoder import Emitter
+    from .emitter import Emitter
 
 
 def read_expert(source, name: str, e: int) -> np.ndarray:
@@ -55,6 +56,9 @@ class ExpertTensors:
     # Hugging Face nibble order, E8M0 scales (N, K/32)), fc1's rows interleaved like `fc1`
     mxfp4: tuple[Callable[[int], tuple[np.ndarray, np.ndarray]], Callable[[int], tuple[np.ndarray, np.ndarray]]] \
         | None = None
+    # the source's own blocks of each projection, expert -> NativeBlocks (fc1's rows interleaved), where every
+    # tensor of the projection has an exact block form (GGUF's stacked experts)
+    blocks: tuple[Callable[[int], object], Callable[[int], object]] | None = None
 
 
 def find_experts(e: "Emitter", i: int) -> ExpertTensors:
@@ -134,7 +138,7 @@ def find_experts(e: "Emitter", i: int) -> ExpertTensors:
             fp4 = (fc1_blocks, lambda x: blocks_of(down, x))
         return ExpertTensors(lambda x: interleave(f(read_expert(src, gate, x)), f(read_expert(src, up, x))),
                              lambda x: f(read_expert(src, down, x)), (gate, up), (down,), *(bias or (None, None, ())),
-                             mxfp4=fp4)
+                             mxfp4=fp4, blocks=_stored_blocks(src, gate, up, down))
 
     per = [[names.module(r, i, e=x) for x in range(E)] for r in ("expert_gate", "expert_up", "expert_down")]
     gates, ups, downs = ([f"{mod}.weight" for mod in mods] for mods in per)
@@ -145,6 +149,24 @@ def find_experts(e: "Emitter", i: int) -> ExpertTensors:
     return ExpertTensors(lambda x: interleave(f(src.read(gates[x])), f(src.read(ups[x]))),
                          lambda x: f(src.read(downs[x])), tuple(gates + ups), tuple(downs),
                          *(bias or (None, None, ())))
+
+
+def _stored_blocks(src, gate: str, up: str, down: str):
+    """(fc1, fc2) readers of the experts' own blocks where gate and up share one form and every tensor has one."""
+    fmt, blocks_of = getattr(src, "native_format", None), getattr(src, "read_expert_blocks", None)
+    if fmt is None or blocks_of is None:
+        return None
+    forms = [fmt(n) for n in (gate, up, down)]
+    if any(f is None or not f.bits for f in forms) or forms[0] != forms[1]:
+        return None
+
+    def fc1(x: int):
+        g, u = blocks_of(gate, x), blocks_of(up, x)
+        pair = lambda a, b: None if a is None else interleave(a, b)  # noqa: E731
+        return dataclasses.replace(g, data=interleave(g.data, u.data), scales=interleave(g.scales, u.scales),
+                                   zero_points=pair(g.zero_points, u.zero_points), offsets=pair(g.offsets, u.offsets))
+
+    return fc1, lambda x: blocks_of(down, x)
 
 
 def each_expert(E: int, work: Callable[[int], object], ahead: int = 2):
@@ -215,6 +237,59 @@ def quant_experts_job(source_of: Callable[[int], np.ndarray], label: str, prefix
         return [Pieces(slots[0].shape, np.dtype(np.uint8), lambda: each_expert(E, quantized)), *rest]
 
     return WeightJob(label, slots, produce, describe(st) + note, sources)
+
+
+def stored_storage(st: Storage, code_bits: int) -> Storage:
+    """The QMoE storage of a projection carried over from its own blocks (`st`: the recipe's "source" storage):
+    as stored without a minimum; a type with one in its closest form, 8-bit codes with zero points."""
+    if not st.offsets:
+        return st
+    return dataclasses.replace(st, bits=8, symmetric=False, offsets=False, origin=f"{st.origin}:{code_bits}")
+
+
+def describe_stored(st: Storage) -> str:
+    origin, _, code_bits = st.origin.partition(":")
+    if not code_bits:
+        return f"int{st.bits} block {st.block_size} (exact {origin}, QMoE)"
+    return f"int8 block {st.block_size} zero points (closest {origin} form, QMoE)"  # quant/qmoe.py closest_min_form
+
+
+def stored_experts_job(blocks_of: Callable[[int], object], source_of: Callable[[int], np.ndarray], label: str,
+                       prefix: str, E: int, N: int, K: int, st: Storage, code_bits: int, scale_dtype: ir.DataType,
+                       scale_np: np.dtype, sources: tuple[str, ...]) -> WeightJob:
+    """QMoE arrays of one projection from the checkpoint's own blocks, one expert at a time (quant/qmoe.py
+    qmoe_from_blocks). A closest form (a type with a minimum) is compared with the file's values expert by
+    expert, and the job's `max_difference` says by how much they differ (0 for the exact forms, not measured)."""
+    from ..quant.qmoe import dequantize_qmoe, qmoe_from_blocks
+
+    slots = quant_experts_slots(prefix, E, N, K, st, scale_dtype)
+    closest = ":" in st.origin
+    job = WeightJob(label, slots, lambda: [], describe_stored(st), sources)
+    job.max_difference = None if closest else 0.0
+
+    def produce():
+        rest = [np.empty(s.shape, dtype=np.uint8 if s.dtype == ir.DataType.UINT8 else scale_np) for s in slots[1:]]
+        worst = np.zeros(E)  # one slot per expert: the experts are made on two threads
+
+        def one(x: int) -> np.ndarray:
+            codes, scales, zp = qmoe_from_blocks(blocks_of(x), st.block_size, code_bits, st.bits)
+            rest[0][x] = scales
+            if zp is not None:
+                rest[1][x] = zp
+            if closest:
+                w = dequantize_qmoe(codes, rest[0][x], zp, st.bits, st.block_size)
+                worst[x] = float(np.abs(w - source_of(x)).max())
+            return codes
+
+        def codes():
+            yield from each_expert(E, one)
+            if closest:
+                job.max_difference = float(worst.max())
+
+        return [Pieces(slots[0].shape, np.dtype(np.uint8), codes), *rest]
+
+    job.produce = produce
+    return job
 
 
 def fp4_pack(blocks: np.ndarray) -> np.ndarray:

@@ -34,7 +34,7 @@ from .builder import MS
 from .parts import dense_mlp
 
 if TYPE_CHECKING:
-    from .decoder import Emitter
+    from .emitter import Emitter
 
 
 def expert_storage(plan, names: Sequence[str], block: int) -> Storage:
@@ -43,9 +43,34 @@ def expert_storage(plan, names: Sequence[str], block: int) -> Storage:
     kind = getattr(plan, "moe_quant_type", None)
     recipe = plan if kind is None else dataclasses.replace(plan, precision="int8" if kind == "int8" else "int4")
     st = recipe.storage(names, "MatMul")
-    if st.quantized:
+    if st.quantized and st.method != "source":  # "source": the checkpoint's own blocks (see Experts)
         st = dataclasses.replace(st, dtype=plan.io.dtype, block_size=block)
     return st
+
+
+def as_stored(e: "Emitter", t: X.ExpertTensors, sts: list[Storage], block: int) -> tuple[list[Storage], list[int]]:
+    """The projections the recipe keeps as stored ("source") carried over from their own blocks where the source
+    has them (t.blocks), sharing one QMoE block (the finer of the two formats' blocks: the coarser one's blocks are
+    split, no value changes); a "source" projection without them is re-quantized (rtn at `block`). Returns the
+    storages and each projection's code bits (0: not carried over)."""
+    code_bits = [0, 0]
+    for j, (st, srcs) in enumerate(zip(sts, (t.fc1_sources, t.fc2_sources))):
+        if st.method != "source":
+            continue
+        if t.blocks is None:
+            sts[j] = dataclasses.replace(st, method="rtn", block_size=block, offsets=False)
+            continue
+        code_bits[j] = e.source.native_format(srcs[0]).code_bits or st.bits
+        sts[j] = X.stored_storage(st, code_bits[j])
+    carried = [st.block_size for st, c in zip(sts, code_bits) if c]
+    if carried and all(st.quantized for st in sts):
+        sts = [dataclasses.replace(st, block_size=min(carried)) for st in sts]
+    if all(st.quantized for st in sts) and sts[0].bits != sts[1].bits:
+        # onnxruntime 1.31.1's CPU QMoE: "Mixed-width QMoE execution is not yet implemented": both at the wider
+        # width (a carried-over 4-bit code c is 8-bit code c + 120 against zero point 128: no value changes)
+        bits = max(st.bits for st in sts)
+        sts = [dataclasses.replace(st, bits=bits) for st in sts]
+    return sts, code_bits
 
 
 class Experts:
@@ -69,10 +94,8 @@ class Experts:
                                       *modules(t.fc2_sources)], block)
         if st1.quantized != st2.quantized:  # the op stores both projections alike: keep both float
             st1 = st2 = e.io
-        elif st1.quantized and st1.bits != st2.bits:  # one bit width per op on CPU: the wider one
-            bits = max(st1.bits, st2.bits)
-            st1, st2 = dataclasses.replace(st1, bits=bits), dataclasses.replace(st2, bits=bits)
-        self.quantized, self.st = st1.quantized, st1
+        (st1, st2), code_bits = as_stored(e, t, [st1, st2], block)
+        self.quantized, self.st, self.st2 = st1.quantized, st1, st2
         prefix = f"model.layers.{i}.moe.experts"
         io = e.io
         self.fp4 = getattr(e.plan, "moe_quant_type", None) == "mxfp4"
@@ -98,12 +121,16 @@ class Experts:
                 check_qmoe(st.bits, st.block_size, dims)
             if block_note and block_note not in e.notes:  # the default block adapted to these experts
                 e.notes.append(block_note)
-            self.fc1 = e.b.weights(X.quant_experts_job(t.fc1, f"{base}/gate_up_proj", f"{prefix}.gate_up_proj", E,
-                                                       2 * I, H, st1, io.ir_dtype, io.np_dtype, t.fc1_sources,
-                                                       stored(parts1, st1)))
-            self.fc2 = e.b.weights(X.quant_experts_job(t.fc2, f"{base}/down_proj", f"{prefix}.down_proj", E, H, I,
-                                                       st2, io.ir_dtype, io.np_dtype, t.fc2_sources,
-                                                       stored(parts2, st2)))
+            for j, (fc, label, name, N, K, st, srcs, parts) in enumerate((
+                    (t.fc1, "gate_up_proj", "gate_up_proj", 2 * I, H, st1, t.fc1_sources, parts1),
+                    (t.fc2, "down_proj", "down_proj", H, I, st2, t.fc2_sources, parts2))):
+                if code_bits[j]:
+                    job = X.stored_experts_job(t.blocks[j], fc, f"{base}/{label}", f"{prefix}.{name}", E, N, K, st,
+                                               code_bits[j], io.ir_dtype, io.np_dtype, srcs)
+                else:
+                    job = X.quant_experts_job(fc, f"{base}/{label}", f"{prefix}.{name}", E, N, K, st, io.ir_dtype,
+                                              io.np_dtype, srcs, stored(parts, st))
+                setattr(self, f"fc{j + 1}", e.b.weights(job))
         else:
             self.fc1 = e.b.weights(X.float_experts_job(t.fc1, f"{base}/gate_up_proj", f"{prefix}.gate_up_proj.weight",
                                                        E, 2 * I, H, io, t.fc1_sources, stored(parts1, io)))

@@ -112,5 +112,68 @@ def dequantize_qmoe(data: np.ndarray, scales: np.ndarray, zero_points: np.ndarra
     return (levels - zp[:, None]) * scales.astype(np.float32)[:, None]
 
 
+# ----------------------------------------------------------------------------- carried over as stored
+# A checkpoint's own blocks (sources: NativeBlocks of one expert, codes against the op's default zero point,
+# gguf_blocks.py) become QMoE arrays without a quantizer. Types without a minimum keep every value: the same
+# codes and scales, blocks split to the op's one block size where the two projections differ (Q4_0's 32 next
+# to Q6_K's 16). QMoE has no per-block offset, so a type with a minimum (w = d x q + m, q in [0, 2^b)) is
+# stored in its closest form: 8-bit codes k x q + t + zp with scale d / k and an 8-bit zero point zp per block,
+# k the largest power of two (16 for 4-bit codes, 8 for 5-bit, 64 for 2-bit) for which t = round(m k / d) fits
+# the byte; d x q is kept exactly (d / k is exact), the minimum moves by at most d / 2k (d / 32 for Q4_K).
+
+
+def closest_min_form(data: np.ndarray, scales: np.ndarray, offsets: np.ndarray, bits: int, code_bits: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One expert's blocks with a minimum (MatMulNBits form: codes u against zero point 2^(bits-1), w = d x (u -
+    2^(bits-1)) + offset) -> 8-bit (codes (N, kb, block), scales (N, kb), zero points (N, kb)) of the closest form."""
+    N, kb = scales.shape
+    u = unpack_bits(data.reshape(N, -1), bits, data.shape[1] * data.shape[2] * 8 // bits).astype(np.int32)
+    c = 1 << (code_bits - 1)
+    q = (u - ((1 << (bits - 1)) - c)).reshape(N, kb, -1)  # the format's own codes, 0 .. 2^code_bits - 1
+    d = scales.astype(np.float32)
+    m = (offsets.astype(np.float32) - np.float32(c) * d).astype(np.float64)
+    top = (1 << code_bits) - 1
+    k = np.zeros((N, kb), np.int64)
+    t = np.zeros((N, kb), np.int64)
+    unset = np.ones((N, kb), bool)
+    kmax = 1 << int(np.floor(np.log2(255 // top)))
+    nz = d != 0
+    for kk in [kmax >> i for i in range(kmax.bit_length())]:  # kmax, kmax / 2, ..., 1
+        tt = np.rint(np.divide(m * kk, d, out=np.zeros_like(m), where=nz)).astype(np.int64)
+        fits = unset & nz & (tt >= -255) & (tt <= 255 - kk * top)
+        k[fits], t[fits] = kk, tt[fits]
+        unset &= ~fits
+    left = unset & nz  # not even k = 1 fits: the nearest t in range (the report gives the error)
+    k[left] = 1
+    t[left] = np.clip(np.rint(m[left] / d[left]), -255, 255 - top).astype(np.int64)
+    zero = ~nz  # d = 0: the block is m everywhere, as 1 x m
+    t[zero] = (m[zero] != 0).astype(np.int64)
+    s = np.where(nz, d / np.maximum(k, 1).astype(np.float32), np.where(m != 0, m, 1.0).astype(np.float32))
+    zp = np.maximum(0, -t)
+    codes = k[..., None] * q + (t + zp)[..., None]
+    return codes.astype(np.uint8), s.astype(np.float32), zp.astype(np.uint8)
+
+
+def qmoe_from_blocks(nb, block: int, code_bits: int, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(codes (N, K*bits/8), scales (N, K/block), zero points or None) of one expert's stored blocks `nb`
+    (sources.base.NativeBlocks) at QMoE block `block` (<= the format's, dividing it) and `bits` (>= the
+    format's storage: 4-bit codes widen to 8 bits exactly, c + 120 against zero point 128)."""
+    from ..sources.gguf_blocks import Transcoded, split_blocks
+
+    N = nb.data.shape[0]
+    t = Transcoded(nb.data, nb.scales, nb.zero_points, nb.offsets)
+    if nb.offsets is not None:
+        codes, scales, zp = closest_min_form(nb.data, nb.scales, nb.offsets, nb.bits, code_bits)
+        t = Transcoded(codes, scales, zp, None)
+    elif nb.bits != bits:
+        if nb.zero_points is not None or (nb.bits, bits) != (4, 8):
+            raise ValueError(f"cannot widen {nb.origin} blocks from {nb.bits} to {bits} bits")
+        kb = nb.scales.shape[1]
+        u = unpack_bits(nb.data.reshape(N, -1), 4, kb * nb.block_size) + np.uint8(120)
+        t = Transcoded(u.reshape(N, kb, nb.block_size), nb.scales, None, None)
+    t = split_blocks(t, bits, nb.block_size, block)
+    return t.data.reshape(N, -1), t.scales, t.zero_points
+
+
 __all__ = ["QMOE_BITS", "QMOE_BLOCK_SIZES", "check_qmoe", "qmoe_block", "dequantize", "dequantize_qmoe", "qmoe_arrays",
-           "quantize_expert"]
+           "quantize_expert", "closest_min_form", "qmoe_from_blocks"]

@@ -45,6 +45,7 @@ class NativeFormat:
     block_size: int
     zero_points: bool  # explicit packed zero points
     offsets: bool  # a per-block additive term (see NativeBlocks.offsets)
+    code_bits: int = 0  # bits the format itself spends on a code, where it says (GGUF: 5 for Q5_0 in 8-bit storage)
 
 
 class Source(Protocol):

@@ -163,10 +163,37 @@ class GGUFSource:
         if kind in (QT.F32, QT.F16, QT.BF16):
             return None
         form = block_form(kind)
-        if form is None or len(tensor.shape) != 2:
+        if form is None or len(tensor.shape) not in (2, 3) or (len(tensor.shape) == 3 and not self._plain_slices(name)):
             return NativeFormat(kind.name, 0, 0, False, False)
+        # stacked experts (3-D): the same blocks, one expert at a time (read_expert_blocks), for QMoE
         return NativeFormat(kind.name, form.bits, self._block_size(name, form.block_size), form.zero_points,
-                            form.offsets)
+                            form.offsets, form.code_bits)
+
+    def _plain_slices(self, name: str) -> bool:
+        """Whether expert slices of a stacked tensor are its stored rows as they are (no permutation, no offset)."""
+        shape = self.shape(name)
+        return self._row_permutation(name, shape[0]) is None and not self._family.offset(name)
+
+    def read_expert_blocks(self, name: str, index: int) -> NativeBlocks | None:
+        """Expert `index` of a stacked block-quantized tensor (E, N, K) as the exact arrays of its own block
+        form (gguf_blocks.py: codes against the default zero point, scales, offsets for types with a
+        minimum), reading only that expert's bytes; None where the type has no such form."""
+        fmt = self.native_format(name)
+        tensor = self._tensor(name)
+        if fmt is None or not fmt.bits or len(tensor.shape) != 3:
+            return None
+        kind = tensor.tensor_type
+        _, n_rows, n_cols = _hf_shape(tensor)
+        try:
+            elements, _ = GGML_QUANT_SIZES[kind]
+            raw = np.asarray(tensor.data[index], dtype=np.uint8).reshape(n_rows, n_cols // elements, -1)
+            t = transcode(raw, kind)
+        except OnnxForgeError:
+            raise
+        except Exception as err:  # a raw numpy error must not escape
+            raise CheckpointError(f"cannot repack expert {index} of {tensor.name!r} ({name}, {kind.name}) from "
+                                  f"{self.path}: {err}. The file may be corrupt: re-download or re-convert it.") from err
+        return NativeBlocks(t.data, t.scales, t.zero_points, fmt.bits, fmt.block_size, kind.name, t.offsets)
 
     # The lm_head's blocks are split to 16 (the same weight, each scale twice): at accuracy_level 4
     # MatMulNBits quantizes the activations to int8 per block, and the logits are where that error
@@ -182,8 +209,8 @@ class GGUFSource:
         """The exact MatMulNBits arrays of a block-quantized weight whose native form is (bits,
         block_size) (see gguf_blocks.py), rows un-permuted like `read()`; None otherwise."""
         fmt = self.native_format(name)
-        if fmt is None or (fmt.bits, fmt.block_size) != (bits, block_size):
-            return None
+        if fmt is None or (fmt.bits, fmt.block_size) != (bits, block_size) or len(self._tensor(name).shape) != 2:
+            return None  # stacked experts: read_expert_blocks
         tensor = self._tensor(name)
         kind = tensor.tensor_type
         n_rows, n_cols = _hf_shape(tensor)

@@ -1,0 +1,227 @@
+"""MoE experts as stored (issue 24): a GGUF's stacked experts carried over onto QMoE from their own blocks.
+
+The files are written as llama.cpp's convert_hf_to_gguf.py writes them (F32, test_moe_gguf.write_gguf) and then
+quantized by llama.cpp's own quantizer (`llama_model_quantize`, llama-cpp-python: the producers extra), for
+Mixtral and Qwen3-MoE with widths of 256 so the K types apply. With no precision (keep every weight as stored):
+- Q4_0, Q5_0, Q8_0 (and Q6_K / Q3_K wherever a file has them): every expert weight the QMoE initializers
+  hold, dequantized as the op does, equals gguf-py's dequantization of the file's tensor bit for bit;
+- Q4_K_M: Q4_K (a minimum per sub-block) has no exact QMoE form; its closest form (quant/qmoe.py) keeps
+  d x q exactly and moves the minimum by at most d / 32 (the bound is checked per block), and the build report's
+  max_difference for the group is the measured one;
+- the logits equal transformers holding the dequantized weights, to the expert kernel's arithmetic;
+- the report never says "no value changed" beside a group that changed.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import re
+
+import numpy as np
+import onnx
+import pytest
+from conftest import onnx_step_logits, prompt_and_decode, reference_logits
+from gguf import GGMLQuantizationType as QT
+
+import onnxforge
+from onnxforge.quant.qmoe import closest_min_form, dequantize_qmoe
+from onnxforge.quant.recipe import Recipe
+from onnxforge.sources.gguf import GGUFSource
+
+torch = pytest.importorskip("torch")
+gguf = pytest.importorskip("gguf")
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the producers extra) quantizes the files")
+
+WIDE = {  # K types need rows of 256: hidden 256, expert width 256
+    "mixtral": dict(cls="MixtralConfig", hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=256, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(cls="Qwen3MoeConfig", hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=64, intermediate_size=512, moe_intermediate_size=256, num_hidden_layers=2,
+                      num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, tie_word_embeddings=False),
+}
+EXACT = ("Q4_0", "Q5_0", "Q8_0", "Q6_K", "Q3_K")
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    from test_gguf_source import train_byte_level_vocab
+
+    return train_byte_level_vocab()
+
+
+_FILES: dict = {}
+
+
+def quantized_file(tmp_path_factory, vocab, family: str, ftype: str):
+    """(transformers model, F32 file, llama.cpp-quantized file) of a tiny `family` model."""
+    key = (family, ftype)
+    if key in _FILES:
+        return _FILES[key]
+    from test_moe_gguf import write_gguf
+    from tiny import make_model
+
+    folder = tmp_path_factory.mktemp(f"{family}-{ftype}")
+    model = make_model(family, folder / "hf", **WIDE[family], vocab_size=len(vocab["tokens"]))
+    with torch.no_grad():  # small weights: the tiny model's logits stay in a range where fp32 math is exact enough
+        for p in model.parameters():
+            p.mul_(0.5)
+    f32 = folder / "F32.gguf"
+    write_gguf(f32, model, vocab, QT.F32)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.nthread = 1
+    out = folder / f"{ftype}.gguf"
+    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), ctypes.byref(params)) == 0
+    _FILES[key] = (model, f32, out)
+    return _FILES[key]
+
+
+def gguf_experts(path, i: int) -> dict[str, tuple[str, np.ndarray]]:
+    """gguf-py's dequantization of layer i's stacked experts: role -> (type name, (E, N, K) float32)."""
+    out = {}
+    for t in gguf.GGUFReader(path).tensors:
+        m = re.fullmatch(rf"blk\.{i}\.ffn_(gate|up|down)_exps\.weight", t.name)
+        if m:
+            shape = tuple(int(d) for d in reversed(t.shape))
+            out[m.group(1)] = (t.tensor_type.name, gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape))
+    return out
+
+
+def onnx_experts(out_dir, i: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Layer i's QMoE initializers dequantized as the op computes them: (fc1 (E, 2I, H), fc2 (E, H, I), attrs)."""
+    model = onnx.load(out_dir / "model.onnx", load_external_data=True)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    node = next(n for n in model.graph.node if n.op_type == "QMoE" and f"layers.{i}/" in n.name)
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    bits, block = attrs["expert_weight_bits"], attrs.get("block_size", 0)
+
+    def weight(name: str) -> np.ndarray:
+        p = f"model.layers.{i}.moe.experts.{name}"
+        codes, scales, zp = inits[f"{p}.qweight"], inits[f"{p}.scales"], inits.get(f"{p}.zero_points")
+        return np.stack([dequantize_qmoe(codes[e], scales[e], None if zp is None else zp[e], bits, block)
+                         for e in range(codes.shape[0])])
+
+    return weight("gate_up_proj"), weight("down_proj"), attrs
+
+
+def build(path, out, **kw):
+    return onnxforge.build(path, out, "source", **kw)
+
+
+def storages(report) -> dict[str, dict]:
+    return {g["label"]: g for g in report.to_json()["groups"]}
+
+
+@pytest.mark.parametrize("family", list(WIDE))
+@pytest.mark.parametrize("ftype", ["Q4_0", "Q8_0", "Q5_0"])
+def test_experts_carried_over_exactly(tmp_path_factory, vocab, family, ftype):
+    """Each expert weight in the QMoE initializers equals gguf-py's dequantization of the file bit for bit, at the
+    format's own width (Q4_0 at 4 bits, Q5_0 / Q8_0 at 8), and the report says exact with max_difference 0."""
+    _, _, path = quantized_file(tmp_path_factory, vocab, family, ftype)
+    out = tmp_path_factory.mktemp("out")
+    report = build(path, out / "m")
+    groups = storages(report)
+    for i in range(2):
+        ref = gguf_experts(path, i)
+        assert {kind for kind, _ in ref.values()} == {ftype}
+        fc1, fc2, attrs = onnx_experts(out / "m", i)
+        assert attrs["expert_weight_bits"] == (4 if ftype == "Q4_0" else 8)
+        assert np.array_equal(fc1[:, 0::2], ref["gate"][1]) and np.array_equal(fc1[:, 1::2], ref["up"][1])
+        assert np.array_equal(fc2, ref["down"][1])
+        for proj in ("gate_up_proj", "down_proj"):
+            g = groups[f"/model/layers.{i}/moe/experts/{proj}"]
+            assert f"exact {ftype}" in g["storage"] and g["max_difference"] == 0.0
+    assert not report.warnings
+    assert any("no value changed" in n for n in report.notes)
+
+
+def test_q4_k_m_experts(tmp_path_factory, vocab):
+    """Q4_K_M: Q6_K experts exact; Q4_K experts in the closest form, each block's minimum within d / 32 of the file's
+    and every d x q kept; the report's max_difference is the measured difference, and no note claims none."""
+    _, _, path = quantized_file(tmp_path_factory, vocab, "qwen3_moe", "Q4_K_M")
+    out = tmp_path_factory.mktemp("out") / "m"
+    report = build(path, out)
+    groups, kinds = storages(report), set()
+    src = GGUFSource(path)
+    for i in range(2):
+        ref = gguf_experts(path, i)
+        fc1, fc2, attrs = onnx_experts(out, i)
+        got = {"gate": fc1[:, 0::2], "up": fc1[:, 1::2], "down": fc2}
+        for role, (kind, w) in ref.items():
+            kinds.add(kind)
+            diff = np.abs(got[role] - w)
+            if kind in EXACT:
+                assert diff.max() == 0, (role, kind)
+                continue
+            assert kind == "Q4_K" and diff.max() > 0
+            for e in range(w.shape[0]):  # each sub-block's minimum within d / 32 of the file's (d: its scale)
+                d = src.read_expert_blocks(f"model.layers.{i}.mlp.experts.{role}_proj.weight", e).scales
+                per_block = diff[e].reshape(*d.shape, -1).max(axis=-1)
+                assert (per_block <= np.abs(d) / 32 * 1.001 + 1e-7).all(), (role, e, (per_block / d).max())
+        for proj, roles in (("gate_up_proj", ("gate", "up")), ("down_proj", ("down",))):
+            g = groups[f"/model/layers.{i}/moe/experts/{proj}"]
+            measured = max(float(np.abs(got[r] - ref[r][1]).max()) for r in roles)
+            if any(ref[r][0] == "Q4_K" for r in roles):
+                assert "closest Q4_K" in g["storage"] and g["max_difference"] == pytest.approx(measured, abs=1e-7)
+            else:
+                assert "exact" in g["storage"] and g["max_difference"] == 0.0 == measured
+    src.close()
+    assert "Q4_K" in kinds
+    text = " ".join(report.notes)
+    assert "no value changed" not in text and re.search(r"closest QMoE form.*max \|difference\|", text)
+
+
+def test_closest_min_form_bound():
+    """quant/qmoe.closest_min_form against d x q + m computed directly: the minimum moves by at most d / 2k,
+    d x q unchanged; the unrepresentable cases (d = 0, a minimum far beyond the codes) too. A wrong k fails."""
+    rng = np.random.default_rng(0)
+    N, kb, block, bits, code_bits = 6, 5, 32, 4, 4
+    q = rng.integers(0, 16, (N, kb, block))
+    d = rng.uniform(0.01, 1, (N, kb)).astype(np.float32)
+    m = (-d * rng.uniform(-0.9, 15, (N, kb))).astype(np.float32)  # k = 16 fits: within d / 32
+    d[0, 0], m[0, 1], m[0, 2] = 0, 300 * d[0, 1], 5.3 * d[0, 2]  # d = 0; beyond any k; k = 8 (d / 16)
+    ref = d[..., None] * q + m[..., None]
+    u = (q + 0).astype(np.uint8)  # 4-bit codes against zero point 8 with c = 8: stored code = q
+    data = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+    off = (m + 8 * d).astype(np.float32)
+    codes, s, zp = closest_min_form(data, d, off, bits, code_bits)
+    w = (codes.astype(np.float32) - zp[..., None]) * s[..., None]
+    err = np.abs(w - ref).max(axis=-1)
+    inside = np.ones((N, kb), bool)
+    inside[0, :3] = False
+    assert (err[inside] <= d[inside] / 32 * 1.001 + 1e-6).all() and err[inside].max() > d[inside].min() / 1000
+    assert d[0, 2] / 32 < err[0, 2] <= d[0, 2] / 16 * 1.001
+    assert err[0, 0] < 1e-6  # d = 0: the minimum itself
+    assert err[0, 1] > d[0, 1]  # 300 steps above zero: not representable, and the error says so
+    # d x q is kept: within a block the differences between codes are exact multiples of d
+    assert np.allclose(np.diff(w[1:], axis=-1), np.diff(ref[1:], axis=-1), atol=1e-5)
+
+
+@pytest.mark.parametrize("family,ftype", [("mixtral", "Q4_0"), ("qwen3_moe", "Q8_0")])
+def test_logits_match_transformers_on_the_dequantized_weights(tmp_path_factory, vocab, family, ftype):
+    """The as-stored build against transformers holding every weight as gguf-py dequantizes it (read() of the
+    GGUF source, Q/K rows unpermuted), and the exact fp32 build of the same file closer still."""
+    model, _, path = quantized_file(tmp_path_factory, vocab, family, ftype)
+    out = tmp_path_factory.mktemp("out")
+    onnxforge.build(path, out / "m", recipe=Recipe(precision="source", accuracy_level=0))
+    onnxforge.build(path, out / "f", "fp32")
+    with GGUFSource(path) as src, torch.no_grad():
+        for key, p in model.state_dict().items():
+            if key.endswith("mlp.experts.gate_up_proj"):
+                stem = key[: -len("gate_up_proj")]
+                value = np.stack([np.concatenate([src.read(f"{stem}gate_proj.weight")[e],
+                                                  src.read(f"{stem}up_proj.weight")[e]]) for e in range(p.shape[0])])
+            elif key.endswith("mlp.experts.down_proj"):
+                value = src.read(f"{key}.weight")
+            else:
+                value = src.read(key if src.has(key) else "model.embed_tokens.weight")
+            p.copy_(torch.from_numpy(np.ascontiguousarray(value)).reshape(p.shape))
+    prompt, decode = prompt_and_decode()
+    ref = reference_logits(model, prompt + decode)
+    as_stored = np.abs(onnx_step_logits(out / "m", prompt, decode) - ref).max()
+    exact = np.abs(onnx_step_logits(out / "f", prompt, decode) - ref).max()
+    assert exact < 1e-4
+    if ftype == "Q4_0":  # block-wise 4-bit QMoE at accuracy_level 0 computes in fp32: the transformers logits
+        assert as_stored < 1e-4, as_stored
+    else:  # 8-bit QMoE quantizes the activations to int8 at every level (measured 0.6% of the logits' range)
+        assert as_stored < 0.015 * np.abs(ref).max(), (as_stored, np.abs(ref).max())
