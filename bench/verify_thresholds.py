@@ -15,6 +15,15 @@ rope_theta halved (a config converted wrongly) and one with layer 15's mlp.down_
 lost).
 
     python bench/verify_thresholds.py [--out bench/_work/verify]      # about 15 minutes on 2 cores
+
+`--conversion` measures the conversion verdict instead (the build against the reference holding its own
+stored weights): for SmolLM2-135M (built from the demo GGUF, verified against it) and the tiny Llama, at
+fp32, fp16, int8, int4 (default and k_quant) and, for the GGUF, exact import (no -p), the correct build and
+three wrong ones made from it: layer L's down_proj lost (its scales, or its float weight, zeroed in
+model.onnx.data), layers L and L-1 swapped (their initializers' bytes exchanged) and rope_theta halved (the
+cos/sin caches recomputed). Two prompts x 8 tokens keep it to about 20 minutes on 2 busy cores.
+
+    python bench/verify_thresholds.py --conversion [--out bench/_work/verify] [--models smollm2,tiny]
 """
 from __future__ import annotations
 
@@ -115,12 +124,122 @@ def halve_rope_theta(cfg: dict) -> None:
     where["rope_theta"] = where["rope_theta"] / 2
 
 
+CONVERSION_BUILDS = {  # label -> build arguments (None: the GGUF's own blocks, no -p)
+    "int4": Recipe(precision="int4"),
+    "exact import": None,
+    "fp32": Recipe(precision="fp32"),
+    "int8": Recipe(precision="int8"),
+    "fp16": Recipe(precision="fp16"),
+    "int4 k_quant": Recipe(precision="int4", method="k_quant"),
+}
+CONVERSION_PROMPTS = parity.DEFAULT_PROMPTS[:2]
+
+
+def _layer_inits(folder: Path, layer: int) -> list[str]:
+    from test_verify_two_refs import initializer_names
+
+    return [n for n in initializer_names(folder) if n.startswith(f"model.layers.{layer}.")]
+
+
+def wrong_build(built: Path, out: Path, case: str, layer: int) -> Path:
+    """A copy of `built` with one projection lost, two layers swapped or rope_theta halved."""
+    from test_verify_two_refs import patch_initializer
+
+    folder = out / f"{built.name}-{case}"
+    if folder.exists():
+        return folder
+    shutil.copytree(built, folder, ignore=shutil.ignore_patterns("verify.*"))
+    names = _layer_inits(folder, layer)
+    if case == "lost":
+        down = [n for n in names if ".mlp.down_proj." in n]
+        target = next((n for n in down if n.endswith("_scales")), down[0])
+        patch_initializer(folder, target, np.zeros_like)
+    elif case == "swapped":
+        for a in names:
+            b = a.replace(f"model.layers.{layer}.", f"model.layers.{layer - 1}.")
+            saved = {}
+            patch_initializer(folder, a, lambda x: saved.setdefault(a, x.copy()))
+            patch_initializer(folder, b, lambda x: saved.setdefault(b, x.copy()))
+            patch_initializer(folder, a, lambda x: saved[b])
+            patch_initializer(folder, b, lambda x: saved[a])
+    elif case == "rope_halved":
+        halve_cached_rope(folder)
+    return folder
+
+
+def halve_cached_rope(folder: Path) -> None:
+    """cos/sin caches for rope_theta / 2, from the stored ones: inv_freq_i = theta^(-i/cols) becomes
+    inv_freq_i x 2^(i/cols) (plain rope; position 1 holds cos/sin of inv_freq itself)."""
+    from test_verify_two_refs import patch_initializer
+
+    cache = {}
+    patch_initializer(folder, "cos_cache", lambda a: cache.setdefault("cos", a.copy()))
+    patch_initializer(folder, "sin_cache", lambda a: cache.setdefault("sin", a.copy()))
+    cos1, sin1 = cache["cos"][1].astype(np.float64), cache["sin"][1].astype(np.float64)
+    cols = cos1.shape[0]
+    inv = np.arctan2(sin1, cos1) * 2.0 ** (np.arange(cols) / cols)
+    pos = np.arange(cache["cos"].shape[0], dtype=np.float64)[:, None]
+    patch_initializer(folder, "cos_cache", lambda a: np.cos(pos * inv).astype(a.dtype))
+    patch_initializer(folder, "sin_cache", lambda a: np.sin(pos * inv).astype(a.dtype))
+
+
+def conversion_row(built: Path, reference: Path) -> dict:
+    r = parity.verify(built, reference, prompts=CONVERSION_PROMPTS, tokens=8, write=False, plot=False,
+                      defaults=False)
+    c = r["conversion"]["metrics"]
+    return {"conv_kl": c["mean_kl"], "conv_top1": c["top1"], "conv_max_abs_diff": c["max_abs_diff"],
+            "weight_error": c["weight_error"], "quant_kl": r["metrics"]["mean_kl"], "quant_top1": r["metrics"]["top1"]}
+
+
+CASES = ("correct", "lost", "swapped", "rope halved")
+
+
+def conversion_table(out: Path, models: list[str], cases: list[str] = CASES, builds: list[str] | None = None) -> None:
+    from tiny import make_model
+
+    from onnxforge.sources.aliases import resolve_model
+
+    sources = {}
+    if "tiny" in models:
+        if not (out / "tiny_a").exists():
+            make_model("llama", out / "tiny_a", seed=0)
+        sources["tiny Llama"] = (out / "tiny_a", out / "tiny_a", 1)
+    if "smollm2" in models:  # built from the GGUF; verified against the same values as an fp32 folder (loads fast)
+        sources["SmolLM2-135M"] = (resolve_model("smollm2-135m"), smollm2_float(out), 20)
+    rows = []
+    for name, (source, reference, layer) in sources.items():
+        for label, recipe in CONVERSION_BUILDS.items():
+            if (recipe is None and source.suffix != ".gguf") or (builds and label not in builds):
+                continue  # the tiny Llama is a float checkpoint: nothing to import exactly
+            built = out / f"conv-{name.split()[0]}-{label.replace(' ', '_')}"
+            if not built.exists():
+                onnxforge.build(source, built, recipe=recipe) if recipe else onnxforge.build(source, built)
+            for case in cases:
+                folder = built if case == "correct" else wrong_build(built, out, case.replace(" ", "_"), layer)
+                row = dict(model=name, build=label, case=case, **conversion_row(folder, reference))
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    print("| model | build | case | conversion KL | conversion top-1 | weight error | quantization KL | quantization top-1 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['build']} | {r['case']} | {r['conv_kl']:.3g} | {100 * r['conv_top1']:.1f}% | "
+              f"{r['weight_error']:.3g} | {r['quant_kl']:.3g} | {100 * r['quant_top1']:.1f}% |")
+    (out / "conversion.json").write_text(json.dumps(rows, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/_work/verify")
+    ap.add_argument("--conversion", action="store_true", help="measure the conversion verdict (see above)")
+    ap.add_argument("--models", default="smollm2,tiny", help="with --conversion: smollm2, tiny or both")
+    ap.add_argument("--cases", default=",".join(CASES), help="with --conversion: which of " + ", ".join(CASES))
+    ap.add_argument("--builds", help="with --conversion: which of " + ", ".join(CONVERSION_BUILDS) + " (default all)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.conversion:
+        return conversion_table(out, args.models.split(","), args.cases.split(","),
+                                args.builds.split(",") if args.builds else None)
     from tiny import make_model
 
     smol = smollm2_float(out)

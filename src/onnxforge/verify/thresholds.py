@@ -19,20 +19,21 @@ DEFAULTS: dict[str, dict[str, float]] = {
     # correct: KL 5.8e-3, top-1 >= 92.8%. wrong (one down_proj lost): KL 0.14, top-1 70.3% at fp32
     "int8": {"max_kl": 0.05, "min_top1": 0.85},
     # correct (default recipe): KL 0.55, top-1 >= 43.8%. wrong (other seed): KL 4.1, top-1 0%; issue 10's wrong
-    # model: KL 0.81, top-1 0%. A lost down_proj (KL 0.73, top-1 45.9%) is inside int4's own noise: verify
-    # an fp32 or fp16 build to catch such bugs
+    # model: KL 0.81, top-1 0%. A lost down_proj (KL 0.73, top-1 45.9%) is inside int4's own noise: the
+    # conversion verdict (CONVERSION_DEFAULTS) catches it
     "int4": {"max_kl": 1.0, "min_top1": 0.3},
 }
 
 # The conversion verdict: the ONNX model against transformers holding the build's own stored weights
-# (verify/stored.py); only the kernels' arithmetic is left, so one tight limit serves (measured in docs/verify.md).
-# max_weight_error: ||stored - original|| / ||original|| of the worst tensor (int4 rounding measures ~0.1;
-# a zeroed tensor 1.0, two layers swapped ~1.4)
+# (verify/stored.py), so only the kernels' arithmetic is left; bench/verify_thresholds.py --conversion measures
+# it (docs/verify.md). max_weight_error: ||stored - original|| / ||original|| of the worst tensor: correct
+# builds measure <= 0.111 (int4 rounding), a lost down_proj 1.0-1.07, two layers swapped 1.43-1.47.
+# KL: correct fp32 2.4e-12, fp16 8.5e-6; int8 and int4 (int8 activations at accuracy_level 4) up to 5.8e-3.
+# Wrong graphs: rope_theta halved in the tiny Llama 0.53-0.58, two layers swapped 0.075 (SmolLM2) to 2.5.
 CONVERSION_DEFAULTS: dict[str, dict[str, float]] = {
-    "fp32": {"max_kl": 1e-3, "min_top1": 0.95, "max_weight_error": 0.5},
+    "fp32": {"max_kl": 1e-4, "min_top1": 0.98, "max_weight_error": 0.5},
     "fp16": {"max_kl": 1e-3, "min_top1": 0.95, "max_weight_error": 0.5},
-    "bf16": {"max_kl": 0.02, "min_top1": 0.85, "max_weight_error": 0.5},
-    # int8 activations (accuracy_level 4) are left: the tiny Llama measures KL 3.6e-3, top-1 94.6%
+    "bf16": {"max_kl": 0.02, "min_top1": 0.85, "max_weight_error": 0.5},  # not measured (CUDA only)
     "int8": {"max_kl": 0.03, "min_top1": 0.85, "max_weight_error": 0.5},
     "int4": {"max_kl": 0.03, "min_top1": 0.85, "max_weight_error": 0.5},
 }
