@@ -112,6 +112,7 @@ COMMON = {
     "eps": [{}, {"rms_norm_eps": 1e-5}, {"layer_norm_eps": 1e-4}, {"norm_eps": 3e-5}],
     "window": WINDOWS,
     "attention_bias": [ABSENT, True, False],
+    "mlp_bias": [ABSENT, True, False],
 }
 FAMILY_KNOBS = {
     "Gemma2ForCausalLM": {"query_pre_attn_scalar": [ABSENT, 20], "attn_logit_softcapping": [ABSENT, None, 10.0],
@@ -228,6 +229,7 @@ def reference(arch: str, d: dict) -> dict:
         "layer_rope_type": tuple(c.layer_types) if hasattr(c, "layer_types") and c.layer_types else None,
         "moe_layers": tuple(is_moe(layer) for layer in layers),
         "activation": activation_of(layers[0]),
+        "mlp_bias": mlp_bias(layers),
         "scales": (float(getattr(c, "embedding_multiplier", math.sqrt(c.hidden_size) if "Gemma" in arch else 1.0)),
                    float(getattr(c, "residual_multiplier", 1.0)), float(getattr(c, "logits_scaling", 1.0))),
     }
@@ -293,6 +295,15 @@ def activation_name(m) -> str:
     return type(m).__name__ + (f"({m.approximate})" if isinstance(m, torch.nn.GELU) else "")
 
 
+def mlp_bias(layers) -> bool | None:
+    """Whether the dense MLP's projections have biases (None: every layer is MoE)."""
+    dense = next((layer for layer in layers if not is_moe(layer)), None)
+    if dense is None:
+        return None
+    linear = next(m for m in mlp_of(dense).modules() if isinstance(m, torch.nn.Linear))
+    return linear.bias is not None
+
+
 def mlp_of(layer):
     return layer.mlp if hasattr(layer, "mlp") else layer.block_sparse_moe  # Granite-MoE
 
@@ -348,6 +359,7 @@ def ours(arch_obj, d: dict, ref: dict) -> dict:
         "moe_layers": tuple(layer.moe for layer in spec.layers),
         "scales": (spec.embedding_scale, spec.residual_scale, spec.logit_scale),
         "activation": activation_name(ACT2FN[spec.mlp.activation]) if spec.mlp.activation in ACT2FN else "?",
+        "mlp_bias": spec.mlp.bias if not all(layer.moe for layer in spec.layers) else None,
     }
     # the rotary table each layer uses, keyed as the reference keys its tables
     keyed = ref["layer_rope_type"] if len(ref["rope"]) > 1 or None not in ref["rope"] else None

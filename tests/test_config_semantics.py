@@ -130,6 +130,8 @@ RISKY = {
     # MistralAttention has no biases whatever attention_bias says
     "mistral_attention_bias_not_read": (dict(cls="MistralConfig", **QWEN, sliding_window=WINDOW), (),
                                         {"attention_bias": True}),
+    # Qwen2MLP has no biases whatever mlp_bias says
+    "qwen2_mlp_bias_not_read": (dict(cls="Qwen2Config", **QWEN), (), {"mlp_bias": True}),
     # Gemma3TextConfig: a flat rope_parameters and a rope_scaling spelled with the legacy `type` key are not read
     "gemma3_flat_rope_and_legacy_type_not_read": (
         dict(cls="Gemma3TextConfig", hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=32,

@@ -12,7 +12,7 @@ from ..errors import ConfigError
 from ..spec import config_int, derived_layer_types
 from .registry import Architecture, register
 
-SANDWICH = {"norm.weight_offset": 1.0, "block": "sandwich"}
+SANDWICH = {"norm.weight_offset": 1.0, "block": "sandwich", "mlp.bias": False}  # mlp_bias is not read
 PRE_FFN_NORM = {"ffn_norm": "model.layers.{i}.pre_feedforward_layernorm"}  # post_attention_layernorm is a post-norm
 # transformers' config defaults for keys a config.json may omit (Gemma 3 4B-27B text_configs list only
 # a few; head_dim is 256, not hidden / heads)
@@ -95,7 +95,7 @@ def _gemma3_wrapper(cfg: dict) -> dict:
     return {**_gemma2(cfg), "final_softcap": 0.0}  # Gemma3ForConditionalGeneration never softcaps its logits
 
 
-register(Architecture("GemmaForCausalLM", "gemma", {"norm.weight_offset": 1.0}, hook=_gemma,
+register(Architecture("GemmaForCausalLM", "gemma", {"norm.weight_offset": 1.0, "mlp.bias": False}, hook=_gemma,
                       config_defaults=DEFAULTS, gguf="gemma", doc="Gemma (1), CodeGemma"))
 register(Architecture("Gemma2ForCausalLM", "gemma2", SANDWICH, hook=_gemma2, names=PRE_FFN_NORM,
                       config_fix=_gemma2_config, sliding="types",

@@ -28,13 +28,14 @@ QWEN_DEFAULTS = {"use_sliding_window": False, "sliding_window": 4096, "max_windo
                  "tie_word_embeddings": False}
 
 register(Architecture("LlamaForCausalLM", "llama", gguf="llama", doc="Llama 1-3, SmolLM2, TinyLlama"))
-NO_BIAS = {"attention.qkv_bias": False, "attention.o_bias": False}  # the model reads no attention_bias key
+NO_BIAS = {"attention.qkv_bias": False, "attention.o_bias": False, "mlp.bias": False}  # reads no *_bias key
 
 register(Architecture("MistralForCausalLM", "mistral", NO_BIAS, sliding="all", config_defaults={"sliding_window": 4096},
                       gguf="llama", doc="Mistral (sliding window; llama.cpp writes its GGUF files as llama)"))
-register(Architecture("Qwen2ForCausalLM", "qwen2", {"attention.qkv_bias": True, "attention.o_bias": False},
+register(Architecture("Qwen2ForCausalLM", "qwen2",
+                      {"attention.qkv_bias": True, "attention.o_bias": False, "mlp.bias": False},
                       config_fix=qwen_windows, config_defaults=QWEN_DEFAULTS, sliding="types",
                       gguf="qwen2", doc="Qwen2, Qwen2.5 (bias on q/k/v)"))
-register(Architecture("Qwen3ForCausalLM", "qwen3", {"attention.qk_norm": "head"}, hook=_qwen3,
+register(Architecture("Qwen3ForCausalLM", "qwen3", {"attention.qk_norm": "head", "mlp.bias": False}, hook=_qwen3,
                       config_fix=qwen_windows, config_defaults={**QWEN_DEFAULTS, "head_dim": 128}, sliding="types",
                       gguf="qwen3", doc="Qwen3 (per-head q/k norm)"))

@@ -47,13 +47,13 @@ def _mixtral(cfg: dict) -> dict:
 def _qwen2_moe(cfg: dict) -> dict:
     return {**experts(cfg, _qwen_layers(cfg), normalize=bool(cfg.get("norm_topk_prob", False)),
                       shared_intermediate_size=_int(cfg, "shared_expert_intermediate_size"), shared_gate=True),
-            "attention.qkv_bias": bool(cfg.get("qkv_bias", True)), "attention.o_bias": False}
+            "attention.qkv_bias": bool(cfg.get("qkv_bias", True)), "attention.o_bias": False, "mlp.bias": False}
 
 
 def _qwen3_moe(cfg: dict) -> dict:
     bias = bool(cfg.get("attention_bias", False))
     return {**experts(cfg, _qwen_layers(cfg), normalize=bool(cfg.get("norm_topk_prob", False))),
-            "attention.qkv_bias": bias, "attention.o_bias": bias}
+            "attention.qkv_bias": bias, "attention.o_bias": bias, "mlp.bias": False}
 
 
 def _olmoe(cfg: dict) -> dict:
