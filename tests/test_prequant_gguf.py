@@ -28,7 +28,7 @@ from gguf import GGMLQuantizationType as QT
 
 import onnxforge
 from onnxforge.graph.builder import GraphBuilder
-from onnxforge.graph.decoder import Emitter
+from onnxforge.graph.emitter import Emitter
 from onnxforge.quant.recipe import Recipe
 from onnxforge.quant.storage import Storage
 from onnxforge.sources.gguf import GGUFSource

@@ -105,14 +105,13 @@ class MoESpec:
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """What differs between layers: the kind of token mixer (a key of graph/kinds.py's MIXERS), the
-    attention window, which rotary table (None: no rotary), and whether the MLP is the model's mixture of
-    experts."""
+    """What differs between layers: its kind (which token mixer), the attention window, which rotary table
+    (None: no rotary), and whether the MLP is the model's mixture of experts."""
 
     window: int = 0  # sliding window, 0 = full attention
     rope: str | None = "full_attention"
     moe: bool = False
-    mixer: str = "attention"
+    kind: str = "attention"  # the token mixer: a key of graph/kinds.py MIXERS
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..graph.kinds import genai_state_names
 from ..spec import ModelSpec
 
 SEARCH_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "num_beams",
@@ -65,6 +66,7 @@ def genai_config(spec: ModelSpec, model_type: str, generation: dict | None, *, f
     if note and notes is not None:
         notes.append(note)
     a = spec.attention
+    states_in, states_out = genai_state_names(spec)  # from the layers' mixers' state declarations (graph/kinds.py)
     decoder = {
         # intra_op_num_threads 0: ONNX Runtime's own default, one thread per physical core. Without the key
         # onnxruntime-genai 0.18 runs the model on one thread (measured: SmolLM2 int4 decode 95 tok/s on one
@@ -77,13 +79,11 @@ def genai_config(spec: ModelSpec, model_type: str, generation: dict | None, *, f
         "inputs": {
             "input_ids": "input_ids",
             "attention_mask": "attention_mask",
-            "past_key_names": "past_key_values.%d.key",
-            "past_value_names": "past_key_values.%d.value",
+            **states_in,
         },
         "outputs": {
             "logits": "logits",
-            "present_key_names": "present.%d.key",
-            "present_value_names": "present.%d.value",
+            **states_out,
         },
         "num_attention_heads": a.num_heads,
         "num_hidden_layers": spec.num_layers,

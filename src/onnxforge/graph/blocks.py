@@ -1,20 +1,22 @@
-"""Block shapes: how a layer wires its norms, attention and MLP around the residual stream.
+"""Block shapes: how a layer wires its norms, token mixer and MLP around the residual stream.
 
   pre       h += attn(norm(h)); h += mlp(norm(h))                          Llama and most others
   sandwich  h += post_norm(attn(norm(h))); h += post_norm(mlp(norm(h)))    Gemma 2 / 3
   post      h += post_norm(attn(h)); h += post_norm(mlp(h))                OLMo 2 / 3
   parallel  n = norm(h); h += attn(n) + mlp(n)                             Phi-2
 
+`attn` is the layer's token mixer, chosen by its kind (graph/kinds.py); `mlp` its MoE or dense MLP.
 A residual add is left pending in the `Stream` so that it fuses into the next Skip norm.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
-from .parts import AttnInputs, Stream, attention, mlp, norm, plain_norm
+from .kinds import mix, mlp
+from .parts import AttnInputs, Stream, norm, plain_norm
 
 if TYPE_CHECKING:
-    from .decoder import Emitter
+    from .emitter import Emitter
 
 Block = Callable[["Emitter", int, Stream, AttnInputs], Stream]
 
@@ -25,14 +27,14 @@ def _node(i: int, name: str) -> str:
 
 def pre(e: "Emitter", i: int, h: Stream, ctx: AttnInputs) -> Stream:
     x, total = norm(e, h, "attn_norm", i, _node(i, "input_layernorm"))
-    h = Stream(attention(e, i, x, ctx), total).scaled(e, _node(i, "attn/residual"))
+    h = Stream(mix(e, i, x, ctx), total).scaled(e, _node(i, "attn/residual"))
     x, total = norm(e, h, "ffn_norm", i, _node(i, "post_attention_layernorm"))
     return Stream(mlp(e, i, x), total).scaled(e, _node(i, "mlp/residual"))
 
 
 def sandwich(e: "Emitter", i: int, h: Stream, ctx: AttnInputs) -> Stream:
     x, total = norm(e, h, "attn_norm", i, _node(i, "input_layernorm"))
-    a = plain_norm(e, attention(e, i, x, ctx), "attn_post_norm", i, _node(i, "post_attention_layernorm"))
+    a = plain_norm(e, mix(e, i, x, ctx), "attn_post_norm", i, _node(i, "post_attention_layernorm"))
     x, total = norm(e, Stream(a, total).scaled(e, _node(i, "attn/residual")), "ffn_norm", i,
                     _node(i, "pre_feedforward_layernorm"))
     m = plain_norm(e, mlp(e, i, x), "ffn_post_norm", i, _node(i, "post_feedforward_layernorm"))
@@ -41,7 +43,7 @@ def sandwich(e: "Emitter", i: int, h: Stream, ctx: AttnInputs) -> Stream:
 
 def post(e: "Emitter", i: int, h: Stream, ctx: AttnInputs) -> Stream:
     x = h.total(e, _node(i, "residual_attn"))
-    a = plain_norm(e, attention(e, i, x, ctx), "attn_post_norm", i, _node(i, "post_attention_layernorm"))
+    a = plain_norm(e, mix(e, i, x, ctx), "attn_post_norm", i, _node(i, "post_attention_layernorm"))
     x = Stream(a, x).scaled(e, _node(i, "attn/residual")).total(e, _node(i, "residual_mlp"))
     m = plain_norm(e, mlp(e, i, x), "ffn_post_norm", i, _node(i, "post_feedforward_layernorm"))
     return Stream(m, x).scaled(e, _node(i, "mlp/residual"))
@@ -49,7 +51,7 @@ def post(e: "Emitter", i: int, h: Stream, ctx: AttnInputs) -> Stream:
 
 def parallel(e: "Emitter", i: int, h: Stream, ctx: AttnInputs) -> Stream:
     x, total = norm(e, h, "attn_norm", i, _node(i, "input_layernorm"))
-    both = e.b.op("Add", [attention(e, i, x, ctx), mlp(e, i, x)], _node(i, "parallel/Add"))
+    both = e.b.op("Add", [mix(e, i, x, ctx), mlp(e, i, x)], _node(i, "parallel/Add"))
     return Stream(both, total).scaled(e, _node(i, "residual"))
 
 

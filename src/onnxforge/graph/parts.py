@@ -1,7 +1,9 @@
-"""The parts a decoder layer is made of: norms, attention, MLP. Small functions over `ir.Value`s.
+"""The parts a decoder layer is made of: norms, attention, the dense MLP. Small functions over `ir.Value`s.
 
 Each takes the emitter `e` (graph builder, spec, tensor names, weight helpers) and the layer index;
-what a part does is decided by the spec alone, never by which family is being built.
+what a part does is decided by the spec alone, never by which family is being built. A token mixer
+(attention here) also takes the layer's past state and returns its present state; it is chosen for a
+layer by kind from graph/kinds.py's table, with the states it declares (`attention_states`).
 """
 from __future__ import annotations
 
@@ -14,9 +16,11 @@ import onnx_ir as ir
 from ..errors import CheckpointError, ConfigError
 from ..runs_on import rotary_in_gqa
 from .builder import MS
+from .state import SEQ, State
 
 if TYPE_CHECKING:
-    from .decoder import Emitter
+    from ..spec import ModelSpec
+    from .emitter import Emitter
 
 
 @dataclass(frozen=True)
@@ -106,7 +110,16 @@ def rotary_outside(e: "Emitter", x: ir.Value, heads: int, rope, caches, position
                   rotary_embedding_dim=rope.rotary_dim, interleaved=int(rope.interleaved))
 
 
-def attention(e: "Emitter", i: int, x: ir.Value, ctx: AttnInputs) -> ir.Value:
+def attention_states(spec: "ModelSpec", i: int) -> tuple[State, ...]:
+    """The KV cache of an attention layer: key and value, (batch, kv heads, sequence, head_dim)."""
+    a = spec.attention
+    dims = ("batch_size", a.num_kv_heads, SEQ, a.head_dim)
+    return tuple(State(f"past_key_values.%d.{kv}", f"present.%d.{kv}", kv, dims) for kv in ("key", "value"))
+
+
+def attention(e: "Emitter", i: int, x: ir.Value, ctx: AttnInputs, past: tuple[ir.Value, ...]
+              ) -> tuple[ir.Value, tuple[ir.Value, ...]]:
+    """GroupQueryAttention over the layer's KV cache (`past`: key, value); returns (output, (key, value))."""
     a, H, layer = e.spec.attention, e.spec.hidden_size, e.spec.layers[i]
     base = f"/model/layers.{i}/attn"
     qkv = e.linear_group(x, f"{base}/qkv_proj", i, [("q", f"{base}/q_proj", a.q_size), ("k", f"{base}/k_proj", a.kv_size),
@@ -143,25 +156,13 @@ def attention(e: "Emitter", i: int, x: ir.Value, ctx: AttnInputs) -> ir.Value:
             raise CheckpointError(f"layer {i}: the attention sinks (self_attn.sinks) are missing from the checkpoint")
         sink = [None, None, e.vector(f"{base}/GroupQueryAttention", name, a.num_heads)]
     out, present_k, present_v = e.b.op(
-        "GroupQueryAttention", [q, k, v, *e.past[i], ctx.seqlens_k, ctx.total_len, cos, sin, *sink],
+        "GroupQueryAttention", [q, k, v, *past, ctx.seqlens_k, ctx.total_len, cos, sin, *sink],
         f"{base}/GroupQueryAttention", domain=MS, n_out=3, **attrs)
-    kv_shape = ["batch_size", a.num_kv_heads, "total_sequence_length", a.head_dim]
-    e.b.output(present_k, f"present.{i}.key", e.io.ir_dtype, kv_shape)
-    e.b.output(present_v, f"present.{i}.value", e.io.ir_dtype, kv_shape)
     (o,) = e.linear_group(out, f"{base}/o_proj", i, [("o", f"{base}/o_proj", H)], a.q_size, bias=a.o_bias)
-    return o
+    return o, (present_k, present_v)
 
 
 # -- MLP -----------------------------------------------------------------------------------------
-def mlp(e: "Emitter", i: int, x: ir.Value) -> ir.Value:
-    """The layer's MLP: the mixture of experts where the layer spec says so (graph/moe.py), else dense."""
-    if e.spec.layers[i].moe:
-        from .moe import moe
-
-        return moe(e, i, x)
-    return dense_mlp(e, i, x)
-
-
 def dense_mlp(e: "Emitter", i: int, x: ir.Value, roles: tuple[str, str, str] = ("gate", "up", "down"),
               base: str | None = None, size: int | None = None) -> ir.Value:
     """act(gate) * up -> down (or act(up) -> down); `roles`, `base` and `size` serve other dense MLPs of

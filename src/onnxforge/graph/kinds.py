@@ -1,0 +1,83 @@
+"""Layer kinds: a layer's token mixer is chosen by its kind (`LayerSpec.kind`) from the `MIXERS` table,
+and its MLP by `LayerSpec.moe`.
+
+A mixer is a part, `part(e, i, x, ctx, past) -> (y, present)`, and the states it carries, `states(spec, i)`
+(graph/state.py). The graph's state inputs and outputs and genai_config.json's state names are generated
+here from those declarations, so a new mixer (a short conv, a linear attention, ...) is one part and one
+entry in the table: the blocks, the decoder and the config writer do not change.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import onnx_ir as ir
+
+from ..errors import ConfigError
+from .moe import moe
+from .parts import AttnInputs, attention, attention_states, dense_mlp
+from .state import State
+
+if TYPE_CHECKING:
+    from ..spec import ModelSpec
+    from .emitter import Emitter
+
+Part = Callable[["Emitter", int, ir.Value, AttnInputs, tuple[ir.Value, ...]], tuple[ir.Value, tuple[ir.Value, ...]]]
+
+
+@dataclass(frozen=True)
+class Mixer:
+    part: Part
+    states: Callable[["ModelSpec", int], tuple[State, ...]]
+
+
+MIXERS: dict[str, Mixer] = {
+    "attention": Mixer(attention, attention_states),  # full, sliding (LayerSpec.window), with or without rotary
+}
+
+
+def mixer_of(spec: "ModelSpec", i: int) -> Mixer:
+    kind = spec.layers[i].kind
+    if kind not in MIXERS:
+        raise ConfigError(f"layer {i} is of kind {kind!r}, which has no token mixer; known: {', '.join(MIXERS)}")
+    return MIXERS[kind]
+
+
+def layer_states(spec: "ModelSpec") -> list[tuple[State, ...]]:
+    """Per layer, the states its mixer carries."""
+    return [mixer_of(spec, i).states(spec, i) for i in range(spec.num_layers)]
+
+
+def state_inputs(e: "Emitter") -> list[tuple[ir.Value, ...]]:
+    """The graph inputs of every layer's past states, layer by layer in declaration order."""
+    io = e.io.ir_dtype
+    return [tuple(e.b.input(s.past % i, s.dtype or io, s.shape(present=False)) for s in states)
+            for i, states in enumerate(layer_states(e.spec))]
+
+
+def genai_state_names(spec: "ModelSpec") -> tuple[dict[str, str], dict[str, str]]:
+    """genai_config.json's decoder inputs and outputs for the carried states, from the declarations."""
+    inputs: dict[str, str] = {}
+    outputs: dict[str, str] = {}
+    for states in layer_states(spec):
+        for s in states:
+            inputs.setdefault(f"past_{s.genai}_names", s.past)
+            outputs.setdefault(f"present_{s.genai}_names", s.present)
+    return inputs, outputs
+
+
+def mix(e: "Emitter", i: int, x: ir.Value, ctx: AttnInputs) -> ir.Value:
+    """The layer's token mixer; its present states become the graph outputs its declarations name."""
+    m = mixer_of(e.spec, i)
+    y, present = m.part(e, i, x, ctx, e.past[i])
+    states = m.states(e.spec, i)
+    if len(present) != len(states):
+        raise ValueError(f"layer {i}: the mixer returned {len(present)} states but declares {len(states)}")
+    for s, value in zip(states, present):
+        e.b.output(value, s.present % i, s.dtype or e.io.ir_dtype, s.shape(present=True))
+    return y
+
+
+def mlp(e: "Emitter", i: int, x: ir.Value) -> ir.Value:
+    """The layer's MLP: the mixture of experts where the layer spec says so (graph/moe.py), else dense."""
+    return moe(e, i, x) if e.spec.layers[i].moe else dense_mlp(e, i, x)
