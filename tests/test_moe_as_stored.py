@@ -171,6 +171,41 @@ def test_q4_k_m_experts(tmp_path_factory, vocab):
     assert "no value changed" not in text and re.search(r"closest QMoE form.*max \|difference\|", text)
 
 
+@pytest.mark.parametrize("ftype,label", [("Q4_0", "int4 block 32 (exact Q4_0, QMoE)"),
+                                         ("Q8_0", "(re-quantized Q8_0: 8-bit storage > int4)")])
+def test_int4_keeps_4_bit_experts_and_requantizes_wider_ones(tmp_path_factory, vocab, ftype, label):
+    """-p int4 keeps experts stored in at most 4 bits as they are, and re-quantizes Q8_0 ones (the report says so);
+    the note counts the groups re-quantized and never claims no value changed."""
+    _, _, path = quantized_file(tmp_path_factory, vocab, "mixtral", ftype)
+    report = onnxforge.build(path, tmp_path_factory.mktemp("out") / "m", "int4")
+    experts = [g for g in report.to_json()["groups"] if "/moe/experts/" in g["label"]]
+    assert len(experts) == 4 and all(label in g["storage"] for g in experts), experts
+    assert all(("max_difference" in g) == (ftype == "Q4_0") for g in experts)
+    notes = " ".join(report.notes)  # the lm_head (Q8_0 in llama.cpp's Q4_0 files) is re-quantized either way
+    assert "no value changed" not in notes
+    assert bool(re.search(r"carried over exactly; \d+ re-quantized or dequantized", notes)) == (ftype == "Q4_0")
+
+
+def test_q4_1_experts_closest_form(tmp_path_factory, vocab):
+    """Q4_1 experts (gguf-py's quantizer): the closest form, within d / 32 of the file's values per block where
+    the minimum fits (k = 16), and the note gives the largest difference, which the groups' values reach."""
+    from test_moe_gguf import write_gguf
+    from tiny import make_model
+
+    folder = tmp_path_factory.mktemp("q4_1")
+    model = make_model("mixtral", folder / "hf", **WIDE["mixtral"], vocab_size=len(vocab["tokens"]))
+    write_gguf(folder / "Q4_1.gguf", model, vocab, QT.Q4_1)
+    report = build(folder / "Q4_1.gguf", folder / "m")
+    experts = [g for g in report.to_json()["groups"] if "/moe/experts/" in g["label"]]
+    assert all("closest Q4_1 form" in g["storage"] and g["max_difference"] > 0 for g in experts)
+    fc1, fc2, _ = onnx_experts(folder / "m", 0)
+    ref = gguf_experts(folder / "Q4_1.gguf", 0)
+    measured = max(np.abs(fc1[:, 0::2] - ref["gate"][1]).max(), np.abs(fc1[:, 1::2] - ref["up"][1]).max())
+    assert experts[0]["max_difference"] == pytest.approx(measured, abs=1e-7)
+    worst = max(g["max_difference"] for g in experts)
+    assert f"max |difference| from the file's values {worst:.3g}" in " ".join(report.notes)
+
+
 def test_closest_min_form_bound():
     """quant/qmoe.closest_min_form against d x q + m computed directly: the minimum moves by at most d / 2k,
     d x q unchanged; the unrepresentable cases (d = 0, a minimum far beyond the codes) too. A wrong k fails."""
@@ -200,11 +235,16 @@ def test_closest_min_form_bound():
 @pytest.mark.parametrize("family,ftype", [("mixtral", "Q4_0"), ("qwen3_moe", "Q8_0")])
 def test_logits_match_transformers_on_the_dequantized_weights(tmp_path_factory, vocab, family, ftype):
     """The as-stored build against transformers holding every weight as gguf-py dequantizes it (read() of the
-    GGUF source, Q/K rows unpermuted), and the exact fp32 build of the same file closer still."""
+    GGUF source, Q/K rows unpermuted); the fp32 build of the same file, and the as-stored build with float
+    experts (--keep-float on the experts: the MoE op on the dequantized experts), closer still."""
     model, _, path = quantized_file(tmp_path_factory, vocab, family, ftype)
     out = tmp_path_factory.mktemp("out")
     onnxforge.build(path, out / "m", recipe=Recipe(precision="source", accuracy_level=0))
     onnxforge.build(path, out / "f", "fp32")
+    report = onnxforge.build(path, out / "k", recipe=Recipe(precision="source", accuracy_level=0,
+                                                            keep_float=("/model/layers.*/moe/experts/*",)))
+    experts = [g["storage"] for g in report.to_json()["groups"] if "/moe/experts/" in g["label"]]
+    assert experts == [f"fp32 (dequantized {ftype})"] * 4, experts
     with GGUFSource(path) as src, torch.no_grad():
         for key, p in model.state_dict().items():
             if key.endswith("mlp.experts.gate_up_proj"):
@@ -220,7 +260,8 @@ def test_logits_match_transformers_on_the_dequantized_weights(tmp_path_factory, 
     ref = reference_logits(model, prompt + decode)
     as_stored = np.abs(onnx_step_logits(out / "m", prompt, decode) - ref).max()
     exact = np.abs(onnx_step_logits(out / "f", prompt, decode) - ref).max()
-    assert exact < 1e-4
+    float_experts = np.abs(onnx_step_logits(out / "k", prompt, decode) - ref).max()
+    assert exact < 1e-4 and float_experts < 1e-4, (exact, float_experts)
     if ftype == "Q4_0":  # block-wise 4-bit QMoE at accuracy_level 0 computes in fp32: the transformers logits
         assert as_stored < 1e-4, as_stored
     else:  # 8-bit QMoE quantizes the activations to int8 at every level (measured 0.6% of the logits' range)

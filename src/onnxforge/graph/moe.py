@@ -58,7 +58,7 @@ def as_stored(e: "Emitter", t: X.ExpertTensors, sts: list[Storage], block: int) 
         if st.method != "source":
             continue
         if t.blocks is None:
-            sts[j] = dataclasses.replace(st, method="rtn", block_size=block, offsets=False)
+            sts[j] = dataclasses.replace(st, method="rtn", block_size=block, offsets=False)  # origin kept: the note
             continue
         code_bits[j] = e.source.native_format(srcs[0]).code_bits or st.bits
         sts[j] = X.stored_storage(st, code_bits[j])
@@ -127,9 +127,11 @@ class Experts:
                 if code_bits[j]:
                     job = X.stored_experts_job(t.blocks[j], fc, f"{base}/{label}", f"{prefix}.{name}", E, N, K, st,
                                                code_bits[j], io.ir_dtype, io.np_dtype, srcs)
-                else:
+                else:  # a "source" projection without its own blocks (GPTQ/AWQ experts, gate and up unalike)
+                    note = (f" (re-quantized {W.stored_formats(e.source, parts)}: no exact QMoE form)" if st.origin
+                            else stored(parts, st))
                     job = X.quant_experts_job(fc, f"{base}/{label}", f"{prefix}.{name}", E, N, K, st, io.ir_dtype,
-                                              io.np_dtype, srcs, stored(parts, st))
+                                              io.np_dtype, srcs, note)
                 setattr(self, f"fc{j + 1}", e.b.weights(job))
         else:
             self.fc1 = e.b.weights(X.float_experts_job(t.fc1, f"{base}/gate_up_proj", f"{prefix}.gate_up_proj.weight",
