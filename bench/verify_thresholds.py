@@ -24,6 +24,11 @@ model.onnx.data), layers L and L-1 swapped (their initializers' bytes exchanged)
 cos/sin caches recomputed). Two prompts x 8 tokens keep it to about 20 minutes on 2 busy cores.
 
     python bench/verify_thresholds.py --conversion [--out bench/_work/verify] [--models smollm2,tiny]
+
+Memory of the conversion verdict: the stored weights are dequantized 16 MB at a time into the reference's
+own parameters (verify/stored.py), so the peak stays what verify needed before: for a 1B model (1.24 B
+parameters) about 7 GB (fp32 reference 4.9 GB + the int4 build opened by onnxruntime and by
+onnxruntime-genai, ~1 GB each): estimated from those sizes, not measured.
 """
 from __future__ import annotations
 
@@ -206,12 +211,15 @@ def conversion_table(out: Path, models: list[str], cases: list[str] = CASES, bui
         sources["tiny Llama"] = (out / "tiny_a", out / "tiny_a", 1)
     if "smollm2" in models:  # built from the GGUF; verified against the same values as an fp32 folder (loads fast)
         sources["SmolLM2-135M"] = (resolve_model("smollm2-135m"), smollm2_float(out), 20)
+    if "smollm2-float" in models:  # built from that fp32 folder: every precision quantizes from float
+        sources["SmolLM2-135M fp32 folder"] = (smollm2_float(out), smollm2_float(out), 20)
     rows = []
     for name, (source, reference, layer) in sources.items():
         for label, recipe in CONVERSION_BUILDS.items():
             if (recipe is None and source.suffix != ".gguf") or (builds and label not in builds):
                 continue  # the tiny Llama is a float checkpoint: nothing to import exactly
-            built = out / f"conv-{name.split()[0]}-{label.replace(' ', '_')}"
+            tag = name.split()[0] + ("-float" if "fp32 folder" in name else "")
+            built = out / f"conv-{tag}-{label.replace(' ', '_')}"
             if not built.exists():
                 onnxforge.build(source, built, recipe=recipe) if recipe else onnxforge.build(source, built)
             for case in cases:
@@ -231,7 +239,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/_work/verify")
     ap.add_argument("--conversion", action="store_true", help="measure the conversion verdict (see above)")
-    ap.add_argument("--models", default="smollm2,tiny", help="with --conversion: smollm2, tiny or both")
+    ap.add_argument("--models", default="smollm2,tiny",
+                    help="with --conversion: smollm2 (built from the GGUF), smollm2-float (built from it as an fp32 "
+                         "folder), tiny")
     ap.add_argument("--cases", default=",".join(CASES), help="with --conversion: which of " + ", ".join(CASES))
     ap.add_argument("--builds", help="with --conversion: which of " + ", ".join(CONVERSION_BUILDS) + " (default all)")
     args = ap.parse_args()
