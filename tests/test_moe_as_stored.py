@@ -266,3 +266,41 @@ def test_logits_match_transformers_on_the_dequantized_weights(tmp_path_factory, 
         assert as_stored < 1e-4, as_stored
     else:  # 8-bit QMoE quantizes the activations to int8 at every level (measured 0.6% of the logits' range)
         assert as_stored < 0.015 * np.abs(ref).max(), (as_stored, np.abs(ref).max())
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_prequantized_hf_experts_carried_over(tmp_path, method):
+    """Per-expert GPTQ / AWQ modules (a Qwen3-MoE checkpoint in the per-expert form, quantized as the producers
+    pack it, tests/prequant_producers.py): QMoE holds their codes, scales and zero points at group 128, each
+    expert weight equal to the producer's dequantization, and the report says exact."""
+    from prequant_producers import write_prequantized
+    from safetensors.numpy import load_file, save_file
+    from tiny import make_model
+
+    make_model("qwen3_moe", tmp_path / "hf", **WIDE["qwen3_moe"])
+    state = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    per_expert = {}
+    for k, v in state.items():
+        if k.endswith("mlp.experts.gate_up_proj"):
+            I = v.shape[1] // 2
+            for e in range(v.shape[0]):
+                per_expert[k.replace("gate_up_proj", f"{e}.gate_proj.weight")] = np.ascontiguousarray(v[e, :I])
+                per_expert[k.replace("gate_up_proj", f"{e}.up_proj.weight")] = np.ascontiguousarray(v[e, I:])
+        elif k.endswith("mlp.experts.down_proj"):
+            for e in range(v.shape[0]):
+                per_expert[k.replace("down_proj", f"{e}.down_proj.weight")] = np.ascontiguousarray(v[e])
+        else:
+            per_expert[k] = v
+    save_file(per_expert, str(tmp_path / "hf" / "model.safetensors"))
+    deq = write_prequantized(tmp_path / "hf", tmp_path / "q", tmp_path / "ref", method, 4, 128, False)
+    report = build(tmp_path / "q", tmp_path / "m")
+    experts = [g for g in report.to_json()["groups"] if "/moe/experts/" in g["label"]]
+    assert len(experts) == 4 and all("(exact " in g["storage"] and g["max_difference"] == 0 for g in experts), experts
+    assert not report.warnings
+    for i in range(2):
+        fc1, fc2, attrs = onnx_experts(tmp_path / "m", i)
+        assert attrs["expert_weight_bits"] == 4 and attrs["block_size"] == 128
+        for e in range(4):
+            mod = f"model.layers.{i}.mlp.experts.{e}"
+            for got, name in ((fc1[e, 0::2], "gate_proj"), (fc1[e, 1::2], "up_proj"), (fc2[e], "down_proj")):
+                np.testing.assert_allclose(got, deq[f"{mod}.{name}"], rtol=0, atol=1e-6 * np.abs(got).max())

@@ -148,25 +148,49 @@ def find_experts(e: "Emitter", i: int) -> ExpertTensors:
         check(d, (H, I))
     return ExpertTensors(lambda x: interleave(f(src.read(gates[x])), f(src.read(ups[x]))),
                          lambda x: f(src.read(downs[x])), tuple(gates + ups), tuple(downs),
-                         *(bias or (None, None, ())))
+                         *(bias or (None, None, ())), blocks=_module_blocks(src, gates, ups, downs))
+
+
+def _interleaved(g, u):
+    """The NativeBlocks of gate and up with their rows alternating, as fc1's."""
+    pair = lambda a, b: None if a is None else interleave(a, b)  # noqa: E731
+    return dataclasses.replace(g, data=interleave(g.data, u.data), scales=interleave(g.scales, u.scales),
+                               zero_points=pair(g.zero_points, u.zero_points), offsets=pair(g.offsets, u.offsets))
 
 
 def _stored_blocks(src, gate: str, up: str, down: str):
-    """(fc1, fc2) readers of the experts' own blocks where gate and up share one form and every tensor has one."""
+    """(fc1, fc2) readers of the stacked experts' own blocks where gate and up share one form and every tensor
+    has one (GGUF)."""
     fmt, blocks_of = getattr(src, "native_format", None), getattr(src, "read_expert_blocks", None)
     if fmt is None or blocks_of is None:
         return None
     forms = [fmt(n) for n in (gate, up, down)]
     if any(f is None or not f.bits for f in forms) or forms[0] != forms[1]:
         return None
+    return lambda x: _interleaved(blocks_of(gate, x), blocks_of(up, x)), lambda x: blocks_of(down, x)
 
-    def fc1(x: int):
-        g, u = blocks_of(gate, x), blocks_of(up, x)
-        pair = lambda a, b: None if a is None else interleave(a, b)  # noqa: E731
-        return dataclasses.replace(g, data=interleave(g.data, u.data), scales=interleave(g.scales, u.scales),
-                                   zero_points=pair(g.zero_points, u.zero_points), offsets=pair(g.offsets, u.offsets))
 
-    return fc1, lambda x: blocks_of(down, x)
+def _module_blocks(src, gates: list[str], ups: list[str], downs: list[str]):
+    """(fc1, fc2) readers of per-expert modules' own blocks (GPTQ / AWQ / compressed-tensors / Quark: codes,
+    scales, zero points) where every expert's gate and up share one form, every down another, each at a block
+    QMoE takes (16 to 256) and 4 or 8 bits."""
+    from ..quant.qmoe import QMOE_BITS, QMOE_BLOCK_SIZES
+
+    fmt = getattr(src, "native_format", None)
+    if fmt is None:
+        return None
+    fc1_forms = {fmt(n) for n in gates + ups}
+    fc2_forms = {fmt(n) for n in downs}
+    for forms in (fc1_forms, fc2_forms):
+        if len(forms) != 1:
+            return None
+        (f,) = forms
+        if f is None or f.bits not in QMOE_BITS or f.offsets or f.block_size not in QMOE_BLOCK_SIZES[1:]:
+            return None
+    (f1,), (f2,) = fc1_forms, fc2_forms
+    return (lambda x: _interleaved(src.native_blocks(gates[x], f1.bits, f1.block_size),
+                                   src.native_blocks(ups[x], f1.bits, f1.block_size)),
+            lambda x: src.native_blocks(downs[x], f2.bits, f2.block_size))
 
 
 def each_expert(E: int, work: Callable[[int], object], ahead: int = 2):

@@ -166,11 +166,12 @@ def qmoe_from_blocks(nb, block: int, code_bits: int, bits: int) -> tuple[np.ndar
         codes, scales, zp = closest_min_form(nb.data, nb.scales, nb.offsets, nb.bits, code_bits)
         t = Transcoded(codes, scales, zp, None)
     elif nb.bits != bits:
-        if nb.zero_points is not None or (nb.bits, bits) != (4, 8):
+        if (nb.bits, bits) != (4, 8):
             raise ValueError(f"cannot widen {nb.origin} blocks from {nb.bits} to {bits} bits")
         kb = nb.scales.shape[1]
         u = unpack_bits(nb.data.reshape(N, -1), 4, kb * nb.block_size) + np.uint8(120)
-        t = Transcoded(u.reshape(N, kb, nb.block_size), nb.scales, None, None)
+        zp = None if nb.zero_points is None else unpack_bits(nb.zero_points, 4, kb) + np.uint8(120)
+        t = Transcoded(u.reshape(N, kb, nb.block_size), nb.scales, zp, None)
     t = split_blocks(t, bits, nb.block_size, block)
     return t.data.reshape(N, -1), t.scales, t.zero_points
 
