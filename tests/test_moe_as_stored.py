@@ -135,40 +135,53 @@ def test_experts_carried_over_exactly(tmp_path_factory, vocab, family, ftype):
     assert any("no value changed" in n for n in report.notes)
 
 
-def test_q4_k_m_experts(tmp_path_factory, vocab):
-    """Q4_K_M: Q6_K experts exact; Q4_K experts in the closest form, each block's minimum within d / 32 of the file's
-    and every d x q kept; the report's max_difference is the measured difference, and no note claims none."""
-    _, _, path = quantized_file(tmp_path_factory, vocab, "qwen3_moe", "Q4_K_M")
+# the closest form's k for each type with a minimum: 8-bit codes k x q need k x (2^code_bits - 1) <= 255
+K_MAX = {"Q4_1": 16, "Q4_K": 16, "Q5_1": 8, "Q5_K": 8, "Q2_K": 64}
+
+
+@pytest.mark.parametrize("family,ftype,kinds", [("qwen3_moe", "Q4_K_M", {"Q4_K", "Q6_K"}),
+                                               ("mixtral", "Q4_K_M", {"Q4_K", "Q6_K"}),
+                                               ("mixtral", "Q6_K", {"Q6_K"}), ("qwen3_moe", "Q3_K_S", {"Q3_K"}),
+                                               ("qwen3_moe", "Q5_K_S", {"Q5_K"}), ("mixtral", "Q2_K", {"Q2_K"})])
+def test_k_quant_experts(tmp_path_factory, vocab, family, ftype, kinds):
+    """llama.cpp's K-quant files: Q6_K and Q3_K experts exact (beside a Q4_K gate/up, Q6_K's blocks of 16 set the
+    op's block and Q4_K's are split); Q4_K, Q5_K and Q2_K in the closest form, every d x q kept and each block's
+    minimum within d / 2k of the file's where k's range holds it (Q2_K's minimums can lie beyond it: within half a
+    step d / 2 there); the report's max_difference per group is the measured difference; no note claims none."""
+    _, _, path = quantized_file(tmp_path_factory, vocab, family, ftype)
     out = tmp_path_factory.mktemp("out") / "m"
     report = build(path, out)
-    groups, kinds = storages(report), set()
+    groups, seen = storages(report), set()
     src = GGUFSource(path)
     for i in range(2):
         ref = gguf_experts(path, i)
         fc1, fc2, attrs = onnx_experts(out, i)
         got = {"gate": fc1[:, 0::2], "up": fc1[:, 1::2], "down": fc2}
         for role, (kind, w) in ref.items():
-            kinds.add(kind)
+            seen.add(kind)
             diff = np.abs(got[role] - w)
             if kind in EXACT:
                 assert diff.max() == 0, (role, kind)
                 continue
-            assert kind == "Q4_K" and diff.max() > 0
-            for e in range(w.shape[0]):  # each sub-block's minimum within d / 32 of the file's (d: its scale)
+            assert diff.max() > 0
+            step = 2 * (K_MAX[kind] if kind != "Q2_K" else 1)
+            for e in range(w.shape[0]):  # each sub-block's minimum within d / 2k of the file's (d: its scale)
                 d = src.read_expert_blocks(f"model.layers.{i}.mlp.experts.{role}_proj.weight", e).scales
                 per_block = diff[e].reshape(*d.shape, -1).max(axis=-1)
-                assert (per_block <= np.abs(d) / 32 * 1.001 + 1e-7).all(), (role, e, (per_block / d).max())
+                assert (per_block <= np.abs(d) / step * 1.001 + 1e-7).all(), (role, e, (per_block / d).max())
         for proj, roles in (("gate_up_proj", ("gate", "up")), ("down_proj", ("down",))):
             g = groups[f"/model/layers.{i}/moe/experts/{proj}"]
             measured = max(float(np.abs(got[r] - ref[r][1]).max()) for r in roles)
-            if any(ref[r][0] == "Q4_K" for r in roles):
-                assert "closest Q4_K" in g["storage"] and g["max_difference"] == pytest.approx(measured, abs=1e-7)
+            if any(ref[r][0] in K_MAX for r in roles):
+                assert "(closest " in g["storage"] and g["max_difference"] == pytest.approx(measured, abs=1e-7)
             else:
-                assert "exact" in g["storage"] and g["max_difference"] == 0.0 == measured
+                assert "(exact " in g["storage"] and g["max_difference"] == 0.0 == measured
     src.close()
-    assert "Q4_K" in kinds
+    assert kinds <= seen, seen
     text = " ".join(report.notes)
-    assert "no value changed" not in text and re.search(r"closest QMoE form.*max \|difference\|", text)
+    assert "no value changed" not in text or not seen & set(K_MAX)
+    if seen & set(K_MAX):
+        assert re.search(r"closest QMoE form.*max \|difference\|", text)
 
 
 @pytest.mark.parametrize("ftype,label", [("Q4_0", "int4 block 32 (exact Q4_0, QMoE)"),
