@@ -317,3 +317,23 @@ def test_prequantized_hf_experts_carried_over(tmp_path, method):
             mod = f"model.layers.{i}.mlp.experts.{e}"
             for got, name in ((fc1[e, 0::2], "gate_proj"), (fc1[e, 1::2], "up_proj"), (fc2[e], "down_proj")):
                 np.testing.assert_allclose(got, deq[f"{mod}.{name}"], rtol=0, atol=1e-6 * np.abs(got).max())
+
+
+@pytest.mark.parametrize("ftype", ["Q8_0", "Q6_K"])
+def test_fp16_scales_are_measured(tmp_path_factory, vocab, ftype):
+    """A CUDA build keeps the experts' scales in fp16: Q8_0's own fp16 d survives (exact, difference 0); Q6_K's
+    d x sub-scale need not, and the group says so with the measured difference (that of the initializers)."""
+    _, _, path = quantized_file(tmp_path_factory, vocab, "mixtral", ftype)
+    out = tmp_path_factory.mktemp("out") / "m"
+    report = onnxforge.build(path, out, "source", "cuda")
+    groups = storages(report)
+    ref = gguf_experts(path, 0)
+    fc1, fc2, _ = onnx_experts(out, 0)
+    measured = float(np.abs(fc2 - ref["down"][1]).max())
+    g = groups["/model/layers.0/moe/experts/down_proj"]
+    assert g["max_difference"] == pytest.approx(measured, abs=1e-7)
+    if ftype == "Q8_0":
+        assert measured == 0 and "(exact Q8_0, QMoE)" in g["storage"]
+    else:
+        assert measured > 0 and "(closest Q6_K form: float16 scales, QMoE)" in g["storage"]
+        assert "no value changed" not in " ".join(report.notes)

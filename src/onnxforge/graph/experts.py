@@ -271,24 +271,29 @@ def stored_storage(st: Storage, code_bits: int) -> Storage:
     return dataclasses.replace(st, bits=8, symmetric=False, offsets=False, origin=f"{st.origin}:{code_bits}")
 
 
-def describe_stored(st: Storage) -> str:
+def describe_stored(st: Storage, scale_np: np.dtype) -> str:
     origin, _, code_bits = st.origin.partition(":")
-    if not code_bits:
-        return f"int{st.bits} block {st.block_size} (exact {origin}, QMoE)"
-    return f"int8 block {st.block_size} zero points (closest {origin} form, QMoE)"  # quant/qmoe.py closest_min_form
+    zp = "" if st.symmetric else " zero points"
+    if code_bits:  # quant/qmoe.py closest_min_form
+        return f"int8 block {st.block_size} zero points (closest {origin} form, QMoE)"
+    if np.dtype(scale_np) != np.float32:  # fp16 scales (a GPU build) need not hold d x sub-scale exactly
+        return f"int{st.bits} block {st.block_size}{zp} (closest {origin} form: {np.dtype(scale_np)} scales, QMoE)"
+    return f"int{st.bits} block {st.block_size}{zp} (exact {origin}, QMoE)"
 
 
 def stored_experts_job(blocks_of: Callable[[int], object], source_of: Callable[[int], np.ndarray], label: str,
                        prefix: str, E: int, N: int, K: int, st: Storage, code_bits: int, scale_dtype: ir.DataType,
                        scale_np: np.dtype, sources: tuple[str, ...]) -> WeightJob:
     """QMoE arrays of one projection from the checkpoint's own blocks, one expert at a time (quant/qmoe.py
-    qmoe_from_blocks). A closest form (a type with a minimum) is compared with the file's values expert by
-    expert, and the job's `max_difference` says by how much they differ (0 for the exact forms, not measured)."""
+    qmoe_from_blocks). A closest form (a type with a minimum), and any form under fp16 scales (a GPU build: d x
+    sub-scale need not be an fp16 value), is compared with the file's values expert by expert, and the job's
+    `max_difference` says by how much they differ (0 for the exact forms at fp32 scales, not measured); fp16
+    scales that held every value are labelled exact after all."""
     from ..quant.qmoe import dequantize_qmoe, qmoe_from_blocks
 
     slots = quant_experts_slots(prefix, E, N, K, st, scale_dtype)
-    closest = ":" in st.origin
-    job = WeightJob(label, slots, lambda: [], describe_stored(st), sources)
+    closest = ":" in st.origin or np.dtype(scale_np) != np.float32  # the difference is measured
+    job = WeightJob(label, slots, lambda: [], describe_stored(st, scale_np), sources)
     job.max_difference = None if closest else 0.0
 
     def produce():
@@ -309,6 +314,8 @@ def stored_experts_job(blocks_of: Callable[[int], object], source_of: Callable[[
             yield from each_expert(E, one)
             if closest:
                 job.max_difference = float(worst.max())
+                if job.max_difference == 0 and ":" not in st.origin:  # fp16 scales that held every value
+                    job.storage = describe_stored(st, np.dtype(np.float32))
 
         return [Pieces(slots[0].shape, np.dtype(np.uint8), codes), *rest]
 
