@@ -337,3 +337,16 @@ def test_fp16_scales_are_measured(tmp_path_factory, vocab, ftype):
     else:
         assert measured > 0 and "(closest Q6_K form: float16 scales, QMoE)" in g["storage"]
         assert "no value changed" not in " ".join(report.notes)
+
+
+def test_int4_requantizes_experts_with_a_minimum(tmp_path_factory, vocab):
+    """-p int4 on Q4_K_M: a Q4_K expert's closest QMoE form is 8-bit, so it is re-quantized to int4 (said, with a
+    warning) instead of stored wider than asked; every expert op is 4-bit."""
+    _, _, path = quantized_file(tmp_path_factory, vocab, "qwen3_moe", "Q4_K_M")
+    out = tmp_path_factory.mktemp("out") / "m"
+    report = onnxforge.build(path, out, "int4")
+    experts = {g["label"]: g["storage"] for g in report.to_json()["groups"] if "/moe/experts/" in g["label"]}
+    assert all(s.startswith("int4 ") for s in experts.values()), experts
+    assert "(re-quantized Q4_K: no exact QMoE form)" in experts["/model/layers.0/moe/experts/gate_up_proj"]
+    assert any("Q4_K: no exact QMoE form" in w for w in report.warnings)
+    assert all(onnx_experts(out, i)[2]["expert_weight_bits"] == 4 for i in range(2))

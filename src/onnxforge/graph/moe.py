@@ -51,13 +51,16 @@ def expert_storage(plan, names: Sequence[str], block: int) -> Storage:
 def as_stored(e: "Emitter", t: X.ExpertTensors, sts: list[Storage], block: int) -> tuple[list[Storage], list[int]]:
     """The projections the recipe keeps as stored ("source") carried over from their own blocks where the source
     has them (t.blocks), sharing one QMoE block (the finer of the two formats' blocks: the coarser one's blocks are
-    split, no value changes); a "source" projection without them is re-quantized (rtn at `block`). Returns the
+    split, no value changes); a "source" projection without them, or with a minimum under -p int4 (its closest form
+    is 8-bit), is re-quantized (rtn at `block`). Returns the
     storages and each projection's code bits (0: not carried over)."""
     code_bits = [0, 0]
+    kind = getattr(e.plan, "moe_quant_type", None)
+    limit = {"int4": 4, "int8": 8}.get(kind or getattr(e.plan, "precision", "source"), 8)  # -p int4: at most 4 bits
     for j, (st, srcs) in enumerate(zip(sts, (t.fc1_sources, t.fc2_sources))):
         if st.method != "source":
             continue
-        if t.blocks is None:
+        if t.blocks is None or (st.offsets and limit < 8):  # a minimum's closest form takes 8 bits
             sts[j] = dataclasses.replace(st, method="rtn", block_size=block, offsets=False)  # origin kept: the note
             continue
         code_bits[j] = e.source.native_format(srcs[0]).code_bits or st.bits
