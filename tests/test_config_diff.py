@@ -45,7 +45,7 @@ WINDOW_READ = {
     "OlmoForCausalLM": "none", "Olmo2ForCausalLM": "none", "GraniteMoeForCausalLM": "none",
     "Ernie4_5_MoeForCausalLM": "none", "OlmoeForCausalLM": "none",
     "MistralForCausalLM": "all", "Phi3ForCausalLM": "all", "MixtralForCausalLM": "all", "PhimoeForCausalLM": "all",
-    "Qwen3MoeForCausalLM": "all",
+    "Qwen3MoeForCausalLM": "all", "Lfm2ForCausalLM": "none",
 }
 # Routers without a norm_topk_prob attribute: Mixtral softmax -> top-k -> renormalise; Granite-MoE and
 # gpt-oss top-k of the logits -> softmax (the same); ERNIE 4.5 MoE renormalises (moe_norm_min).
@@ -136,6 +136,11 @@ FAMILY_KNOBS = {
                                 "moe_layer_interval": [ABSENT, 2]},
     "GraniteMoeForCausalLM": {"multipliers": [{}, {"embedding_multiplier": 12.0, "residual_multiplier": 0.22,
                                                    "attention_multiplier": 0.0078125, "logits_scaling": 8.0}]},
+    "Lfm2ForCausalLM": {"conv_L_cache": [ABSENT, 4], "conv_bias": [ABSENT, True, False],
+                        "block_auto_adjust_ff_dim": [ABSENT, False], "block_ffn_dim_multiplier": [ABSENT, None, 1.5],
+                        "block_multiple_of": [ABSENT, 32], "full_attn_idxs": [ABSENT, [1, 3]],
+                        "kinds": [{}, {"layer_types": ["conv", "full_attention", "conv", "conv", "full_attention",
+                                                       "conv"]}]},
 }
 FAMILY_KNOBS["Gemma3ForConditionalGeneration"] = FAMILY_KNOBS["Gemma3ForCausalLM"]
 VARIANTS_PER_FAMILY = 30
@@ -208,22 +213,24 @@ def reference(arch: str, d: dict) -> dict:
     prefix = cls.__name__.replace("ForCausalLM", "").replace("ForConditionalGeneration", "")
     with torch.device("meta"):
         layers = [getattr(mod, f"{prefix}DecoderLayer")(c, i) for i in range(c.num_hidden_layers)]
-    attn = [layer.self_attn for layer in layers]
+    attn = [getattr(layer, "self_attn", None) for layer in layers]  # None: a layer of another kind (LFM2 conv)
+    attn0 = next(a for a in attn if a is not None)
     out = {
         "num_layers": c.num_hidden_layers,
         "num_heads": c.num_attention_heads,
         "num_kv_heads": c.num_key_value_heads or c.num_attention_heads,
-        "head_dim": attn[0].head_dim,
-        "scale": float(attn[0].scaling),
-        "softcap": float(getattr(attn[0], "attn_logit_softcapping", None) or 0.0),
+        "head_dim": attn0.head_dim,
+        "scale": float(attn0.scaling),
+        "softcap": float(getattr(attn0, "attn_logit_softcapping", None) or 0.0),
         "final_softcap": float(getattr(c, "final_logit_softcapping", None) or 0.0) if arch in FINAL_SOFTCAP else 0.0,
         "tie_embeddings": bool(getattr(top, "tie_word_embeddings", False)),
         "eps": norm_eps(layers[0]),
-        "qkv_bias": has_bias(attn[0], "q_proj", "qkv_proj"),
-        "o_bias": has_bias(attn[0], "o_proj", "dense"),
-        "qk_norm": any(hasattr(attn[0], n) and getattr(attn[0], n) is not None for n in ("q_norm", "q_layernorm")),
+        "qkv_bias": has_bias(attn0, "q_proj", "qkv_proj"),
+        "o_bias": has_bias(attn0, "o_proj", "dense", "out_proj"),
+        "qk_norm": any(hasattr(attn0, n) and getattr(attn0, n) is not None for n in ("q_norm", "q_layernorm")),
         "windows": windows(arch, c, attn),
-        "no_rope": tuple(not getattr(a, "use_rope", True) for a in attn),
+        "no_rope": tuple(a is None or not getattr(a, "use_rope", True) for a in attn),
+        "kinds": tuple("attention" if a is not None else "conv" for a in attn),
         "rope": rope_tables(mod, prefix, c),
         "rope_long": long_table(mod, prefix, c),
         "layer_rope_type": tuple(c.layer_types) if hasattr(c, "layer_types") and c.layer_types else None,
@@ -236,6 +243,10 @@ def reference(arch: str, d: dict) -> dict:
     for table, _ in out["rope"].values():
         if 2 * len(table) != out["head_dim"] and not PARTIAL_ROTARY.get(arch):
             raise CannotRun(f"a rotary table of {2 * len(table)} dims for a head of {out['head_dim']}")
+    conv = next((layer.conv for layer in layers if hasattr(layer, "conv")), None)
+    if conv is not None:  # LFM2's short conv and its MLP width (Lfm2MLP adjusts intermediate_size)
+        out["conv"] = (conv.conv_kernel_size, conv.bias)
+        out["mlp_width"] = mlp_of(layers[0]).w1.out_features
     moe = next((layer for layer in layers if is_moe(layer)), None)
     if moe is not None:
         out["top_k"] = int(find_attr(mlp_of(moe), ("top_k", "num_experts_per_tok")))
@@ -305,6 +316,8 @@ def mlp_bias(layers) -> bool | None:
 
 
 def mlp_of(layer):
+    if hasattr(layer, "feed_forward"):  # LFM2
+        return layer.feed_forward
     return layer.mlp if hasattr(layer, "mlp") else layer.block_sparse_moe  # Granite-MoE
 
 
@@ -356,7 +369,7 @@ def ours(arch_obj, d: dict, ref: dict) -> dict:
         "softcap": a.softcap, "final_softcap": spec.final_softcap, "tie_embeddings": spec.tie_embeddings,
         "eps": spec.norm.eps, "qkv_bias": a.qkv_bias, "o_bias": a.o_bias, "qk_norm": bool(a.qk_norm),
         "windows": spec.layer_windows, "no_rope": tuple(layer.rope is None for layer in spec.layers),
-        "moe_layers": tuple(layer.moe for layer in spec.layers),
+        "moe_layers": tuple(layer.moe for layer in spec.layers), "kinds": tuple(layer.kind for layer in spec.layers),
         "scales": (spec.embedding_scale, spec.residual_scale, spec.logit_scale),
         "activation": activation_name(ACT2FN[spec.mlp.activation]) if spec.mlp.activation in ACT2FN else "?",
         "mlp_bias": spec.mlp.bias if not all(layer.moe for layer in spec.layers) else None,
@@ -371,6 +384,9 @@ def ours(arch_obj, d: dict, ref: dict) -> dict:
     out["rope"] = tables
     out["rope_long"] = inv_freq_and_scale(spec.rope, spec.context_length, long=True) if ref["rope_long"] else None
     out["layer_rope_type"] = ref["layer_rope_type"]
+    if "conv" in ref:
+        out["conv"] = (spec.conv.kernel, spec.conv.bias) if spec.conv else None
+        out["mlp_width"] = spec.mlp.intermediate_size
     if spec.moe is not None:  # the sparse mixer (PhiMoE) has no renormalisation to compare
         out["top_k"], out["normalize"] = spec.moe.top_k, spec.moe.normalize if spec.moe.mixer == "softmax" else None
     return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Mapping
 
 from .errors import ConfigError
 
@@ -104,6 +105,14 @@ class MoESpec:
 
 
 @dataclass(frozen=True)
+class ConvSpec:
+    """A short causal depthwise convolution's settings (LFM2's gated conv layers)."""
+
+    kernel: int  # taps (conv_L_cache); the carried state holds kernel - 1 inputs
+    bias: bool = False  # in_proj, conv and out_proj biases
+
+
+@dataclass(frozen=True)
 class LayerSpec:
     """What differs between layers: its kind (which token mixer), the attention window, which rotary table
     (None: no rotary), and whether the MLP is the model's mixture of experts."""
@@ -128,6 +137,7 @@ class ModelSpec:
     mlp: MLPSpec
     layers: tuple[LayerSpec, ...]
     moe: MoESpec | None = None  # the experts of the layers with LayerSpec.moe
+    conv: ConvSpec | None = None  # the short convolution of layers of kind "conv"
     block: str = "pre"  # how a layer wires its parts; see graph/blocks.py
     tie_embeddings: bool = False
     embedding_scale: float = 1.0  # Gemma sqrt(hidden), Granite embedding_multiplier
@@ -319,7 +329,7 @@ def _check_rope_params(rope: RopeSpec, context_length: int | None) -> None:
                 raise bad(f"{key} must list {half} positive numbers (rotary_dim / 2), got {value!r}")
 
 
-def layer_types(cfg: dict, num_layers: int) -> tuple[tuple[str, ...], int]:
+def layer_types(cfg: dict, num_layers: int, kinds: Mapping[str, str] | None = None) -> tuple[tuple[str, ...], int]:
     """Each layer's type and the sliding window, from `layer_types` or a global `sliding_window`
     (every layer slides). A family whose transformers config derives the types another way (from
     use_sliding_window, max_window_layers, a pattern) writes them into `layer_types` first
@@ -333,9 +343,10 @@ def layer_types(cfg: dict, num_layers: int) -> tuple[tuple[str, ...], int]:
     if types is not None:
         if not isinstance(types, list) or len(types) != num_layers:
             raise ConfigError(f"config.json: layer_types must list {num_layers} entries")
-        unknown = sorted({repr(t) for t in types if t not in LAYER_TYPES})
+        known = (*LAYER_TYPES, *(kinds or {}))
+        unknown = sorted({repr(t) for t in types if t not in known})
         if unknown:
-            raise ConfigError(f"config.json: layer_types has {', '.join(unknown)}; supported: {', '.join(LAYER_TYPES)}")
+            raise ConfigError(f"config.json: layer_types has {', '.join(unknown)}; supported: {', '.join(known)}")
         return tuple(types), window or 0
     if not window:
         return ("full_attention",) * num_layers, 0
@@ -404,24 +415,28 @@ def window_semantics(cfg: dict, kind: str) -> dict:
     return cfg
 
 
-def layer_specs(cfg: dict, num_layers: int, ropes: tuple[tuple[str, RopeSpec], ...]) -> tuple[LayerSpec, ...]:
+def layer_specs(cfg: dict, num_layers: int, ropes: tuple[tuple[str, RopeSpec], ...],
+                kinds: Mapping[str, str] | None = None) -> tuple[LayerSpec, ...]:
     """Per layer: the window of sliding layers and the rotary table of its type (None where
-    SmolLM3's `no_rope_layers` says 0)."""
-    types, window = layer_types(cfg, num_layers)
+    SmolLM3's `no_rope_layers` says 0); `kinds`: the family's layer types that are not attention, and
+    the kind of token mixer each is (graph/kinds.py)."""
+    kinds = kinds or {}
+    types, window = layer_types(cfg, num_layers, kinds)
     keys = {k for k, _ in ropes}
     use_rope = cfg.get("no_rope_layers")
     if use_rope is not None and (not isinstance(use_rope, list) or len(use_rope) != num_layers
                                  or any(v not in (0, 1) or isinstance(v, float) for v in use_rope)):
         raise ConfigError(f"config.json: no_rope_layers must list {num_layers} values of 0 or 1")
     return tuple(
+        LayerSpec(kind=kinds[t], rope=None) if t in kinds else
         LayerSpec(window=window if t == "sliding_attention" else 0,
                   rope=(t if t in keys else "full_attention") if use_rope is None or use_rope[i] else None)
         for i, t in enumerate(types)
     )
 
 
-def base_spec(cfg: dict, **overrides) -> ModelSpec:
-    """The spec of a Llama-like decoder; architectures override what differs."""
+def base_spec(cfg: dict, layer_kinds: Mapping[str, str] | None = None, **overrides) -> ModelSpec:
+    """The spec of a Llama-like decoder; architectures override what differs (`layer_kinds`: see layer_specs)."""
     hidden = _positive_int(cfg, "hidden_size")
     heads = _positive_int(cfg, "num_attention_heads")
     kv_heads = _positive_int(cfg, "num_key_value_heads", heads)
@@ -450,7 +465,7 @@ def base_spec(cfg: dict, **overrides) -> ModelSpec:
         context_length=context,
         attention=attention,
         ropes=ropes,
-        layers=layer_specs(cfg, layers, ropes),
+        layers=layer_specs(cfg, layers, ropes, layer_kinds),
         norm=NormSpec(eps=_finite(cfg, "rms_norm_eps", 1e-6)),  # families with another key set it in a hook
         mlp=MLPSpec(intermediate_size=inter, activation=str(act), bias=_flag(cfg, "mlp_bias")),
         tie_embeddings=_flag(cfg, "tie_word_embeddings"),

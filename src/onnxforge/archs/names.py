@@ -30,11 +30,11 @@ class Role:
 ROLES: dict[str, Role] = {
     # model-level
     "embed": Role(("model.embed_tokens",), "token_embd"),
-    "final_norm": Role(("model.norm", "model.final_layernorm"), "output_norm"),
+    "final_norm": Role(("model.norm", "model.final_layernorm", "model.embedding_norm"), "output_norm"),  # LFM2
     "lm_head": Role(("lm_head",), "output"),
     # norms (block shapes ask for the ones they use)
-    "attn_norm": Role((L + "input_layernorm",), "blk.{i}.attn_norm"),
-    "ffn_norm": Role((L + "post_attention_layernorm",), "blk.{i}.ffn_norm"),  # sandwich families pin theirs
+    "attn_norm": Role((L + "input_layernorm", L + "operator_norm"), "blk.{i}.attn_norm"),  # operator_norm: LFM2
+    "ffn_norm": Role((L + "post_attention_layernorm", L + "ffn_norm"), "blk.{i}.ffn_norm"),  # sandwich ones pin theirs
     "attn_post_norm": Role((L + "post_attention_layernorm",), "blk.{i}.post_attention_norm"),
     "ffn_post_norm": Role((L + "post_feedforward_layernorm",), "blk.{i}.post_ffw_norm"),
     # attention
@@ -42,15 +42,20 @@ ROLES: dict[str, Role] = {
     "k": Role((L + "self_attn.k_proj",), "blk.{i}.attn_k"),
     "v": Role((L + "self_attn.v_proj",), "blk.{i}.attn_v"),
     "qkv": Role((L + "self_attn.qkv_proj",), "blk.{i}.attn_qkv"),  # Phi-3
-    "o": Role((L + "self_attn.o_proj", L + "self_attn.dense"), "blk.{i}.attn_output"),  # dense: Phi-2
+    "o": Role((L + "self_attn.o_proj", L + "self_attn.dense", L + "self_attn.out_proj"),  # dense: Phi-2
+              "blk.{i}.attn_output"),
     "q_norm": Role((L + "self_attn.q_norm", L + "self_attn.q_layernorm"), "blk.{i}.attn_q_norm"),
     "k_norm": Role((L + "self_attn.k_norm", L + "self_attn.k_layernorm"), "blk.{i}.attn_k_norm"),
     "sinks": Role((L + "self_attn.sinks",), "blk.{i}.attn_sinks"),  # a parameter (Names.tensor)
     # MLP; fc1/fc2: Phi-2's plain MLP
-    "gate": Role((L + "mlp.gate_proj",), "blk.{i}.ffn_gate"),
-    "up": Role((L + "mlp.up_proj", L + "mlp.fc1"), "blk.{i}.ffn_up"),
+    "gate": Role((L + "mlp.gate_proj", L + "feed_forward.w1"), "blk.{i}.ffn_gate"),  # feed_forward.w*: LFM2
+    "up": Role((L + "mlp.up_proj", L + "mlp.fc1", L + "feed_forward.w3"), "blk.{i}.ffn_up"),
     "gate_up": Role((L + "mlp.gate_up_proj",)),  # Phi-3 (its GGUF stores it as ffn_up)
-    "down": Role((L + "mlp.down_proj", L + "mlp.fc2"), "blk.{i}.ffn_down"),
+    "down": Role((L + "mlp.down_proj", L + "mlp.fc2", L + "feed_forward.w2"), "blk.{i}.ffn_down"),
+    # short gated convolution (LFM2): in_proj -> (B, C, x), depthwise causal conv of B * x, C * conv -> out_proj
+    "conv_in": Role((L + "conv.in_proj",), "blk.{i}.shortconv.in_proj"),
+    "conv_kernel": Role((L + "conv.conv",), "blk.{i}.shortconv.conv"),
+    "conv_out": Role((L + "conv.out_proj",), "blk.{i}.shortconv.out_proj"),
     # mixture of experts: the router, one module per expert, or experts stacked (E, N, K) in one tensor
     "router": Role((L + "mlp.gate", L + "block_sparse_moe.gate", L + "mlp.router", L + "block_sparse_moe.router.layer",
                     L + "block_sparse_moe.router"), "blk.{i}.ffn_gate_inp"),

@@ -13,7 +13,7 @@ from ..errors import ConfigError, UnsupportedArchitectureError
 from ..spec import ModelSpec, base_spec, replace, whole_head_rotary, window_semantics
 from .names import Names
 
-FAMILY_MODULES = ("llama", "phi", "gemma", "olmo", "others", "moe")
+FAMILY_MODULES = ("llama", "phi", "gemma", "olmo", "others", "moe", "hybrid")
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,8 @@ class Architecture:
     text_config: bool = False  # a multimodal wrapper: the decoder's config is under "text_config"
     gguf: str | None = None  # llama.cpp's general.architecture for this family, where it converts it
     doc: str = ""
+    # layer_types entries whose token mixer is not attention -> the kind of mixer (graph/kinds.py MIXERS)
+    layer_kinds: Mapping[str, str] = field(default_factory=dict)
 
     def config(self, cfg: dict) -> dict:
         """config.json as the decoder sees it: the text config of a wrapper, transformers' defaults filled in."""
@@ -58,7 +60,7 @@ class Architecture:
     def make_spec(self, cfg: dict) -> ModelSpec:
         cfg = self.config(cfg)
         changes = {**self.spec, **(self.hook(cfg) if self.hook else {})}
-        return replace(base_spec(cfg), **changes)
+        return replace(base_spec(cfg, self.layer_kinds), **changes)
 
     def resolver(self, source) -> Names:
         return Names(source, self.names, self.rewrites)

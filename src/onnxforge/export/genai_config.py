@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..graph.kinds import genai_state_names
+from ..graph.kinds import genai_layer_keys, genai_state_names
 from ..spec import ModelSpec
 
 SEARCH_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "num_beams",
@@ -88,6 +88,7 @@ def genai_config(spec: ModelSpec, model_type: str, generation: dict | None, *, f
         "num_attention_heads": a.num_heads,
         "num_hidden_layers": spec.num_layers,
         "num_key_value_heads": a.num_kv_heads,
+        **genai_layer_keys(spec),  # layer_types and the like, where a layer is not attention
     }
     search = {
         "diversity_penalty": 0.0,

@@ -16,6 +16,7 @@ import onnx_ir as ir
 from ..errors import ConfigError
 from .moe import moe
 from .parts import AttnInputs, attention, attention_states, dense_mlp
+from .short_conv import conv_states, short_conv
 from .state import State
 
 if TYPE_CHECKING:
@@ -29,10 +30,17 @@ Part = Callable[["Emitter", int, ir.Value, AttnInputs, tuple[ir.Value, ...]], tu
 class Mixer:
     part: Part
     states: Callable[["ModelSpec", int], tuple[State, ...]]
+    # genai_config.json of a model with other kinds than attention: the layer's entry in decoder.layer_types,
+    # and decoder keys the kind adds (onnxruntime-genai 0.18's names)
+    genai_type: Callable[["ModelSpec", int], str] = lambda spec, i: spec.layers[i].kind
+    genai_keys: Callable[["ModelSpec"], dict] = lambda spec: {}
 
 
 MIXERS: dict[str, Mixer] = {
-    "attention": Mixer(attention, attention_states),  # full, sliding (LayerSpec.window), with or without rotary
+    # full, sliding (LayerSpec.window), with or without rotary
+    "attention": Mixer(attention, attention_states,
+                       lambda spec, i: "sliding_attention" if spec.layers[i].window else "full_attention"),
+    "conv": Mixer(short_conv, conv_states, genai_keys=lambda spec: {"conv_cache_size": spec.conv.kernel - 1}),
 }
 
 
@@ -64,6 +72,17 @@ def genai_state_names(spec: "ModelSpec") -> tuple[dict[str, str], dict[str, str]
             inputs.setdefault(f"past_{s.genai}_names", s.past)
             outputs.setdefault(f"present_{s.genai}_names", s.present)
     return inputs, outputs
+
+
+def genai_layer_keys(spec: "ModelSpec") -> dict:
+    """genai_config.json's decoder keys for a model with layers of another kind than attention: layer_types
+    and what each kind adds; {} where every layer is attention."""
+    if all(layer.kind == "attention" for layer in spec.layers):
+        return {}
+    keys: dict = {"layer_types": [mixer_of(spec, i).genai_type(spec, i) for i in range(spec.num_layers)]}
+    for kind in dict.fromkeys(layer.kind for layer in spec.layers):
+        keys.update(MIXERS[kind].genai_keys(spec))
+    return keys
 
 
 def mix(e: "Emitter", i: int, x: ir.Value, ctx: AttnInputs) -> ir.Value:

@@ -46,7 +46,8 @@ def load_genai_model(model_dir):
 
 
 class OrtDecoder:
-    """Feeds input_ids/attention_mask and carries the KV cache between calls."""
+    """Feeds input_ids/attention_mask and carries the model's states (the KV cache, a conv layer's state, ...)
+    between calls: every past input genai_config.json names, from its present output."""
 
     def __init__(self, model_dir: str | Path, threads: int = 0):
         import onnxruntime as ort
@@ -66,14 +67,26 @@ class OrtDecoder:
         self.head_size = cfg["head_size"]
         logits = next(o for o in self.session.get_outputs() if o.name == "logits")
         self.pruned = logits.shape[1] == 1  # built with prune_lm_head: the last position's logits only
-        past = next(i for i in self.session.get_inputs() if i.name.startswith("past_key_values"))
-        self.kv_dtype = ORT_TO_NP[past.type]
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.pairs = [(cfg["inputs"][k] % i, cfg["outputs"]["present" + k[len("past"):]] % i)
+                      for k in cfg["inputs"] if k.startswith("past_") and k.endswith("_names")
+                      for i in range(self.layers) if cfg["inputs"][k] % i in inputs]
+        self.state_inputs = [inputs[p] for p, _ in self.pairs]
         self.reset()
 
     def reset(self, batch: int = 1) -> None:
-        empty = np.zeros((batch, self.kv_heads, 0, self.head_size), dtype=self.kv_dtype)
-        self.past = {f"past_key_values.{i}.{kv}": empty for i in range(self.layers) for kv in ("key", "value")}
+        self.past = {i.name: np.zeros(self._start_shape(i, batch), dtype=ORT_TO_NP[i.type]) for i in self.state_inputs}
         self.length = 0
+
+    def _start_shape(self, value, batch: int) -> list[int]:
+        """A state as it starts: a growing one (the KV cache) empty, a fixed one (a conv state) zeros."""
+        if "past_sequence_length" in value.shape:  # (batch, kv heads, 0, head size): the head size may be symbolic
+            return [batch, self.kv_heads, 0, self.head_size]
+        return [batch if d == "batch_size" else d for d in value.shape]
+
+    def carry(self, outs: dict) -> None:
+        for past, present in self.pairs:
+            self.past[past] = outs[present]
 
     def step(self, ids: np.ndarray) -> np.ndarray:
         """ids (batch, seq) int64 -> logits (batch, seq, vocab) float32; extends the cache."""
@@ -82,9 +95,7 @@ class OrtDecoder:
         feeds = {"input_ids": ids, "attention_mask": np.ones((ids.shape[0], total), dtype=np.int64), **self.past}
         names = [o.name for o in self.session.get_outputs()]
         outs = dict(zip(names, self.session.run(names, feeds)))
-        for i in range(self.layers):
-            for kv in ("key", "value"):
-                self.past[f"past_key_values.{i}.{kv}"] = outs[f"present.{i}.{kv}"]
+        self.carry(outs)
         self.length = total
         return outs["logits"].astype(np.float32)
 

@@ -110,9 +110,7 @@ def decoder(model_dir: str | Path, threads: int = 0):
                      "position_ids": np.tile(np.arange(self.length, total, dtype=np.int64), (ids.shape[0], 1)),
                      **self.past}
             outs = dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
-            for i in range(self.layers):
-                for kv in ("key", "value"):
-                    self.past[f"past_key_values.{i}.{kv}"] = outs[f"present.{i}.{kv}"]
+            self.carry(outs)
             self.length = total
             return outs["logits"].astype(np.float32)
 
