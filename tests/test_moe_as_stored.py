@@ -38,6 +38,9 @@ WIDE = {  # K types need rows of 256: hidden 256, expert width 256
     "qwen3_moe": dict(cls="Qwen3MoeConfig", hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
                       head_dim=64, intermediate_size=512, moe_intermediate_size=256, num_hidden_layers=2,
                       num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, tie_word_embeddings=False),
+    "qwen2_moe": dict(cls="Qwen2MoeConfig", hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=512, moe_intermediate_size=256, shared_expert_intermediate_size=256,
+                      num_hidden_layers=2, num_experts=4, num_experts_per_tok=2, norm_topk_prob=False),
 }
 EXACT = ("Q4_0", "Q5_0", "Q8_0", "Q6_K", "Q3_K")
 
@@ -245,7 +248,7 @@ def test_closest_min_form_bound():
     assert np.allclose(np.diff(w[1:], axis=-1), np.diff(ref[1:], axis=-1), atol=1e-5)
 
 
-@pytest.mark.parametrize("family,ftype", [("mixtral", "Q4_0"), ("qwen3_moe", "Q8_0")])
+@pytest.mark.parametrize("family,ftype", [("mixtral", "Q4_0"), ("qwen3_moe", "Q8_0"), ("qwen2_moe", "Q4_0")])
 def test_logits_match_transformers_on_the_dequantized_weights(tmp_path_factory, vocab, family, ftype):
     """The as-stored build against transformers holding every weight as gguf-py dequantizes it (read() of the
     GGUF source, Q/K rows unpermuted); the fp32 build of the same file, and the as-stored build with float

@@ -10,6 +10,7 @@ gguf_blocks.py); codebook and ternary types are dequantized.
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import importlib.metadata
 import json
@@ -82,13 +83,23 @@ class GGUFSource:
 
     def shape(self, name: str) -> tuple[int, ...]:
         """HF shape of `name` ((out, in) for Linear weights; GGUF stores the dims reversed)."""
-        return _hf_shape(self._tensor(name))
+        return self._shape(name, self._tensor(name))
+
+    # Linear weights with one output row: llama.cpp's quantizer writes them 1-D (ggml_n_dims drops a trailing 1),
+    # the converter (and transformers) 2-D
+    _ONE_ROW = ("*.mlp.shared_expert_gate.weight",)
+
+    def _shape(self, name: str, tensor: ReaderTensor) -> tuple[int, ...]:
+        shape = _hf_shape(tensor)
+        if len(shape) == 1 and any(fnmatch.fnmatchcase(name, p) for p in self._ONE_ROW):
+            return (1, *shape)
+        return shape
 
     def read(self, name: str) -> np.ndarray:
         """`name` as a float32 array in HF layout, dequantized and Q/K-unpermuted."""
         tensor = self._tensor(name)
         try:
-            values = _dequantize(tensor.data, tensor.tensor_type).reshape(_hf_shape(tensor))
+            values = _dequantize(tensor.data, tensor.tensor_type).reshape(self._shape(name, tensor))
             offset = self._family.offset(name)
             if offset:  # e.g. Gemma's converter stores norm weights + 1; HF stores them as they are
                 values = values - np.float32(offset)
