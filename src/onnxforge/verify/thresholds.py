@@ -28,14 +28,15 @@ DEFAULTS: dict[str, dict[str, float]] = {
 # (verify/stored.py), so only the kernels' arithmetic is left; bench/verify_thresholds.py --conversion measures
 # it (docs/verify.md). max_weight_error: ||stored - original|| / ||original|| of the worst tensor: correct
 # builds measure <= 0.111 (int4 rounding), a lost down_proj 1.0-1.07, two layers swapped 1.43-1.47.
-# KL: correct fp32 2.4e-12, fp16 8.5e-6; int8 and int4 (int8 activations at accuracy_level 4) up to 5.8e-3.
-# Wrong graphs: rope_theta halved in the tiny Llama 0.53-0.58, two layers swapped 0.075 (SmolLM2) to 2.5.
+# KL of correct builds: fp32 1.3e-11, fp16 1.5e-5; int8, int4 and exact imports (int8 activations at
+# accuracy_level 4) up to 8.4e-3, top-1 down to 90%. Wrong graphs: rope_theta halved 2.6e-3 (SmolLM2,
+# caught at fp32/fp16 only) to 0.58 (tiny Llama), two layers swapped 0.075 (SmolLM2) to 2.5.
 CONVERSION_DEFAULTS: dict[str, dict[str, float]] = {
     "fp32": {"max_kl": 1e-4, "min_top1": 0.98, "max_weight_error": 0.5},
     "fp16": {"max_kl": 1e-3, "min_top1": 0.95, "max_weight_error": 0.5},
     "bf16": {"max_kl": 0.02, "min_top1": 0.85, "max_weight_error": 0.5},  # not measured (CUDA only)
-    "int8": {"max_kl": 0.03, "min_top1": 0.85, "max_weight_error": 0.5},
-    "int4": {"max_kl": 0.03, "min_top1": 0.85, "max_weight_error": 0.5},
+    "int8": {"max_kl": 0.03, "min_top1": 0.75, "max_weight_error": 0.5},
+    "int4": {"max_kl": 0.03, "min_top1": 0.75, "max_weight_error": 0.5},
 }
 
 
