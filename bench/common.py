@@ -77,11 +77,13 @@ def tiny_checkpoint() -> Path:
     return dest
 
 
-def build_ours(model: Path, out: Path, precision: str = "fp32", recipe=None) -> Path:
+def build_ours(model: Path, out: Path, precision: str | None = None, recipe=None) -> Path:
+    """Build with a recipe, or at a precision (fp32 when neither is given)."""
     import onnxforge
 
     t = time.perf_counter()
-    onnxforge.build(model, out, precision, recipe=recipe, overwrite=True)
+    onnxforge.build(model, out, precision if recipe is not None else precision or "fp32", recipe=recipe,
+                    overwrite=True)
     log(f"built {out.name} in {time.perf_counter() - t:.1f} s")
     return out
 
