@@ -127,9 +127,9 @@ def closest_min_form(data: np.ndarray, scales: np.ndarray, offsets: np.ndarray, 
     """One expert's blocks with a minimum (MatMulNBits form: codes u against zero point 2^(bits-1), w = d x (u -
     2^(bits-1)) + offset) -> 8-bit (codes (N, kb, block), scales (N, kb), zero points (N, kb)) of the closest form."""
     N, kb = scales.shape
-    u = unpack_bits(data.reshape(N, -1), bits, data.shape[1] * data.shape[2] * 8 // bits).astype(np.int32)
+    u = unpack_bits(data.reshape(N, -1), bits, data.shape[1] * data.shape[2] * 8 // bits)
     c = 1 << (code_bits - 1)
-    q = (u - ((1 << (bits - 1)) - c)).reshape(N, kb, -1)  # the format's own codes, 0 .. 2^code_bits - 1
+    q = (u - np.uint8((1 << (bits - 1)) - c)).reshape(N, kb, -1)  # the format's own codes, 0 .. 2^code_bits - 1
     d = scales.astype(np.float32)
     m = (offsets.astype(np.float32) - np.float32(c) * d).astype(np.float64)
     top = (1 << code_bits) - 1
@@ -150,8 +150,8 @@ def closest_min_form(data: np.ndarray, scales: np.ndarray, offsets: np.ndarray, 
     t[zero] = (m[zero] != 0).astype(np.int64)
     s = np.where(nz, d / np.maximum(k, 1).astype(np.float32), np.where(m != 0, m, 1.0).astype(np.float32))
     zp = np.maximum(0, -t)
-    codes = k[..., None] * q + (t + zp)[..., None]
-    return codes.astype(np.uint8), s.astype(np.float32), zp.astype(np.uint8)
+    codes = k.astype(np.uint8)[..., None] * q + (t + zp).astype(np.uint8)[..., None]  # k q + t + zp <= 255
+    return codes, s.astype(np.float32), zp.astype(np.uint8)
 
 
 def qmoe_from_blocks(nb, block: int, code_bits: int, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
