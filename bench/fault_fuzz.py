@@ -17,6 +17,7 @@ input, an invalid input built) is not 0.
     python bench/fault_fuzz.py                                  # 10,000 inputs + 104 faults (~30 min on 2 cores)
     python bench/fault_fuzz.py --cases 600 --faults 8           # a smoke run, a few minutes
     python bench/fault_fuzz.py --json /tmp/ff.json              # also every kept failure, as JSON
+    python bench/fault_fuzz.py --write-results                  # also replace its section of bench/RESULTS.md
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import faultlib  # noqa: E402
@@ -75,6 +77,7 @@ def main() -> int:
     ap.add_argument("--procs", type=int, default=2, help="processes running generated inputs (default 2)")
     ap.add_argument("--seed", type=int, default=0, help="the faults' random points and checkpoints")
     ap.add_argument("--json", help="write the counts and every kept failure here")
+    ap.add_argument("--write-results", action="store_true", help="also replace this section of bench/RESULTS.md")
     args = ap.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="onnxforge-fault-fuzz-"))
     try:
@@ -103,7 +106,33 @@ def main() -> int:
                                               indent=1, default=str))
     bad = counts.bad() + len(bad_faults)
     print(f"\nbad: {bad}")
+    if args.write_results:
+        from common import header_lines, write_section
+
+        write_section(TITLE, results_body(header_lines(), " ".join(sys.argv[1:]), counts, gen_seconds, table,
+                                          fault_seconds, bad_faults))
     return 1 if bad else 0
+
+
+TITLE = "Fault fuzz: generated bad inputs and injected faults (bench/fault_fuzz.py)"
+
+
+def results_body(header: list[str], argv: str, counts: Counts, gen_seconds: float, table: dict, fault_seconds: float,
+                 bad_faults: list) -> str:
+    """The RESULTS.md section: the command, both tables and the failing cases."""
+    n_gen = sum(r["cases"] for r in counts.table.values())
+    n_faults = sum(v["cases"] for v in table.values())
+    lines = header + [f"- command: `python bench/fault_fuzz.py{' ' + argv if argv else ''}`: {n_gen} generated "
+                      f"inputs in {gen_seconds:.0f} s (2 processes), {n_faults} faults in {fault_seconds:.0f} s",
+                      f"- bad (tracebacks, hangs, unclear ends, partial folders, orphans, changed inputs, invalid "
+                      f"inputs built): {counts.bad() + len(bad_faults)}", "", "```", counts.format_table(), "```"]
+    if table:
+        lines += ["", "```", faultlib.format_table(table), "```"]
+    failures = counts.format_failures()
+    if failures or bad_faults:
+        lines += ["", "failing cases (up to 3 per kind and column):", "", "```", failures]
+        lines += [f"{fault} {column}: {detail[:300]}" for fault, column, detail in bad_faults[:12]] + ["```"]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
