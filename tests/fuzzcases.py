@@ -183,6 +183,9 @@ def classify(case: Case, rc: object, text: str, folder: Path) -> tuple[str, str]
 
 
 def incomplete(target: Path) -> str:
+    if config_only(target):  # extra option config_only=true: genai_config.json and the tokenizer, no model
+        left = {"genai_config.json", "build_report.json"} - {p.name for p in target.iterdir()}
+        return f"rc 0 but the config_only build {target.name} lacks {sorted(left)}" if left else ""
     if not target.is_dir() or not OUTPUT_FILES <= {p.name for p in target.iterdir()}:
         return f"rc 0 but {target.name} lacks {sorted(OUTPUT_FILES - {p.name for p in target.iterdir()}) if target.is_dir() else 'everything'}"
     import onnxruntime as ort
@@ -192,6 +195,13 @@ def incomplete(target: Path) -> str:
     except Exception as e:  # noqa: BLE001
         return f"rc 0 but model.onnx does not load: {str(e)[:200]}"
     return ""
+
+
+def config_only(target: Path) -> bool:
+    try:
+        return json.loads((target / "build_report.json").read_text())["recipe"].get("config_only") is True
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 def tokenizer_warned(target: Path) -> bool:

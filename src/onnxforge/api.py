@@ -79,6 +79,9 @@ def build(
         _check_runtime_limits(spec, recipe)
         names = arch.resolver(source)
         recipe = apply_template(recipe, template_for(arch.model_type).name).bind(spec, native_lookup(source, spec, names))
+        if recipe.config_only:
+            return _config_only(Path(output), overwrite, source, arch, spec, recipe, max_length, tokenizer_warnings,
+                                start)
         # the input's hash streams every byte: it runs beside the build (hashlib releases the GIL)
         fingerprint = ThreadPoolExecutor(1, thread_name_prefix="onnxforge-hash")
         input_sha256 = fingerprint.submit(source.fingerprint)
@@ -107,7 +110,7 @@ def build(
             writer = WeightWriter(tmp, workers=workers)
             with processes(min(writer.workers, os.cpu_count() or 1)):  # default / k_quant / hqq slices go to worker processes
                 writer.run(builder, _progress_callback(progress, builder))
-            report_unused(report, source, arch, strict)  # after the writer: its jobs read the weights
+            report_unused(report, source, arch, strict, emitter.left_out)  # after the writer: its jobs read the weights
             report.notes.extend(_as_stored_note(builder, recipe))  # after the writer: it measured the closest forms
             report.input_sha256 = input_sha256.result()
             model_ir = builder.to_model("onnxforge", __version__)
@@ -116,9 +119,7 @@ def build(
             except OSError as e:
                 raise OutputError(f"cannot write model.onnx: {e.strerror}") from None
             source.write_tokenizer(tmp)
-            config = genai_config(spec, arch.model_type, source.generation_config, provider=recipe.provider,
-                                  max_length=max_length, tokenizer_dir=tmp, notes=report.notes)
-            _write_json(tmp / "genai_config.json", config)
+            _write_genai_config(tmp, spec, arch, source, recipe, max_length, report.notes)
             report.groups = [{"label": g.label, "storage": g.storage, "bytes": g.nbytes, "sources": list(g.sources),
                               "initializers": list(g.initializers), **_max_difference(builder, g.label)}
                              for g in writer.groups]
@@ -131,6 +132,36 @@ def build(
     finally:
         source.close()
         release_output()  # after the rename: the lock covers the whole build
+
+
+def _write_genai_config(folder: Path, spec, arch, source, recipe: Recipe, max_length: int | None,
+                        notes: list[str]) -> None:
+    config = genai_config(spec, arch.model_type, source.generation_config, provider=recipe.provider,
+                          max_length=max_length, tokenizer_dir=folder, notes=notes,
+                          embeds_input=recipe.exclude_embeds, logits_output=not recipe.exclude_lm_head)
+    _write_json(folder / "genai_config.json", config)
+
+
+def _config_only(output: Path, overwrite: bool, source, arch, spec, recipe: Recipe, max_length: int | None,
+                 warnings: list[str], start: float) -> BuildReport:
+    """config_only (the anchor's option): genai_config.json, the tokenizer and build_report.json (which marks the
+    folder as a build), no model and no weight read; the input is not hashed (that would read every weight)."""
+    describe = recipe.describe()
+    report = BuildReport(output=str(output), architecture=arch.name, model_type=arch.model_type,
+                         precision=recipe.precision, provider=recipe.provider, recipe=describe, input_sha256="",
+                         recipe_sha256=hashlib.sha256(json.dumps(describe, sort_keys=True).encode()).hexdigest())
+    report.notes.append("config_only: genai_config.json and the tokenizer only, no model.onnx and no weight read "
+                        "(input_sha256 is left empty)")
+    report.warnings.extend(warnings)
+    with staged_folder(output, overwrite) as tmp:
+        source.write_tokenizer(tmp)
+        _write_genai_config(tmp, spec, arch, source, recipe, max_length, report.notes)
+        report.seconds = time.perf_counter() - start
+        report.peak_rss = peak_rss_bytes()
+        report.files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+        _write_json(tmp / "build_report.json", report.to_json())
+        report.files["build_report.json"] = (tmp / "build_report.json").stat().st_size
+    return report
 
 
 def _recipe_for(recipe: Recipe | None, precision: str | None, provider: str | None) -> Recipe:

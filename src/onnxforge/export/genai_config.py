@@ -57,7 +57,10 @@ def choose_pad(pad, eos, bos, unk, vocab_size: int, emitted: int | None = None) 
 
 def genai_config(spec: ModelSpec, model_type: str, generation: dict | None, *, filename: str = "model.onnx",
                  provider: str = "cpu", max_length: int | None = None, tokenizer_dir: Path | None = None,
-                 notes: list[str] | None = None) -> dict:
+                 notes: list[str] | None = None, embeds_input: bool = False, logits_output: bool = True) -> dict:
+    """`embeds_input`/`logits_output`: the decoder takes inputs_embeds instead of input_ids (exclude_embeds), and
+    outputs logits (not with exclude_lm_head); as onnxruntime-genai 0.18's builder, a hidden_states output gets
+    no entry."""
     gen = generation or {}
     eos = gen.get("eos_token_id", spec.eos_token_id)
     bos = gen.get("bos_token_id", spec.bos_token_id)
@@ -77,12 +80,12 @@ def genai_config(spec: ModelSpec, model_type: str, generation: dict | None, *, f
         "head_size": a.head_dim,
         "hidden_size": spec.hidden_size,
         "inputs": {
-            "input_ids": "input_ids",
+            **({"inputs_embeds": "inputs_embeds"} if embeds_input else {"input_ids": "input_ids"}),
             "attention_mask": "attention_mask",
             **states_in,
         },
         "outputs": {
-            "logits": "logits",
+            **({"logits": "logits"} if logits_output else {}),
             **states_out,
         },
         "num_attention_heads": a.num_heads,

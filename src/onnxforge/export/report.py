@@ -74,10 +74,9 @@ class BuildReport:
         return out
 
     def summary(self) -> str:
-        lines = [
-            f"onnxforge: built {self.architecture} ({self.precision}, {self.provider}) into {self.output}",
-            f"  {'weight group':<42} {'storage':<32} {'count':>5} {'bytes':>10}",
-        ]
+        lines = [f"onnxforge: built {self.architecture} ({self.precision}, {self.provider}) into {self.output}"]
+        if self.groups:  # a config_only build has none
+            lines.append(f"  {'weight group':<42} {'storage':<32} {'count':>5} {'bytes':>10}")
         for (role, storage), (n, b) in self.by_role().items():
             lines.append(f"  {role:<42} {storage:<32} {n:>5} {human(b):>10}")
         if self.shared_embeddings:

@@ -34,26 +34,54 @@ class Decoder(Emitter):
 
     # -- model -----------------------------------------------------------------------------
     def build(self) -> None:
-        spec, b, io = self.spec, self.b, self.io
-        self.names.lm_head(spec.tie_embeddings)  # an untied checkpoint without lm_head: refused before any read
-        input_ids = b.input("input_ids", ir.DataType.INT64, ["batch_size", "sequence_length"])
+        spec, b, io, plan = self.spec, self.b, self.io, self.plan
+        self.left_out: list[str] = []  # checkpoint tensors the output-shaping options leave out on purpose
+        if not plan.exclude_lm_head:  # an untied checkpoint without lm_head: refused before any read
+            self.names.lm_head(spec.tie_embeddings)
+        tokens = self.model_input()
         mask = b.input("attention_mask", ir.DataType.INT64, ["batch_size", "total_sequence_length"])
         self.past = state_inputs(self)
         seqlens_k, total_len = self.mask_to_lengths(mask)
         ctx = AttnInputs(seqlens_k, total_len, self.rotary_tables(total_len),
-                         self.positions(input_ids, seqlens_k, total_len))
-        lm_head_store, x = self.embedding(input_ids)
+                         self.positions(tokens, seqlens_k, total_len))
+        lm_head_store, x = self.embedding(tokens)
         block = BLOCKS[spec.block]
         h = Stream(x)
         for i in range(spec.num_layers):
             h = block(self, i, h, ctx)
         x, _ = norm(self, h, "final_norm", None, "/model/norm")
-        if self.plan.prune_lm_head:  # the last position only: (B, S, H) -> (B, 1, H)
+        if plan.exclude_lm_head or plan.include_hidden_states:  # the final norm's output, as the anchor's
+            b.output(x, "hidden_states", io.ir_dtype, ["batch_size", "sequence_length", spec.hidden_size])
+        if plan.exclude_lm_head:
+            self._leave_out("lm_head", self._lm_head_names())
+            return
+        if plan.prune_lm_head:  # the last position only: (B, S, H) -> (B, 1, H)
             x = b.op("Slice", [x, b.const([-1], np.int64), b.const([np.iinfo(np.int64).max], np.int64),
                                b.const([1], np.int64)], "/lm_head/prune/Slice")
         logits = self.lm_head(x, lm_head_store)
-        seq = 1 if self.plan.prune_lm_head else "sequence_length"
+        seq = 1 if plan.prune_lm_head else "sequence_length"
         b.output(logits, "logits", io.ir_dtype, ["batch_size", seq, spec.vocab_size])
+
+    def model_input(self) -> ir.Value:
+        """input_ids (batch, seq) int64, or with exclude_embeds the embedding layer's output, inputs_embeds
+        (batch, seq, hidden) in the activation dtype (named as Hugging Face and the anchor name it)."""
+        if self.plan.exclude_embeds:
+            return self.b.input("inputs_embeds", self.io.ir_dtype, ["batch_size", "sequence_length",
+                                                                     self.spec.hidden_size])
+        return self.b.input("input_ids", ir.DataType.INT64, ["batch_size", "sequence_length"])
+
+    def _leave_out(self, what: str, names: Sequence[str]) -> None:
+        option = "exclude_embeds" if what == "the embedding" else "exclude_lm_head"
+        names = [n for n in names if self.source.has(n)]
+        self.left_out.extend(names)
+        unread = f"{', '.join(names)} not read" if names else "its weight, tied to the other end, is still read"
+        self.notes.append(f"{option}: {what} is left out of the model ({unread})")
+
+    def _lm_head_names(self) -> list[str]:
+        if self.spec.tie_embeddings:
+            return []
+        names = [f"{self.names.module('lm_head')}.weight"]
+        return names + ([f"{self.names.module('lm_head')}.bias"] if self.spec.lm_head_bias else [])
 
     def mask_to_lengths(self, mask: ir.Value) -> tuple[ir.Value, ir.Value]:
         b, base = self.b, "/model/attn_mask_reformat/attn_mask_subgraph"
@@ -121,7 +149,12 @@ class Decoder(Emitter):
         spec = self.spec
         V, H = spec.vocab_size, spec.hidden_size
         embed = self.names.module("embed")
-        head_st = self.plan.storage(["/lm_head/MatMul", "lm_head"], "MatMul")
+        head_st = self.io if self.plan.exclude_lm_head else self.plan.storage(["/lm_head/MatMul", "lm_head"], "MatMul")
+        if self.plan.exclude_embeds:  # the caller's embeddings, scaled as the embedding layer scales them
+            self.shared = False
+            tied = spec.tie_embeddings and not self.plan.exclude_lm_head  # the lm_head still reads it
+            self._leave_out("the embedding", [] if tied else [f"{embed}.weight"])
+            return head_st, input_ids
         embed_st = self.plan.storage(["/model/embed_tokens/Gather", embed], "Gather")
         self.expect(f"{embed}.weight", (V, H))
         self.shared = self.plan.share_embeddings(spec, embed_st, head_st)

@@ -26,6 +26,9 @@ class Plan(Protocol):
     io: Storage  # activation dtype (bits == 0)
     unpack_matmul: bool
     prune_lm_head: bool
+    exclude_embeds: bool  # output shaping (quant/recipe.py): an inputs_embeds input, a hidden_states output
+    exclude_lm_head: bool
+    include_hidden_states: bool
 
     def storage(self, names: Sequence[str], op: str) -> Storage: ...
 

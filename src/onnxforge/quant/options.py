@@ -104,15 +104,6 @@ def _int(field: str) -> Callable[[str, object], dict]:
     return _typed("int", lambda key, value: {field: parse_int(key, value)})
 
 
-def _not_yet(what: str) -> Callable[[str, object], dict]:
-    def check(key: str, value: object) -> dict:
-        if parse_bool(key, value):
-            raise RecipeError(f"{key}=true ({what}) is not supported yet; drop the option")
-        return {}
-
-    return _typed("bool", check)
-
-
 def _off_only(why: str) -> Callable[[str, object], dict]:
     """An anchor option onnxforge does not build: false is accepted (it changes nothing), true is refused."""
     def check(key: str, value: object) -> dict:
@@ -168,10 +159,10 @@ EXTRA_OPTIONS: dict[str, Callable[[str, object], dict]] = {
     "disable_qkv_fusion": _flag("unpack_matmul"),
     "prune_lm_head": _flag("prune_lm_head"),
     "drop_activation_quant": _flag("drop_activation_quant"),
-    "exclude_embeds": _not_yet("a model without its embedding layer"),
-    "exclude_lm_head": _not_yet("a model without its lm_head"),
-    "include_hidden_states": _not_yet("a hidden_states output"),
-    "config_only": _not_yet("genai_config.json without a model"),
+    "exclude_embeds": _flag("exclude_embeds"),
+    "exclude_lm_head": _flag("exclude_lm_head"),
+    "include_hidden_states": _flag("include_hidden_states"),
+    "config_only": _flag("config_only"),
     "hf_remote": _no_remote_code,
     "int8_last_matmul": _flag("int8_last_matmul"),
     "int8_mixed_layers": _flag("int8_mixed_layers"),

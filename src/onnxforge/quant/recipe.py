@@ -14,7 +14,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable, Sequence
 
 from ..errors import RecipeError
@@ -38,7 +38,8 @@ FIELD_KINDS = {
     "accuracy_level": "int", "int8_last_matmul": "bool", "int8_mixed_layers": "bool", "int8_linear_attn": "bool",
     "unpack_matmul": "bool", "prune_lm_head": "bool", "shared_embeddings": "bool", "moe_quant_type": "str",
     "qmoe_block_size": "int", "qmoe_weights_prepacked": "int", "requantize": "bool",
-    "drop_activation_quant": "bool",
+    "drop_activation_quant": "bool", "exclude_embeds": "bool", "exclude_lm_head": "bool",
+    "include_hidden_states": "bool", "config_only": "bool",
 }
 
 
@@ -97,6 +98,13 @@ class Recipe:
     requantize: bool = False
     # a pre-quantized checkpoint tuned with quantized activations (W4A8, W8A8) is built as weight-only, warned
     drop_activation_quant: bool = False
+    # output shaping, the anchor's options (graph/decoder.py): an `inputs_embeds` input instead of `input_ids`; a
+    # `hidden_states` output (the final norm's) instead of `logits`, or beside them; genai_config.json and the
+    # tokenizer without a model
+    exclude_embeds: bool = False
+    exclude_lm_head: bool = False
+    include_hidden_states: bool = False
+    config_only: bool = False
     # names -> the stored quantized form of the weight they name (set by bind(); see quant/native.py)
     native: Callable[[Sequence[str]], NativeFormat | None] | None = field(default=None, compare=False, repr=False)
     template_float: tuple[str, ...] = ()  # what the model-type template keeps float (may match nothing)
@@ -118,6 +126,7 @@ class Recipe:
         _one_of("execution provider", self.provider, PROVIDERS)
         _one_of("int4 method", self.method, METHODS)
         self._check_moe()
+        self._check_shaping()
         if self.block_size not in (16, 32, 64, 128, 256):
             raise RecipeError(f"block size must be one of 16, 32, 64, 128, 256, got {self.block_size}")
         if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
@@ -141,6 +150,29 @@ class Recipe:
         if self.qmoe_weights_prepacked == 1:
             raise RecipeError("qmoe_weights_prepacked=1 (CUTLASS-prepacked experts) is not built: onnxforge writes "
                               "the raw [E, N, K/pack] layout that every provider prepacks at load; use 0 or -1")
+
+    def _check_shaping(self) -> None:
+        """Output-shaping options that contradict another option are an error, never a silent pick."""
+        if self.exclude_lm_head:
+            for other, on in (("include_hidden_states", self.include_hidden_states),
+                              ("prune_lm_head", self.prune_lm_head), ("int8_last_matmul", self.int8_last_matmul),
+                              ("shared_embeddings", self.shared_embeddings)):
+                if on:
+                    also = " (exclude_lm_head already outputs hidden_states)" if other == "include_hidden_states" else ""
+                    raise RecipeError(f"exclude_lm_head=true leaves the lm_head out, so {other}=true has nothing to "
+                                      f"act on{also}; drop one of them")
+        if self.exclude_embeds:
+            for other, on in (("shared_embeddings", self.shared_embeddings), ("op_types Gather", "Gather" in self.op_types)):
+                if on:
+                    raise RecipeError(f"exclude_embeds=true leaves the embedding out, so {other} has nothing to act on; "
+                                      "drop one of them")
+        if self.config_only:
+            skip = {"precision", "provider", "exclude_embeds", "exclude_lm_head", "include_hidden_states",
+                    "config_only", "num_layers", "native", "seen", "template_float"}
+            given = [f.name for f in fields(self) if f.name not in skip and getattr(self, f.name) != f.default]
+            if given:
+                raise RecipeError(f"config_only=true writes genai_config.json and the tokenizer, no weights, so "
+                                  f"{', '.join(given)} would be ignored; drop {'it' if len(given) == 1 else 'them'} (or config_only)")
 
     # -- derived ------------------------------------------------------------------------------
     @property
@@ -251,7 +283,7 @@ class Recipe:
         return False
 
     def share_embeddings(self, spec: ModelSpec, embed: Storage, lm_head: Storage) -> bool:
-        if self.shared_embeddings is False:
+        if self.shared_embeddings is False or self.exclude_embeds or self.exclude_lm_head:
             return False
         if self.shared_embeddings and not spec.tie_embeddings:
             raise RecipeError(
@@ -276,6 +308,8 @@ class Recipe:
             "shared_embeddings": self.shared_embeddings,
             "moe_quant_type": self.moe_quant_type, "qmoe_block_size": self.qmoe_block_size,
             "requantize": self.requantize, "drop_activation_quant": self.drop_activation_quant,
+            "exclude_embeds": self.exclude_embeds, "exclude_lm_head": self.exclude_lm_head,
+            "include_hidden_states": self.include_hidden_states, "config_only": self.config_only,
         }
 
 

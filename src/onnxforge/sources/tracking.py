@@ -66,14 +66,17 @@ class TrackingSource:
         return [n for n in unread if n not in skip], expected
 
 
-def report_unused(report, source: TrackingSource, arch, strict: bool = False) -> None:
+def report_unused(report, source: TrackingSource, arch, strict: bool = False, left_out: Iterable[str] = ()) -> None:
     """Fill `report.unread_tensors` with the checkpoint tensors the build never read, and warn about them
     (raise CheckpointError with `strict`). Those the family expects to leave unread
-    (`Architecture.ignored`, which api._ignored_note already notes, and ALWAYS_IGNORED) get a note."""
+    (`Architecture.ignored`, which api._ignored_note already notes, and ALWAYS_IGNORED) get a note; `left_out`
+    (what the build's options leave out, which the build notes itself) neither."""
     from ..export.report import fold_layers
 
     family = tuple(getattr(arch, "ignored", ()))
     unread, expected = source.unused(family)
+    skip = set(left_out)
+    unread = [n for n in unread if n not in skip]
     report.unread_tensors = unread
     others = [n for n in expected if not any(fnmatch.fnmatchcase(n, g) for g in family)]
     if others:

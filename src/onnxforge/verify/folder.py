@@ -45,6 +45,9 @@ def load_onnx(model_dir, cfg: dict | None = None):
 
     name = ((cfg or {}).get("model", {}).get("decoder", {}).get("filename")) or "model.onnx"
     path = Path(model_dir) / name
+    if not path.is_file() and _built_with(model_dir, "config_only"):
+        raise RunError(f"{model_dir} was built with config_only=true: it holds genai_config.json and the tokenizer, "
+                       f"no {name}; build it without config_only (or put your own {name} there) to use it")
     if not path.is_file():
         raise RunError(f"{path} does not exist: {model_dir} has no {name}; is it an onnxforge or onnxruntime-genai "
                        f"model folder? If it is, {REBUILD}")
@@ -133,10 +136,33 @@ def check_tokenizer_files(model_dir, need: str) -> None:
     raise RunError(f"{path} {why}, so `run`/`chat` cannot use this model; `verify` and `perplexity` can")
 
 
+def _built_with(model_dir, option: str) -> bool:
+    """Whether build_report.json records the recipe option `option` as true."""
+    try:
+        report = json.loads((Path(model_dir) / "build_report.json").read_text(encoding="utf-8"))
+        return report["recipe"].get(option) is True
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def check_token_io(model_dir, cfg: dict) -> None:
+    """run/chat/perplexity/verify feed token ids and read logits: a decoder built without either (the anchor's
+    exclude_embeds / exclude_lm_head) is one error naming the option."""
+    decoder = cfg["model"]["decoder"]
+    for side, key, option, instead in (("inputs", "input_ids", "exclude_embeds", "inputs_embeds"),
+                                       ("outputs", "logits", "exclude_lm_head", "hidden_states")):
+        if key not in (decoder.get(side) or {}):
+            raise RunError(f"{model_dir} has no {key} {side[:-1]} (built with {option}=true: it "
+                           f"{'takes' if side == 'inputs' else 'outputs'} {instead}), and this command "
+                           f"{'feeds token ids' if side == 'inputs' else 'reads logits'}; build it without {option} "
+                           "to run it here")
+
+
 def check_model_folder(model_dir, tokenizer: str = "genai") -> dict:
     """genai_config.json, the decoder model and its data, and the tokenizer (see check_tokenizer_files);
     returns genai_config.json."""
     cfg = read_genai_config(model_dir)
+    check_token_io(model_dir, cfg)
     load_onnx(model_dir, cfg)
     check_tokenizer_files(model_dir, tokenizer)
     return cfg
