@@ -8,10 +8,12 @@ with its size and speed against QMoE at the same shape.
 
     python bench/qmoe_error.py            # 64 experts, hidden 1024, width 512, 32 tokens; ~2 minutes on 2 cores
     python bench/qmoe_error.py --smoke    # tiny, seconds
+    python bench/qmoe_error.py --experts 128 --hidden 2048 --width 768 --blocks 0,32   # Qwen3-30B-A3B's shape
 """
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 
 import numpy as np
@@ -21,6 +23,8 @@ from onnx import TensorProto as T
 from onnx import helper as h
 
 from onnxforge.quant.qmoe import dequantize_qmoe, qmoe_arrays, quantize_expert
+
+THREADS = 2
 
 
 def stored(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -44,22 +48,24 @@ def session(op: str, inits: dict[str, np.ndarray], H: int, E: int, k: int, **att
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 21), h.make_opsetid("com.microsoft", 1)],
                          ir_version=10)
     so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    so.intra_op_num_threads = THREADS
+    with tempfile.TemporaryDirectory() as tmp:  # external data: an fp32 MoE of a real shape is over protobuf's 2 GB
+        onnx.save(model, f"{tmp}/m.onnx", save_as_external_data=True, location="m.data")
+        return ort.InferenceSession(f"{tmp}/m.onnx", so, providers=["CPUExecutionProvider"])
 
 
 def reference(x: np.ndarray, r: np.ndarray, w1: np.ndarray, w2: np.ndarray, k: int) -> np.ndarray:
     """Top-k of softmax(r), renormalised; fc1 rows interleaved gate/up; SiLU(gate) x up; in float64."""
-    x, w1, w2 = x.astype(np.float64), w1.astype(np.float64), w2.astype(np.float64)
+    x = x.astype(np.float64)
     p = np.exp(r - r.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
     y = np.zeros((x.shape[0], w2.shape[1]))
     for t in range(x.shape[0]):
         top = np.argsort(-p[t])[:k]
         for e, wt in zip(top, p[t, top] / p[t, top].sum()):
-            a = w1[e] @ x[t]
+            a = w1[e].astype(np.float64) @ x[t]
             g, u = a[0::2], a[1::2]
-            y[t] += wt * (w2[e] @ (g / (1 + np.exp(-g)) * u))
+            y[t] += wt * (w2[e].astype(np.float64) @ (g / (1 + np.exp(-g)) * u))
     return y
 
 
@@ -74,8 +80,15 @@ def timed(s: ort.InferenceSession, feed: dict, reps: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--experts", type=int, default=64)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--blocks", default="0,16,32,128", help="QMoE blocks to try (0: per channel)")
     args = ap.parse_args()
-    E, H, I, k, tokens = (4, 64, 32, 2, 4) if args.smoke else (64, 1024, 512, 2, 32)
+    global THREADS
+    THREADS = args.threads
+    E, H, I, k, tokens = (4, 64, 32, 2, 4) if args.smoke else (args.experts, args.hidden, args.width, 2, 32)
     rng = np.random.default_rng(0)
     w1 = (rng.normal(size=(E, 2 * I, H)) / np.sqrt(H)).astype(np.float32)
     w2 = (rng.normal(size=(E, H, I)) / np.sqrt(I)).astype(np.float32)
@@ -83,11 +96,12 @@ def main() -> None:
     r = rng.normal(size=(tokens, E)).astype(np.float32)
     feed = {"x": x, "r": r}
     reps = 3 if args.smoke else 10
-    print(f"E={E} H={H} I={I} top-{k}, {tokens} tokens; |difference| to float64 on the op's own weights")
+    print(f"E={E} H={H} I={I} top-{k}, {tokens} tokens, {THREADS} threads, onnxruntime {ort.__version__}; "
+          "|difference| to float64 on the op's own weights")
     print(f"{'op':<6} {'bits':>4} {'block':>5} {'acc':>3} {'max |diff|':>11} {'max |ref|':>9} {'rel':>9} "
           f"{'weights MB':>10} {'ms/run':>7}")
     for bits in (4, 8):
-        for block in [b for b in (0, 16, 32, 128) if b == 0 or (H % b == 0 and I % b == 0)]:
+        for block in [b for b in map(int, args.blocks.split(",")) if b == 0 or (H % b == 0 and I % b == 0)]:
             c1, s1, d1 = stored(w1, bits, block)
             c2, s2, d2 = stored(w2, bits, block)
             ref = reference(x, r, d1, d2, k)
