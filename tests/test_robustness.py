@@ -410,8 +410,20 @@ def test_integer_weights_are_refused(folder, tmp_path):
 def test_generation_config_values_are_checked(folder, tmp_path):
     out = tmp_path / "out"
     for bad, match in (({"temperature": float("nan")}, "temperature must be a finite number"),
-                       ({"eos_token_id": "</s>"}, "eos_token_id must be an integer")):
+                       ({"eos_token_id": "</s>"}, "eos_token_id must be a non-negative integer"),
+                       ({"bos_token_id": [0, 1]}, "bos_token_id lists 2 ids"),
+                       ({"pad_token_id": -1}, "pad_token_id must be a non-negative integer"),
+                       ({"eos_token_id": []}, "eos_token_id is an empty list")):
         (folder / "generation_config.json").write_text(json.dumps(bad))
         with pytest.raises(OnnxForgeError, match=match):
             onnxforge.build(folder, out)
         assert_clean(out)
+
+
+def test_a_list_of_one_bos_or_pad_id_is_that_id(folder, tmp_path):
+    """generation_config.json's {"bos_token_id": [1]} (a list of one) is read as 1 (it used to end in a TypeError)."""
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": [1], "pad_token_id": [0],
+                                                               "eos_token_id": [0, 1]}))
+    onnxforge.build(folder, tmp_path / "out")
+    search = json.loads((tmp_path / "out" / "genai_config.json").read_text())["model"]
+    assert search["bos_token_id"] == 1 and search["eos_token_id"] == [0, 1]

@@ -477,14 +477,29 @@ def base_spec(cfg: dict, layer_kinds: Mapping[str, str] | None = None, **overrid
 
 
 def _token(cfg: dict, key: str):
-    v = cfg.get(key)
+    return token_ids(cfg.get(key), key, "config.json")
+
+
+def token_ids(v, key: str, where: str):
+    """A bos/eos/pad id as onnxruntime-genai reads it: bos and pad one integer (a list of one is taken as that
+    id), eos one integer or a non-empty list of integers; None when absent. Anything else is one ConfigError."""
 
     def token(x) -> bool:
-        return isinstance(x, int) and not isinstance(x, bool)
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
-    if v is None or token(v) or (isinstance(v, list) and all(token(x) for x in v)):
+    if v is None or token(v):
         return v
-    raise ConfigError(f"config.json: {key} must be an integer or a list of integers, got {v!r}")
+    if isinstance(v, list) and v and all(token(x) for x in v):
+        if key == "eos_token_id":
+            return v
+        if len(v) == 1:
+            return v[0]
+        raise ConfigError(f"{where}: {key} lists {len(v)} ids {v!r}; onnxruntime-genai takes one: keep the one "
+                          "the tokenizer uses")
+    if isinstance(v, list) and not v:
+        raise ConfigError(f"{where}: {key} is an empty list; give the token's id, or remove the key")
+    raise ConfigError(f"{where}: {key} must be a non-negative integer{' or a list of them' if key == 'eos_token_id' else ''}, "
+                      f"got {v!r}")
 
 
 def replace(obj, **changes):

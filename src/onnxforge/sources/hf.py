@@ -56,13 +56,12 @@ def read_json(path: Path, what: str) -> dict:
 def _check_generation_config(gen: dict, path: Path) -> dict:
     """Values copied into genai_config.json must be what its reader accepts (no NaN, ids are ints)."""
 
-    def token(x) -> bool:
-        return isinstance(x, int) and not isinstance(x, bool)
+    from ..spec import token_ids
 
+    gen = dict(gen)
     for key in GENERATION_TOKEN_KEYS:
-        v = gen.get(key)
-        if not (v is None or token(v) or (isinstance(v, list) and all(token(x) for x in v))):
-            raise ConfigError(f"{path}: {key} must be an integer or a list of integers, got {v!r}")
+        if key in gen:
+            gen[key] = token_ids(gen[key], key, str(path))
     for key, v in gen.items():
         if isinstance(v, float) and not math.isfinite(v):
             raise ConfigError(f"{path}: {key} must be a finite number, got {v!r}")
