@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
 
-from onnxforge.errors import CheckpointError, OnnxForgeError, UnsupportedArchitectureError
+import onnxforge
+from onnxforge.errors import CheckpointError, ConfigError, OnnxForgeError, UnsupportedArchitectureError
 from onnxforge.sources.gguf import GGUFSource, open_gguf
 
 torch = pytest.importorskip("torch")
@@ -740,3 +741,17 @@ def test_read_errors_are_ours(tiny_llama_files):
     source.close()
     with pytest.raises(OnnxForgeError, match="closed"):
         source.read("model.embed_tokens.weight")
+
+
+def test_partial_rope_on_a_whole_head_family_is_refused(tiny_llama_files, bpe_vocab, tmp_path, monkeypatch):
+    """A llama GGUF whose rope.dimension_count is below head_dim: llama.cpp rotates only part of each head,
+    the llama graph (and transformers) the whole head; refused before any weight is read, not built wrong."""
+    _, model, _ = tiny_llama_files[QT.F32]
+    real = gguf.GGUFWriter.add_rope_dimension_count
+    monkeypatch.setattr(gguf.GGUFWriter, "add_rope_dimension_count", lambda self, n: real(self, n // 2))
+    path = tmp_path / "half-rope.gguf"
+    write_gguf(path, model, bpe_vocab)
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match=r"rope.dimension_count 8 is below head_dim 16.*rotates whole heads"):
+        onnxforge.build(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -389,6 +389,13 @@ class GGUFSource:
             **self._family.config_extra,
         }
         if rope_dim != head_dim:
+            from ..archs.registry import load_families
+
+            arch = load_families().get(self._family.architecture)
+            if arch is not None and not arch.partial_rotary:  # its graph (as transformers') rotates whole heads
+                raise ConfigError(f"{self.path}: rope.dimension_count {rope_dim} is below head_dim {head_dim}: llama.cpp "
+                                  f"rotates only that part of each head, which the {arch.name} graph cannot (it rotates "
+                                  "whole heads, as transformers does); this file cannot be built faithfully")
             config["partial_rotary_factor"] = rope_dim / head_dim
         for suffix, hf_key in self._family.config_keys.items():
             value = self._key(suffix, None)
