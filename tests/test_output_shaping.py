@@ -216,3 +216,41 @@ def test_genai_reads_the_shaped_configs(tiny_models, tmp_path):
         onnxforge.build(folder, out, recipe=_recipe(**{option: True}))
         og.Config(str(out))
     og.Model(str(tmp_path / "include_hidden_states"))
+
+
+def _anchor_build(folder, out, option: str) -> None:
+    """The real producer: onnxruntime-genai 0.18's builder on the same checkpoint, fp32 CPU."""
+    import subprocess
+    import sys
+
+    code = ("import onnxruntime, runpy, sys; sys.argv = ['builder'] + sys.argv[1:]; "
+            "runpy.run_module('onnxruntime_genai.models.builder', run_name='__main__')")
+    argv = [sys.executable, "-c", code, "-i", str(folder), "-m", str(folder), "-o", str(out), "-p", "fp32", "-e", "cpu",
+            "-c", str(out.parent / "anchor-cache"), "--extra_options", f"{option}=true"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("option", ["exclude_embeds", "exclude_lm_head", "include_hidden_states", "config_only"])
+def test_same_io_and_config_as_the_anchor(tiny_models, tmp_path, option):
+    """Graph inputs/outputs (names, order, dtypes, shapes) and genai_config.json's decoder inputs/outputs equal to
+    those of onnxruntime-genai's builder; its hidden_states equal ours."""
+    pytest.importorskip("onnxruntime_genai")
+    folder, model = tiny_models("llama")
+    anchor, ours = tmp_path / "anchor", tmp_path / "ours"
+    _anchor_build(folder, anchor, option)
+    onnxforge.build(folder, ours, recipe=_recipe(**{option: True}))
+    assert {p.name for p in anchor.iterdir()} == {p.name for p in ours.iterdir()} - {"build_report.json"}
+    a, o = (json.loads((d / "genai_config.json").read_text())["model"]["decoder"] for d in (anchor, ours))
+    assert (a["inputs"], a["outputs"]) == (o["inputs"], o["outputs"])
+    if option == "config_only":
+        return
+    # the states' head-size dim is symbolic in the anchor's graph (kv_cache_dim), a number in ours: not compared
+    shaped = [[(k, v) for k, v in side.items() if not k.startswith(("past", "present"))] for d in (anchor, ours)
+              for side in _io(d)]
+    assert shaped[:2] == shaped[2:]
+    if option != "exclude_embeds":
+        prompt, decode = prompt_and_decode(2)
+        seq = _chunks(np.array([prompt + decode]), len(prompt))
+        assert np.abs(_run(anchor, "input_ids", seq)["hidden_states"] - _run(ours, "input_ids", seq)["hidden_states"]
+                      ).max() < 1e-4

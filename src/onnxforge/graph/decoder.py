@@ -38,8 +38,7 @@ class Decoder(Emitter):
         self.left_out: list[str] = []  # checkpoint tensors the output-shaping options leave out on purpose
         if not plan.exclude_lm_head:  # an untied checkpoint without lm_head: refused before any read
             self.names.lm_head(spec.tie_embeddings)
-        tokens = self.model_input()
-        mask = b.input("attention_mask", ir.DataType.INT64, ["batch_size", "total_sequence_length"])
+        tokens, mask = self.model_inputs()
         self.past = state_inputs(self)
         seqlens_k, total_len = self.mask_to_lengths(mask)
         ctx = AttnInputs(seqlens_k, total_len, self.rotary_tables(total_len),
@@ -53,7 +52,7 @@ class Decoder(Emitter):
         if plan.exclude_lm_head or plan.include_hidden_states:  # the final norm's output, as the anchor's
             b.output(x, "hidden_states", io.ir_dtype, ["batch_size", "sequence_length", spec.hidden_size])
         if plan.exclude_lm_head:
-            self._leave_out("lm_head", self._lm_head_names())
+            self._leave_out("the lm_head", self._lm_head_names())
             return
         if plan.prune_lm_head:  # the last position only: (B, S, H) -> (B, 1, H)
             x = b.op("Slice", [x, b.const([-1], np.int64), b.const([np.iinfo(np.int64).max], np.int64),
@@ -62,19 +61,22 @@ class Decoder(Emitter):
         seq = 1 if plan.prune_lm_head else "sequence_length"
         b.output(logits, "logits", io.ir_dtype, ["batch_size", seq, spec.vocab_size])
 
-    def model_input(self) -> ir.Value:
-        """input_ids (batch, seq) int64, or with exclude_embeds the embedding layer's output, inputs_embeds
-        (batch, seq, hidden) in the activation dtype (named as Hugging Face and the anchor name it)."""
-        if self.plan.exclude_embeds:
-            return self.b.input("inputs_embeds", self.io.ir_dtype, ["batch_size", "sequence_length",
-                                                                     self.spec.hidden_size])
-        return self.b.input("input_ids", ir.DataType.INT64, ["batch_size", "sequence_length"])
+    def model_inputs(self) -> tuple[ir.Value, ir.Value]:
+        """(input_ids (batch, seq) int64, attention_mask), or with exclude_embeds the embedding layer's output,
+        inputs_embeds (batch, seq, hidden) in the activation dtype, after the mask: names and order the anchor's."""
+        b, mask_shape = self.b, ["batch_size", "total_sequence_length"]
+        if not self.plan.exclude_embeds:
+            ids = b.input("input_ids", ir.DataType.INT64, ["batch_size", "sequence_length"])
+            return ids, b.input("attention_mask", ir.DataType.INT64, mask_shape)
+        mask = b.input("attention_mask", ir.DataType.INT64, mask_shape)
+        return b.input("inputs_embeds", self.io.ir_dtype, ["batch_size", "sequence_length", self.spec.hidden_size]), mask
 
     def _leave_out(self, what: str, names: Sequence[str]) -> None:
         option = "exclude_embeds" if what == "the embedding" else "exclude_lm_head"
         names = [n for n in names if self.source.has(n)]
         self.left_out.extend(names)
-        unread = f"{', '.join(names)} not read" if names else "its weight, tied to the other end, is still read"
+        other = "the lm_head" if what == "the embedding" else "the embedding"
+        unread = f"{', '.join(names)} not read" if names else f"its tied weight is still read for {other}"
         self.notes.append(f"{option}: {what} is left out of the model ({unread})")
 
     def _lm_head_names(self) -> list[str]:
