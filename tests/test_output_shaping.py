@@ -254,3 +254,14 @@ def test_same_io_and_config_as_the_anchor(tiny_models, tmp_path, option):
         seq = _chunks(np.array([prompt + decode]), len(prompt))
         assert np.abs(_run(anchor, "input_ids", seq)["hidden_states"] - _run(ours, "input_ids", seq)["hidden_states"]
                       ).max() < 1e-4
+
+
+def test_python_api_verify_refuses_a_hidden_states_model(tiny_models, tmp_path):
+    """The Python API's onnxruntime runner (verify, perplexity) says which option, instead of a StopIteration."""
+    from onnxforge.errors import RunError
+    from onnxforge.verify.ort_runner import OrtDecoder
+
+    folder, _ = tiny_models("llama")
+    onnxforge.build(folder, tmp_path / "out", recipe=_recipe(exclude_lm_head=True))
+    with pytest.raises(RunError, match="exclude_lm_head"):
+        OrtDecoder(tmp_path / "out")

@@ -54,6 +54,9 @@ class OrtDecoder:
 
         self.dir = Path(model_dir)
         cfg = json.loads((self.dir / "genai_config.json").read_text())["model"]["decoder"]
+        from .folder import check_token_io
+
+        check_token_io(self.dir, {"model": {"decoder": cfg}})  # token ids in, logits out: else one RunError
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
