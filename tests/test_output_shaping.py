@@ -205,17 +205,23 @@ def test_options_change_the_recipe_hash():
 
 
 def test_genai_reads_the_shaped_configs(tiny_models, tmp_path):
-    """onnxruntime-genai 0.18 parses each config (og.Config); what og.Model does with an inputs_embeds decoder is
-    recorded in the report of this work (a text-only model type needs input_ids)."""
+    """onnxruntime-genai 0.18 parses each config and loads each model; it generates from the include_hidden_states
+    one as transformers does; its text generation needs input_ids and logits (the README says so)."""
     import onnxruntime  # noqa: F401  (loads onnxruntime before onnxruntime_genai)
+    from conftest import genai_greedy, reference_greedy
 
     og = pytest.importorskip("onnxruntime_genai")
-    folder, _ = tiny_models("llama")
+    folder, model = tiny_models("llama")
     for option in ("exclude_embeds", "exclude_lm_head", "include_hidden_states"):
         out = tmp_path / option
         onnxforge.build(folder, out, recipe=_recipe(**{option: True}))
         og.Config(str(out))
-    og.Model(str(tmp_path / "include_hidden_states"))
+        og.Model(str(out))
+    prompt, _ = prompt_and_decode()
+    assert genai_greedy(tmp_path / "include_hidden_states", prompt) == reference_greedy(model, prompt)
+    for option, missing in (("exclude_embeds", "input_ids"), ("exclude_lm_head", "logits")):
+        with pytest.raises(Exception, match=missing):
+            genai_greedy(tmp_path / option, prompt, 2)
 
 
 def _anchor_build(folder, out, option: str) -> None:
@@ -265,3 +271,17 @@ def test_python_api_verify_refuses_a_hidden_states_model(tiny_models, tmp_path):
     onnxforge.build(folder, tmp_path / "out", recipe=_recipe(exclude_lm_head=True))
     with pytest.raises(RunError, match="exclude_lm_head"):
         OrtDecoder(tmp_path / "out")
+
+
+def test_recipe_file_keys(tmp_path):
+    """The same options as TOML recipe keys (typed: a string where a boolean belongs names the key and line)."""
+    from onnxforge.quant.options import load_recipe_file
+
+    good = tmp_path / "good.toml"
+    good.write_text('precision = "fp32"\nexclude_embeds = true\n[extra_options]\ninclude_hidden_states = true\n')
+    r = load_recipe_file(good, Recipe())
+    assert r.exclude_embeds and r.include_hidden_states and not r.exclude_lm_head
+    bad = tmp_path / "bad.toml"
+    bad.write_text('precision = "fp32"\nexclude_lm_head = "true"\n')
+    with pytest.raises(RecipeError, match=r"bad.toml:2: exclude_lm_head takes a boolean"):
+        load_recipe_file(bad, Recipe())
