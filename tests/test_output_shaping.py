@@ -148,6 +148,9 @@ def test_config_only(tiny_models, tmp_path):
     saved = json.loads((out / "build_report.json").read_text())
     assert saved["recipe"]["config_only"] is True and saved["input_sha256"] == "" and not report.groups
     assert saved["recipe_sha256"] != json.loads((tmp_path / "full" / "build_report.json").read_text())["recipe_sha256"]
+    with pytest.raises(RecipeError, match="strict"):
+        onnxforge.build(folder, tmp_path / "strict", recipe=_recipe(config_only=True), strict=True)
+    assert not (tmp_path / "strict").exists()
     # recognised as a build: --overwrite replaces it, and a full build may replace it
     onnxforge.build(folder, out, recipe=_recipe(config_only=True), overwrite=True)
     assert "inputs_embeds" not in (out / "genai_config.json").read_text()

@@ -61,6 +61,9 @@ def build(
         model = resolve_model(model)
     recipe = _recipe_for(recipe, precision, provider)
     _check_values(recipe, workers, max_length, overwrite=overwrite, strict=strict)  # before the source is opened
+    if strict and recipe.config_only:
+        raise RecipeError("config_only=true reads no weight, so strict (every checkpoint tensor is read) cannot "
+                          "hold; drop one of them")
     # the output is checked against the input and the user's files, and locked, before the source is opened
     release_output = claim_output(Path(output), model, overwrite)
     try:
