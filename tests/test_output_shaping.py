@@ -288,3 +288,20 @@ def test_recipe_file_keys(tmp_path):
     bad.write_text('precision = "fp32"\nexclude_lm_head = "true"\n')
     with pytest.raises(RecipeError, match=r"bad.toml:2: exclude_lm_head takes a boolean"):
         load_recipe_file(bad, Recipe())
+
+
+def test_both_ends_excluded_on_a_tied_model(tiny_models, tmp_path):
+    """exclude_embeds + exclude_lm_head on tied embeddings: the table is read by nothing, on purpose (strict
+    builds), and the body maps transformers' embeddings to its last hidden state."""
+    folder, model = tiny_models("llama_tied")
+    out = tmp_path / "out"
+    report = onnxforge.build(folder, out, recipe=_recipe(exclude_embeds=True, exclude_lm_head=True), strict=True)
+    table = list(model.get_input_embeddings().weight.shape)
+    inits = onnx.load(str(out / "model.onnx"), load_external_data=False).graph.initializer
+    assert not report.unread_tensors and not [i.name for i in inits if list(i.dims) == table]
+    inputs, outputs = _io(out)
+    assert "inputs_embeds" in inputs and "hidden_states" in outputs and "logits" not in outputs
+    prompt, decode = prompt_and_decode()
+    ref = _reference(model, prompt + decode)
+    got = _run(out, "inputs_embeds", _chunks(ref["embeds"], len(prompt)))
+    assert np.abs(got["hidden_states"] - ref["hidden_states"]).max() < 1e-4

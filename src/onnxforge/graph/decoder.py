@@ -76,7 +76,9 @@ class Decoder(Emitter):
         names = [n for n in names if self.source.has(n)]
         self.left_out.extend(names)
         other = "the lm_head" if what == "the embedding" else "the embedding"
-        unread = f"{', '.join(names)} not read" if names else f"its tied weight is still read for {other}"
+        both = self.plan.exclude_embeds and self.plan.exclude_lm_head
+        unread = f"{', '.join(names)} not read" if names else \
+            f"its weight is tied to {other}'s, {'left out too' if both else 'which still reads it'}"
         self.notes.append(f"{option}: {what} is left out of the model ({unread})")
 
     def _lm_head_names(self) -> list[str]:
