@@ -149,7 +149,7 @@ class WeightWriter:
             del arrays
             in_flight -= job.nbytes
             self.groups.append(WrittenGroup(job.label, job.storage, job.nbytes, job.sources,
-                                               tuple(slot.name for slot in job.slots)))
+                                           tuple(slot.name for slot in job.slots)))
             if progress:
                 progress(job.nbytes)
 
