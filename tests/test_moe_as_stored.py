@@ -1,8 +1,9 @@
 """MoE experts as stored (issue 24): a GGUF's stacked experts carried over onto QMoE from their own blocks.
 
-The files are written as llama.cpp's convert_hf_to_gguf.py writes them (F32, test_moe_gguf.write_gguf) and then
-quantized by llama.cpp's own quantizer (`llama_model_quantize`, llama-cpp-python: the producers extra), for
-Mixtral and Qwen3-MoE with widths of 256 so the K types apply. With no precision (keep every weight as stored):
+The files are written by llama.cpp's own converter (convert_hf_to_gguf.py from the llama-cpp-python sdist,
+F32, tests/real_converter.py) from a tiny transformers checkpoint and then quantized by llama.cpp's own quantizer
+(`llama_model_quantize`, llama-cpp-python: the producers extra), for Mixtral, Qwen3-MoE and Qwen2-MoE with
+widths of 256 so the K types apply. With no precision (keep every weight as stored):
 - Q4_0, Q5_0, Q8_0 (and Q6_K / Q3_K wherever a file has them): every expert weight the QMoE initializers
   hold, dequantized as the op does, equals gguf-py's dequantization of the file's tensor bit for bit;
 - Q4_K_M: Q4_K (a minimum per sub-block) has no exact QMoE form; its closest form (quant/qmoe.py) keeps
@@ -21,7 +22,6 @@ import numpy as np
 import onnx
 import pytest
 from conftest import onnx_step_logits, prompt_and_decode, reference_logits
-from gguf import GGMLQuantizationType as QT
 
 import onnxforge
 from onnxforge.quant.qmoe import closest_min_form, dequantize_qmoe
@@ -45,38 +45,45 @@ WIDE = {  # K types need rows of 256: hidden 256, expert width 256
 EXACT = ("Q4_0", "Q5_0", "Q8_0", "Q6_K", "Q3_K")
 
 
-@pytest.fixture(scope="module")
-def vocab():
-    from test_gguf_source import train_byte_level_vocab
-
-    return train_byte_level_vocab()
-
-
+PRE = {"mixtral": None, "qwen3_moe": "gpt-2", "qwen2_moe": "gpt-2"}  # see real_converter's doc (tokenizers)
+_CONVERTED: dict = {}
 _FILES: dict = {}
 
 
-def quantized_file(tmp_path_factory, vocab, family: str, ftype: str):
-    """(transformers model, F32 file, llama.cpp-quantized file) of a tiny `family` model."""
-    key = (family, ftype)
-    if key in _FILES:
-        return _FILES[key]
-    from test_moe_gguf import write_gguf
-    from tiny import make_model
+def converted(tmp_path_factory, family: str):
+    """(HF folder, F32 GGUF by llama.cpp's convert_hf_to_gguf.py) of a tiny `family` model, once a session."""
+    if family not in _CONVERTED:
+        from real_converter import real_convert, sentencepiece_tokenizer
+        from tiny import VOCAB, make_model
 
-    folder = tmp_path_factory.mktemp(f"{family}-{ftype}")
-    model = make_model(family, folder / "hf", **WIDE[family], vocab_size=len(vocab["tokens"]))
-    with torch.no_grad():  # small weights: the tiny model's logits stay in a range where fp32 math is exact enough
-        for p in model.parameters():
-            p.mul_(0.5)
-    f32 = folder / "F32.gguf"
-    write_gguf(f32, model, vocab, QT.F32)
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
-    params.nthread = 1
-    out = folder / f"{ftype}.gguf"
-    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), ctypes.byref(params)) == 0
-    _FILES[key] = (model, f32, out)
-    return _FILES[key]
+        folder = tmp_path_factory.mktemp(family)
+        model = make_model(family, folder / "hf", **WIDE[family])
+        with torch.no_grad():  # small weights: the tiny model's logits stay in a range where fp32 math is exact enough
+            for p in model.parameters():
+                p.mul_(0.5)
+        model.save_pretrained(folder / "hf", safe_serialization=True)
+        if PRE[family] is None:
+            sentencepiece_tokenizer(folder / "hf", VOCAB)
+        _CONVERTED[family] = (folder / "hf", real_convert(folder / "hf", folder / "F32.gguf", "f32", PRE[family]))
+    return _CONVERTED[family]
+
+
+def quantized_file(tmp_path_factory, family: str, ftype: str):
+    """(transformers model, F32 file, llama.cpp-quantized file) of a tiny `family` model; the model is loaded
+    afresh from the checkpoint the converter read (a test may overwrite its weights)."""
+    import transformers
+
+    hf, f32 = converted(tmp_path_factory, family)
+    key = (family, ftype)
+    if key not in _FILES:
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+        params.nthread = 1
+        out = f32.with_name(f"{ftype}.gguf")
+        assert llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), ctypes.byref(params)) == 0
+        _FILES[key] = out
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    return model, f32, _FILES[key]
 
 
 def gguf_experts(path, i: int) -> dict[str, tuple[str, np.ndarray]]:
@@ -117,10 +124,10 @@ def storages(report) -> dict[str, dict]:
 
 @pytest.mark.parametrize("family", list(WIDE))
 @pytest.mark.parametrize("ftype", ["Q4_0", "Q8_0", "Q5_0"])
-def test_experts_carried_over_exactly(tmp_path_factory, vocab, family, ftype):
+def test_experts_carried_over_exactly(tmp_path_factory, family, ftype):
     """Each expert weight in the QMoE initializers equals gguf-py's dequantization of the file bit for bit, at the
     format's own width (Q4_0 at 4 bits, Q5_0 / Q8_0 at 8), and the report says exact with max_difference 0."""
-    _, _, path = quantized_file(tmp_path_factory, vocab, family, ftype)
+    _, _, path = quantized_file(tmp_path_factory, family, ftype)
     out = tmp_path_factory.mktemp("out")
     report = build(path, out / "m")
     groups = storages(report)
@@ -142,16 +149,16 @@ def test_experts_carried_over_exactly(tmp_path_factory, vocab, family, ftype):
 K_MAX = {"Q4_1": 16, "Q4_K": 16, "Q5_1": 8, "Q5_K": 8, "Q2_K": 64}
 
 
-@pytest.mark.parametrize("family,ftype,kinds", [("qwen3_moe", "Q4_K_M", {"Q4_K", "Q6_K"}),
+@pytest.mark.parametrize("family,ftype,kinds", [("qwen3_moe", "Q4_K_M", {"Q4_K", "Q6_K"}), ("qwen2_moe", "Q4_K_M", {"Q4_K", "Q6_K"}),
                                                ("mixtral", "Q4_K_M", {"Q4_K", "Q6_K"}),
                                                ("mixtral", "Q6_K", {"Q6_K"}), ("qwen3_moe", "Q3_K_S", {"Q3_K"}),
                                                ("qwen3_moe", "Q5_K_S", {"Q5_K"}), ("mixtral", "Q2_K", {"Q2_K"})])
-def test_k_quant_experts(tmp_path_factory, vocab, family, ftype, kinds):
+def test_k_quant_experts(tmp_path_factory, family, ftype, kinds):
     """llama.cpp's K-quant files: Q6_K and Q3_K experts exact (beside a Q4_K gate/up, Q6_K's blocks of 16 set the
     op's block and Q4_K's are split); Q4_K, Q5_K and Q2_K in the closest form, every d x q kept and each block's
     minimum within d / 2k of the file's where k's range holds it (Q2_K's minimums can lie beyond it: within half a
     step d / 2 there); the report's max_difference per group is the measured difference; no note claims none."""
-    _, _, path = quantized_file(tmp_path_factory, vocab, family, ftype)
+    _, _, path = quantized_file(tmp_path_factory, family, ftype)
     out = tmp_path_factory.mktemp("out") / "m"
     report = build(path, out)
     groups, seen = storages(report), set()
@@ -189,10 +196,10 @@ def test_k_quant_experts(tmp_path_factory, vocab, family, ftype, kinds):
 
 @pytest.mark.parametrize("ftype,label", [("Q4_0", "int4 block 32 (exact Q4_0, QMoE)"),
                                          ("Q8_0", "(re-quantized Q8_0: 8-bit storage > int4)")])
-def test_int4_keeps_4_bit_experts_and_requantizes_wider_ones(tmp_path_factory, vocab, ftype, label):
+def test_int4_keeps_4_bit_experts_and_requantizes_wider_ones(tmp_path_factory, ftype, label):
     """-p int4 keeps experts stored in at most 4 bits as they are, and re-quantizes Q8_0 ones (the report says so);
     the note counts the groups re-quantized and never claims no value changed."""
-    _, _, path = quantized_file(tmp_path_factory, vocab, "mixtral", ftype)
+    _, _, path = quantized_file(tmp_path_factory, "mixtral", ftype)
     report = onnxforge.build(path, tmp_path_factory.mktemp("out") / "m", "int4")
     experts = [g for g in report.to_json()["groups"] if "/moe/experts/" in g["label"]]
     assert len(experts) == 4 and all(label in g["storage"] for g in experts), experts
@@ -202,20 +209,16 @@ def test_int4_keeps_4_bit_experts_and_requantizes_wider_ones(tmp_path_factory, v
     assert bool(re.search(r"carried over exactly; \d+ re-quantized or dequantized", notes)) == (ftype == "Q4_0")
 
 
-def test_q4_1_experts_closest_form(tmp_path_factory, vocab):
-    """Q4_1 experts (gguf-py's quantizer): the closest form, within d / 32 of the file's values per block where
+def test_q4_1_experts_closest_form(tmp_path_factory):
+    """Q4_1 experts (llama.cpp's quantizer): the closest form, within d / 32 of the file's values per block where
     the minimum fits (k = 16), and the note gives the largest difference, which the groups' values reach."""
-    from test_moe_gguf import write_gguf
-    from tiny import make_model
-
+    _, _, path = quantized_file(tmp_path_factory, "mixtral", "Q4_1")
     folder = tmp_path_factory.mktemp("q4_1")
-    model = make_model("mixtral", folder / "hf", **WIDE["mixtral"], vocab_size=len(vocab["tokens"]))
-    write_gguf(folder / "Q4_1.gguf", model, vocab, QT.Q4_1)
-    report = build(folder / "Q4_1.gguf", folder / "m")
+    report = build(path, folder / "m")
     experts = [g for g in report.to_json()["groups"] if "/moe/experts/" in g["label"]]
     assert all("closest Q4_1 form" in g["storage"] and g["max_difference"] > 0 for g in experts)
     fc1, fc2, _ = onnx_experts(folder / "m", 0)
-    ref = gguf_experts(folder / "Q4_1.gguf", 0)
+    ref = gguf_experts(path, 0)
     measured = max(np.abs(fc1[:, 0::2] - ref["gate"][1]).max(), np.abs(fc1[:, 1::2] - ref["up"][1]).max())
     assert experts[0]["max_difference"] == pytest.approx(measured, abs=1e-7)
     worst = max(g["max_difference"] for g in experts)
@@ -248,12 +251,26 @@ def test_closest_min_form_bound():
     assert np.allclose(np.diff(w[1:], axis=-1), np.diff(ref[1:], axis=-1), atol=1e-5)
 
 
+def near_ties(model, ids, margin: float = 0.01) -> np.ndarray:
+    """Positions where some layer's router (transformers, the reference) has its k-th and (k+1)-th expert logits
+    within `margin`: there the QMoE kernel's own arithmetic error (issue 24, item 2: ~1% on 8-bit experts) can
+    pick the other expert, so the as-stored logits are compared at the other positions only."""
+    k = model.config.num_experts_per_tok
+    with torch.no_grad():
+        routers = model(torch.tensor([ids]), output_router_logits=True).router_logits
+    tied = np.zeros(len(ids), bool)
+    for r in routers:
+        top = torch.sort(r.reshape(len(ids), -1).float(), -1, descending=True).values
+        tied |= (top[:, k - 1] - top[:, k]).numpy() < margin
+    return tied
+
+
 @pytest.mark.parametrize("family,ftype", [("mixtral", "Q4_0"), ("qwen3_moe", "Q8_0"), ("qwen2_moe", "Q4_0")])
-def test_logits_match_transformers_on_the_dequantized_weights(tmp_path_factory, vocab, family, ftype):
+def test_logits_match_transformers_on_the_dequantized_weights(tmp_path_factory, family, ftype):
     """The as-stored build against transformers holding every weight as gguf-py dequantizes it (read() of the
     GGUF source, Q/K rows unpermuted); the fp32 build of the same file, and the as-stored build with float
     experts (--keep-float on the experts: the MoE op on the dequantized experts), closer still."""
-    model, _, path = quantized_file(tmp_path_factory, vocab, family, ftype)
+    model, _, path = quantized_file(tmp_path_factory, family, ftype)
     out = tmp_path_factory.mktemp("out")
     onnxforge.build(path, out / "m", recipe=Recipe(precision="source", accuracy_level=0))
     onnxforge.build(path, out / "f", "fp32")
@@ -274,7 +291,9 @@ def test_logits_match_transformers_on_the_dequantized_weights(tmp_path_factory, 
             p.copy_(torch.from_numpy(np.ascontiguousarray(value)).reshape(p.shape))
     prompt, decode = prompt_and_decode()
     ref = reference_logits(model, prompt + decode)
-    as_stored = np.abs(onnx_step_logits(out / "m", prompt, decode) - ref).max()
+    tied = near_ties(model, prompt + decode)
+    assert tied.sum() <= len(tied) // 4, tied
+    as_stored = np.abs(onnx_step_logits(out / "m", prompt, decode) - ref)[~tied].max()
     exact = np.abs(onnx_step_logits(out / "f", prompt, decode) - ref).max()
     float_experts = np.abs(onnx_step_logits(out / "k", prompt, decode) - ref).max()
     assert exact < 1e-4 and float_experts < 1e-4, (exact, float_experts)
@@ -323,10 +342,10 @@ def test_prequantized_hf_experts_carried_over(tmp_path, method):
 
 
 @pytest.mark.parametrize("ftype", ["Q8_0", "Q6_K"])
-def test_fp16_scales_are_measured(tmp_path_factory, vocab, ftype):
+def test_fp16_scales_are_measured(tmp_path_factory, ftype):
     """A CUDA build keeps the experts' scales in fp16: Q8_0's own fp16 d survives (exact, difference 0); Q6_K's
     d x sub-scale need not, and the group says so with the measured difference (that of the initializers)."""
-    _, _, path = quantized_file(tmp_path_factory, vocab, "mixtral", ftype)
+    _, _, path = quantized_file(tmp_path_factory, "mixtral", ftype)
     out = tmp_path_factory.mktemp("out") / "m"
     report = onnxforge.build(path, out, "source", "cuda")
     groups = storages(report)
@@ -342,10 +361,10 @@ def test_fp16_scales_are_measured(tmp_path_factory, vocab, ftype):
         assert "no value changed" not in " ".join(report.notes)
 
 
-def test_int4_requantizes_experts_with_a_minimum(tmp_path_factory, vocab):
+def test_int4_requantizes_experts_with_a_minimum(tmp_path_factory):
     """-p int4 on Q4_K_M: a Q4_K expert's closest QMoE form is 8-bit, so it is re-quantized to int4 (said, with a
     warning) instead of stored wider than asked; every expert op is 4-bit."""
-    _, _, path = quantized_file(tmp_path_factory, vocab, "qwen3_moe", "Q4_K_M")
+    _, _, path = quantized_file(tmp_path_factory, "qwen3_moe", "Q4_K_M")
     out = tmp_path_factory.mktemp("out") / "m"
     report = onnxforge.build(path, out, "int4")
     experts = {g["label"]: g["storage"] for g in report.to_json()["groups"] if "/moe/experts/" in g["label"]}
