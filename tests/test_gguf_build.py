@@ -160,3 +160,30 @@ def test_smollm2_int4_builds_runs_and_stays_close(smol_path, smol_fp32, tmp_path
     assert kl < max_kl, f"mean KL {kl}"
     assert len(genai_greedy(out, ids[:8], 8)) == 8
     assert (out / "model.onnx.data").stat().st_size < 0.25 * (smol_fp32 / "model.onnx.data").stat().st_size
+
+
+@pytest.mark.parametrize("outtype", ["f32", "q8_0"])
+def test_real_converter_llama_matches_transformers(tmp_path, outtype):
+    """A GGUF written by llama.cpp's own convert_hf_to_gguf.py (tests/real_converter.py; its q8_0 is the converter's
+    own quantization) from a tiny Llama with head_dim 48 (Q/K rows permuted by the converter), SentencePiece
+    tokenizer: the fp32 build's logits equal transformers on the checkpoint the converter read (f32) or on
+    transformers' own loading of the file (q8_0), and the tokenizer.json built from the file's vocabulary
+    encodes text as the SentencePiece model does."""
+    from real_converter import real_convert, sentencepiece_tokenizer
+    from tiny import TEXT, VOCAB, make_model
+    from tokenizers import Tokenizer
+
+    model = make_model("llama", tmp_path / "hf")
+    sentencepiece_tokenizer(tmp_path / "hf", VOCAB)
+    path = real_convert(tmp_path / "hf", tmp_path / "hf" / f"tiny-{outtype}.gguf", outtype)
+    out = tmp_path / "out"
+    onnxforge.build(path, out, "fp32")
+    ref_model = model if outtype == "f32" else hf_from_gguf(path)
+    prompt, decode = prompt_and_decode()
+    diff = np.abs(onnx_step_logits(out, prompt, decode) - reference_logits(ref_model, prompt + decode)).max()
+    assert diff < 1e-4, diff
+    import sentencepiece
+
+    spm = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "hf" / "tokenizer.model"))
+    text = TEXT[:120] + " Zebra!"  # Z: not in the training text, byte fallback
+    assert Tokenizer.from_file(str(out / "tokenizer.json")).encode(text, add_special_tokens=False).ids == spm.encode(text)
