@@ -187,8 +187,15 @@ def cmd_archs(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """One line for a bad flag or value (where to find the usage, instead of printing all of it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="onnxforge", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="onnxforge", description=__doc__.splitlines()[0])
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"onnxforge {__version__}")
