@@ -303,6 +303,22 @@ def test_method_options_on_a_float_build(ckpt, tmp_path, capsys, no_weights_read
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("flags", [("--method", "default"), ("--block-size", "32")])
+def test_a_named_default_method_option_on_a_float_build(ckpt, tmp_path, capsys, no_weights_read, flags):
+    """`-p fp32 --method default` named a method the float build would ignore (the fault fuzz's one open case)."""
+    code, err = build_cli(ckpt, tmp_path / "out", capsys, "-p", "fp32", *flags)
+    assert code == 2 and "nothing is quantized" in error_line(err), err
+
+
+def test_an_empty_model_path_is_not_the_current_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = main(["build", "-m", "", "-o", str(tmp_path / "out"), "--quiet"])
+    assert code == 2 and "model path is empty" in capsys.readouterr().err
+    with pytest.raises(onnxforge.errors.CheckpointError, match="model path is empty"):
+        onnxforge.build(" ", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 # ---- k_quant on any K, and the QMoE block default that adapts ------------------------------------------
 def test_tsum_pads_to_a_power_of_two():
     from onnxforge.quant.kquant import tsum

@@ -117,7 +117,9 @@ def make_recipe(args):
             if name != "keep_float" and getattr(recipe, name) != value:
                 raise RecipeError(f"{_FLAGS[name]} contradicts --extra_options, which sets {name} to "
                                   f"{getattr(recipe, name)!r} and would win: keep one")
-    recipe.check_quantizes()
+    recipe.check_quantizes([what for what, on in ((f"method {args.method}", args.method),
+                                                  (f"block size {args.block_size}", args.block_size is not None))
+                            if on])
     return recipe
 
 

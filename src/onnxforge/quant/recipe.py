@@ -225,8 +225,9 @@ class Recipe:
                     f"e.g. /model/layers.0/attn/qkv_proj/MatMul, or on Hugging Face module names); closest names: "
                     f"{', '.join(map(repr, close)) or 'none'}")
 
-    def check_quantizes(self) -> None:
-        """Method options on a build that quantizes nothing would be ignored: an error instead."""
+    def check_quantizes(self, named: Sequence[str] = ()) -> None:
+        """Method options on a build that quantizes nothing would be ignored: an error instead. `named`: what
+        the user set explicitly (`--method default` is named although it equals the default)."""
         if self.precision not in FLOAT_PRECISIONS or self.moe_quant_type or any(r.storage for r in self.rules):
             return
         given = [what for what, on in ((f"method {self.method}", self.method != "default"),
@@ -235,6 +236,7 @@ class Recipe:
                                        ("int8_last_matmul", self.int8_last_matmul),
                                        ("int8_mixed_layers", self.int8_mixed_layers),
                                        ("int8_linear_attn", self.int8_linear_attn)) if on]
+        given = list(dict.fromkeys([*given, *named]))
         if given:
             raise RecipeError(
                 f"{', '.join(given)} set how weights are quantized, but this build is {self.precision} and nothing is "

