@@ -126,15 +126,20 @@ def build(
             report.groups = [{"label": g.label, "storage": g.storage, "bytes": g.nbytes, "sources": list(g.sources),
                               "initializers": list(g.initializers), **_max_difference(builder, g.label)}
                              for g in writer.groups]
-            report.seconds = time.perf_counter() - start
-            report.peak_rss = peak_rss_bytes()
-            report.files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-            _write_json(tmp / "build_report.json", report.to_json())
-            report.files["build_report.json"] = (tmp / "build_report.json").stat().st_size
+            _write_report(tmp, report, start)
         return report
     finally:
         source.close()
         release_output()  # after the rename: the lock covers the whole build
+
+
+def _write_report(folder: Path, report: BuildReport, start: float) -> None:
+    """The report's time, memory and file sizes, then build_report.json itself (the last file a build writes)."""
+    report.seconds = time.perf_counter() - start
+    report.peak_rss = peak_rss_bytes()
+    report.files = {p.name: p.stat().st_size for p in sorted(folder.iterdir())}
+    _write_json(folder / "build_report.json", report.to_json())
+    report.files["build_report.json"] = (folder / "build_report.json").stat().st_size
 
 
 def _write_genai_config(folder: Path, spec, arch, source, recipe: Recipe, max_length: int | None,
@@ -159,11 +164,7 @@ def _config_only(output: Path, overwrite: bool, source, arch, spec, recipe: Reci
     with staged_folder(output, overwrite) as tmp:
         source.write_tokenizer(tmp)
         _write_genai_config(tmp, spec, arch, source, recipe, max_length, report.notes)
-        report.seconds = time.perf_counter() - start
-        report.peak_rss = peak_rss_bytes()
-        report.files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-        _write_json(tmp / "build_report.json", report.to_json())
-        report.files["build_report.json"] = (tmp / "build_report.json").stat().st_size
+        _write_report(tmp, report, start)
     return report
 
 

@@ -80,19 +80,14 @@ def judge_conversion(model, out_dir: Path, runs: Sequence[tuple[list[int], np.nd
 
 
 
-def conversion_lines(conv: dict, fmt) -> list[str]:
-    """The conversion verdict's part of verify's table; `fmt(key, value)` formats a figure."""
+def conversion_lines(conv: dict) -> list[str]:
+    """The conversion verdict's part of verify's table."""
     m = conv["metrics"]
     worst = f" ({m['worst_weight']})" if m.get("worst_weight") else ""
     lines = ["", "conversion: the ONNX model against the reference holding the build's own weights (dequantized):",
              f"  max|dlogit| {m['max_abs_diff']:.3g}   mean KL {m['mean_kl']:.3g}   top-1 {100 * m['top1']:.1f}%   "
              f"weights: largest relative difference {m['weight_error']:.3g}{worst} of {m['weights_compared']} tensors"]
     lines += [f"  note: {n}" for n in conv.get("notes", [])]
-    for name, limit in conv["thresholds"].items():
-        key, direction = CONVERSION_THRESHOLDS[name]
-        bad = any(f.startswith(name + ":") for f in conv["failures"])
-        value = m.get(key)
-        shown = "-" if value is None else fmt(key, value)
-        sign = "<=" if direction == "max" else ">="
-        lines.append(f"  {'FAIL' if bad else 'ok  '}  conversion {name}: {key} {shown} (want {sign} {fmt(key, limit)})")
-    return lines
+    from .parity import threshold_lines
+
+    return lines + threshold_lines(conv, CONVERSION_THRESHOLDS, "conversion ")

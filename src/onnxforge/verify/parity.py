@@ -231,6 +231,20 @@ def nonfinite_failures(per_prompt: Sequence[dict], metrics: dict, what: str = ""
     return out
 
 
+def threshold_lines(verdict: dict, table: dict, label: str = "") -> list[str]:
+    """One `ok`/`FAIL` line per threshold of `verdict` ({"metrics", "thresholds", "failures"}): the measured
+    value against the limit; `table` maps a threshold's name to (metric key, "max" or "min")."""
+    lines = []
+    for name, limit in verdict["thresholds"].items():
+        key, direction = table[name]
+        bad = any(f.startswith(name + ":") for f in verdict["failures"])
+        value = verdict["metrics"].get(key)
+        shown = "-" if value is None else _fmt(key, value)
+        sign = "<=" if direction == "max" else ">="
+        lines.append(f"  {'FAIL' if bad else 'ok  '}  {label}{name}: {key} {shown} (want {sign} {_fmt(key, limit)})")
+    return lines
+
+
 def _fmt(key: str, v: float) -> str:
     if key in ("top1", "greedy_agreement"):
         return f"{100 * v:.1f}%"
@@ -420,17 +434,11 @@ def format_table(result: dict) -> str:
     if result["thresholds"]:
         lines += ["", f"thresholds ({result.get('threshold_source', 'given')}; change with --max-kl etc., "
                       "drop one with =off, all with --no-thresholds):"]
-        for name, limit in result["thresholds"].items():
-            key, direction = THRESHOLDS[name]
-            bad = any(f.startswith(name + ":") for f in result["failures"])
-            value = m.get(key)
-            shown = "-" if value is None else _fmt(key, value)
-            sign = "<=" if direction == "max" else ">="
-            lines.append(f"  {'FAIL' if bad else 'ok  '}  {name}: {key} {shown} (want {sign} {_fmt(key, limit)})")
+        lines += threshold_lines(result, THRESHOLDS)
     if result.get("conversion"):
         from .conversion import conversion_lines
 
-        lines += conversion_lines(result["conversion"], _fmt)
+        lines += conversion_lines(result["conversion"])
     if result.get("json_path"):
         plot = f" and {result['plot_path']}" if result.get("plot_path") else ""
         lines += ["", f"wrote {result['json_path']}{plot}"]
