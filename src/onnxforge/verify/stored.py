@@ -17,8 +17,10 @@ time and copied into the model's parameters in place: the original weights are o
 stored ones arrive (each tensor's relative difference to the original is measured on the way), so the
 model is never held twice.
 
-What the build stores in other forms (1-D tables: norms, biases; MoE experts) is not read back: those
-parameters keep the original values, rounded to the stored float type for 1-D tables; `notes` says which.
+MoE experts (QMoE's integer forms, the float MoE op) are read back into transformers' stacked expert
+parameters by verify/stored_moe.py. What the build stores in other forms (1-D tables: norms, biases; MXFP4
+experts) is not read back: those parameters keep the original values, rounded to the stored float type for
+1-D tables; `notes` says which.
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from .stored_moe import expert_slots, load_experts
 
 ROWS_PER_SLICE = 1 << 22  # values dequantized at a time (16 MB in float32)
 _Q = re.compile(r"^(?P<prefix>.+)\.weight_Q(?P<bits>\d+)$")
@@ -63,6 +67,7 @@ class _Initializers:
         self.transposed = {n.input[1] for n in graph.node if len(n.input) > 1 and (
             n.op_type == "MatMul" or (n.op_type in ("FusedMatMul", "Gemm")
                                       and not any(a.name == "transB" and a.i for a in n.attribute)))}
+        self.experts = expert_slots(graph)
 
     def dtype(self, name: str) -> np.dtype:
         import ml_dtypes  # noqa: F401 - registers bfloat16 for tensor_dtype_to_np_dtype
@@ -152,6 +157,8 @@ def load_stored_weights(model, out_dir: Path) -> StoredReport:
         kind = _weight_kind(inits, group)
         sources = _sources(group)
         if not sources:  # computed tables (rotary caches): no checkpoint tensor behind them
+            continue
+        if any(n in inits.experts for n in group["initializers"]) and load_experts(model, inits, group, report):
             continue
         if kind is None:
             _round_tables(params, inits, group, sources, done)

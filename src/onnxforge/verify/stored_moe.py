@@ -1,0 +1,109 @@
+"""MoE experts read back into the conversion's reference (verify/stored.py).
+
+The MoE / QMoE op holds fc1 (experts, 2I, H) with SwiGLU fused (`swiglu_fusion` 1: row 2j gate j, row
+2j+1 up j; 2: gate rows, then up rows) and fc2 (experts, H, I). QMoE's integer forms (quant_type "int":
+4 or 8 bits, block-wise or per-channel scales, optional packed zero points, among them the closest form
+of GGUF's types with a minimum) are dequantized one expert at a time by quant/qmoe.py's dequantize_qmoe,
+which tests/test_moe_op.py checks against the op itself; the float MoE op's are read as they are. They
+go into transformers' stacked expert parameters `gate_up_proj` / `down_proj` of the layer's `experts`
+module, in that module's own layout (its `is_concatenated` / `is_transposed` flags, as transformers'
+experts implementations read them); each expert's relative difference is its own entry (`down_proj[3]`),
+so one lost expert shows as plainly as a lost projection. Other forms (MXFP4, modules without stacked
+parameters) are not read.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+_LAYER = re.compile(r"layers\.(\d+)\.")
+# per op: weight input -> (fc, scales input, zero points input, transformers parameter)
+_ROLES = {"QMoE": {2: ("fc1", 3, 11, "gate_up_proj"), 5: ("fc2", 6, 12, "down_proj")},
+          "MoE": {2: ("fc1", None, None, "gate_up_proj"), 4: ("fc2", None, None, "down_proj")}}
+
+
+def expert_slots(graph) -> dict[str, dict]:
+    """Per expert weight initializer of a MoE / QMoE node: how the op reads it."""
+    import onnx
+
+    slots = {}
+    for n in graph.node:
+        if n.op_type not in _ROLES:
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        ins = list(n.input) + [""] * 15
+        for index, (fc, scales, zp, param) in _ROLES[n.op_type].items():
+            if ins[index]:
+                qt = attrs.get("quant_type", b"int")
+                slots[ins[index]] = {
+                    "fc": fc, "param": param, "quantized": n.op_type == "QMoE",
+                    "readable": n.op_type == "MoE" or (qt.decode() if isinstance(qt, bytes) else qt) == "int",
+                    "bits": attrs.get(f"{fc}_expert_weight_bits", attrs.get("expert_weight_bits", 4)),
+                    "block": attrs.get("block_size", 0), "fusion": attrs.get("swiglu_fusion", 0),
+                    "scales": ins[scales] if scales else "", "zero_points": ins[zp] if zp else ""}
+    return slots
+
+
+def _experts_module(model, layer: int):
+    pattern = re.compile(rf"(^|\.)layers\.{layer}\.(.+\.)?experts$")
+    for name, mod in model.named_modules():
+        if pattern.search(name) and hasattr(mod, "gate_up_proj") and hasattr(mod, "down_proj"):
+            return name, mod
+    return None, None
+
+
+def _expert(inits, name: str, slot: dict, e: int) -> np.ndarray:
+    """float32 (N, K) of expert `e` as the op computes it."""
+    from ..quant.qmoe import dequantize_qmoe
+
+    data = inits.read(name)[e]
+    if not slot["quantized"]:
+        return np.asarray(data, dtype=np.float32)
+    zp = inits.read(slot["zero_points"])[e] if slot["zero_points"] else None
+    return dequantize_qmoe(np.asarray(data), np.asarray(inits.read(slot["scales"])[e]),
+                           None if zp is None else np.asarray(zp), slot["bits"], slot["block"])
+
+
+def _as_param(w: np.ndarray, slot: dict, mod) -> np.ndarray | None:
+    """One expert's (N, K) in the layout of the transformers parameter; None when fc1's fusion is unknown."""
+    if slot["fc"] == "fc1":
+        if slot["fusion"] not in (1, 2):
+            return None
+        gate, up = (w[0::2], w[1::2]) if slot["fusion"] == 1 else np.split(w, 2)
+        if getattr(mod, "is_concatenated", True):
+            w = np.concatenate([gate, up])
+        else:
+            w = np.empty_like(w)
+            w[0::2], w[1::2] = gate, up
+    return w.T if getattr(mod, "is_transposed", False) else w
+
+
+def load_experts(model, inits, group: dict, report) -> bool:
+    """Copy one expert group's stored weights into the reference's stacked parameter, one expert at a time
+    (each one's relative difference in `report.errors`); False when not read."""
+    import torch
+
+    names = [n for n in group.get("initializers", []) if n in inits.experts]
+    slot = inits.experts[names[0]] if len(names) == 1 else None
+    layer = _LAYER.search(names[0]) if names else None
+    if slot is None or not slot["readable"] or layer is None:
+        return False
+    where, mod = _experts_module(model, int(layer.group(1)))
+    if mod is None:
+        return False
+    p = getattr(mod, slot["param"])
+    E = inits.shape(names[0])[0]
+    for e in range(E):
+        w = _as_param(_expert(inits, names[0], slot, e), slot, mod)
+        if w is None or p.shape[0] != E or tuple(p.shape[1:]) != w.shape:
+            report.notes.append(f"{group['label']}: stored experts {(E, *np.shape(w))}, the reference's "
+                                f"{where}.{slot['param']} {tuple(p.shape)}; kept original")
+            return False
+        with torch.no_grad():
+            o = p[e].detach().double().numpy()
+            diff2 = float(((w.astype(np.float64) - o) ** 2).sum())
+            ref2 = float((o ** 2).sum())
+            p[e].copy_(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)))
+        report.errors[f"{where}.{slot['param']}[{e}]"] = float(np.sqrt(diff2 / ref2)) if ref2 > 0 else float(diff2 > 0)
+    return True
