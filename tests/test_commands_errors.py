@@ -166,6 +166,16 @@ def test_out_of_range_flags_are_refused_by_the_parser(built, tmp_path, capsys, a
     assert e.value.code == 2 and f"argument {says}" in err and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize("kw", [{"tokens": -2}, {"tokens": 0}, {"tokens": "16"}, {"window": 0}, {"stride": True}])
+def test_the_python_verify_takes_the_ranges_the_cli_takes(built, kw):
+    from onnxforge.errors import RunError
+    from onnxforge.verify.parity import verify
+
+    name = next(iter(kw))
+    with pytest.raises(RunError, match=f"{name} must be a positive integer"):
+        verify(built[1], built[0], write=False, plot=False, **kw)
+
+
 def test_top_k_above_the_vocabulary_names_the_flag_not_the_build(built, capsys, monkeypatch):
     code, out, err = _cli(capsys, monkeypatch, ["run", built[1], "hi", "--do-sample", "--top-k", "100000"])
     line = _one_error(code, out, err, "--top-k 100000", "vocabulary")

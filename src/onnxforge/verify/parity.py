@@ -271,6 +271,9 @@ def verify(out_dir: str | Path, reference: str | Path, *, prompts: Sequence[str]
     from .thresholds import defaults_for
 
     start = time.perf_counter()
+    for name, value in (("tokens", tokens), ("window", window), ("stride", stride)):  # as the CLI's flags
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise RunError(f"{name} must be a positive integer, got {value!r}")
     out_dir = Path(out_dir)
     log = log or (lambda s: None)
     precision, base = defaults_for(out_dir)
