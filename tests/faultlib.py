@@ -158,20 +158,10 @@ def _cmdline(pid: int) -> bytes:
 
 
 def output_state(out: Path) -> str:
-    """'' when `out` is absent or a complete build, else what is wrong."""
-    if not out.exists():
-        return ""
-    names = {p.name for p in out.iterdir()} if out.is_dir() else set()
-    missing = {"model.onnx", "model.onnx.data", "genai_config.json", "build_report.json"} - names
-    if missing:
-        return f"{out.name} lacks {sorted(missing)}"
-    import onnxruntime as ort
+    """'' when `out` is absent or a complete build (fuzzcases.incomplete's rule), else what is wrong."""
+    from fuzzcases import incomplete
 
-    try:
-        ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001
-        return f"{out.name}/model.onnx does not load: {str(e)[:150]}"
-    return ""
+    return incomplete(out).removeprefix("rc 0 but ") if out.exists() else ""
 
 
 class Checkpoint:
