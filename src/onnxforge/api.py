@@ -28,7 +28,7 @@ from .quant.pool import processes
 from .quant.templates import apply_template, template_for
 from .sources.base import Source
 from .sources.open import open_source
-from .sources.tokenizer_check import check_tokenizer
+from .sources.tokenizer_check import check_tokenizer, write_tokenizer_files
 from .sources.tracking import TrackingSource, report_unused
 
 
@@ -72,7 +72,8 @@ def build(
         release_output()
         raise
     try:
-        tokenizer_warnings = check_tokenizer(source)  # a damaged tokenizer file fails before any weight is read
+        # a damaged tokenizer file fails before any weight is read; the checked files are what the build writes
+        tokenizer_warnings, tokenizer_files = check_tokenizer(source)
         arch = architecture_for(source.config)
         spec = arch.make_spec(source.config)
         if recipe.precision == "source" and not has_native(source):
@@ -84,7 +85,7 @@ def build(
         recipe = apply_template(recipe, template_for(arch.model_type).name).bind(spec, native_lookup(source, spec, names))
         if recipe.config_only:
             return _config_only(Path(output), overwrite, source, arch, spec, recipe, max_length, tokenizer_warnings,
-                                start)
+                                tokenizer_files, start)
         # the input's hash streams every byte: it runs beside the build (hashlib releases the GIL)
         fingerprint = ThreadPoolExecutor(1, thread_name_prefix="onnxforge-hash")
         input_sha256 = fingerprint.submit(source.fingerprint)
@@ -121,7 +122,7 @@ def build(
                 ir.save(model_ir, tmp / "model.onnx")
             except OSError as e:
                 raise OutputError(f"cannot write model.onnx: {e.strerror}") from None
-            source.write_tokenizer(tmp)
+            write_tokenizer_files(tmp, tokenizer_files)
             _write_genai_config(tmp, spec, arch, source, recipe, max_length, report.notes)
             report.groups = [{"label": g.label, "storage": g.storage, "bytes": g.nbytes, "sources": list(g.sources),
                               "initializers": list(g.initializers), **_max_difference(builder, g.label)}
@@ -151,7 +152,7 @@ def _write_genai_config(folder: Path, spec, arch, source, recipe: Recipe, max_le
 
 
 def _config_only(output: Path, overwrite: bool, source, arch, spec, recipe: Recipe, max_length: int | None,
-                 warnings: list[str], start: float) -> BuildReport:
+                 warnings: list[str], tokenizer_files: dict[str, bytes], start: float) -> BuildReport:
     """config_only (the anchor's option): genai_config.json, the tokenizer and build_report.json (which marks the
     folder as a build), no model and no weight read; the input is not hashed (that would read every weight)."""
     describe = recipe.describe()
@@ -162,7 +163,7 @@ def _config_only(output: Path, overwrite: bool, source, arch, spec, recipe: Reci
                         "(input_sha256 is left empty)")
     report.warnings.extend(warnings)
     with staged_folder(output, overwrite) as tmp:
-        source.write_tokenizer(tmp)
+        write_tokenizer_files(tmp, tokenizer_files)
         _write_genai_config(tmp, spec, arch, source, recipe, max_length, report.notes)
         _write_report(tmp, report, start)
     return report

@@ -15,7 +15,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, OutputError
 
 GENAI_MODELS = ("BPE", "Unigram")  # tokenizer.json model types onnxruntime-genai encodes with
 JSON_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -87,12 +87,15 @@ def genai_problem(folder: Path) -> str | None:
     return None
 
 
-def check_tokenizer(source) -> list[str]:
+def check_tokenizer(source) -> tuple[list[str], dict[str, bytes]]:
     """Check the tokenizer a build will write (via `source.write_tokenizer` into a scratch folder): raise
-    CheckpointError for a damaged file, return the warnings for one `run`/`chat` cannot use."""
+    CheckpointError for a damaged file; return the warnings for one `run`/`chat` cannot use, and the files as
+    written (name -> bytes, kilobytes to a few MB), so the build writes these instead of making them again
+    (a GGUF's tokenizer is rebuilt from its metadata: seconds for a large vocabulary)."""
     where = getattr(source, "path", None)
     with tempfile.TemporaryDirectory(prefix="onnxforge-tok-") as tmp:
         source.write_tokenizer(Path(tmp))
+        files = {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
         bad = first_damage(Path(tmp))
         if bad:
             path, problem = bad
@@ -101,11 +104,20 @@ def check_tokenizer(source) -> list[str]:
             raise CheckpointError(f"{shown} {problem}; fix or re-download the file")
         why = genai_problem(Path(tmp))
     if why is None:
-        return []
+        return [], files
     if why == NO_TOKENIZER:
         return [f"{CANNOT_RUN}, nor `perplexity`: the checkpoint has no tokenizer (no tokenizer.json"
                 f"{f' in {where}' if where is not None else ''}); `verify` still works with its reference's "
-                "tokenizer. Add the tokenizer files to the checkpoint and build again"]
+                "tokenizer. Add the tokenizer files to the checkpoint and build again"], files
     return [f"{CANNOT_RUN}: the checkpoint's tokenizer.json {why}; `verify` and `perplexity` still work (they "
             "read tokenizer.json with the tokenizers library). Use a checkpoint with a BPE or Unigram tokenizer.json "
-            "to chat with the model"]
+            "to chat with the model"], files
+
+
+def write_tokenizer_files(folder: Path, files: dict[str, bytes]) -> None:
+    """Write the files check_tokenizer returned into the build's folder."""
+    for name, data in files.items():
+        try:
+            (folder / name).write_bytes(data)
+        except OSError as e:
+            raise OutputError(f"cannot write {name} into {folder}: {e.strerror}") from None
