@@ -49,7 +49,7 @@ class OrtDecoder:
     """Feeds input_ids/attention_mask and carries the model's states (the KV cache, a conv layer's state, ...)
     between calls: every past input genai_config.json names, from its present output."""
 
-    def __init__(self, model_dir: str | Path, threads: int = 0):
+    def __init__(self, model_dir: str | Path, threads: int = 0, providers: tuple[str, ...] = ("CPUExecutionProvider",)):
         import onnxruntime as ort
 
         self.dir = Path(model_dir)
@@ -62,7 +62,7 @@ class OrtDecoder:
             opts.intra_op_num_threads = threads
         try:
             self.session = ort.InferenceSession(str(self.dir / cfg["filename"]), opts,
-                                                providers=["CPUExecutionProvider"])
+                                                providers=list(providers))
         except Exception as err:  # noqa: BLE001 - onnxruntime's own exception types
             raise cannot_load(self.dir, "onnxruntime", err) from None
         self.layers = cfg["num_hidden_layers"]

@@ -1,0 +1,220 @@
+"""The CUDA check (issue 28): every family in `onnxforge archs` as a tiny random transformers model, built with
+`-e cuda` at fp32, fp16, bf16, int8 and int4; logits of a prefill and 8 cached decode steps against transformers
+in fp32 (onnxruntime's CUDA provider), 20 greedy tokens in onnxruntime-genai-cuda against transformers' generate,
+and the anchor's builder (`onnxruntime_genai.models.builder -e cuda`) on the same checkpoint. One table.
+
+Run on a CUDA machine (../shared/GPU.md): `python3 bench/gpu.py --out DIR [--families llama,qwen3] [--no-anchor]`.
+The tiny configs are the test suite's own (tests/tiny.py, tests/test_family_*.py, tests/moe_check.py, ...), so a
+family the suite tests is a family this checks; a family of `onnxforge archs` with no tiny config is a row that says so.
+
+Columns: `diff` is max |logits - transformers| over the prompt and the decode steps (the CUDA kernels' arithmetic
+at fp32; rounding at fp16/bf16; quantization at int8/int4), `greedy` how many of 20 tokens equal transformers'.
+A bf16 model's logits are read through onnxruntime-genai (the last position of each step), the others' through
+onnxruntime. "fail: ..." is the first line of what went wrong.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "src")]
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
+ANCHOR_PRECISIONS = ("fp32", "fp16", "int4")
+CUDA = ("CUDAExecutionProvider", "CPUExecutionProvider")
+TABLES = ("FAMILIES", "CONFIGS")  # module-level {name: config} tables of the suite's tiny configs
+
+
+def _suite_modules() -> list[str]:
+    tests = ROOT / "tests"
+    return ["tiny", "moe_check"] + sorted(p.stem for p in tests.glob("test_*.py")
+                                           if p.stem.startswith(("test_family_", "test_moe")))
+
+
+def tiny_configs() -> dict[str, dict]:
+    """Every tiny config the suite makes family models from, by name: the modules' FAMILIES / CONFIGS tables,
+    then any single module-level config (an UPPERCASE dict with a `cls`) of a config class not seen yet."""
+    tables: dict[str, dict] = {}
+    singles: dict[str, dict] = {}
+    for module in _suite_modules():
+        try:
+            mod = importlib.import_module(module)
+        except Exception as err:  # noqa: BLE001 - a test module that cannot load here is skipped, and said
+            print(f"gpu: cannot import {module}: {err}", file=sys.stderr)
+            continue
+        for attr, value in vars(mod).items():
+            if not attr.isupper() or not isinstance(value, dict):
+                continue
+            if attr in TABLES:
+                tables.update({k: v for k, v in value.items() if isinstance(v, dict) and "cls" in v and k not in tables})
+            elif "cls" in value:
+                singles.setdefault(attr.lower(), value)
+    seen = {cfg["cls"] for cfg in tables.values()}
+    for name, cfg in singles.items():
+        if cfg["cls"] not in seen:
+            seen.add(cfg["cls"])
+            tables.setdefault(name, cfg)
+    return tables
+
+
+def arch_of(cfg: dict) -> str:
+    """The architecture transformers' AutoModelForCausalLM makes from a tiny config."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(transformers, cfg["cls"]).model_type, "?")
+
+
+def ort_logits(out: Path, prompt, decode) -> np.ndarray:
+    from onnxforge.verify.ort_runner import OrtDecoder
+
+    steps = OrtDecoder(out, providers=CUDA).logits_for(prompt, decode)
+    return np.concatenate(steps, axis=0)
+
+
+def genai_last_logits(out: Path, prompt, decode) -> np.ndarray:
+    """The last position's logits after the prompt and after each decode token, through onnxruntime-genai."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + len(decode) + 1, do_sample=False)
+    gen = og.Generator(model, params)
+    rows = []
+    gen.append_tokens(prompt)
+    rows.append(np.asarray(gen.get_logits(), dtype=np.float32).reshape(-1))
+    for t in decode:
+        gen.append_tokens([t])
+        rows.append(np.asarray(gen.get_logits(), dtype=np.float32).reshape(-1))
+    return np.stack(rows)
+
+
+def first_line(err: BaseException | str) -> str:
+    text = str(err).strip().splitlines() or [type(err).__name__]
+    line = next((t for t in reversed(text) if "Error" in t), text[-1]) if len(text) > 1 else text[0]
+    return "fail: " + line.replace("|", "/")[:90]
+
+
+def run_ours(folder: Path, out: Path, precision: str) -> None:
+    import onnxforge
+
+    onnxforge.build(folder, out, precision, "cuda", overwrite=True)
+
+
+def run_anchor(folder: Path, out: Path, precision: str, cache: Path) -> None:
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(folder), "-o", str(out),
+           "-p", precision, "-e", "cuda", "-c", str(cache)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if done.returncode or not (out / "genai_config.json").is_file():
+        raise RuntimeError((done.stderr or done.stdout or f"rc {done.returncode}").strip())
+
+
+def family_rows(name: str, cfg: dict, work: Path, precisions, anchor: bool) -> tuple[str, dict[str, str]]:
+    from conftest import prompt_and_decode, reference_greedy, reference_logits
+    from tiny import make_model
+
+    folder = work / name / "hf"
+    model = make_model(name, folder, **cfg)
+    arch = type(model).__name__
+    prompt, decode = prompt_and_decode(0)
+    ref_full = reference_logits(model, prompt + decode)
+    ref_greedy = reference_greedy(model, prompt_and_decode(1)[0])
+    g_prompt = prompt_and_decode(1)[0]
+    cells: dict[str, str] = {}
+    jobs = [("ours", p, run_ours) for p in precisions]
+    if anchor:
+        jobs += [("anchor", p, lambda f, o, p: run_anchor(f, o, p, work / name / "cache")) for p in ANCHOR_PRECISIONS]
+    for who, precision, build in jobs:
+        out = work / name / f"{who}-{precision}"
+        try:
+            build(folder, out, precision)
+        except Exception as err:  # noqa: BLE001 - a build that fails is a cell of the table
+            cells[f"{who} {precision}"] = "build " + first_line(err)
+            continue
+        try:
+            cells[f"{who} {precision}"] = check_cell(out, ref_full, ref_greedy, prompt, decode, g_prompt, precision)
+        except Exception as err:  # noqa: BLE001
+            cells[f"{who} {precision}"] = "run " + first_line(err)
+    return arch, cells
+
+
+def check_cell(out, ref_full, ref_greedy, prompt, decode, g_prompt, precision) -> str:
+    from conftest import genai_greedy
+
+    if precision == "bf16":
+        got = genai_last_logits(out, prompt, decode)
+        ref = ref_full[len(prompt) - 1:]
+    else:
+        got = ort_logits(out, prompt, decode)
+        ref = ref_full
+    diff = float(np.abs(got.astype(np.float32) - ref).max())
+    tokens = genai_greedy(out, g_prompt)
+    same = sum(a == b for a, b in zip(tokens, ref_greedy))
+    return f"{diff:.1e} {same}/{len(ref_greedy)}" + ("" if np.isfinite(diff) else " NaN")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, required=True, help="where the table (gpu.md) goes")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/gpu-work"))
+    ap.add_argument("--families", default="", help="comma-separated tiny config names (default: all)")
+    ap.add_argument("--precisions", default=",".join(PRECISIONS))
+    ap.add_argument("--no-anchor", action="store_true")
+    ap.add_argument("--list", action="store_true", help="list the tiny configs and exit")
+    args = ap.parse_args(argv)
+    from onnxforge.archs.registry import load_families
+
+    configs = tiny_configs()
+    if args.list:
+        print("\n".join(f"{k}: {v['cls']}" for k, v in configs.items()))
+        return 0
+    wanted = [f for f in args.families.split(",") if f] or list(configs)
+    precisions = [p for p in args.precisions.split(",") if p]
+    cols = [f"ours {p}" for p in precisions] + ([] if args.no_anchor else [f"anchor {p}" for p in ANCHOR_PRECISIONS])
+    rows, covered = [], {arch_of(cfg) for cfg in configs.values()}
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = args.out / "gpu.md"
+    for name in wanted:
+        start = time.perf_counter()
+        try:
+            arch, cells = family_rows(name, configs[name], args.work, precisions, not args.no_anchor)
+        except Exception as err:  # noqa: BLE001
+            traceback.print_exc()
+            arch, cells = "?", {c: "model " + first_line(err) for c in cols}
+        rows.append(f"| {name} | {arch} | " + " | ".join(cells.get(c, "-") for c in cols) + " |")
+        print(rows[-1], f"({time.perf_counter() - start:.0f} s)", flush=True)
+        write_table(table, cols, rows, covered, load_families())
+    return 0
+
+
+def write_table(path: Path, cols, rows, covered, families) -> None:
+    import onnxruntime as ort
+
+    try:
+        import onnxruntime_genai as og
+        genai = og.__version__
+    except Exception:  # noqa: BLE001
+        genai = "?"
+    try:
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30).stdout.strip() or "?"
+    except (OSError, subprocess.TimeoutExpired):
+        gpu = "no GPU"
+    head = [f"CUDA check, {time.strftime('%Y-%m-%d')}, {gpu}, onnxruntime {ort.__version__}, "
+            f"onnxruntime-genai {genai}; cell: max |logits - transformers fp32| and greedy tokens equal of 20", "",
+            "| config | architecture | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    missing = sorted(set(families) - covered)
+    tail = ["", "Families of `onnxforge archs` with no tiny config here: " + (", ".join(missing) or "none")]
+    path.write_text("\n".join(head + rows + tail) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
