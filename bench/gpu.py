@@ -74,10 +74,11 @@ def arch_of(cfg: dict) -> str:
 
 
 def ort_logits(out: Path, prompt, decode) -> np.ndarray:
+    """Prefill + cached decode through onnxruntime's CUDA provider, TF32 off (fp32 math is fp32 math)."""
     from onnxforge.verify.ort_runner import OrtDecoder
 
-    steps = OrtDecoder(out, providers=CUDA).logits_for(prompt, decode)
-    return np.concatenate(steps, axis=0)
+    steps = OrtDecoder(out, providers=(("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"))
+    return np.concatenate(steps.logits_for(prompt, decode), axis=0)
 
 
 def genai_last_logits(out: Path, prompt, decode) -> np.ndarray:
@@ -97,10 +98,33 @@ def genai_last_logits(out: Path, prompt, decode) -> np.ndarray:
     return np.stack(rows)
 
 
+class Reference:
+    """transformers in fp32 on the original weights, and (for our builds) on the build's own stored weights
+    (verify's conversion reference): logits of the prompt + decode ids and 20 greedy tokens."""
+
+    def __init__(self, model, ids, g_prompt):
+        from conftest import reference_greedy, reference_logits
+
+        self.model, self.ids, self.g_prompt = model, ids, g_prompt
+        self.logits = reference_logits(model, ids)
+        self.greedy = reference_greedy(model, g_prompt)
+
+    def stored(self, out: Path) -> tuple[np.ndarray, list[int]]:
+        import copy
+
+        from conftest import reference_greedy, reference_logits
+
+        from onnxforge.verify.stored import load_stored_weights
+
+        model = copy.deepcopy(self.model)
+        load_stored_weights(model, out)
+        return reference_logits(model, self.ids), reference_greedy(model, self.g_prompt)
+
+
 def first_line(err: BaseException | str) -> str:
     text = str(err).strip().splitlines() or [type(err).__name__]
     line = next((t for t in reversed(text) if "Error" in t), text[-1]) if len(text) > 1 else text[0]
-    return "fail: " + line.replace("|", "/")[:90]
+    return "fail: " + line.replace("|", "/")[:160]
 
 
 def run_ours(folder: Path, out: Path, precision: str) -> None:
@@ -118,16 +142,13 @@ def run_anchor(folder: Path, out: Path, precision: str, cache: Path) -> None:
 
 
 def family_rows(name: str, cfg: dict, work: Path, precisions, anchor: bool) -> tuple[str, dict[str, str]]:
-    from conftest import prompt_and_decode, reference_greedy, reference_logits
+    from conftest import prompt_and_decode
     from tiny import make_model
 
     folder = work / name / "hf"
     model = make_model(name, folder, **cfg)
-    arch = type(model).__name__
     prompt, decode = prompt_and_decode(0)
-    ref_full = reference_logits(model, prompt + decode)
-    ref_greedy = reference_greedy(model, prompt_and_decode(1)[0])
-    g_prompt = prompt_and_decode(1)[0]
+    ref = Reference(model, prompt + decode, prompt_and_decode(1)[0])
     cells: dict[str, str] = {}
     jobs = [("ours", p, run_ours) for p in precisions]
     if anchor:
@@ -140,25 +161,43 @@ def family_rows(name: str, cfg: dict, work: Path, precisions, anchor: bool) -> t
             cells[f"{who} {precision}"] = "build " + first_line(err)
             continue
         try:
-            cells[f"{who} {precision}"] = check_cell(out, ref_full, ref_greedy, prompt, decode, g_prompt, precision)
+            cells[f"{who} {precision}"] = check_cell(out, ref, prompt, decode, precision, stored=who == "ours")
         except Exception as err:  # noqa: BLE001
             cells[f"{who} {precision}"] = "run " + first_line(err)
-    return arch, cells
+    return type(model).__name__, cells
 
 
-def check_cell(out, ref_full, ref_greedy, prompt, decode, g_prompt, precision) -> str:
+def check_cell(out: Path, ref: Reference, prompt, decode, precision: str, stored: bool) -> str:
+    """`d_stored / d_orig g/20`: max |logits - reference| against the build's stored weights (ours only: the
+    CUDA kernels' arithmetic) and against the original weights (adds the quantization), and the greedy tokens
+    equal to the stored-weight reference's (the original's for the anchor)."""
     from conftest import genai_greedy
 
+    ref_logits, ref_greedy = ref.stored(out) if stored else (ref.logits, ref.greedy)
     if precision == "bf16":
         got = genai_last_logits(out, prompt, decode)
-        ref = ref_full[len(prompt) - 1:]
+        first = len(prompt) - 1
+        d_stored = np.abs(got - ref_logits[first:]).max()
+        d_orig = np.abs(got - ref.logits[first:]).max()
     else:
-        got = ort_logits(out, prompt, decode)
-        ref = ref_full
-    diff = float(np.abs(got.astype(np.float32) - ref).max())
-    tokens = genai_greedy(out, g_prompt)
+        got = ort_logits(out, prompt, decode).astype(np.float32)
+        d_stored, d_orig = np.abs(got - ref_logits).max(), np.abs(got - ref.logits).max()
+    tokens = genai_greedy(out, ref.g_prompt)
     same = sum(a == b for a, b in zip(tokens, ref_greedy))
-    return f"{diff:.1e} {same}/{len(ref_greedy)}" + ("" if np.isfinite(diff) else " NaN")
+    lead = f"{d_stored:.1e} / " if stored else ""
+    bad = "" if np.isfinite(d_orig) and np.isfinite(d_stored) else " NaN"
+    return f"{lead}{d_orig:.1e} {same}/{len(ref_greedy)}{bad}"
+
+
+def _one(job):
+    name, cfg, work, precisions, anchor = job
+    start = time.perf_counter()
+    try:
+        arch, cells = family_rows(name, cfg, work, precisions, anchor)
+    except Exception as err:  # noqa: BLE001
+        traceback.print_exc()
+        arch, cells = "?", {"error": "model " + first_line(err)}
+    return name, arch, cells, time.perf_counter() - start
 
 
 def main(argv=None) -> int:
@@ -168,6 +207,7 @@ def main(argv=None) -> int:
     ap.add_argument("--families", default="", help="comma-separated tiny config names (default: all)")
     ap.add_argument("--precisions", default=",".join(PRECISIONS))
     ap.add_argument("--no-anchor", action="store_true")
+    ap.add_argument("--jobs", type=int, default=4, help="families checked at once (processes)")
     ap.add_argument("--list", action="store_true", help="list the tiny configs and exit")
     args = ap.parse_args(argv)
     from onnxforge.archs.registry import load_families
@@ -179,19 +219,19 @@ def main(argv=None) -> int:
     wanted = [f for f in args.families.split(",") if f] or list(configs)
     precisions = [p for p in args.precisions.split(",") if p]
     cols = [f"ours {p}" for p in precisions] + ([] if args.no_anchor else [f"anchor {p}" for p in ANCHOR_PRECISIONS])
-    rows, covered = [], {arch_of(cfg) for cfg in configs.values()}
+    covered = {arch_of(cfg) for cfg in configs.values()}
     args.out.mkdir(parents=True, exist_ok=True)
     table = args.out / "gpu.md"
-    for name in wanted:
-        start = time.perf_counter()
-        try:
-            arch, cells = family_rows(name, configs[name], args.work, precisions, not args.no_anchor)
-        except Exception as err:  # noqa: BLE001
-            traceback.print_exc()
-            arch, cells = "?", {c: "model " + first_line(err) for c in cols}
-        rows.append(f"| {name} | {arch} | " + " | ".join(cells.get(c, "-") for c in cols) + " |")
-        print(rows[-1], f"({time.perf_counter() - start:.0f} s)", flush=True)
-        write_table(table, cols, rows, covered, load_families())
+    jobs = [(name, configs[name], args.work, precisions, not args.no_anchor) for name in wanted]
+    rows: dict[str, str] = {}
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(args.jobs) as pool:
+        for name, arch, cells, took in pool.imap_unordered(_one, jobs):
+            error = cells.get("error")
+            rows[name] = f"| {name} | {arch} | " + " | ".join(cells.get(c, error or "-") for c in cols) + " |"
+            print(rows[name], f"({took:.0f} s)", flush=True)
+            write_table(table, cols, [rows[n] for n in wanted if n in rows], covered, load_families())
     return 0
 
 
@@ -209,7 +249,10 @@ def write_table(path: Path, cols, rows, covered, families) -> None:
     except (OSError, subprocess.TimeoutExpired):
         gpu = "no GPU"
     head = [f"CUDA check, {time.strftime('%Y-%m-%d')}, {gpu}, onnxruntime {ort.__version__}, "
-            f"onnxruntime-genai {genai}; cell: max |logits - transformers fp32| and greedy tokens equal of 20", "",
+            f"onnxruntime-genai {genai}. Cell (ours): max |logits - transformers fp32 on the build's stored weights| / "
+            f"... on the original weights, and greedy tokens equal to the stored-weight reference's of 20; "
+            f"(anchor): against the original weights. onnxruntime CUDA with use_tf32=0; bf16 logits through genai "
+            f"(last position of each step)", "",
             "| config | architecture | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     missing = sorted(set(families) - covered)
     tail = ["", "Families of `onnxforge archs` with no tiny config here: " + (", ".join(missing) or "none")]
