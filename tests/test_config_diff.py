@@ -46,6 +46,23 @@ WINDOW_READ = {
     "Ernie4_5_MoeForCausalLM": "none", "OlmoeForCausalLM": "none",
     "MistralForCausalLM": "all", "Phi3ForCausalLM": "all", "MixtralForCausalLM": "all", "PhimoeForCausalLM": "all",
     "Qwen3MoeForCausalLM": "all", "Lfm2ForCausalLM": "none",
+    "SeedOssForCausalLM": "none", "InternLM3ForCausalLM": "none", "HunYuanDenseV1ForCausalLM": "none",
+    "Qwen3VLForConditionalGeneration": "none", "Mistral3ForConditionalGeneration": "all",
+    # Exaone4Attention keeps config.sliding_window on every layer and windows the ones layer_types marks sliding
+    "Exaone4ForCausalLM": "types",
+}
+# Attentions that decide their rotary from the layer type (Exaone4Attention: only the sliding layers rotate when
+# the config has a window): attention module -> uses rotary
+ROTATES = {"Exaone4ForCausalLM": lambda a: a.sliding_window is None or a.is_sliding}
+# A wrapper's (or an alias's) text decoder: arch -> (config class, model_type of the text config or None, module
+# of the decoder's classes, their prefix); the others are read from transformers.<arch> itself
+TEXT_MODEL = {
+    "Gemma3ForConditionalGeneration": ("Gemma3Config", "gemma3_text", None, "Gemma3"),
+    "Qwen3VLForConditionalGeneration": ("Qwen3VLConfig", "qwen3_vl_text", None, "Qwen3VLText"),
+    "Mistral3ForConditionalGeneration": ("Mistral3Config", "mistral", "transformers.models.mistral.modeling_mistral",
+                                         "Mistral"),
+    # transformers 5 loads model type internlm3 as LlamaForCausalLM, with InternLM3Config's aliases
+    "InternLM3ForCausalLM": ("InternLM3Config", None, "transformers.models.llama.modeling_llama", "Llama"),
 }
 # Routers without a norm_topk_prob attribute: Mixtral softmax -> top-k -> renormalise; Granite-MoE and
 # gpt-oss top-k of the logits -> softmax (the same); ERNIE 4.5 MoE renormalises (moe_norm_min).
@@ -143,6 +160,17 @@ FAMILY_KNOBS = {
                                                        "conv"]}]},
 }
 FAMILY_KNOBS["Gemma3ForConditionalGeneration"] = FAMILY_KNOBS["Gemma3ForCausalLM"]
+FAMILY_KNOBS.update({
+    "SeedOssForCausalLM": {"attention_out_bias": [ABSENT, True, False]},
+    "InternLM3ForCausalLM": {"aliases": [{}, {"qkv_bias": True, "bias": True}, {"qkv_bias": False, "bias": False},
+                                         {"qkv_bias": True, "bias": False}]},
+    # its rotary reads config.head_dim; NTK-alpha as Hunyuan-7B spells it
+    "HunYuanDenseV1ForCausalLM": {"head_dim": [32, 16], "rope": ROPES + [
+        {"rope_scaling": {"type": "dynamic", "alpha": 1000.0, "factor": 1.0, "beta_fast": 32, "mscale": 1.0},
+         "head_dim": 32, "rope_theta": 30000.0},
+        {"rope_parameters": {"rope_type": "dynamic", "alpha": 50.0, "rope_theta": 20000.0}, "head_dim": 16}]},
+    "Exaone4ForCausalLM": {"sliding_window_pattern": [ABSENT, 2, 3], "exaone_window": [ABSENT, None, 5]},
+})
 VARIANTS_PER_FAMILY = 30
 
 
@@ -170,9 +198,12 @@ def config_dict(arch: str, choice: dict) -> dict:
             params["long_factor"] = [2.0 + 0.5 * i for i in range(half)]
             if arch == "PhimoeForCausalLM":  # PhimoeConfig requires both; Phi-3.5-MoE has them equal
                 params.update(short_mscale=1.25, long_mscale=1.25)
-    if arch == "Gemma3ForConditionalGeneration":
-        return {"architectures": [arch], "model_type": "gemma3", "text_config": {**text, "model_type": "gemma3_text"}}
-    return {"architectures": [arch], "model_type": model_class(arch).config_class.model_type, **text}
+    if "exaone_window" in text:
+        text["sliding_window"] = text.pop("exaone_window")
+    top_type = config_class(arch).model_type
+    if arch in TEXT_MODEL and TEXT_MODEL[arch][1]:
+        return {"architectures": [arch], "model_type": top_type, "text_config": {**text, "model_type": TEXT_MODEL[arch][1]}}
+    return {"architectures": [arch], "model_type": top_type, **text}
 
 
 def variants(arch: str) -> list[tuple[str, dict]]:
@@ -191,7 +222,23 @@ def variants(arch: str) -> list[tuple[str, dict]]:
 
 
 def model_class(arch: str):
-    return getattr(transformers, arch)
+    return getattr(transformers, arch) if arch != "InternLM3ForCausalLM" else transformers.LlamaForCausalLM
+
+
+def config_class(arch: str):
+    return getattr(transformers, TEXT_MODEL[arch][0]) if arch in TEXT_MODEL else model_class(arch).config_class
+
+
+def decoder_classes(arch: str):
+    """The module holding the family's decoder layer / attention / rotary classes, and their name prefix."""
+    import importlib
+
+    if arch in TEXT_MODEL:
+        module = TEXT_MODEL[arch][2]
+        return (importlib.import_module(module) if module else sys.modules[model_class(arch).__module__]), \
+            TEXT_MODEL[arch][3]
+    cls = model_class(arch)
+    return sys.modules[cls.__module__], cls.__name__.replace("ForCausalLM", "").replace("ForConditionalGeneration", "")
 
 
 # ----------------------------------------------------------------------------- what transformers derives
@@ -203,14 +250,12 @@ class CannotRun(Exception):
 
 def reference(arch: str, d: dict) -> dict:
     """Every compared field, as transformers' config class and modules derive it from config.json `d`."""
-    cls = model_class(arch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        top = cls.config_class.from_dict(copy.deepcopy(d))  # it rewrites nested rope dicts in place
+        top = config_class(arch).from_dict(copy.deepcopy(d))  # it rewrites nested rope dicts in place
     c = top.get_text_config()
     c._attn_implementation = "eager"
-    mod = sys.modules[cls.__module__]
-    prefix = cls.__name__.replace("ForCausalLM", "").replace("ForConditionalGeneration", "")
+    mod, prefix = decoder_classes(arch)
     with torch.device("meta"):
         layers = [getattr(mod, f"{prefix}DecoderLayer")(c, i) for i in range(c.num_hidden_layers)]
     attn = [getattr(layer, "self_attn", None) for layer in layers]  # None: a layer of another kind (LFM2 conv)
@@ -227,9 +272,10 @@ def reference(arch: str, d: dict) -> dict:
         "eps": norm_eps(layers[0]),
         "qkv_bias": has_bias(attn0, "q_proj", "qkv_proj"),
         "o_bias": has_bias(attn0, "o_proj", "dense", "out_proj"),
-        "qk_norm": any(hasattr(attn0, n) and getattr(attn0, n) is not None for n in ("q_norm", "q_layernorm")),
+        "qk_norm": any(hasattr(attn0, n) and getattr(attn0, n) is not None
+                       for n in ("q_norm", "q_layernorm", "query_layernorm")),
         "windows": windows(arch, c, attn),
-        "no_rope": tuple(a is None or not getattr(a, "use_rope", True) for a in attn),
+        "no_rope": tuple(a is None or not getattr(a, "use_rope", True) or not ROTATES.get(arch, bool)(a) for a in attn),
         "kinds": tuple("attention" if a is not None else "conv" for a in attn),
         "rope": rope_tables(mod, prefix, c),
         "rope_long": long_table(mod, prefix, c),
@@ -280,6 +326,8 @@ def windows(arch: str, c, attn) -> tuple[int, ...]:
         return (0,) * c.num_hidden_layers
     if read == "all":
         return (getattr(c, "sliding_window", None) or 0,) * c.num_hidden_layers
+    if read == "types":
+        return tuple((c.sliding_window or 0) if t == "sliding_attention" else 0 for t in c.layer_types)
     return tuple(getattr(a, "sliding_window", None) or 0 for a in attn)
 
 
@@ -434,6 +482,10 @@ def quirk(arch: str, d: dict, field: str) -> str | None:
         # spell a top-level rope_theta, rotated the sliding layers at rope_theta (Olmo3RotaryEmbedding(config,
         # rope_type="default")); onnxforge keeps that. Every released OLMo 3 has rope_theta 500000 (equal).
         return "transformers 5 Olmo3Config drops rope_theta for the sliding layers"
+    if arch == "Mistral3ForConditionalGeneration" and field == "tie_embeddings" and "tie_word_embeddings" not in d:
+        # Mistral3Config defaults to true, but transformers 5 does not tie a checkpoint's own lm_head (both present
+        # and unequal) and 4.x read the text config's false: onnxforge reads a missing key as false (archs/newer.py)
+        return "Mistral3Config's default tie is not applied to a checkpoint with its own lm_head"
     return None
 
 
@@ -476,9 +528,7 @@ ARCHS = sorted(load_families())
 def test_every_family_has_a_window_rule():
     """A family whose attention keeps no per-layer window must say how its mask reads the window."""
     for arch in ARCHS:
-        cls = model_class(arch)
-        prefix = cls.__name__.replace("ForCausalLM", "").replace("ForConditionalGeneration", "")
-        src = sys.modules[cls.__module__]
+        src, prefix = decoder_classes(arch)
         import inspect
 
         per_layer = "self.sliding_window" in inspect.getsource(getattr(src, f"{prefix}Attention"))

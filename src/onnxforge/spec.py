@@ -48,6 +48,7 @@ class AttentionSpec:
     softcap: float = 0.0
     clip_qkv: float = 0.0  # OLMo: q, k, v clamped to +-clip_qkv
     sinks: bool = False  # a learned logit per head in the softmax's denominator (GPT-OSS; GQA's head_sink)
+    qk_norm_after_rope: bool = False  # the q/k norms follow the rotary (HunYuan), not precede it
 
     @property
     def q_size(self) -> int:

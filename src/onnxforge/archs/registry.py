@@ -13,7 +13,7 @@ from ..errors import ConfigError, UnsupportedArchitectureError
 from ..spec import ModelSpec, base_spec, replace, whole_head_rotary, window_semantics
 from .names import Names
 
-FAMILY_MODULES = ("llama", "phi", "gemma", "olmo", "others", "moe", "hybrid")
+FAMILY_MODULES = ("llama", "phi", "gemma", "olmo", "others", "moe", "hybrid", "newer")
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,10 @@ def register(arch: Architecture) -> Architecture:
     return arch
 
 
+# architectures refused by name, with why and what would work (a family module fills it in)
+REFUSED: dict[str, str] = {}
+
+
 def load_families() -> dict[str, Architecture]:
     import importlib
 
@@ -93,6 +97,8 @@ def architecture_for(config: dict) -> Architecture:
     if not isinstance(archs, list) or not archs or not isinstance(archs[0], str):
         raise ConfigError("config.json has no 'architectures' list; it does not describe a transformers model")
     arch = load_families().get(archs[0])
+    if arch is None and archs[0] in REFUSED:
+        raise UnsupportedArchitectureError(f"architecture {archs[0]!r} is not supported: {REFUSED[archs[0]]}")
     if arch is None:
         raise UnsupportedArchitectureError(
             f"architecture {archs[0]!r} is not supported. Supported: {', '.join(supported())} "

@@ -19,13 +19,12 @@ import onnx_ir as ir
 
 from ..archs.names import Part
 from ..quant.storage import Storage
-from ..runs_on import rotary_in_gqa
 from . import weights as W
 from .blocks import BLOCKS
 from .builder import MS, TensorSlot, WeightJob
 from .emitter import Emitter
 from .kinds import state_inputs
-from .parts import AttnInputs, Stream, norm
+from .parts import AttnInputs, Stream, norm, rotary_before_attention
 from .rope import cos_sin_cache
 
 
@@ -101,8 +100,7 @@ class Decoder(Emitter):
         """(batch, seq) int64 position ids, only where a layer's rotary is applied outside GroupQueryAttention:
         those GQA itself uses, 0..S-1 for a first prompt (S == total length), else past length + 0..S-1."""
         spec, b, base = self.spec, self.b, "/model/pos_ids_reformat"
-        if all(layer.rope is None or rotary_in_gqa(spec.attention.head_dim, spec.rope_for(layer.rope).rotary_dim)
-               for layer in spec.layers):
+        if not any(rotary_before_attention(spec, i) for i in range(spec.num_layers)):
             return None
         seq = b.op("Gather", [b.op("Shape", [input_ids], f"{base}/Shape"), b.const(1, np.int64)], f"{base}/Gather",
                    axis=0)

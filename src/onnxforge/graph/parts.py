@@ -110,6 +110,15 @@ def rotary_outside(e: "Emitter", x: ir.Value, heads: int, rope, caches, position
                   rotary_embedding_dim=rope.rotary_dim, interleaved=int(rope.interleaved))
 
 
+def rotary_before_attention(spec: "ModelSpec", i: int) -> bool:
+    """Whether layer i's rotary is applied to q and k before GroupQueryAttention (RotaryEmbedding) instead of
+    inside it: a rotary GQA cannot take (runs_on.rotary_in_gqa), or q/k norms that follow the rotary."""
+    a, layer = spec.attention, spec.layers[i]
+    if layer.rope is None or layer.kind != "attention":
+        return False
+    return (a.qk_norm_after_rope and bool(a.qk_norm)) or not rotary_in_gqa(a.head_dim, spec.rope_for(layer.rope).rotary_dim)
+
+
 def attention_states(spec: "ModelSpec", i: int) -> tuple[State, ...]:
     """The KV cache of an attention layer: key and value, (batch, kv heads, sequence, head_dim)."""
     a = spec.attention
@@ -126,6 +135,10 @@ def attention(e: "Emitter", i: int, x: ir.Value, ctx: AttnInputs, past: tuple[ir
                                                      ("v", f"{base}/v_proj", a.kv_size)], H, bias=a.qkv_bias)
     if a.qk_norm:
         q, k, v = e.split(qkv, [a.q_size, a.kv_size, a.kv_size], f"{base}/qkv_proj")
+        if a.qk_norm_after_rope and layer.rope is not None:  # HunYuan: rotary, then the norms
+            rope, caches = e.spec.rope_for(layer.rope), ctx.rotary[layer.rope]
+            q = rotary_outside(e, q, a.num_heads, rope, caches, ctx.positions, f"{base}/q_rotary")
+            k = rotary_outside(e, k, a.num_kv_heads, rope, caches, ctx.positions, f"{base}/k_rotary")
         if a.qk_norm == "head":
             q, k = head_norm(e, q, i, "q", a.num_heads), head_norm(e, k, i, "k", a.num_kv_heads)
         else:  # "full": one norm over the whole projection (OLMo 2)
@@ -142,10 +155,10 @@ def attention(e: "Emitter", i: int, x: ir.Value, ctx: AttnInputs, past: tuple[ir
         attrs["scale"] = a.scale
     cos = sin = None
     rope = e.spec.rope_for(layer.rope) if layer.rope is not None else None
-    if rope is not None and rotary_in_gqa(a.head_dim, rope.rotary_dim):
+    if rope is not None and not rotary_before_attention(e.spec, i):
         cos, sin = ctx.rotary[layer.rope]
         attrs.update(do_rotary=1, rotary_interleaved=int(rope.interleaved))
-    elif rope is not None:  # a rotary GQA cannot take (runs_on.rotary_in_gqa): applied to q and k before it
+    elif rope is not None and not a.qk_norm_after_rope:  # a rotary GQA cannot take: applied to q and k before it
         q, k, v = e.split(qkv, [a.q_size, a.kv_size, a.kv_size], f"{base}/qkv_proj")
         q = rotary_outside(e, q, a.num_heads, rope, ctx.rotary[layer.rope], ctx.positions, f"{base}/q_rotary")
         k = rotary_outside(e, k, a.num_kv_heads, rope, ctx.rotary[layer.rope], ctx.positions, f"{base}/k_rotary")
