@@ -212,3 +212,17 @@ def test_mistral3_other_text_models_are_refused():
                            "num_hidden_layers": 2, "vocab_size": 320, "intermediate_size": 97}}
     with pytest.raises(ConfigError, match="ministral3"):
         architecture_for(raw).make_spec(raw)
+
+
+def test_seed_oss_gguf_from_llamacpps_converter(tmp_path):
+    """A GGUF written by llama.cpp's own convert_hf_to_gguf.py (tests/real_converter.py) from a tiny Seed-OSS
+    as published (no o_proj bias): the fp32 build's logits equal transformers' over 24 cached decode steps."""
+    from real_converter import real_convert
+
+    model = tiny.make_model("seed_oss", tmp_path / "hf", **{**CONFIGS["seed_oss"], "attention_out_bias": False})
+    path = real_convert(tmp_path / "hf", tmp_path / "hf" / "tiny.gguf", "f32", pre="gpt-2")
+    out = tmp_path / "out"
+    onnxforge.build(path, out, "fp32")
+    assert long_decode_diff(out, model) < 1e-4
+    report = json.loads((out / "build_report.json").read_text())
+    assert report["architecture"] == "SeedOssForCausalLM" and not report.get("unread_tensors"), report

@@ -94,7 +94,7 @@ register(Architecture("SeedOssForCausalLM", "llama", hook=_seed_oss,
                       config_defaults={**LLAMA, "vocab_size": 155136, "intermediate_size": 27648,
                                        "num_hidden_layers": 64, "num_attention_heads": 80, "num_key_value_heads": 8,
                                        "max_position_embeddings": 524288, "head_dim": 128},
-                      doc="Seed-OSS (q/k/v biases, o_proj bias by attention_out_bias)"))
+                      gguf="seed_oss", doc="Seed-OSS (q/k/v biases, o_proj bias by attention_out_bias)"))
 register(Architecture("InternLM3ForCausalLM", "llama", config_fix=_internlm3_config,
                       config_defaults={**LLAMA, "vocab_size": 128512, "intermediate_size": 10240,
                                        "num_hidden_layers": 48, "num_key_value_heads": 2,

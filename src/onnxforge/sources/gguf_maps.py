@@ -165,6 +165,10 @@ FAMILIES: dict[str, GGUFFamily] = {
     # --fuse-gate-up-exps form (ffn_gate_up_exps: gate rows, then up rows) is not read.
     "gpt-oss": GGUFFamily("GptOssForCausalLM", "gpt_oss", False, {"swiglu_limit": 7.0},
                           gguf_names={"experts_gate_up": None}, config_keys=_EXPERT_KEYS),
+    # Seed-OSS: neox rotary (not permuted), q/k/v biases; the norm before the MLP is written as
+    # post_attention_norm; llama.cpp's graph has no o_proj bias (attention_out_bias is false, as published).
+    "seed_oss": GGUFFamily("SeedOssForCausalLM", "seed_oss", False, {"attention_out_bias": False, "mlp_bias": False},
+                           gguf_names={"ffn_norm": "blk.{i}.post_attention_norm", "attn_post_norm": None}),
 }
 
 # GGUF architectures that llama.cpp converts but computes otherwise than the HF model, so that no build
