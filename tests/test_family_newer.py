@@ -226,3 +226,21 @@ def test_seed_oss_gguf_from_llamacpps_converter(tmp_path):
     assert long_decode_diff(out, model) < 1e-4
     report = json.loads((out / "build_report.json").read_text())
     assert report["architecture"] == "SeedOssForCausalLM" and not report.get("unread_tensors"), report
+
+
+@pytest.mark.parametrize("window", [6, None])
+def test_exaone4_gguf_from_llamacpps_converter(tmp_path, window):
+    """EXAONE 4 converted by llama.cpp's convert_hf_to_gguf.py: with a window (its per-layer pattern: sliding
+    layers rotate, full ones do not) and without one (every layer full and rotated, not the config class's
+    default window of 4096), the fp32 build equals transformers."""
+    from real_converter import real_convert
+
+    types = {} if window else {"layer_types": ["full_attention"] * 4}  # Exaone4Config divides by the pattern (0)
+    model = tiny.make_model("exaone4", tmp_path / "hf", **{**CONFIGS["exaone4"], "sliding_window": window, **types})
+    path = real_convert(tmp_path / "hf", tmp_path / "hf" / "tiny.gguf", "f32", pre="gpt-2")
+    out = tmp_path / "out"
+    onnxforge.build(path, out, "fp32")
+    assert long_decode_diff(out, model) < 1e-4
+    gqa = _gqa(out)
+    assert [a.get("do_rotary", 0) for a in gqa] == ([1, 0, 1, 0] if window else [1] * 4)
+    assert [a["local_window_size"] for a in gqa] == ([6, -1, 6, -1] if window else [-1] * 4)

@@ -108,7 +108,7 @@ register(Architecture("HunYuanDenseV1ForCausalLM", "hunyuandensev1",
                       config_defaults={**LLAMA, "vocab_size": 290943, "rms_norm_eps": 1e-5},
                       doc="HunYuan dense (q/k norms after the rotary, NTK-alpha rope)"))
 register(Architecture("Exaone4ForCausalLM", "llama", {"block": "post", "attention.qk_norm": "head", **NO_BIAS},
-                      config_fix=_exaone4_config, sliding="types",
+                      config_fix=_exaone4_config, sliding="types", gguf="exaone4",
                       config_defaults={**LLAMA, "vocab_size": 102400, "intermediate_size": 16384,
                                        "rms_norm_eps": 1e-5, "sliding_window": 4096, "sliding_window_pattern": 4},
                       doc="EXAONE 4 (post-norms, q/k norms, sliding layers with rotary and global NoPE layers)"))

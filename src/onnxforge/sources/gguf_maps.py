@@ -89,6 +89,21 @@ def _llama_experts(cfg: dict, key: Callable[..., Any]) -> dict:
     return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "num_local_experts": cfg["num_experts"]}
 
 
+def _exaone4(cfg: dict, key: Callable[..., Any]) -> dict:
+    """EXAONE 4: the converter writes sliding_window and a per-layer pattern only where config.json has a window;
+    none means every layer full and rotated (an explicit null: Exaone4Config's default window is 4096). Read as
+    transformers computes it; llama.cpp's own graph windows only its 64-layer (32B) model."""
+    if not cfg.get("sliding_window"):
+        return {"sliding_window": None, "layer_types": ["full_attention"] * cfg["num_hidden_layers"]}
+    n = cfg["num_hidden_layers"]
+    pattern = key("attention.sliding_window_pattern", None)
+    if pattern is None:
+        return {}
+    if not isinstance(pattern, list) or len(pattern) != n:
+        raise ConfigError(f"GGUF metadata exaone4.attention.sliding_window_pattern must list {n} layers")
+    return {"layer_types": ["sliding_attention" if slide else "full_attention" for slide in pattern]}
+
+
 FAMILIES: dict[str, GGUFFamily] = {
     # llama.cpp writes Llama, Mistral (v0.1-v0.3), SmolLM, TinyLlama... as "llama" and permutes Q/K;
     # Mixtral too, with expert_count and its experts stacked.
@@ -169,6 +184,8 @@ FAMILIES: dict[str, GGUFFamily] = {
     # post_attention_norm; llama.cpp's graph has no o_proj bias (attention_out_bias is false, as published).
     "seed_oss": GGUFFamily("SeedOssForCausalLM", "seed_oss", False, {"attention_out_bias": False, "mlp_bias": False},
                            gguf_names={"ffn_norm": "blk.{i}.post_attention_norm", "attn_post_norm": None}),
+    # EXAONE 4: neox rotary (not permuted), post-norms and per-head q/k norms under the role table's names.
+    "exaone4": GGUFFamily("Exaone4ForCausalLM", "exaone4", False, config_hook=_exaone4),
 }
 
 # GGUF architectures that llama.cpp converts but computes otherwise than the HF model, so that no build
