@@ -244,3 +244,16 @@ def test_exaone4_gguf_from_llamacpps_converter(tmp_path, window):
     gqa = _gqa(out)
     assert [a.get("do_rotary", 0) for a in gqa] == ([1, 0, 1, 0] if window else [1] * 4)
     assert [a["local_window_size"] for a in gqa] == ([6, -1, 6, -1] if window else [-1] * 4)
+
+
+def test_hunyuan_gguf_from_llamacpps_converter(tmp_path):
+    """HunYuan dense converted by llama.cpp's convert_hf_to_gguf.py (which bakes NTK-alpha into rope.freq_base and
+    asserts a 32k or 256k max_position_embeddings): the fp32 build equals transformers."""
+    from real_converter import real_convert
+
+    model = tiny.make_model("hunyuan", tmp_path / "hf", **{**CONFIGS["hunyuan"], "max_position_embeddings": 32768})
+    path = real_convert(tmp_path / "hf", tmp_path / "hf" / "tiny.gguf", "f32", pre="gpt-2")
+    out = tmp_path / "out"
+    onnxforge.build(path, out, "fp32")
+    assert long_decode_diff(out, model) < 1e-4
+    assert "/model/layers.0/attn/q_rotary/RotaryEmbedding" in _nodes(out)

@@ -104,7 +104,7 @@ register(Architecture("HunYuanDenseV1ForCausalLM", "hunyuandensev1",
                       {"attention.qk_norm": "head", "attention.qk_norm_after_rope": True, "mlp.bias": False},
                       names={"q_norm": "model.layers.{i}.self_attn.query_layernorm",
                              "k_norm": "model.layers.{i}.self_attn.key_layernorm"},
-                      config_fix=_hunyuan_config,
+                      config_fix=_hunyuan_config, gguf="hunyuan-dense",
                       config_defaults={**LLAMA, "vocab_size": 290943, "rms_norm_eps": 1e-5},
                       doc="HunYuan dense (q/k norms after the rotary, NTK-alpha rope)"))
 register(Architecture("Exaone4ForCausalLM", "llama", {"block": "post", "attention.qk_norm": "head", **NO_BIAS},

@@ -186,6 +186,9 @@ FAMILIES: dict[str, GGUFFamily] = {
                            gguf_names={"ffn_norm": "blk.{i}.post_attention_norm", "attn_post_norm": None}),
     # EXAONE 4: neox rotary (not permuted), post-norms and per-head q/k norms under the role table's names.
     "exaone4": GGUFFamily("Exaone4ForCausalLM", "exaone4", False, config_hook=_exaone4),
+    # HunYuan dense: neox rotary (not permuted), q/k norms (after the rotary, as the family's graph has them); the
+    # converter bakes NTK-alpha into rope.freq_base (theta * alpha ** (d / (d - 2))), as archs/newer.py does.
+    "hunyuan-dense": GGUFFamily("HunYuanDenseV1ForCausalLM", "hunyuan_v1_dense", False, {"mlp_bias": False}),
 }
 
 # GGUF architectures that llama.cpp converts but computes otherwise than the HF model, so that no build
