@@ -257,3 +257,18 @@ def test_hunyuan_gguf_from_llamacpps_converter(tmp_path):
     onnxforge.build(path, out, "fp32")
     assert long_decode_diff(out, model) < 1e-4
     assert "/model/layers.0/attn/q_rotary/RotaryEmbedding" in _nodes(out)
+
+
+def test_internlm3_gguf_builds_as_llama(tmp_path):
+    """llama.cpp's converter writes InternLM3 as a llama GGUF (Q/K rows permuted, SentencePiece vocabulary), which
+    onnxforge reads as LlamaForCausalLM: a tiny InternLM3 as published (no biases) equals transformers."""
+    from real_converter import real_convert, sentencepiece_tokenizer
+
+    model = tiny.make_model("internlm3", tmp_path / "hf", **{**CONFIGS["internlm3"], "qkv_bias": False, "bias": False})
+    _published_internlm3(tmp_path / "hf")
+    sentencepiece_tokenizer(tmp_path / "hf", tiny.VOCAB)
+    path = real_convert(tmp_path / "hf", tmp_path / "hf" / "tiny.gguf", "f32")
+    out = tmp_path / "out"
+    onnxforge.build(path, out, "fp32")
+    assert json.loads((out / "build_report.json").read_text())["architecture"] == "LlamaForCausalLM"
+    assert long_decode_diff(out, model) < 1e-4
