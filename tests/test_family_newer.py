@@ -272,3 +272,20 @@ def test_internlm3_gguf_builds_as_llama(tmp_path):
     onnxforge.build(path, out, "fp32")
     assert json.loads((out / "build_report.json").read_text())["architecture"] == "LlamaForCausalLM"
     assert long_decode_diff(out, model) < 1e-4
+
+
+@pytest.mark.parametrize("name", list(VL))
+def test_vl_text_decoder_gguf_from_llamacpps_converter(tmp_path, name):
+    """The text GGUF llama.cpp's convert_hf_to_gguf.py writes from a Qwen3-VL (qwen3vl: mrope sections, deepstack
+    count) or Mistral 3 (mistral3: Q/K permuted, no window) checkpoint builds as the plain text decoder, equal to
+    the wrapper in transformers on text."""
+    from real_converter import real_convert
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    model = _make_vl(name, folder)
+    path = real_convert(folder, folder / "tiny.gguf", "f32", pre="gpt-2")
+    out = tmp_path / "out"
+    onnxforge.build(path, out, "fp32")
+    assert long_decode_diff(out, model) < 1e-4
+    assert all(a["local_window_size"] == -1 for a in _gqa(out))

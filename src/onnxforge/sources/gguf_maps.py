@@ -104,6 +104,15 @@ def _exaone4(cfg: dict, key: Callable[..., Any]) -> dict:
     return {"layer_types": ["sliding_attention" if slide else "full_attention" for slide in pattern]}
 
 
+def _mistral3(cfg: dict, key: Callable[..., Any]) -> dict:
+    """Mistral 3's text decoder (Mistral Small 3.x): a window only where the converter wrote one (MistralConfig's
+    default of 4096 is not the model's); Ministral 3's attention temperature (llama_4_scaling_beta) is refused."""
+    if key("attention.temperature_scale", None) is not None:
+        raise ConfigError("this mistral3 GGUF is a Ministral 3 (attention temperature scaling, "
+                          "llama_4_scaling_beta), which onnxforge does not build; Mistral Small 3.x builds")
+    return {} if cfg.get("sliding_window") else {"sliding_window": None}
+
+
 FAMILIES: dict[str, GGUFFamily] = {
     # llama.cpp writes Llama, Mistral (v0.1-v0.3), SmolLM, TinyLlama... as "llama" and permutes Q/K;
     # Mixtral too, with expert_count and its experts stacked.
@@ -189,6 +198,11 @@ FAMILIES: dict[str, GGUFFamily] = {
     # HunYuan dense: neox rotary (not permuted), q/k norms (after the rotary, as the family's graph has them); the
     # converter bakes NTK-alpha into rope.freq_base (theta * alpha ** (d / (d - 2))), as archs/newer.py does.
     "hunyuan-dense": GGUFFamily("HunYuanDenseV1ForCausalLM", "hunyuan_v1_dense", False, {"mlp_bias": False}),
+    # The text decoders of the vision-language checkpoints (the mmproj file holds the vision tower): Qwen3-VL as
+    # qwen3vl (neox, not permuted; its mrope sections rotate a text-only sequence as the plain rotary, and the
+    # deepstack layers add image features only), Mistral Small 3.x as mistral3 (Q/K permuted like llama).
+    "qwen3vl": GGUFFamily("Qwen3ForCausalLM", "qwen3", False, {"use_sliding_window": False}),
+    "mistral3": GGUFFamily("MistralForCausalLM", "mistral", True, {"mlp_bias": False}, config_hook=_mistral3),
 }
 
 # GGUF architectures that llama.cpp converts but computes otherwise than the HF model, so that no build
