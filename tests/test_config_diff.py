@@ -171,6 +171,14 @@ FAMILY_KNOBS.update({
         {"rope_parameters": {"rope_type": "dynamic", "alpha": 50.0, "rope_theta": 20000.0}, "head_dim": 16}]},
     "Exaone4ForCausalLM": {"sliding_window_pattern": [ABSENT, 2, 3], "exaone_window": [ABSENT, None, 5]},
 })
+FAMILY_KNOBS["Qwen3_5ForCausalLM"] = {  # gated delta-net layers beside gated attention
+    "full_attention_interval": [ABSENT, 2, 3],
+    "kinds": [{}, {"layer_types": ["linear_attention", "full_attention", "full_attention", "linear_attention",
+                                   "linear_attention", "full_attention"]}],
+    "linear": [{}, {"linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
+                    "linear_value_head_dim": 8, "linear_conv_kernel_dim": 3}]}
+WINDOW_READ["Qwen3_5ForCausalLM"] = "none"  # Qwen3_5Attention never windows
+PARTIAL_ROTARY["Qwen3_5ForCausalLM"] = True
 VARIANTS_PER_FAMILY = 30
 
 
@@ -276,7 +284,7 @@ def reference(arch: str, d: dict) -> dict:
                        for n in ("q_norm", "q_layernorm", "query_layernorm")),
         "windows": windows(arch, c, attn),
         "no_rope": tuple(a is None or not getattr(a, "use_rope", True) or not ROTATES.get(arch, bool)(a) for a in attn),
-        "kinds": tuple("attention" if a is not None else "conv" for a in attn),
+        "kinds": tuple(kind_of(layer) for layer in layers),
         "rope": rope_tables(mod, prefix, c),
         "rope_long": long_table(mod, prefix, c),
         "layer_rope_type": tuple(c.layer_types) if hasattr(c, "layer_types") and c.layer_types else None,
@@ -293,6 +301,10 @@ def reference(arch: str, d: dict) -> dict:
     if conv is not None:  # LFM2's short conv and its MLP width (Lfm2MLP adjusts intermediate_size)
         out["conv"] = (conv.conv_kernel_size, conv.bias)
         out["mlp_width"] = mlp_of(layers[0]).w1.out_features
+    linear = next((layer.linear_attn for layer in layers if getattr(layer, "linear_attn", None) is not None), None)
+    if linear is not None:  # the gated delta-net's sizes
+        out["linear"] = (linear.num_k_heads, linear.num_v_heads, linear.head_k_dim, linear.head_v_dim,
+                         linear.conv_kernel_size)
     moe = next((layer for layer in layers if is_moe(layer)), None)
     if moe is not None:
         out["top_k"] = int(find_attr(mlp_of(moe), ("top_k", "num_experts_per_tok")))
@@ -333,11 +345,16 @@ def windows(arch: str, c, attn) -> tuple[int, ...]:
 
 def rope_tables(mod, prefix: str, c) -> dict:
     """layer type (or None) -> (inv_freq, attention scaling) of the model's rotary module."""
-    rotary = getattr(mod, f"{prefix}RotaryEmbedding")(c)
+    rotary = rotary_class(mod, prefix)(c)
     if hasattr(rotary, "inv_freq"):
         return {None: (rotary.inv_freq.numpy(), mscale(rotary, c, "short_mscale"))}
     return {lt: (getattr(rotary, f"{lt}_inv_freq").numpy(), float(getattr(rotary, f"{lt}_attention_scaling")))
             for lt in sorted(set(c.layer_types))}
+
+
+def rotary_class(mod, prefix: str):
+    """The rotary module's class (Qwen3.5 names its decoder's Qwen3_5TextRotaryEmbedding)."""
+    return getattr(mod, f"{prefix}RotaryEmbedding", None) or getattr(mod, f"{prefix}TextRotaryEmbedding")
 
 
 def activation_of(layer) -> str:
@@ -363,6 +380,15 @@ def mlp_bias(layers) -> bool | None:
     return linear.bias is not None
 
 
+def kind_of(layer) -> str:
+    """The layer's token mixer, as graph/kinds.py names it."""
+    if getattr(layer, "linear_attn", None) is not None:  # Qwen3.5 / Qwen3-Next gated delta-net
+        return "gated_delta"
+    if hasattr(layer, "block_type") and not hasattr(layer, "self_attn"):  # a layer type Qwen3.5 builds no mixer for
+        raise CannotRun(f"a {layer.block_type} layer has no token mixer in {type(layer).__name__}")
+    return "conv" if hasattr(layer, "conv") else "attention"
+
+
 def mlp_of(layer):
     if hasattr(layer, "feed_forward"):  # LFM2
         return layer.feed_forward
@@ -383,7 +409,7 @@ def long_table(mod, prefix: str, c):
     params = c.rope_parameters
     if params.get("rope_type") != "longrope":
         return None
-    rotary = getattr(mod, f"{prefix}RotaryEmbedding")(c)
+    rotary = rotary_class(mod, prefix)(c)
     if type(rotary).__name__ == "PhimoeRotaryEmbedding":
         return rotary.inv_freq.numpy(), mscale(rotary, c, "long_mscale")
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -435,6 +461,9 @@ def ours(arch_obj, d: dict, ref: dict) -> dict:
     if "conv" in ref:
         out["conv"] = (spec.conv.kernel, spec.conv.bias) if spec.conv else None
         out["mlp_width"] = spec.mlp.intermediate_size
+    if "linear" in ref:
+        la = spec.linear
+        out["linear"] = la and (la.key_heads, la.value_heads, la.key_dim, la.value_dim, la.kernel)
     if spec.moe is not None:  # the sparse mixer (PhiMoE) has no renormalisation to compare
         out["top_k"], out["normalize"] = spec.moe.top_k, spec.moe.normalize if spec.moe.mixer == "softmax" else None
     return out

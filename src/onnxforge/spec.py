@@ -48,6 +48,7 @@ class AttentionSpec:
     softcap: float = 0.0
     clip_qkv: float = 0.0  # OLMo: q, k, v clamped to +-clip_qkv
     sinks: bool = False  # a learned logit per head in the softmax's denominator (GPT-OSS; GQA's head_sink)
+    output_gate: bool = False  # q_proj gives [q, gate] per head; the output is times sigmoid(gate) (Qwen3-Next)
     qk_norm_after_rope: bool = False  # the q/k norms follow the rotary (HunYuan), not precede it
 
     @property
@@ -114,6 +115,22 @@ class ConvSpec:
 
 
 @dataclass(frozen=True)
+class LinearAttnSpec:
+    """Gated delta-net linear attention (Qwen3.5, Qwen3-Next; graph/gated_delta.py): a causal depthwise conv
+    over [q, k, v], then the gated delta rule over a (value heads, key_dim, value_dim) state per layer."""
+
+    key_heads: int
+    value_heads: int  # a multiple of key_heads: each q/k head serves value_heads / key_heads value heads
+    key_dim: int  # per head
+    value_dim: int  # per head
+    kernel: int  # conv taps; the carried conv state holds kernel - 1 inputs
+
+    @property
+    def conv_channels(self) -> int:
+        return 2 * self.key_heads * self.key_dim + self.value_heads * self.value_dim
+
+
+@dataclass(frozen=True)
 class LayerSpec:
     """What differs between layers: its kind (which token mixer), the attention window, which rotary table
     (None: no rotary), and whether the MLP is the model's mixture of experts."""
@@ -139,6 +156,7 @@ class ModelSpec:
     layers: tuple[LayerSpec, ...]
     moe: MoESpec | None = None  # the experts of the layers with LayerSpec.moe
     conv: ConvSpec | None = None  # the short convolution of layers of kind "conv"
+    linear: LinearAttnSpec | None = None  # the gated delta-net of layers of kind "gated_delta"
     block: str = "pre"  # how a layer wires its parts; see graph/blocks.py
     tie_embeddings: bool = False
     embedding_scale: float = 1.0  # Gemma sqrt(hidden), Granite embedding_multiplier

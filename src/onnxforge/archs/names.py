@@ -56,6 +56,20 @@ ROLES: dict[str, Role] = {
     "conv_in": Role((L + "conv.in_proj",), "blk.{i}.shortconv.in_proj"),
     "conv_kernel": Role((L + "conv.conv",), "blk.{i}.shortconv.conv"),
     "conv_out": Role((L + "conv.out_proj",), "blk.{i}.shortconv.out_proj"),
+    # gated delta-net (Qwen3.5 / Qwen3-Next linear attention): in_proj_qkv (or Qwen3-Next's per-key-head
+    # interleaved in_proj_qkvz / in_proj_ba), conv1d over [q, k, v], gated RMS norm, out_proj; A_log and
+    # dt_bias are parameters (Names.tensor)
+    "la_qkv": Role((L + "linear_attn.in_proj_qkv",)),
+    "la_z": Role((L + "linear_attn.in_proj_z",)),
+    "la_b": Role((L + "linear_attn.in_proj_b",)),
+    "la_a": Role((L + "linear_attn.in_proj_a",)),
+    "la_qkvz": Role((L + "linear_attn.in_proj_qkvz",)),
+    "la_ba": Role((L + "linear_attn.in_proj_ba",)),
+    "la_conv": Role((L + "linear_attn.conv1d",)),
+    "la_norm": Role((L + "linear_attn.norm",)),
+    "la_out": Role((L + "linear_attn.out_proj",)),
+    "la_A_log": Role((L + "linear_attn.A_log",)),
+    "la_dt_bias": Role((L + "linear_attn.dt_bias",)),
     # mixture of experts: the router, one module per expert, or experts stacked (E, N, K) in one tensor
     "router": Role((L + "mlp.gate", L + "block_sparse_moe.gate", L + "mlp.router", L + "block_sparse_moe.router.layer",
                     L + "block_sparse_moe.router"), "blk.{i}.ffn_gate_inp"),

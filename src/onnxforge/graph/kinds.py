@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Callable
 import onnx_ir as ir
 
 from ..errors import ConfigError
+from .gated_delta import gated_delta, gated_delta_states
 from .moe import moe
 from .parts import AttnInputs, attention, attention_states, dense_mlp
 from .short_conv import conv_states, short_conv
@@ -41,6 +42,8 @@ MIXERS: dict[str, Mixer] = {
     "attention": Mixer(attention, attention_states,
                        lambda spec, i: "sliding_attention" if spec.layers[i].window else "full_attention"),
     "conv": Mixer(short_conv, conv_states, genai_keys=lambda spec: {"conv_cache_size": spec.conv.kernel - 1}),
+    # gated delta-net linear attention (Qwen3.5, Qwen3-Next): conv + recurrent state, graph/gated_delta.py
+    "gated_delta": Mixer(gated_delta, gated_delta_states, lambda spec, i: "linear_attention"),
 }
 
 

@@ -131,8 +131,14 @@ def attention(e: "Emitter", i: int, x: ir.Value, ctx: AttnInputs, past: tuple[ir
     """GroupQueryAttention over the layer's KV cache (`past`: key, value); returns (output, (key, value))."""
     a, H, layer = e.spec.attention, e.spec.hidden_size, e.spec.layers[i]
     base = f"/model/layers.{i}/attn"
-    qkv = e.linear_group(x, f"{base}/qkv_proj", i, [("q", f"{base}/q_proj", a.q_size), ("k", f"{base}/k_proj", a.kv_size),
+    q_rows = 2 * a.q_size if a.output_gate else a.q_size  # [q, gate] per head (Qwen3-Next, Qwen3.5)
+    qkv = e.linear_group(x, f"{base}/qkv_proj", i, [("q", f"{base}/q_proj", q_rows), ("k", f"{base}/k_proj", a.kv_size),
                                                      ("v", f"{base}/v_proj", a.kv_size)], H, bias=a.qkv_bias)
+    gate = None
+    if a.output_gate:
+        q, k, v = e.split(qkv, [q_rows, a.kv_size, a.kv_size], f"{base}/qkv_proj")
+        q, gate = query_and_gate(e, q, i)
+        qkv = [q, k, v]
     if a.qk_norm:
         q, k, v = e.split(qkv, [a.q_size, a.kv_size, a.kv_size], f"{base}/qkv_proj")
         if a.qk_norm_after_rope and layer.rope is not None:  # HunYuan: rotary, then the norms
@@ -171,8 +177,20 @@ def attention(e: "Emitter", i: int, x: ir.Value, ctx: AttnInputs, past: tuple[ir
     out, present_k, present_v = e.b.op(
         "GroupQueryAttention", [q, k, v, *past, ctx.seqlens_k, ctx.total_len, cos, sin, *sink],
         f"{base}/GroupQueryAttention", domain=MS, n_out=3, **attrs)
+    if gate is not None:
+        out = e.b.op("Mul", [out, e.b.op("Sigmoid", [gate], f"{base}/gate/Sigmoid")], f"{base}/gate/Mul")
     (o,) = e.linear_group(out, f"{base}/o_proj", i, [("o", f"{base}/o_proj", H)], a.q_size, bias=a.o_bias)
     return o, (present_k, present_v)
+
+
+def query_and_gate(e: "Emitter", q: ir.Value, i: int) -> tuple[ir.Value, ir.Value]:
+    """q_proj's output holds [q, gate] per head: (B, S, heads x 2 head_dim) -> q and gate, each (B, S, q_size)."""
+    a, b, node = e.spec.attention, e.b, f"/model/layers.{i}/attn/q_gate"
+    view = b.op("Reshape", [q, b.const([0, 0, a.num_heads, 2 * a.head_dim], np.int64)], f"{node}/Reshape")
+    q, gate = b.op("Split", [view, b.const([a.head_dim, a.head_dim], np.int64)], f"{node}/Split", n_out=2, axis=-1)
+    flat = b.const([0, 0, a.q_size], np.int64)
+    return (b.op("Reshape", [q, flat], f"/model/layers.{i}/attn/q_proj/Reshape"),
+            b.op("Reshape", [gate, flat], f"/model/layers.{i}/attn/gate/Reshape"))
 
 
 # -- MLP -----------------------------------------------------------------------------------------

@@ -51,6 +51,9 @@ def apply_template(recipe: Recipe, name: str) -> Recipe:
 
 _ROUTERS = ("*/moe/gate/*", "*.mlp.gate", "*router*", "*.block_sparse_moe.gate")
 _SHARED_GATES = ("*shared_expert_gate*",)
+# gated delta-net decay and update-rate projections (a few rows each; the decay is exponentiated), as the anchor
+_DELTA_GATES = ("*/linear_attn/a_proj/*", "*/linear_attn/b_proj/*", "*.linear_attn.in_proj_a", "*.linear_attn.in_proj_b",
+                "*.linear_attn.in_proj_ba")
 for _t in (
     Template("default", doc="dense decoders: every linear layer may be quantized"),
     Template("llama", doc="Llama / SmolLM2: every linear layer may be quantized"),
@@ -65,5 +68,6 @@ for _t in (
     Template("granitemoe", keep_float=_ROUTERS, doc="Granite-MoE: routers stay float"),
     Template("ernie4_5_moe", keep_float=_ROUTERS, doc="ERNIE 4.5 MoE: routers stay float"),
     Template("phimoe", keep_float=_ROUTERS, doc="PhiMoE: routers stay float"),
+    Template("qwen3_5_text", keep_float=_DELTA_GATES, doc="Qwen3.5: the linear attention's a/b gate projections stay float"),
 ):
     register_template(_t)

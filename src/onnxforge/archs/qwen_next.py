@@ -1,0 +1,61 @@
+"""Gated delta-net hybrids: "linear_attention" layers (graph/gated_delta.py) beside gated full attention.
+
+Qwen3.5 (the text decoder, `Qwen3_5ForCausalLM`): three of every four layers (`full_attention_interval`) are
+gated delta-net linear attention, with in_proj_qkv / in_proj_z / in_proj_b / in_proj_a; the others are
+attention whose q_proj also gives a sigmoid output gate per head, with per-head q/k norms and a partial
+rotary (partial_rotary_factor, default 0.25; its multimodal rotary reduces to the plain one on text, where
+the three position axes are equal). Every RMSNorm but the linear attention's gated one scales by (1 + weight).
+"""
+from __future__ import annotations
+
+from ..errors import ConfigError
+from ..spec import LinearAttnSpec, _positive_int
+from .registry import Architecture, register
+
+KINDS = {"linear_attention": "gated_delta"}
+LINEAR_DEFAULTS = {"linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+                   "linear_num_key_heads": 16, "linear_num_value_heads": 32}
+QWEN35_DEFAULTS = {**LINEAR_DEFAULTS, "vocab_size": 248320, "hidden_size": 4096, "intermediate_size": 12288,
+                   "num_hidden_layers": 32, "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 256,
+                   "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+                   "tie_word_embeddings": False, "attention_bias": False}
+GATED_ATTENTION = {"attention.qk_norm": "head", "attention.output_gate": True, "norm.weight_offset": 1.0,
+                   "mlp.bias": False}
+
+
+def hybrid_config(cfg: dict) -> dict:
+    """As the Qwen3.5 / Qwen3-Next config classes load: without layer_types, every `full_attention_interval`-th
+    layer (default 4) is attention and the others linear attention; partial_rotary_factor from rope_parameters,
+    else the top-level key, else 0.25. The attention never windows."""
+    cfg = {k: v for k, v in cfg.items() if k != "sliding_window"}
+    if cfg.get("layer_types") is None:
+        n = _positive_int(cfg, "num_hidden_layers")
+        every = cfg.get("full_attention_interval", 4)
+        if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
+            raise ConfigError(f"config.json: full_attention_interval must be a positive integer, got {every!r}")
+        cfg["layer_types"] = ["linear_attention" if (i + 1) % every else "full_attention" for i in range(n)]
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling")
+    inner = params.get("partial_rotary_factor") if isinstance(params, dict) else None
+    cfg["partial_rotary_factor"] = inner if inner is not None else cfg.get("partial_rotary_factor", 0.25)
+    return cfg
+
+
+def linear_attention(cfg: dict) -> dict:
+    """The gated delta-net's sizes (LinearAttnSpec) from the linear_* keys."""
+    la = LinearAttnSpec(key_heads=_positive_int(cfg, "linear_num_key_heads"),
+                        value_heads=_positive_int(cfg, "linear_num_value_heads"),
+                        key_dim=_positive_int(cfg, "linear_key_head_dim"),
+                        value_dim=_positive_int(cfg, "linear_value_head_dim"),
+                        kernel=_positive_int(cfg, "linear_conv_kernel_dim"))
+    if la.value_heads % la.key_heads:
+        raise ConfigError(f"config.json: linear_num_value_heads ({la.value_heads}) must be a multiple of "
+                          f"linear_num_key_heads ({la.key_heads})")
+    if la.kernel < 2:
+        raise ConfigError(f"config.json: linear_conv_kernel_dim must be at least 2, got {la.kernel}")
+    return {"linear": la}
+
+
+register(Architecture("Qwen3_5ForCausalLM", "qwen3_5_text", GATED_ATTENTION, hook=linear_attention,
+                      config_fix=hybrid_config, config_defaults=QWEN35_DEFAULTS, sliding="types",
+                      partial_rotary=True, layer_kinds=KINDS,
+                      doc="Qwen3.5 text decoder (gated delta-net linear attention beside gated attention)"))
