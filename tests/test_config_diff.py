@@ -179,6 +179,11 @@ FAMILY_KNOBS["Qwen3_5ForCausalLM"] = {  # gated delta-net layers beside gated at
                     "linear_value_head_dim": 8, "linear_conv_kernel_dim": 3}]}
 WINDOW_READ["Qwen3_5ForCausalLM"] = "none"  # Qwen3_5Attention never windows
 PARTIAL_ROTARY["Qwen3_5ForCausalLM"] = True
+FAMILY_KNOBS["Qwen3NextForCausalLM"] = {**FAMILY_KNOBS["Qwen3_5ForCausalLM"],
+                                        "norm_topk_prob": [ABSENT, True, False], "mlp_only_layers": [ABSENT, [1, 4]],
+                                        "decoder_sparse_step": [ABSENT, 2], "experts": [{}, MOE_BASE, {"num_experts": 0}]}
+WINDOW_READ["Qwen3NextForCausalLM"] = "none"
+PARTIAL_ROTARY["Qwen3NextForCausalLM"] = True
 VARIANTS_PER_FAMILY = 30
 
 

@@ -1,5 +1,7 @@
-"""Gated delta-net hybrids (graph/gated_delta.py): Qwen3.5's text decoder, linear-attention layers beside
-gated full attention, as a tiny random model made by transformers with a fixed seed.
+"""Gated delta-net hybrids (graph/gated_delta.py): linear-attention layers beside gated full attention, as
+tiny random models made by transformers with a fixed seed: Qwen3.5's text decoder, and Qwen3-Next (fused,
+per-key-head interleaved in_proj_qkvz / in_proj_ba; a mixture of experts with a gated shared expert, one
+dense layer by mlp_only_layers).
 
 fp32 logits equal transformers' within 1e-4 for a 12-token prompt (longer than the 4-tap conv) and 20
 cached decode steps (conv and recurrent states carried step to step), also with the prompt fed in two
@@ -21,7 +23,7 @@ import onnx
 import pytest
 from conftest import genai_greedy, reference_greedy, reference_logits
 from family_check import FP32_TOL
-from quant_ref import dequantized_reference
+from moe_check import moe_reference
 from test_family_hybrid import Stepper, steps
 
 import onnxforge
@@ -33,6 +35,9 @@ transformers = pytest.importorskip("transformers")
 QWEN35 = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=64, intermediate_size=96,
               num_hidden_layers=4, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
               linear_value_head_dim=8, linear_conv_kernel_dim=4)  # layers: 3 linear attention, then attention
+QWEN_NEXT = dict(QWEN35, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                 shared_expert_intermediate_size=48, mlp_only_layers=[1])
+FAMILIES = {"qwen3_5": ("Qwen3_5TextConfig", QWEN35), "qwen3_next": ("Qwen3NextConfig", QWEN_NEXT)}
 PROMPT, DECODE = 12, 20
 
 
@@ -55,10 +60,11 @@ def make_hybrid(folder, config_class: str, seed: int = 0, **params):
     return model
 
 
-@pytest.fixture(scope="module")
-def qwen35(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qwen35")
-    return folder, make_hybrid(folder, "Qwen3_5TextConfig", **QWEN35)
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def qwen35(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    config_class, params = FAMILIES[request.param]
+    return folder, make_hybrid(folder, config_class, **params)
 
 
 def tokens(seed: int = 0) -> tuple[list[int], list[int]]:
@@ -115,7 +121,7 @@ def test_int4_equals_the_dequantized_reference(qwen35, tmp_path):
     assert "/model/layers.0/linear_attn/qkv_proj/MatMul" in quantized
     assert "/model/layers.0/linear_attn/a_proj/MatMul" not in quantized  # the gates stay float (template)
     prompt, decode = tokens()
-    ref = reference_logits(dequantized_reference(folder, out), prompt + decode)
+    ref = reference_logits(moe_reference(folder, out), prompt + decode)  # QMoE experts as the op holds them
     got = steps(out, [prompt] + [[t] for t in decode])
     assert np.abs(got - ref).max() < FP32_TOL
 

@@ -5,11 +5,16 @@ gated delta-net linear attention, with in_proj_qkv / in_proj_z / in_proj_b / in_
 attention whose q_proj also gives a sigmoid output gate per head, with per-head q/k norms and a partial
 rotary (partial_rotary_factor, default 0.25; its multimodal rotary reduces to the plain one on text, where
 the three position axes are equal). Every RMSNorm but the linear attention's gated one scales by (1 + weight).
+
+Qwen3-Next (`Qwen3NextForCausalLM`): the same layers, with the linear attention's projections fused and
+interleaved per key head (in_proj_qkvz, in_proj_ba: graph/gated_delta.py reads their rows), and a mixture of
+experts on the layers decoder_sparse_step and mlp_only_layers leave to it (Qwen2-MoE's: a shared expert
+with a sigmoid gate; norm_topk_prob, default true).
 """
 from __future__ import annotations
 
 from ..errors import ConfigError
-from ..spec import LinearAttnSpec, _positive_int
+from ..spec import LinearAttnSpec, MoESpec, _flag, _positive_int, base_spec, replace
 from .registry import Architecture, register
 
 KINDS = {"linear_attention": "gated_delta"}
@@ -59,3 +64,34 @@ register(Architecture("Qwen3_5ForCausalLM", "qwen3_5_text", GATED_ATTENTION, hoo
                       config_fix=hybrid_config, config_defaults=QWEN35_DEFAULTS, sliding="types",
                       partial_rotary=True, layer_kinds=KINDS,
                       doc="Qwen3.5 text decoder (gated delta-net linear attention beside gated attention)"))
+
+
+QWEN_NEXT_DEFAULTS = {**QWEN35_DEFAULTS, "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 5632,
+                      "num_hidden_layers": 48, "num_attention_heads": 16, "num_key_value_heads": 2,
+                      "decoder_sparse_step": 1, "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512,
+                      "num_experts_per_tok": 10, "num_experts": 512, "norm_topk_prob": True}
+
+
+def _next_experts(cfg: dict) -> dict:
+    """The experts and the layers that have them, as Qwen3NextDecoderLayer chooses (none with num_experts 0)."""
+    experts = cfg.get("num_experts")
+    if experts == 0:
+        return {}
+    only, step = cfg.get("mlp_only_layers") or [], _positive_int(cfg, "decoder_sparse_step")
+    moe = MoESpec(num_experts=_positive_int(cfg, "num_experts"), top_k=_positive_int(cfg, "num_experts_per_tok"),
+                  intermediate_size=_positive_int(cfg, "moe_intermediate_size"),
+                  normalize=_flag(cfg, "norm_topk_prob", True),
+                  shared_intermediate_size=_positive_int(cfg, "shared_expert_intermediate_size"), shared_gate=True)
+    layers = base_spec(cfg, KINDS).layers
+    return {"moe": moe, "layers": tuple(replace(layer, moe=i not in only and (i + 1) % step == 0)
+                                        for i, layer in enumerate(layers))}
+
+
+def _qwen_next(cfg: dict) -> dict:
+    return {**linear_attention(cfg), **_next_experts(cfg)}
+
+
+register(Architecture("Qwen3NextForCausalLM", "qwen3_5_moe_text", GATED_ATTENTION, hook=_qwen_next,
+                      config_fix=hybrid_config, config_defaults=QWEN_NEXT_DEFAULTS, sliding="types",
+                      partial_rotary=True, layer_kinds=KINDS,
+                      doc="Qwen3-Next (gated delta-net linear attention, gated attention, MoE with a shared expert)"))

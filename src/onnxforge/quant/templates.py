@@ -69,5 +69,7 @@ for _t in (
     Template("ernie4_5_moe", keep_float=_ROUTERS, doc="ERNIE 4.5 MoE: routers stay float"),
     Template("phimoe", keep_float=_ROUTERS, doc="PhiMoE: routers stay float"),
     Template("qwen3_5_text", keep_float=_DELTA_GATES, doc="Qwen3.5: the linear attention's a/b gate projections stay float"),
+    Template("qwen3_5_moe_text", keep_float=_DELTA_GATES + _ROUTERS + _SHARED_GATES,
+             doc="Qwen3.5-MoE, Qwen3-Next: linear-attention gates, routers and shared-expert gates stay float"),
 ):
     register_template(_t)
