@@ -184,6 +184,10 @@ FAMILY_KNOBS["Qwen3NextForCausalLM"] = {**FAMILY_KNOBS["Qwen3_5ForCausalLM"],
                                         "decoder_sparse_step": [ABSENT, 2], "experts": [{}, MOE_BASE, {"num_experts": 0}]}
 WINDOW_READ["Qwen3NextForCausalLM"] = "none"
 PARTIAL_ROTARY["Qwen3NextForCausalLM"] = True
+TEXT_MODEL["Qwen3_5ForConditionalGeneration"] = ("Qwen3_5Config", "qwen3_5_text", None, "Qwen3_5")
+FAMILY_KNOBS["Qwen3_5ForConditionalGeneration"] = FAMILY_KNOBS["Qwen3_5ForCausalLM"]
+WINDOW_READ["Qwen3_5ForConditionalGeneration"] = "none"
+PARTIAL_ROTARY["Qwen3_5ForConditionalGeneration"] = True
 VARIANTS_PER_FAMILY = 30
 
 

@@ -135,3 +135,35 @@ def test_fp16_runs_close(qwen35, tmp_path):
     got = steps(out, [prompt] + [[t] for t in decode])
     assert np.abs(got - ref).max() < 0.02 * (ref.max() - ref.min())
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
+def test_published_form_builds_its_text_decoder(tmp_path):
+    """Qwen3.5 as published (Qwen3_5ForConditionalGeneration: text_config, model.language_model.*, a vision
+    tower): the text decoder builds and matches transformers' wrapper on text within 1e-4, and genai's
+    greedy tokens equal its generate; the vision tower is left unread (a note)."""
+    from tiny import VOCAB, spread_weights, tokenizer_files
+
+    text = dict(QWEN35, vocab_size=VOCAB, max_position_embeddings=256, bos_token_id=1, eos_token_id=0, pad_token_id=0)
+    vision = dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=64, patch_size=4,
+                  num_position_embeddings=16)
+    config = transformers.Qwen3_5Config(text_config=text, vision_config=vision, image_token_id=300,
+                                        video_token_id=301, vision_start_token_id=302, vision_end_token_id=303)
+    torch.manual_seed(0)
+    model = transformers.Qwen3_5ForConditionalGeneration(config).eval()
+    spread_weights(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and ".linear_attn.norm." not in name and "visual" not in name:
+                p.sub_(1.0)
+    folder, out = tmp_path / "ckpt", tmp_path / "out"
+    model.save_pretrained(folder)
+    tokenizer_files(folder)
+    onnxforge.build(folder, out, "fp32")
+    prompt, decode = tokens()
+    ref = reference_logits(model, prompt + decode)
+    got = steps(out, [prompt] + [[t] for t in decode])
+    assert np.abs(got - ref).max() < FP32_TOL, np.abs(got - ref).max()
+    p, _ = tokens(1)
+    assert genai_greedy(out, p) == reference_greedy(model, p)
+    report = json.loads((out / "build_report.json").read_text())
+    assert "model.visual" in json.dumps(report)

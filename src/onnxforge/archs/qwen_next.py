@@ -95,3 +95,8 @@ register(Architecture("Qwen3NextForCausalLM", "qwen3_5_moe_text", GATED_ATTENTIO
                       config_fix=hybrid_config, config_defaults=QWEN_NEXT_DEFAULTS, sliding="types",
                       partial_rotary=True, layer_kinds=KINDS,
                       doc="Qwen3-Next (gated delta-net linear attention, gated attention, MoE with a shared expert)"))
+register(Architecture("Qwen3_5ForConditionalGeneration", "qwen3_5_text", GATED_ATTENTION, hook=linear_attention,
+                      config_fix=hybrid_config, config_defaults=QWEN35_DEFAULTS, sliding="types",
+                      partial_rotary=True, layer_kinds=KINDS, text_config=True,
+                      rewrites=(("model.", "model.language_model."),), ignored=("model.visual.*", "mtp.*"),
+                      doc="Qwen3.5 as published: the text decoder (the vision tower and MTP layers are not built)"))
