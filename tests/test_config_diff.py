@@ -188,6 +188,10 @@ TEXT_MODEL["Qwen3_5ForConditionalGeneration"] = ("Qwen3_5Config", "qwen3_5_text"
 FAMILY_KNOBS["Qwen3_5ForConditionalGeneration"] = FAMILY_KNOBS["Qwen3_5ForCausalLM"]
 WINDOW_READ["Qwen3_5ForConditionalGeneration"] = "none"
 PARTIAL_ROTARY["Qwen3_5ForConditionalGeneration"] = True
+TEXT_MODEL["Qwen3_5MoeForConditionalGeneration"] = ("Qwen3_5MoeConfig", "qwen3_5_moe_text", None, "Qwen3_5Moe")
+for _arch in ("Qwen3_5MoeForCausalLM", "Qwen3_5MoeForConditionalGeneration"):  # experts on every layer, renormalised
+    FAMILY_KNOBS[_arch] = FAMILY_KNOBS["Qwen3_5ForCausalLM"]
+    WINDOW_READ[_arch], PARTIAL_ROTARY[_arch], RENORMALISES[_arch] = "none", True, True
 VARIANTS_PER_FAMILY = 30
 
 

@@ -10,6 +10,10 @@ Qwen3-Next (`Qwen3NextForCausalLM`): the same layers, with the linear attention'
 interleaved per key head (in_proj_qkvz, in_proj_ba: graph/gated_delta.py reads their rows), and a mixture of
 experts on the layers decoder_sparse_step and mlp_only_layers leave to it (Qwen2-MoE's: a shared expert
 with a sigmoid gate; norm_topk_prob, default true).
+
+Qwen3.5 MoE (`Qwen3_5MoeForCausalLM`, and its published `Qwen3_5MoeForConditionalGeneration`): Qwen3.5's layers
+with that mixture of experts on every layer, always renormalised (no norm_topk_prob, decoder_sparse_step or
+mlp_only_layers keys).
 """
 from __future__ import annotations
 
@@ -100,3 +104,23 @@ register(Architecture("Qwen3_5ForConditionalGeneration", "qwen3_5_text", GATED_A
                       partial_rotary=True, layer_kinds=KINDS, text_config=True,
                       rewrites=(("model.", "model.language_model."),), ignored=("model.visual.*", "mtp.*"),
                       doc="Qwen3.5 as published: the text decoder (the vision tower and MTP layers are not built)"))
+
+
+QWEN35_MOE_DEFAULTS = {**QWEN35_DEFAULTS, "hidden_size": 2048, "num_hidden_layers": 40, "num_key_value_heads": 2,
+                       "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512,
+                       "num_experts_per_tok": 8, "num_experts": 256}
+
+
+def _qwen35_moe(cfg: dict) -> dict:
+    every = {**cfg, "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True}
+    return {**linear_attention(cfg), **_next_experts(every)}
+
+
+QWEN35_MOE = dict(hook=_qwen35_moe, config_fix=hybrid_config, config_defaults=QWEN35_MOE_DEFAULTS, sliding="types",
+                  partial_rotary=True, layer_kinds=KINDS)
+register(Architecture("Qwen3_5MoeForCausalLM", "qwen3_5_moe_text", GATED_ATTENTION, **QWEN35_MOE,
+                      doc="Qwen3.5 MoE text decoder (gated delta-net, gated attention, experts on every layer)"))
+register(Architecture("Qwen3_5MoeForConditionalGeneration", "qwen3_5_moe_text", GATED_ATTENTION, **QWEN35_MOE,
+                      text_config=True, rewrites=(("model.", "model.language_model."),),
+                      ignored=("model.visual.*", "mtp.*"),
+                      doc="Qwen3.5 MoE as published: the text decoder (the vision tower and MTP layers are not built)"))
