@@ -63,7 +63,14 @@ TEXT_MODEL = {
                                          "Mistral"),
     # transformers 5 loads model type internlm3 as LlamaForCausalLM, with InternLM3Config's aliases
     "InternLM3ForCausalLM": ("InternLM3Config", None, "transformers.models.llama.modeling_llama", "Llama"),
+    "Llama4ForCausalLM": ("Llama4TextConfig", None, None, "Llama4Text"),
+    "Llama4ForConditionalGeneration": ("Llama4Config", "llama4_text", None, "Llama4Text"),
 }
+# The layer types a model builds masks for, where it has a fixed set (Llama4TextModel: full and chunked; another
+# type loads but fails in the first forward pass)
+MASKS = {"Llama4ForCausalLM": ("full_attention", "chunked_attention"),
+         "Llama4ForConditionalGeneration": ("full_attention", "chunked_attention")}
+WINDOW_READ.update({"Llama4ForCausalLM": "none", "Llama4ForConditionalGeneration": "none"})  # chunks: no window
 # Routers without a norm_topk_prob attribute: Mixtral softmax -> top-k -> renormalise; Granite-MoE and
 # gpt-oss top-k of the logits -> softmax (the same); ERNIE 4.5 MoE renormalises (moe_norm_min).
 RENORMALISES = {"MixtralForCausalLM": True, "GraniteMoeForCausalLM": True, "GptOssForCausalLM": True,
@@ -160,6 +167,11 @@ FAMILY_KNOBS = {
                                                        "conv"]}]},
 }
 FAMILY_KNOBS["Gemma3ForConditionalGeneration"] = FAMILY_KNOBS["Gemma3ForCausalLM"]
+FAMILY_KNOBS["Llama4ForCausalLM"] = FAMILY_KNOBS["Llama4ForConditionalGeneration"] = {
+    "no_rope_layer_interval": [ABSENT, 2, 3], "no_rope_layers": [ABSENT, [1, 0, 0, 1, 1, 1], [], [1] * 8],
+    "interleave_moe_layer_step": [ABSENT, 2], "moe_layers": [ABSENT, [0, 4]], "use_qk_norm": [ABSENT, False],
+    "attention_chunk_size": [ABSENT, 3], "intermediate_size_mlp": [ABSENT, 80],
+    "kinds": [{}, {"layer_types": ["full_attention", "chunked_attention"] * 3}]}
 FAMILY_KNOBS.update({
     "SeedOssForCausalLM": {"attention_out_bias": [ABSENT, True, False]},
     "InternLM3ForCausalLM": {"aliases": [{}, {"qkv_bias": True, "bias": True}, {"qkv_bias": False, "bias": False},
@@ -276,6 +288,8 @@ def reference(arch: str, d: dict) -> dict:
         top = config_class(arch).from_dict(copy.deepcopy(d))  # it rewrites nested rope dicts in place
     c = top.get_text_config()
     c._attn_implementation = "eager"
+    if arch in MASKS and any(t not in MASKS[arch] for t in c.layer_types):
+        raise CannotRun(f"layer_types {c.layer_types}: the model has masks for {MASKS[arch]} only")
     mod, prefix = decoder_classes(arch)
     with torch.device("meta"):
         layers = [getattr(mod, f"{prefix}DecoderLayer")(c, i) for i in range(c.num_hidden_layers)]
@@ -294,7 +308,7 @@ def reference(arch: str, d: dict) -> dict:
         "qkv_bias": has_bias(attn0, "q_proj", "qkv_proj"),
         "o_bias": has_bias(attn0, "o_proj", "dense", "out_proj"),
         "qk_norm": any(hasattr(attn0, n) and getattr(attn0, n) is not None
-                       for n in ("q_norm", "q_layernorm", "query_layernorm")),
+                       for n in ("q_norm", "q_layernorm", "query_layernorm", "qk_norm")),  # qk_norm: Llama 4
         "windows": windows(arch, c, attn),
         "no_rope": tuple(a is None or not getattr(a, "use_rope", True) or not ROTATES.get(arch, bool)(a) for a in attn),
         "kinds": tuple(kind_of(layer) for layer in layers),

@@ -43,13 +43,17 @@ class AttentionSpec:
     head_dim: int
     qkv_bias: bool = False
     o_bias: bool = False
-    qk_norm: str = ""  # "" none, "head": RMS norm per head (Qwen3, Gemma 3), "full": over the projection (OLMo 2)
+    qk_norm: str = ""  # "" none, "head": RMS norm per head (Qwen3, Gemma 3), "full": over the projection (OLMo 2),
+    # "l2": RMS norm per head without a weight, on the layers with rotary only (Llama 4's L2 norm)
     scale: float | None = None
     softcap: float = 0.0
     clip_qkv: float = 0.0  # OLMo: q, k, v clamped to +-clip_qkv
     sinks: bool = False  # a learned logit per head in the softmax's denominator (GPT-OSS; GQA's head_sink)
     output_gate: bool = False  # q_proj gives [q, gate] per head; the output is times sigmoid(gate) (Qwen3-Next)
     qk_norm_after_rope: bool = False  # the q/k norms follow the rotary (HunYuan), not precede it
+    # Llama 4's attention temperature on the layers without rotary: q x (1 + scale x log1p(floor((pos + 1) / floor)))
+    # as (floor_scale, attn_scale); () off
+    nope_temperature: tuple[float, float] = ()
 
     @property
     def q_size(self) -> int:
@@ -81,7 +85,7 @@ class MLPSpec:
 
 
 BLOCKS = ("pre", "sandwich", "post", "parallel")
-MIXERS = ("softmax", "sparsemixer")
+MIXERS = ("softmax", "sparsemixer", "sigmoid_input")
 
 
 @dataclass(frozen=True)
@@ -95,7 +99,8 @@ class MoESpec:
     normalize: bool = True  # softmax -> top-k -> renormalise (top-k of the logits then softmax is the same)
     router_bias: bool = False
     selection_bias: bool = False  # select on softmax + a bias tensor, mix with the softmax (ERNIE 4.5)
-    mixer: str = "softmax"  # "sparsemixer": PhiMoE's top-2 sparse mixer
+    mixer: str = "softmax"  # "sparsemixer": PhiMoE's top-2 sparse mixer; "sigmoid_input": Llama 4's top-1, its
+    # sigmoid(logit) scaling the expert's input, not its output
     jitter_eps: float = 0.0  # sparsemixer's threshold
     expert_bias: bool = False  # biases on the experts' projections (GPT-OSS)
     swiglu_alpha: float = 1.0  # act = g * sigmoid(alpha * g) * (u + beta), g <= limit, |u| <= limit
@@ -104,6 +109,7 @@ class MoESpec:
     shared_intermediate_size: int = 0  # a dense shared expert beside the routed ones (0: none)
     shared_gate: bool = False  # sigmoid gate on the shared expert's output (Qwen2-MoE)
     layout: str = "rows"  # fused checkpoint tensors: "rows" (E, 2I, H) gate then up; "interleaved_t" (E, H, 2I)
+    # gate/up alternating (GPT-OSS); "halves_t" (E, H, 2I) gate then up (Llama 4); down (E, I, H) for both "_t"
 
 
 @dataclass(frozen=True)
@@ -139,6 +145,7 @@ class LayerSpec:
     rope: str | None = "full_attention"
     moe: bool = False
     kind: str = "attention"  # the token mixer: a key of graph/kinds.py MIXERS
+    chunk: int = 0  # chunked attention (Llama 4): a token attends within its chunk of `chunk` positions only
 
 
 @dataclass(frozen=True)
@@ -438,7 +445,8 @@ def layer_specs(cfg: dict, num_layers: int, ropes: tuple[tuple[str, RopeSpec], .
                 kinds: Mapping[str, str] | None = None) -> tuple[LayerSpec, ...]:
     """Per layer: the window of sliding layers and the rotary table of its type (None where
     SmolLM3's `no_rope_layers` says 0); `kinds`: the family's layer types that are not attention, and
-    the kind of token mixer each is (graph/kinds.py)."""
+    the kind of token mixer each is (graph/kinds.py); a type the family maps to "attention" is attention
+    ("chunked_attention": Llama 4's chunks of `attention_chunk_size`)."""
     kinds = kinds or {}
     types, window = layer_types(cfg, num_layers, kinds)
     keys = {k for k, _ in ropes}
@@ -446,9 +454,10 @@ def layer_specs(cfg: dict, num_layers: int, ropes: tuple[tuple[str, RopeSpec], .
     if use_rope is not None and (not isinstance(use_rope, list) or len(use_rope) != num_layers
                                  or any(v not in (0, 1) or isinstance(v, float) for v in use_rope)):
         raise ConfigError(f"config.json: no_rope_layers must list {num_layers} values of 0 or 1")
+    chunk = _positive_int(cfg, "attention_chunk_size") if "chunked_attention" in types else 0
     return tuple(
-        LayerSpec(kind=kinds[t], rope=None) if t in kinds else
-        LayerSpec(window=window if t == "sliding_attention" else 0,
+        LayerSpec(kind=kinds[t], rope=None) if kinds.get(t, "attention") != "attention" else
+        LayerSpec(window=window if t == "sliding_attention" else 0, chunk=chunk if t == "chunked_attention" else 0,
                   rope=(t if t in keys else "full_attention") if use_rope is None or use_rope[i] else None)
         for i, t in enumerate(types)
     )

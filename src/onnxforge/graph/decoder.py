@@ -20,6 +20,7 @@ import onnx_ir as ir
 from ..archs.names import Part
 from ..quant.storage import Storage
 from . import weights as W
+from .attention_extras import needs_positions
 from .blocks import BLOCKS
 from .builder import MS, TensorSlot, WeightJob
 from .emitter import Emitter
@@ -100,7 +101,7 @@ class Decoder(Emitter):
         """(batch, seq) int64 position ids, only where a layer's rotary is applied outside GroupQueryAttention:
         those GQA itself uses, 0..S-1 for a first prompt (S == total length), else past length + 0..S-1."""
         spec, b, base = self.spec, self.b, "/model/pos_ids_reformat"
-        if not any(rotary_before_attention(spec, i) for i in range(spec.num_layers)):
+        if not any(rotary_before_attention(spec, i) or needs_positions(spec, i) for i in range(spec.num_layers)):
             return None
         seq = b.op("Gather", [b.op("Shape", [input_ids], f"{base}/Shape"), b.const(1, np.int64)], f"{base}/Gather",
                    axis=0)

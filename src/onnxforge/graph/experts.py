@@ -95,11 +95,13 @@ def find_experts(e: "Emitter", i: int) -> ExpertTensors:
 
     gate_up, down = names.tensor("experts_gate_up", i), names.tensor("experts_down", i)
     if gate_up is not None and down is not None:
-        if m.layout == "interleaved_t":  # GPT-OSS: (E, H, 2I) with gate/up alternating columns, down (E, I, H)
-            check(gate_up, (E, H, 2 * I))
+        if m.layout in ("interleaved_t", "halves_t"):  # (E, H, 2I), down (E, I, H): GPT-OSS with gate/up
+            check(gate_up, (E, H, 2 * I))               # alternating columns, Llama 4 with gate columns then up
             check(down, (E, I, H))
-            return ExpertTensors(lambda x: f(read_expert(src, gate_up, x)).T.copy(),
-                                 lambda x: f(read_expert(src, down, x)).T.copy(), (gate_up,), (down,),
+            def fc1_t(x: int) -> np.ndarray:
+                w = f(read_expert(src, gate_up, x)).T
+                return interleave(w[:I], w[I:]) if m.layout == "halves_t" else w.copy()
+            return ExpertTensors(fc1_t, lambda x: f(read_expert(src, down, x)).T.copy(), (gate_up,), (down,),
                                  *(bias or (None, None, ())))
         check(gate_up, (E, 2 * I, H))
         check(down, (E, H, I))

@@ -187,6 +187,9 @@ def _check(e: "Emitter") -> None:
         raise ConfigError(f"the experts' activation {act!r} is not supported: onnxruntime's MoE runs SwiGLU experts")
     if m.mixer == "sparsemixer" and m.top_k != 2:
         raise ConfigError(f"the sparse mixer selects 2 experts, but the config asks for {m.top_k}")
+    if m.mixer == "sigmoid_input" and m.top_k != 1:
+        raise ConfigError(f"num_experts_per_tok is {m.top_k}: onnxforge builds Llama 4's router (the expert's input "
+                          "scaled by its sigmoid score) for one expert per token, as every Llama 4 checkpoint has")
     if not 0 < m.top_k <= m.num_experts:
         raise ConfigError(f"experts per token ({m.top_k}) must be between 1 and the number of experts ({m.num_experts})")
 
@@ -202,6 +205,8 @@ def moe(e: "Emitter", i: int, x: ir.Value) -> ir.Value:
     name = f"{base}/{'QMoE' if experts.quantized else 'MoE'}"
     if m.mixer == "sparsemixer":
         y = _sparsemixer(e, base, x, router, experts)
+    elif m.mixer == "sigmoid_input":
+        y = _sigmoid_input(e, base, x, logits, router, experts, name)
     elif m.selection_bias:
         y = _biased_selection(e, i, base, x, router, experts, name)
     elif m.normalize:
@@ -236,6 +241,15 @@ def _unnormalized(e: "Emitter", base: str, x: ir.Value, router: ir.Value, expert
     flat = b.op("Reshape", [x, b.const([-1, H], np.int64)], f"{base}/Reshape")
     y = b.op("Mul", [experts.op(flat, router, m.top_k, True, name), mass], f"{base}/Mul")
     return b.op("Reshape", [y, b.op("Shape", [x], f"{base}/Shape")], f"{base}/Reshape_1")
+
+
+def _sigmoid_input(e: "Emitter", base: str, x: ir.Value, logits: ir.Value, router: ir.Value, experts: Experts,
+                   name: str) -> ir.Value:
+    """Llama 4: the top-1 expert (the op's softmax top-1 renormalised: weight 1) of x x sigmoid(its logit)."""
+    b = e.b
+    top = b.op("ReduceMax", [logits, b.const([-1], np.int64)], f"{base}/router/ReduceMax", keepdims=1)
+    scaled = b.op("Mul", [x, b.op("Sigmoid", [top], f"{base}/router/Sigmoid")], f"{base}/router/Mul")
+    return experts.op(scaled, router, 1, True, name)
 
 
 def _lowest(e: "Emitter") -> ir.Value:

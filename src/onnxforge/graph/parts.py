@@ -7,7 +7,7 @@ layer by kind from graph/kinds.py's table, with the states it declares (`attenti
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -15,6 +15,7 @@ import onnx_ir as ir
 
 from ..errors import CheckpointError, ConfigError
 from ..runs_on import rotary_in_gqa
+from . import attention_extras as X
 from .builder import MS
 from .state import SEQ, State
 
@@ -102,6 +103,7 @@ class AttnInputs:
     total_len: ir.Value
     rotary: dict[str, tuple[ir.Value, ir.Value]]
     positions: ir.Value | None = None  # (batch, seq) int64, for rotary applied outside GQA (Emitter.positions)
+    biases: dict = field(default_factory=dict)  # GQA attention_bias by chunk size (graph/attention_extras.py)
 
 
 def rotary_outside(e: "Emitter", x: ir.Value, heads: int, rope, caches, positions, node: str) -> ir.Value:
@@ -147,6 +149,9 @@ def attention(e: "Emitter", i: int, x: ir.Value, ctx: AttnInputs, past: tuple[ir
             k = rotary_outside(e, k, a.num_kv_heads, rope, caches, ctx.positions, f"{base}/k_rotary")
         if a.qk_norm == "head":
             q, k = head_norm(e, q, i, "q", a.num_heads), head_norm(e, k, i, "k", a.num_kv_heads)
+        elif a.qk_norm == "l2":  # no weight, the layers with rotary only (Llama 4)
+            if layer.rope is not None:
+                q, k = X.l2_head_norm(e, q, i, "q", a.num_heads), X.l2_head_norm(e, k, i, "k", a.num_kv_heads)
         else:  # "full": one norm over the whole projection (OLMo 2)
             q = plain_norm(e, q, "q_norm", i, f"{base}/q_norm", a.q_size)
             k = plain_norm(e, k, "k_norm", i, f"{base}/k_norm", a.kv_size)
@@ -154,6 +159,9 @@ def attention(e: "Emitter", i: int, x: ir.Value, ctx: AttnInputs, past: tuple[ir
     if a.clip_qkv:  # after the q/k norms where a model has both (OLMoE)
         lo, hi = e.scalar(-a.clip_qkv), e.scalar(a.clip_qkv)
         qkv = [e.b.op("Clip", [t, lo, hi], f"{base}/qkv_proj/Clip_{n}") for n, t in enumerate(qkv)]
+    if X.needs_positions(e.spec, i):  # the temperature of a layer without rotary (Llama 4)
+        q, k, v = e.split(qkv, [a.q_size, a.kv_size, a.kv_size], f"{base}/qkv_proj")
+        qkv = [X.nope_temperature(e, i, q, ctx), k, v]
     q, k, v = (qkv + [None, None])[:3]
     attrs = dict(num_heads=a.num_heads, kv_num_heads=a.num_kv_heads, local_window_size=layer.window or -1,
                  softcap=a.softcap)
@@ -168,14 +176,16 @@ def attention(e: "Emitter", i: int, x: ir.Value, ctx: AttnInputs, past: tuple[ir
         q, k, v = e.split(qkv, [a.q_size, a.kv_size, a.kv_size], f"{base}/qkv_proj")
         q = rotary_outside(e, q, a.num_heads, rope, ctx.rotary[layer.rope], ctx.positions, f"{base}/q_rotary")
         k = rotary_outside(e, k, a.num_kv_heads, rope, ctx.rotary[layer.rope], ctx.positions, f"{base}/k_rotary")
-    sink = []
+    tail = [None, X.chunk_bias(e, layer.chunk, q, ctx) if layer.chunk else None, None]  # position_ids, bias, sink
     if a.sinks:  # GQA's head_sink, after position_ids and attention_bias
         name = e.names.tensor("sinks", i)
         if name is None:
             raise CheckpointError(f"layer {i}: the attention sinks (self_attn.sinks) are missing from the checkpoint")
-        sink = [None, None, e.vector(f"{base}/GroupQueryAttention", name, a.num_heads)]
+        tail[2] = e.vector(f"{base}/GroupQueryAttention", name, a.num_heads)
+    while tail and tail[-1] is None:
+        tail.pop()
     out, present_k, present_v = e.b.op(
-        "GroupQueryAttention", [q, k, v, *past, ctx.seqlens_k, ctx.total_len, cos, sin, *sink],
+        "GroupQueryAttention", [q, k, v, *past, ctx.seqlens_k, ctx.total_len, cos, sin, *tail],
         f"{base}/GroupQueryAttention", domain=MS, n_out=3, **attrs)
     if gate is not None:
         out = e.b.op("Mul", [out, e.b.op("Sigmoid", [gate], f"{base}/gate/Sigmoid")], f"{base}/gate/Mul")
