@@ -12,7 +12,7 @@
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx_ir as ir
@@ -20,7 +20,8 @@ import onnx_ir as ir
 if TYPE_CHECKING:
     from ..spec import ModelSpec
     from .emitter import Emitter
-    from .parts import AttnInputs
+
+AttnInputs = Any  # graph/parts.py's AttnInputs (parts imports this module: no import back)
 
 
 def needs_positions(spec: "ModelSpec", i: int) -> bool:
