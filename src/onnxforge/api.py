@@ -9,11 +9,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import onnx_ir as ir
 
 from . import __version__
+from .adapters import open_adapters
 from .archs.registry import architecture_for
 from .errors import ConfigError, OutputError, RecipeError
 from .export.genai_config import genai_config
@@ -44,6 +45,8 @@ def build(
     progress: bool | Callable[[int, int], None] = False,
     max_length: int | None = None,
     strict: bool = False,
+    adapters: Sequence[str | Path] = (),
+    merge_adapter: str | Path | None = None,
 ) -> BuildReport:
     """Build `model` (HF folder or .gguf, or an object implementing the Source protocol of
     onnxforge.sources.base, e.g. a synthetic checkpoint) into an onnxruntime-genai folder at `output`.
@@ -53,6 +56,8 @@ def build(
     pre-quantized weights (GGUF blocks, GPTQ/AWQ/...) exactly as stored, and is fp32 for a float checkpoint. Returns the build report.
     Checkpoint tensors the build never reads are a warning in the report, or with `strict` an error
     that leaves nothing written (those the family declares as ignored get a note instead).
+    `adapters`: PEFT LoRA folders built as branches switched at run time (one NAME.onnx_adapter file each);
+    `merge_adapter`: one folded into the weights before they are stored.
     """
     start = time.perf_counter()
     if isinstance(model, str):  # the names `-m` takes: an alias (smollm2-135m) becomes the file its package ships
@@ -67,7 +72,9 @@ def build(
     # the output is checked against the input and the user's files, and locked, before the source is opened
     release_output = claim_output(Path(output), model, overwrite)
     try:
-        source = TrackingSource(open_source(model, recipe.drop_activation_quant))  # records what the build reads
+        lora = open_adapters(adapters, merge_adapter, recipe.config_only)  # their configs and headers: no weight
+        # records what the build reads; a merged adapter's weights read merged
+        source = TrackingSource(lora.open_source(lambda: open_source(model, recipe.drop_activation_quant)))
     except BaseException:
         release_output()
         raise
@@ -91,9 +98,10 @@ def build(
         input_sha256 = fingerprint.submit(source.fingerprint)
         fingerprint.shutdown(wait=False)
         builder = GraphBuilder()
-        emitter = Decoder(builder, spec, names, source, recipe)
+        emitter = Decoder(builder, spec, names, source, recipe, lora=lora.lora_set())
         emitter.build()
         recipe.check_patterns()  # every user pattern matched a weight: before any weight is read
+        lora.check_planned(builder)  # every adapter module has a branch or a weight to merge into: likewise
         report = BuildReport(
             output=str(Path(output)),
             architecture=arch.name,
@@ -106,6 +114,7 @@ def build(
             shared_embeddings=emitter.shared,
         )
         report.notes.extend(emitter.notes)
+        report.notes.extend(lora.notes())
         report.notes.extend(_ignored_note(arch, source))
         report.warnings.extend(_no_exact_form_warning(builder))
         report.warnings.extend(_dropped_activations_warning(source, recipe))
@@ -120,6 +129,7 @@ def build(
             model_ir = builder.to_model("onnxforge", __version__)
             try:
                 ir.save(model_ir, tmp / "model.onnx")
+                lora.write(tmp, emitter.io)
             except OSError as e:
                 raise OutputError(f"cannot write model.onnx: {e.strerror}") from None
             write_tokenizer_files(tmp, tokenizer_files)
@@ -131,6 +141,7 @@ def build(
         return report
     finally:
         source.close()
+        lora.close()
         release_output()  # after the rename: the lock covers the whole build
 
 

@@ -64,6 +64,11 @@ def _add_build(sub) -> None:
                    help="-p int4/int8: re-quantize pre-quantized weights too, instead of keeping those already that small")
     p.add_argument("--extra_options", "--extra-options", nargs="+", default=[], metavar="KEY=VALUE",
                    help="the onnxruntime-genai builder's options, e.g. int4_algo_config=k_quant")
+    p.add_argument("--adapter", action="append", default=[], metavar="DIR",
+                   help="a PEFT LoRA adapter folder, built as a branch switched at run time and written as "
+                   "DIR's-name.onnx_adapter beside the model (repeatable; onnxruntime-genai's og.Adapters loads them)")
+    p.add_argument("--merge-adapter", metavar="DIR",
+                   help="a PEFT LoRA adapter folder folded into the weights (W + scale * B @ A) before they are stored")
     p.add_argument("--max-length", type=_ranged("max length", 1),
                    help="search.max_length in genai_config.json, 1 to the model's context length (default: the context "
                    "length)")
@@ -141,7 +146,8 @@ def cmd_build(args) -> int:
 
     model = resolve_model("demo" if args.demo else args.model)
     report = build(model, args.output, recipe=make_recipe(args), overwrite=args.overwrite, workers=args.workers,
-                   progress=not args.quiet, max_length=args.max_length, strict=args.strict)
+                   progress=not args.quiet, max_length=args.max_length, strict=args.strict, adapters=args.adapter,
+                   merge_adapter=args.merge_adapter)
     if not args.quiet:
         print(report.summary())
     elif report.warnings:

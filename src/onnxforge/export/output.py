@@ -19,6 +19,7 @@ except ImportError:  # Windows: no lock; the checks and the atomic rename still 
     fcntl = None
 
 # what a build writes into its folder, and what `onnxforge verify` adds to it: --overwrite replaces
+ADAPTER_SUFFIX = ".onnx_adapter"  # LoRA adapter files a build wrote (export/adapters.py), listed in its report
 # a folder holding build_report.json and nothing else than these, or an empty one
 BUILD_FILES = frozenset({"model.onnx", "model.onnx.data", "genai_config.json", "build_report.json",
                          "verify.json", "verify.png", *TOKENIZER_FILES})
@@ -85,21 +86,28 @@ def check_target(out: Path, overwrite: bool) -> None:
 
 
 def _not_a_build(out: Path, names: list[str]) -> str | None:
-    """Why `out` is not (only) a previous build, or None when it is."""
+    """Why `out` is not (only) a previous build, or None when it is. LoRA adapter files (NAME.onnx_adapter) count
+    as the build's only where its report lists them among the files it wrote."""
+    report = _report_of(out) if "build_report.json" in names else None
+    written = report.get("files") if isinstance(report, dict) else None
+    adapters = {n for n in written if n.endswith(ADAPTER_SUFFIX)} if isinstance(written, dict) else set()
     foreign = [n + "/" if (out / n).is_dir() else n for n in names
-               if n not in BUILD_FILES or (out / n).is_symlink() or not (out / n).is_file()]
+               if (n not in BUILD_FILES and n not in adapters) or (out / n).is_symlink() or not (out / n).is_file()]
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         return f"holds files no onnxforge build wrote ({shown})"
     if "build_report.json" not in names:
         return "is not an onnxforge build (it has no build_report.json)"
-    try:
-        report = json.loads((out / "build_report.json").read_bytes()[: 16 << 20])
-    except (OSError, ValueError):
-        report = None
     if not isinstance(report, dict) or not {"architecture", "input_sha256"} <= report.keys():
         return "has a build_report.json that onnxforge did not write"
     return None
+
+
+def _report_of(out: Path) -> dict | None:
+    try:
+        return json.loads((out / "build_report.json").read_bytes()[: 16 << 20])
+    except (OSError, ValueError):
+        return None
 
 
 def _within(child: str, parent: str) -> bool:

@@ -82,6 +82,14 @@ class GraphBuilder:
         self.inputs.append(v)
         return v
 
+    def optional_input(self, name: str, dtype: ir.DataType, shape: Sequence[int | str], default: np.ndarray) -> ir.Value:
+        """An input that onnxruntime may be fed or not: an initializer of the same name holds its default (a LoRA
+        weight's empty tensor, graph/lora.py)."""
+        v = self.input(name, dtype, shape)
+        v.const_value = ir.tensor(default, name=name)
+        self.initializers[name] = v
+        return v
+
     def output(self, value: ir.Value, name: str, dtype: ir.DataType, shape: Sequence[int | str]) -> None:
         value.name = name
         value.dtype = dtype

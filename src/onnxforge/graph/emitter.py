@@ -44,6 +44,7 @@ class Emitter:
     plan: Plan
     past: list[tuple[ir.Value, ...]] = field(default_factory=list)  # per layer: its mixer's state inputs
     notes: list[str] = field(default_factory=list)  # choices the build made that the report should say
+    lora: object | None = None  # graph/lora.py's LoraSet: branches beside the projections run-time adapters target
 
     # -- weight helpers ----------------------------------------------------------------------
     @property
@@ -102,13 +103,16 @@ class Emitter:
         parts = self.names.linear([r for r, _, _ in roles], [n for *_, n in roles], i)
         stores = [self.plan.storage([f"{packed}/MatMul", f"{node}/MatMul", p.module], "MatMul")
                   for (_, node, _), p in zip(roles, parts)]
-        if len(roles) > 1 and (len(set(stores)) > 1 or self.plan.unpack_matmul):
+        lora = self.lora is not None and self.lora.targets(parts)  # a LoRA branch needs its projection alone
+        if len(roles) > 1 and (len(set(stores)) > 1 or self.plan.unpack_matmul or lora):
             groups = [(node, [p], [n], st) for (_, node, n), p, st in zip(roles, parts, stores)]
         else:
             groups = [(packed, parts, [n for *_, n in roles], stores[0])]
         outs = []
         for node, ps, sizes, st in groups:
             y = self.matmul(x, node, ps, sizes, K, st)
+            if lora:
+                y = self.lora.branch(self, x, y, node, ps[0], K, sizes[0])
             outs.append(self.add_bias(y, node, [p.with_suffix("bias") for p in ps], sum(sizes)) if bias else y)
         return outs
 

@@ -135,6 +135,13 @@ def _no_remote_code(key: str, value: object) -> dict:
     return {}
 
 
+def _adapter_path(key: str, value: object) -> dict:
+    raise RecipeError(f"{key}: onnxforge builds a LoRA adapter either switched at run time (`--adapter DIR`, "
+                      "build(adapters=[DIR]): a NAME.onnx_adapter file for og.Adapters) or folded into the weights "
+                      "(`--merge-adapter DIR`, build(merge_adapter=DIR)); the anchor's always-on branch is neither: "
+                      "use one of those and drop the option")
+
+
 for _fn in (_shared, _use_8bits_moe, _no_remote_code):
     _typed("bool", _fn)
 
@@ -164,6 +171,7 @@ EXTRA_OPTIONS: dict[str, Callable[[str, object], dict]] = {
     "include_hidden_states": _flag("include_hidden_states"),
     "config_only": _flag("config_only"),
     "hf_remote": _no_remote_code,
+    "adapter_path": _adapter_path,
     "int8_last_matmul": _flag("int8_last_matmul"),
     "int8_mixed_layers": _flag("int8_mixed_layers"),
     "int8_linear_attn": _flag("int8_linear_attn"),
