@@ -65,7 +65,8 @@ def dequantized_experts(node: dict) -> tuple[np.ndarray, np.ndarray]:
 
 def experts_module(model, layer: int):
     for name, mod in model.named_modules():
-        if name.endswith(f"layers.{layer}.mlp.experts") or name.endswith(f"layers.{layer}.block_sparse_moe.experts"):
+        if name.endswith((f"layers.{layer}.mlp.experts", f"layers.{layer}.block_sparse_moe.experts",
+                          f"layers.{layer}.feed_forward.experts")):  # feed_forward: LFM2-MoE
             return mod
     raise KeyError(f"layer {layer} has no experts module")
 

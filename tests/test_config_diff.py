@@ -79,6 +79,10 @@ RENORMALISES = {"MixtralForCausalLM": True, "GraniteMoeForCausalLM": True, "GptO
 # apply cos/sin to the whole head: a shorter table is a model that fails in its first forward pass).
 PARTIAL_ROTARY = {"PhiForCausalLM": True, "Phi3ForCausalLM": True, "NemotronForCausalLM": True}
 FINAL_SOFTCAP = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")  # the causal-LM heads that softcap their logits
+# The hybrids with experts: LFM2-MoE's and Granite 4's attentions never window; Granite 4 hybrid's router is
+# Granite MoE's (top-k of the logits -> softmax) and its model rotates only with position_embedding_type "rope"
+WINDOW_READ.update({"Lfm2MoeForCausalLM": "none", "GraniteMoeHybridForCausalLM": "none"})
+RENORMALISES["GraniteMoeHybridForCausalLM"] = True
 
 ABSENT = object()  # a knob value: the key is not in config.json
 N_LAYERS = 6
@@ -211,6 +215,24 @@ def knobs(arch: str) -> dict:
     return {**COMMON, **FAMILY_KNOBS.get(arch, {})}
 
 
+LFM2_MOE_KINDS = ["conv", "full_attention", "conv", "conv", "full_attention", "conv"]  # transformers needs the list
+FAMILY_KNOBS["Lfm2MoeForCausalLM"] = {
+    "kinds": [{"layer_types": LFM2_MOE_KINDS}, {"layer_types": ["full_attention"] * 3 + ["conv"] * 3}],
+    "conv_L_cache": [ABSENT, 4], "conv_bias": [ABSENT, True, False], "num_dense_layers": [ABSENT, 0, 4],
+    "norm_topk_prob": [ABSENT, True, False], "use_expert_bias": [ABSENT, True, False],
+    "routed_scaling_factor": [ABSENT, 2.5]}
+FAMILY_KNOBS["GraniteMoeHybridForCausalLM"] = {  # Mamba2 layers by layer_types or the legacy layers_block_type
+    "kinds": [{"layer_types": ["mamba", "attention", "mamba", "mamba", "attention", "mamba"]},
+              {"layer_types": ["linear_attention", "full_attention"] * 3},
+              {"layers_block_type": ["attention", "mamba", "mamba", "mamba", "mamba", "attention"]}],
+    "num_local_experts": [ABSENT, 0], "position_embedding_type": [ABSENT, None, "rope"],
+    "mamba": [{}, {"mamba_n_heads": 8, "mamba_d_head": 16, "mamba_n_groups": 2, "mamba_d_state": 16},
+              {"mamba_n_heads": 4, "mamba_d_head": "auto", "mamba_d_conv": 3, "mamba_conv_bias": False,
+               "mamba_proj_bias": True, "time_step_limit": [0.001, 0.1]}],
+    "multipliers": [{}, {"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 0.0078125,
+                         "logits_scaling": 8.0}]}
+
+
 def config_dict(arch: str, choice: dict) -> dict:
     """config.json for one choice of every knob."""
     choice = {k: v if v is ABSENT else copy.deepcopy(v) for k, v in choice.items()}
@@ -325,15 +347,29 @@ def reference(arch: str, d: dict) -> dict:
         if 2 * len(table) != out["head_dim"] and not PARTIAL_ROTARY.get(arch):
             raise CannotRun(f"a rotary table of {2 * len(table)} dims for a head of {out['head_dim']}")
     conv = next((layer.conv for layer in layers if hasattr(layer, "conv")), None)
+    out["kinds"] = tuple(kind_of(layer) for layer in layers)
+    if getattr(c, "position_embedding_type", "rope") != "rope":  # GraniteMoeHybridModel: no rotary module
+        out["no_rope"] = (True,) * len(layers)
     if conv is not None:  # LFM2's short conv and its MLP width (Lfm2MLP adjusts intermediate_size)
         out["conv"] = (conv.conv_kernel_size, conv.bias)
-        out["mlp_width"] = mlp_of(layers[0]).w1.out_features
+        dense = next((layer for layer in layers if not is_moe(layer)), None)
+        out["mlp_width"] = mlp_of(dense).w1.out_features if dense is not None else None
     linear = next((layer.linear_attn for layer in layers if getattr(layer, "linear_attn", None) is not None), None)
     if linear is not None:  # the gated delta-net's sizes
         out["linear"] = (linear.num_k_heads, linear.num_v_heads, linear.head_k_dim, linear.head_v_dim,
                          linear.conv_kernel_size)
+    mamba = next((layer.mamba for layer in layers if getattr(layer, "mamba", None) is not None), None)
+    if mamba is not None:
+        out["mamba"] = (mamba.num_heads, mamba.head_dim, mamba.n_groups, mamba.ssm_state_size, mamba.conv_kernel_size,
+                        mamba.use_conv_bias, mamba.use_bias, tuple(float(x) for x in mamba.time_step_limit))
     moe = next((layer for layer in layers if is_moe(layer)), None)
     if moe is not None:
+        scale = find_attr(mlp_of(moe), ("routed_scaling_factor",))
+        if scale is not None:  # sigmoid routing (LFM2-MoE): its scale and whether a bias steers the selection
+            out["routed_scale"] = float(scale)
+            flag = find_attr(mlp_of(moe), ("use_expert_bias",))  # GLM-4 MoE: always, its e_score_correction_bias
+            out["selection_bias"] = bool(flag) if flag is not None else \
+                find_attr(mlp_of(moe), ("e_score_correction_bias",)) is not None
         out["top_k"] = int(find_attr(mlp_of(moe), ("top_k", "num_experts_per_tok")))
         norm = find_attr(mlp_of(moe), ("norm_topk_prob",))
         out["normalize"] = bool(norm) if norm is not None else RENORMALISES.get(arch)
@@ -413,12 +449,16 @@ def kind_of(layer) -> str:
         return "gated_delta"
     if hasattr(layer, "block_type") and not hasattr(layer, "self_attn"):  # a layer type Qwen3.5 builds no mixer for
         raise CannotRun(f"a {layer.block_type} layer has no token mixer in {type(layer).__name__}")
+    if getattr(layer, "mamba", None) is not None:
+        return "mamba"
     return "conv" if hasattr(layer, "conv") else "attention"
 
 
 def mlp_of(layer):
     if hasattr(layer, "feed_forward"):  # LFM2
         return layer.feed_forward
+    if getattr(layer, "block_sparse_moe", True) is None:  # Granite 4 hybrid without experts: its shared MLP
+        return layer.shared_mlp
     return layer.mlp if hasattr(layer, "mlp") else layer.block_sparse_moe  # Granite-MoE
 
 
@@ -487,10 +527,16 @@ def ours(arch_obj, d: dict, ref: dict) -> dict:
     out["layer_rope_type"] = ref["layer_rope_type"]
     if "conv" in ref:
         out["conv"] = (spec.conv.kernel, spec.conv.bias) if spec.conv else None
-        out["mlp_width"] = spec.mlp.intermediate_size
+        out["mlp_width"] = spec.mlp.intermediate_size if not all(layer.moe for layer in spec.layers) else None
     if "linear" in ref:
         la = spec.linear
         out["linear"] = la and (la.key_heads, la.value_heads, la.key_dim, la.value_dim, la.kernel)
+    if "mamba" in ref:
+        m = spec.mamba
+        out["mamba"] = m and (m.heads, m.head_dim, m.groups, m.state, m.kernel, m.conv_bias, m.proj_bias,
+                              (m.dt_min, m.dt_max))
+    if "routed_scale" in ref:
+        out["routed_scale"], out["selection_bias"] = spec.moe.routed_scale, spec.moe.selection_bias
     if spec.moe is not None:  # the sparse mixer (PhiMoE) has no renormalisation to compare
         out["top_k"], out["normalize"] = spec.moe.top_k, spec.moe.normalize if spec.moe.mixer == "softmax" else None
     return out

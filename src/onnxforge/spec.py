@@ -110,6 +110,8 @@ class MoESpec:
     shared_gate: bool = False  # sigmoid gate on the shared expert's output (Qwen2-MoE)
     layout: str = "rows"  # fused checkpoint tensors: "rows" (E, 2I, H) gate then up; "interleaved_t" (E, H, 2I)
     # gate/up alternating (GPT-OSS); "halves_t" (E, H, 2I) gate then up (Llama 4); down (E, I, H) for both "_t"
+    scoring: str = "softmax"  # "sigmoid": select on sigmoid(logits) (+ selection bias), mix the selected sigmoids
+    routed_scale: float = 1.0  # the routed experts' output times this (LFM2-MoE routed_scaling_factor)
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,29 @@ class ConvSpec:
 
     kernel: int  # taps (conv_L_cache); the carried state holds kernel - 1 inputs
     bias: bool = False  # in_proj, conv and out_proj biases
+
+
+@dataclass(frozen=True)
+class MambaSpec:
+    """A Mamba2 mixer's settings (Granite 4 hybrid's "mamba" layers, graph/mamba2.py)."""
+
+    heads: int
+    head_dim: int
+    groups: int  # B and C are per group; heads // groups heads share one
+    state: int  # d_state: the SSM state per head is (head_dim, state)
+    kernel: int  # conv taps; the carried conv state holds kernel - 1 inputs
+    conv_bias: bool = True
+    proj_bias: bool = False  # in_proj and out_proj biases
+    dt_min: float = 0.0  # time_step_limit: softplus(dt + dt_bias) clipped to [dt_min, dt_max]
+    dt_max: float = float("inf")
+
+    @property
+    def inner(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def conv_dim(self) -> int:  # x, B and C go through the convolution
+        return self.inner + 2 * self.groups * self.state
 
 
 @dataclass(frozen=True)
@@ -164,6 +189,7 @@ class ModelSpec:
     moe: MoESpec | None = None  # the experts of the layers with LayerSpec.moe
     conv: ConvSpec | None = None  # the short convolution of layers of kind "conv"
     linear: LinearAttnSpec | None = None  # the gated delta-net of layers of kind "gated_delta"
+    mamba: MambaSpec | None = None  # the Mamba2 mixer of layers of kind "mamba"
     block: str = "pre"  # how a layer wires its parts; see graph/blocks.py
     tie_embeddings: bool = False
     embedding_scale: float = 1.0  # Gemma sqrt(hidden), Granite embedding_multiplier

@@ -26,12 +26,13 @@ def _int(cfg: dict, *keys: str) -> int:
     raise ConfigError(f"config.json has no {keys[0]!r}; the checkpoint's config is incomplete")
 
 
-def experts(cfg: dict, is_moe=lambda i: True, **fields) -> dict:
-    """Spec changes: the MoESpec (counts from the usual keys, `fields` for the rest) and the MoE layers."""
+def experts(cfg: dict, is_moe=lambda i: True, layer_kinds=None, **fields) -> dict:
+    """Spec changes: the MoESpec (counts from the usual keys, `fields` for the rest) and the MoE layers
+    (`layer_kinds`: the family's, for a hybrid one)."""
     spec = MoESpec(num_experts=_int(cfg, "num_experts", "num_local_experts", "moe_num_experts"),
                    top_k=_int(cfg, "num_experts_per_tok", "moe_k"),
                    intermediate_size=_int(cfg, "moe_intermediate_size", "intermediate_size"), **fields)
-    layers = base_spec(cfg).layers
+    layers = base_spec(cfg, layer_kinds).layers
     return {"moe": spec, "layers": tuple(dataclasses.replace(layer, moe=bool(is_moe(i))) for i, layer in enumerate(layers))}
 
 

@@ -56,6 +56,15 @@ ROLES: dict[str, Role] = {
     "conv_in": Role((L + "conv.in_proj",), "blk.{i}.shortconv.in_proj"),
     "conv_kernel": Role((L + "conv.conv",), "blk.{i}.shortconv.conv"),
     "conv_out": Role((L + "conv.out_proj",), "blk.{i}.shortconv.out_proj"),
+    # Mamba2 (Granite 4 hybrid): in_proj -> (z, xBC, dt), depthwise causal conv of xBC, SSM scan, gated norm, out_proj;
+    # A_log, D and dt_bias are parameters (Names.tensor)
+    "mamba_in": Role((L + "mamba.in_proj",)),
+    "mamba_conv": Role((L + "mamba.conv1d",)),
+    "mamba_norm": Role((L + "mamba.norm",)),
+    "mamba_out": Role((L + "mamba.out_proj",)),
+    "mamba_A_log": Role((L + "mamba.A_log",)),
+    "mamba_D": Role((L + "mamba.D",)),
+    "mamba_dt_bias": Role((L + "mamba.dt_bias",)),
     # gated delta-net (Qwen3.5 / Qwen3-Next linear attention): in_proj_qkv (or Qwen3-Next's per-key-head
     # interleaved in_proj_qkvz / in_proj_ba), conv1d over [q, k, v], gated RMS norm, out_proj; A_log and
     # dt_bias are parameters (Names.tensor)
@@ -72,22 +81,29 @@ ROLES: dict[str, Role] = {
     "la_dt_bias": Role((L + "linear_attn.dt_bias",)),
     # mixture of experts: the router, one module per expert, or experts stacked (E, N, K) in one tensor
     "router": Role((L + "mlp.gate", L + "block_sparse_moe.gate", L + "mlp.router", L + "block_sparse_moe.router.layer",
-                    L + "block_sparse_moe.router"), "blk.{i}.ffn_gate_inp"),
-    "expert_gate": Role((L + "mlp.experts.{e}.gate_proj", L + "block_sparse_moe.experts.{e}.w1")),
-    "expert_up": Role((L + "mlp.experts.{e}.up_proj", L + "block_sparse_moe.experts.{e}.w3")),
-    "expert_down": Role((L + "mlp.experts.{e}.down_proj", L + "block_sparse_moe.experts.{e}.w2")),
+                    L + "block_sparse_moe.router", L + "feed_forward.gate"), "blk.{i}.ffn_gate_inp"),  # feed_forward.*: LFM2-MoE
+    "expert_gate": Role((L + "mlp.experts.{e}.gate_proj", L + "block_sparse_moe.experts.{e}.w1",
+                         L + "feed_forward.experts.{e}.w1")),
+    "expert_up": Role((L + "mlp.experts.{e}.up_proj", L + "block_sparse_moe.experts.{e}.w3",
+                       L + "feed_forward.experts.{e}.w3")),
+    "expert_down": Role((L + "mlp.experts.{e}.down_proj", L + "block_sparse_moe.experts.{e}.w2",
+                         L + "feed_forward.experts.{e}.w2")),
     "experts_gate_up": Role((L + "mlp.experts.gate_up_proj", L + "block_sparse_moe.experts.gate_up_proj",
-                             L + "block_sparse_moe.input_linear"), "blk.{i}.ffn_gate_up_exps"),
+                             L + "block_sparse_moe.input_linear", L + "feed_forward.experts.gate_up_proj"),
+                            "blk.{i}.ffn_gate_up_exps"),
     "experts_gate": Role((L + "mlp.experts.gate_proj",), "blk.{i}.ffn_gate_exps"),  # llama.cpp stacks them apart
     "experts_up": Role((L + "mlp.experts.up_proj",), "blk.{i}.ffn_up_exps"),
     "experts_down": Role((L + "mlp.experts.down_proj", L + "block_sparse_moe.experts.down_proj",
-                          L + "block_sparse_moe.output_linear"), "blk.{i}.ffn_down_exps"),
+                          L + "block_sparse_moe.output_linear", L + "feed_forward.experts.down_proj"),
+                         "blk.{i}.ffn_down_exps"),
     "selection_bias": Role((L + "mlp.moe_statics.e_score_correction_bias",
-                            L + "mlp.gate.moe_statics.e_score_correction_bias"), "blk.{i}.exp_probs_b"),
+                            L + "mlp.gate.moe_statics.e_score_correction_bias", L + "feed_forward.expert_bias"),
+                           "blk.{i}.exp_probs_b"),  # expert_bias: LFM2-MoE
     "shared_gate": Role((L + "mlp.shared_expert.gate_proj", L + "mlp.shared_experts.gate_proj"), "blk.{i}.ffn_gate_shexp"),
     "shared_up": Role((L + "mlp.shared_expert.up_proj", L + "mlp.shared_experts.up_proj"), "blk.{i}.ffn_up_shexp"),
-    "shared_down": Role((L + "mlp.shared_expert.down_proj", L + "mlp.shared_experts.down_proj"),
-                        "blk.{i}.ffn_down_shexp"),
+    "shared_gate_up": Role((L + "shared_mlp.input_linear",)),  # Granite 4 hybrid: gate then up rows
+    "shared_down": Role((L + "mlp.shared_expert.down_proj", L + "mlp.shared_experts.down_proj",
+                         L + "shared_mlp.output_linear"), "blk.{i}.ffn_down_shexp"),
     "shared_expert_gate": Role((L + "mlp.shared_expert_gate",), "blk.{i}.ffn_gate_inp_shexp"),
 }
 
@@ -98,6 +114,8 @@ FUSED: dict[str, tuple[str, tuple[str, ...]]] = {
     "v": ("qkv", ("q", "k", "v")),
     "gate": ("gate_up", ("gate", "up")),
     "up": ("gate_up", ("gate", "up")),
+    "shared_gate": ("shared_gate_up", ("shared_gate", "shared_up")),
+    "shared_up": ("shared_gate_up", ("shared_gate", "shared_up")),
 }
 
 

@@ -15,6 +15,7 @@ import onnx_ir as ir
 
 from ..errors import ConfigError
 from .gated_delta import gated_delta, gated_delta_states
+from .mamba2 import mamba2, mamba_states
 from .moe import moe
 from .parts import AttnInputs, attention, attention_states, dense_mlp
 from .short_conv import conv_states, short_conv
@@ -44,6 +45,8 @@ MIXERS: dict[str, Mixer] = {
     "conv": Mixer(short_conv, conv_states, genai_keys=lambda spec: {"conv_cache_size": spec.conv.kernel - 1}),
     # gated delta-net linear attention (Qwen3.5, Qwen3-Next): conv + recurrent state, graph/gated_delta.py
     "gated_delta": Mixer(gated_delta, gated_delta_states, lambda spec, i: "linear_attention"),
+    # Mamba2 (Granite 4 hybrid): conv + recurrent state, graph/mamba2.py
+    "mamba": Mixer(mamba2, mamba_states, lambda spec, i: "linear_attention"),
 }
 
 

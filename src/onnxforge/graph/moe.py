@@ -15,7 +15,11 @@ takes the top k and (with `normalize_routing_weights`) renormalises them:
     pushed to the dtype's minimum (TopK + ScatterElements) and the op renormalises over the selected ones;
   * PhiMoE's sparse mixer: the CPU kernel ignores `use_sparse_mixer` (it runs plain top-2; measured), so
     its two experts are two k=1 passes of the op over the same weights (the argmax, then the argmax with
-    the first removed), each scaled by the mixer's masked-softmax weight computed beside it.
+    the first removed), each scaled by the mixer's masked-softmax weight computed beside it;
+  * sigmoid scores (LFM2-MoE): the top k of sigmoid(logits) (+ a selection bias) are selected in the graph and
+    the op is fed log(sigmoid) at them and the dtype's minimum elsewhere, so its softmax over the top k is
+    s_i / sum of the selected s_j; the output is then scaled by sum / (sum + 1e-6) (transformers' epsilon),
+    or by the sum itself where the weights are not renormalised, times routed_scaling_factor.
 """
 from __future__ import annotations
 
@@ -207,6 +211,8 @@ def moe(e: "Emitter", i: int, x: ir.Value) -> ir.Value:
         y = _sparsemixer(e, base, x, router, experts)
     elif m.mixer == "sigmoid_input":
         y = _sigmoid_input(e, base, x, logits, router, experts, name)
+    elif m.scoring == "sigmoid":
+        y = _sigmoid_routing(e, i, base, x, router, experts, name)
     elif m.selection_bias:
         y = _biased_selection(e, i, base, x, router, experts, name)
     elif m.normalize:
@@ -243,6 +249,41 @@ def _unnormalized(e: "Emitter", base: str, x: ir.Value, router: ir.Value, expert
     return b.op("Reshape", [y, b.op("Shape", [x], f"{base}/Shape")], f"{base}/Reshape_1")
 
 
+def _selection_bias(e: "Emitter", i: int, base: str) -> ir.Value:
+    m, b = e.spec.moe, e.b
+    bias_name = e.names.tensor("selection_bias", i)
+    if bias_name is None:
+        raise ConfigError(f"layer {i}: the router's selection bias (e_score_correction_bias) is missing")
+    shape = tuple(e.source.shape(bias_name))
+    if int(np.prod(shape)) != m.num_experts:
+        raise ConfigError(f"{bias_name} has shape {shape}, expected {m.num_experts} values")
+    return b.weights(W.float_table_job(e.source, f"{base}/router", f"model.layers.{i}.moe.router.selection_bias",
+                                       bias_name, shape, e.io))[0]
+
+
+def _sigmoid_routing(e: "Emitter", i: int, base: str, x: ir.Value, router: ir.Value, experts: Experts,
+                     name: str) -> ir.Value:
+    """Select the top k of sigmoid(logits) (+ bias), mix the selected sigmoids; see the module docstring."""
+    m, b, H = e.spec.moe, e.b, e.spec.hidden_size
+    node = f"{base}/router"
+    scores = b.op("Sigmoid", [router], f"{node}/Sigmoid")
+    select = b.op("Add", [scores, _selection_bias(e, i, base)], f"{node}/Add") if m.selection_bias else scores
+    _, idx = b.op("TopK", [select, b.const([m.top_k], np.int64)], f"{node}/TopK", n_out=2, axis=-1)
+    picked = b.op("GatherElements", [scores, idx], f"{node}/GatherElements", axis=-1)
+    tiny = e.scalar(float(np.finfo(e.io.np_dtype).tiny))
+    logs = b.op("Log", [b.op("Max", [picked, tiny], f"{node}/Max")], f"{node}/Log")
+    low = b.op("Expand", [_lowest(e), b.op("Shape", [router], f"{node}/Shape")], f"{node}/Expand")
+    masked = b.op("ScatterElements", [low, idx, logs], f"{node}/ScatterElements", axis=-1)
+    mass = b.op("ReduceSum", [picked, b.const([-1], np.int64)], f"{node}/ReduceSum", keepdims=1)
+    if m.normalize:
+        mass = b.op("Div", [mass, b.op("Add", [mass, e.scalar(1e-6)], f"{node}/Add_1")], f"{node}/Div")
+    if m.routed_scale != 1.0:
+        mass = b.op("Mul", [mass, e.scalar(m.routed_scale)], f"{node}/Mul")
+    flat = b.op("Reshape", [x, b.const([-1, H], np.int64)], f"{base}/Reshape")
+    y = b.op("Mul", [experts.op(flat, masked, m.top_k, True, name), mass], f"{base}/Mul")
+    return b.op("Reshape", [y, b.op("Shape", [x], f"{base}/Shape")], f"{base}/Reshape_1")
+
+
 def _sigmoid_input(e: "Emitter", base: str, x: ir.Value, logits: ir.Value, router: ir.Value, experts: Experts,
                    name: str) -> ir.Value:
     """Llama 4: the top-1 expert (the op's softmax top-1 renormalised: weight 1) of x x sigmoid(its logit)."""
@@ -260,16 +301,7 @@ def _biased_selection(e: "Emitter", i: int, base: str, x: ir.Value, router: ir.V
                       name: str) -> ir.Value:
     """Select the top k of softmax(logits) + bias, mix with softmax(logits) renormalised over them."""
     m, b = e.spec.moe, e.b
-    bias_name = e.names.tensor("selection_bias", i)
-    if bias_name is None:
-        raise ConfigError(f"layer {i}: the router's selection bias (e_score_correction_bias) is missing")
-    shape = tuple(e.source.shape(bias_name))
-    if int(np.prod(shape)) != m.num_experts:
-        raise ConfigError(f"{bias_name} has shape {shape}, expected {m.num_experts} values")
-    from . import weights as W
-
-    bias = b.weights(W.float_table_job(e.source, f"{base}/router", f"model.layers.{i}.moe.router.selection_bias",
-                                       bias_name, shape, e.io))[0]
+    bias = _selection_bias(e, i, base)
     probs = b.op("Softmax", [router], f"{base}/router/Softmax", axis=-1)
     select = b.op("Add", [probs, bias], f"{base}/router/Add")
     if experts.quantized:
