@@ -317,3 +317,15 @@ def test_lora_on_fused_checkpoint_modules(tmp_path):
     _build("-m", base, "-o", out, "--adapter", ad)
     _check_against(out, _reference(base, ad), "phi_ad", ["phi_ad"])
     _check_against(out, _reference(base), None)
+
+
+def test_fp16_adapter_file_and_branch(lora, tmp_path):
+    """At fp16 the LoRA inputs and the adapter file are fp16, as the activations are."""
+    base, ads = lora
+    out = tmp_path / "fp16"
+    _build("-m", base, "-o", out, "-p", "fp16", "--adapter", ads["ad_a"])
+    tokens, steps = _genai(out, "ad_a", ["ad_a"])
+    want = _logits(_reference(base, ads["ad_a"]), PROMPT + tokens)[len(PROMPT) - 1:len(PROMPT) - 1 + len(steps)]
+    assert np.abs(steps - want).max() < 0.02 * np.abs(want).max()
+    base_steps = _genai(out, None)[1]
+    assert np.abs(steps[0] - base_steps[0]).max() > 0.1  # the fp16 branch is live
