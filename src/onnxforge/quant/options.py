@@ -115,10 +115,24 @@ def _off_only(why: str) -> Callable[[str, object], dict]:
 
 
 def _hf_token(key: str, value: object) -> dict:
-    if value is False or str(value).strip().lower() in ("0", "false", "no", "off", ""):
-        return {}
-    raise RecipeError(f"{key}: Hub IDs are not supported yet; pass a local folder (download the model first, "
-                      "e.g. with `huggingface-cli download`) and drop the option")
+    raise RecipeError(f"{key} is taken by `onnxforge build --extra_options {key}=...` or build(hf_token=...), not in "
+                      "a recipe (a recipe is written into build_report.json, and a token is a secret); move it there")
+
+
+def hub_token(items: list[str]) -> tuple[str | bool | None, list[str]]:
+    """The anchor's `hf_token` out of `--extra_options` (a secret: it never enters the recipe or the report), and
+    the other options: false = no token, true = the stored login / HF_TOKEN (the default), else the token itself."""
+    tokens = [item.partition("=")[2].strip() for item in items if item.partition("=")[0].strip() == "hf_token"]
+    rest = [item for item in items if item.partition("=")[0].strip() != "hf_token"]
+    if len(set(tokens)) > 1:
+        raise RecipeError("extra option hf_token is given twice with different values; keep one")
+    if not tokens:
+        return None, rest
+    value = tokens[0]
+    if not value:
+        raise RecipeError("hf_token= is empty; give false, true or the token")
+    low = value.lower()
+    return (False if low in ("0", "false") else None if low in ("1", "true") else value), rest
 
 
 def _moe_type(key: str, value: object) -> dict:

