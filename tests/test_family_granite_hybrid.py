@@ -105,3 +105,29 @@ def test_int4_equals_the_dequantized_reference_and_fp16_runs_close(granite, tmp_
     close = np.abs(got - ref).max(-1) < 0.02 * (ref.max() - ref.min())  # per position: a near-tied router may flip
     assert close.mean() >= 0.9, close.mean()
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
+def test_refusals(granite, tmp_path):
+    """What the Mamba2 kernels cannot run is one ConfigError, before anything is written."""
+    import shutil
+
+    from onnxforge.archs.registry import architecture_for
+    from onnxforge.errors import ConfigError
+
+    folder, _ = granite
+    cfg = json.loads((folder / "config.json").read_text())
+    for bad, words in (({"time_step_limit": [0.0, "inf"]}, "time_step_limit"),
+                       ({"mamba_n_groups": 3}, "mamba_n_groups"), ({"mamba_d_head": 7}, "mamba_d_head"),
+                       ({"mamba_d_conv": 1}, "mamba_d_conv")):
+        with pytest.raises(ConfigError, match=words):
+            architecture_for(cfg).make_spec({**cfg, **bad})
+    lfm2_moe = {"architectures": ["Lfm2MoeForCausalLM"], "model_type": "lfm2_moe", "hidden_size": 64,
+                "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 320}
+    with pytest.raises(ConfigError, match="layer_types"):
+        architecture_for(lfm2_moe).make_spec(lfm2_moe)
+    gelu = tmp_path / "gelu"
+    shutil.copytree(folder, gelu)
+    (gelu / "config.json").write_text(json.dumps({**cfg, "hidden_act": "gelu"}))
+    with pytest.raises(ConfigError, match="SiLU"):
+        onnxforge.build(gelu, tmp_path / "out", "fp32")
+    assert not (tmp_path / "out").exists()
