@@ -50,12 +50,20 @@ def encode_mxfp4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="module")
 def gpt_oss(tmp_path_factory):
     """(bf16 folder, its transformers model, MXFP4 folder, transformers' dequantized MXFP4 model)."""
-    from safetensors.numpy import load_file, save_file
     from tiny import make_model
 
     bf16 = tmp_path_factory.mktemp("gpt_oss_bf16")
     model = make_model("gpt_oss", bf16, dtype="bfloat16", **GPT_OSS)
     mx = tmp_path_factory.mktemp("gpt_oss_mxfp4")
+    write_mxfp4(bf16, mx)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(mx, dtype=torch.float32).eval()
+    return bf16, model, mx, reference
+
+
+def write_mxfp4(bf16, mx) -> None:
+    """The bf16 checkpoint folder `bf16` in GPT-OSS's MXFP4 form (experts as `_blocks` / `_scales`) in `mx`."""
+    from safetensors.numpy import load_file, save_file
+
     for f in bf16.iterdir():
         if not f.name.endswith(".safetensors"):
             (mx / f.name).write_bytes(f.read_bytes())
@@ -74,8 +82,6 @@ def gpt_oss(tmp_path_factory):
     cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
         "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
     (mx / "config.json").write_text(json.dumps(cfg))
-    reference = transformers.AutoModelForCausalLM.from_pretrained(mx, dtype=torch.float32).eval()
-    return bf16, model, mx, reference
 
 
 def test_bf16_fp32(gpt_oss, tmp_path):

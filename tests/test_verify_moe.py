@@ -85,3 +85,96 @@ def test_float_moe_experts_read_back(moe_build, capsys):
     errors = _experts(report)
     assert len(errors) == 2 * 2 * 4 and 0 < max(errors.values()) < 1e-3, errors  # fp16 rounding only
     assert not any("experts" in n for n in report["conversion"]["notes"]), report["conversion"]["notes"]
+
+
+# -- every stacked-experts layout: GPT-OSS's MXFP4 experts and GraniteMoE's input_linear / output_linear ----
+# The quantization verdict's own thresholds are dropped here (a tiny random model's int4 noise, KL ~1, is not
+# what is tested); the conversion verdict runs with its int4 defaults.
+QUANT_OFF = ("--max-kl", "off", "--min-top1", "off")
+# family -> (tiny config, the experts module of layer 0 in transformers, the router's parameter)
+STACKED = {"gpt_oss": ("model.layers.0.mlp.experts", "model.layers.0.mlp.router.weight"),
+           "granitemoe": ("model.layers.0.block_sparse_moe.experts", "model.layers.0.block_sparse_moe.router.weight")}
+
+
+@pytest.fixture(scope="module", params=sorted(STACKED))
+def stacked(request, tmp_path_factory):
+    """(family, checkpoint folder, int4 build): GPT-OSS in its MXFP4 form (the CPU build re-encodes the blocks to
+    QMoE int4), GraniteMoE as transformers saves it (`input_linear` / `output_linear`, `router.layer`)."""
+    from moe_check import FAMILIES
+    from test_moe_gptoss import GPT_OSS, write_mxfp4
+    from tiny import make_model
+
+    family = request.param
+    root = tmp_path_factory.mktemp(f"verify_{family}")
+    if family == "gpt_oss":
+        make_model(family, root / "bf16", dtype="bfloat16", **GPT_OSS)
+        (root / "hf").mkdir()
+        write_mxfp4(root / "bf16", root / "hf")
+    else:
+        make_model(family, root / "hf", seed=0, **FAMILIES[family])
+    onnxforge.build(root / "hf", root / "int4", "int4")
+    return family, root / "hf", root / "int4"
+
+
+def test_stacked_experts_read_back_clean_passes(stacked, capsys):
+    from onnxforge.verify.thresholds import CONVERSION_DEFAULTS
+
+    family, hf, built = stacked
+    code, out, _ = _run(capsys, built, "--reference", hf, *QUANT_OFF)
+    assert code == 0 and _last(out).startswith("PASS"), out
+    conv = json.loads((built / "verify.json").read_text())["conversion"]
+    assert conv["thresholds"] == CONVERSION_DEFAULTS["int4"], conv["thresholds"]  # KL and top-1 judged
+    assert not conv["notes"], conv["notes"]  # nothing kept original: experts and routers read back
+    experts, router = STACKED[family]
+    errors = {k: v for k, v in _experts(json.loads((built / "verify.json").read_text())).items() if "bias" not in k}
+    assert len(errors) == 2 * 4 * (3 if family == "gpt_oss" else 2), errors  # (gate_up, down) x experts x layers
+    assert 0.01 < max(errors.values()) < 0.15, errors  # int4 rounding (of the MXFP4 values for GPT-OSS)
+    assert f"{experts}.down_proj[3]" in errors and router in conv["weight_errors"], sorted(conv["weight_errors"])
+
+
+def test_stacked_experts_zeroed_scales_fail(stacked, tmp_path, capsys):
+    family, hf, built = stacked
+    bad = tmp_path / "bad"
+    shutil.copytree(built, bad, ignore=shutil.ignore_patterns("verify.*"))
+
+    def zero_expert_2(a):
+        a[2] = 0
+        return a
+
+    patch_initializer(bad, "model.layers.0.moe.experts.down_proj.scales", zero_expert_2)
+    code, out, _ = _run(capsys, bad, "--reference", hf, *QUANT_OFF)
+    last = _last(out)
+    assert code == 1 and last.startswith("FAIL: ") and "conversion max_weight_error" in last, out
+    errors = _experts(json.loads((bad / "verify.json").read_text()))
+    worst = max(errors, key=errors.get)
+    assert worst == f"{STACKED[family][0]}.down_proj[2]" and errors[worst] == pytest.approx(1.0), errors
+
+
+def test_mxfp4_carried_for_cuda_read_back(tmp_path):
+    """-e cuda keeps GPT-OSS's MXFP4 codes and E8M0 scales (QMoE fp4, no CPU kernel: read back, not run): the
+    reference then holds exactly the checkpoint's experts, and one expert's zeroed exponents show at 1.0."""
+    from test_moe_gptoss import GPT_OSS, write_mxfp4
+    from tiny import make_model
+
+    from onnxforge.quant.recipe import Recipe
+    from onnxforge.verify.parity import load_reference
+    from onnxforge.verify.stored import load_stored_weights
+
+    make_model("gpt_oss", tmp_path / "bf16", dtype="bfloat16", **GPT_OSS)
+    (tmp_path / "hf").mkdir()
+    write_mxfp4(tmp_path / "bf16", tmp_path / "hf")
+    out = tmp_path / "cuda"
+    onnxforge.build(tmp_path / "hf", out, recipe=Recipe(precision="int4", provider="cuda", moe_quant_type="mxfp4"))
+    report = load_stored_weights(load_reference(tmp_path / "hf")[0], out)
+    experts = {k: v for k, v in report.errors.items() if ".experts." in k and "bias" not in k}
+    assert len(experts) == 3 * 2 * 4 and max(experts.values()) == 0, experts  # the same values, exactly
+    assert not report.kept, report.kept
+
+    def zero_exponents_1(a):
+        a.view(np.uint8)[1] = 0  # E8M0 code 0: 2^-127
+        return a
+
+    patch_initializer(out, "model.layers.2.moe.experts.gate_up_proj.scales", zero_exponents_1)
+    errors = load_stored_weights(load_reference(tmp_path / "hf")[0], out).errors
+    worst = max(errors, key=errors.get)
+    assert worst == "model.layers.2.mlp.experts.gate_up_proj[1]" and errors[worst] == pytest.approx(1.0), errors

@@ -39,6 +39,11 @@ THRESHOLDS = {
 }
 
 
+# pre-quantized checkpoints transformers itself loads on the CPU as float (GPT-OSS's MXFP4 experts: it decodes
+# the blocks with convert_moe_packed_tensors when no triton kernel is there); the others are dequantized here
+TRANSFORMERS_DEQUANTIZES = ("mxfp4",)
+
+
 def load_reference(reference: str | Path):
     """(transformers model in fp32 on CPU, tokenizer or None) for an HF folder or a .gguf file."""
     import torch
@@ -51,9 +56,10 @@ def load_reference(reference: str | Path):
         where, kwargs = ref.parent, {"gguf_file": ref.name}
     if not ref.exists():
         raise CheckpointError(f"reference {ref} does not exist")
-    if ref.is_dir() and (ref / "config.json").is_file() and "quantization_config" in json.loads(
-            (ref / "config.json").read_text()):
-        return _dequantized_reference(ref), _tokenizer(ref, {})
+    if ref.is_dir() and (ref / "config.json").is_file():
+        quant = json.loads((ref / "config.json").read_text()).get("quantization_config")
+        if quant is not None and quant.get("quant_method") not in TRANSFORMERS_DEQUANTIZES:
+            return _dequantized_reference(ref), _tokenizer(ref, {})
     try:
         model = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch.float32, **kwargs).eval()
     except ValueError as e:

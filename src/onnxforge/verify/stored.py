@@ -17,10 +17,11 @@ time and copied into the model's parameters in place: the original weights are o
 stored ones arrive (each tensor's relative difference to the original is measured on the way), so the
 model is never held twice.
 
-MoE experts (QMoE's integer forms, the float MoE op) are read back into transformers' stacked expert
-parameters by verify/stored_moe.py. What the build stores in other forms (1-D tables: norms, biases; MXFP4
-experts) is not read back: those parameters keep the original values, rounded to the stored float type for
-1-D tables; `notes` says which.
+MoE experts (QMoE's integer forms and CUDA's fp4 form of GPT-OSS's MXFP4 blocks, the float MoE op) are read
+back into transformers' stacked expert parameters by verify/stored_moe.py. Checkpoint names are renamed as
+transformers renames them on loading (parameter_names: Mixtral's `block_sparse_moe.gate` is `mlp.gate`). What
+the build stores in other forms (1-D tables: norms, biases) is not read back: those parameters keep the
+original values, rounded to the stored float type; `notes` says which.
 """
 from __future__ import annotations
 
@@ -117,6 +118,26 @@ def _float_rows(inits: _Initializers, name: str, rows: slice) -> np.ndarray:
     return np.asarray(part, dtype=np.float32)
 
 
+def parameter_names(model, params: dict):
+    """checkpoint tensor name -> the reference's parameter name, renamed as transformers renames the checkpoint
+    when it loads it (Mixtral's `block_sparse_moe.gate` is `mlp.gate`, GraniteMoE's `router.layer` is
+    `router`, ERNIE's `mlp.moe_statics` is `mlp.gate.moe_statics`); a name the model has is kept as it is."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        mapping = get_model_conversion_mapping(model)
+    except (ImportError, AttributeError, TypeError):  # a transformers without checkpoint renaming
+        return lambda name: name
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+
+    def rename(name: str) -> str:
+        return name if name in params else rename_source_key(name, renamings, converters)[0]
+
+    return rename
+
+
 def _sources(group: dict) -> list[tuple[str, int | None, int | None]]:
     out = []
     for s in group.get("sources", []):
@@ -152,10 +173,11 @@ def load_stored_weights(model, out_dir: Path) -> StoredReport:
             prefix = group["label"].strip("/").replace("/", ".") + "."
             group["initializers"] = [n for n in inits.protos if n.startswith(prefix)]
     params = dict(model.named_parameters(remove_duplicate=False))
+    rename = parameter_names(model, params)
     done: set[str] = set()
     for group in groups:
         kind = _weight_kind(inits, group)
-        sources = _sources(group)
+        sources = [(rename(name), start, stop) for name, start, stop in _sources(group)]
         if not sources:  # computed tables (rotary caches): no checkpoint tensor behind them
             continue
         if any(n in inits.experts for n in group["initializers"]) and load_experts(model, inits, group, report):

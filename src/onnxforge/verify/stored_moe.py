@@ -8,8 +8,10 @@ which tests/test_moe_op.py checks against the op itself; the float MoE op's are 
 go into transformers' stacked expert parameters `gate_up_proj` / `down_proj` of the layer's `experts`
 module, in that module's own layout (its `is_concatenated` / `is_transposed` flags, as transformers'
 experts implementations read them); each expert's relative difference is its own entry (`down_proj[3]`),
-so one lost expert shows as plainly as a lost projection. Other forms (MXFP4, modules without stacked
-parameters) are not read.
+so one lost expert shows as plainly as a lost projection. CUDA QMoE's "fp4" form (GPT-OSS's MXFP4 blocks
+carried over: weight (E, K, N/2) with the codes of rows 2j and 2j+1 in one byte, E8M0 scales (E, N, K/32),
+a global scale per expert at inputs 15 / 16) is decoded with quant/mxfp4.py's E2M1 values. Expert modules
+without stacked parameters are not read.
 """
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ import re
 import numpy as np
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
-# per op: weight input -> (fc, scales input, zero points input, transformers parameter)
-_ROLES = {"QMoE": {2: ("fc1", 3, 11, "gate_up_proj"), 5: ("fc2", 6, 12, "down_proj")},
-          "MoE": {2: ("fc1", None, None, "gate_up_proj"), 4: ("fc2", None, None, "down_proj")}}
+# per op: weight input -> (fc, scales input, zero points input, global scales input, transformers parameter)
+_ROLES = {"QMoE": {2: ("fc1", 3, 11, 15, "gate_up_proj"), 5: ("fc2", 6, 12, 16, "down_proj")},
+          "MoE": {2: ("fc1", None, None, None, "gate_up_proj"), 4: ("fc2", None, None, None, "down_proj")}}
+_READABLE = ("int", "fp4")  # QMoE quant_type values read back
 
 
 def expert_slots(graph) -> dict[str, dict]:
@@ -32,16 +35,17 @@ def expert_slots(graph) -> dict[str, dict]:
         if n.op_type not in _ROLES:
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-        ins = list(n.input) + [""] * 15
-        for index, (fc, scales, zp, param) in _ROLES[n.op_type].items():
+        ins = list(n.input) + [""] * 17
+        qt = attrs.get("quant_type", b"int")
+        qt = "float" if n.op_type == "MoE" else qt.decode() if isinstance(qt, bytes) else qt
+        for index, (fc, scales, zp, gs, param) in _ROLES[n.op_type].items():
             if ins[index]:
-                qt = attrs.get("quant_type", b"int")
                 slots[ins[index]] = {
-                    "fc": fc, "param": param, "quantized": n.op_type == "QMoE",
-                    "readable": n.op_type == "MoE" or (qt.decode() if isinstance(qt, bytes) else qt) == "int",
+                    "fc": fc, "param": param, "form": qt, "readable": qt == "float" or qt in _READABLE,
                     "bits": attrs.get(f"{fc}_expert_weight_bits", attrs.get("expert_weight_bits", 4)),
                     "block": attrs.get("block_size", 0), "fusion": attrs.get("swiglu_fusion", 0),
-                    "scales": ins[scales] if scales else "", "zero_points": ins[zp] if zp else ""}
+                    "scales": ins[scales] if scales else "", "zero_points": ins[zp] if zp else "",
+                    "global_scales": ins[gs] if gs else ""}
     return slots
 
 
@@ -58,11 +62,28 @@ def _expert(inits, name: str, slot: dict, e: int) -> np.ndarray:
     from ..quant.qmoe import dequantize_qmoe
 
     data = inits.read(name)[e]
-    if not slot["quantized"]:
+    if slot["form"] == "float":
         return np.asarray(data, dtype=np.float32)
+    if slot["form"] == "fp4":
+        return _fp4_expert(inits, data, slot, e)
     zp = inits.read(slot["zero_points"])[e] if slot["zero_points"] else None
     return dequantize_qmoe(np.asarray(data), np.asarray(inits.read(slot["scales"])[e]),
                            None if zp is None else np.asarray(zp), slot["bits"], slot["block"])
+
+
+def _fp4_expert(inits, data, slot: dict, e: int) -> np.ndarray:
+    """float32 (N, K) of one expert of CUDA QMoE's fp4 form: the byte at [k, j] holds rows 2j (low nibble) and
+    2j + 1 (high nibble) of column k, as graph/experts.py's fp4_pack writes them."""
+    from ..quant.mxfp4 import FP4_VALUES
+
+    data = np.asarray(data, dtype=np.uint8)
+    codes = np.empty((data.shape[1] * 2, data.shape[0]), np.uint8)
+    codes[0::2], codes[1::2] = (data & 0x0F).T, (data >> 4).T
+    exponents = np.asarray(inits.read(slot["scales"])[e]).view(np.uint8).astype(np.int32) - 127
+    w = FP4_VALUES[codes] * np.repeat(np.ldexp(np.float32(1), exponents), 32, axis=1)[:, :codes.shape[1]]
+    if slot["global_scales"]:
+        w *= np.float32(np.asarray(inits.read(slot["global_scales"]))[e])
+    return w.astype(np.float32)
 
 
 def _as_param(w: np.ndarray, slot: dict, mod) -> np.ndarray | None:
