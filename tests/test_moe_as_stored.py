@@ -251,6 +251,22 @@ def test_closest_min_form_bound():
     assert np.allclose(np.diff(w[1:], axis=-1), np.diff(ref[1:], axis=-1), atol=1e-5)
 
 
+def load_dequantized(model, path) -> None:
+    """Every weight of transformers' `model` set to the GGUF's values as gguf-py dequantizes them (read() of the
+    GGUF source: Q/K rows unpermuted, stacked experts as transformers stacks them)."""
+    with GGUFSource(path) as src, torch.no_grad():
+        for key, p in model.state_dict().items():
+            if key.endswith("mlp.experts.gate_up_proj"):
+                stem = key[: -len("gate_up_proj")]
+                value = np.stack([np.concatenate([src.read(f"{stem}gate_proj.weight")[e],
+                                                  src.read(f"{stem}up_proj.weight")[e]]) for e in range(p.shape[0])])
+            elif key.endswith("mlp.experts.down_proj"):
+                value = src.read(f"{key}.weight")
+            else:
+                value = src.read(key if src.has(key) else "model.embed_tokens.weight")
+            p.copy_(torch.from_numpy(np.ascontiguousarray(value)).reshape(p.shape))
+
+
 def near_ties(model, ids, margin: float = 0.01) -> np.ndarray:
     """Positions where some layer's router (transformers, the reference) has its k-th and (k+1)-th expert logits
     within `margin`: there the QMoE kernel's own arithmetic error (issue 24, item 2: ~1% on 8-bit experts) can
@@ -278,17 +294,7 @@ def test_logits_match_transformers_on_the_dequantized_weights(tmp_path_factory, 
                                                             keep_float=("/model/layers.*/moe/experts/*",)))
     experts = [g["storage"] for g in report.to_json()["groups"] if "/moe/experts/" in g["label"]]
     assert experts == [f"fp32 (dequantized {ftype})"] * 4, experts
-    with GGUFSource(path) as src, torch.no_grad():
-        for key, p in model.state_dict().items():
-            if key.endswith("mlp.experts.gate_up_proj"):
-                stem = key[: -len("gate_up_proj")]
-                value = np.stack([np.concatenate([src.read(f"{stem}gate_proj.weight")[e],
-                                                  src.read(f"{stem}up_proj.weight")[e]]) for e in range(p.shape[0])])
-            elif key.endswith("mlp.experts.down_proj"):
-                value = src.read(f"{key}.weight")
-            else:
-                value = src.read(key if src.has(key) else "model.embed_tokens.weight")
-            p.copy_(torch.from_numpy(np.ascontiguousarray(value)).reshape(p.shape))
+    load_dequantized(model, path)
     prompt, decode = prompt_and_decode()
     ref = reference_logits(model, prompt + decode)
     tied = near_ties(model, prompt + decode)

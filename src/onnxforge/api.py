@@ -265,7 +265,8 @@ def _as_stored_note(builder: GraphBuilder, recipe: Recipe) -> list[str]:
     compute = (f"MatMulNBits computes at accuracy_level {level} ({how})"
                f"{'; --extra_options int4_accuracy_level=0 computes in fp32' if level == 4 else ''}")
     if any("QMoE" in j.storage and j.storage.startswith("int8") for j in exact + closest):
-        compute += "; 8-bit QMoE experts compute with int8 activations at every accuracy level (onnxruntime's CPU kernel)"
+        compute += ("; 8-bit QMoE experts compute with int8 activations at every accuracy level (onnxruntime's CPU "
+                    "kernel; --extra_options moe_experts=fp32 runs the experts through the float MoE op, exactly)")
     if not closest and not changed:
         return [f"pre-quantized weights are carried over exactly (no value changed); {compute}"]
     parts = [f"{len(exact)} pre-quantized weight group{'s' if len(exact) != 1 else ''} carried over exactly"]
@@ -315,6 +316,9 @@ def _dropped_activations_warning(source, recipe: Recipe) -> list[str]:
 def _check_runtime_limits(spec, recipe: Recipe) -> None:
     from .runs_on import check_attention_shape, check_runs_on
 
+    if recipe.moe_experts and not any(layer.moe for layer in spec.layers):  # never accepted and ignored
+        raise RecipeError(f"moe_experts={recipe.moe_experts} sets how a mixture of experts' experts are stored, but "
+                          "this model has no experts; drop the option")
     check_runs_on(recipe)  # a precision (or int8 placement) the provider has no kernels for
     check_attention_shape(spec, recipe.provider)  # a head size no provider's attention runs
 

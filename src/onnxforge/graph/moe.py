@@ -43,7 +43,16 @@ if TYPE_CHECKING:
 
 def expert_storage(plan, names: Sequence[str], block: int) -> Storage:
     """How an expert projection is stored: the recipe's MatMul decision for `names` (INT8 placement,
-    templates, rules), from the MoE options' bits when set, in QMoE blocks of `block` (0: per channel)."""
+    templates, rules), from the MoE options' bits when set, in QMoE blocks of `block` (0: per channel);
+    float in moe_experts' dtype when the recipe sets it (a rule that quantizes the experts contradicts it)."""
+    floats = getattr(plan, "moe_experts", None)
+    if floats:
+        plan.storage(names, "MatMul")  # the names still count as seen (a --keep-float pattern on them matches)
+        rule = next((r for r in plan.rules if r.storage and r.storage.quantized and r.matches(names)), None)
+        if rule is not None:
+            raise RecipeError(f"rule {rule.pattern!r} quantizes the experts, but moe_experts={floats} keeps them "
+                              "float (the MoE op); drop one of them")
+        return Storage(dtype=floats)
     kind = getattr(plan, "moe_quant_type", None)
     recipe = plan if kind is None else dataclasses.replace(plan, precision="int8" if kind == "int8" else "int4")
     st = recipe.storage(names, "MatMul")
@@ -140,17 +149,20 @@ class Experts:
                     job = X.quant_experts_job(fc, f"{base}/{label}", f"{prefix}.{name}", E, N, K, st, io.ir_dtype,
                                               io.np_dtype, srcs, note)
                 setattr(self, f"fc{j + 1}", e.b.weights(job))
-        else:
+        else:  # the float MoE op: the activations' dtype, or moe_experts' (cast around the op in `op`)
+            fl = st1 if getattr(e.plan, "moe_experts", None) else io
+            self.st = self.st2 = fl
             self.fc1 = e.b.weights(X.float_experts_job(t.fc1, f"{base}/gate_up_proj", f"{prefix}.gate_up_proj.weight",
-                                                       E, 2 * I, H, io, t.fc1_sources, stored(parts1, io)))
+                                                       E, 2 * I, H, fl, t.fc1_sources, stored(parts1, fl)))
             self.fc2 = e.b.weights(X.float_experts_job(t.fc2, f"{base}/down_proj", f"{prefix}.down_proj.weight", E,
-                                                       H, I, io, t.fc2_sources, stored(parts2, io)))
+                                                       H, I, fl, t.fc2_sources, stored(parts2, fl)))
+        bias_st = io if self.quantized else self.st  # the MoE op's biases are of its T; QMoE's of the activations'
         self.b1 = self.b2 = None
         if t.fc1_bias is not None:
             (self.b1,) = e.b.weights(X.float_experts_job(t.fc1_bias, f"{base}/gate_up_proj", f"{prefix}.gate_up_proj.bias",
-                                                         E, 2 * I, 0, io, t.bias_sources[:-1]))
+                                                         E, 2 * I, 0, bias_st, t.bias_sources[:-1]))
             (self.b2,) = e.b.weights(X.float_experts_job(t.fc2_bias, f"{base}/down_proj", f"{prefix}.down_proj.bias",
-                                                         E, H, 0, io, t.bias_sources[-1:]))
+                                                         E, H, 0, bias_st, t.bias_sources[-1:]))
 
     def op(self, x: ir.Value, router: ir.Value, k: int, normalize: bool, name: str,
            router_weights: ir.Value | None = None) -> ir.Value:
@@ -160,7 +172,7 @@ class Experts:
         if m.swiglu_limit is not None:
             attrs["swiglu_limit"] = m.swiglu_limit
         if not self.quantized:
-            return self.e.b.op("MoE", [x, router, self.fc1[0], self.b1, self.fc2[0], self.b2], name, domain=MS, **attrs)
+            return self._float_op(x, router, name, attrs)
         if self.fp4:  # MXFP4: E8M0 block scales of 32, per-expert global scales at inputs 15 and 16
             inputs = [x, router, self.fc1[0], self.fc1[1], self.b1, self.fc2[0], self.fc2[1], self.b2, None, None, None,
                       None, None, None, router_weights, self.fc1[2], self.fc2[2]]
@@ -180,6 +192,17 @@ class Experts:
         while inputs[-1] is None:
             inputs.pop()
         return self.e.b.op("QMoE", inputs, name, domain=MS, **attrs)
+
+
+    def _float_op(self, x: ir.Value, router: ir.Value, name: str, attrs: dict) -> ir.Value:
+        """The float MoE op; experts of another dtype than the activations (moe_experts) run with x and the router
+        cast to theirs, the output cast back."""
+        b, want, io = self.e.b, self.st.ir_dtype, self.e.io.ir_dtype
+        if want != io:
+            x = b.op("Cast", [x], f"{name}/Cast", to=want)
+            router = b.op("Cast", [router], f"{name}/Cast_1", to=want)
+        y = b.op("MoE", [x, router, self.fc1[0], self.b1, self.fc2[0], self.b2], name, domain=MS, **attrs)
+        return y if want == io else b.op("Cast", [y], f"{name}/Cast_2", to=io)
 
 
 def _check(e: "Emitter") -> None:

@@ -139,6 +139,10 @@ def _moe_type(key: str, value: object) -> dict:
     return {"moe_quant_type": str(value).strip()}
 
 
+def _moe_experts(key: str, value: object) -> dict:  # onnxforge's own: float experts (Recipe checks the value)
+    return {"moe_experts": str(value).strip()}
+
+
 def _use_8bits_moe(key: str, value: object) -> dict:  # the anchor's older spelling; moe_quant_type wins
     return {"moe_quant_type": "int8" if parse_bool(key, value) else "int4"}
 
@@ -192,6 +196,7 @@ EXTRA_OPTIONS: dict[str, Callable[[str, object], dict]] = {
     "moe_quant_type": _moe_type,
     "use_8bits_moe": _use_8bits_moe,
     "qmoe_block_size": _int("qmoe_block_size"),
+    "moe_experts": _moe_experts,
     "qmoe_weights_prepacked": _int("qmoe_weights_prepacked"),
     # the anchor's options onnxforge does not build: false is accepted, true refused
     "use_qdq": _off_only("QDQ is not built yet; MatMulNBits is written"),

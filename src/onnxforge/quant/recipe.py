@@ -27,6 +27,7 @@ PROVIDERS = ("cpu", "cuda", "dml", "webgpu")
 METHODS = ("default", "rtn", "k_quant", "hqq")
 OP_TYPES = ("MatMul", "Gather")
 MOE_QUANT_TYPES = ("int4", "int8", "mxfp4")
+MOE_FLOAT_EXPERTS = ("fp32", "fp16")  # moe_experts: the float MoE op on the dequantized experts
 FLOAT_PRECISIONS = ("fp32", "fp16", "bf16")
 
 # the type each field takes (None allowed where the default is None): a wrong type is one error naming it
@@ -37,7 +38,7 @@ FIELD_KINDS = {
     "precision": "str", "provider": "str", "method": "str", "block_size": "int", "symmetric": "bool",
     "accuracy_level": "int", "int8_last_matmul": "bool", "int8_mixed_layers": "bool", "int8_linear_attn": "bool",
     "unpack_matmul": "bool", "prune_lm_head": "bool", "shared_embeddings": "bool", "moe_quant_type": "str",
-    "qmoe_block_size": "int", "qmoe_weights_prepacked": "int", "requantize": "bool",
+    "qmoe_block_size": "int", "qmoe_weights_prepacked": "int", "moe_experts": "str", "requantize": "bool",
     "drop_activation_quant": "bool", "exclude_embeds": "bool", "exclude_lm_head": "bool",
     "include_hidden_states": "bool", "config_only": "bool",
 }
@@ -93,6 +94,9 @@ class Recipe:
     # experts' QMoE blocks along K; 0: one scale per output channel; None: 32, or what divides the experts
     qmoe_block_size: int | None = None
     qmoe_weights_prepacked: int = -1  # the anchor's option; onnxforge writes the raw layout (0) either way
+    # experts through the float MoE op, dequantized to this dtype ("fp32": exact arithmetic, "fp16"), whatever the
+    # precision and the experts' stored format; None: QMoE where the experts are quantized (moe_quant_type, -p)
+    moe_experts: str | None = None
     num_layers: int = 0  # set by bind()
     # int4/int8 keep a pre-quantized weight whose exact form has at most that many bits; True re-quantizes it
     requantize: bool = False
@@ -115,7 +119,7 @@ class Recipe:
         for key, kind in FIELD_KINDS.items():
             value = getattr(self, key)
             if value is not None or key not in ("accuracy_level", "shared_embeddings", "moe_quant_type",
-                                                "qmoe_block_size"):
+                                                "qmoe_block_size", "moe_experts"):
                 msg = wrong_type(key, value, kind)
                 if msg:
                     raise RecipeError(msg)
@@ -145,6 +149,13 @@ class Recipe:
         if self.qmoe_block_size not in (None, 0, 16, 32, 64, 128, 256):
             raise RecipeError(f"qmoe_block_size must be 0 (per channel) or one of 16, 32, 64, 128, 256, "
                               f"got {self.qmoe_block_size}")
+        if self.moe_experts not in (None, *MOE_FLOAT_EXPERTS):
+            raise RecipeError(f"moe_experts={self.moe_experts!r} is not supported; choose fp32 (exact: the float MoE op "
+                              "on the dequantized experts) or fp16 (half the size); onnxruntime's CPU MoE op has no "
+                              "bf16 kernel")
+        if self.moe_experts and self.moe_quant_type:
+            raise RecipeError(f"moe_experts={self.moe_experts} keeps the experts float, but moe_quant_type="
+                              f"{self.moe_quant_type} quantizes them; drop one of them")
         if self.qmoe_weights_prepacked not in (-1, 0, 1):
             raise RecipeError(f"qmoe_weights_prepacked must be -1, 0 or 1, got {self.qmoe_weights_prepacked}")
         if self.qmoe_weights_prepacked == 1:
@@ -309,6 +320,7 @@ class Recipe:
             "unpack_matmul": self.unpack_matmul, "prune_lm_head": self.prune_lm_head,
             "shared_embeddings": self.shared_embeddings,
             "moe_quant_type": self.moe_quant_type, "qmoe_block_size": self.qmoe_block_size,
+            "moe_experts": self.moe_experts,
             "requantize": self.requantize, "drop_activation_quant": self.drop_activation_quant,
             "exclude_embeds": self.exclude_embeds, "exclude_lm_head": self.exclude_lm_head,
             "include_hidden_states": self.include_hidden_states, "config_only": self.config_only,
