@@ -209,14 +209,15 @@ def test_int4_keeps_4_bit_experts_and_requantizes_wider_ones(tmp_path_factory, f
     assert bool(re.search(r"carried over exactly; \d+ re-quantized or dequantized", notes)) == (ftype == "Q4_0")
 
 
-def test_q4_1_experts_closest_form(tmp_path_factory):
-    """Q4_1 experts (llama.cpp's quantizer): the closest form, within d / 32 of the file's values per block where
-    the minimum fits (k = 16), and the note gives the largest difference, which the groups' values reach."""
-    _, _, path = quantized_file(tmp_path_factory, "mixtral", "Q4_1")
-    folder = tmp_path_factory.mktemp("q4_1")
+@pytest.mark.parametrize("ftype", ["Q4_1", "Q5_1"])
+def test_q4_1_experts_closest_form(tmp_path_factory, ftype):
+    """Q4_1 / Q5_1 experts (llama.cpp's quantizer): the closest form (8-bit codes, k = 16 / 8), each group's report
+    max_difference is the measured one, and the note gives the largest, which the groups' values reach."""
+    _, _, path = quantized_file(tmp_path_factory, "mixtral", ftype)
+    folder = tmp_path_factory.mktemp(ftype)
     report = build(path, folder / "m")
     experts = [g for g in report.to_json()["groups"] if "/moe/experts/" in g["label"]]
-    assert all("closest Q4_1 form" in g["storage"] and g["max_difference"] > 0 for g in experts)
+    assert all(f"closest {ftype} form" in g["storage"] and g["max_difference"] > 0 for g in experts)
     fc1, fc2, _ = onnx_experts(folder / "m", 0)
     ref = gguf_experts(path, 0)
     measured = max(np.abs(fc1[:, 0::2] - ref["gate"][1]).max(), np.abs(fc1[:, 1::2] - ref["up"][1]).max())
