@@ -3,7 +3,8 @@
 The experts are random, quantized by onnxforge's QMoE path (quant/qmoe.py, rtn symmetric), and the reference is
 the same top-k SwiGLU mixture computed in float64 from the weights the op holds (quant/qmoe.dequantize_qmoe):
 so any difference is the kernel's arithmetic, not the quantization. Varied: bits (4, 8), block (0 = per
-channel, 16, 32, 128) and accuracy_level (0, 4); and the float MoE op on the same dequantized weights (fp32),
+channel, 16, 32, 128) and accuracy_level (0, 4); and the float MoE op on the same dequantized weights (fp32 and
+fp16, what `--extra_options moe_experts=fp32|fp16` builds),
 with its size and speed against QMoE at the same shape.
 
     python bench/qmoe_error.py            # 64 experts, hidden 1024, width 512, 32 tokens; ~2 minutes on 2 cores
@@ -37,13 +38,14 @@ def stored(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray
     return codes, scales, deq
 
 
-def session(op: str, inits: dict[str, np.ndarray], H: int, E: int, k: int, **attrs) -> ort.InferenceSession:
+def session(op: str, inits: dict[str, np.ndarray], H: int, E: int, k: int, dtype: int = T.FLOAT,
+            **attrs) -> ort.InferenceSession:
     names = ["x", "r", "w1", "", "w2"] if op == "MoE" else ["x", "r", "w1", "s1", "", "w2", "s2"]
     node = h.make_node(op, names, ["y"], domain="com.microsoft", k=k, activation_type="swiglu", swiglu_fusion=1,
                        normalize_routing_weights=1, **attrs)
-    graph = h.make_graph([node], "g", [h.make_tensor_value_info("x", T.FLOAT, [None, H]),
-                                       h.make_tensor_value_info("r", T.FLOAT, [None, E])],
-                         [h.make_tensor_value_info("y", T.FLOAT, [None, H])],
+    graph = h.make_graph([node], "g", [h.make_tensor_value_info("x", dtype, [None, H]),
+                                       h.make_tensor_value_info("r", dtype, [None, E])],
+                         [h.make_tensor_value_info("y", dtype, [None, H])],
                          [onnx.numpy_helper.from_array(v, n) for n, v in inits.items()])
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 21), h.make_opsetid("com.microsoft", 1)],
                          ir_version=10)
@@ -112,12 +114,15 @@ def main() -> None:
                 mb = sum(a.nbytes for a in (c1, s1, c2, s2)) / 2**20
                 print(f"{'QMoE':<6} {bits:>4} {block:>5} {level:>3} {diff:>11.3g} {np.abs(ref).max():>9.3g} "
                       f"{diff / np.abs(ref).max():>9.2e} {mb:>10.1f} {timed(s, feed, reps):>7.2f}")
-            if (bits, block) in ((4, 32), (8, 32)):  # the float MoE op on the same dequantized weights
-                s = session("MoE", {"w1": d1, "w2": d2}, H, E, k)
-                diff = np.abs(s.run(None, feed)[0] - ref).max()
-                print(f"{'MoE':<6} {'fp32':>4} {'-':>5} {'-':>3} {diff:>11.3g} {np.abs(ref).max():>9.3g} "
-                      f"{diff / np.abs(ref).max():>9.2e} {(d1.nbytes + d2.nbytes) / 2**20:>10.1f} "
-                      f"{timed(s, feed, reps):>7.2f}")
+            if (bits, block) in ((4, 32), (8, 32)):  # the float MoE op on the same dequantized weights (moe_experts)
+                for name, np_t, onnx_t in (("fp32", np.float32, T.FLOAT), ("fp16", np.float16, T.FLOAT16)):
+                    w = {"w1": d1.astype(np_t), "w2": d2.astype(np_t)}
+                    s = session("MoE", w, H, E, k, onnx_t)
+                    fed = {n: v.astype(np_t) for n, v in feed.items()}  # moe_experts=fp16 casts x and the router
+                    diff = np.abs(s.run(None, fed)[0].astype(np.float64) - ref).max()
+                    print(f"{'MoE':<6} {name:>4} {'-':>5} {'-':>3} {diff:>11.3g} {np.abs(ref).max():>9.3g} "
+                          f"{diff / np.abs(ref).max():>9.2e} {sum(a.nbytes for a in w.values()) / 2**20:>10.1f} "
+                          f"{timed(s, fed, reps):>7.2f}")
 
 
 if __name__ == "__main__":
