@@ -22,6 +22,8 @@ def make(name: str, folder: Path):
     import test_family_newer as T
     import tiny
 
+    if name == "glm4_moe":
+        return T.make_glm(folder)
     if name in T.VL:
         return T._make_vl(name, folder)
     model = tiny.make_model(name, folder, **T.CONFIGS[name])
@@ -79,7 +81,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", type=Path, default=None)
-    ap.add_argument("--families", default="seed_oss,internlm3,hunyuan,exaone4,qwen3_vl,mistral3")
+    ap.add_argument("--families", default="glm4_moe,seed_oss,internlm3,hunyuan,exaone4,qwen3_vl,mistral3")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="newer-parity-"))
     rng = np.random.default_rng(7)

@@ -186,7 +186,12 @@ FAMILY_KNOBS.update({
          "head_dim": 32, "rope_theta": 30000.0},
         {"rope_parameters": {"rope_type": "dynamic", "alpha": 50.0, "rope_theta": 20000.0}, "head_dim": 16}]},
     "Exaone4ForCausalLM": {"sliding_window_pattern": [ABSENT, 2, 3], "exaone_window": [ABSENT, None, 5]},
+    "Glm4MoeForCausalLM": {"n_shared_experts": [ABSENT, 2], "first_k_dense_replace": [ABSENT, 0, 3],
+                           "norm_topk_prob": [ABSENT, False], "routed_scaling_factor": [ABSENT, 2.5],
+                           "use_qk_norm": [ABSENT, True], "groups": [{}, {"n_group": 2, "topk_group": 2}]},
 })
+WINDOW_READ["Glm4MoeForCausalLM"] = "none"
+PARTIAL_ROTARY["Glm4MoeForCausalLM"] = True
 FAMILY_KNOBS["Qwen3_5ForCausalLM"] = {  # gated delta-net layers beside gated attention
     "full_attention_interval": [ABSENT, 2, 3],
     "kinds": [{}, {"layer_types": ["linear_attention", "full_attention", "full_attention", "linear_attention",

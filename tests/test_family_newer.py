@@ -20,6 +20,7 @@ from family_check import check_fp16, check_fp32, check_int4
 import onnxforge
 from onnxforge.archs.registry import architecture_for
 from onnxforge.errors import ConfigError, UnsupportedArchitectureError
+from onnxforge.quant.recipe import Recipe
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -211,6 +212,90 @@ def test_mistral3_other_text_models_are_refused():
            "text_config": {"model_type": "ministral3", "hidden_size": 64, "num_attention_heads": 4,
                            "num_hidden_layers": 2, "vocab_size": 320, "intermediate_size": 97}}
     with pytest.raises(ConfigError, match="ministral3"):
+        architecture_for(raw).make_spec(raw)
+
+
+# -- GLM-4.5 / 4.6 MoE ---------------------------------------------------------------------------------------
+GLM = dict(cls="Glm4MoeConfig", **SMALL, num_hidden_layers=3, moe_intermediate_size=32, n_routed_experts=8,
+           num_experts_per_tok=2, n_shared_experts=2, first_k_dense_replace=1, use_qk_norm=True, attention_bias=True,
+           routed_scaling_factor=2.5)
+
+
+def make_glm(folder, **overrides):
+    model = tiny.make_model("glm4_moe", folder, **{**GLM, **overrides})
+    with torch.no_grad():  # a selection bias that changes which experts run
+        for layer in model.model.layers[1:]:
+            layer.mlp.gate.e_score_correction_bias.copy_(torch.linspace(-0.3, 0.3, 8).flip(0))
+    model.save_pretrained(folder, safe_serialization=True)
+    return model
+
+
+@pytest.fixture(scope="module")
+def glm(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("glm4_moe")
+    return folder, make_glm(folder)
+
+
+def test_glm4_moe_fp32(glm, tmp_path):
+    folder, model = glm
+    out = tmp_path / "out"
+    check_fp32(folder, model, out)
+    assert long_decode_diff(out, model) < 1e-4
+    gqa, nodes = _gqa(out), _nodes(out)
+    g = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    shapes = {t.name: tuple(t.dims) for t in g.initializer}
+    assert shapes["cos_cache"] == (256, 8)  # rotary 16 of a head of 32 (partial_rotary_factor 0.5)
+    assert "/model/layers.0/mlp/down_proj/MatMul" in nodes and "/model/layers.1/moe/MoE" in nodes
+    assert "/model/layers.1/shared_expert/down_proj/MatMul" in nodes
+    assert {"/model/layers.0/attn/q_norm/LayerNorm", "/model/layers.0/attn/qkv_proj/Add"} <= nodes
+    assert all(a["do_rotary"] == 1 for a in gqa)
+
+
+def test_glm4_moe_selection_bias_and_scale_are_load_bearing(glm, tmp_path):
+    """Without the selection bias (or with routed_scaling_factor 1) transformers' own logits move by far more
+    than the tolerance: the test above would catch either being dropped."""
+    import copy
+
+    folder, model = glm
+    rng = np.random.default_rng(7)
+    ids = rng.integers(2, tiny.VOCAB, 24).tolist()
+    ref = reference_logits(model, ids)
+    for change in ("bias", "scale"):
+        other = copy.deepcopy(model)
+        with torch.no_grad():
+            for layer in other.model.layers[1:]:
+                if change == "bias":
+                    layer.mlp.gate.e_score_correction_bias.zero_()
+                else:
+                    layer.mlp.gate.routed_scaling_factor = 1.0
+        assert np.abs(reference_logits(other, ids) - ref).max() > 1e-2, change
+
+
+def test_glm4_moe_int4_and_fp16(glm, tmp_path):
+    from moe_check import moe_reference
+
+    folder, model = glm
+    rng = np.random.default_rng(7)
+    prompt, decode = rng.integers(2, tiny.VOCAB, 16).tolist(), rng.integers(2, tiny.VOCAB, DECODE).tolist()
+    out = tmp_path / "int4"
+    onnxforge.build(folder, out, recipe=Recipe(precision="int4", accuracy_level=0))
+    assert "/model/layers.1/moe/QMoE" in _nodes(out)
+    got = onnx_step_logits(out, prompt, decode)
+    ref = reference_logits(moe_reference(folder, out), prompt + decode)  # MatMulNBits and QMoE weights dequantized
+    assert np.abs(got - ref).max() < 1e-4, np.abs(got - ref).max()
+    out = tmp_path / "fp16"
+    onnxforge.build(folder, out, "fp16")
+    ref = reference_logits(model, prompt + decode)
+    got = onnx_step_logits(out, prompt, decode).astype(np.float32)
+    close = np.abs(got - ref).max(-1) < 0.02 * (ref.max() - ref.min())  # per position: a near-tied router may flip
+    assert close.mean() >= 0.9, close.mean()
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
+def test_glm4_moe_group_limited_selection_is_refused():
+    raw = {"architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe", **SMALL, "num_hidden_layers": 2,
+           "vocab_size": 320, "n_routed_experts": 8, "n_group": 4, "topk_group": 2}
+    with pytest.raises(ConfigError, match="group-limited"):
         architecture_for(raw).make_spec(raw)
 
 

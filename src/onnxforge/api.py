@@ -173,7 +173,9 @@ def _write_genai_config(folder: Path, spec, arch, source, recipe: Recipe, max_le
                         notes: list[str]) -> None:
     config = genai_config(spec, arch.model_type, source.generation_config, provider=recipe.provider,
                           max_length=max_length, tokenizer_dir=folder, notes=notes,
-                          embeds_input=recipe.exclude_embeds, logits_output=not recipe.exclude_lm_head)
+                          embeds_input=recipe.exclude_embeds, logits_output=not recipe.exclude_lm_head,
+                          graph_capture={"enable_cuda_graph": recipe.enable_cuda_graph,
+                                         "enable_dml_graph": recipe.enable_dml_graph})
     _write_json(folder / "genai_config.json", config)
 
 

@@ -1,5 +1,10 @@
-"""Newer Llama-shaped families that are data over the existing parts: Seed-OSS, InternLM3, HunYuan dense,
-EXAONE 4, and the text decoders of the Qwen3-VL and Mistral 3 vision-language checkpoints.
+"""Newer Llama-shaped families that are data over the existing parts: GLM-4.5 / 4.6 MoE, Seed-OSS, InternLM3,
+HunYuan dense, EXAONE 4, and the text decoders of the Qwen3-VL and Mistral 3 vision-language checkpoints.
+
+GLM-4 MoE: partial rotary (0.5 by default), optional per-head q/k norms (use_qk_norm), q/k/v biases
+(attention_bias, none on o_proj), dense MLPs on the first first_k_dense_replace layers, then experts routed on
+sigmoid scores as graph/moe.py's "sigmoid" scoring builds them, with shared experts. Its multi-token-prediction
+layer (model.layers.{num_hidden_layers}.*, for speculative decoding) is not built: its tensors are reported unread.
 
 Seed-OSS: biases on q/k/v (attention_bias, true by default), on o_proj only with attention_out_bias.
 InternLM3: Llama as transformers 5 loads it (model type internlm3 -> LlamaForCausalLM): `qkv_bias` is
@@ -17,7 +22,8 @@ and projector are not built.
 from __future__ import annotations
 
 from ..errors import ConfigError
-from ..spec import derived_layer_types
+from ..spec import config_int, derived_layer_types
+from .moe import experts
 from .llama import NO_BIAS
 from .registry import REFUSED, Architecture, register
 
@@ -90,6 +96,46 @@ def _exaone4_config(cfg: dict) -> dict:
     return {**cfg, "no_rope_layers": [int(t == "sliding_attention") for t in types]}
 
 
+def _glm4_moe_config(cfg: dict) -> dict:
+    """As Glm4MoeConfig loads: partial_rotary_factor 0.5 unless set; n_routed_experts is num_local_experts."""
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if "partial_rotary_factor" not in cfg and not (isinstance(params, dict) and "partial_rotary_factor" in params):
+        cfg = {**cfg, "partial_rotary_factor": 0.5}
+    if cfg.get("n_routed_experts") is not None:
+        cfg = {**cfg, "num_local_experts": cfg["n_routed_experts"]}
+    return cfg
+
+
+def _glm4_moe(cfg: dict) -> dict:
+    """Experts on the layers from first_k_dense_replace, routed on sigmoid scores with the selection bias
+    (e_score_correction_bias), renormalised by norm_topk_prob, times routed_scaling_factor, beside
+    n_shared_experts shared ones. Group-limited selection is a no-op where topk_group == n_group (GLM-4.5 / 4.6:
+    1 and 1); other groupings are refused."""
+    groups, keep = config_int(cfg, "n_group", 1, minimum=1), config_int(cfg, "topk_group", 1, minimum=1)
+    if keep != groups:
+        raise ConfigError(f"config.json: n_group {groups} with topk_group {keep}: group-limited expert selection is "
+                          "not built yet (GLM-4.5 / 4.6 use n_group = topk_group = 1)")
+    dense = config_int(cfg, "first_k_dense_replace", 1)
+    shared = config_int(cfg, "n_shared_experts", 1)
+    scale = cfg.get("routed_scaling_factor", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
+        raise ConfigError(f"config.json: routed_scaling_factor must be a positive number, got {scale!r}")
+    bias = _flag(cfg, "attention_bias")
+    return {**experts(cfg, lambda i: i >= dense, scoring="sigmoid", selection_bias=True,
+                      normalize=_flag(cfg, "norm_topk_prob", True), routed_scale=float(scale),
+                      shared_intermediate_size=shared * config_int(cfg, "moe_intermediate_size", 1408, minimum=1)),
+            "attention.qk_norm": "head" if _flag(cfg, "use_qk_norm") else "", "attention.qkv_bias": bias,
+            "attention.o_bias": False, "mlp.bias": False}
+
+
+register(Architecture("Glm4MoeForCausalLM", "llama", hook=_glm4_moe, config_fix=_glm4_moe_config, partial_rotary=True,
+                      names={"selection_bias": "model.layers.{i}.mlp.gate.e_score_correction_bias"},
+                      config_defaults={**LLAMA, "vocab_size": 151552, "intermediate_size": 10944,
+                                       "num_hidden_layers": 46, "num_attention_heads": 96, "num_key_value_heads": 8,
+                                       "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+                                       "moe_intermediate_size": 1408, "num_experts_per_tok": 8,
+                                       "n_routed_experts": 128, "norm_topk_prob": True},
+                      doc="GLM-4.5 / 4.6 MoE (partial rotary, sigmoid routing with a selection bias, shared experts)"))
 register(Architecture("SeedOssForCausalLM", "llama", hook=_seed_oss,
                       config_defaults={**LLAMA, "vocab_size": 155136, "intermediate_size": 27648,
                                        "num_hidden_layers": 64, "num_attention_heads": 80, "num_key_value_heads": 8,
@@ -143,4 +189,4 @@ register(Architecture("Mistral3ForConditionalGeneration", "mistral3_text", NO_BI
 REFUSED["InternLM2ForCausalLM"] = (
     "transformers has no InternLM2 model (its checkpoints run only as remote code, which onnxforge never runs), and "
     "its tensors (a grouped fused attention.wqkv, attention.wo, feed_forward.w1/w2/w3) are not mapped; InternLM3 "
-    "(InternLM3ForCausalLM) and InternLM2.5 converted to Llama (LlamaForCausalLM) build")
+    "(InternLM3ForCausalLM) builds, and so does an InternLM2 checkpoint converted to Llama's layout (LlamaForCausalLM)")

@@ -57,10 +57,11 @@ def choose_pad(pad, eos, bos, unk, vocab_size: int, emitted: int | None = None) 
 
 def genai_config(spec: ModelSpec, model_type: str, generation: dict | None, *, filename: str = "model.onnx",
                  provider: str = "cpu", max_length: int | None = None, tokenizer_dir: Path | None = None,
-                 notes: list[str] | None = None, embeds_input: bool = False, logits_output: bool = True) -> dict:
+                 notes: list[str] | None = None, embeds_input: bool = False, logits_output: bool = True,
+                 graph_capture: dict[str, bool] | None = None) -> dict:
     """`embeds_input`/`logits_output`: the decoder takes inputs_embeds instead of input_ids (exclude_embeds), and
     outputs logits (not with exclude_lm_head); as onnxruntime-genai 0.18's builder, a hidden_states output gets
-    no entry."""
+    no entry. `graph_capture`: {"enable_cuda_graph": ..., "enable_dml_graph": ...} (the recipe's)."""
     gen = generation or {}
     eos = gen.get("eos_token_id", spec.eos_token_id)
     bos = gen.get("bos_token_id", spec.bos_token_id)
@@ -75,7 +76,7 @@ def genai_config(spec: ModelSpec, model_type: str, generation: dict | None, *, f
         # onnxruntime-genai 0.18 runs the model on one thread (measured: SmolLM2 int4 decode 95 tok/s on one
         # thread, 217 with both of this machine's cores).
         "session_options": {"log_id": "onnxruntime-genai", "intra_op_num_threads": 0,
-                            "provider_options": _providers(provider)},
+                            "provider_options": _providers(provider, graph_capture or {})},
         "filename": filename,
         "head_size": a.head_dim,
         "hidden_size": spec.hidden_size,
@@ -126,8 +127,12 @@ def genai_config(spec: ModelSpec, model_type: str, generation: dict | None, *, f
     }
 
 
-def _providers(provider: str) -> list[dict]:
-    if provider == "cpu":
-        return []
-    name = {"cuda": "cuda", "dml": "dml", "webgpu": "webgpu"}.get(provider, provider)
-    return [{name: {}}]
+def _providers(provider: str, graph: dict[str, bool]) -> list[dict]:
+    """The provider options onnxruntime-genai 0.18's builder writes for each -e (builders/base.py ep_attrs)."""
+    on = lambda key, default: "1" if graph.get(key, default) else "0"  # noqa: E731
+    options = {
+        "cuda": {"enable_cuda_graph": on("enable_cuda_graph", False)},
+        "dml": {"enable_graph_capture": on("enable_dml_graph", True)},
+        "webgpu": {"enableGraphCapture": "0", "validationMode": "basic"},  # enable_webgpu_graph is refused
+    }
+    return [] if provider == "cpu" else [{provider: options[provider]}]

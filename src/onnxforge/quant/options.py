@@ -182,6 +182,7 @@ EXTRA_OPTIONS: dict[str, Callable[[str, object], dict]] = {
     "int4_tied_embeddings": _shared,
     "unpack_matmul": _flag("unpack_matmul"),
     "disable_qkv_fusion": _flag("unpack_matmul"),
+    "fuse_qkv": _typed("bool", lambda key, value: {"unpack_matmul": not parse_bool(key, value)}),
     "prune_lm_head": _flag("prune_lm_head"),
     "drop_activation_quant": _flag("drop_activation_quant"),
     "exclude_embeds": _flag("exclude_embeds"),
@@ -202,8 +203,55 @@ EXTRA_OPTIONS: dict[str, Callable[[str, object], dict]] = {
     "use_qdq": _off_only("QDQ is not built yet; MatMulNBits is written"),
     "fuse_qk_norm_gqa": _off_only("onnxforge writes the q/k norms as their own ops before GroupQueryAttention "
                                   "(the fused form is not built)"),
-    "enable_cuda_graph": _off_only("onnxforge writes no CUDA-graph provider option into genai_config.json yet"),
+    "enable_cuda_graph": _flag("enable_cuda_graph"),
+    "enable_dml_graph": _flag("enable_dml_graph"),
+    "enable_webgpu_graph": _off_only("WebGPU graph capture needs the anchor's graph-capture form of the attention "
+                                     "mask and position ids, which onnxforge does not build (enableGraphCapture=0 is "
+                                     "written)"),
     "hf_token": _hf_token,
+}
+
+
+def _not_built(why: str) -> Callable[[str, object], dict]:
+    """An anchor option whose every value changes what is built, which onnxforge does not build: refused."""
+    def refuse(key: str, value: object) -> dict:
+        raise RecipeError(f"{key}={value}: {why}; drop the option")
+
+    return refuse
+
+
+_SPECULATIVE = "speculative decoding drafters (DFlash 2, DSpark, MTP) are not built by onnxforge"
+_PAGED = "paged attention (the continuous-batching engine's PagedAttention graph) is not built by onnxforge"
+_KV = "a quantized or rotated KV cache is not built by onnxforge (the cache is in the activation dtype)"
+# the rest of onnxruntime-genai 0.18's --extra_options (builder.py's list): each refused with its reason, so no key is
+# ever accepted and ignored (tests/test_runtime_options.py checks the list against the anchor's source)
+ANCHOR_NOT_BUILT: dict[str, Callable[[str, object], dict]] = {
+    "matmulnbits_weights_prepacked": _not_built("onnxforge writes MatMulNBits in the raw block layout that ONNX "
+                                                "Runtime prepacks at load, not CUDA's fpA_intB prepacked layouts"),
+    "num_hidden_layers": _not_built("a build has the checkpoint's layers (the anchor's unit-test option); cut the "
+                                    "checkpoint's config instead"),
+    "filename": _not_built("the model is always model.onnx (genai_config.json names it)"),
+    "exclude_mtp": _off_only("onnxforge never builds a multi-token-prediction head"),
+    "aux_hidden_state_layers": _not_built(_SPECULATIVE),
+    "dflash2_path": _not_built(_SPECULATIVE), "dflash2_num_draft_tokens": _not_built(_SPECULATIVE),
+    "dflash2_fuse_gate_up": _not_built(_SPECULATIVE), "dflash2_fuse_qkv": _not_built(_SPECULATIVE),
+    "dflash2_precision": _not_built(_SPECULATIVE), "dspark_path": _not_built(_SPECULATIVE),
+    "dspark_num_draft_tokens": _not_built(_SPECULATIVE), "dspark_top_k": _not_built(_SPECULATIVE),
+    "max_draft_tokens": _not_built(_SPECULATIVE), "mtp_quant_config": _not_built(_SPECULATIVE),
+    "fuse_mlp_gate_up": _off_only("onnxforge packs gate/up into one MatMul on its own when they share storage "
+                                  "(--unpack-matmul keeps them apart); the anchor's Split form is not built"),
+    "linear_attn_op": _not_built("onnxforge builds linear attention with the CPU LinearAttention op only"),
+    "state_update_capacity": _not_built(_PAGED), "state_window": _not_built("recurrent state history is not built"),
+    "enable_cuda_fpa_intb_gemm": _off_only("the fpA_intB CUDA kernel session option is not written"),
+    "use_paged_attention": _off_only(_PAGED), "paged_block_size": _not_built(_PAGED),
+    "paged_chunk_size": _not_built(_PAGED), "gpu_utilization_factor": _not_built(_PAGED),
+    "max_batch_size": _not_built(_PAGED), "max_scheduled_tokens": _not_built(_PAGED), "num_blocks": _not_built(_PAGED),
+    "windowed_kv_cache": _not_built("onnxforge writes a sliding-window model's cache as genai_config.json's "
+                                    "sliding_window section says, with no switch"),
+    "use_device_allocator_for_initializers": _off_only("that session option is not written into genai_config.json"),
+    "kv_cache_quant_scheme": _not_built(_KV), "kv_cache_rotation": _not_built(_KV), "kv_cache_scale_file": _not_built(_KV),
+    "use_webgpu_fp32": _off_only("WebGPU builds take fp16 I/O; build -p fp32 -e cpu for fp32"),
+    "use_cuda_bf16": _off_only("use -p bf16 for bf16 I/O"),
 }
 
 
@@ -221,6 +269,9 @@ def parse_extra_options(items: list[str] | Mapping[str, object]) -> dict[str, ob
             if pairs.get(key, value) != value:
                 raise RecipeError(f"extra option {key} is given twice ({key}={pairs[key]} and {key}={value}); keep one")
             pairs[key] = value
+    for key in sorted(set(pairs) & set(ANCHOR_NOT_BUILT)):
+        ANCHOR_NOT_BUILT[key](key, pairs[key])  # refused with its reason (or a no-op false)
+    pairs = {k: v for k, v in pairs.items() if k not in ANCHOR_NOT_BUILT}
     unknown = sorted(set(pairs) - set(EXTRA_OPTIONS))
     if unknown:
         raise RecipeError(f"unknown extra option(s) {', '.join(unknown)}; accepted: {', '.join(sorted(EXTRA_OPTIONS))}")

@@ -40,7 +40,7 @@ FIELD_KINDS = {
     "unpack_matmul": "bool", "prune_lm_head": "bool", "shared_embeddings": "bool", "moe_quant_type": "str",
     "qmoe_block_size": "int", "qmoe_weights_prepacked": "int", "moe_experts": "str", "requantize": "bool",
     "drop_activation_quant": "bool", "exclude_embeds": "bool", "exclude_lm_head": "bool",
-    "include_hidden_states": "bool", "config_only": "bool",
+    "include_hidden_states": "bool", "config_only": "bool", "enable_cuda_graph": "bool", "enable_dml_graph": "bool",
 }
 
 
@@ -109,6 +109,10 @@ class Recipe:
     exclude_lm_head: bool = False
     include_hidden_states: bool = False
     config_only: bool = False
+    # runtime options written into genai_config.json's provider_options, as the anchor writes them (only for the
+    # provider they belong to: set for another, they are refused)
+    enable_cuda_graph: bool = False
+    enable_dml_graph: bool = True  # the anchor's default: DirectML graph capture on
     # names -> the stored quantized form of the weight they name (set by bind(); see quant/native.py)
     native: Callable[[Sequence[str]], NativeFormat | None] | None = field(default=None, compare=False, repr=False)
     template_float: tuple[str, ...] = ()  # what the model-type template keeps float (may match nothing)
@@ -129,6 +133,7 @@ class Recipe:
         _one_of("precision", self.precision, PRECISIONS)
         _one_of("execution provider", self.provider, PROVIDERS)
         _one_of("int4 method", self.method, METHODS)
+        self._check_graph_capture()
         self._check_moe()
         self._check_shaping()
         if self.block_size not in (16, 32, 64, 128, 256):
@@ -179,11 +184,19 @@ class Recipe:
                                       "drop one of them")
         if self.config_only:
             skip = {"precision", "provider", "exclude_embeds", "exclude_lm_head", "include_hidden_states",
-                    "config_only", "num_layers", "native", "seen", "template_float"}
+                    "config_only", "enable_cuda_graph", "enable_dml_graph", "num_layers", "native", "seen", "template_float"}
             given = [f.name for f in fields(self) if f.name not in skip and getattr(self, f.name) != f.default]
             if given:
                 raise RecipeError(f"config_only=true writes genai_config.json and the tokenizer, no weights, so "
                                   f"{', '.join(given)} would be ignored; drop {'it' if len(given) == 1 else 'them'} (or config_only)")
+
+    def _check_graph_capture(self) -> None:
+        """A provider's graph-capture option set for another provider would be accepted and ignored: refused."""
+        for key, value, default, provider in (("enable_cuda_graph", self.enable_cuda_graph, False, "cuda"),
+                                              ("enable_dml_graph", self.enable_dml_graph, True, "dml")):
+            if value != default and self.provider != provider:
+                raise RecipeError(f"{key}={str(value).lower()} is an option of the {provider} execution provider, but "
+                                  f"the build is for {self.provider}; use -e {provider} or drop the option")
 
     # -- derived ------------------------------------------------------------------------------
     @property
@@ -324,6 +337,7 @@ class Recipe:
             "requantize": self.requantize, "drop_activation_quant": self.drop_activation_quant,
             "exclude_embeds": self.exclude_embeds, "exclude_lm_head": self.exclude_lm_head,
             "include_hidden_states": self.include_hidden_states, "config_only": self.config_only,
+            "enable_cuda_graph": self.enable_cuda_graph, "enable_dml_graph": self.enable_dml_graph,
         }
 
 
