@@ -139,6 +139,8 @@ def test_a_correct_build_passes_both_verdicts(builds, capsys, precision):
         assert 0.01 < conv["metrics"]["weight_error"] < 0.2  # int4 rounding, measured per tensor
     else:
         assert conv["metrics"]["weight_error"] == 0 and conv["metrics"]["mean_kl"] < 1e-8
+    assert set(conv["rotary_errors"]) == {"cos_cache", "sin_cache"} and conv["metrics"]["rotary_error"] < 1e-5
+    assert conv["thresholds"]["max_rotary_error"] == 0.05
 
 
 def test_a_lost_projection_fails_the_conversion_where_int4_thresholds_pass(builds, tmp_path, capsys):
@@ -202,6 +204,46 @@ def test_a_graph_mistake_fails_the_conversion_logits(builds, tmp_path, capsys):
     r = json.loads((bad / "verify.json").read_text())
     assert code == 1 and "conversion max_kl: mean_kl = " in _last(out), out
     assert r["conversion"]["metrics"]["weight_error"] == 0
+
+
+def test_a_halved_rope_base_fails_the_rotary_check_at_int4(builds, tmp_path, capsys):
+    """The same graph mistake in an int4 build, judged by the rotary tables alone (the logit thresholds off):
+    the tables differ from transformers' frequencies for config.json's rope_theta by far more than the limit,
+    whatever the int8 activations' noise does to the logits (SmolLM2-135M's halved base hides there)."""
+    cfg = json.loads((builds / "hf" / "config.json").read_text())
+    theta = (cfg.get("rope_parameters") or {}).get("rope_theta") or cfg.get("rope_theta")
+    bad = _copy(builds / "int4", tmp_path / "rope")
+    _halve_rope(bad, theta, cfg["head_dim"])
+    code, out, _ = _run(capsys, bad, "--reference", builds / "hf", "--max-kl", "off", "--min-top1", "off",
+                        "--max-conversion-kl", "off", "--min-conversion-top1", "off")
+    m = json.loads((bad / "verify.json").read_text())["conversion"]["metrics"]
+    assert code == 1 and _last(out).startswith("FAIL: conversion max_rotary_error: rotary_error = "), out
+    assert m["rotary_error"] > 0.5 and m["worst_rotary"] in ("cos_cache", "sin_cache") and m["weight_error"] < 0.2
+    assert "rotary tables against the reference's frequencies" in out
+
+
+@pytest.mark.parametrize("family", ["gemma3", "phi4_mini"])
+def test_every_rotary_table_is_compared(family, tmp_path):
+    """Per layer type (Gemma 3's sliding_attention table beside the full one) and LongRoPE's long table: each
+    equals transformers' frequencies in a correct build, and one table changed shows alone."""
+    import transformers
+    from test_family_gemma import CONFIGS
+    from test_family_phi import PHI4_MINI
+    from tiny import make_model
+
+    from onnxforge.verify.stored import load_stored_weights
+
+    config = {"gemma3": CONFIGS["gemma3"], "phi4_mini": PHI4_MINI}[family]
+    make_model(family, tmp_path / "hf", **config)
+    onnxforge.build(tmp_path / "hf", tmp_path / "fp32", "fp32")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    report = load_stored_weights(model, tmp_path / "fp32")
+    other = {"gemma3": "cos_cache_sliding_attention", "phi4_mini": "cos_cache_long"}[family]
+    assert other in report.rotary and len(report.rotary) == 4 and max(report.rotary.values()) < 1e-5, report.rotary
+    assert not report.notes, report.notes
+    patch_initializer(tmp_path / "fp32", other, lambda a: np.roll(a, 1, axis=0))  # one position off
+    report = load_stored_weights(model, tmp_path / "fp32")
+    assert report.rotary[other] > 0.05 and max(v for k, v in report.rotary.items() if k != other) < 1e-5, report.rotary
 
 
 def test_dequantized_weights_equal_what_onnxruntime_computes(builds, tmp_path):
@@ -277,5 +319,6 @@ def test_a_tensor_the_reference_cannot_hold_is_named_and_not_judged_as_conversio
     r = json.loads((odd / "verify.json").read_text())
     notes = " ".join(r["conversion"]["notes"])
     assert "1 tensors keep the original weights" in notes and "model.layers.1.mlp.experts_down.weight" in notes
-    assert "max_kl and min_top1 not judged" in notes and set(r["conversion"]["thresholds"]) == {"max_weight_error"}
+    assert "max_kl and min_top1 not judged" in notes
+    assert set(r["conversion"]["thresholds"]) == {"max_weight_error", "max_rotary_error"}
     assert r["conversion"]["metrics"]["weights_compared"] == 15 and code == 0, out

@@ -103,6 +103,8 @@ def add_commands(sub) -> None:
     c.add_argument("--min-conversion-top1", type=_threshold, metavar="X", help="smallest top-1 agreement")
     c.add_argument("--max-weight-error", type=_threshold, metavar="X",
                    help="largest allowed ||stored - original|| / ||original|| of any weight tensor")
+    c.add_argument("--max-rotary-error", type=_threshold, metavar="X",
+                   help="largest allowed relative difference of a rotary cos/sin table from the reference's frequencies")
     t.add_argument("--no-thresholds", action="store_true", help="report only; no default thresholds")
     p.add_argument("--no-plot", action="store_true", help="do not write verify.png")
     p.set_defaults(func=cmd_verify)

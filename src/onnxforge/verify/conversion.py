@@ -3,7 +3,8 @@
 The logits are compared on the same sequences as the quantization verdict (prompt + the original
 reference's greedy continuation); each stored tensor is also compared with the checkpoint tensor it was
 made from (relative difference): a tensor zeroed, swapped or taken from the wrong place shows there
-whatever the precision, a graph or config mistake shows in the logits.
+whatever the precision, a graph or config mistake shows in the logits, and the rotary tables are compared
+with the reference's own frequencies (verify/stored_rope.py), so a wrong rope base shows at any precision.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ CONVERSION_THRESHOLDS = {
     "max_kl": ("mean_kl", "max"),
     "min_top1": ("top1", "min"),
     "max_weight_error": ("weight_error", "max"),
+    "max_rotary_error": ("rotary_error", "max"),
 }
 
 
@@ -50,7 +52,7 @@ def judge_conversion(model, out_dir: Path, runs: Sequence[tuple[list[int], np.nd
 
     stored = load_stored_weights(model, out_dir)
     if stored.kept_quantized and any(k in limits for k in ("max_kl", "min_top1")):
-        limits = {k: v for k, v in limits.items() if k == "max_weight_error"}
+        limits = {k: v for k, v in limits.items() if k in ("max_weight_error", "max_rotary_error")}
         stored.notes.append("max_kl and min_top1 not judged: with original weights in the reference, their "
                             "quantization noise would be taken for conversion error")
     kls, top1s = [], []
@@ -65,6 +67,7 @@ def judge_conversion(model, out_dir: Path, runs: Sequence[tuple[list[int], np.nd
         conv_prompts.append({**p["conversion"], "nonfinite": {"stored-weights reference":
                                                               int((~np.isfinite(ref)).sum())}})
     worst, weight_error = stored.max_error
+    worst_rotary = max(stored.rotary, key=lambda k: np.nan_to_num(stored.rotary[k], nan=np.inf), default=None)
     metrics = {
         "max_abs_diff": nan_max(p["max_abs_diff"] for p in conv_prompts),
         "mean_kl": float(np.concatenate(kls).mean()),
@@ -72,11 +75,14 @@ def judge_conversion(model, out_dir: Path, runs: Sequence[tuple[list[int], np.nd
         "weight_error": weight_error,
         "worst_weight": worst,
         "weights_compared": len(stored.errors),
+        "rotary_error": stored.rotary[worst_rotary] if worst_rotary else 0.0,
+        "worst_rotary": worst_rotary,
     }
-    failures = nonfinite_failures(conv_prompts, {k: v for k, v in metrics.items() if k != "worst_weight"})
+    failures = nonfinite_failures(conv_prompts, {k: v for k, v in metrics.items()
+                                                 if k not in ("worst_weight", "worst_rotary")})
     failures += check_thresholds(metrics, limits, CONVERSION_THRESHOLDS)
     return {"metrics": metrics, "thresholds": limits, "failures": failures, "passed": not failures,
-            "weight_errors": stored.errors, "notes": stored.notes}
+            "weight_errors": stored.errors, "rotary_errors": stored.rotary, "notes": stored.notes}
 
 
 
@@ -87,6 +93,9 @@ def conversion_lines(conv: dict) -> list[str]:
     lines = ["", "conversion: the ONNX model against the reference holding the build's own weights (dequantized):",
              f"  max|dlogit| {m['max_abs_diff']:.3g}   mean KL {m['mean_kl']:.3g}   top-1 {100 * m['top1']:.1f}%   "
              f"weights: largest relative difference {m['weight_error']:.3g}{worst} of {m['weights_compared']} tensors"]
+    if m.get("worst_rotary"):
+        lines.append(f"  rotary tables against the reference's frequencies: largest relative difference "
+                     f"{m['rotary_error']:.3g} ({m['worst_rotary']})")
     lines += [f"  note: {n}" for n in conv.get("notes", [])]
     from .parity import threshold_lines
 

@@ -471,7 +471,8 @@ def run_cli(args) -> int:
                   "max_ppl_ratio": args.max_ppl_ratio, "min_greedy": args.min_greedy}
     conversion = {"max_kl": getattr(args, "max_conversion_kl", None),
                   "min_top1": getattr(args, "min_conversion_top1", None),
-                  "max_weight_error": getattr(args, "max_weight_error", None)}
+                  "max_weight_error": getattr(args, "max_weight_error", None),
+                  "max_rotary_error": getattr(args, "max_rotary_error", None)}
     if args.max_ppl_ratio not in (None, "off") and not args.text:
         print("onnxforge: error: --max-ppl-ratio needs --text", file=sys.stderr)
         return 2

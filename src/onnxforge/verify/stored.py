@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .stored_moe import expert_slots, load_experts
+from .stored_rope import compare_rotary
 
 ROWS_PER_SLICE = 1 << 22  # values dequantized at a time (16 MB in float32)
 _Q = re.compile(r"^(?P<prefix>.+)\.weight_Q(?P<bits>\d+)$")
@@ -47,6 +48,7 @@ class StoredReport:
     notes: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)  # parameters left with the original values
     kept_quantized: bool = False  # some of them are stored quantized (their noise is in the logits)
+    rotary: dict[str, float] = field(default_factory=dict)  # per rotary table, against the reference's (stored_rope)
 
     @property
     def max_error(self) -> tuple[str | None, float]:
@@ -178,7 +180,7 @@ def load_stored_weights(model, out_dir: Path) -> StoredReport:
     for group in groups:
         kind = _weight_kind(inits, group)
         sources = [(rename(name), start, stop) for name, start, stop in _sources(group)]
-        if not sources:  # computed tables (rotary caches): no checkpoint tensor behind them
+        if not sources:  # computed tables (rotary caches: compared by stored_rope): no checkpoint tensor behind them
             continue
         if any(n in inits.experts for n in group["initializers"]) and load_experts(model, inits, group, report):
             continue
@@ -193,6 +195,7 @@ def load_stored_weights(model, out_dir: Path) -> StoredReport:
         if not _load_group(params, inits, group, kind, sources, report, done):
             report.kept += [s[0] for s in sources]
             report.kept_quantized |= kind[0] == "q"
+    compare_rotary(model, inits, report)
     if report.kept:
         report.notes.append(f"{len(report.kept)} tensors keep the original weights (no stored form the reference "
                             f"reads back): {', '.join(sorted(set(report.kept))[:6])}"
