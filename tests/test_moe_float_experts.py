@@ -210,3 +210,21 @@ def test_fp16_experts_every_routing(tiny_models, tmp_path, name):
     experts = {k for k in qmoe if "/moe/experts/" in k}
     assert all(qmoe[k].endswith("(QMoE)") and floats[k] == "fp32" for k in experts), floats
     assert {k: v for k, v in floats.items() if k not in experts} == {k: v for k, v in qmoe.items() if k not in experts}
+
+
+def test_verify_reads_cast_experts_back(tmp_path, capsys):
+    """`verify --reference` on a moe_experts=fp16 build of an fp32 model (fp16 MoE op between Casts): the experts
+    are read back from the MoE initializers (fp16 rounding only) and the conversion verdict passes."""
+    import json
+
+    from moe_check import FAMILIES
+    from test_verify_two_refs import _last, _run
+    from tiny import make_model
+
+    make_model("mixtral", tmp_path / "hf", seed=0, **FAMILIES["mixtral"])
+    onnxforge.build(tmp_path / "hf", tmp_path / "m", recipe=Recipe(precision="fp32", moe_experts="fp16"))
+    code, out, _ = _run(capsys, tmp_path / "m", "--reference", tmp_path / "hf")
+    assert code == 0 and _last(out).startswith("PASS"), out
+    report = json.loads((tmp_path / "m" / "verify.json").read_text())
+    errors = {k: v for k, v in report["conversion"]["weight_errors"].items() if ".experts." in k}
+    assert len(errors) == 2 * 2 * 4 and 0 < max(errors.values()) < 1e-3, errors
