@@ -310,10 +310,10 @@ def test_logits_match_transformers_on_the_dequantized_weights(tmp_path_factory, 
         assert as_stored < 0.015 * np.abs(ref).max(), (as_stored, np.abs(ref).max())
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq"])
+@pytest.mark.parametrize("method", ["gptq", "awq", "compressed-tensors", "quark-int4", "quark-uint4"])
 def test_prequantized_hf_experts_carried_over(tmp_path, method):
-    """Per-expert GPTQ / AWQ modules (a Qwen3-MoE checkpoint in the per-expert form, quantized as the producers
-    pack it, tests/prequant_producers.py): QMoE holds their codes, scales and zero points at group 128, each
+    """Per-expert GPTQ / AWQ / compressed-tensors / Quark (int4, uint4) modules (a Qwen3-MoE checkpoint in the
+    per-expert form, quantized as the producers pack it, tests/prequant_producers.py): QMoE holds their codes, scales and zero points at group 128, each
     expert weight equal to the producer's dequantization, and the report says exact."""
     from prequant_producers import write_prequantized
     from safetensors.numpy import load_file, save_file
