@@ -21,7 +21,9 @@ stored weights): for SmolLM2-135M (built from the demo GGUF, verified against it
 fp32, fp16, int8, int4 (default and k_quant) and, for the GGUF, exact import (no -p), the correct build and
 three wrong ones made from it: layer L's down_proj lost (its scales, or its float weight, zeroed in
 model.onnx.data), layers L and L-1 swapped (their initializers' bytes exchanged) and rope_theta halved (the
-cos/sin caches recomputed). Two prompts x 8 tokens keep it to about 20 minutes on 2 busy cores.
+cos/sin caches recomputed). Each row: conversion KL / top-1, weight error, rotary error (the tables against
+transformers' frequencies), quantization KL / top-1. Two prompts x 8 tokens: about 1.5 minutes a SmolLM2 row
+and 10 s a tiny row on 2 busy cores (about 45 minutes in all).
 
     python bench/verify_thresholds.py --conversion [--out bench/_work/verify] [--models smollm2,tiny]
 
@@ -193,7 +195,8 @@ def conversion_row(built: Path, reference: Path) -> dict:
                       defaults=False)
     c = r["conversion"]["metrics"]
     return {"conv_kl": c["mean_kl"], "conv_top1": c["top1"], "conv_max_abs_diff": c["max_abs_diff"],
-            "weight_error": c["weight_error"], "quant_kl": r["metrics"]["mean_kl"], "quant_top1": r["metrics"]["top1"]}
+            "weight_error": c["weight_error"], "rotary_error": c.get("rotary_error"),
+            "quant_kl": r["metrics"]["mean_kl"], "quant_top1": r["metrics"]["top1"]}
 
 
 CASES = ("correct", "lost", "swapped", "rope halved")
@@ -227,11 +230,12 @@ def conversion_table(out: Path, models: list[str], cases: list[str] = CASES, bui
                 row = dict(model=name, build=label, case=case, **conversion_row(folder, reference))
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    print("| model | build | case | conversion KL | conversion top-1 | weight error | quantization KL | quantization top-1 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | build | case | conversion KL | conversion top-1 | weight error | rotary error | quantization KL "
+          "| quantization top-1 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['build']} | {r['case']} | {r['conv_kl']:.3g} | {100 * r['conv_top1']:.1f}% | "
-              f"{r['weight_error']:.3g} | {r['quant_kl']:.3g} | {100 * r['quant_top1']:.1f}% |")
+              f"{r['weight_error']:.3g} | {r['rotary_error']:.2g} | {r['quant_kl']:.3g} | {100 * r['quant_top1']:.1f}% |")
     (out / "conversion.json").write_text(json.dumps(rows, indent=1))
 
 
