@@ -178,3 +178,18 @@ def test_mxfp4_carried_for_cuda_read_back(tmp_path):
     errors = load_stored_weights(load_reference(tmp_path / "hf")[0], out).errors
     worst = max(errors, key=errors.get)
     assert worst == "model.layers.2.mlp.experts.gate_up_proj[1]" and errors[worst] == pytest.approx(1.0), errors
+
+
+def test_llama4_experts_without_a_layout_flag_read_back(tmp_path):
+    """Llama 4's experts module has no is_transposed flag: gate_up_proj (E, H, 2I) and down_proj (E, I, H) are
+    recognised by their shapes (H = 2I here: gate_up_proj is square, down_proj decides) and read back."""
+    from test_family_llama4 import TEXT
+    from tiny import make_model
+
+    from onnxforge.verify.stored import load_stored_weights
+
+    model = make_model("llama4", tmp_path / "hf", cls="Llama4TextConfig", **TEXT)
+    onnxforge.build(tmp_path / "hf", tmp_path / "int4", "int4")
+    report = load_stored_weights(model, tmp_path / "int4")
+    experts = {k: v for k, v in report.errors.items() if ".experts." in k}
+    assert not report.notes and experts and 0.01 < max(experts.values()) < 0.15, (report.notes, experts)

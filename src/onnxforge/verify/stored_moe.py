@@ -97,7 +97,17 @@ def _as_param(w: np.ndarray, slot: dict, mod) -> np.ndarray | None:
         else:
             w = np.empty_like(w)
             w[0::2], w[1::2] = gate, up
-    return w.T if getattr(mod, "is_transposed", False) else w
+    return w.T if _transposed(mod) else w
+
+
+def _transposed(mod) -> bool:
+    """The module's `is_transposed` flag; without one (Llama 4's experts), read from the two shapes: transposed
+    gate_up_proj (E, H, 2I) beside down_proj (E, I, H), else (E, 2I, H) beside (E, H, I) (never both)."""
+    flag = getattr(mod, "is_transposed", None)
+    if flag is not None:
+        return bool(flag)
+    (_, _, b), (_, c, _) = mod.gate_up_proj.shape, mod.down_proj.shape
+    return b == 2 * c
 
 
 def load_experts(model, inits, group: dict, report) -> bool:
