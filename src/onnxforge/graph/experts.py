@@ -98,9 +98,11 @@ def find_experts(e: "Emitter", i: int) -> ExpertTensors:
         if m.layout in ("interleaved_t", "halves_t"):  # (E, H, 2I), down (E, I, H): GPT-OSS with gate/up
             check(gate_up, (E, H, 2 * I))               # alternating columns, Llama 4 with gate columns then up
             check(down, (E, I, H))
+
             def fc1_t(x: int) -> np.ndarray:
                 w = f(read_expert(src, gate_up, x)).T
                 return interleave(w[:I], w[I:]) if m.layout == "halves_t" else w.copy()
+
             return ExpertTensors(fc1_t, lambda x: f(read_expert(src, down, x)).T.copy(), (gate_up,), (down,),
                                  *(bias or (None, None, ())))
         check(gate_up, (E, 2 * I, H))
