@@ -197,6 +197,27 @@ def _module_blocks(src, gates: list[str], ups: list[str], downs: list[str]):
             lambda x: src.native_blocks(downs[x], f2.bits, f2.block_size))
 
 
+def padded(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """`a` in the top-left corner of zeros of `shape` (itself when it has that shape already)."""
+    if a.shape == tuple(shape):
+        return a
+    out = np.zeros(shape, dtype=a.dtype)
+    out[tuple(slice(0, n) for n in a.shape)] = a
+    return out
+
+
+def pad_intermediate(t: ExpertTensors, I: int, Ip: int, H: int) -> ExpertTensors:
+    """The experts with their intermediate dimension zero-padded from I to Ip (the CUDA QMoE kernels' K tile):
+    fc1 (2Ip, H) gains zero rows (gate j and up j for j >= I: fc1 is interleaved, so they come last), its bias
+    zeros, fc2 (H, Ip) zero columns. Exact: a padded unit's gate and up are 0, so SwiGLU gives 0 (also GPT-OSS's
+    clamped form: 0 x sigmoid(0) x (0 + beta)), which the zero columns of fc2 then multiply."""
+    if Ip == I:
+        return t
+    fc1_bias = None if t.fc1_bias is None else (lambda x: padded(t.fc1_bias(x), (2 * Ip,)))
+    return dataclasses.replace(t, fc1=lambda x: padded(t.fc1(x), (2 * Ip, H)), fc2=lambda x: padded(t.fc2(x), (H, Ip)),
+                               fc1_bias=fc1_bias)
+
+
 def each_expert(E: int, work: Callable[[int], object], ahead: int = 2):
     """work(0), work(1), ... in order, with up to `ahead` experts computed in advance on threads (numpy and
     the quantizers release the GIL): memory stays at a few experts, time is not one expert after the other."""
@@ -287,15 +308,19 @@ def describe_stored(st: Storage, scale_np: np.dtype) -> str:
 
 def stored_experts_job(blocks_of: Callable[[int], object], source_of: Callable[[int], np.ndarray], label: str,
                        prefix: str, E: int, N: int, K: int, st: Storage, code_bits: int, scale_dtype: ir.DataType,
-                       scale_np: np.dtype, sources: tuple[str, ...]) -> WeightJob:
+                       scale_np: np.dtype, sources: tuple[str, ...], pad_to: tuple[int, int] | None = None
+                       ) -> WeightJob:
     """QMoE arrays of one projection from the checkpoint's own blocks, one expert at a time (quant/qmoe.py
     qmoe_from_blocks). A closest form (a type with a minimum), and any form under fp16 scales (a GPU build: d x
     sub-scale need not be an fp16 value), is compared with the file's values expert by expert, and the job's
     `max_difference` says by how much they differ (0 for the exact forms at fp32 scales, not measured); fp16
-    scales that held every value are labelled exact after all."""
+    scales that held every value are labelled exact after all. `pad_to` (N', K'): the arrays of each expert
+    zero-padded to (N', K') (see pad_intermediate; `source_of` stays the unpadded (N, K) weight): the padded
+    codes, scales and zero points are 0, so the padded weights are 0."""
     from ..quant.qmoe import dequantize_qmoe, qmoe_from_blocks
 
-    slots = quant_experts_slots(prefix, E, N, K, st, scale_dtype)
+    Np, Kp = pad_to or (N, K)
+    slots = quant_experts_slots(prefix, E, Np, Kp, st, scale_dtype)
     closest = ":" in st.origin or np.dtype(scale_np) != np.float32  # the difference is measured
     job = WeightJob(label, slots, lambda: [], describe_stored(st, scale_np), sources)
     job.max_difference = None if closest else 0.0
@@ -306,13 +331,14 @@ def stored_experts_job(blocks_of: Callable[[int], object], source_of: Callable[[
 
         def one(x: int) -> np.ndarray:
             codes, scales, zp = qmoe_from_blocks(blocks_of(x), st.block_size, code_bits, st.bits)
-            rest[0][x] = scales
-            if zp is not None:
-                rest[1][x] = zp
+            scales = scales.astype(scale_np)
             if closest:
-                w = dequantize_qmoe(codes, rest[0][x], zp, st.bits, st.block_size)
+                w = dequantize_qmoe(codes, scales, zp, st.bits, st.block_size)
                 worst[x] = float(np.abs(w - source_of(x)).max())
-            return codes
+            rest[0][x] = padded(scales, rest[0].shape[1:])
+            if zp is not None:
+                rest[1][x] = padded(zp, rest[1].shape[1:])
+            return padded(codes, slots[0].shape[1:])
 
         def codes():
             yield from each_expert(E, one)

@@ -95,13 +95,15 @@ class Experts:
     def __init__(self, e: "Emitter", i: int):
         m, H = e.spec.moe, e.spec.hidden_size
         E, I = m.num_experts, m.intermediate_size
+        Ip = I  # the intermediate size the op is given (padded for CUDA QMoE)
         self.e, self.i, self.m = e, i, m
         base = f"/model/layers.{i}/moe/experts"
         t = X.find_experts(e, i)
         modules = lambda srcs: [s[: -len(".weight")] if s.endswith(".weight") else s for s in srcs]  # noqa: E731
         from ..quant.qmoe import qmoe_block
 
-        dims = {"hidden size": H, "intermediate size": I}
+        pad = getattr(e.plan, "provider", "cpu") in PAD_EXPERTS_FOR  # CUDA QMoE: I padded to a multiple of 64
+        dims = {"hidden size": H, "intermediate size": _round_up(I, CUDA_K_TILE) if pad else I}
         block, block_note = qmoe_block(getattr(e.plan, "qmoe_block_size", None), dims)
         st1 = expert_storage(e.plan, [f"{base}/gate_up_proj/MatMul", f"{base}/gate_proj/MatMul",
                                       f"{base}/up_proj/MatMul", f"model.layers.{i}.mlp.experts.gate_up_proj",
@@ -133,16 +135,26 @@ class Experts:
         elif self.quantized:
             from ..quant.qmoe import check_qmoe
 
+            if pad:
+                _check_cuda_qmoe(e, i, H, (st1, st2))
+                Ip = _round_up(I, max(CUDA_K_TILE, st1.block_size, st2.block_size))
+                if Ip != I:
+                    note = (f"experts' intermediate size {I} zero-padded to {Ip} (onnxruntime's CUDA QMoE needs a "
+                            f"multiple of {CUDA_K_TILE}; the padded units add exactly 0)")
+                    if note not in e.notes:
+                        e.notes.append(note)
             for st in (st1, st2):
-                check_qmoe(st.bits, st.block_size, dims)
+                check_qmoe(st.bits, st.block_size, {**dims, "intermediate size": Ip})
             if block_note and block_note not in e.notes:  # the default block adapted to these experts
                 e.notes.append(block_note)
+            unpadded, t = t, X.pad_intermediate(t, I, Ip, H)
             for j, (fc, label, name, N, K, st, srcs, parts) in enumerate((
-                    (t.fc1, "gate_up_proj", "gate_up_proj", 2 * I, H, st1, t.fc1_sources, parts1),
-                    (t.fc2, "down_proj", "down_proj", H, I, st2, t.fc2_sources, parts2))):
+                    (t.fc1, "gate_up_proj", "gate_up_proj", 2 * Ip, H, st1, t.fc1_sources, parts1),
+                    (t.fc2, "down_proj", "down_proj", H, Ip, st2, t.fc2_sources, parts2))):
                 if code_bits[j]:
-                    job = X.stored_experts_job(t.blocks[j], fc, f"{base}/{label}", f"{prefix}.{name}", E, N, K, st,
-                                               code_bits[j], io.ir_dtype, io.np_dtype, srcs)
+                    fc0, (N0, K0) = (unpadded.fc1, (2 * I, H)) if j == 0 else (unpadded.fc2, (H, I))
+                    job = X.stored_experts_job(t.blocks[j], fc0, f"{base}/{label}", f"{prefix}.{name}", E, N0, K0, st,
+                                               code_bits[j], io.ir_dtype, io.np_dtype, srcs, pad_to=(N, K))
                 else:  # a "source" projection without its own blocks (GPTQ/AWQ experts, gate and up unalike)
                     note = (f" (re-quantized {W.stored_formats(e.source, parts)}: no exact QMoE form)" if st.origin
                             else stored(parts, st))
@@ -160,7 +172,7 @@ class Experts:
         self.b1 = self.b2 = None
         if t.fc1_bias is not None:
             (self.b1,) = e.b.weights(X.float_experts_job(t.fc1_bias, f"{base}/gate_up_proj", f"{prefix}.gate_up_proj.bias",
-                                                         E, 2 * I, 0, bias_st, t.bias_sources[:-1]))
+                                                         E, 2 * Ip, 0, bias_st, t.bias_sources[:-1]))
             (self.b2,) = e.b.weights(X.float_experts_job(t.fc2_bias, f"{base}/down_proj", f"{prefix}.down_proj.bias",
                                                          E, H, 0, bias_st, t.bias_sources[-1:]))
 
@@ -203,6 +215,31 @@ class Experts:
             router = b.op("Cast", [router], f"{name}/Cast_1", to=want)
         y = b.op("MoE", [x, router, self.fc1[0], self.b1, self.fc2[0], self.b2], name, domain=MS, **attrs)
         return y if want == io else b.op("Cast", [y], f"{name}/Cast_2", to=io)
+
+
+# onnxruntime's CUDA QMoE (int weights) reads each GEMM's reduction dimension in tiles of 64 ("the interleaved-weight
+# K tile"): fc1's (the hidden size) and fc2's (the experts' intermediate size) must be multiples of it. Providers
+# whose QMoE builds pad the intermediate size (tests add "cpu" to check the padding against an unpadded build).
+CUDA_K_TILE = 64
+PAD_EXPERTS_FOR = ("cuda",)
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _check_cuda_qmoe(e: "Emitter", i: int, H: int, sts: tuple[Storage, ...]) -> None:
+    """What onnxruntime's CUDA QMoE refuses at run time, refused at build time with what would work."""
+    if H % CUDA_K_TILE:
+        raise RecipeError(f"onnxruntime's CUDA QMoE needs the hidden size to be a multiple of {CUDA_K_TILE} (this model's "
+                          f"is {H}); keep the experts float (--extra_options moe_experts=fp16: the MoE op) or build "
+                          "for -e cpu")
+    for st in sts:
+        if not st.symmetric and (not st.block_size or st.block_size < 32):
+            where = "per-channel scales" if not st.block_size else f"block {st.block_size}"
+            raise RecipeError(f"onnxruntime's CUDA QMoE takes zero points (asymmetric experts) only with blocks of 32 or "
+                              f"more, but layer {i}'s experts have {where}; use qmoe_block_size=32 (or 64, 128) or "
+                              "symmetric experts (int4_is_symmetric=true)")
 
 
 def _check(e: "Emitter") -> None:
@@ -291,6 +328,8 @@ def _sigmoid_routing(e: "Emitter", i: int, base: str, x: ir.Value, router: ir.Va
     node = f"{base}/router"
     scores = b.op("Sigmoid", [router], f"{node}/Sigmoid")
     select = b.op("Add", [scores, _selection_bias(e, i, base)], f"{node}/Add") if m.selection_bias else scores
+    if m.groups[1] < m.groups[0]:  # group-limited (DeepSeek-V3): experts outside the best groups are not selectable
+        select = _group_limit(e, node, select)
     _, idx = b.op("TopK", [select, b.const([m.top_k], np.int64)], f"{node}/TopK", n_out=2, axis=-1)
     picked = b.op("GatherElements", [scores, idx], f"{node}/GatherElements", axis=-1)
     tiny = e.scalar(float(np.finfo(e.io.np_dtype).tiny))
@@ -299,12 +338,35 @@ def _sigmoid_routing(e: "Emitter", i: int, base: str, x: ir.Value, router: ir.Va
     masked = b.op("ScatterElements", [low, idx, logs], f"{node}/ScatterElements", axis=-1)
     mass = b.op("ReduceSum", [picked, b.const([-1], np.int64)], f"{node}/ReduceSum", keepdims=1)
     if m.normalize:
-        mass = b.op("Div", [mass, b.op("Add", [mass, e.scalar(1e-6)], f"{node}/Add_1")], f"{node}/Div")
+        mass = b.op("Div", [mass, b.op("Add", [mass, e.scalar(m.renorm_eps)], f"{node}/Add_1")], f"{node}/Div")
     if m.routed_scale != 1.0:
         mass = b.op("Mul", [mass, e.scalar(m.routed_scale)], f"{node}/Mul")
     flat = b.op("Reshape", [x, b.const([-1, H], np.int64)], f"{base}/Reshape")
     y = b.op("Mul", [experts.op(flat, masked, m.top_k, True, name), mass], f"{base}/Mul")
     return b.op("Reshape", [y, b.op("Shape", [x], f"{base}/Shape")], f"{base}/Reshape_1")
+
+
+def _group_limit(e: "Emitter", node: str, select: ir.Value) -> ir.Value:
+    """DeepSeek-V3's group-limited selection: each of n_group groups of experts scored by the sum of its two best
+    selection scores, the topk_group best groups kept, the other experts' scores pushed to the dtype's lowest
+    (transformers: -inf) so the top k is drawn from the kept groups only."""
+    m, b = e.spec.moe, e.b
+    groups, keep = m.groups
+    per, base = m.num_experts // groups, f"{node}/group"
+    view = b.op("Reshape", [select, b.const([-1, groups, per], np.int64)], f"{base}/Reshape")
+    best2, _ = b.op("TopK", [view, b.const([2], np.int64)], f"{base}/TopK", n_out=2, axis=-1)
+    score = b.op("ReduceSum", [best2, b.const([-1], np.int64)], f"{base}/ReduceSum", keepdims=0)  # (T, n_group)
+    _, kept = b.op("TopK", [score, b.const([keep], np.int64)], f"{base}/TopK_1", n_out=2, axis=-1)
+    zeros = b.op("Expand", [b.const(np.zeros(1, np.float32)), b.op("Shape", [score], f"{base}/Shape")],
+                 f"{base}/Expand")
+    ones = b.op("Expand", [b.const(np.ones(1, np.float32)), b.op("Shape", [kept], f"{base}/Shape_1")],
+                f"{base}/Expand_1")
+    chosen = b.op("ScatterElements", [zeros, kept, ones], f"{base}/ScatterElements", axis=-1)
+    chosen = b.op("Expand", [b.op("Unsqueeze", [chosen, b.const([-1], np.int64)], f"{base}/Unsqueeze"),
+                             b.const([1, 1, per], np.int64)], f"{base}/Expand_2")
+    mask = b.op("Cast", [b.op("Reshape", [chosen, b.const([-1, m.num_experts], np.int64)], f"{base}/Reshape_1")],
+                f"{base}/Cast", to=ir.DataType.BOOL)
+    return b.op("Where", [mask, select, _lowest(e)], f"{base}/Where")
 
 
 def _sigmoid_input(e: "Emitter", base: str, x: ir.Value, logits: ir.Value, router: ir.Value, experts: Experts,

@@ -100,6 +100,18 @@ def _as_param(w: np.ndarray, slot: dict, mod) -> np.ndarray | None:
     return w.T if _transposed(mod) else w
 
 
+def _unpadded(w: np.ndarray, slot: dict, mod) -> np.ndarray:
+    """One expert's (N, K) without the zero padding of a CUDA build's intermediate size (graph/experts.py
+    pad_intermediate: fc1's last rows, fc2's last columns), where the reference's experts are narrower."""
+    d = mod.down_proj.shape
+    inter = d[1] if _transposed(mod) else d[2]
+    if slot["fc"] == "fc1" and w.shape[0] > 2 * inter and not w[2 * inter:].any():
+        return w[:2 * inter]
+    if slot["fc"] != "fc1" and w.shape[1] > inter and not w[:, inter:].any():
+        return w[:, :inter]
+    return w
+
+
 def _transposed(mod) -> bool:
     """The module's `is_transposed` flag; without one (Llama 4's experts), read from the two shapes: transposed
     gate_up_proj (E, H, 2I) beside down_proj (E, I, H), else (E, 2I, H) beside (E, H, I) (never both)."""
@@ -126,7 +138,7 @@ def load_experts(model, inits, group: dict, report) -> bool:
     p = getattr(mod, slot["param"])
     E = inits.shape(names[0])[0]
     for e in range(E):
-        w = _as_param(_expert(inits, names[0], slot, e), slot, mod)
+        w = _as_param(_unpadded(_expert(inits, names[0], slot, e), slot, mod), slot, mod)
         if w is None or p.shape[0] != E or tuple(p.shape[1:]) != w.shape:
             report.notes.append(f"{group['label']}: stored experts {(E, *np.shape(w))}, the reference's "
                                 f"{where}.{slot['param']} {tuple(p.shape)}; kept original")
