@@ -213,6 +213,25 @@ TEXT_MODEL["Qwen3_5MoeForConditionalGeneration"] = ("Qwen3_5MoeConfig", "qwen3_5
 for _arch in ("Qwen3_5MoeForCausalLM", "Qwen3_5MoeForConditionalGeneration"):  # experts on every layer, renormalised
     FAMILY_KNOBS[_arch] = FAMILY_KNOBS["Qwen3_5ForCausalLM"]
     WINDOW_READ[_arch], PARTIAL_ROTARY[_arch], RENORMALISES[_arch] = "none", True, True
+# Gemma 4: per-layer head sizes / kv heads (global_head_dim, num_global_key_value_heads, attention_k_eq_v), compared
+# layer by layer (PER_LAYER_GEOMETRY); its config is heterogeneous (per_layer_config), so the reference reads the
+# global head_dim / num_key_value_heads with allow_global_per_layer_attribute_access. Per-layer input embeddings
+# are off (onnxforge refuses them), and the rotary tables are Gemma 4's per-type ones.
+G4_ROPES = [{}, {"rope_parameters": {"full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.5,
+                                                          "rope_theta": 50000.0},
+                                     "sliding_attention": {"rope_type": "default", "rope_theta": 3000.0}}},
+            {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 40000.0},
+                                 "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0}}}]
+PER_LAYER_GEOMETRY = ("Gemma4ForCausalLM", "Gemma4ForConditionalGeneration")
+TEXT_MODEL["Gemma4ForCausalLM"] = ("Gemma4TextConfig", None, None, "Gemma4Text")
+TEXT_MODEL["Gemma4ForConditionalGeneration"] = ("Gemma4Config", "gemma4_text", None, "Gemma4Text")
+FINAL_SOFTCAP = (*FINAL_SOFTCAP, *PER_LAYER_GEOMETRY)
+for _arch in PER_LAYER_GEOMETRY:
+    PARTIAL_ROTARY[_arch] = True  # its tables are checked per layer type (head sizes differ), in reference()
+    FAMILY_KNOBS[_arch] = {"ple": [{"hidden_size_per_layer_input": 0}], "rope": G4_ROPES, "head_dim": [ABSENT, 16],
+                           "global_head_dim": [ABSENT, 32, 48], "attention_k_eq_v": [ABSENT, True, False],
+                           "num_global_key_value_heads": [ABSENT, 1], "final_logit_softcapping": [ABSENT, None, 7.0],
+                           "use_bidirectional_attention": [ABSENT, "vision"]}
 VARIANTS_PER_FAMILY = 30
 
 
@@ -315,6 +334,8 @@ def reference(arch: str, d: dict) -> dict:
         top = config_class(arch).from_dict(copy.deepcopy(d))  # it rewrites nested rope dicts in place
     c = top.get_text_config()
     c._attn_implementation = "eager"
+    if getattr(c, "is_heterogeneous", False):  # per-layer overrides (Gemma 4): compared layer by layer below
+        c.allow_global_per_layer_attribute_access = True
     if arch in MASKS and any(t not in MASKS[arch] for t in c.layer_types):
         raise CannotRun(f"layer_types {c.layer_types}: the model has masks for {MASKS[arch]} only")
     mod, prefix = decoder_classes(arch)
@@ -352,6 +373,13 @@ def reference(arch: str, d: dict) -> dict:
         if 2 * len(table) != out["head_dim"] and not PARTIAL_ROTARY.get(arch):
             raise CannotRun(f"a rotary table of {2 * len(table)} dims for a head of {out['head_dim']}")
     conv = next((layer.conv for layer in layers if hasattr(layer, "conv")), None)
+    if arch in PER_LAYER_GEOMETRY:  # per layer: head size, kv heads, whether k is v (no v_proj); each rotary table
+        # against the head size of the layers of its type (PARTIAL_ROTARY skips the one-head-size check above)
+        for lt, (table, _) in out["rope"].items():
+            for head in {a.head_dim for a, t in zip(attn, c.layer_types) if t == lt}:
+                if 2 * len(table) != head:
+                    raise CannotRun(f"a rotary table of {2 * len(table)} dims for a head of {head}")
+        out["layer_geometry"] = tuple((a.head_dim, a.k_proj.out_features // a.head_dim, a.v_proj is None) for a in attn)
     out["kinds"] = tuple(kind_of(layer) for layer in layers)
     if getattr(c, "position_embedding_type", "rope") != "rope":  # GraniteMoeHybridModel: no rotary module
         out["no_rope"] = (True,) * len(layers)
@@ -530,6 +558,9 @@ def ours(arch_obj, d: dict, ref: dict) -> dict:
     out["rope"] = tables
     out["rope_long"] = inv_freq_and_scale(spec.rope, spec.context_length, long=True) if ref["rope_long"] else None
     out["layer_rope_type"] = ref["layer_rope_type"]
+    if "layer_geometry" in ref:
+        out["layer_geometry"] = tuple((spec.attention_of(i).head_dim, spec.attention_of(i).num_kv_heads, layer.k_eq_v)
+                                      for i, layer in enumerate(spec.layers))
     if "conv" in ref:
         out["conv"] = (spec.conv.kernel, spec.conv.bias) if spec.conv else None
         out["mlp_width"] = spec.mlp.intermediate_size if not all(layer.moe for layer in spec.layers) else None

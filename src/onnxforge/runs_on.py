@@ -98,7 +98,12 @@ def check_attention_shape(spec, provider: str = "cpu") -> None:
     """Raise ConfigError when the model's attention shape cannot run: a head size GroupQueryAttention rejects
     (every provider), or a partial rotary applied outside GQA on DirectML, whose RotaryEmbedding rotates whole
     heads (it takes the head size from the cos cache: DmlOperatorRotaryEmbedding.cpp)."""
-    hd = spec.attention.head_dim
+    sizes = sorted({spec.attention_of(i).head_dim for i in range(spec.num_layers)})  # per layer where they differ
+    for hd in sizes:
+        _check_head(spec, hd, provider)
+
+
+def _check_head(spec, hd: int, provider: str) -> None:
     problem = attention_shape_problem(hd)
     if problem:
         raise ConfigError(

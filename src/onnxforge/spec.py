@@ -12,7 +12,7 @@ from typing import Mapping
 
 from .errors import ConfigError
 
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope", "proportional")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 # Upper bounds that no real checkpoint reaches. They turn a lying config value into a ConfigError
@@ -54,6 +54,7 @@ class AttentionSpec:
     # Llama 4's attention temperature on the layers without rotary: q x (1 + scale x log1p(floor((pos + 1) / floor)))
     # as (floor_scale, attn_scale); () off
     nope_temperature: tuple[float, float] = ()
+    v_norm: bool = False  # a weightless RMS norm of v per head (Gemma 4)
 
     @property
     def q_size(self) -> int:
@@ -171,6 +172,9 @@ class LayerSpec:
     moe: bool = False
     kind: str = "attention"  # the token mixer: a key of graph/kinds.py MIXERS
     chunk: int = 0  # chunked attention (Llama 4): a token attends within its chunk of `chunk` positions only
+    head_dim: int = 0  # this layer's attention head size where it differs from the model's (0: the model's)
+    kv_heads: int = 0  # this layer's key/value heads where they differ from the model's (0: the model's)
+    k_eq_v: bool = False  # no v_proj: the key projection is the value too (Gemma 4's attention_k_eq_v layers)
 
 
 @dataclass(frozen=True)
@@ -196,6 +200,7 @@ class ModelSpec:
     residual_scale: float = 1.0  # Granite residual_multiplier: branch outputs are scaled before the residual add
     logit_scale: float = 1.0  # Granite logits_scaling: logits are divided by it
     final_softcap: float = 0.0  # Gemma 2: logits = tanh(logits / cap) * cap
+    layer_scalar: bool = False  # each layer's output times its checkpoint scalar (Gemma 4's layer_scalar)
     lm_head_bias: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -207,6 +212,15 @@ class ModelSpec:
 
     def rope_for(self, key: str) -> RopeSpec:
         return dict(self.ropes)[key]
+
+    def attention_of(self, i: int) -> AttentionSpec:
+        """Layer i's attention geometry: the model's, with the layer's own head size / kv heads where it has them."""
+        layer, a = self.layers[i], self.attention
+        if not layer.head_dim and not layer.kv_heads:
+            return a
+        import dataclasses
+
+        return dataclasses.replace(a, head_dim=layer.head_dim or a.head_dim, num_kv_heads=layer.kv_heads or a.num_kv_heads)
 
     @property
     def sliding_window(self) -> int:

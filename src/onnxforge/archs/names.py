@@ -47,6 +47,7 @@ ROLES: dict[str, Role] = {
     "q_norm": Role((L + "self_attn.q_norm", L + "self_attn.q_layernorm"), "blk.{i}.attn_q_norm"),
     "k_norm": Role((L + "self_attn.k_norm", L + "self_attn.k_layernorm"), "blk.{i}.attn_k_norm"),
     "sinks": Role((L + "self_attn.sinks",), "blk.{i}.attn_sinks"),  # a parameter (Names.tensor)
+    "layer_scalar": Role((L + "layer_scalar",)),  # Gemma 4: a (1,) buffer per layer (Names.tensor)
     # MLP; fc1/fc2: Phi-2's plain MLP
     "gate": Role((L + "mlp.gate_proj", L + "feed_forward.w1"), "blk.{i}.ffn_gate"),  # feed_forward.w*: LFM2
     "up": Role((L + "mlp.up_proj", L + "mlp.fc1", L + "feed_forward.w3"), "blk.{i}.ffn_up"),

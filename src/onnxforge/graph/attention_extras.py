@@ -32,7 +32,7 @@ def needs_positions(spec: "ModelSpec", i: int) -> bool:
 
 def l2_head_norm(e: "Emitter", x: ir.Value, i: int, which: str, heads: int) -> ir.Value:
     """x / rms(x) over each head, no weight, at the model's norm epsilon."""
-    a, b = e.spec.attention, e.b
+    a, b = e.spec.attention_of(i), e.b
     node = f"/model/layers.{i}/attn/{which}_norm"
     view = b.op("Reshape", [x, b.const([0, 0, heads, a.head_dim], np.int64)], f"{node}/Reshape")
     y = b.op("SimplifiedLayerNormalization", [view, e.ones(a.head_dim)], f"{node}/LayerNorm", axis=-1,

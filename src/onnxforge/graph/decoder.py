@@ -25,6 +25,7 @@ from .blocks import BLOCKS
 from .builder import MS, TensorSlot, WeightJob
 from .emitter import Emitter
 from .kinds import state_inputs
+from .layer_extras import after_block
 from .parts import AttnInputs, Stream, norm, rotary_before_attention
 from .rope import cos_sin_cache
 
@@ -47,7 +48,7 @@ class Decoder(Emitter):
         block = BLOCKS[spec.block]
         h = Stream(x)
         for i in range(spec.num_layers):
-            h = block(self, i, h, ctx)
+            h = after_block(self, i, block(self, i, h, ctx))
         x, _ = norm(self, h, "final_norm", None, "/model/norm")
         if plan.exclude_lm_head or plan.include_hidden_states:  # the final norm's output, as the anchor's
             b.output(x, "hidden_states", io.ir_dtype, ["batch_size", "sequence_length", spec.hidden_size])

@@ -87,7 +87,7 @@ def plain_norm(e: "Emitter", x: ir.Value, role: str, i: int | None, node: str, s
 
 def head_norm(e: "Emitter", x: ir.Value, i: int, which: str, heads: int) -> ir.Value:
     """q/k norm over each head (Qwen3, Gemma 3): Reshape -> norm -> Reshape."""
-    a, b = e.spec.attention, e.b
+    a, b = e.spec.attention_of(i), e.b
     node = f"/model/layers.{i}/attn/{which}_norm"
     view = b.op("Reshape", [x, b.const([0, 0, heads, a.head_dim], np.int64)], f"{node}/Reshape")
     y = plain_norm(e, view, f"{which}_norm", i, node, a.head_dim)
@@ -115,15 +115,16 @@ def rotary_outside(e: "Emitter", x: ir.Value, heads: int, rope, caches, position
 def rotary_before_attention(spec: "ModelSpec", i: int) -> bool:
     """Whether layer i's rotary is applied to q and k before GroupQueryAttention (RotaryEmbedding) instead of
     inside it: a rotary GQA cannot take (runs_on.rotary_in_gqa), or q/k norms that follow the rotary."""
-    a, layer = spec.attention, spec.layers[i]
+    a, layer = spec.attention_of(i), spec.layers[i]
     if layer.rope is None or layer.kind != "attention":
         return False
     return (a.qk_norm_after_rope and bool(a.qk_norm)) or not rotary_in_gqa(a.head_dim, spec.rope_for(layer.rope).rotary_dim)
 
 
 def attention_states(spec: "ModelSpec", i: int) -> tuple[State, ...]:
-    """The KV cache of an attention layer: key and value, (batch, kv heads, sequence, head_dim)."""
-    a = spec.attention
+    """The KV cache of an attention layer: key and value, (batch, kv heads, sequence, head_dim), the layer's own
+    sizes (onnxruntime-genai reads a cache shape per layer from these inputs)."""
+    a = spec.attention_of(i)
     dims = ("batch_size", a.num_kv_heads, SEQ, a.head_dim)
     return tuple(State(f"past_key_values.%d.{kv}", f"present.%d.{kv}", kv, dims) for kv in ("key", "value"))
 
@@ -131,11 +132,17 @@ def attention_states(spec: "ModelSpec", i: int) -> tuple[State, ...]:
 def attention(e: "Emitter", i: int, x: ir.Value, ctx: AttnInputs, past: tuple[ir.Value, ...]
               ) -> tuple[ir.Value, tuple[ir.Value, ...]]:
     """GroupQueryAttention over the layer's KV cache (`past`: key, value); returns (output, (key, value))."""
-    a, H, layer = e.spec.attention, e.spec.hidden_size, e.spec.layers[i]
+    a, H, layer = e.spec.attention_of(i), e.spec.hidden_size, e.spec.layers[i]
     base = f"/model/layers.{i}/attn"
     q_rows = 2 * a.q_size if a.output_gate else a.q_size  # [q, gate] per head (Qwen3-Next, Qwen3.5)
-    qkv = e.linear_group(x, f"{base}/qkv_proj", i, [("q", f"{base}/q_proj", q_rows), ("k", f"{base}/k_proj", a.kv_size),
-                                                     ("v", f"{base}/v_proj", a.kv_size)], H, bias=a.qkv_bias)
+    roles = [("q", f"{base}/q_proj", q_rows), ("k", f"{base}/k_proj", a.kv_size), ("v", f"{base}/v_proj", a.kv_size)]
+    qkv = e.linear_group(x, f"{base}/qkv_proj", i, roles[:2] if layer.k_eq_v else roles, H, bias=a.qkv_bias)
+    if layer.k_eq_v:  # no v_proj: v is the key projection, before the k norm and rotary (Gemma 4)
+        qkv = [*e.split(qkv, [q_rows, a.kv_size], f"{base}/qkv_proj")]
+        qkv.append(qkv[1])
+    if a.v_norm:  # a weightless RMS norm of v per head
+        q, k, v = e.split(qkv, [q_rows, a.kv_size, a.kv_size], f"{base}/qkv_proj")
+        qkv = [q, k, X.l2_head_norm(e, v, i, "v", a.num_kv_heads)]
     gate = None
     if a.output_gate:
         q, k, v = e.split(qkv, [q_rows, a.kv_size, a.kv_size], f"{base}/qkv_proj")
@@ -195,7 +202,7 @@ def attention(e: "Emitter", i: int, x: ir.Value, ctx: AttnInputs, past: tuple[ir
 
 def query_and_gate(e: "Emitter", q: ir.Value, i: int) -> tuple[ir.Value, ir.Value]:
     """q_proj's output holds [q, gate] per head: (B, S, heads x 2 head_dim) -> q and gate, each (B, S, q_size)."""
-    a, b, node = e.spec.attention, e.b, f"/model/layers.{i}/attn/q_gate"
+    a, b, node = e.spec.attention_of(i), e.b, f"/model/layers.{i}/attn/q_gate"
     view = b.op("Reshape", [q, b.const([0, 0, a.num_heads, 2 * a.head_dim], np.int64)], f"{node}/Reshape")
     q, gate = b.op("Split", [view, b.const([a.head_dim, a.head_dim], np.int64)], f"{node}/Split", n_out=2, axis=-1)
     flat = b.const([0, 0, a.q_size], np.int64)

@@ -26,6 +26,10 @@ def inv_freq_and_scale(rope: RopeSpec, context_length: int, long: bool = False) 
         return _yarn(rope, pos_freqs, original)
     if rope.kind == "longrope":
         return _longrope(rope, exponents, original, context_length, long)
+    if rope.kind == "proportional":  # Gemma 4's global layers: the first rope_proportion of the pairs rotate
+        angles = int(float(rope.param("rope_proportion", 1.0)) * dim // 2)  # type: ignore[arg-type]
+        inv_freq[angles:] = 0.0  # the others are not rotated (cos 1, sin 0)
+        return (inv_freq / np.float32(rope.factor)).astype(np.float32), 1.0
     # "default" and "dynamic": dynamic NTK equals default up to original_max_position_embeddings
     return inv_freq, 1.0
 

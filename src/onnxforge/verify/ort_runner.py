@@ -83,8 +83,11 @@ class OrtDecoder:
 
     def _start_shape(self, value, batch: int) -> list[int]:
         """A state as it starts: a growing one (the KV cache) empty, a fixed one (a conv state) zeros."""
-        if "past_sequence_length" in value.shape:  # (batch, kv heads, 0, head size): the head size may be symbolic
-            return [batch, self.kv_heads, 0, self.head_size]
+        if "past_sequence_length" in value.shape:  # (batch, kv heads, 0, head size): the layer's own sizes where the
+            # input has them (Gemma 4's layers differ), else genai_config's (a symbolic head size)
+            heads, size = (d if isinstance(d, int) else default for d, default in
+                           zip((value.shape[1], value.shape[3]), (self.kv_heads, self.head_size)))
+            return [batch, heads, 0, size]
         return [batch if d == "batch_size" else d for d in value.shape]
 
     def carry(self, outs: dict) -> None:

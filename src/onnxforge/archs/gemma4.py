@@ -1,0 +1,134 @@
+"""Gemma 4 text decoder: Gemma4ForCausalLM, and the text decoder of Gemma4ForConditionalGeneration (its vision and
+audio towers and their embedders are left unread). What it adds over Gemma 3 (transformers' modeling_gemma4):
+  * RMSNorm by the weight itself (no 1 + weight), also on q/k; a weightless RMS norm of v per head; scaling 1.0;
+  * per-layer attention geometry: per_layer_config (layer index -> head_dim / num_key_value_heads), else
+    global_head_dim (default 512) on the full layers and, with attention_k_eq_v, num_global_key_value_heads; each
+    layer's KV cache has its own shape (onnxruntime-genai 0.18 reads it from the model's inputs, as the anchor's);
+  * attention_k_eq_v: the full layers have no v_proj, the key projection is the value too (before the k norm);
+  * a "proportional" rotary on the full layers (the first partial_rotary_factor of the pairs rotate, graph/rope.py);
+  * layer_scalar: each layer's output times a (1,) checkpoint scalar (graph/layer_extras.py); both forms softcap.
+Refused (ConfigError): per-layer input embeddings (hidden_size_per_layer_input: E2B/E4B), KV sharing
+(num_kv_shared_layers), the MoE block (enable_moe_block: 26B-A4B), use_bidirectional_attention "all".
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from ..errors import ConfigError
+from ..spec import _flag, _positive_int, base_spec, rope_from_config
+from .gemma import PRE_FFN_NORM, _common, _number
+from .registry import Architecture, register
+
+TYPES = ("sliding_attention", "full_attention")
+TOWERS = ("vision_tower", "audio_tower", "embed_vision", "embed_audio")  # the wrapper's, left unread
+# Gemma4TextConfig's defaults for keys a config.json may omit
+DEFAULTS = {"vocab_size": 262_144, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 30,
+            "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+            "max_position_embeddings": 131_072, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+            "sliding_window": 512, "hidden_size_per_layer_input": 256, "num_kv_shared_layers": 0,
+            "enable_moe_block": False, "attention_k_eq_v": False, "global_head_dim": 512}
+ROPE_DEFAULTS = {"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                 "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0}}
+
+
+def _config(cfg: dict) -> dict:
+    """As Gemma4TextConfig loads: layer_types every 6th full (the last layer always full), the per-type rope
+    tables (a proportional table's partial_rotary_factor kept as its rope_proportion: it rotates whole heads)."""
+    n = cfg.get("num_hidden_layers")
+    types = cfg.get("layer_types")
+    if types is None and isinstance(n, int) and not isinstance(n, bool) and 0 < n <= 4096:
+        types = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n)]
+    if isinstance(types, list) and types:
+        bad = [t for t in types if t not in TYPES]
+        if bad:
+            raise ConfigError(f"config.json: layer_types has {bad[0]!r}; Gemma 4 layers are {' or '.join(TYPES)}")
+        types = [*types[:-1], "full_attention"]  # transformers forces the last layer to full attention
+    params = ROPE_DEFAULTS if cfg.get("rope_parameters") is None else cfg["rope_parameters"]
+    used = sorted(set(types) & set(TYPES)) if isinstance(types, list) and types else list(TYPES)
+    if not isinstance(params, dict) or any(not isinstance(params.get(t), dict) for t in used):
+        raise ConfigError("config.json: Gemma 4's rope_parameters must hold an object for each layer type of the "
+                          f"model ({', '.join(used)}); got {params!r}")
+    tables = {t: _proportion(table) if isinstance(table, dict) else table for t, table in params.items()}
+    rest = {k: v for k, v in cfg.items() if k not in ("rope_scaling", "rope_theta", "rope_local_base_freq")}
+    return {**rest, "layer_types": types, "rope_parameters": tables}
+
+
+def _proportion(table: dict) -> dict:
+    if table.get("rope_type") != "proportional":
+        return table
+    return {**{k: v for k, v in table.items() if k != "partial_rotary_factor"},
+            "rope_proportion": table.get("partial_rotary_factor", 1.0)}
+
+
+def _geometry(cfg: dict, n: int, types: list[str]) -> list[tuple[int, int]]:
+    """(head_dim, kv_heads) per layer, as Gemma4TextConfig's per_layer_config gives them."""
+    kv = _positive_int(cfg, "num_key_value_heads", cfg.get("num_attention_heads"))
+    overrides = cfg.get("per_layer_config")
+    if overrides is None:
+        full = {"head_dim": _positive_int(cfg, "global_head_dim", 512)}
+        if _flag(cfg, "attention_k_eq_v") and cfg.get("num_global_key_value_heads") is not None:
+            full["num_key_value_heads"] = cfg["num_global_key_value_heads"]
+        overrides = {str(i): full for i, t in enumerate(types) if t == "full_attention"}
+    ok = isinstance(overrides, dict) and all(str(k).isdigit() and int(k) < n and isinstance(v, dict)
+                                             and set(v) <= {"head_dim", "num_key_value_heads"} for k, v in overrides.items())
+    if not ok:
+        raise ConfigError(f"config.json: per_layer_config must map layer indices below {n} to objects of head_dim and "
+                          f"num_key_value_heads (what onnxforge reads per layer), got {overrides!r}")
+    table = {int(k): v for k, v in overrides.items()}
+    return [(_positive_int({**cfg, **table.get(i, {})}, "head_dim"),
+             _positive_int({"num_key_value_heads": kv, **table.get(i, {})}, "num_key_value_heads")) for i in range(n)]
+
+
+NOT_BUILT = {"hidden_size_per_layer_input": "Gemma 4's per-layer input embeddings (the E2B/E4B sizes)",
+             "num_kv_shared_layers": "KV sharing (the last layers reuse earlier layers' keys and values)",
+             "enable_moe_block": "Gemma 4's MoE block beside the dense MLP (26B-A4B)"}
+
+
+def _refusals(cfg: dict) -> None:
+    if cfg.get("use_bidirectional_attention") == "all":
+        raise ConfigError("config.json: use_bidirectional_attention is \"all\" (an embedding model); onnxforge builds "
+                          "causal decoders only")
+    for key, what in NOT_BUILT.items():
+        if cfg.get(key):
+            raise ConfigError(f"config.json: {key} is set ({what}); onnxforge does not build it yet, so the checkpoint "
+                              f"is refused rather than built without it (Gemma 4 configs with {key} 0/false build)")
+
+
+def _gemma4(cfg: dict) -> dict:
+    _refusals(cfg)
+    n = _positive_int(cfg, "num_hidden_layers")
+    spec = base_spec({**cfg, "use_bidirectional_attention": None})
+    types = list(cfg["layer_types"])
+    geometry = _geometry(cfg, n, types)
+    if any(spec.attention.num_heads % kv for _, kv in geometry):
+        raise ConfigError("config.json: a layer's key/value heads do not divide num_attention_heads")
+    # one rotary table per layer type, at that type's head size (transformers: per_layer_config[layer_type])
+    ropes = []
+    for t in sorted(set(types)):
+        sizes = {geometry[i][0] for i, lt in enumerate(types) if lt == t}
+        if len(sizes) > 1:
+            raise ConfigError(f"config.json: the {t} layers have head sizes {sorted(sizes)}; transformers' Gemma 4 "
+                              "rotary has one table per layer type, so they must agree")
+        ropes.append((t, rope_from_config(cfg, sizes.pop(), spec.context_length, cfg["rope_parameters"][t])))
+    if "full_attention" not in dict(ropes):
+        ropes.append(("full_attention", dict(ropes)["sliding_attention"]))
+    k_eq_v = _flag(cfg, "attention_k_eq_v")
+    base_hd, base_kv = spec.attention.head_dim, spec.attention.num_kv_heads
+    layers = tuple(dataclasses.replace(layer, head_dim=hd if hd != base_hd else 0, kv_heads=kv if kv != base_kv else 0,
+                                       k_eq_v=k_eq_v and types[i] == "full_attention")
+                   for i, (layer, (hd, kv)) in enumerate(zip(spec.layers, geometry)))
+    return {**_common({k: v for k, v in cfg.items() if k != "use_bidirectional_attention"}),
+            "mlp.activation": str(cfg.get("hidden_activation") or "gelu_pytorch_tanh"),
+            "attention.scale": 1.0, "attention.v_norm": True, "attention.qk_norm": "head",
+            "final_softcap": _number(cfg, "final_logit_softcapping"), "ropes": tuple(sorted(ropes)), "layers": layers}
+
+
+GEMMA4 = dict(spec={"norm.weight_offset": 0.0, "block": "sandwich", "mlp.bias": False, "layer_scalar": True},
+              names=PRE_FFN_NORM, hook=_gemma4, config_fix=_config, sliding="types", config_defaults=DEFAULTS)
+register(Architecture("Gemma4ForCausalLM", "gemma4_text", **GEMMA4,
+                      doc="Gemma 4 text: per-layer head sizes and kv heads, k = v layers, proportional rope, "
+                          "v norm, layer scalars (no per-layer embeddings, KV sharing or MoE block yet)"))
+register(Architecture("Gemma4ForConditionalGeneration", "gemma4_text", **GEMMA4, text_config=True,
+                      rewrites=(("model.", "model.language_model."), ("lm_head", "lm_head")),
+                      ignored=tuple(f"{p}{m}.*" for p in ("model.", "") for m in TOWERS),
+                      doc="Gemma 4 (the published form): the text decoder (vision and audio towers are not built)"))
