@@ -232,6 +232,24 @@ for _arch in PER_LAYER_GEOMETRY:
                            "global_head_dim": [ABSENT, 32, 48], "attention_k_eq_v": [ABSENT, True, False],
                            "num_global_key_value_heads": [ABSENT, 1], "final_logit_softcapping": [ABSENT, None, 7.0],
                            "use_bidirectional_attention": [ABSENT, "vision"]}
+# DeepSeek-V3 / Kimi-K2: latent attention, group-limited sigmoid routing (its attention runs only with
+# num_key_value_heads equal to the heads: kv_b_proj gives every head its k and v)
+FAMILY_KNOBS["DeepseekV3ForCausalLM"] = {
+    "num_key_value_heads": [4, None], "q_lora_rank": [ABSENT, None, 16],
+    "mla_dims": [{}, {"kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 16, "v_head_dim": 24},
+                 {"kv_lora_rank": 16, "qk_nope_head_dim": 32, "qk_rope_head_dim": 32, "v_head_dim": 80}],
+    "experts": [{"n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_group": 4,
+                 "topk_group": 2},
+                {"n_routed_experts": 8, "num_experts_per_tok": 3, "moe_intermediate_size": 32, "n_group": 1,
+                 "topk_group": 1},
+                {"n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1}],
+    "first_k_dense_replace": [ABSENT, 0, 2], "norm_topk_prob": [ABSENT, False], "routed_scaling_factor": [ABSENT, 1.0],
+    "n_shared_experts": [ABSENT, 2], "rope_interleave": [ABSENT, False],
+    "rope": ROPES + [{"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "mscale": 0.707,
+                                          "mscale_all_dim": 0.707, "original_max_position_embeddings": 64}},
+                     {"rope_scaling": {"type": "yarn", "factor": 8.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                                       "beta_fast": 32, "beta_slow": 1, "original_max_position_embeddings": 32}}]}
+WINDOW_READ["DeepseekV3ForCausalLM"] = "none"
 VARIANTS_PER_FAMILY = 30
 
 
@@ -347,13 +365,13 @@ def reference(arch: str, d: dict) -> dict:
         "num_layers": c.num_hidden_layers,
         "num_heads": c.num_attention_heads,
         "num_kv_heads": c.num_key_value_heads or c.num_attention_heads,
-        "head_dim": attn0.head_dim,
+        "head_dim": getattr(attn0, "qk_head_dim", None) or attn0.head_dim,  # qk_head_dim: latent attention
         "scale": float(attn0.scaling),
         "softcap": float(getattr(attn0, "attn_logit_softcapping", None) or 0.0),
         "final_softcap": float(getattr(c, "final_logit_softcapping", None) or 0.0) if arch in FINAL_SOFTCAP else 0.0,
         "tie_embeddings": bool(getattr(top, "tie_word_embeddings", False)),
         "eps": norm_eps(layers[0]),
-        "qkv_bias": has_bias(attn0, "q_proj", "qkv_proj"),
+        "qkv_bias": has_bias(attn0, "kv_a_proj_with_mqa", "q_proj", "qkv_proj"),  # kv_a_proj...: latent attention
         "o_bias": has_bias(attn0, "o_proj", "dense", "out_proj"),
         "qk_norm": any(hasattr(attn0, n) and getattr(attn0, n) is not None
                        for n in ("q_norm", "q_layernorm", "query_layernorm", "qk_norm")),  # qk_norm: Llama 4
@@ -370,7 +388,8 @@ def reference(arch: str, d: dict) -> dict:
                    float(getattr(c, "residual_multiplier", 1.0)), float(getattr(c, "logits_scaling", 1.0))),
     }
     for table, _ in out["rope"].values():
-        if 2 * len(table) != out["head_dim"] and not PARTIAL_ROTARY.get(arch):
+        if 2 * len(table) != (getattr(attn0, "qk_rope_head_dim", None) or out["head_dim"]) \
+                and not PARTIAL_ROTARY.get(arch):
             raise CannotRun(f"a rotary table of {2 * len(table)} dims for a head of {out['head_dim']}")
     conv = next((layer.conv for layer in layers if hasattr(layer, "conv")), None)
     if arch in PER_LAYER_GEOMETRY:  # per layer: head size, kv heads, whether k is v (no v_proj); each rotary table
@@ -395,8 +414,18 @@ def reference(arch: str, d: dict) -> dict:
     if mamba is not None:
         out["mamba"] = (mamba.num_heads, mamba.head_dim, mamba.n_groups, mamba.ssm_state_size, mamba.conv_kernel_size,
                         mamba.use_conv_bias, mamba.use_bias, tuple(float(x) for x in mamba.time_step_limit))
+    if getattr(attn0, "kv_lora_rank", None) is not None:  # latent attention (DeepSeek-V3): its sizes, the latent
+        # norms' epsilon, the rotary pairs; kv_b_proj gives every head its k and v; rms_norm_eps is the layer norms'
+        out["mla"] = (attn0.q_lora_rank or 0, attn0.kv_lora_rank, attn0.qk_nope_head_dim, attn0.qk_rope_head_dim,
+                      attn0.v_head_dim, float(attn0.kv_a_layernorm.variance_epsilon), bool(c.rope_interleave))
+        out["num_kv_heads"] = attn0.num_heads
+        out["eps"] = float(layers[0].input_layernorm.variance_epsilon)
     moe = next((layer for layer in layers if is_moe(layer)), None)
     if moe is not None:
+        groups = find_attr(mlp_of(moe), ("num_group",))
+        if groups is not None:  # group-limited routing (n_group / topk_group); keeping every group is none
+            keep = int(find_attr(mlp_of(moe), ("topk_group",)))
+            out["groups"] = (int(groups), keep) if keep < groups else (1, 1)
         scale = find_attr(mlp_of(moe), ("routed_scaling_factor",))
         if scale is not None:  # sigmoid routing (LFM2-MoE): its scale and whether a bias steers the selection
             out["routed_scale"] = float(scale)
@@ -484,6 +513,8 @@ def kind_of(layer) -> str:
         raise CannotRun(f"a {layer.block_type} layer has no token mixer in {type(layer).__name__}")
     if getattr(layer, "mamba", None) is not None:
         return "mamba"
+    if getattr(getattr(layer, "self_attn", None), "kv_lora_rank", None) is not None:
+        return "mla"  # latent attention (DeepSeek-V3)
     return "conv" if hasattr(layer, "conv") else "attention"
 
 
@@ -539,7 +570,8 @@ def ours(arch_obj, d: dict, ref: dict) -> dict:
     a = spec.attention
     out = {
         "num_layers": spec.num_layers, "num_heads": a.num_heads, "num_kv_heads": a.num_kv_heads,
-        "head_dim": a.head_dim, "scale": a.scale if a.scale is not None else a.head_dim ** -0.5,
+        "head_dim": spec.mla.qk_dim if spec.mla else a.head_dim,
+        "scale": a.scale if a.scale is not None else a.head_dim ** -0.5,
         "softcap": a.softcap, "final_softcap": spec.final_softcap, "tie_embeddings": spec.tie_embeddings,
         "eps": spec.norm.eps, "qkv_bias": a.qkv_bias, "o_bias": a.o_bias, "qk_norm": bool(a.qk_norm),
         "windows": spec.layer_windows, "no_rope": tuple(layer.rope is None for layer in spec.layers),
@@ -573,6 +605,12 @@ def ours(arch_obj, d: dict, ref: dict) -> dict:
                               (m.dt_min, m.dt_max))
     if "routed_scale" in ref:
         out["routed_scale"], out["selection_bias"] = spec.moe.routed_scale, spec.moe.selection_bias
+    if "mla" in ref:
+        m = spec.mla
+        out["mla"] = m and (m.q_lora_rank, m.kv_lora_rank, m.nope_dim, m.rope_dim, m.v_dim, m.latent_eps,
+                            spec.rope.interleaved)
+    if "groups" in ref:
+        out["groups"] = spec.moe.groups
     if spec.moe is not None:  # the sparse mixer (PhiMoE) has no renormalisation to compare
         out["top_k"], out["normalize"] = spec.moe.top_k, spec.moe.normalize if spec.moe.mixer == "softmax" else None
     return out

@@ -113,6 +113,43 @@ class MoESpec:
     # gate/up alternating (GPT-OSS); "halves_t" (E, H, 2I) gate then up (Llama 4); down (E, I, H) for both "_t"
     scoring: str = "softmax"  # "sigmoid": select on sigmoid(logits) (+ selection bias), mix the selected sigmoids
     routed_scale: float = 1.0  # the routed experts' output times this (LFM2-MoE routed_scaling_factor)
+    # group-limited selection (DeepSeek-V3): experts in n_group groups, a group scored by the sum of its top 2
+    # selection scores, the top k drawn from the best topk_group groups only; (1, 1): no grouping
+    groups: tuple[int, int] = (1, 1)
+    renorm_eps: float = 1e-6  # sigmoid scoring's renormalisation: w / (sum + eps) (DeepSeek-V3: 1e-20)
+
+
+@dataclass(frozen=True)
+class MLASpec:
+    """Multi-head latent attention (DeepSeek-V2/V3, Kimi-K2; graph/mla.py): q through a low-rank q_a_proj ->
+    norm -> q_b_proj (or q_proj where q_lora_rank is 0), k and v up-projected per head from a normed latent
+    of kv_lora_rank by kv_b_proj, beside one rotary key of rope_dim shared by the heads."""
+
+    q_lora_rank: int  # 0: a plain q_proj
+    kv_lora_rank: int
+    nope_dim: int  # qk_nope_head_dim
+    rope_dim: int  # qk_rope_head_dim
+    v_dim: int  # v_head_dim
+    latent_eps: float = 1e-6  # q_a_layernorm / kv_a_layernorm (DeepseekV3RMSNorm's default, not rms_norm_eps)
+
+    @property
+    def qk_dim(self) -> int:
+        return self.nope_dim + self.rope_dim
+
+
+def mla_from_config(cfg: dict) -> tuple[MLASpec, float]:
+    """Latent attention's sizes (q_lora_rank null: a plain q_proj) and its softmax scale: qk_head_dim ** -0.5,
+    times mscale(factor, mscale_all_dim) ** 2 for a scaled rope (transformers' yarn_apply_mscale)."""
+    q_rank = cfg.get("q_lora_rank")
+    mla = MLASpec(q_lora_rank=0 if q_rank is None else _positive_int(cfg, "q_lora_rank"),
+                  kv_lora_rank=_positive_int(cfg, "kv_lora_rank"), nope_dim=_positive_int(cfg, "qk_nope_head_dim"),
+                  rope_dim=_positive_int(cfg, "qk_rope_head_dim"), v_dim=_positive_int(cfg, "v_head_dim"))
+    scale, rope = mla.qk_dim ** -0.5, rope_from_config(cfg, mla.rope_dim)
+    m_all = rope.param("mscale_all_dim")
+    if rope.kind != "default" and m_all:
+        m = 1.0 if rope.factor <= 1 else 0.1 * m_all * math.log(rope.factor) + 1.0
+        scale = scale * m * m
+    return mla, scale
 
 
 @dataclass(frozen=True)
@@ -194,6 +231,7 @@ class ModelSpec:
     conv: ConvSpec | None = None  # the short convolution of layers of kind "conv"
     linear: LinearAttnSpec | None = None  # the gated delta-net of layers of kind "gated_delta"
     mamba: MambaSpec | None = None  # the Mamba2 mixer of layers of kind "mamba"
+    mla: MLASpec | None = None  # the latent attention of layers of kind "mla"
     block: str = "pre"  # how a layer wires its parts; see graph/blocks.py
     tie_embeddings: bool = False
     embedding_scale: float = 1.0  # Gemma sqrt(hidden), Granite embedding_multiplier

@@ -36,6 +36,22 @@ def experts(cfg: dict, is_moe=lambda i: True, layer_kinds=None, **fields) -> dic
     return {"moe": spec, "layers": tuple(dataclasses.replace(layer, moe=bool(is_moe(i))) for i, layer in enumerate(layers))}
 
 
+def expert_groups(cfg: dict, num_experts: int, top_k: int) -> tuple[int, int]:
+    """(n_group, topk_group) of group-limited routing (MoESpec.groups), checked against the experts."""
+    groups, keep = config_int(cfg, "n_group", 1, minimum=1), config_int(cfg, "topk_group", 1, minimum=1)
+    if keep > groups or num_experts % groups:
+        raise ConfigError(f"config.json: n_group {groups} / topk_group {keep} with {num_experts} experts: the experts "
+                          "must split into n_group equal groups and topk_group be at most n_group (transformers' "
+                          "router fails on this config too)")
+    if keep < groups and (num_experts // groups < 2 or top_k > keep * (num_experts // groups)):
+        raise ConfigError(f"config.json: group-limited routing over {groups} groups of {num_experts // groups} experts "
+                          f"keeping {keep} cannot select {top_k} experts from groups of at least 2 (the router "
+                          "scores a group by its two best experts)")
+    return groups, keep
+
+
+
+
 def _qwen_layers(cfg: dict):
     only, step = cfg.get("mlp_only_layers") or [], cfg.get("decoder_sparse_step", 1) or 1
     return lambda i: i not in only and (i + 1) % step == 0

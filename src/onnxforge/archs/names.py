@@ -80,6 +80,14 @@ ROLES: dict[str, Role] = {
     "la_out": Role((L + "linear_attn.out_proj",)),
     "la_A_log": Role((L + "linear_attn.A_log",)),
     "la_dt_bias": Role((L + "linear_attn.dt_bias",)),
+    # multi-head latent attention (DeepSeek-V2/V3, Kimi-K2): q_a_proj -> q_a_layernorm -> q_b_proj (or q_proj),
+    # kv_a_proj_with_mqa -> [latent -> kv_a_layernorm -> kv_b_proj, rotary key]
+    "q_a": Role((L + "self_attn.q_a_proj",)),
+    "q_a_norm": Role((L + "self_attn.q_a_layernorm",)),
+    "q_b": Role((L + "self_attn.q_b_proj",)),
+    "kv_a": Role((L + "self_attn.kv_a_proj_with_mqa",)),
+    "kv_a_norm": Role((L + "self_attn.kv_a_layernorm",)),
+    "kv_b": Role((L + "self_attn.kv_b_proj",)),
     # mixture of experts: the router, one module per expert, or experts stacked (E, N, K) in one tensor
     "router": Role((L + "mlp.gate", L + "block_sparse_moe.gate", L + "mlp.router", L + "block_sparse_moe.router.layer",
                     L + "block_sparse_moe.router", L + "feed_forward.gate"), "blk.{i}.ffn_gate_inp"),  # feed_forward.*: LFM2-MoE

@@ -13,7 +13,8 @@ from ..errors import ConfigError, UnsupportedArchitectureError
 from ..spec import ModelSpec, base_spec, replace, whole_head_rotary, window_semantics
 from .names import Names
 
-FAMILY_MODULES = ("llama", "phi", "gemma", "olmo", "others", "moe", "hybrid", "newer", "llama4", "qwen_next", "gemma4")
+FAMILY_MODULES = ("llama", "phi", "gemma", "olmo", "others", "moe", "hybrid", "newer", "llama4", "qwen_next",
+                  "deepseek", "gemma4")
 
 
 @dataclass(frozen=True)

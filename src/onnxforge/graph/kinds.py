@@ -16,6 +16,7 @@ import onnx_ir as ir
 from ..errors import ConfigError
 from .gated_delta import gated_delta, gated_delta_states
 from .mamba2 import mamba2, mamba_states
+from .mla import mla, mla_states
 from .moe import moe
 from .parts import AttnInputs, attention, attention_states, dense_mlp
 from .short_conv import conv_states, short_conv
@@ -47,7 +48,10 @@ MIXERS: dict[str, Mixer] = {
     "gated_delta": Mixer(gated_delta, gated_delta_states, lambda spec, i: "linear_attention"),
     # Mamba2 (Granite 4 hybrid): conv + recurrent state, graph/mamba2.py
     "mamba": Mixer(mamba2, mamba_states, lambda spec, i: "linear_attention"),
+    # multi-head latent attention (DeepSeek-V3, Kimi-K2): a KV cache like attention's, graph/mla.py
+    "mla": Mixer(mla, mla_states, lambda spec, i: "full_attention"),
 }
+ATTENTION_TYPES = ("full_attention", "sliding_attention")  # genai_config.json's layer types of a plain KV cache
 
 
 def mixer_of(spec: "ModelSpec", i: int) -> Mixer:
@@ -82,10 +86,11 @@ def genai_state_names(spec: "ModelSpec") -> tuple[dict[str, str], dict[str, str]
 
 def genai_layer_keys(spec: "ModelSpec") -> dict:
     """genai_config.json's decoder keys for a model with layers of another kind than attention: layer_types
-    and what each kind adds; {} where every layer is attention."""
-    if all(layer.kind == "attention" for layer in spec.layers):
+    and what each kind adds; {} where every layer keeps a plain KV cache."""
+    types = [mixer_of(spec, i).genai_type(spec, i) for i in range(spec.num_layers)]
+    if all(t in ATTENTION_TYPES for t in types):  # attention (and latent attention) layers only
         return {}
-    keys: dict = {"layer_types": [mixer_of(spec, i).genai_type(spec, i) for i in range(spec.num_layers)]}
+    keys: dict = {"layer_types": types}
     for kind in dict.fromkeys(layer.kind for layer in spec.layers):
         keys.update(MIXERS[kind].genai_keys(spec))
     return keys

@@ -1,0 +1,122 @@
+"""Multi-head latent attention (DeepSeek-V2 / V3, Kimi-K2): the token mixer of layers of kind "mla".
+
+As transformers' DeepseekV3Attention computes it:
+  q       = q_b_proj(rms(q_a_proj(x)))  (or q_proj(x) where q_lora_rank is null), per head [q_nope, q_rope];
+  latent, k_rope = split(kv_a_proj_with_mqa(x), [kv_lora_rank, qk_rope_head_dim]);
+  k_nope, v = per head split(kv_b_proj(rms(latent)), [qk_nope_head_dim, v_head_dim]);
+  k       = per head [k_nope, k_rope] with the one rotary key shared by every head;
+  the rotary on the rope dims only; softmax scale 1/sqrt(qk_head_dim) x mscale(factor, mscale_all_dim)^2
+  (AttentionSpec.scale, archs/deepseek.py).
+
+It runs on GroupQueryAttention with num_heads = kv_num_heads and one head size P = max(qk_head_dim,
+v_head_dim) for q, k and v (the op takes one head size; the KV cache is (batch, heads, seq, P) each):
+  * q and k are laid out per head as [rope dims, nope dims]: a permutation of the dims applied to both leaves
+    q.k unchanged, and GQA's own rotary (do_rotary, its rotary_dim from the cos cache) rotates the first
+    rope_dim dims of each head. With rope_interleave (the default) transformers rotates adjacent pairs
+    (x0, x1), (x2, x3), ... and writes them de-interleaved, again the same permutation on q and k: GQA's
+    rotary_interleaved=1 gives the same scores;
+  * v (v_head_dim) is zero-padded to P (q and k where v_head_dim is the larger), the output sliced back
+    per head to v_head_dim before o_proj: the padded dims add exactly 0.
+So the KV cache holds the up-projected k and v of every head (2 x heads x P values per token and layer),
+not the compressed latent (kv_lora_rank + qk_rope_head_dim): docs/design.md gives the sizes.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx_ir as ir
+
+from ..errors import ConfigError
+from ..runs_on import rotary_in_gqa
+from .builder import MS
+from .state import SEQ, State
+
+if TYPE_CHECKING:
+    from ..spec import ModelSpec
+    from .emitter import Emitter
+    from .parts import AttnInputs
+
+
+def head_size(spec: "ModelSpec") -> int:
+    """The one head size q, k and v take in GroupQueryAttention (and the KV cache)."""
+    m = spec.mla
+    return max(m.qk_dim, m.v_dim)
+
+
+def mla_states(spec: "ModelSpec", i: int) -> tuple[State, ...]:
+    """The KV cache: k and v of every head after the up-projection, (batch, heads, sequence, P)."""
+    dims = ("batch_size", spec.attention.num_heads, SEQ, head_size(spec))
+    return tuple(State(f"past_key_values.%d.{kv}", f"present.%d.{kv}", kv, dims) for kv in ("key", "value"))
+
+
+def _latent_norm(e: "Emitter", x: ir.Value, role: str, i: int, node: str, size: int) -> ir.Value:
+    name = f"{e.names.module(role, i)}.weight"
+    gamma = e.vector(node, name, size)
+    return e.b.op("SimplifiedLayerNormalization", [x, gamma], f"{node}/LayerNorm", axis=-1,
+                  epsilon=e.spec.mla.latent_eps, stash_type=1)
+
+
+def _heads(e: "Emitter", x: ir.Value, heads: int, size: int, node: str) -> ir.Value:
+    return e.b.op("Reshape", [x, e.b.const([0, 0, heads, size], np.int64)], node)
+
+
+def _pad(e: "Emitter", x: ir.Value, by: int, node: str) -> ir.Value:
+    """Zeros appended to the last axis of a (B, S, heads, d) tensor."""
+    if by == 0:
+        return x
+    return e.b.op("Pad", [x, e.b.const([0, 0, 0, 0, 0, 0, 0, by], np.int64)], node, mode="constant")
+
+
+def mla(e: "Emitter", i: int, x: ir.Value, ctx: "AttnInputs", past: tuple[ir.Value, ...]
+        ) -> tuple[ir.Value, tuple[ir.Value, ...]]:
+    """Latent attention over the layer's KV cache (`past`: key, value); returns (output, (key, value))."""
+    spec, b = e.spec, e.b
+    m, a, H, layer = spec.mla, spec.attention, spec.hidden_size, spec.layers[i]
+    nh, P = a.num_heads, head_size(spec)
+    base = f"/model/layers.{i}/attn"
+    rope = spec.rope_for(layer.rope) if layer.rope is not None else None
+    if rope is None or rope.rotary_dim != m.rope_dim or not rotary_in_gqa(P, m.rope_dim):
+        raise ConfigError(f"layer {i}: latent attention rotates qk_rope_head_dim {m.rope_dim} of a head of {P} inside "
+                          "GroupQueryAttention, which needs both to be multiples of 16 (every DeepSeek-V3 / Kimi-K2 "
+                          "checkpoint has 64 of 192)")
+    kv_rows = m.kv_lora_rank + m.rope_dim
+    # the two projections of x: q_a_proj (or q_proj) and kv_a_proj_with_mqa, one MatMul where stored alike
+    if m.q_lora_rank:
+        qa, kva = e.split(e.linear_group(x, f"{base}/qa_kva_proj", i, [("q_a", f"{base}/q_a_proj", m.q_lora_rank),
+                                                                         ("kv_a", f"{base}/kv_a_proj", kv_rows)],
+                                         H, bias=a.qkv_bias), [m.q_lora_rank, kv_rows], f"{base}/qa_kva_proj")
+        qa = _latent_norm(e, qa, "q_a_norm", i, f"{base}/q_a_norm", m.q_lora_rank)
+        (q,) = e.linear_group(qa, f"{base}/q_b_proj", i, [("q_b", f"{base}/q_b_proj", nh * m.qk_dim)], m.q_lora_rank)
+    else:  # q_proj has no bias; kv_a_proj_with_mqa has attention_bias
+        (q,) = e.linear_group(x, f"{base}/q_proj", i, [("q", f"{base}/q_proj", nh * m.qk_dim)], H)
+        (kva,) = e.linear_group(x, f"{base}/kv_a_proj", i, [("kv_a", f"{base}/kv_a_proj", kv_rows)], H,
+                                bias=a.qkv_bias)
+    latent, k_rope = b.op("Split", [kva, b.const([m.kv_lora_rank, m.rope_dim], np.int64)], f"{base}/kv_a_proj/Split",
+                          n_out=2, axis=-1)
+    latent = _latent_norm(e, latent, "kv_a_norm", i, f"{base}/kv_a_norm", m.kv_lora_rank)
+    (kv,) = e.linear_group(latent, f"{base}/kv_b_proj", i, [("kv_b", f"{base}/kv_b_proj", nh * (m.nope_dim + m.v_dim))],
+                           m.kv_lora_rank)
+    k_nope, v = b.op("Split", [_heads(e, kv, nh, m.nope_dim + m.v_dim, f"{base}/kv_b_proj/Reshape"),
+                               b.const([m.nope_dim, m.v_dim], np.int64)], f"{base}/kv_b_proj/Split", n_out=2, axis=-1)
+    # per head [rope, nope]: GQA's rotary rotates the first rope_dim dims of each head
+    q_nope, q_rope = b.op("Split", [_heads(e, q, nh, m.qk_dim, f"{base}/q/Reshape"),
+                                    b.const([m.nope_dim, m.rope_dim], np.int64)], f"{base}/q/Split", n_out=2, axis=-1)
+    q = _pad(e, b.op("Concat", [q_rope, q_nope], f"{base}/q/Concat", axis=-1), P - m.qk_dim, f"{base}/q/Pad")
+    shared = b.op("Unsqueeze", [k_rope, b.const([2], np.int64)], f"{base}/k_rope/Unsqueeze")  # (B, S, 1, rope)
+    shared = b.op("Expand", [shared, b.const([1, 1, nh, 1], np.int64)], f"{base}/k_rope/Expand")
+    k = _pad(e, b.op("Concat", [shared, k_nope], f"{base}/k/Concat", axis=-1), P - m.qk_dim, f"{base}/k/Pad")
+    v = _pad(e, v, P - m.v_dim, f"{base}/v/Pad")
+    flat = b.const([0, 0, nh * P], np.int64)
+    q, k, v = (b.op("Reshape", [t, flat], f"{base}/{n}/Reshape_1") for t, n in ((q, "q"), (k, "k"), (v, "v")))
+    cos, sin = ctx.rotary[layer.rope]
+    out, present_k, present_v = b.op(
+        "GroupQueryAttention", [q, k, v, *past, ctx.seqlens_k, ctx.total_len, cos, sin], f"{base}/GroupQueryAttention",
+        domain=MS, n_out=3, num_heads=nh, kv_num_heads=nh, scale=a.scale, do_rotary=1,
+        rotary_interleaved=int(rope.interleaved), local_window_size=-1)
+    if P != m.v_dim:  # each head's first v_head_dim dims
+        out = b.op("Slice", [_heads(e, out, nh, P, f"{base}/out/Reshape"), b.const([0], np.int64),
+                             b.const([m.v_dim], np.int64), b.const([-1], np.int64)], f"{base}/out/Slice")
+        out = b.op("Reshape", [out, b.const([0, 0, nh * m.v_dim], np.int64)], f"{base}/out/Reshape_1")
+    (o,) = e.linear_group(out, f"{base}/o_proj", i, [("o", f"{base}/o_proj", H)], nh * m.v_dim, bias=a.o_bias)
+    return o, (present_k, present_v)
