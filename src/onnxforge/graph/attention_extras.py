@@ -68,7 +68,7 @@ def chunk_bias(e: "Emitter", chunk: int, q: ir.Value, ctx: "AttnInputs") -> ir.V
     keys = b.op("Range", [b.const(np.int64(0)), total, one], f"{node}/Range_1")
     q_chunk = b.op("Unsqueeze", [b.op("Div", [queries, c], f"{node}/Div"), b.const([1], np.int64)], f"{node}/Unsqueeze")
     same = b.op("Equal", [q_chunk, b.op("Div", [keys, c], f"{node}/Div_1")], f"{node}/Equal")  # (S, T)
-    lowest = np.finfo(e.io.np_dtype).min
+    lowest = e.finfo().min
     bias = b.op("Where", [same, b.const(np.zeros((), e.io.np_dtype)), b.const(np.asarray(lowest, e.io.np_dtype))],
                 f"{node}/Where")
     ctx.biases[chunk] = b.op("Unsqueeze", [bias, b.const([0, 1], np.int64)], f"{node}/Unsqueeze_1")

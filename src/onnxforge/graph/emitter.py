@@ -54,6 +54,29 @@ class Emitter:
     def scalar(self, value: float) -> ir.Value:
         return self.b.const(np.asarray(value, dtype=np.float32).astype(self.io.np_dtype))
 
+    def finfo(self):
+        """The activation dtype's limits (ml_dtypes.finfo: numpy's own refuses bfloat16 in some versions)."""
+        import ml_dtypes
+
+        return ml_dtypes.finfo(self.io.np_dtype)
+
+    def float32_op(self, op: str, inputs: Sequence[ir.Value], name: str, float_in: int = 1, n_out: int = 1,
+                   float_out: int = 1, **attrs):
+        """`op` computed in float32 where the activations are bfloat16 (ONNX has no bfloat16 TopK before opset 24;
+        onnxruntime's CUDA provider has no bfloat16 Clip kernel): its first `float_in` inputs cast to float32, its
+        first `float_out` outputs cast back (the rest, e.g. TopK's indices, as they are); elsewhere the op itself.
+        Exact for ops that select or compare (TopK; Clip, whose bounds are given as activation-dtype values)."""
+        b = self.b
+        if self.io.ir_dtype != ir.DataType.BFLOAT16:
+            return b.op(op, list(inputs), name, n_out=n_out, **attrs)
+        cast = [b.op("Cast", [x], f"{name}/Cast_{j}", to=ir.DataType.FLOAT) if j < float_in else x
+                for j, x in enumerate(inputs)]
+        outs = b.op(op, cast, name, n_out=n_out, **attrs)
+        outs = [outs] if n_out == 1 else list(outs)
+        back = [b.op("Cast", [o], f"{name}/Cast_out_{j}", to=ir.DataType.BFLOAT16) if j < float_out else o
+                for j, o in enumerate(outs)]
+        return back[0] if n_out == 1 else tuple(back)
+
     def ones(self, size: int) -> ir.Value:
         return self.b.const(np.ones(size, dtype=self.io.np_dtype))
 
@@ -76,16 +99,31 @@ class Emitter:
         if not st.quantized:
             w = self.b.weights(W.float_matmul_job(self.source, node, f"{prefix}.weight", parts, N, K, st))[0]
             return self.b.op("MatMul", [x, w], f"{node}/MatMul")
-        job = W.quant_matmul_job(self.source, node, prefix, parts, N, K, st, self.io.ir_dtype, self.io.np_dtype)
+        job = (W.qdq_matmul_job if self.qdq else W.quant_matmul_job)(self.source, node, prefix, parts, N, K, st,
+                                                                     self.io.ir_dtype, self.io.np_dtype)
         return self.matmul_nbits(x, self.b.weights(job), node, K, N, st)
 
+    @property
+    def qdq(self) -> bool:
+        """use_qdq: quantized weights as DequantizeLinear + MatMul (QNN, OpenVINO, NPUs), not MatMulNBits."""
+        return bool(getattr(self.plan, "use_qdq", False))
+
+    def dequantize(self, ws: Sequence[ir.Value], node: str, st: Storage, axis: int = 0) -> ir.Value:
+        """DequantizeLinear of a QDQ weight (codes, scales[, zero points]), blocked along `axis`."""
+        return self.b.op("DequantizeLinear", list(ws), f"{node}/DequantizeLinear", axis=axis, block_size=st.block_size)
+
     def matmul_nbits(self, x: ir.Value, ws: Sequence[ir.Value], node: str, K: int, N: int, st: Storage) -> ir.Value:
-        """MatMulNBits; with per-block offsets (weights stored as scale x code + offset, e.g. GGUF Q4_K),
-        y += ReduceSum(x per block) @ offsets^T: a MatMul of width K / block_size."""
+        """MatMulNBits, or with use_qdq DequantizeLinear + MatMul (the weight `ws` is then `qdq_matmul_job`'s, or an
+        already dequantized value); with per-block offsets (weights stored as scale x code + offset, e.g. GGUF
+        Q4_K), y += ReduceSum(x per block) @ offsets^T: a MatMul of width K / block_size."""
         ws = list(ws)
         offsets = ws.pop() if st.offsets else None
-        y = self.b.op("MatMulNBits", [x, *ws], f"{node}/MatMul", domain=MS, K=K, N=N, bits=st.bits,
-                      block_size=st.block_size, accuracy_level=st.accuracy_level)
+        if self.qdq:
+            w = ws[0] if len(ws) == 1 else self.dequantize(ws, node, st)
+            y = self.b.op("MatMul", [x, w], f"{node}/MatMul")
+        else:
+            y = self.b.op("MatMulNBits", [x, *ws], f"{node}/MatMul", domain=MS, K=K, N=N, bits=st.bits,
+                          block_size=st.block_size, accuracy_level=st.accuracy_level)
         if offsets is None:
             return y
         b, kb = self.b, W.k_blocks(K, st.block_size)

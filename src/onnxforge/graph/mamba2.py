@@ -99,11 +99,11 @@ def mamba2(e: "Emitter", i: int, x: ir.Value, ctx: AttnInputs, past: tuple[ir.Va
     xbc, conv_state = _conv(e, i, xbc, past[0], base)
     xs, bs, cs = b.op("Split", [xbc, b.const([m.inner, m.groups * m.state, m.groups * m.state], np.int64)],
                       f"{base}/Split_1", n_out=3, axis=-1)
-    dt = b.op("Softplus", [b.op("Add", [dt, _param(e, i, "mamba_dt_bias", f"{base}/dt", m.heads)], f"{base}/dt/Add")],
-              f"{base}/dt/Softplus")
+    dt = e.float32_op("Softplus", [b.op("Add", [dt, _param(e, i, "mamba_dt_bias", f"{base}/dt", m.heads)],
+                                        f"{base}/dt/Add")], f"{base}/dt/Softplus")
     if (m.dt_min, m.dt_max) != (0.0, float("inf")):
-        dt = b.op("Clip", [dt, e.scalar(m.dt_min), e.scalar(min(m.dt_max, float(np.finfo(e.io.np_dtype).max)))],
-                  f"{base}/dt/Clip")
+        dt = e.float32_op("Clip", [dt, e.scalar(m.dt_min), e.scalar(min(m.dt_max, float(e.finfo().max)))],
+                          f"{base}/dt/Clip", float_in=3)
     a = b.op("Neg", [b.op("Exp", [_param(e, i, "mamba_A_log", f"{base}/A", m.heads)], f"{base}/A/Exp")], f"{base}/A/Neg")
     decay = b.op("Mul", [dt, a], f"{base}/decay/Mul")  # (B, S, heads): log of the state's decay per step
     heads = _per_head(e, xs, [0, 0, m.heads, m.head_dim], f"{base}/x/Reshape")

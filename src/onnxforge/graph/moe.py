@@ -302,7 +302,7 @@ def _unnormalized(e: "Emitter", base: str, x: ir.Value, router: ir.Value, expert
     """sum over the top k of p_i * expert_i(x) = (renormalised mix) x (sum of the top k p_i)."""
     m, b, H = e.spec.moe, e.b, e.spec.hidden_size
     probs = b.op("Softmax", [router], f"{base}/router/Softmax", axis=-1)
-    top, _ = b.op("TopK", [probs, b.const([m.top_k], np.int64)], f"{base}/router/TopK", n_out=2, axis=-1)
+    top, _ = e.float32_op("TopK", [probs, b.const([m.top_k], np.int64)], f"{base}/router/TopK", n_out=2, axis=-1)
     mass = b.op("ReduceSum", [top, b.const([-1], np.int64)], f"{base}/router/ReduceSum", keepdims=1)
     flat = b.op("Reshape", [x, b.const([-1, H], np.int64)], f"{base}/Reshape")
     y = b.op("Mul", [experts.op(flat, router, m.top_k, True, name), mass], f"{base}/Mul")
@@ -330,9 +330,9 @@ def _sigmoid_routing(e: "Emitter", i: int, base: str, x: ir.Value, router: ir.Va
     select = b.op("Add", [scores, _selection_bias(e, i, base)], f"{node}/Add") if m.selection_bias else scores
     if m.groups[1] < m.groups[0]:  # group-limited (DeepSeek-V3): experts outside the best groups are not selectable
         select = _group_limit(e, node, select)
-    _, idx = b.op("TopK", [select, b.const([m.top_k], np.int64)], f"{node}/TopK", n_out=2, axis=-1)
+    _, idx = e.float32_op("TopK", [select, b.const([m.top_k], np.int64)], f"{node}/TopK", n_out=2, axis=-1)
     picked = b.op("GatherElements", [scores, idx], f"{node}/GatherElements", axis=-1)
-    tiny = e.scalar(float(np.finfo(e.io.np_dtype).tiny))
+    tiny = e.scalar(float(e.finfo().tiny))
     logs = b.op("Log", [b.op("Max", [picked, tiny], f"{node}/Max")], f"{node}/Log")
     low = b.op("Expand", [_lowest(e), b.op("Shape", [router], f"{node}/Shape")], f"{node}/Expand")
     masked = b.op("ScatterElements", [low, idx, logs], f"{node}/ScatterElements", axis=-1)
@@ -379,7 +379,7 @@ def _sigmoid_input(e: "Emitter", base: str, x: ir.Value, logits: ir.Value, route
 
 
 def _lowest(e: "Emitter") -> ir.Value:
-    return e.b.const(np.asarray(np.finfo(e.io.np_dtype).min, dtype=e.io.np_dtype).reshape(1))
+    return e.b.const(np.asarray(e.finfo().min, dtype=e.io.np_dtype).reshape(1))
 
 
 def _biased_selection(e: "Emitter", i: int, base: str, x: ir.Value, router: ir.Value, experts: Experts,
@@ -391,7 +391,7 @@ def _biased_selection(e: "Emitter", i: int, base: str, x: ir.Value, router: ir.V
     select = b.op("Add", [probs, bias], f"{base}/router/Add")
     if experts.quantized:
         return experts.op(x, select, m.top_k, True, name, router_weights=probs)
-    _, idx = b.op("TopK", [select, b.const([m.top_k], np.int64)], f"{base}/router/TopK", n_out=2, axis=-1)
+    _, idx = e.float32_op("TopK", [select, b.const([m.top_k], np.int64)], f"{base}/router/TopK", n_out=2, axis=-1)
     low = b.op("Expand", [_lowest(e), b.op("Shape", [router], f"{base}/router/Shape")], f"{base}/router/Expand")
     zeros = b.op("Expand", [e.b.const(np.zeros(1, e.io.np_dtype)), b.op("Shape", [idx], f"{base}/router/Shape_1")],
                  f"{base}/router/Expand_1")

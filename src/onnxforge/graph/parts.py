@@ -165,7 +165,7 @@ def attention(e: "Emitter", i: int, x: ir.Value, ctx: AttnInputs, past: tuple[ir
         qkv = [q, k, v]
     if a.clip_qkv:  # after the q/k norms where a model has both (OLMoE)
         lo, hi = e.scalar(-a.clip_qkv), e.scalar(a.clip_qkv)
-        qkv = [e.b.op("Clip", [t, lo, hi], f"{base}/qkv_proj/Clip_{n}") for n, t in enumerate(qkv)]
+        qkv = [e.float32_op("Clip", [t, lo, hi], f"{base}/qkv_proj/Clip_{n}", float_in=3) for n, t in enumerate(qkv)]
     if X.needs_positions(e.spec, i):  # the temperature of a layer without rotary (Llama 4)
         q, k, v = e.split(qkv, [a.q_size, a.kv_size, a.kv_size], f"{base}/qkv_proj")
         qkv = [X.nope_temperature(e, i, q, ctx), k, v]
