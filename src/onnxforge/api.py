@@ -49,6 +49,7 @@ def build(
     merge_adapter: str | Path | None = None,
     hf_token: str | bool | None = None,
     cache_dir: str | Path | None = None,
+    calibration=None,
 ) -> BuildReport:
     """Build `model` (HF folder or .gguf, or an object implementing the Source protocol of
     onnxforge.sources.base, e.g. a synthetic checkpoint) into an onnxruntime-genai folder at `output`.
@@ -63,16 +64,20 @@ def build(
     `model` may be a Hub ID, org/name[@revision][:FILE.gguf] (a local path of that spelling wins): what a build reads
     is downloaded into the Hugging Face cache (`cache_dir`, default HF_HOME's) with `hf_token` (False: none; None:
     HF_TOKEN or the stored login).
+    `calibration`: an onnxforge.calibrate.data.Calibration (text file, samples, length) for the calibrated methods
+    (gptq, awq, awq+gptq); None with one of them: the offline default text.
     """
     start = time.perf_counter()
     recipe = _recipe_for(recipe, precision, provider)
     _check_values(recipe, workers, max_length, overwrite=overwrite, strict=strict)  # before the source is opened
+    calibration = _calibration_for(recipe, calibration)
     if strict and recipe.config_only:
         raise RecipeError("config_only=true reads no weight, so strict (every checkpoint tensor is read) cannot "
                           "hold; drop one of them")
     model = _resolve(model, hf_token, cache_dir, bool(progress))
     # the output is checked against the input and the user's files, and locked, before the source is opened
     release_output = claim_output(Path(output), model, overwrite)
+    calibrated = None  # the calibration's result; its folder of blocks is removed at the end
     try:
         lora = open_adapters(adapters, merge_adapter, recipe.config_only)  # their configs and headers: no weight
         # records what the build reads; a merged adapter's weights read merged
@@ -99,8 +104,17 @@ def build(
         fingerprint = ThreadPoolExecutor(1, thread_name_prefix="onnxforge-hash")
         input_sha256 = fingerprint.submit(source.fingerprint)
         fingerprint.shutdown(wait=False)
+        if calibration is not None:  # every check that needs no weight first: the graph, the user's patterns
+            from .calibrate.forward import check_supported
+            from .calibrate.run import CalibratedSource, calibrate
+
+            check_supported(spec, recipe.method)
+            Decoder(GraphBuilder(), spec, names, source, recipe, lora=lora.lora_set()).build()
+            recipe.check_patterns()
+            calibrated = calibrate(source, spec, names, recipe, calibration, progress=_layer_progress(progress))
         builder = GraphBuilder()
-        emitter = Decoder(builder, spec, names, source, recipe, lora=lora.lora_set())
+        emitter = Decoder(builder, spec, names, source if calibrated is None else CalibratedSource(source, calibrated),
+                          recipe, lora=lora.lora_set())
         emitter.build()
         recipe.check_patterns()  # every user pattern matched a weight: before any weight is read
         lora.check_planned(builder)  # every adapter module has a branch or a weight to merge into: likewise
@@ -116,6 +130,9 @@ def build(
             shared_embeddings=emitter.shared,
         )
         report.notes.extend(emitter.notes)
+        if calibrated is not None:
+            report.notes.extend(calibrated.notes())
+            report.recipe["calibration"] = {**calibrated.text.describe(), "seconds": round(calibrated.seconds, 1)}
         report.notes.extend(lora.notes())
         report.notes.extend(_ignored_note(arch, source))
         report.warnings.extend(_no_exact_form_warning(builder))
@@ -142,9 +159,45 @@ def build(
             _write_report(tmp, report, start)
         return report
     finally:
+        if calibrated is not None:
+            import shutil
+
+            shutil.rmtree(calibrated.folder, ignore_errors=True)
         source.close()
         lora.close()
         release_output()  # after the rename: the lock covers the whole build
+
+
+def _calibration_for(recipe: Recipe, calibration):
+    """The calibration a build runs (None: none); options for a build that calibrates nothing are refused."""
+    from .calibrate.data import Calibration
+    from .calibrate.run import wants_calibration
+
+    if calibration is not None and not isinstance(calibration, Calibration):
+        raise RecipeError(f"calibration must be an onnxforge.calibrate.data.Calibration, got {type(calibration).__name__}")
+    if not wants_calibration(recipe) or recipe.config_only:
+        if calibration is not None:
+            raise RecipeError(f"calibration data is for the calibrated methods (gptq, awq, awq+gptq), but this build "
+                              f"uses method {recipe.method}: add --method gptq (or awq, awq+gptq), or drop the "
+                              "calibration options")
+        return None
+    return calibration or Calibration()
+
+
+def _layer_progress(progress):
+    if progress is not True:
+        return None
+    from tqdm import tqdm
+
+    bar = tqdm(desc="calibrating layers", leave=False)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return update
 
 
 def _resolve(model, hf_token, cache_dir, progress: bool):

@@ -52,7 +52,13 @@ def _add_build(sub) -> None:
                    help="Hugging Face cache folder for a Hub ID's download (default: the standard cache, HF_HOME)")
     p.add_argument("--recipe", help="TOML recipe file (see `onnxforge recipes`)")
     p.add_argument("--scheme", help="named storage scheme, e.g. int4_wo_64 (see `onnxforge recipes`)")
-    p.add_argument("--method", help="int4 method: default, rtn, k_quant, hqq")
+    p.add_argument("--method", help="int4 method: default, rtn, k_quant, hqq; calibrated: gptq, awq, awq+gptq")
+    p.add_argument("--calibration", metavar="FILE",
+                   help="calibration text for gptq/awq: plain text, or .jsonl of {\"text\"}, {\"prompt\"} or "
+                   "{\"messages\"} records (chat turns rendered through the chat template); default: built-in text "
+                   "(Python standard-library docstrings), no download")
+    p.add_argument("--calibration-samples", type=int, metavar="N", help="calibration samples (default 64)")
+    p.add_argument("--calibration-length", type=int, metavar="N", help="tokens per calibration sample (default 256)")
     p.add_argument("--block-size", type=_ranged("block size", 16, BLOCK_SIZES),
                    help="quantization block size: 16, 32 (default), 64, 128 or 256")
     p.add_argument("--asymmetric", action="store_true", help="store zero points (uint4) instead of symmetric int4")
@@ -149,16 +155,28 @@ def cmd_build(args) -> int:
 
     token, args.extra_options = hub_token(args.extra_options)  # a secret: never part of the recipe or its report
     recipe = make_recipe(args)  # before a download: a bad option fails first
+    calibration = _calibration_args(args)
     model = resolve_model("demo" if args.demo else args.model, hf_token=token, cache_dir=args.cache_dir,
                           progress=not args.quiet)
     report = build(model, args.output, recipe=recipe, overwrite=args.overwrite, workers=args.workers,
                    progress=not args.quiet, max_length=args.max_length, strict=args.strict, adapters=args.adapter,
-                   merge_adapter=args.merge_adapter)
+                   merge_adapter=args.merge_adapter, calibration=calibration)
     if not args.quiet:
         print(report.summary())
     elif report.warnings:
         print("\n".join(f"onnxforge: warning: {w}" for w in report.warnings), file=sys.stderr)
     return 0
+
+
+def _calibration_args(args):
+    """--calibration, --calibration-samples, --calibration-length as a Calibration (None when none is given)."""
+    from .calibrate.data import DEFAULT_LENGTH, DEFAULT_SAMPLES, Calibration
+
+    given = (args.calibration, args.calibration_samples, args.calibration_length)
+    if all(v is None for v in given):
+        return None
+    return Calibration(args.calibration, DEFAULT_SAMPLES if args.calibration_samples is None else args.calibration_samples,
+                       DEFAULT_LENGTH if args.calibration_length is None else args.calibration_length)
 
 
 def cmd_inspect(args) -> int:
@@ -183,6 +201,11 @@ def cmd_recipes(args) -> int:
     for name, (method, placement) in ALGO_ALIASES.items():
         flags = ", ".join(placement) or "-"
         print(f"  {name:<22} method {method:<8} int8 placement: {flags}")
+    print("calibrated int4 methods (--method NAME [--calibration FILE]; layer by layer, numpy, no torch):")
+    from .calibrate.run import METHOD_DOCS
+
+    for name, doc in METHOD_DOCS.items():
+        print(f"  {name:<22} {doc}")
     print("extra options accepted:", ", ".join(sorted(EXTRA_OPTIONS)))
     return 0
 

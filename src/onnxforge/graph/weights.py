@@ -2,12 +2,14 @@
 return the arrays of one or more initializers. They capture names, never arrays."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 import numpy as np
 import onnx_ir as ir
 
 from ..archs.names import Part
+from ..quant.methods import CALIBRATED_FALLBACK
 from ..quant.storage import Storage
 from ..sources.base import Source
 from .builder import Pieces, TensorSlot, WeightJob
@@ -111,9 +113,14 @@ def quant_matmul_job(source: Source, label: str, prefix: str, parts: Sequence[Pa
         raise ValueError(f"{label}: the recipe keeps {', '.join(map(str, parts))} as stored, but the source has "
                          f"no exact {st.describe()} form for it")
     if native:
-        storage = st.describe() if st.method == "source" else st.describe() + f" (transcoded {native})"
+        storage = st.describe() if st.method == "source" else st.describe() + (
+            " (calibrated)" if native == "calibrated" else f" (transcoded {native})")
     else:
-        storage = st.describe() + stored_note(source, parts, st)
+        uncalibrated = ""
+        if st.method in CALIBRATED_FALLBACK:  # no calibration data reached it (onnxforge.calibrate): said so
+            uncalibrated = f" ({st.method}: no calibration data reaches it)"
+            st = replace(st, method=CALIBRATED_FALLBACK[st.method])
+        storage = st.describe() + uncalibrated + stored_note(source, parts, st)
 
     def produce():
         if native:

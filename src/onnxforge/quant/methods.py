@@ -27,6 +27,10 @@ METHODS: dict[str, Quantizer] = {
     "hqq": quantize_hqq,
     "default": quantize_ort_default,
 }
+# the calibrated methods (onnxforge.calibrate) store what calibration computed; a weight no calibration data
+# reaches (an lm_head under awq) is rounded to nearest, which is what they are without data (graph/weights.py
+# says so in its storage); quantize() itself refuses them: it has no data
+CALIBRATED_FALLBACK = {"gptq": "rtn", "awq": "rtn", "awq+gptq": "rtn"}
 
 
 def quantize(w: np.ndarray, *, bits: int, block_size: int, symmetric: bool, method: str = "rtn",

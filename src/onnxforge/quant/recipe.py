@@ -24,7 +24,7 @@ from .storage import Storage
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int4", "int8", "source")
 PROVIDERS = ("cpu", "cuda", "dml", "webgpu")
-METHODS = ("default", "rtn", "k_quant", "hqq")
+METHODS = ("default", "rtn", "k_quant", "hqq", "gptq", "awq", "awq+gptq")  # the last three calibrate (calibrate/)
 OP_TYPES = ("MatMul", "Gather")
 MOE_QUANT_TYPES = ("int4", "int8", "mxfp4")
 MOE_FLOAT_EXPERTS = ("fp32", "fp16")  # moe_experts: the float MoE op on the dequantized experts

@@ -1,0 +1,123 @@
+"""The decoder layer's computation in numpy, float32, as the emitted graph computes it (SimplifiedLayerNormalization
+/ LayerNormalization, GroupQueryAttention with rotate-half rotary and a causal (windowed) mask, the MLP's
+activation), for the layers the calibrated methods support; `check_supported` refuses the others."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..errors import RecipeError
+from ..graph.rope import cos_sin_cache
+from ..spec import ModelSpec
+
+ACTS = ("silu", "swish", "gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu", "relu", "relu2")
+
+
+def check_supported(spec: ModelSpec, method: str) -> None:
+    """A RecipeError naming what the calibrated forward does not compute (before any weight is read)."""
+    why = []
+    if spec.block != "pre":
+        why.append(f"its layers are wired '{spec.block}' (calibration runs pre-norm layers)")
+    for i, layer in enumerate(spec.layers):
+        a = spec.attention_of(i)
+        if layer.kind != "attention":
+            why.append(f"layer {i} is a {layer.kind} layer")
+        if layer.moe:
+            why.append("mixture-of-experts layers (experts are not calibrated yet)")
+        if layer.chunk or getattr(layer, "k_eq_v", False):
+            why.append(f"layer {i} has chunked or k=v attention")
+        if a.qk_norm or a.softcap or a.clip_qkv or a.sinks or a.output_gate or a.nope_temperature or a.v_norm:
+            why.append("q/k norms, softcap, clipping, sinks, gates or temperatures in attention")
+        rope = dict(spec.ropes).get(layer.rope) if layer.rope else None
+        if rope is not None and rope.interleaved:
+            why.append("interleaved rotary")
+        if why:
+            break
+    if spec.norm.kind not in ("rms", "layer") or not spec.norm.weight:
+        why.append("norms without a weight to fold scales into")
+    if spec.mlp.activation not in ACTS:
+        why.append(f"activation {spec.mlp.activation}")
+    if why:
+        raise RecipeError(f"method {method} calibrates dense pre-norm attention decoders; this model has "
+                          f"{why[0]}: use method k_quant or hqq (calibration-free) for it")
+
+
+def norm(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, spec: ModelSpec) -> np.ndarray:
+    n = spec.norm
+    w = w.astype(np.float32) + np.float32(n.weight_offset)
+    if n.kind == "rms":
+        var = np.mean(np.square(x), axis=-1, keepdims=True)
+        y = x / np.sqrt(var + np.float32(n.eps))
+    else:
+        mu = x.mean(axis=-1, keepdims=True)
+        d = x - mu
+        y = d / np.sqrt(np.mean(d * d, axis=-1, keepdims=True) + np.float32(n.eps))
+    y = y * w
+    return y + b.astype(np.float32) if b is not None else y
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    """Abramowitz-Stegun 7.1.26 (|error| < 1.5e-7): numpy has no erf."""
+    s = np.sign(x)
+    a = np.abs(x)
+    t = 1.0 / (1.0 + 0.3275911 * a)
+    y = 1.0 - (((((1.061405429 * t - 1.453152027) * t) + 1.421413741) * t - 0.284496736) * t + 0.254829592) * t \
+        * np.exp(-a * a)
+    return (s * y).astype(np.float32)
+
+
+def activation(x: np.ndarray, act: str) -> np.ndarray:
+    if act in ("silu", "swish"):
+        return x / (1 + np.exp(-x))
+    if act in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
+        return 0.5 * x * (1 + np.tanh(np.float32(math.sqrt(2 / math.pi)) * (x + np.float32(0.044715) * x ** 3)))
+    if act == "gelu":
+        return 0.5 * x * (1 + _erf(x / np.float32(math.sqrt(2))))
+    r = np.maximum(x, 0)
+    return r * r if act == "relu2" else r
+
+
+class Rotary:
+    """cos/sin tables per layer type, cut to the calibration length."""
+
+    def __init__(self, spec: ModelSpec, length: int):
+        self.tables = {}
+        for name, rope in spec.ropes:
+            cos, sin = cos_sin_cache(rope, spec.context_length)
+            self.tables[name] = (cos[:length], sin[:length], rope.rotary_dim)
+
+    def apply(self, x: np.ndarray, kind: str | None) -> np.ndarray:
+        """x (L, heads, head_dim) rotated (rotate-half over the first rotary_dim dims)."""
+        if kind is None:
+            return x
+        cos, sin, rd = self.tables[kind]
+        cos, sin = cos[: x.shape[0], None, :], sin[: x.shape[0], None, :]
+        half = rd // 2
+        x1, x2 = x[..., :half], x[..., half:rd]
+        out = x.copy()
+        out[..., :half] = x1 * cos - x2 * sin
+        out[..., half:rd] = x2 * cos + x1 * sin
+        return out
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec: ModelSpec, i: int, rotary: Rotary) -> np.ndarray:
+    """One sequence: q (L, q_size), k/v (L, kv_size) -> context (L, q_size)."""
+    a, layer = spec.attention_of(i), spec.layers[i]
+    L = q.shape[0]
+    q = rotary.apply(q.reshape(L, a.num_heads, a.head_dim), layer.rope)
+    k = rotary.apply(k.reshape(L, a.num_kv_heads, a.head_dim), layer.rope)
+    v = v.reshape(L, a.num_kv_heads, a.head_dim)
+    group = a.num_heads // a.num_kv_heads
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+    scale = np.float32(a.scale if a.scale is not None else 1 / math.sqrt(a.head_dim))
+    scores = np.einsum("qhd,khd->hqk", q, k) * scale
+    pos = np.arange(L)
+    allowed = pos[None, :] <= pos[:, None]
+    if layer.window:
+        allowed &= pos[:, None] - pos[None, :] < layer.window
+    scores = np.where(allowed[None], scores, np.float32(-np.inf))
+    scores -= scores.max(axis=-1, keepdims=True)
+    p = np.exp(scores)
+    p /= p.sum(axis=-1, keepdims=True)
+    return np.einsum("hqk,khd->qhd", p, v).reshape(L, a.q_size).astype(np.float32)

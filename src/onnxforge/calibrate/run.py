@@ -1,0 +1,391 @@
+"""Calibrated quantization, layer by layer in bounded memory (the sequential form).
+
+The calibration tokens go through the decoder one layer at a time: the layer's input hidden states for all
+tokens are the only activations held (samples x length x hidden, float32). In each layer, for each group of
+projections that read one input (q/k/v; o; gate/up; down):
+
+1. AWQ (methods awq, awq+gptq): per-input-channel scales searched on the group's input (``quant/awq.py``),
+   folded into the norm before it (q/k/v, gate/up) or into up_proj's rows (down_proj of a gated MLP); o_proj
+   and a plain MLP's second projection get no AWQ scales (their input has no foldable producer here);
+2. GPTQ (methods gptq, awq+gptq): the group's Hessian ``X^T X`` (K x K float32, K the group's input width)
+   and ``quant/gptq.py``; awq alone rounds to nearest after the scaling;
+3. the quantized projections compute the next group's input, so later layers see the earlier layers'
+   quantization error.
+
+The quantized blocks go to a temporary folder (one .npz per weight, read back when the build writes that
+weight); scaled float weights and norms are served by `CalibratedSource` to the build. Memory: the layer's
+activations (a few copies of tokens x hidden, and one token-chunk of the MLP's intermediate), one layer's
+weights, and one Hessian with its inverse factor: for a 70B shape (hidden 8192, intermediate 28672) the
+largest is down_proj's 28672^2 float32 = 3.1 GiB, about three of them while it is inverted.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import RecipeError
+from ..quant.awq import awq_search
+from ..quant.gptq import gptq_quantize, inverse_cholesky
+from ..quant.pack import dequantize
+from ..quant.storage import Storage
+from ..sources.base import NativeBlocks, NativeFormat
+from . import forward as F
+from .data import Calibration, CalibrationText, calibration_ids
+
+CALIBRATED = ("gptq", "awq", "awq+gptq")
+METHOD_DOCS = {
+    "gptq": "inverse-Hessian error-compensating rounding over columns (damping 0.01, block = the int4 block)",
+    "awq": "activation-aware input-channel scales (mean|x|^alpha, alpha by output error), folded into the "
+           "norm / up_proj, then round to nearest",
+    "awq+gptq": "AWQ's scales, then GPTQ on the scaled weights",
+}
+FALLBACK = "rtn"  # what a calibrated method stores where no calibration data reaches (see METHODS in quant/methods)
+AWQ_TOKENS = 2048  # the AWQ grid search runs on this many of the calibration tokens
+TOKEN_CHUNK = 2048  # the MLP's intermediate is computed this many tokens at a time
+
+
+@dataclass
+class Result:
+    """What calibration decided: blocks per weight (saved), scaled weights and norms."""
+
+    folder: Path
+    blocks: dict[str, tuple[Path, Storage]] = field(default_factory=dict)
+    col_scale: dict[str, np.ndarray] = field(default_factory=dict)  # weight -> its columns times this
+    row_scale: dict[str, np.ndarray] = field(default_factory=dict)  # weight -> its rows divided by this
+    replaced: dict[str, np.ndarray] = field(default_factory=dict)  # norm weight / bias -> new values
+    alphas: list[float] = field(default_factory=list)
+    text: CalibrationText | None = None
+    seconds: float = 0.0
+
+    def notes(self) -> list[str]:
+        t = self.text.describe() if self.text else {}
+        out = [f"calibrated on {t.get('samples')} samples x {t.get('length')} tokens of {t.get('source')} "
+               f"(sha256 {str(t.get('sha256'))[:16]}...), layer by layer in {self.seconds:.0f} s: "
+               f"{len(self.blocks)} weights quantized from their inputs"]
+        if self.alphas:
+            out.append(f"AWQ scales on {len(self.alphas)} projection groups, alpha "
+                       f"{min(self.alphas):.2f} to {max(self.alphas):.2f} (mean {np.mean(self.alphas):.2f})")
+        return out
+
+
+def wants_calibration(recipe) -> bool:
+    return recipe.method in CALIBRATED or any(r.storage is not None and r.storage.method in CALIBRATED
+                                              for r in recipe.rules)
+
+
+class Layerwise:
+    def __init__(self, source, spec, names, recipe, text: CalibrationText, folder: Path):
+        self.source, self.spec, self.names, self.recipe = source, spec, names, recipe
+        self.res = Result(folder, text=text)
+        self.rotary = F.Rotary(spec, text.ids.shape[1])
+        self.shape = text.ids.shape
+
+    # -- weights ---------------------------------------------------------------------------------
+    def read(self, name: str) -> np.ndarray:
+        w = np.asarray(self.source.read(name), np.float32)
+        if name in self.res.col_scale:
+            w = w * self.res.col_scale[name]
+        if name in self.res.row_scale:
+            w = w / self.res.row_scale[name][:, None]
+        return w
+
+    def bias(self, module: str) -> np.ndarray | None:
+        name = f"{module}.bias"
+        return np.asarray(self.source.read(name), np.float32) if self.source.has(name) else None
+
+    def norm_params(self, role: str, i: int | None):
+        module = self.names.module(role, i)
+        w = self.res.replaced.get(f"{module}.weight")
+        if w is None:
+            w = np.asarray(self.source.read(f"{module}.weight"), np.float32)
+        b = self.res.replaced.get(f"{module}.bias")
+        if b is None and self.source.has(f"{module}.bias"):
+            b = np.asarray(self.source.read(f"{module}.bias"), np.float32)
+        return module, w, b
+
+    def fold_into_norm(self, module: str, w: np.ndarray, b: np.ndarray | None, s: np.ndarray) -> None:
+        off = np.float32(self.spec.norm.weight_offset)
+        self.res.replaced[f"{module}.weight"] = ((w + off) / s - off).astype(np.float32)
+        if b is not None:
+            self.res.replaced[f"{module}.bias"] = (b / s).astype(np.float32)
+
+    def storage(self, names: list[str]) -> Storage:
+        return self.recipe.storage(names, "MatMul")
+
+    # -- one group of projections reading one input ------------------------------------------------
+    def group(self, x: np.ndarray, projs: list[tuple[str, Storage]], fold=None) -> list[np.ndarray]:
+        """Quantize the (tensor, storage) projections that read x (T, K); returns their stored forms
+        dequantized (what the runtime computes with). `fold(s)` folds AWQ scales into x's producer."""
+        if fold is not None and any(st.quantized and st.method in ("awq", "awq+gptq") for _, st in projs):
+            self._awq(x, projs, fold)
+            x = x / fold.scales
+        need_h = any(st.quantized and st.method in ("gptq", "awq+gptq") for _, st in projs)
+        chol = None
+        if need_h:
+            h = x.T @ x
+            chol = {}
+            h_by_block = h
+        out = []
+        for name, st in projs:
+            w = self.read(name)
+            if st.quantized and st.method in CALIBRATED:
+                if st.method in ("gptq", "awq+gptq"):
+                    key = (st.block_size,)
+                    if key not in chol:
+                        kp = -(-w.shape[1] // st.block_size) * st.block_size
+                        hp = h_by_block if kp == w.shape[1] else np.pad(h_by_block, ((0, kp - w.shape[1]),) * 2)
+                        chol[key] = inverse_cholesky(hp)
+                    q = gptq_quantize(w, h, bits=st.bits, block_size=st.block_size, symmetric=st.symmetric,
+                                      chol=chol[key])
+                else:
+                    from ..quant.methods import quantize
+
+                    q = quantize(w, bits=st.bits, block_size=st.block_size, symmetric=st.symmetric, method=FALLBACK)
+                self._save(name, q, st)
+                out.append(dequantize(q))
+            elif st.quantized and st.method != "source":
+                from ..quant.methods import quantize
+
+                out.append(dequantize(quantize(w, bits=st.bits, block_size=st.block_size, symmetric=st.symmetric,
+                                               method=st.method)))
+            else:
+                out.append(w)
+        return out
+
+    def _awq(self, x: np.ndarray, projs: list[tuple[str, Storage]], fold) -> None:
+        from ..quant.methods import quantize
+
+        sub = x[:: max(1, x.shape[0] // AWQ_TOKENS)][:AWQ_TOKENS]
+        searched = [(name, st) for name, st in projs if st.quantized and st.method in ("awq", "awq+gptq")]
+        st0 = searched[0][1]
+
+        def fake(w: np.ndarray) -> np.ndarray:
+            return dequantize(quantize(w, bits=st0.bits, block_size=st0.block_size, symmetric=st0.symmetric,
+                                       method=FALLBACK))
+
+        s, alpha, _ = awq_search(sub, np.abs(x).mean(axis=0), [self.read(n) for n, _ in searched], fake)
+        self.res.alphas.append(alpha)
+        fold.scales = s
+        fold(s)
+        for name, _ in projs:
+            self.res.col_scale[name] = self.res.col_scale.get(name, 1) * s
+
+    def _save(self, name: str, q, st: Storage) -> None:
+        path = self.res.folder / f"{len(self.res.blocks)}.npz"
+        arrays = {"data": q.data, "scales": q.scales}
+        if q.zero_points is not None:
+            arrays["zero_points"] = q.zero_points
+        np.savez(path, **arrays)
+        self.res.blocks[name] = (path, st)
+
+    # -- the layers --------------------------------------------------------------------------------
+    def embed(self) -> np.ndarray:
+        ids = self.res.text.ids.reshape(-1)
+        name = self.names.weight("embed")
+        table_rows = self.source.shape(name)[0]
+        if int(ids.max()) >= table_rows:
+            raise RecipeError(f"calibration token id {int(ids.max())} is past the embedding's {table_rows} rows")
+        read_rows = getattr(self.source, "read_rows", None)
+        if read_rows is None:
+            h = np.asarray(self.source.read(name), np.float32)[ids]
+        else:
+            h = np.empty((ids.size, self.spec.hidden_size), np.float32)
+            step = max(1, (1 << 22) // self.spec.hidden_size)
+            for a in range(0, table_rows, step):
+                sel = np.nonzero((ids >= a) & (ids < a + step))[0]
+                if sel.size:
+                    h[sel] = np.asarray(read_rows(name, a, min(a + step, table_rows)), np.float32)[ids[sel] - a]
+        return h * np.float32(self.spec.embedding_scale)
+
+    def layer(self, i: int, x: np.ndarray) -> np.ndarray:
+        spec, names = self.spec, self.names
+        a = spec.attention_of(i)
+        base = f"/model/layers.{i}/attn"
+        module, nw, nb = self.norm_params("attn_norm", i)
+        h_in = F.norm(x, nw, nb, spec)
+        parts = names.linear(["q", "k", "v"], [a.q_size, a.kv_size, a.kv_size], i)
+        self._no_rows(parts)
+        projs = [(p.name, self.storage([f"{base}/qkv_proj/MatMul", f"{base}/{r}_proj/MatMul", p.module]))
+                 for r, p in zip("qkv", parts)]
+        wq, wk, wv = self.group(h_in, projs, _Fold(lambda s: self.fold_into_norm(module, nw, nb, s)))
+        if self.res.replaced.get(f"{module}.weight") is not None:
+            h_in = F.norm(x, *self.norm_params("attn_norm", i)[1:], spec)
+        ys = [h_in @ w.T for w in (wq, wk, wv)]
+        if a.qkv_bias:
+            ys = [y + self.bias(p.module) for y, p in zip(ys, parts)]
+        del h_in
+        S, L = self.shape
+        ctx = np.concatenate([F.attention(ys[0][s * L:(s + 1) * L], ys[1][s * L:(s + 1) * L],
+                                          ys[2][s * L:(s + 1) * L], spec, i, self.rotary) for s in range(S)])
+        del ys
+        o = names.linear(["o"], [spec.hidden_size], i)[0]
+        (wo,) = self.group(ctx, [(o.name, self.storage([f"{base}/o_proj/MatMul"] * 2 + [o.module]))])
+        out = ctx @ wo.T
+        del ctx
+        if a.o_bias:
+            out += self.bias(o.module)
+        x = x + np.float32(spec.residual_scale) * out
+        del out
+        return x + np.float32(spec.residual_scale) * self.mlp(i, x)
+
+    def mlp(self, i: int, x: np.ndarray) -> np.ndarray:
+        spec, names, m = self.spec, self.names, self.spec.mlp
+        base = f"/model/layers.{i}/mlp"
+        module, nw, nb = self.norm_params("ffn_norm", i)
+        h = F.norm(x, nw, nb, spec)
+        roles = ["gate", "up"] if m.gated else ["up"]
+        parts = names.linear(roles, [m.intermediate_size] * len(roles), i)
+        self._no_rows(parts)
+        projs = [(p.name, self.storage([f"{base}/gate_up_proj/MatMul", f"{base}/{r}_proj/MatMul", p.module]))
+                 for r, p in zip(roles, parts)]
+        down = names.linear(["down"], [spec.hidden_size], i)[0]
+        down_st = self.storage([f"{base}/down_proj/MatMul"] * 2 + [down.module])
+        fold = _Fold(lambda s: self.fold_into_norm(module, nw, nb, s))
+        if m.gated and down_st.quantized and down_st.method in ("awq", "awq+gptq"):
+            self._awq_down(h, parts, down, down_st, fold)
+        ws = self.group(h, projs, fold)
+        if self.res.replaced.get(f"{module}.weight") is not None:
+            h = F.norm(x, *self.norm_params("ffn_norm", i)[1:], spec)
+        biases = [self.bias(p.module) if m.bias else None for p in parts]
+        inter = self._intermediate(h, ws, biases)
+        (wd,) = self.group(inter, [(down.name, down_st)])
+        out = inter @ wd.T
+        return out + self.bias(down.module) if m.bias else out
+
+    def _intermediate(self, h: np.ndarray, ws: list[np.ndarray], biases) -> np.ndarray:
+        out = np.empty((h.shape[0], ws[-1].shape[0]), np.float32)
+        for a in range(0, h.shape[0], TOKEN_CHUNK):
+            hs = h[a:a + TOKEN_CHUNK]
+            ys = [hs @ w.T + (b if b is not None else 0) for w, b in zip(ws, biases)]
+            out[a:a + TOKEN_CHUNK] = F.activation(ys[0], self.spec.mlp.activation) * ys[1] if len(ys) == 2 \
+                else F.activation(ys[0], self.spec.mlp.activation)
+        return out
+
+    def _awq_down(self, h, parts, down, down_st, fold) -> None:
+        """down_proj's AWQ scales, searched on the float intermediate of a token subset, folded into up's rows
+        (before gate/up are quantized: their own AWQ scales come after, on the norm)."""
+        from ..quant.methods import quantize
+
+        sub = h[:: max(1, h.shape[0] // AWQ_TOKENS)][:AWQ_TOKENS]
+        inter = self._intermediate(sub, [self.read(p.name) for p in parts],
+                                   [self.bias(p.module) if self.spec.mlp.bias else None for p in parts])
+
+        def fake(w):
+            return dequantize(quantize(w, bits=down_st.bits, block_size=down_st.block_size,
+                                       symmetric=down_st.symmetric, method=FALLBACK))
+
+        s, alpha, _ = awq_search(inter, np.abs(inter).mean(axis=0), [self.read(down.name)], fake)
+        self.res.alphas.append(alpha)
+        self.res.row_scale[parts[1].name] = s
+        self.res.col_scale[down.name] = s
+        if self.spec.mlp.bias and self.source.has(parts[1].with_suffix("bias").name):
+            raise RecipeError("AWQ on down_proj with an up_proj bias is not supported; use method gptq")
+
+    @staticmethod
+    def _no_rows(parts) -> None:
+        if any(p.rows is not None for p in parts):
+            raise RecipeError(f"calibrated methods need separate projection tensors; {parts[0].name} is fused in "
+                              "the checkpoint: use method k_quant or hqq for this model")
+
+    def lm_head(self, x: np.ndarray) -> None:
+        if self.recipe.exclude_lm_head:
+            return
+        _, nw, nb = self.norm_params("final_norm", None)
+        h = F.norm(x, nw, nb, self.spec)
+        name = self.names.lm_head(self.spec.tie_embeddings)
+        st = self.storage(["/lm_head/MatMul", "lm_head"])
+        if st.quantized and st.method in ("gptq", "awq+gptq"):
+            self.group(h, [(name, st)])
+
+
+class _Fold:
+    def __init__(self, fn):
+        self.fn = fn
+        self.scales = None
+
+    def __call__(self, s):
+        self.fn(s)
+
+
+def calibrate(source, spec, names, recipe, cal: Calibration, progress=None) -> Result:
+    """Run the calibration (see the module docstring); the caller removes ``result.folder``."""
+    F.check_supported(spec, recipe.method)
+    start = time.perf_counter()
+    text = calibration_ids(source, cal)
+    folder = Path(tempfile.mkdtemp(prefix="onnxforge-calib-"))
+    try:
+        run = Layerwise(source, spec, names, recipe, text, folder)
+        x = run.embed()
+        for i in range(spec.num_layers):
+            x = run.layer(i, x)
+            if progress:
+                progress(i + 1, spec.num_layers)
+        run.lm_head(x)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    run.res.seconds = time.perf_counter() - start
+    return run.res
+
+
+class CalibratedSource:
+    """The build's source with calibration applied: scaled weights and norms, and the quantized blocks as
+    exact native forms (graph/weights.py carries them over: "(calibrated)" in the storage)."""
+
+    ORIGIN = "calibrated"
+
+    def __init__(self, inner, result: Result):
+        self._inner, self._res = inner, result
+
+    def __getattr__(self, name):
+        if name == "read_rows" and hasattr(self._inner, "read_rows"):
+            return self._read_rows
+        return getattr(self._inner, name)
+
+    def read(self, name: str) -> np.ndarray:
+        res = self._res
+        if name in res.replaced:
+            return res.replaced[name]
+        if name in res.col_scale or name in res.row_scale:
+            w = np.asarray(self._inner.read(name), np.float32)
+            return self._scale(name, w, 0)
+        return self._inner.read(name)
+
+    def _read_rows(self, name: str, a: int, b: int) -> np.ndarray:
+        w = self._inner.read_rows(name, a, b)
+        if name in self._res.col_scale or name in self._res.row_scale:
+            return self._scale(name, np.asarray(w, np.float32), a)
+        return w
+
+    def _scale(self, name: str, w: np.ndarray, first: int) -> np.ndarray:
+        if name in self._res.col_scale:
+            w = w * self._res.col_scale[name]
+        if name in self._res.row_scale:
+            w = w / self._res.row_scale[name][first:first + w.shape[0], None]
+        return w
+
+    def native_format(self, name: str) -> NativeFormat | None:
+        if name in self._res.blocks:
+            st = self._res.blocks[name][1]
+            return NativeFormat(self.ORIGIN, st.bits, st.block_size, not st.symmetric, False)
+        fmt = getattr(self._inner, "native_format", None)
+        return fmt(name) if fmt else None
+
+    def native_blocks(self, name: str, bits: int, block_size: int) -> NativeBlocks | None:
+        if name in self._res.blocks:
+            path, st = self._res.blocks[name]
+            if (bits, block_size) != (st.bits, st.block_size):
+                return None
+            with np.load(path) as z:
+                return NativeBlocks(z["data"], z["scales"], z["zero_points"] if "zero_points" in z else None,
+                                    st.bits, st.block_size, self.ORIGIN)
+        return self._inner.native_blocks(name, bits, block_size)
+
+
+def storage_with(st: Storage, **kw) -> Storage:
+    return replace(st, **kw)
