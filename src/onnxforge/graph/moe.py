@@ -354,9 +354,9 @@ def _group_limit(e: "Emitter", node: str, select: ir.Value) -> ir.Value:
     groups, keep = m.groups
     per, base = m.num_experts // groups, f"{node}/group"
     view = b.op("Reshape", [select, b.const([-1, groups, per], np.int64)], f"{base}/Reshape")
-    best2, _ = b.op("TopK", [view, b.const([2], np.int64)], f"{base}/TopK", n_out=2, axis=-1)
+    best2, _ = e.float32_op("TopK", [view, b.const([2], np.int64)], f"{base}/TopK", n_out=2, axis=-1)
     score = b.op("ReduceSum", [best2, b.const([-1], np.int64)], f"{base}/ReduceSum", keepdims=0)  # (T, n_group)
-    _, kept = b.op("TopK", [score, b.const([keep], np.int64)], f"{base}/TopK_1", n_out=2, axis=-1)
+    _, kept = e.float32_op("TopK", [score, b.const([keep], np.int64)], f"{base}/TopK_1", n_out=2, axis=-1)
     zeros = b.op("Expand", [b.const(np.zeros(1, np.float32)), b.op("Shape", [score], f"{base}/Shape")],
                  f"{base}/Expand")
     ones = b.op("Expand", [b.const(np.ones(1, np.float32)), b.op("Shape", [kept], f"{base}/Shape_1")],
