@@ -1,7 +1,7 @@
 """fp32 parity of onnxforge and the anchor (onnxruntime-genai 0.18's builder, CPU) on the tiny state-carrying
-hybrids of tests/test_family_hybrid.py, test_family_lfm2_moe.py and test_family_granite_hybrid.py (issue 25
-item 1): max |logits - transformers| over a prefill of 16 tokens and 24 cached decode steps (onnxruntime CPU,
-every carried state fed back), and onnxruntime-genai's 20 greedy tokens equal to transformers'. One line per
+hybrids of tests/test_family_hybrid.py, test_family_lfm2_moe.py, test_family_granite_hybrid.py and the Qwen3.5
+MoE of test_family_qwen_next.py (issue 25 item 1): max |logits - transformers| over a prefill of 16 tokens and 24
+cached decode steps (onnxruntime CPU, every carried state fed back), and onnxruntime-genai's 20 greedy tokens equal to transformers'. One line per
 model; the anchor's cell says why where its builder cannot build it.
 
     python bench/hybrid_parity.py [--work DIR] [--only lfm2,granite_hybrid_moe,...]
@@ -23,14 +23,44 @@ def models() -> dict:
     import test_family_granite_hybrid as G
     import test_family_hybrid as H
     import test_family_lfm2_moe as M
+    import test_family_qwen_next as Q
     import tiny
+
+    def qwen35_moe(folder):  # seed 1, as the test's (its Qwen3_5MoeTextConfig tiny model)
+        cls, params = Q.FAMILIES["qwen3_5_moe"]
+        params = dict(params)
+        return Q.make_hybrid(folder, cls, params.pop("seed"), **params)
+
+    def qwen35_moe_published(folder):  # the same text decoder as published (the form the anchor's builder takes)
+        import torch
+        import transformers
+
+        params = dict(Q.FAMILIES["qwen3_5_moe"][1])
+        seed = params.pop("seed")
+        text = dict(params, vocab_size=tiny.VOCAB, max_position_embeddings=256, bos_token_id=1, eos_token_id=0,
+                    pad_token_id=0)
+        vision = dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=64, patch_size=4,
+                      num_position_embeddings=16)
+        config = transformers.Qwen3_5MoeConfig(text_config=text, vision_config=vision, image_token_id=300,
+                                               video_token_id=301, vision_start_token_id=302, vision_end_token_id=303)
+        torch.manual_seed(seed)
+        model = transformers.Qwen3_5MoeForConditionalGeneration(config).eval()
+        tiny.spread_weights(model)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name and ".linear_attn.norm." not in name and "visual" not in name:
+                    p.sub_(1.0)
+        model.save_pretrained(folder)
+        tiny.tokenizer_files(folder)
+        return model
 
     return {"lfm2": lambda f: tiny.make_model("lfm2", f, **H.LFM2), "lfm2_moe": M.make,
             "granite_hybrid_moe": G.make,
             "granite_hybrid_dense": lambda f: G.make(f, num_local_experts=0, position_embedding_type="rope"),
             "granite_hybrid_attention_only": lambda f: G.make(f, num_local_experts=0, layer_types=["attention"] * 4),
             "granite_hybrid_attention_rope": lambda f: G.make(f, num_local_experts=0, layer_types=["attention"] * 4,
-                                                               position_embedding_type="rope")}
+                                                               position_embedding_type="rope"),
+            "qwen3_5_moe": qwen35_moe, "qwen3_5_moe_published": qwen35_moe_published}
 
 
 def main() -> None:

@@ -108,9 +108,11 @@ def _extract(sdist: Path, target: Path) -> None:
         tar.extractall(target, members=members, filter="data")  # "data": nothing outside target, no links
 
 
-def real_convert(hf_folder: Path, out_gguf: Path, outtype: str = "f32", pre: str | None = None) -> Path:
+def real_convert(hf_folder: Path, out_gguf: Path, outtype: str = "f32", pre: str | None = None,
+                 extra: tuple[str, ...] = ()) -> Path:
     """Run llama.cpp's convert_hf_to_gguf.py on `hf_folder`; `pre` names the pre-tokenizer for a BPE
-    tokenizer whose hash the converter does not know (see the module doc). Skips the calling test when
+    tokenizer whose hash the converter does not know (see the module doc); `extra`: more converter options
+    (`--no-mtp` for a Qwen3.5 / Qwen3-Next checkpoint without MTP layers). Skips the calling test when
     the sdist cannot be fetched."""
     import pytest
 
@@ -121,7 +123,7 @@ def real_convert(hf_folder: Path, out_gguf: Path, outtype: str = "f32", pre: str
     if pre:
         env["ONNXFORGE_TEST_TOKENIZER_PRE"] = pre
     cmd = [sys.executable, "-c", WRAPPER, str(folder / "convert_hf_to_gguf.py"), str(hf_folder),
-           "--outfile", str(out_gguf), "--outtype", outtype]
+           "--outfile", str(out_gguf), "--outtype", outtype, *extra]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     if run.returncode != 0:
         raise AssertionError(f"convert_hf_to_gguf.py failed ({run.returncode}):\n{run.stderr[-3000:]}")

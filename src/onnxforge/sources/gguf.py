@@ -14,6 +14,7 @@ import fnmatch
 import hashlib
 import importlib.metadata
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,8 @@ from gguf.quants import dequantize
 from ..errors import CheckpointError, ConfigError, OnnxForgeError, OutputError, UnsupportedArchitectureError
 from .base import NativeBlocks, NativeFormat
 from .gguf_blocks import block_form, split_blocks, transcode
-from .gguf_maps import (AUXILIARY_TENSORS, FAMILIES, UNFAITHFUL, GGUFFamily, compile_tensor_map, hf_tensor_name,
-                        permuted_heads)
+from .gguf_maps import (AUXILIARY_TENSORS, FAMILIES, UNFAITHFUL, GGUFFamily, View, compile_tensor_map,
+                        hf_tensor_name, permuted_heads)
 from .gguf_tokenizer import build_tokenizer
 
 GGUF_MAGIC = b"GGUF"
@@ -62,7 +63,9 @@ class GGUFSource:
             self._arch = str(self._meta.get("general.architecture", ""))
             self._family = _family(self._arch, self.path)
             self._tensors = self._map_tensors()
+            self._views: dict[str, View] = {}
             self.config = self._build_config()
+            self._apply_views()
             self.generation_config = self._build_generation_config()
         except OnnxForgeError:
             self.close()
@@ -90,6 +93,9 @@ class GGUFSource:
     _ONE_ROW = ("*.mlp.shared_expert_gate.weight",)
 
     def _shape(self, name: str, tensor: ReaderTensor) -> tuple[int, ...]:
+        view = self._views.get(name)
+        if view is not None:
+            return self._view_shape(view, _hf_shape(tensor))
         shape = _hf_shape(tensor)
         if len(shape) == 1 and any(fnmatch.fnmatchcase(name, p) for p in self._ONE_ROW):
             return (1, *shape)
@@ -99,6 +105,9 @@ class GGUFSource:
         """`name` as a float32 array in HF layout, dequantized and Q/K-unpermuted."""
         tensor = self._tensor(name)
         try:
+            view = self._views.get(name)
+            if view is not None:
+                return self._read_view(view, tensor)
             values = _dequantize(tensor.data, tensor.tensor_type).reshape(self._shape(name, tensor))
             offset = self._family.offset(name)
             if offset:  # e.g. Gemma's converter stores norm weights + 1; HF stores them as they are
@@ -119,7 +128,8 @@ class GGUFSource:
         together, so a row slice is a byte slice; Q/K rows permuted for llama.cpp's rotary are gathered."""
         tensor = self._tensor(name)
         shape = _hf_shape(tensor)
-        if len(shape) != 2:
+        view = self._views.get(name)
+        if len(shape) != 2 or (view is not None and (view.cols is not None or view.value or view.shape)):
             return self.read(name)[start:stop]
         try:
             perm = self._row_permutation(name, shape[0])
@@ -140,7 +150,8 @@ class GGUFSource:
         its rows; a tensor whose rows are permuted or offset is read whole."""
         tensor = self._tensor(name)
         shape = _hf_shape(tensor)
-        if len(shape) < 3 or self._row_permutation(name, shape[0]) is not None or self._family.offset(name):
+        if (len(shape) < 3 or self._row_permutation(name, shape[0]) is not None or self._family.offset(name)
+                or name in self._views):
             return self.read(name)[index]
         try:
             return np.ascontiguousarray(_dequantize(tensor.data[index], tensor.tensor_type).reshape(shape[1:]))
@@ -174,7 +185,11 @@ class GGUFSource:
         if kind in (QT.F32, QT.F16, QT.BF16):
             return None
         form = block_form(kind)
-        if form is None or len(tensor.shape) not in (2, 3) or (len(tensor.shape) == 3 and not self._plain_slices(name)):
+        view = self._views.get(name)
+        if (form is None or len(tensor.shape) not in (2, 3) or (len(tensor.shape) == 3 and not self._plain_slices(name))
+                or (view is not None and (view.value or view.shape
+                                          or _block_order(view.cols, form.block_size) is False))):
+            # values changed, or columns moved within blocks: dequantized
             return NativeFormat(kind.name, 0, 0, False, False)
         # stacked experts (3-D): the same blocks, one expert at a time (read_expert_blocks), for QMoE
         return NativeFormat(kind.name, form.bits, self._block_size(name, form.block_size), form.zero_points,
@@ -183,7 +198,8 @@ class GGUFSource:
     def _plain_slices(self, name: str) -> bool:
         """Whether expert slices of a stacked tensor are its stored rows as they are (no permutation, no offset)."""
         shape = self.shape(name)
-        return self._row_permutation(name, shape[0]) is None and not self._family.offset(name)
+        return (self._row_permutation(name, shape[0]) is None and not self._family.offset(name)
+                and name not in self._views)
 
     def read_expert_blocks(self, name: str, index: int) -> NativeBlocks | None:
         """Expert `index` of a stacked block-quantized tensor (E, N, K) as the exact arrays of its own block
@@ -231,6 +247,10 @@ class GGUFSource:
             perm = self._row_permutation(name, n_rows)
             if perm is not None:
                 raw = raw[perm]
+            view = self._views.get(name)
+            blocks = _block_order(view.cols, elements) if view is not None else None
+            if blocks is not None:  # columns moved in whole blocks: the blocks move
+                raw = raw[:, blocks]
             form = block_form(kind)
             t = split_blocks(transcode(raw, kind), form.bits, form.block_size, block_size)
         except OnnxForgeError:
@@ -300,8 +320,12 @@ class GGUFSource:
         """HF name -> GGUF tensor, refusing tensors the family table cannot name or types we cannot read."""
         compiled = compile_tensor_map(self._family)
         mapped: dict[str, ReaderTensor] = {}
+        first_mtp = self._layer_count()
         for tensor in self._open().tensors:
             if tensor.name in AUXILIARY_TENSORS:
+                continue
+            block = re.match(r"blk\.(\d+)\.", tensor.name)
+            if block is not None and int(block[1]) >= first_mtp:  # a multi-token-prediction layer: not built
                 continue
             hf_name = hf_tensor_name(tensor.name, compiled)
             if hf_name is None:
@@ -320,8 +344,59 @@ class GGUFSource:
             raise CheckpointError(f"{self.path} has no token_embd.weight tensor; it is not a complete model.")
         return mapped
 
+    def _apply_views(self) -> None:
+        """The family's views (gguf_maps.View): each HF name read through one; a GGUF tensor split into
+        several HF ones is listed under those names only."""
+        if self._family.views is None:
+            return
+        stored = {name: _hf_shape(t) for name, t in self._tensors.items()}
+        views = {name: v for name, v in self._family.views(self.config, stored).items() if v.source in self._tensors}
+        sources = {v.source for v in views.values()}
+        tensors = {name: t for name, t in self._tensors.items() if name not in sources or name in views}
+        for name, view in views.items():
+            tensor = self._tensors[view.source]
+            shape = _hf_shape(tensor)
+            for index, axis in ((view.rows, 0), (view.cols, len(shape) - 1)):
+                if index is not None and (len(shape) < axis + 1 or index.size and int(index.max()) >= shape[axis]):
+                    raise CheckpointError(f"tensor {tensor.name!r} in {self.path} has shape {shape}, too small for "
+                                          f"{name} as config says; the file is inconsistent: re-convert it.")
+            target = self._view_shape(view, shape)
+            if view.shape is not None and int(np.prod(target)) != int(np.prod(self._view_shape(
+                    View(view.source, view.rows, view.cols), shape))):
+                raise CheckpointError(f"tensor {tensor.name!r} in {self.path} has shape {shape}, which does not hold "
+                                      f"{name} of shape {view.shape}; the file is inconsistent: re-convert it.")
+            tensors[name] = tensor
+        self._tensors, self._views = tensors, views
+
+    @staticmethod
+    def _view_shape(view: View, stored: tuple[int, ...]) -> tuple[int, ...]:
+        if view.shape is not None:
+            return view.shape
+        shape = list(stored)
+        if view.rows is not None:
+            shape[0] = len(view.rows)
+        if view.cols is not None:
+            shape[-1] = len(view.cols)
+        return tuple(shape)
+
+    def _read_view(self, view: View, tensor: ReaderTensor) -> np.ndarray:
+        values = _dequantize(tensor.data, tensor.tensor_type).reshape(_hf_shape(tensor))
+        if view.rows is not None:
+            values = values[view.rows]
+        if view.cols is not None:
+            values = values[..., view.cols]
+        if view.shape is not None:
+            values = values.reshape(view.shape)
+        if view.value is not None:
+            values = view.value(values).astype(np.float32)
+        offset = self._family.offset(view.source)
+        return np.ascontiguousarray(values - np.float32(offset) if offset else values)
+
     def _row_permutation(self, name: str, n_rows: int) -> np.ndarray | None:
-        """Row gather undoing llama.cpp's Q/K rotary permutation for `name`, or None."""
+        """Row gather undoing llama.cpp's Q/K rotary permutation (or a view's rows) for `name`, or None."""
+        view = self._views.get(name)
+        if view is not None:
+            return view.rows
         if not self._family.permute_qk:
             return None
         heads = permuted_heads(name, self.config["num_attention_heads"], self.config["num_key_value_heads"])
@@ -373,7 +448,7 @@ class GGUFSource:
             "vocab_size": _hf_shape(self._tensors["model.embed_tokens.weight"])[0],
             "hidden_size": hidden,
             "intermediate_size": int(self._key("feed_forward_length")),
-            "num_hidden_layers": int(self._key("block_count")),
+            "num_hidden_layers": self._layer_count(),
             "num_attention_heads": heads,
             "num_key_value_heads": int(kv_heads),
             "head_dim": head_dim,
@@ -410,6 +485,13 @@ class GGUFSource:
         if self._family.config_hook is not None:
             config.update(self._family.config_hook(config, self._key))
         return config
+
+    def _layer_count(self) -> int:
+        """block_count less the multi-token-prediction layers the converter appends (nextn_predict_layers)."""
+        blocks, mtp = int(self._key("block_count")), int(self._key("nextn_predict_layers", 0))
+        if not 0 <= mtp < blocks:
+            raise ConfigError(f"{self.path}: nextn_predict_layers {mtp} must be below block_count {blocks}")
+        return blocks - mtp
 
     def _token_ids(self) -> dict[str, int]:
         names = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id",
@@ -639,6 +721,19 @@ def _single_value(value: Any, key: str) -> int:
             raise ConfigError(f"GGUF metadata {key} varies per layer ({sorted(set(value))}); not supported.")
         return int(value[0])
     return int(value)
+
+
+def _block_order(cols: np.ndarray | None, block: int) -> np.ndarray | bool | None:
+    """The order of whole column blocks a column gather amounts to; None for no gather, False when the gather
+    moves columns within a block (then no stored block survives as it is)."""
+    if cols is None:
+        return None
+    if cols.size % block:
+        return False
+    runs = cols.reshape(-1, block)
+    if np.any(runs[:, 0] % block) or np.any(runs - runs[:, :1] != np.arange(block)):
+        return False
+    return runs[:, 0] // block
 
 
 def _hf_shape(tensor: ReaderTensor) -> tuple[int, ...]:

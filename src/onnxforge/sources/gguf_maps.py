@@ -12,12 +12,33 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+import numpy as np
+
 from ..errors import ConfigError
 
 # GGUF tensors that carry no HF weight; they are read for the config instead (rope_freqs: llama3
 # rope scaling factors; rope_factors_long/short: LongRoPE's) and never listed by `tensor_names()`.
 AUXILIARY_TENSORS: frozenset[str] = frozenset({"rope_freqs.weight", "rope_factors_long.weight",
                                                "rope_factors_short.weight"})
+
+
+@dataclass(frozen=True)
+class View:
+    """How one HF tensor is read from a GGUF tensor that llama.cpp's converter transformed: `source` is the HF
+    name the GGUF tensor maps to by the role table; the HF tensor is its rows `rows` (a gather; a subset where one
+    GGUF tensor holds two HF ones), then its columns `cols`, reshaped to `shape`, with `value` applied (the
+    inverse of an elementwise transform). Rows stay exact for block-quantized weights; a view with columns or a
+    value is dequantized."""
+
+    source: str
+    rows: np.ndarray | None = None
+    cols: np.ndarray | None = None
+    shape: tuple[int, ...] | None = None
+    value: Callable[[np.ndarray], np.ndarray] | None = None
+
+
+# (HF config, HF name -> stored HF shape) -> {HF name: View}: the tensors a family reads through a view
+ViewHook = Callable[[dict, Mapping[str, tuple[int, ...]]], Mapping[str, View]]
 
 
 @dataclass(frozen=True)
@@ -33,6 +54,7 @@ class GGUFFamily:
     # (config so far, metadata getter `key(suffix, default)`) -> more HF config keys
     config_hook: Callable[[dict, Callable[..., Any]], Mapping[str, Any]] | None = None
     offsets: Mapping[str, float] = field(default_factory=dict)  # HF tensor glob -> value llama.cpp's converter added
+    views: ViewHook | None = None  # tensors the converter reordered, split, reshaped or transformed (View)
 
     def offset(self, hf_name: str) -> float:
         return next((v for pattern, v in self.offsets.items() if fnmatch.fnmatchcase(hf_name, pattern)), 0.0)
@@ -111,6 +133,84 @@ def _mistral3(cfg: dict, key: Callable[..., Any]) -> dict:
         raise ConfigError("this mistral3 GGUF is a Ministral 3 (attention temperature scaling, "
                           "llama_4_scaling_beta), which onnxforge does not build; Mistral Small 3.x builds")
     return {} if cfg.get("sliding_window") else {"sliding_window": None}
+
+
+# Gated delta-net layers (Qwen3.5, Qwen3-Next): llama.cpp's names for the linear attention's tensors (attn_qkv
+# there is the linear attention's in_proj_qkv, not a fused attention projection; attn_gate its in_proj_z).
+_LINEAR_ATTN = {"qkv": None, "la_qkv": "blk.{i}.attn_qkv", "la_z": "blk.{i}.attn_gate", "la_b": "blk.{i}.ssm_beta",
+                "la_a": "blk.{i}.ssm_alpha", "la_ba": "blk.{i}.ssm_ba", "la_conv": "blk.{i}.ssm_conv1d",
+                "la_norm": "blk.{i}.ssm_norm", "la_out": "blk.{i}.ssm_out", "la_A_log": "blk.{i}.ssm_a",
+                "la_dt_bias": "blk.{i}.ssm_dt", "ffn_norm": "blk.{i}.post_attention_norm", "attn_post_norm": None}
+# The converter adds 1 to every norm but the gated one (HF scales by 1 + weight there)
+_NORMS_PLUS_1_BUT_GATED = {"*.linear_attn.norm.weight": 0.0, "*norm.weight": 1.0}
+
+
+def _linear_attention(cfg: dict, key: Callable[..., Any]) -> dict:
+    """The gated delta-net's sizes from the ssm.* keys, and each layer's kind from attention.recurrent_layers
+    (else every full_attention_interval-th layer is attention, as the config classes choose)."""
+    n = cfg["num_hidden_layers"]
+    value_heads = int(key("ssm.time_step_rank"))
+    recurrent = key("attention.recurrent_layers", None)
+    if recurrent is None:
+        every = int(key("full_attention_interval", 4))
+        recurrent = [(i + 1) % every != 0 for i in range(n)]
+    if not isinstance(recurrent, list) or len(recurrent) < n:
+        raise ConfigError(f"GGUF metadata attention.recurrent_layers must list {n} layers")
+    return {"linear_conv_kernel_dim": int(key("ssm.conv_kernel")), "linear_key_head_dim": int(key("ssm.state_size")),
+            "linear_num_key_heads": int(key("ssm.group_count")), "linear_num_value_heads": value_heads,
+            "linear_value_head_dim": int(key("ssm.inner_size")) // value_heads,
+            "layer_types": ["linear_attention" if r else "full_attention" for r in recurrent[:n]]}
+
+
+def _tiled_to_grouped(key_heads: int, per_key: int, dim: int) -> np.ndarray | None:
+    """Rows undoing the converter's V-head reorder (Qwen3.5: value heads grouped by key head, (g, j), written
+    tiled, (j, g)): HF row (g, j, d) is GGUF row (j * key_heads + g) * dim + d. None when nothing moved."""
+    if per_key == 1:
+        return None
+    return np.arange(per_key * key_heads * dim).reshape(per_key, key_heads, dim).transpose(1, 0, 2).reshape(-1)
+
+
+def _linear_views(reordered: bool) -> ViewHook:
+    """The linear attention's tensors as transformers stores them: -exp(A_log) -> A_log, the squeezed conv1d
+    (C, K) -> (C, 1, K), Qwen3.5's tiled V heads put back in their groups (`reordered`), and Qwen3-Next's
+    in_proj_ba (kept interleaved per key head, [b, a] for each) split into in_proj_b and in_proj_a rows."""
+
+    def views(cfg: dict, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, View]:
+        k, v = cfg["linear_num_key_heads"], cfg["linear_num_value_heads"]
+        r, kd, vd = v // k, cfg["linear_key_head_dim"], cfg["linear_value_head_dim"]
+        heads = _tiled_to_grouped(k, r, 1) if reordered else None
+        v_rows = _tiled_to_grouped(k, r, vd) if reordered else None
+        qkv_rows = None if v_rows is None else np.concatenate([np.arange(2 * k * kd), 2 * k * kd + v_rows])
+        out: dict[str, View] = {}
+        for i, kind in enumerate(cfg["layer_types"]):
+            p = f"model.layers.{i}.linear_attn."
+            if kind != "linear_attention" or f"{p}conv1d.weight" not in shapes:
+                continue
+            conv = shapes[f"{p}conv1d.weight"]
+            out[f"{p}conv1d.weight"] = View(f"{p}conv1d.weight", rows=qkv_rows, shape=(conv[0], 1, conv[-1]))
+            out[f"{p}in_proj_qkv.weight"] = View(f"{p}in_proj_qkv.weight", rows=qkv_rows)
+            out[f"{p}in_proj_z.weight"] = View(f"{p}in_proj_z.weight", rows=v_rows)
+            out[f"{p}out_proj.weight"] = View(f"{p}out_proj.weight", cols=v_rows)
+            out[f"{p}A_log"] = View(f"{p}A_log", rows=heads, value=lambda a: np.log(-a))
+            out[f"{p}dt_bias"] = View(f"{p}dt_bias", rows=heads)
+            if f"{p}in_proj_ba.weight" in shapes:
+                group = np.arange(k)[:, None] * 2 * r
+                out[f"{p}in_proj_b.weight"] = View(f"{p}in_proj_ba.weight", rows=(group + np.arange(r)).reshape(-1))
+                out[f"{p}in_proj_a.weight"] = View(f"{p}in_proj_ba.weight",
+                                                   rows=(group + r + np.arange(r)).reshape(-1))
+            else:
+                out[f"{p}in_proj_b.weight"] = View(f"{p}in_proj_b.weight", rows=heads)
+                out[f"{p}in_proj_a.weight"] = View(f"{p}in_proj_a.weight", rows=heads)
+        return out
+
+    return views
+
+
+def _qwen35(moe: bool) -> GGUFFamily:
+    arch, model_type = ("Qwen3_5MoeForCausalLM", "qwen3_5_moe_text") if moe else ("Qwen3_5ForCausalLM", "qwen3_5_text")
+    return GGUFFamily(arch, model_type, False, {"norm_topk_prob": True} if moe else {},
+                      gguf_names=_LINEAR_ATTN, config_keys=_EXPERT_KEYS if moe else {},
+                      config_hook=_linear_attention, offsets=_NORMS_PLUS_1_BUT_GATED, views=_linear_views(True))
 
 
 FAMILIES: dict[str, GGUFFamily] = {
@@ -203,6 +303,20 @@ FAMILIES: dict[str, GGUFFamily] = {
     # deepstack layers add image features only), Mistral Small 3.x as mistral3 (Q/K permuted like llama).
     "qwen3vl": GGUFFamily("Qwen3ForCausalLM", "qwen3", False, {"use_sliding_window": False}),
     "mistral3": GGUFFamily("MistralForCausalLM", "mistral", True, {"mlp_bias": False}, config_hook=_mistral3),
+    # Qwen3.5 dense and MoE, Qwen3-Next: gated delta-net layers (ssm.* sizes, attention.recurrent_layers) beside
+    # gated attention (its q_proj also gives the output gate; neox rotary over rope.dimension_count, not
+    # permuted; Qwen3.5's mrope sections rotate text as the plain rotary). What the converter did to the tensors
+    # is undone by views (_linear_views) and offsets; MTP layers (nextn_predict_layers) are left unread.
+    # llama.cpp's graphs renormalise the top k (HF's default, true in the published configs).
+    "qwen35": _qwen35(moe=False),
+    "qwen35moe": _qwen35(moe=True),
+    # Qwen3-Next: in_proj_qkvz written apart as attn_qkv (q, k, v of every key head in turn: Qwen3.5's
+    # in_proj_qkv) and attn_gate (its in_proj_z); in_proj_ba as it is; V heads not reordered. Every layer MoE
+    # (the converter cannot write mlp_only_layers).
+    "qwen3next": GGUFFamily("Qwen3NextForCausalLM", "qwen3_next", False,
+                            {"norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []},
+                            gguf_names=_LINEAR_ATTN, config_keys=_EXPERT_KEYS, config_hook=_linear_attention,
+                            offsets=_NORMS_PLUS_1_BUT_GATED, views=_linear_views(False)),
 }
 
 # GGUF architectures that llama.cpp converts but computes otherwise than the HF model, so that no build
@@ -224,6 +338,10 @@ def permuted_heads(hf_name: str, n_heads: int, n_kv_heads: int) -> int | None:
     return n_heads if match["proj"] == "q" else n_kv_heads
 
 
+# HF parameters (not modules) that llama.cpp writes without a `.weight` suffix
+_BARE = frozenset({"A_log", "D"})
+
+
 def compile_tensor_map(family: GGUFFamily) -> list[tuple[re.Pattern[str], str]]:
     """Regexes matching GGUF names, each with its HF template (`{i}` filled from the match).
 
@@ -235,6 +353,10 @@ def compile_tensor_map(family: GGUFFamily) -> list[tuple[re.Pattern[str], str]]:
     compiled = []
     for gguf_base, role in gguf_names(family.gguf_names).items():
         hf_base = pinned.get(role) or ROLES[role].hf[0]
+        if hf_base.rsplit(".", 1)[-1] in _BARE:  # a parameter the converter kept bare (`ssm_a`)
+            pattern = re.escape(gguf_base).replace(r"\{i\}", r"(?P<i>\d+)")
+            compiled.append((re.compile(f"^{pattern}$"), hf_base))
+            continue
         if hf_base.endswith("_bias"):  # a bare parameter the converter renamed `x_bias` -> `x.bias`
             pattern = re.escape(f"{gguf_base}.bias").replace(r"\{i\}", r"(?P<i>\d+)")
             compiled.append((re.compile(f"^{pattern}$"), hf_base))

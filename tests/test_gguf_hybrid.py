@@ -1,0 +1,151 @@
+"""GGUF input for the state-carrying families (issue 25 item 5), from files written by llama.cpp's own
+convert_hf_to_gguf.py (tests/real_converter.py, the llama-cpp-python 0.3.36 sdist) from tiny random
+transformers models, and quantized by llama.cpp's own quantizer (llama_model_quantize).
+
+Qwen3.5 dense (qwen35) and MoE (qwen35moe) and Qwen3-Next (qwen3next): the converter turns A_log into
+-exp(A_log), squeezes the conv1d, adds 1 to every norm but the gated one, writes Qwen3-Next's interleaved
+in_proj_qkvz apart as attn_qkv / attn_gate (and keeps in_proj_ba), and moves Qwen3.5's value heads from grouped
+to tiled order (in_proj_qkv's v rows, in_proj_z, in_proj_a/b, A_log, dt_bias, conv1d's v channels, out_proj's
+columns); sources/gguf_maps.py undoes each (views, offsets). Every tensor read back equals transformers' state
+dict exactly; the fp32 build equals transformers within 1e-4 over a 12-token prompt and 20 cached decode steps,
+and over the prompt fed in two chunks; the Q8_0 file built as stored (MatMulNBits holding the file's blocks,
+reordered rows included) gives the logits of its own fp32 build.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+
+import numpy as np
+import pytest
+from family_check import FP32_TOL
+from test_family_hybrid import steps
+from test_family_qwen_next import FAMILIES as QWEN, make_hybrid, tokens
+
+import onnxforge
+from onnxforge.quant.recipe import Recipe
+from onnxforge.sources.gguf import GGUFSource
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from conftest import reference_logits  # noqa: E402
+
+# Qwen3-Next as llama.cpp converts it: experts on every layer (the converter has no dense-layer tensors for it)
+QWEN_GGUF = {"qwen3_5": (QWEN["qwen3_5"], "qwen35", "Qwen3_5ForCausalLM"),
+             "qwen3_5_moe": (QWEN["qwen3_5_moe"], "qwen35moe", "Qwen3_5MoeForCausalLM"),
+             "qwen3_next": (("Qwen3NextConfig", {k: v for k, v in QWEN["qwen3_next"][1].items()
+                                                 if k != "mlp_only_layers"}), "qwen3next", "Qwen3NextForCausalLM")}
+_CACHE: dict = {}
+
+
+def converted(tmp_path_factory, name: str, **overrides):
+    """(transformers model, HF folder, F32 GGUF by llama.cpp's converter), once a session."""
+    key = (name, *sorted(overrides.items()))
+    if key not in _CACHE:
+        from real_converter import real_convert
+
+        (config_class, params), _, _ = QWEN_GGUF[name]
+        params = {**params, **overrides}
+        seed = params.pop("seed", 0)
+        folder = tmp_path_factory.mktemp(f"gguf-{name}")
+        model = make_hybrid(folder / "hf", config_class, seed, **params)
+        # no MTP layers in the tiny checkpoint: the converter asserts some unless told --no-mtp
+        path = real_convert(folder / "hf", folder / "F32.gguf", "f32", pre="gpt-2", extra=("--no-mtp",))
+        _CACHE[key] = (model, folder / "hf", path)
+    return _CACHE[key]
+
+
+def quantize(f32, ftype: str):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the producers extra) quantizes the file")
+    out = f32.with_name(f"{ftype}.gguf")
+    if not out.exists():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+        params.nthread = 1
+        assert llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), ctypes.byref(params)) == 0
+    return out
+
+
+def hf_state(model) -> dict[str, np.ndarray]:
+    """transformers' state dict with stacked experts' gate_up_proj split as llama.cpp stores them (sources/gguf.py
+    names stacked experts as module weights: `mlp.experts.gate_proj.weight`), and Qwen3-Next's in_proj_qkvz /
+    in_proj_ba (per key head g: [q_g, k_g, v_g, z_g] and [b_g, a_g]) as Qwen3.5's in_proj_qkv, _z, _b, _a."""
+    c = model.config
+    k, r = c.linear_num_key_heads, c.linear_num_value_heads // c.linear_num_key_heads
+    kd, vd = c.linear_key_head_dim, r * c.linear_value_head_dim
+    out = {}
+    for name, t in model.state_dict().items():
+        a = t.detach().numpy()
+        if name.endswith("in_proj_qkvz.weight"):
+            g = a.reshape(k, 2 * kd + 2 * vd, -1)
+            q, kk, v, z = np.split(g, [kd, 2 * kd, 2 * kd + vd], axis=1)
+            p = name.replace("in_proj_qkvz.weight", "in_proj_")
+            out[p + "qkv.weight"] = np.concatenate([x.reshape(-1, a.shape[1]) for x in (q, kk, v)])
+            out[p + "z.weight"] = z.reshape(-1, a.shape[1])
+        elif name.endswith("in_proj_ba.weight"):
+            b, aa = np.split(a.reshape(k, 2 * r, -1), 2, axis=1)
+            p = name.replace("in_proj_ba.weight", "in_proj_")
+            out[p + "b.weight"], out[p + "a.weight"] = b.reshape(-1, a.shape[1]), aa.reshape(-1, a.shape[1])
+        elif name.endswith("mlp.experts.gate_up_proj"):
+            half = a.shape[1] // 2
+            out[name.replace("gate_up_proj", "gate_proj.weight")] = a[:, :half]
+            out[name.replace("gate_up_proj", "up_proj.weight")] = a[:, half:]
+        elif name.endswith("mlp.experts.down_proj"):
+            out[f"{name}.weight"] = a
+        else:
+            out[name] = a
+    return out
+
+
+@pytest.mark.parametrize("name", list(QWEN_GGUF))
+def test_qwen_linear_attention_gguf_fp32(tmp_path_factory, tmp_path, name):
+    model, _, path = converted(tmp_path_factory, name)
+    _, arch, hf_arch = QWEN_GGUF[name]
+    with GGUFSource(path) as source:
+        assert source._arch == arch and source.config["architectures"] == [hf_arch]
+        state = hf_state(model)
+        assert sorted(source.tensor_names()) == sorted(state)
+        for tensor in source.tensor_names():  # every converter transform undone exactly
+            got = source.read(tensor)
+            assert got.shape == state[tensor].shape, tensor
+            np.testing.assert_allclose(got, state[tensor], rtol=1e-6, atol=1e-7, err_msg=tensor)
+    out = tmp_path / "out"
+    onnxforge.build(path, out, "fp32")
+    report = json.loads((out / "build_report.json").read_text())
+    assert report["architecture"] == hf_arch and not report.get("unread_tensors"), report
+    prompt, decode = tokens()
+    ref = reference_logits(model, prompt + decode)
+    one = steps(out, [prompt] + [[t] for t in decode])
+    two = steps(out, [prompt[:5], prompt[5:]] + [[t] for t in decode])
+    assert np.abs(one - ref).max() < FP32_TOL, np.abs(one - ref).max()
+    assert np.abs(two - ref).max() < FP32_TOL, np.abs(two - ref).max()
+
+
+@pytest.mark.parametrize("name", ["qwen3_5", "qwen3_5_moe"])
+def test_qwen_linear_attention_gguf_q8_0_as_stored(tmp_path_factory, tmp_path, name):
+    """llama.cpp's quantizer writes the 2-D weights as Q8_0: built as stored, every one is the file's blocks as
+    they are (the reordered rows moved whole; out_proj's reordered columns too, value heads of 32 being whole
+    Q8_0 blocks), and the logits equal the fp32 build of the same file over the prompt and 20 cached decode
+    steps. With value heads of 8, out_proj's columns move within blocks: it is requantized, and said so.
+    The MoE's experts are kept float (--keep-float): 8-bit QMoE quantizes its activations to int8, ~1% of the
+    logits (tests/test_moe_as_stored.py measures that part)."""
+    _, _, f32 = converted(tmp_path_factory, name, linear_value_head_dim=32)
+    path = quantize(f32, "Q8_0")
+    with GGUFSource(path) as source:
+        for proj in ("in_proj_qkv", "in_proj_z", "out_proj"):
+            w = f"model.layers.0.linear_attn.{proj}.weight"
+            assert source.stored_format(w) == "Q8_0" and source.native_format(w).bits == 8, proj
+    with GGUFSource(quantize(converted(tmp_path_factory, name)[2], "Q8_0")) as narrow:
+        assert narrow.native_format("model.layers.0.linear_attn.out_proj.weight").bits == 0
+    exact, ref = tmp_path / "source", tmp_path / "fp32"
+    keep = ("/model/layers.*/moe/experts/*",) if "moe" in name else ()
+    report = onnxforge.build(path, exact, recipe=Recipe(precision="source", accuracy_level=0,
+                                                        keep_float=keep)).to_json()
+    onnxforge.build(path, ref, "fp32")
+    storage = {g["label"]: g["storage"] for g in report["groups"]}
+    for proj in ("qkv_proj", "z_proj", "out_proj"):
+        assert storage[f"/model/layers.0/linear_attn/{proj}"] == "int8 block 32 (exact Q8_0)", storage
+    prompt, decode = tokens()
+    got = steps(exact, [prompt] + [[t] for t in decode])
+    want = steps(ref, [prompt] + [[t] for t in decode])
+    assert np.abs(got - want).max() < FP32_TOL, np.abs(got - want).max()
