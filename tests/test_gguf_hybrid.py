@@ -149,3 +149,55 @@ def test_qwen_linear_attention_gguf_q8_0_as_stored(tmp_path_factory, tmp_path, n
     got = steps(exact, [prompt] + [[t] for t in decode])
     want = steps(ref, [prompt] + [[t] for t in decode])
     assert np.abs(got - want).max() < FP32_TOL, np.abs(got - want).max()
+
+
+def converted_lfm2(tmp_path_factory, name: str):
+    """(transformers model, F32 GGUF by llama.cpp's converter) of the tiny LFM2 / LFM2-MoE, once a session.
+    LFM2-MoE with routed_scaling_factor 1.0, as published: the converter writes no routed scale (llama.cpp's
+    graph has none), so a GGUF cannot carry the tiny test model's 1.5."""
+    if name not in _CACHE:
+        from real_converter import real_convert
+
+        folder = tmp_path_factory.mktemp(f"gguf-{name}")
+        if name == "lfm2":
+            import tiny
+            from test_family_hybrid import LFM2
+
+            model = tiny.make_model("lfm2", folder / "hf", **LFM2)
+        else:
+            from test_family_lfm2_moe import make
+
+            model = make(folder / "hf", routed_scaling_factor=1.0)
+        _CACHE[name] = (model, real_convert(folder / "hf", folder / "F32.gguf", "f32", pre="gpt-2"))
+    return _CACHE[name]
+
+
+@pytest.mark.parametrize("name,arch", [("lfm2", "Lfm2ForCausalLM"), ("lfm2_moe", "Lfm2MoeForCausalLM")])
+def test_lfm2_gguf_fp32_and_q8_0(tmp_path_factory, tmp_path, name, arch):
+    """LFM2 / LFM2-MoE from llama.cpp's converter (conv layers are the ones with head_count_kv 0, the MLP width
+    already adjusted, conv kernels squeezed to (C, K), the final norm as token_embd_norm, LFM2-MoE's expert bias as
+    exp_probs_b): the fp32 build equals transformers over the prompt, 20 cached decode steps and a two-chunk
+    prefill; llama.cpp's Q8_0 of it built as stored equals its own fp32 build."""
+    model, path = converted_lfm2(tmp_path_factory, name)
+    with GGUFSource(path) as source:
+        state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+        conv = source.read("model.layers.0.conv.conv.weight")
+        np.testing.assert_array_equal(conv, state["model.layers.0.conv.conv.weight"])
+    out = tmp_path / "out"
+    onnxforge.build(path, out, "fp32")
+    report = json.loads((out / "build_report.json").read_text())
+    assert report["architecture"] == arch and not report.get("unread_tensors"), report
+    prompt, decode = tokens()
+    ref = reference_logits(model, prompt + decode)
+    one = steps(out, [prompt] + [[t] for t in decode])
+    two = steps(out, [prompt[:5], prompt[5:]] + [[t] for t in decode])
+    assert np.abs(one - ref).max() < FP32_TOL, np.abs(one - ref).max()
+    assert np.abs(two - ref).max() < FP32_TOL, np.abs(two - ref).max()
+    q8, exact = quantize(path, "Q8_0"), tmp_path / "source"
+    keep = ("/model/layers.*/moe/experts/*",) if "moe" in name else ()
+    report = onnxforge.build(q8, exact, recipe=Recipe(precision="source", accuracy_level=0, keep_float=keep)).to_json()
+    assert {g["storage"] for g in report["groups"] if "conv/in_proj" in g["label"]} == {"int8 block 32 (exact Q8_0)"}
+    onnxforge.build(q8, tmp_path / "fp32", "fp32")
+    got = steps(exact, [prompt] + [[t] for t in decode])
+    want = steps(tmp_path / "fp32", [prompt] + [[t] for t in decode])
+    assert np.abs(got - want).max() < FP32_TOL, np.abs(got - want).max()

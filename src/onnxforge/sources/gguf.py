@@ -432,7 +432,7 @@ class GGUFSource:
     def _build_config(self) -> dict:
         """The config.json dict transformers derives for this file (plus architectures/torch_dtype)."""
         heads = int(self._key("attention.head_count"))
-        kv_heads = _single_value(self._key("attention.head_count_kv", heads), "attention.head_count_kv")
+        kv_heads = _single_value(self._key("attention.head_count_kv", heads), "attention.head_count_kv", zeros=True)
         hidden = int(self._key("embedding_length"))
         # llama.cpp's own default (n_embd / n_head): converters write key_length only where config.json
         # has a head_dim, and rope.dimension_count is the rotary part (partial rotary: phi2, Phi-4-mini)
@@ -482,6 +482,8 @@ class GGUFSource:
         elif self._family.model_type in ("qwen2", "qwen3"):
             config["sliding_window"] = None
         config.update(self._token_ids())
+        for hf_key, pattern in self._family.tensor_flags.items():  # a config flag the file says by a tensor's presence
+            config[hf_key] = any(fnmatch.fnmatchcase(name, pattern) for name in self._tensors)
         if self._family.config_hook is not None:
             config.update(self._family.config_hook(config, self._key))
         return config
@@ -714,9 +716,12 @@ def _family(arch: str, path: Path) -> GGUFFamily:
     return family
 
 
-def _single_value(value: Any, key: str) -> int:
-    """A per-layer list metadata value that must be uniform, as one int."""
+def _single_value(value: Any, key: str, zeros: bool = False) -> int:
+    """A per-layer list metadata value that must be uniform, as one int; `zeros`: a 0 marks a layer without the
+    thing counted (head_count_kv of a hybrid's conv or recurrent layers) and is passed over."""
     if isinstance(value, list):
+        if zeros and any(value):
+            value = [v for v in value if v]
         if len(set(value)) != 1:
             raise ConfigError(f"GGUF metadata {key} varies per layer ({sorted(set(value))}); not supported.")
         return int(value[0])

@@ -55,6 +55,7 @@ class GGUFFamily:
     config_hook: Callable[[dict, Callable[..., Any]], Mapping[str, Any]] | None = None
     offsets: Mapping[str, float] = field(default_factory=dict)  # HF tensor glob -> value llama.cpp's converter added
     views: ViewHook | None = None  # tensors the converter reordered, split, reshaped or transformed (View)
+    tensor_flags: Mapping[str, str] = field(default_factory=dict)  # HF config key -> HF tensor glob it is present for
 
     def offset(self, hf_name: str) -> float:
         return next((v for pattern, v in self.offsets.items() if fnmatch.fnmatchcase(hf_name, pattern)), 0.0)
@@ -213,6 +214,40 @@ def _qwen35(moe: bool) -> GGUFFamily:
                       config_hook=_linear_attention, offsets=_NORMS_PLUS_1_BUT_GATED, views=_linear_views(True))
 
 
+def _lfm2(cfg: dict, key: Callable[..., Any]) -> dict:
+    """LFM2 / LFM2-MoE: conv layers are the ones with no KV heads (head_count_kv 0); feed_forward_length is the MLP
+    width transformers derives (block_auto_adjust_ff_dim already applied); the final norm is token_embd_norm."""
+    kv = key("attention.head_count_kv")
+    n = cfg["num_hidden_layers"]
+    if not isinstance(kv, list) or len(kv) != n:
+        raise ConfigError(f"GGUF metadata attention.head_count_kv must list {n} layers (0 for a conv layer)")
+    kernel = int(key("shortconv.l_cache"))
+    return {"layer_types": ["conv" if not h else "full_attention" for h in kv], "conv_L_cache": kernel,
+            "norm_eps": cfg["rms_norm_eps"], "block_auto_adjust_ff_dim": False}
+
+
+def _lfm2moe(cfg: dict, key: Callable[..., Any]) -> dict:
+    """LFM2-MoE as llama.cpp's lfm2moe graph computes it: sigmoid routing (expert_gating_func 2), top k
+    renormalised, no routed scale (the converter writes no routed_scaling_factor: the published 1.0)."""
+    gating = key("expert_gating_func", 2)
+    if gating != 2:
+        raise ConfigError(f"this lfm2moe GGUF routes with expert_gating_func {gating}; LFM2-MoE routes on sigmoid "
+                          "scores (2), which is the only form onnxforge builds for it")
+    return {**_lfm2(cfg, key), "norm_topk_prob": True, "routed_scaling_factor": 1.0}
+
+
+def _conv_views(cfg: dict, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, View]:
+    """LFM2's depthwise conv kernels, squeezed by the converter to (C, K), back to transformers' (C, 1, K)."""
+    out = {}
+    for name, shape in shapes.items():
+        if name.endswith(".conv.conv.weight") and len(shape) == 2:
+            out[name] = View(name, shape=(shape[0], 1, shape[1]))
+    return out
+
+
+_LFM2_NAMES = {"final_norm": "token_embd_norm"}
+
+
 FAMILIES: dict[str, GGUFFamily] = {
     # llama.cpp writes Llama, Mistral (v0.1-v0.3), SmolLM, TinyLlama... as "llama" and permutes Q/K;
     # Mixtral too, with expert_count and its experts stacked.
@@ -313,6 +348,15 @@ FAMILIES: dict[str, GGUFFamily] = {
     # Qwen3-Next: in_proj_qkvz written apart as attn_qkv (q, k, v of every key head in turn: Qwen3.5's
     # in_proj_qkv) and attn_gate (its in_proj_z); in_proj_ba as it is; V heads not reordered. Every layer MoE
     # (the converter cannot write mlp_only_layers).
+    # LFM2 and LFM2-MoE (shortconv.* tensors, the final norm written as token_embd_norm, conv kernels squeezed;
+    # LFM2-MoE's leading dense layers, sigmoid routing with exp_probs_b as its selection bias).
+    "lfm2": GGUFFamily("Lfm2ForCausalLM", "lfm2", False, gguf_names=_LFM2_NAMES, config_hook=_lfm2,
+                       views=_conv_views, tensor_flags={"conv_bias": "model.layers.*.conv.conv.bias"}),
+    "lfm2moe": GGUFFamily("Lfm2MoeForCausalLM", "lfm2_moe", False, gguf_names=_LFM2_NAMES,
+                          config_keys={**_EXPERT_KEYS, "leading_dense_block_count": "num_dense_layers"},
+                          config_hook=_lfm2moe, views=_conv_views,
+                          tensor_flags={"conv_bias": "model.layers.*.conv.conv.bias",
+                                        "use_expert_bias": "model.layers.*.e_score_correction_bias"}),
     "qwen3next": GGUFFamily("Qwen3NextForCausalLM", "qwen3_next", False,
                             {"norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []},
                             gguf_names=_LINEAR_ATTN, config_keys=_EXPERT_KEYS, config_hook=_linear_attention,
