@@ -1,0 +1,79 @@
+"""CUDA graph capture by default where it is safe (export/graph_capture.py): `-e cuda` builds of plain decoders at
+fp16 / bf16 / int4 write enable_cuda_graph "1" (with a note); fp32 (GroupQueryAttention on the CPU provider),
+mixture of experts, sliding windows, non-attention layers and graphs with other ops (LongRoPE's If) keep "0", each
+with the reason; `enable_cuda_graph=false` opts out, `=true` forces it on; config_only writes the same; other
+providers are unchanged."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import onnxforge
+from onnxforge.quant.options import apply_extra_options
+from onnxforge.quant.recipe import Recipe
+
+pytest.importorskip("transformers")
+
+
+def _build(folder, out, precision, provider="cuda", options=()):
+    recipe = apply_extra_options(Recipe(precision=precision, provider=provider), list(options))
+    report = onnxforge.build(folder, out, recipe=recipe)
+    config = json.loads((out / "genai_config.json").read_text())
+    notes = [n for n in report.notes if "CUDA graph" in n]
+    return config["model"]["decoder"]["session_options"]["provider_options"], config["search"], notes
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16", "int4"])
+def test_plain_decoder_captures_by_default(tiny_models, tmp_path, precision):
+    folder, _ = tiny_models("llama")
+    options, search, notes = _build(folder, tmp_path / "o", precision)
+    assert options == [{"cuda": {"enable_cuda_graph": "1"}}]
+    assert search["past_present_share_buffer"] is True  # genai refuses capture without it
+    assert len(notes) == 1 and "enable_cuda_graph=false turns it off" in notes[0]
+
+
+def test_opt_out_and_force(tiny_models, tmp_path):
+    folder, _ = tiny_models("llama")
+    options, _, notes = _build(folder, tmp_path / "off", "int4", options=["enable_cuda_graph=false"])
+    assert options == [{"cuda": {"enable_cuda_graph": "0"}}] and not notes
+    options, _, notes = _build(folder, tmp_path / "on", "fp32", options=["enable_cuda_graph=true"])
+    assert options == [{"cuda": {"enable_cuda_graph": "1"}}] and not notes
+    options, _, notes = _build(folder, tmp_path / "cfg", "fp16", options=["config_only=true"])
+    assert options == [{"cuda": {"enable_cuda_graph": "1"}}] and notes
+
+
+@pytest.mark.parametrize("name, precision, words", [
+    ("llama", "fp32", "GroupQueryAttention runs on the CPU provider"),
+    ("mixtral", "fp16", "mixture-of-experts"),
+    ("gemma2", "fp16", "sliding-window"),
+    ("lfm2", "fp16", "layers of kind conv"),
+])
+def test_kept_off_where_not_established(tiny_models, tmp_path, name, precision, words):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import gpu
+
+    folder, _ = tiny_models(name, **gpu.tiny_configs()[name]) if name != "llama" else tiny_models(name)
+    options, _, notes = _build(folder, tmp_path / "o", precision)
+    assert options == [{"cuda": {"enable_cuda_graph": "0"}}]
+    assert len(notes) == 1 and words in notes[0] and "enable_cuda_graph=true forces it" in notes[0], notes
+
+
+def test_longrope_if_keeps_it_off():
+    from types import SimpleNamespace
+
+    from onnxforge.export.graph_capture import cuda_graph_default
+
+    spec = SimpleNamespace(layers=[SimpleNamespace(kind="attention")], moe=None, sliding_window=0)
+    assert cuda_graph_default(spec, "fp16", {"MatMul", "GroupQueryAttention"})[0]
+    on, why = cuda_graph_default(spec, "fp16", {"MatMul", "If", "Greater"})
+    assert not on and "Greater, If" in why
+
+
+def test_other_providers_unchanged(tiny_models, tmp_path):
+    folder, _ = tiny_models("llama")
+    assert _build(folder, tmp_path / "cpu", "int4", "cpu")[0] == []
+    assert _build(folder, tmp_path / "dml", "fp16", "dml")[0] == [{"dml": {"enable_graph_capture": "1"}}]
