@@ -1,8 +1,8 @@
 """CUDA graph capture by default where it is safe (export/graph_capture.py): `-e cuda` builds of plain decoders at
 fp16 / bf16 / int4 write enable_cuda_graph "1" (with a note); fp32 (GroupQueryAttention on the CPU provider),
 mixture of experts, sliding windows, non-attention layers and graphs with other ops (LongRoPE's If) keep "0", each
-with the reason; `enable_cuda_graph=false` opts out, `=true` forces it on; config_only writes the same; other
-providers are unchanged."""
+with the reason; `enable_cuda_graph=false` opts out, `=true` forces it on (refused at fp32); config_only writes the
+same; other providers are unchanged. -e cuda -p fp32 writes past_present_share_buffer false (GQA on the CPU)."""
 from __future__ import annotations
 
 import json
@@ -10,6 +10,7 @@ import json
 import pytest
 
 import onnxforge
+from onnxforge.errors import RecipeError
 from onnxforge.quant.options import apply_extra_options
 from onnxforge.quant.recipe import Recipe
 
@@ -37,10 +38,35 @@ def test_opt_out_and_force(tiny_models, tmp_path):
     folder, _ = tiny_models("llama")
     options, _, notes = _build(folder, tmp_path / "off", "int4", options=["enable_cuda_graph=false"])
     assert options == [{"cuda": {"enable_cuda_graph": "0"}}] and not notes
-    options, _, notes = _build(folder, tmp_path / "on", "fp32", options=["enable_cuda_graph=true"])
+    gemma2, _ = tiny_models("gemma2", **_configs()["gemma2"])  # off by default (its sliding window): forced on
+    options, _, notes = _build(gemma2, tmp_path / "on", "fp16", options=["enable_cuda_graph=true"])
     assert options == [{"cuda": {"enable_cuda_graph": "1"}}] and not notes
+    with pytest.raises(RecipeError, match="at fp32 GroupQueryAttention runs on the CPU provider"):
+        apply_extra_options(Recipe(precision="fp32", provider="cuda"), ["enable_cuda_graph=true"])
     options, _, notes = _build(folder, tmp_path / "cfg", "fp16", options=["config_only=true"])
     assert options == [{"cuda": {"enable_cuda_graph": "1"}}] and notes
+
+
+def _configs() -> dict:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import gpu
+
+    return gpu.tiny_configs()
+
+
+def test_fp32_cuda_grows_the_cache(tiny_models, tmp_path):
+    """-e cuda -p fp32: GroupQueryAttention runs on the CPU provider, so the KV cache is not a shared max_length
+    buffer (which would be copied to the host and back whole each step), as the anchor writes for fp32 CUDA."""
+    folder, _ = tiny_models("llama")
+    _, search, _ = _build(folder, tmp_path / "fp32", "fp32")
+    assert search["past_present_share_buffer"] is False
+    report = json.loads((tmp_path / "fp32" / "build_report.json").read_text())
+    assert any("past_present_share_buffer false" in n for n in report["notes"]), report["notes"]
+    for provider, precision in (("cuda", "fp16"), ("cpu", "fp32")):
+        assert _build(folder, tmp_path / provider, precision, provider)[1]["past_present_share_buffer"] is True
 
 
 @pytest.mark.parametrize("name, precision, words", [
@@ -50,13 +76,7 @@ def test_opt_out_and_force(tiny_models, tmp_path):
     ("lfm2", "fp16", "layers of kind conv"),
 ])
 def test_kept_off_where_not_established(tiny_models, tmp_path, name, precision, words):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-    import gpu
-
-    folder, _ = tiny_models(name, **gpu.tiny_configs()[name]) if name != "llama" else tiny_models(name)
+    folder, _ = tiny_models(name, **_configs()[name]) if name != "llama" else tiny_models(name)
     options, _, notes = _build(folder, tmp_path / "o", precision)
     assert options == [{"cuda": {"enable_cuda_graph": "0"}}]
     assert len(notes) == 1 and words in notes[0] and "enable_cuda_graph=true forces it" in notes[0], notes

@@ -234,10 +234,18 @@ def _write_genai_config(folder: Path, spec, arch, source, recipe: Recipe, max_le
 
             cuda_graph, why = cuda_graph_default(spec, recipe.io.dtype, op_types)
             notes.append(why)
+    # -e cuda at fp32: GroupQueryAttention has no fp32 CUDA kernel and runs on the CPU provider, so a shared
+    # max_length KV buffer would be copied to the host and back whole every step; the anchor writes false there too
+    share = not (recipe.provider == "cuda" and recipe.io.dtype == "fp32")
+    if not share:
+        notes.append("past_present_share_buffer false: at fp32 on CUDA GroupQueryAttention runs on the CPU provider "
+                     "(no fp32 CUDA kernel), so the KV cache grows with the sequence instead of a max_length buffer "
+                     "copied each step (as the anchor writes for fp32 CUDA); -p fp16, bf16 or int4 run it on the GPU")
     config = genai_config(spec, arch.model_type, source.generation_config, provider=recipe.provider,
                           max_length=max_length, tokenizer_dir=folder, notes=notes,
                           embeds_input=recipe.exclude_embeds, logits_output=not recipe.exclude_lm_head,
-                          graph_capture={"enable_cuda_graph": cuda_graph, "enable_dml_graph": recipe.enable_dml_graph})
+                          graph_capture={"enable_cuda_graph": cuda_graph, "enable_dml_graph": recipe.enable_dml_graph},
+                          share_buffer=share)
     _write_json(folder / "genai_config.json", config)
 
 

@@ -58,10 +58,11 @@ def choose_pad(pad, eos, bos, unk, vocab_size: int, emitted: int | None = None) 
 def genai_config(spec: ModelSpec, model_type: str, generation: dict | None, *, filename: str = "model.onnx",
                  provider: str = "cpu", max_length: int | None = None, tokenizer_dir: Path | None = None,
                  notes: list[str] | None = None, embeds_input: bool = False, logits_output: bool = True,
-                 graph_capture: dict[str, bool] | None = None) -> dict:
+                 graph_capture: dict[str, bool] | None = None, share_buffer: bool = True) -> dict:
     """`embeds_input`/`logits_output`: the decoder takes inputs_embeds instead of input_ids (exclude_embeds), and
     outputs logits (not with exclude_lm_head); as onnxruntime-genai 0.18's builder, a hidden_states output gets
-    no entry. `graph_capture`: {"enable_cuda_graph": ..., "enable_dml_graph": ...} (the recipe's)."""
+    no entry. `graph_capture`: {"enable_cuda_graph": ..., "enable_dml_graph": ...} (the recipe's). `share_buffer`:
+    search.past_present_share_buffer (the KV cache allocated at max_length once, present written into past)."""
     gen = generation or {}
     eos = gen.get("eos_token_id", spec.eos_token_id)
     bos = gen.get("bos_token_id", spec.bos_token_id)
@@ -104,7 +105,7 @@ def genai_config(spec: ModelSpec, model_type: str, generation: dict | None, *, f
         "no_repeat_ngram_size": 0,
         "num_beams": 1,
         "num_return_sequences": 1,
-        "past_present_share_buffer": True,
+        "past_present_share_buffer": share_buffer,
         "repetition_penalty": 1.0,
         "temperature": 1.0,
         "top_k": 50,

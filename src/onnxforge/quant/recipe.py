@@ -199,6 +199,10 @@ class Recipe:
                                   f"the build is for {self.provider}; use -e {provider} or drop the option")
         if self.provider != "cuda" and self.enable_cuda_graph is False:  # off where it is never on: the default
             object.__setattr__(self, "enable_cuda_graph", None)
+        if self.enable_cuda_graph and self.io.dtype == "fp32":
+            raise RecipeError("enable_cuda_graph=true: at fp32 GroupQueryAttention runs on the CPU provider (its CUDA "
+                              "kernel is fp16/bf16 only), and onnxruntime captures only a graph with every node on "
+                              "CUDA; use -p fp16, bf16 or int4, or drop the option")
 
     # -- derived ------------------------------------------------------------------------------
     @property
