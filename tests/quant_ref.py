@@ -57,7 +57,16 @@ def dequantized_reference(folder, out_dir, model=None):
                 name, rows = _parse(src)
                 p = head.weight if label == "/lm_head" else emb.weight if label == "/model/embed_tokens" else params[name]
                 r = slice(*rows) if rows else slice(None)
-                p[r] = torch.from_numpy(qdq(p[r].numpy(), node, grp["storage"]))
+                w = p[r].numpy()
+                if w.ndim == 3:  # stacked experts as graph/dense_experts.py multiplies them: 2D rows (N, K)
+                    E, N, K = w.shape
+                    down = label.endswith("down_proj")  # (E, H, I) -> (H, E x I), else (E, N, K) -> (E x N, K)
+                    flat = w.transpose(1, 0, 2).reshape(N, E * K) if down else w.reshape(E * N, K)
+                    q = qdq(flat, node, grp["storage"])
+                    w = q.reshape(N, E, K).transpose(1, 0, 2) if down else q.reshape(E, N, K)
+                    p[r] = torch.from_numpy(np.ascontiguousarray(w))
+                    continue
+                p[r] = torch.from_numpy(qdq(w, node, grp["storage"]))
         if _shared(g) and "/lm_head/MatMul" in bits_of and not any(grp["label"] == "/model/embed_tokens"
                                                                    for grp in report["groups"]):
             emb.weight.copy_(head.weight)  # the lookup gathers from the lm_head's quantized weights

@@ -231,7 +231,9 @@ for _arch in PER_LAYER_GEOMETRY:
     FAMILY_KNOBS[_arch] = {"ple": [{"hidden_size_per_layer_input": 0}], "rope": G4_ROPES, "head_dim": [ABSENT, 16],
                            "global_head_dim": [ABSENT, 32, 48], "attention_k_eq_v": [ABSENT, True, False],
                            "num_global_key_value_heads": [ABSENT, 1], "final_logit_softcapping": [ABSENT, None, 7.0],
-                           "use_bidirectional_attention": [ABSENT, "vision"]}
+                           "use_bidirectional_attention": [ABSENT, "vision"],
+                           "moe": [{}, {"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2,
+                                        "moe_intermediate_size": 32}]}
 # DeepSeek-V3 / Kimi-K2: latent attention, group-limited sigmoid routing (its attention runs only with
 # num_key_value_heads equal to the heads: kv_b_proj gives every head its k and v)
 FAMILY_KNOBS["DeepseekV3ForCausalLM"] = {
@@ -399,6 +401,11 @@ def reference(arch: str, d: dict) -> dict:
                 if 2 * len(table) != head:
                     raise CannotRun(f"a rotary table of {2 * len(table)} dims for a head of {head}")
         out["layer_geometry"] = tuple((a.head_dim, a.k_proj.out_features // a.head_dim, a.v_proj is None) for a in attn)
+        # the MoE block beside the dense MLP (enable_moe_block): the layer holds the router and experts itself
+        out["moe_layers"] = tuple(bool(getattr(layer, "enable_moe_block", False)) for layer in layers)
+        moe_layer = next((layer for layer in layers if getattr(layer, "enable_moe_block", False)), None)
+        if moe_layer is not None:
+            out["experts"] = (moe_layer.experts.num_experts, c.top_k_experts, moe_layer.experts.intermediate_dim)
     out["kinds"] = tuple(kind_of(layer) for layer in layers)
     if getattr(c, "position_embedding_type", "rope") != "rope":  # GraniteMoeHybridModel: no rotary module
         out["no_rope"] = (True,) * len(layers)
@@ -421,7 +428,7 @@ def reference(arch: str, d: dict) -> dict:
         out["num_kv_heads"] = attn0.num_heads
         out["eps"] = float(layers[0].input_layernorm.variance_epsilon)
     moe = next((layer for layer in layers if is_moe(layer)), None)
-    if moe is not None:
+    if moe is not None and arch not in PER_LAYER_GEOMETRY:  # Gemma 4's experts: above
         groups = find_attr(mlp_of(moe), ("num_group",))
         if groups is not None:  # group-limited routing (n_group / topk_group); keeping every group is none
             keep = int(find_attr(mlp_of(moe), ("topk_group",)))
@@ -590,6 +597,9 @@ def ours(arch_obj, d: dict, ref: dict) -> dict:
     out["rope"] = tables
     out["rope_long"] = inv_freq_and_scale(spec.rope, spec.context_length, long=True) if ref["rope_long"] else None
     out["layer_rope_type"] = ref["layer_rope_type"]
+    if "experts" in ref:
+        out["experts"] = spec.moe and (spec.moe.num_experts, spec.moe.top_k, spec.moe.intermediate_size)
+        out["mlp_bias"] = spec.mlp.bias  # the dense MLP beside the experts
     if "layer_geometry" in ref:
         out["layer_geometry"] = tuple((spec.attention_of(i).head_dim, spec.attention_of(i).num_kv_heads, layer.k_eq_v)
                                       for i, layer in enumerate(spec.layers))

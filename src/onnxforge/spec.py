@@ -85,8 +85,8 @@ class MLPSpec:
     gated: bool = True  # act(gate) * up -> down; False: act(up) -> down (Phi-2 fc1/fc2, Nemotron)
 
 
-BLOCKS = ("pre", "sandwich", "post", "parallel")
-MIXERS = ("softmax", "sparsemixer", "sigmoid_input")
+BLOCKS = ("pre", "sandwich", "post", "parallel", "sandwich_moe")
+MIXERS = ("softmax", "sparsemixer", "sigmoid_input", "norm_scaled")
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,8 @@ class MoESpec:
     router_bias: bool = False
     selection_bias: bool = False  # select on softmax + a bias tensor, mix with the softmax (ERNIE 4.5)
     mixer: str = "softmax"  # "sparsemixer": PhiMoE's top-2 sparse mixer; "sigmoid_input": Llama 4's top-1, its
-    # sigmoid(logit) scaling the expert's input, not its output
+    # sigmoid(logit) scaling the expert's input, not its output; "norm_scaled": Gemma 4's router (its input RMS-normed
+    # and scaled, per-expert output scales), the experts computed densely (graph/dense_experts.py)
     jitter_eps: float = 0.0  # sparsemixer's threshold
     expert_bias: bool = False  # biases on the experts' projections (GPT-OSS)
     swiglu_alpha: float = 1.0  # act = g * sigmoid(alpha * g) * (u + beta), g <= limit, |u| <= limit

@@ -7,33 +7,33 @@ audio towers and their embedders are left unread). What it adds over Gemma 3 (tr
   * attention_k_eq_v: the full layers have no v_proj, the key projection is the value too (before the k norm);
   * a "proportional" rotary on the full layers (the first partial_rotary_factor of the pairs rotate, graph/rope.py);
   * layer_scalar: each layer's output times a (1,) checkpoint scalar (graph/layer_extras.py); both forms softcap.
+  * enable_moe_block (26B-A4B): experts beside the dense MLP (blocks.py sandwich_moe, graph/dense_experts.py).
 Refused (ConfigError): per-layer input embeddings (hidden_size_per_layer_input: E2B/E4B), KV sharing
-(num_kv_shared_layers), the MoE block (enable_moe_block: 26B-A4B), use_bidirectional_attention "all".
+(num_kv_shared_layers), use_bidirectional_attention "all".
 """
 from __future__ import annotations
 
 import dataclasses
 
 from ..errors import ConfigError
-from ..spec import _flag, _positive_int, base_spec, rope_from_config
+from ..spec import MoESpec, _flag, _positive_int, base_spec, rope_from_config
 from .gemma import PRE_FFN_NORM, _common, _number
 from .registry import Architecture, register
 
 TYPES = ("sliding_attention", "full_attention")
+NAMES = {"router": "model.layers.{i}.router.proj", "experts_gate_up": "model.layers.{i}.experts.gate_up_proj",
+         "experts_down": "model.layers.{i}.experts.down_proj"}
 TOWERS = ("vision_tower", "audio_tower", "embed_vision", "embed_audio")  # the wrapper's, left unread
-# Gemma4TextConfig's defaults for keys a config.json may omit
-DEFAULTS = {"vocab_size": 262_144, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 30,
+DEFAULTS = {"vocab_size": 262_144, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 30,  # the class's
             "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
-            "max_position_embeddings": 131_072, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
-            "sliding_window": 512, "hidden_size_per_layer_input": 256, "num_kv_shared_layers": 0,
-            "enable_moe_block": False, "attention_k_eq_v": False, "global_head_dim": 512}
+            "max_position_embeddings": 131_072, "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "sliding_window": 512,
+            "hidden_size_per_layer_input": 256, "num_kv_shared_layers": 0, "enable_moe_block": False, "global_head_dim": 512}
 ROPE_DEFAULTS = {"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
                  "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0}}
 
 
 def _config(cfg: dict) -> dict:
-    """As Gemma4TextConfig loads: layer_types every 6th full (the last layer always full), the per-type rope
-    tables (a proportional table's partial_rotary_factor kept as its rope_proportion: it rotates whole heads)."""
+    """As Gemma4TextConfig loads: layer_types every 6th full (the last always full), the per-type rope tables."""
     n = cfg.get("num_hidden_layers")
     types = cfg.get("layer_types")
     if types is None and isinstance(n, int) and not isinstance(n, bool) and 0 < n <= 4096:
@@ -80,8 +80,7 @@ def _geometry(cfg: dict, n: int, types: list[str]) -> list[tuple[int, int]]:
 
 
 NOT_BUILT = {"hidden_size_per_layer_input": "Gemma 4's per-layer input embeddings (the E2B/E4B sizes)",
-             "num_kv_shared_layers": "KV sharing (the last layers reuse earlier layers' keys and values)",
-             "enable_moe_block": "Gemma 4's MoE block beside the dense MLP (26B-A4B)"}
+             "num_kv_shared_layers": "KV sharing (the last layers reuse earlier layers' keys and values)"}
 
 
 def _refusals(cfg: dict) -> None:
@@ -110,24 +109,28 @@ def _gemma4(cfg: dict) -> dict:
             raise ConfigError(f"config.json: the {t} layers have head sizes {sorted(sizes)}; transformers' Gemma 4 "
                               "rotary has one table per layer type, so they must agree")
         ropes.append((t, rope_from_config(cfg, sizes.pop(), spec.context_length, cfg["rope_parameters"][t])))
-    if "full_attention" not in dict(ropes):
-        ropes.append(("full_attention", dict(ropes)["sliding_attention"]))
+    ropes += [] if "full_attention" in dict(ropes) else [("full_attention", dict(ropes)["sliding_attention"])]
     k_eq_v = _flag(cfg, "attention_k_eq_v")
     base_hd, base_kv = spec.attention.head_dim, spec.attention.num_kv_heads
     layers = tuple(dataclasses.replace(layer, head_dim=hd if hd != base_hd else 0, kv_heads=kv if kv != base_kv else 0,
                                        k_eq_v=k_eq_v and types[i] == "full_attention")
                    for i, (layer, (hd, kv)) in enumerate(zip(spec.layers, geometry)))
-    return {**_common({k: v for k, v in cfg.items() if k != "use_bidirectional_attention"}),
+    moe = {}
+    if _flag(cfg, "enable_moe_block"):  # every layer: the MoE block beside the dense MLP (graph/blocks.py)
+        moe = {"block": "sandwich_moe", "moe": MoESpec(num_experts=_positive_int(cfg, "num_experts"), top_k=_positive_int(
+            cfg, "top_k_experts"), intermediate_size=_positive_int(cfg, "moe_intermediate_size"), mixer="norm_scaled")}
+        layers = tuple(dataclasses.replace(layer, moe=True) for layer in layers)
+    return {**moe, **_common({k: v for k, v in cfg.items() if k != "use_bidirectional_attention"}),
             "mlp.activation": str(cfg.get("hidden_activation") or "gelu_pytorch_tanh"),
             "attention.scale": 1.0, "attention.v_norm": True, "attention.qk_norm": "head",
             "final_softcap": _number(cfg, "final_logit_softcapping"), "ropes": tuple(sorted(ropes)), "layers": layers}
 
 
 GEMMA4 = dict(spec={"norm.weight_offset": 0.0, "block": "sandwich", "mlp.bias": False, "layer_scalar": True},
-              names=PRE_FFN_NORM, hook=_gemma4, config_fix=_config, sliding="types", config_defaults=DEFAULTS)
+              names={**PRE_FFN_NORM, **NAMES}, hook=_gemma4, config_fix=_config, sliding="types", config_defaults=DEFAULTS)
 register(Architecture("Gemma4ForCausalLM", "gemma4_text", **GEMMA4,
                       doc="Gemma 4 text: per-layer head sizes and kv heads, k = v layers, proportional rope, "
-                          "v norm, layer scalars (no per-layer embeddings, KV sharing or MoE block yet)"))
+                          "v norm, layer scalars, MoE block (no per-layer embeddings or KV sharing yet)"))
 register(Architecture("Gemma4ForConditionalGeneration", "gemma4_text", **GEMMA4, text_config=True,
                       rewrites=(("model.", "model.language_model."), ("lm_head", "lm_head")),
                       ignored=tuple(f"{p}{m}.*" for p in ("model.", "") for m in TOWERS),

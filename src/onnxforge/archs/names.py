@@ -48,6 +48,12 @@ ROLES: dict[str, Role] = {
     "k_norm": Role((L + "self_attn.k_norm", L + "self_attn.k_layernorm"), "blk.{i}.attn_k_norm"),
     "sinks": Role((L + "self_attn.sinks",), "blk.{i}.attn_sinks"),  # a parameter (Names.tensor)
     "layer_scalar": Role((L + "layer_scalar",)),  # Gemma 4: a (1,) buffer per layer (Names.tensor)
+    # Gemma 4's MoE block beside the dense MLP: its norms, the router's scale vectors (parameters)
+    "ffn_post_norm_1": Role((L + "post_feedforward_layernorm_1",)),
+    "ffn_pre_norm_2": Role((L + "pre_feedforward_layernorm_2",)),
+    "ffn_post_norm_2": Role((L + "post_feedforward_layernorm_2",)),
+    "router_scale": Role((L + "router.scale",)),
+    "expert_scale": Role((L + "router.per_expert_scale",)),
     # MLP; fc1/fc2: Phi-2's plain MLP
     "gate": Role((L + "mlp.gate_proj", L + "feed_forward.w1"), "blk.{i}.ffn_gate"),  # feed_forward.w*: LFM2
     "up": Role((L + "mlp.up_proj", L + "mlp.fc1", L + "feed_forward.w3"), "blk.{i}.ffn_up"),

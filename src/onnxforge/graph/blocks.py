@@ -4,6 +4,9 @@
   sandwich  h += post_norm(attn(norm(h))); h += post_norm(mlp(norm(h)))    Gemma 2 / 3
   post      h += post_norm(attn(h)); h += post_norm(mlp(h))                OLMo 2 / 3
   parallel  n = norm(h); h += attn(n) + mlp(n)                             Phi-2
+  sandwich_moe  sandwich, where an MoE layer's MLP is                     Gemma 4 (26B-A4B)
+            post_norm(post_norm_1(mlp(norm(h))) + post_norm_2(experts(norm_2(h), router(h))))
+            with the experts computed densely (graph/dense_experts.py)
 
 `attn` is the layer's token mixer, chosen by its kind (graph/kinds.py); `mlp` its MoE or dense MLP.
 A residual add is left pending in the `Stream` so that it fuses into the next Skip norm.
@@ -12,7 +15,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
+from .dense_experts import dense_experts
 from .kinds import mix, mlp
+from .parts import dense_mlp
 from .parts import AttnInputs, Stream, norm, plain_norm
 
 if TYPE_CHECKING:
@@ -55,4 +60,20 @@ def parallel(e: "Emitter", i: int, h: Stream, ctx: AttnInputs) -> Stream:
     return Stream(both, total).scaled(e, _node(i, "residual"))
 
 
-BLOCKS: dict[str, Block] = {"pre": pre, "sandwich": sandwich, "post": post, "parallel": parallel}
+def sandwich_moe(e: "Emitter", i: int, h: Stream, ctx: AttnInputs) -> Stream:
+    if not e.spec.layers[i].moe:
+        return sandwich(e, i, h, ctx)
+    x, total = norm(e, h, "attn_norm", i, _node(i, "input_layernorm"))
+    a = plain_norm(e, mix(e, i, x, ctx), "attn_post_norm", i, _node(i, "post_attention_layernorm"))
+    x, total = norm(e, Stream(a, total).scaled(e, _node(i, "attn/residual")), "ffn_norm", i,
+                    _node(i, "pre_feedforward_layernorm"))
+    d = plain_norm(e, dense_mlp(e, i, x), "ffn_post_norm_1", i, _node(i, "post_feedforward_layernorm_1"))
+    x2 = plain_norm(e, total, "ffn_pre_norm_2", i, _node(i, "pre_feedforward_layernorm_2"))
+    m = plain_norm(e, dense_experts(e, i, x2, total), "ffn_post_norm_2", i, _node(i, "post_feedforward_layernorm_2"))
+    m = plain_norm(e, e.b.op("Add", [d, m], _node(i, "ffn_combine/Add")), "ffn_post_norm", i,
+                   _node(i, "post_feedforward_layernorm"))
+    return Stream(m, total).scaled(e, _node(i, "mlp/residual"))
+
+
+BLOCKS: dict[str, Block] = {"pre": pre, "sandwich": sandwich, "post": post, "parallel": parallel,
+                            "sandwich_moe": sandwich_moe}
