@@ -120,3 +120,11 @@ def test_verify_reads_padded_experts_back(tiny_models, tmp_path):
     experts = {k: v for k, v in report.errors.items() if ".experts." in k}
     assert len(experts) == 2 * 2 * 4 and 0 < max(experts.values()) < 0.2, experts
     assert not report.kept, report.kept
+
+
+def test_mxfp4_at_fp32_refused():
+    """QMoE fp4 has a CUDA kernel for fp16 / bf16 activations only and no CPU kernel: -p fp32 could run nowhere."""
+    with pytest.raises(RecipeError, match="mxfp4 with -p fp32.*use -p int4, fp16 or bf16"):
+        Recipe(precision="fp32", provider="cuda", moe_quant_type="mxfp4")
+    Recipe(precision="fp16", provider="cuda", moe_quant_type="mxfp4")
+    Recipe(precision="int4", provider="cuda", moe_quant_type="mxfp4")

@@ -151,6 +151,10 @@ class Recipe:
         if self.moe_quant_type == "mxfp4" and self.provider != "cuda":
             raise RecipeError("moe_quant_type=mxfp4 runs on CUDA only (onnxruntime's CPU QMoE has no fp4 kernel); "
                               f"use int4 or int8 experts on {self.provider}")
+        if self.moe_quant_type == "mxfp4" and self.io.dtype == "fp32":  # QMoE's CUDA kernel: fp16 / bf16 only
+            raise RecipeError("moe_quant_type=mxfp4 with -p fp32: onnxruntime's CUDA QMoE takes fp16 or bf16 activations "
+                              "only, and its CPU QMoE has no fp4 kernel, so nothing could run it; use -p int4, fp16 or "
+                              "bf16")
         if self.qmoe_block_size not in (None, 0, 16, 32, 64, 128, 256):
             raise RecipeError(f"qmoe_block_size must be 0 (per channel) or one of 16, 32, 64, 128, 256, "
                               f"got {self.qmoe_block_size}")
