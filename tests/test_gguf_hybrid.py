@@ -201,3 +201,39 @@ def test_lfm2_gguf_fp32_and_q8_0(tmp_path_factory, tmp_path, name, arch):
     got = steps(exact, [prompt] + [[t] for t in decode])
     want = steps(tmp_path / "fp32", [prompt] + [[t] for t in decode])
     assert np.abs(got - want).max() < FP32_TOL, np.abs(got - want).max()
+
+
+def test_glm4_moe_gguf_fp32_and_q8_0(tmp_path_factory, tmp_path):
+    """GLM-4.5-style MoE from llama.cpp's converter (glm4moe: block_count counts the MTP layer, nextn_predict_layers
+    1, which is left out; sigmoid routing with exp_probs_b, expert_weights_scale 2.5 and _norm, shared experts,
+    partial rotary, q/k norms and biases): the fp32 build equals transformers over the prompt and 20 cached decode
+    steps; llama.cpp's Q8_0 built as stored (experts kept float) equals its own fp32 build. The tokenizer gets the
+    four special tokens the converter's GLM vocabulary reads ([gMASK], <|user|>, <|endoftext|>, <|observation|>)."""
+    from real_converter import real_convert
+    from test_family_newer import make_glm
+    from tokenizers import AddedToken, Tokenizer
+
+    folder = tmp_path / "hf"
+    model = make_glm(folder, vocab_size=324)
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.add_special_tokens([AddedToken(t, special=True) for t in ("[gMASK]", "<|user|>", "<|endoftext|>",
+                                                                   "<|observation|>")])
+    tok.save(str(folder / "tokenizer.json"))
+    path = real_convert(folder, tmp_path / "F32.gguf", "f32", pre="gpt-2")
+    with GGUFSource(path) as source:
+        assert source._key("block_count") == 4 and source.config["num_hidden_layers"] == 3
+    out = tmp_path / "out"
+    onnxforge.build(path, out, "fp32")
+    report = json.loads((out / "build_report.json").read_text())
+    assert report["architecture"] == "Glm4MoeForCausalLM" and not report.get("unread_tensors"), report
+    prompt, decode = tokens()
+    ref = reference_logits(model, prompt + decode)
+    got = steps(out, [prompt] + [[t] for t in decode])
+    assert np.abs(got - ref).max() < FP32_TOL, np.abs(got - ref).max()
+    q8 = quantize(path, "Q8_0")
+    onnxforge.build(q8, tmp_path / "source", recipe=Recipe(precision="source", accuracy_level=0,
+                                                          keep_float=("/model/layers.*/moe/experts/*",)))
+    onnxforge.build(q8, tmp_path / "fp32", "fp32")
+    got = steps(tmp_path / "source", [prompt] + [[t] for t in decode])
+    want = steps(tmp_path / "fp32", [prompt] + [[t] for t in decode])
+    assert np.abs(got - want).max() < FP32_TOL, np.abs(got - want).max()

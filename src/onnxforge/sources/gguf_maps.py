@@ -248,6 +248,17 @@ def _conv_views(cfg: dict, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, V
 _LFM2_NAMES = {"final_norm": "token_embd_norm"}
 
 
+def _glm4moe(cfg: dict, key: Callable[..., Any]) -> dict:
+    """GLM-4.5 / 4.6 MoE: sigmoid routing only (expert_gating_func 2); its expert groups, if any, as
+    Glm4MoeConfig's n_group / topk_group (the family refuses other groupings, as from config.json)."""
+    gating = key("expert_gating_func", 2)
+    if gating != 2:
+        raise ConfigError(f"this glm4moe GGUF routes with expert_gating_func {gating}; GLM-4 MoE routes on sigmoid "
+                          "scores (2), which is the only form onnxforge builds for it")
+    return {"n_routed_experts": cfg["num_experts"], "n_group": int(key("expert_group_count", 1)),
+            "topk_group": int(key("expert_group_used_count", 1))}
+
+
 FAMILIES: dict[str, GGUFFamily] = {
     # llama.cpp writes Llama, Mistral (v0.1-v0.3), SmolLM, TinyLlama... as "llama" and permutes Q/K;
     # Mixtral too, with expert_count and its experts stacked.
@@ -357,6 +368,16 @@ FAMILIES: dict[str, GGUFFamily] = {
                           config_hook=_lfm2moe, views=_conv_views,
                           tensor_flags={"conv_bias": "model.layers.*.conv.conv.bias",
                                         "use_expert_bias": "model.layers.*.e_score_correction_bias"}),
+    # GLM-4.5 / 4.6 MoE: neox partial rotary (rope.dimension_count; not permuted), q/k/v biases, per-head q/k norms,
+    # the norm before the MLP written as post_attention_norm, leading dense layers, sigmoid routing with the
+    # selection bias (exp_probs_b), expert_weights_norm / _scale, shared experts; its MTP layer is left unread.
+    "glm4moe": GGUFFamily("Glm4MoeForCausalLM", "glm4_moe", False,
+                          gguf_names={"ffn_norm": "blk.{i}.post_attention_norm", "attn_post_norm": None},
+                          config_keys={**_EXPERT_KEYS, "expert_shared_count": "n_shared_experts",
+                                       "leading_dense_block_count": "first_k_dense_replace",
+                                       "expert_weights_scale": "routed_scaling_factor",
+                                       "expert_weights_norm": "norm_topk_prob"},
+                          config_hook=_glm4moe, tensor_flags={"use_qk_norm": "model.layers.*.self_attn.q_norm.weight"}),
     "qwen3next": GGUFFamily("Qwen3NextForCausalLM", "qwen3_next", False,
                             {"norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []},
                             gguf_names=_LINEAR_ATTN, config_keys=_EXPERT_KEYS, config_hook=_linear_attention,
