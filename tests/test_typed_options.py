@@ -230,8 +230,6 @@ def test_rule_matching_nothing(ckpt, tmp_path, no_weights_read):
 # ---- options implemented or refused ------------------------------------------------------------------
 @pytest.mark.parametrize("option, words", [
     ("use_qdq=banana", "expected true or false"),
-    ("use_qdq=1", "QDQ is not built yet; MatMulNBits is written"),
-    ("use_qdq=true", "QDQ is not built yet; MatMulNBits is written"),
     ("enable_cuda_graph=banana", "expected true or false"),
     ("enable_cuda_graph=1", "enable_cuda_graph"),
     ("fuse_qk_norm_gqa=true", "fuse_qk_norm_gqa"),
@@ -243,7 +241,7 @@ def test_options_refused(option, words):
         apply_extra_options(Recipe(precision="int4"), [option])
 
 
-@pytest.mark.parametrize("option", ["use_qdq", "enable_cuda_graph", "fuse_qk_norm_gqa"])
+@pytest.mark.parametrize("option", ["enable_cuda_graph", "fuse_qk_norm_gqa"])  # use_qdq: tests/test_qdq.py
 def test_options_off_accepted_on_refused(option):
     base = Recipe(precision="int4")
     assert apply_extra_options(base, [f"{option}=false"]) == base

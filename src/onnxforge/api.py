@@ -117,6 +117,7 @@ def build(
                           recipe, lora=lora.lora_set())
         emitter.build()
         recipe.check_patterns()  # every user pattern matched a weight: before any weight is read
+        _check_qdq(builder, recipe)  # likewise
         lora.check_planned(builder)  # every adapter module has a branch or a weight to merge into: likewise
         report = BuildReport(
             output=str(Path(output)),
@@ -128,6 +129,7 @@ def build(
             input_sha256="",  # set when the hash running beside the build is done
             recipe_sha256=hashlib.sha256(json.dumps(recipe.describe(), sort_keys=True).encode()).hexdigest(),
             shared_embeddings=emitter.shared,
+            weight_format=_weight_format(builder),
         )
         report.notes.extend(emitter.notes)
         if calibrated is not None:
@@ -336,6 +338,8 @@ def _as_stored_note(builder: GraphBuilder, recipe: Recipe) -> list[str]:
            "fp32 activations" if level in (0, 1) else f"accuracy_level {level}")
     compute = (f"MatMulNBits computes at accuracy_level {level} ({how})"
                f"{'; --extra_options int4_accuracy_level=0 computes in fp32' if level == 4 else ''}")
+    if recipe.use_qdq:
+        compute = f"DequantizeLinear + MatMul compute in {recipe.io.dtype} (use_qdq)"
     if any("QMoE" in j.storage and j.storage.startswith("int8") for j in exact + closest):
         compute += ("; 8-bit QMoE experts compute with int8 activations at every accuracy level (onnxruntime's CPU "
                     "kernel; --extra_options moe_experts=fp32 runs the experts through the float MoE op, exactly)")
@@ -351,6 +355,31 @@ def _as_stored_note(builder: GraphBuilder, recipe: Recipe) -> list[str]:
     if changed:
         parts.append(f"{len(changed)} re-quantized or dequantized (see their storage)")
     return ["; ".join(parts) + f"; {compute}"]
+
+
+def _check_qdq(builder: GraphBuilder, recipe: Recipe) -> None:
+    """use_qdq writes every quantized weight as DequantizeLinear; a mixture of experts' quantized experts (QMoE) have
+    no QDQ form, so such a build is refused (the graph is made, no weight is read), never written half QDQ."""
+    if not recipe.use_qdq:
+        return
+    qmoe = [n.name for n in builder.nodes if n.op_type == "QMoE"]
+    if qmoe:
+        raise RecipeError(f"use_qdq=true: this model's mixture-of-experts experts are quantized (QMoE, {qmoe[0]}), and "
+                          "QMoE has no QDQ form; add --extra_options moe_experts=fp32 (or fp16) to keep the experts "
+                          "float, or drop use_qdq")
+    left = sorted({n.op_type for n in builder.nodes if n.op_type in ("MatMulNBits", "GatherBlockQuantized")})
+    if left:  # a quantized weight that did not go through Emitter.matmul / the embedding: a bug, never written
+        raise AssertionError(f"use_qdq build still has {', '.join(left)}")
+
+
+def _weight_format(builder: GraphBuilder) -> str:
+    """How quantized weights are written: "QDQ" (DequantizeLinear), "MatMulNBits" (the contrib ops), "float"."""
+    ops = {n.op_type for n in builder.nodes}
+    if "DequantizeLinear" in ops:
+        return "QDQ"
+    if ops & {"MatMulNBits", "GatherBlockQuantized", "QMoE"}:
+        return "MatMulNBits"
+    return "float"
 
 
 def _max_difference(builder: GraphBuilder, label: str) -> dict:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from .export.report import human
 
-DTYPE_NAMES = {1: "fp32", 10: "fp16", 16: "bf16", 2: "uint8", 7: "int64", 6: "int32"}
+DTYPE_NAMES = {1: "fp32", 10: "fp16", 16: "bf16", 2: "uint8", 7: "int64", 6: "int32", 3: "int8", 22: "int4",
+               21: "uint4"}
 
 
 def model_facts(model_dir: Path) -> dict:
@@ -31,6 +32,10 @@ def model_facts(model_dir: Path) -> dict:
             key = f"{n.op_type} int{attrs.get('bits', 4)} block {attrs.get('block_size')}"
             sym = "asym" if len(n.input) > 3 and n.input[3] else "sym"
             key += f" {sym}"
+        elif n.op_type == "DequantizeLinear" and n.input[0] in inits:  # use_qdq: the QDQ form of a weight
+            attrs = {a.name: a.i for a in n.attribute}
+            key = f"DequantizeLinear {DTYPE_NAMES.get(inits[n.input[0]].data_type, '?')} block {attrs.get('block_size')}"
+            key += " asym" if len(n.input) > 2 and n.input[2] else " sym"
         elif n.op_type in ("MatMul", "FusedMatMul", "Gather") and _weight_of(n) in inits:
             key = f"{n.op_type} {DTYPE_NAMES.get(inits[_weight_of(n)].data_type, '?')}"
         else:

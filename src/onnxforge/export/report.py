@@ -46,6 +46,9 @@ class BuildReport:
     files: dict[str, int] = field(default_factory=dict)
     groups: list[dict] = field(default_factory=list)  # {label, storage, bytes}
     shared_embeddings: bool = False
+    # how quantized weights are written: "MatMulNBits" (MatMulNBits / GatherBlockQuantized / QMoE), "QDQ" (use_qdq:
+    # DequantizeLinear + MatMul / Gather), "float" (nothing quantized)
+    weight_format: str = "float"
     seconds: float = 0.0
     peak_rss: int = 0
     notes: list[str] = field(default_factory=list)
@@ -81,6 +84,11 @@ class BuildReport:
             lines.append(f"  {role:<42} {storage:<32} {n:>5} {human(b):>10}")
         if self.shared_embeddings:
             lines.append("  embedding table shared with the lm_head (stored once)")
+        if self.weight_format == "QDQ":
+            lines.append("  format: QDQ (quantized weights as DequantizeLinear + MatMul / Gather, opset 21)")
+        elif self.weight_format == "MatMulNBits":
+            lines.append("  format: MatMulNBits (quantized weights as com.microsoft MatMulNBits / "
+                         "GatherBlockQuantized / QMoE)")
         for name, size in sorted(self.files.items()):
             lines.append(f"  {name:<30} {human(size):>10}")
         lines.append(f"  total {human(self.total_bytes)} in {self.seconds:.1f} s, peak memory {human(self.peak_rss)}")

@@ -45,7 +45,11 @@ def _check(job: WeightJob, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
     for slot, arr in zip(job.slots, arrays):
         if not isinstance(arr, Pieces):
             arr = np.ascontiguousarray(arr)
-        if tuple(arr.shape) != slot.shape or arr.dtype.itemsize != slot.dtype.itemsize:
+        if slot.packed:  # int4/uint4: the bytes as ONNX packs them (low nibble first), made by the job
+            wrong = arr.dtype != np.uint8 or tuple(arr.shape) != (slot.nbytes,)
+        else:
+            wrong = tuple(arr.shape) != slot.shape or arr.dtype.itemsize != slot.dtype.itemsize
+        if wrong:
             raise CheckpointError(
                 f"{slot.name}: expected shape {slot.shape} ({slot.dtype.name}), got {tuple(arr.shape)} ({arr.dtype}); "
                 "the weights do not match config.json"

@@ -34,8 +34,13 @@ class TensorSlot:
     shape: tuple[int, ...]
 
     @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+    def nbytes(self) -> int:  # 4-bit types (QDQ's int4/uint4) are packed two to a byte, the last byte padded
+        return (int(np.prod(self.shape, dtype=np.int64)) * self.dtype.bitwidth + 7) // 8
+
+    @property
+    def packed(self) -> bool:
+        """A sub-byte type: its job produces the packed bytes (uint8, one axis), not an array of `shape`."""
+        return self.dtype.bitwidth < 8
 
 
 @dataclass

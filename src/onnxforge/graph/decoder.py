@@ -162,9 +162,21 @@ class Decoder(Emitter):
         embed_st = self.plan.storage(["/model/embed_tokens/Gather", embed], "Gather")
         self.expect(f"{embed}.weight", (V, H))
         self.shared = self.plan.share_embeddings(spec, embed_st, head_st)
-        if self.shared and head_st.quantized:
+        if self.shared and head_st.quantized and self.qdq:  # one DequantizeLinear [H, V]: the lm_head's and the table's
+            ws = list(self._quantized_weights("/lm_head", "lm_head", self._lm_head_weight(), head_st))
+            offsets = ws.pop() if head_st.offsets else None
+            table = self.dequantize(ws, "/lm_head", head_st)
+            self.head_weights = (table, offsets) if offsets is not None else (table,)
+            x = self.gather_qdq(input_ids, table, offsets, head_st, axis=1)
+        elif self.shared and head_st.quantized:
             self.head_weights = self._quantized_weights("/lm_head", "lm_head", self._lm_head_weight(), head_st)
             x = self.gather_quantized(input_ids, self.head_weights, head_st)
+        elif embed_st.quantized and self.qdq:
+            ws = list(self._quantized_weights("/model/embed_tokens", "model.embed_tokens", Part(f"{embed}.weight"),
+                                              embed_st, axis=1))
+            offsets = ws.pop() if embed_st.offsets else None
+            table = self.dequantize(ws, "/model/embed_tokens", embed_st, axis=1)
+            x = self.gather_qdq(input_ids, table, offsets, embed_st, axis=0)
         elif embed_st.quantized:
             ws = self._quantized_weights("/model/embed_tokens", "model.embed_tokens", Part(f"{embed}.weight"), embed_st)
             x = self.gather_quantized(input_ids, ws, embed_st)
@@ -179,10 +191,31 @@ class Decoder(Emitter):
     def _lm_head_weight(self) -> Part:
         return Part(self.names.lm_head(self.spec.tie_embeddings))
 
-    def _quantized_weights(self, label: str, prefix: str, part: Part, st: Storage) -> tuple[ir.Value, ...]:
+    def _quantized_weights(self, label: str, prefix: str, part: Part, st: Storage, axis: int = 0) -> tuple[ir.Value, ...]:
+        """MatMulNBits' arrays of a (V, H) table, or with use_qdq DequantizeLinear's, blocked along `axis` of the
+        [H, V] weight the lm_head multiplies (0) or of the [V, H] table a Gather reads (1)."""
         V, H = self.spec.vocab_size, self.spec.hidden_size
+        if self.qdq:
+            return self.b.weights(W.qdq_matmul_job(self.source, label, prefix, [part], V, H, st, self.io.ir_dtype,
+                                                   self.io.np_dtype, axis=axis))
         return self.b.weights(W.quant_matmul_job(self.source, label, prefix, [part], V, H, st, self.io.ir_dtype,
                                                  self.io.np_dtype))
+
+    def gather_qdq(self, input_ids: ir.Value, table: ir.Value, offsets: ir.Value | None, st: Storage,
+                   axis: int) -> ir.Value:
+        """use_qdq's embedding lookup: Gather on the DequantizeLinear'd table, [V, H] rows (axis 0), or the columns of
+        the lm_head's shared [H, V] weight (axis 1, transposed to (batch, sequence, H)); a row's per-block offsets
+        (GGUF K-quants) are added to each of its values."""
+        b, K, node = self.b, self.spec.hidden_size, "/model/embed_tokens"
+        x = b.op("Gather", [table, input_ids], f"{node}/Gather", axis=axis)
+        if axis == 1:
+            x = b.op("Transpose", [x], f"{node}/Transpose", perm=[1, 2, 0])
+        if offsets is not None:
+            rows = b.op("Gather", [offsets, input_ids], f"{node}/offsets/Gather", axis=0)  # (batch, sequence, K/block)
+            block = b.const(np.arange(K, dtype=np.int64) // st.block_size)
+            each = b.op("Gather", [rows, block], f"{node}/offsets/Gather_1", axis=2)
+            x = b.op("Add", [x, each], f"{node}/offsets/Add")
+        return x
 
     def gather_quantized(self, input_ids: ir.Value, ws: Sequence[ir.Value], st: Storage) -> ir.Value:
         b, K, node = self.b, self.spec.hidden_size, "/model/embed_tokens"

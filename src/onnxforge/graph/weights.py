@@ -238,3 +238,70 @@ def row_chunks(source: Source, parts: Sequence[Part], K: int, elements: int | No
     for p in parts:
         first, last = p.rows if p.rows is not None else (0, source.shape(p.name)[0])
         yield last - first, ((i - first, read_rows(p.name, i, min(i + step, last))) for i in range(first, last, step))
+
+
+# ---- QDQ (use_qdq): DequantizeLinear's blocked int4/int8 in place of MatMulNBits' packed blocks ------------------
+def qdq_type(st: Storage) -> ir.DataType:
+    """The DequantizeLinear type of `st`'s codes: int4/int8 when symmetric (the code minus MatMulNBits' implicit
+    zero point), uint4/uint8 with zero points. 2-bit codes fit int4/uint4 exactly (opset 21 has no 2-bit type)."""
+    wide = st.bits > 4
+    if st.symmetric:
+        return ir.DataType.INT8 if wide else ir.DataType.INT4
+    return ir.DataType.UINT8 if wide else ir.DataType.UINT4
+
+
+def qdq_slots(prefix: str, N: int, K: int, st: Storage, scale_dtype: ir.DataType, axis: int) -> tuple[TensorSlot, ...]:
+    """DequantizeLinear's codes, scales (and zero points), blocks along `axis`: axis 0 on a MatMul's [K, N] weight
+    (scales [K/block, N], as onnxruntime's quantizer writes QDQ), axis 1 on an embedding's [N, K] table. The names
+    are the quantizer's (`<weight>_DQ_Q4`, `_DQ_scales`, `_DQ_zero_points`); offsets keep MatMulNBits' [N, K/block]."""
+    kb = k_blocks(K, st.block_size)
+    qt = qdq_type(st)
+    shape, blocks = ((K, N), (kb, N)) if axis == 0 else ((N, K), (N, kb))
+    slots = [TensorSlot(f"{prefix}.weight_DQ_Q{qt.bitwidth}", qt, shape),
+             TensorSlot(f"{prefix}.weight_DQ_scales", scale_dtype, blocks)]
+    if not st.symmetric:
+        slots.append(TensorSlot(f"{prefix}.weight_DQ_zero_points", qt, blocks))
+    if st.offsets:
+        slots.append(TensorSlot(f"{prefix}.weight_offsets", scale_dtype, (N, kb)))
+    return tuple(slots)
+
+
+def qdq_arrays(arrays: Sequence[np.ndarray], st: Storage, N: int, K: int, axis: int) -> list[np.ndarray]:
+    """MatMulNBits' arrays (B (N, K/block, block*bits/8), scales (N, K/block), packed zero points, offsets) re-laid
+    as DequantizeLinear's, every value unchanged: code - zero point and the scale of each weight are the same."""
+    from ..quant.pack import pack_bits, unpack_bits
+
+    kb = k_blocks(K, st.block_size)
+    data, scales = arrays[0], arrays[1]
+    codes = unpack_bits(data, st.bits, st.block_size).reshape(N, kb * st.block_size)[:, :K]
+    zp = None if st.symmetric else unpack_bits(arrays[2], st.bits, kb)
+    if st.symmetric:  # (code - 2^(bits-1)) as a signed integer: uint8 arithmetic wraps to its two's complement
+        codes = np.subtract(codes, np.uint8(1 << (st.bits - 1)), dtype=np.uint8).view(np.int8)
+    if axis == 0:
+        codes, scales = codes.T, scales.T
+        zp = None if zp is None else zp.T
+    qt = qdq_type(st)
+
+    def stored(values: np.ndarray) -> np.ndarray:
+        if qt.bitwidth == 4:  # ONNX packs 4-bit tensors flat, two to a byte, the first in the low nibble
+            return pack_bits(np.ascontiguousarray(values).reshape(-1).view(np.uint8) & np.uint8(0xF), 4)
+        return np.ascontiguousarray(values)
+
+    out = [stored(codes), np.ascontiguousarray(scales)]
+    if zp is not None:
+        out.append(stored(zp))
+    if st.offsets:
+        out.append(arrays[-1])
+    return out
+
+
+def qdq_matmul_job(source: Source, label: str, prefix: str, parts: Sequence[Part], N: int, K: int, st: Storage,
+                   scale_dtype: ir.DataType, scale_np: np.dtype, axis: int = 0) -> WeightJob:
+    """`quant_matmul_job`'s weight (the same quantizer, the same codes and scales) for DequantizeLinear."""
+    inner = quant_matmul_job(source, label, prefix, parts, N, K, st, scale_dtype, scale_np)
+    slots = qdq_slots(prefix, N, K, st, scale_dtype, axis)
+
+    def produce():
+        return qdq_arrays(inner.produce(), st, N, K, axis)
+
+    return WeightJob(label, slots, produce, inner.storage + " QDQ", inner.sources)

@@ -199,8 +199,8 @@ EXTRA_OPTIONS: dict[str, Callable[[str, object], dict]] = {
     "qmoe_block_size": _int("qmoe_block_size"),
     "moe_experts": _moe_experts,
     "qmoe_weights_prepacked": _int("qmoe_weights_prepacked"),
+    "use_qdq": _flag("use_qdq"),  # DequantizeLinear + MatMul / Gather in place of MatMulNBits (Recipe.use_qdq)
     # the anchor's options onnxforge does not build: false is accepted, true refused
-    "use_qdq": _off_only("QDQ is not built yet; MatMulNBits is written"),
     "fuse_qk_norm_gqa": _off_only("onnxforge writes the q/k norms as their own ops before GroupQueryAttention "
                                   "(the fused form is not built)"),
     "enable_cuda_graph": _flag("enable_cuda_graph"),

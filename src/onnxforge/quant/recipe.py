@@ -41,6 +41,7 @@ FIELD_KINDS = {
     "qmoe_block_size": "int", "qmoe_weights_prepacked": "int", "moe_experts": "str", "requantize": "bool",
     "drop_activation_quant": "bool", "exclude_embeds": "bool", "exclude_lm_head": "bool",
     "include_hidden_states": "bool", "config_only": "bool", "enable_cuda_graph": "bool", "enable_dml_graph": "bool",
+    "use_qdq": "bool",
 }
 
 
@@ -113,6 +114,10 @@ class Recipe:
     # provider they belong to: set for another, they are refused)
     enable_cuda_graph: bool | None = None  # None: on where it is safe (export/graph_capture.py), for -e cuda
     enable_dml_graph: bool = True  # the anchor's default: DirectML graph capture on
+    # the anchor's use_qdq: every quantized weight as DequantizeLinear (blocked int4/int8, opset 21) + MatMul, and
+    # DequantizeLinear + Gather for a quantized embedding, for the providers that take QDQ graphs (QNN, OpenVINO,
+    # NPUs); the same codes and scales as the MatMulNBits / GatherBlockQuantized build (graph/weights.py qdq_arrays)
+    use_qdq: bool = False
     # names -> the stored quantized form of the weight they name (set by bind(); see quant/native.py)
     native: Callable[[Sequence[str]], NativeFormat | None] | None = field(default=None, compare=False, repr=False)
     template_float: tuple[str, ...] = ()  # what the model-type template keeps float (may match nothing)
@@ -136,6 +141,7 @@ class Recipe:
         self._check_graph_capture()
         self._check_moe()
         self._check_shaping()
+        self._check_qdq()
         if self.block_size not in (16, 32, 64, 128, 256):
             raise RecipeError(f"block size must be one of 16, 32, 64, 128, 256, got {self.block_size}")
         if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
@@ -193,6 +199,20 @@ class Recipe:
             if given:
                 raise RecipeError(f"config_only=true writes genai_config.json and the tokenizer, no weights, so "
                                   f"{', '.join(given)} would be ignored; drop {'it' if len(given) == 1 else 'them'} (or config_only)")
+
+    def _check_qdq(self) -> None:
+        """Options that act on MatMulNBits only would be accepted and ignored with use_qdq: refused."""
+        if not self.use_qdq:
+            return
+        levels = [f"accuracy_level={self.accuracy_level}"] if self.accuracy_level is not None else []
+        levels += [f"rules[{i}].accuracy_level={r.storage.accuracy_level}" for i, r in enumerate(self.rules)
+                   if r.storage is not None and r.storage.accuracy_level is not None]
+        if levels:
+            raise RecipeError(f"use_qdq=true writes DequantizeLinear + MatMul, which compute in the activation dtype, "
+                              f"but {levels[0]} sets MatMulNBits' compute type and would be ignored; drop one of them")
+        if self.moe_quant_type:
+            raise RecipeError(f"use_qdq=true: moe_quant_type={self.moe_quant_type} quantizes a mixture of experts' "
+                              "experts, which have no QDQ form (they are QMoE); drop one of them")
 
     def _check_graph_capture(self) -> None:
         """A provider's graph-capture option set for another provider would be accepted and ignored: refused."""
@@ -269,7 +289,8 @@ class Recipe:
                                        ("asymmetric", not self.symmetric),
                                        ("int8_last_matmul", self.int8_last_matmul),
                                        ("int8_mixed_layers", self.int8_mixed_layers),
-                                       ("int8_linear_attn", self.int8_linear_attn)) if on]
+                                       ("int8_linear_attn", self.int8_linear_attn),
+                                       ("use_qdq", self.use_qdq)) if on]
         given = list(dict.fromkeys([*given, *named]))
         if given:
             raise RecipeError(
@@ -348,6 +369,7 @@ class Recipe:
             "exclude_embeds": self.exclude_embeds, "exclude_lm_head": self.exclude_lm_head,
             "include_hidden_states": self.include_hidden_states, "config_only": self.config_only,
             "enable_cuda_graph": self.enable_cuda_graph, "enable_dml_graph": self.enable_dml_graph,
+            "use_qdq": self.use_qdq,
         }
 
 

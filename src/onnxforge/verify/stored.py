@@ -37,6 +37,7 @@ from .stored_rope import compare_rotary
 
 ROWS_PER_SLICE = 1 << 22  # values dequantized at a time (16 MB in float32)
 _Q = re.compile(r"^(?P<prefix>.+)\.weight_Q(?P<bits>\d+)$")
+_DQ = re.compile(r"^(?P<prefix>.+)\.weight_DQ_Q(?P<bits>\d+)$")  # use_qdq: DequantizeLinear's codes
 _SOURCE = re.compile(r"^(?P<name>.+?)(\[(?P<start>\d+):(?P<stop>\d+)\])?$")
 
 
@@ -71,6 +72,35 @@ class _Initializers:
             n.op_type == "MatMul" or (n.op_type in ("FusedMatMul", "Gemm")
                                       and not any(a.name == "transB" and a.i for a in n.attribute)))}
         self.experts = expert_slots(graph)
+        # use_qdq: each DequantizeLinear's codes -> (axis, block_size); the last codes unpacked (one weight at a time)
+        self.dq = {n.input[0]: ({a.name: a.i for a in n.attribute}.get("axis", 1),
+                                {a.name: a.i for a in n.attribute}.get("block_size", 0))
+                   for n in graph.node if n.op_type == "DequantizeLinear"}
+        self._unpacked: dict[str, np.ndarray] = {}  # a weight's codes and zero points
+
+    def integers(self, name: str) -> np.ndarray:
+        """A DequantizeLinear input (int4/uint4/int8/uint8) as int16 of its shape; 4-bit types are stored packed
+        flat, two to a byte, the first in the low nibble."""
+        import onnx
+
+        if name in self._unpacked:
+            return self._unpacked[name]
+        if len(self._unpacked) >= 2:
+            self._unpacked.clear()
+        T, proto, shape = onnx.TensorProto, self.protos[name], self.shape(name)
+        if proto.data_type in (T.INT4, T.UINT4):
+            count = int(np.prod(shape, dtype=np.int64))
+            ext = {e.key: e.value for e in proto.external_data}
+            raw = (np.memmap(self.dir / ext["location"], dtype=np.uint8, mode="r", offset=int(ext.get("offset", 0)),
+                             shape=((count + 1) // 2,)) if ext else np.frombuffer(proto.raw_data, np.uint8))
+            v = np.stack([raw & 0xF, raw >> 4], -1).reshape(-1)[:count].astype(np.int16)
+            if proto.data_type == T.INT4:
+                v = (v ^ 8) - 8
+            out = v.reshape(shape)
+        else:
+            out = np.asarray(self.read(name)).astype(np.int16)
+        self._unpacked[name] = out
+        return out
 
     def dtype(self, name: str) -> np.dtype:
         import ml_dtypes  # noqa: F401 - registers bfloat16 for tensor_dtype_to_np_dtype
@@ -114,6 +144,26 @@ def _dequantize_rows(inits: _Initializers, prefix: str, bits: int, rows: slice, 
     return codes.reshape(codes.shape[0], -1)[:, :K]
 
 
+def _dequantize_qdq_rows(inits: _Initializers, prefix: str, bits: int, rows: slice, K: int) -> np.ndarray:
+    """float32 (rows, K) of a use_qdq weight: DequantizeLinear's (code - zero point) x scale (+ offset), its codes
+    [K, N] blocked along axis 0 (a MatMul's) or [N, K] along axis 1 (an embedding table's)."""
+    name = f"{prefix}.weight_DQ_Q{bits}"
+    axis, block = inits.dq[name]
+    codes = inits.integers(name)
+    scales = np.asarray(inits.read(f"{prefix}.weight_DQ_scales"), dtype=np.float32)
+    zp_name = f"{prefix}.weight_DQ_zero_points"
+    zp = inits.integers(zp_name) if zp_name in inits.protos else np.zeros(scales.shape, np.int16)
+    if axis == 0:
+        codes, scales, zp = codes.T, scales.T, zp.T
+    codes, scales, zp = codes[rows], scales[rows], zp[rows]
+    w = (codes.astype(np.float32) - np.repeat(zp.astype(np.float32), block, 1)[:, :K]) * \
+        np.repeat(scales, block, 1)[:, :K]
+    off_name = f"{prefix}.weight_offsets"
+    if off_name in inits.protos:
+        w += np.repeat(np.asarray(inits.read(off_name)[rows], dtype=np.float32), block, 1)[:, :K]
+    return w
+
+
 def _float_rows(inits: _Initializers, name: str, rows: slice) -> np.ndarray:
     w = inits.read(name)
     part = w[:, rows].T if name in inits.transposed else w[rows]
@@ -150,12 +200,15 @@ def _sources(group: dict) -> list[tuple[str, int | None, int | None]]:
 
 
 def _weight_kind(inits: _Initializers, group: dict) -> tuple[str, str, int] | None:
-    """("q", prefix, bits) for MatMulNBits-form slots, ("f", name, 0) for one 2-D float weight, else None."""
+    """("q", prefix, bits) for MatMulNBits-form slots, ("dq", prefix, bits) for use_qdq's, ("f", name, 0) for one 2-D float weight, else None."""
     names = group.get("initializers") or []
     for n in names:
         m = _Q.match(n)
         if m:
             return "q", m.group("prefix"), int(m.group("bits"))
+        m = _DQ.match(n)
+        if m and n in inits.dq:
+            return "dq", m.group("prefix"), int(m.group("bits"))
     if len(names) == 1 and names[0] in inits.protos and len(inits.shape(names[0])) == 2:
         dtype = inits.dtype(names[0])
         if dtype.kind == "f" or dtype.name == "bfloat16":
@@ -194,7 +247,7 @@ def load_stored_weights(model, out_dir: Path) -> StoredReport:
             continue
         if not _load_group(params, inits, group, kind, sources, report, done):
             report.kept += [s[0] for s in sources]
-            report.kept_quantized |= kind[0] == "q"
+            report.kept_quantized |= kind[0] in ("q", "dq")
     compare_rotary(model, inits, report)
     if report.kept:
         report.notes.append(f"{len(report.kept)} tensors keep the original weights (no stored form the reference "
@@ -236,8 +289,12 @@ def _load_group(params, inits: _Initializers, group: dict, kind, sources, report
         targets.append((name, p, first, last))
     N = sum(last - first for _, _, first, last in targets)
     K = targets[0][1].shape[1]
-    stored_n = inits.shape(f"{key}.weight_Q{bits}")[0] if form == "q" else (
-        inits.shape(key)[1] if key in inits.transposed else inits.shape(key)[0])
+    if form == "dq":
+        shape = inits.shape(f"{key}.weight_DQ_Q{bits}")
+        stored_n = shape[1] if inits.dq[f"{key}.weight_DQ_Q{bits}"][0] == 0 else shape[0]
+    else:
+        stored_n = inits.shape(f"{key}.weight_Q{bits}")[0] if form == "q" else (
+            inits.shape(key)[1] if key in inits.transposed else inits.shape(key)[0])
     if stored_n != N:
         report.notes.append(f"{group['label']}: stored {stored_n} rows, its sources {N}; kept original")
         return False
@@ -251,7 +308,8 @@ def _load_group(params, inits: _Initializers, group: dict, kind, sources, report
         for i in range(0, last - first, step):
             n = min(step, last - first - i)
             rows = slice(row + i, row + i + n)
-            w = _dequantize_rows(inits, key, bits, rows, K) if form == "q" else _float_rows(inits, key, rows)
+            w = (_dequantize_rows(inits, key, bits, rows, K) if form == "q" else
+                 _dequantize_qdq_rows(inits, key, bits, rows, K) if form == "dq" else _float_rows(inits, key, rows))
             with torch.no_grad():
                 orig = p[first + i:first + i + n]
                 o = orig.detach().double().numpy()

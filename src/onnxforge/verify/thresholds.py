@@ -45,7 +45,8 @@ CONVERSION_DEFAULTS: dict[str, dict[str, float]] = {
 
 def stored_precision(model_dir: Path) -> str:
     """How the model stores its weights, read from model.onnx (no weights loaded): "int4" or "int8" by the
-    fewest bits of any MatMulNBits / GatherBlockQuantized, else the float type of its MatMul weights."""
+    fewest bits of any MatMulNBits / GatherBlockQuantized / DequantizeLinear (use_qdq), else the float type of its
+    MatMul weights."""
     import onnx
 
     try:
@@ -54,12 +55,14 @@ def stored_precision(model_dir: Path) -> str:
         return "fp32"
     bits = [next((a.i for a in n.attribute if a.name == "bits"), 4) for n in model.graph.node
             if n.op_type in ("MatMulNBits", "GatherBlockQuantized")]
+    T = onnx.TensorProto
+    types = {i.name: i.data_type for i in model.graph.initializer}
+    bits += [4 if types.get(n.input[0]) in (T.INT4, T.UINT4) else 8 for n in model.graph.node  # use_qdq
+             if n.op_type == "DequantizeLinear" and types.get(n.input[0]) in (T.INT4, T.UINT4, T.INT8, T.UINT8)]
     if bits:
         return "int4" if min(bits) <= 4 else "int8"
-    types = {i.name: i.data_type for i in model.graph.initializer}
     weights = {types.get(n.input[1]) for n in model.graph.node if n.op_type in ("MatMul", "FusedMatMul", "Gemm")
                and len(n.input) > 1}
-    T = onnx.TensorProto
     for dtype, name in ((T.BFLOAT16, "bf16"), (T.FLOAT16, "fp16")):
         if dtype in weights:
             return name
