@@ -2,9 +2,12 @@
 clipping or gating beside the big ops. onnxruntime's CPU provider has no bf16 MatMul, so a session is not run
 here; creating one type-checks the whole graph first (an invalid model fails with INVALID_GRAPH before any
 kernel is looked up), so "only a missing kernel" is the check: the graph resolved. Also checked:
-  * TopK (no bf16 before ONNX opset 24: Qwen2-MoE / OLMoE / ERNIE routing), Clip (no bf16 kernel in onnxruntime's
-    CUDA provider: OLMo's and OLMoE's clip_qkv, Mamba2's dt limits) and Softplus (Mamba2's dt) run in float32
-    between Casts; nothing else of the graph changes;
+  * a MoE routing beyond softmax -> top k (Qwen2-MoE's unnormalised mass, ERNIE's selection bias, PhiMoE's sparse
+    mixer, sigmoid scores) is computed in float32 on the router logits cast up (TopK has no bf16 before ONNX opset
+    24; onnxruntime's CUDA provider has no bf16 ReduceMax, Where, ...), the experts' op in bf16 between Casts;
+    Clip (no bf16 CUDA kernel: OLMo's and OLMoE's clip_qkv, Mamba2's dt limits) and Softplus (Mamba2's dt) run in
+    float32 between Casts; checked on CPU by forcing the float32 routing at fp32 (equal to the plain build) and
+    fp16 (within the fp16 bound of transformers);
   * numpy's finfo is never asked about bfloat16 (some numpy / ml_dtypes versions refuse it: ERNIE 4.5 MoE and
     PhiMoE failed to build on the GPU machine), ml_dtypes.finfo is;
   * QMoE with bf16 activations (-p bf16 moe_quant_type=int4) resolves too.
@@ -40,24 +43,22 @@ def _resolves(out) -> None:
 
 
 def _float32_islands(out, op: str) -> list[onnx.NodeProto]:
-    """`op`'s nodes, each checked to be fed by a Cast to float32 and to feed a Cast back to bf16 (its first output)."""
+    """`op`'s nodes, each checked to compute in float32: walking back from its first input, the first Cast met casts
+    to float32 (the float32_op Casts, or the float32 routing's cast of the router logits)."""
     g = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
     producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
     nodes = [n for n in g.node if n.op_type == op]
     for n in nodes:
-        cast = producer[n.input[0]]
-        assert cast.op_type == "Cast" and cast.attribute[0].i == onnx.TensorProto.FLOAT, n.name
-        outs = consumers.get(n.output[0], [])
-        assert outs and all(c.op_type == "Cast" and c.attribute[0].i == BF16 for c in outs), n.name
+        src = producer.get(n.input[0])
+        while src is not None and src.op_type != "Cast":
+            src = producer.get(src.input[0])
+        assert src is not None and src.attribute[0].i == onnx.TensorProto.FLOAT, n.name
     return nodes
 
 
 @pytest.mark.parametrize("name, ops", [("mixtral", ()), ("qwen2_moe", ("TopK",)), ("olmoe", ("TopK", "Clip")),
-                                       ("ernie4_5_moe", ("TopK",)), ("phimoe", ()), ("olmo", ("Clip",)),
+                                       ("ernie4_5_moe", ("TopK",)), ("phimoe", ("ReduceMax", "ArgMax")),
+                                       ("olmo", ("Clip",)),
                                        ("granite_hybrid", ("Softplus",))])
 def test_bf16_graph_resolves(tiny_models, tmp_path, monkeypatch, name, ops):
     import ml_dtypes
@@ -100,3 +101,51 @@ def test_bf16_qmoe_resolves(tiny_models, tmp_path):
     scales = {t.name: t for t in g.initializer if t.name.endswith(".scales")}
     assert scales and all(t.data_type == BF16 for t in scales.values())
     _resolves(out)
+
+
+# ---- the routing in float32 (graph/moe.py _float32_routing), run on CPU by forcing it at fp32 and fp16 ----------
+ROUTED = ["qwen2_moe", "ernie4_5_moe", "phimoe", "lfm2_moe"]  # unnormalised, selection bias, sparse mixer, sigmoid
+
+
+def _routed_config(name: str) -> dict:
+    if name == "lfm2_moe":
+        from test_family_lfm2_moe import LFM2_MOE
+
+        return LFM2_MOE
+    return FAMILIES[name]
+
+
+@pytest.mark.parametrize("name", ROUTED)
+def test_float32_routing_wiring_is_exact(tiny_models, tmp_path, monkeypatch, name):
+    """Forced at fp32 (every Cast a no-op in value), the float32 routing gives the plain build's logits: the
+    routing emitter, the Casts around the op and the selection biases are wired as in the plain graph."""
+    from conftest import onnx_step_logits, prompt_and_decode
+
+    from onnxforge.graph import moe as moe_mod
+
+    folder, _ = tiny_models(name, **_routed_config(name))
+    onnxforge.build(folder, tmp_path / "plain", "fp32")
+    monkeypatch.setattr(moe_mod, "FLOAT32_ROUTING_FOR", (onnx.TensorProto.FLOAT,))
+    onnxforge.build(folder, tmp_path / "f32", "fp32")
+    g = onnx.load(str(tmp_path / "f32" / "model.onnx"), load_external_data=False).graph
+    assert any(n.name.endswith("/moe/router/Cast_router") for n in g.node)
+    prompt, decode = prompt_and_decode()
+    a, b = (onnx_step_logits(tmp_path / d, prompt, decode) for d in ("plain", "f32"))
+    assert np.abs(a - b).max() < 1e-5
+
+
+@pytest.mark.parametrize("name", ROUTED)
+def test_float32_routing_at_fp16(tiny_models, tmp_path, monkeypatch, name):
+    """Forced at fp16 (the op in fp16, the routing in float32 between Casts): within the fp16 bound of transformers'
+    fp32 logits (2% of the logit range), as the plain fp16 build is."""
+    from conftest import onnx_step_logits, prompt_and_decode, reference_logits
+
+    from onnxforge.graph import moe as moe_mod
+
+    folder, model = tiny_models(name, **_routed_config(name))
+    monkeypatch.setattr(moe_mod, "FLOAT32_ROUTING_FOR", (onnx.TensorProto.FLOAT16,))
+    onnxforge.build(folder, tmp_path / "f16", "fp16")
+    prompt, decode = prompt_and_decode()
+    ref = reference_logits(model, prompt + decode)
+    got = onnx_step_logits(tmp_path / "f16", prompt, decode).astype(np.float32)
+    assert np.abs(got - ref).max() < 0.02 * (ref.max() - ref.min())

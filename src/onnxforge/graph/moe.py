@@ -176,8 +176,19 @@ class Experts:
             (self.b2,) = e.b.weights(X.float_experts_job(t.fc2_bias, f"{base}/down_proj", f"{prefix}.down_proj.bias",
                                                          E, H, 0, bias_st, t.bias_sources[-1:]))
 
+    route32 = False  # the routing around the op is computed in float32 (bf16 activations; see moe())
+
     def op(self, x: ir.Value, router: ir.Value, k: int, normalize: bool, name: str,
            router_weights: ir.Value | None = None) -> ir.Value:
+        if not self.route32:
+            return self._op(x, router, k, normalize, name, router_weights)
+        b, bf16 = self.e.b, self.e.io.ir_dtype  # float32 in, the op in bf16, float32 out
+        down = lambda v, tag: None if v is None else b.op("Cast", [v], f"{name}/Cast_{tag}", to=bf16)  # noqa: E731
+        y = self._op(down(x, "x"), down(router, "router"), k, normalize, name, down(router_weights, "weights"))
+        return b.op("Cast", [y], f"{name}/Cast_y", to=ir.DataType.FLOAT)
+
+    def _op(self, x: ir.Value, router: ir.Value, k: int, normalize: bool, name: str,
+            router_weights: ir.Value | None = None) -> ir.Value:
         m, st = self.m, self.st
         attrs = dict(k=k, activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=int(normalize),
                      activation_alpha=m.swiglu_alpha, activation_beta=m.swiglu_beta)
@@ -267,18 +278,25 @@ def moe(e: "Emitter", i: int, x: ir.Value) -> ir.Value:
     router = b.op("Reshape", [logits, b.const([-1, E], np.int64)], f"{base}/router/Reshape")
     experts = Experts(e, i)
     name = f"{base}/{'QMoE' if experts.quantized else 'MoE'}"
+    plain = m.mixer not in ("sparsemixer", "sigmoid_input") and m.scoring != "sigmoid" and not m.selection_bias
+    r, xr = e, x  # the routing's emitter and input
+    if e.io.ir_dtype in FLOAT32_ROUTING_FOR and not (plain and m.normalize):
+        r, xr, logits, router = _float32_routing(e, base, x, logits, router)
+        experts.route32 = True
     if m.mixer == "sparsemixer":
-        y = _sparsemixer(e, base, x, router, experts)
+        y = _sparsemixer(r, base, xr, router, experts)
     elif m.mixer == "sigmoid_input":
-        y = _sigmoid_input(e, base, x, logits, router, experts, name)
+        y = _sigmoid_input(r, base, xr, logits, router, experts, name)
     elif m.scoring == "sigmoid":
-        y = _sigmoid_routing(e, i, base, x, router, experts, name)
+        y = _sigmoid_routing(r, i, base, xr, router, experts, name)
     elif m.selection_bias:
-        y = _biased_selection(e, i, base, x, router, experts, name)
+        y = _biased_selection(r, i, base, xr, router, experts, name)
     elif m.normalize:
-        y = experts.op(x, router, m.top_k, True, name)
+        y = experts.op(xr, router, m.top_k, True, name)
     else:
-        y = _unnormalized(e, base, x, router, experts, name)
+        y = _unnormalized(r, base, xr, router, experts, name)
+    if experts.route32:
+        y = b.op("Cast", [y], f"{base}/Cast_y", to=e.io.ir_dtype)
     if m.shared_intermediate_size:
         node = f"/model/layers.{i}/shared_expert"
         s = dense_mlp(e, i, x, ("shared_gate", "shared_up", "shared_down"), node, m.shared_intermediate_size)
@@ -287,6 +305,36 @@ def moe(e: "Emitter", i: int, x: ir.Value) -> ir.Value:
             s = b.op("Mul", [b.op("Sigmoid", [g], f"{node}_gate/Sigmoid"), s], f"{node}_gate/Mul")
         y = b.op("Add", [y, s], f"{base}/shared_expert/Add")
     return y
+
+
+# activation dtypes whose routing is computed in float32 (tests add FLOAT16 / FLOAT to run the path on CPU)
+FLOAT32_ROUTING_FOR = (ir.DataType.BFLOAT16,)
+
+
+class _Float32Plan:
+    """The recipe's plan with float32 activations: the routing's scalars, constants and selection biases."""
+
+    io = Storage(dtype="fp32")
+
+    def __init__(self, plan):
+        self._plan = plan
+
+    def __getattr__(self, key: str):
+        return getattr(self._plan, key)
+
+
+def _float32_routing(e: "Emitter", base: str, x: ir.Value, logits: ir.Value, router: ir.Value):
+    """bf16 activations: the routing (softmax, top k, masks, mixer weights) computed in float32 on the router's
+    logits cast up, as transformers computes routing weights in float32; onnxruntime's CUDA provider has no bf16
+    kernel for several of its ops (TopK, ReduceMax, Where, ...). The experts' op itself stays bf16 (Experts.op casts
+    around it). Returns the routing's emitter and x, logits and router logits in float32."""
+    import copy
+
+    b, f32 = e.b, ir.DataType.FLOAT
+    r = copy.copy(e)
+    r.plan = _Float32Plan(e.plan)
+    up = lambda v, tag: b.op("Cast", [v], f"{base}/router/Cast_{tag}", to=f32)  # noqa: E731
+    return r, up(x, "x"), up(logits, "logits"), up(router, "router")
 
 
 def _router(e: "Emitter", x: ir.Value, i: int, role: str, node: str, N: int, bias: bool) -> ir.Value:
