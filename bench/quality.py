@@ -17,6 +17,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from onnxforge.quant.recipe import Recipe
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
@@ -41,7 +43,31 @@ def recipes():
         ("int4 rtn sym b64", replace(base, method="rtn", symmetric=True, block_size=64)),
         ("int4 k_quant b64", replace(base, method="k_quant", block_size=64)),
         ("int4 hqq asym b64", replace(base, method="hqq", symmetric=False, block_size=64)),
+        # calibrated (onnxforge.calibrate): the default calibration text (Python standard-library docstrings),
+        # 64 samples x 256 tokens; another source than the held-out text (the Python docs' .rst sources)
+        ("int4 gptq", replace(base, method="gptq")),
+        ("int4 awq", replace(base, method="awq")),
+        ("int4 awq+gptq", replace(base, method="awq+gptq")),
     ]
+
+
+def build_measured(model: Path, out: Path, recipe) -> tuple[float, int]:
+    """Build in a fresh process (its own peak memory): (seconds, peak RSS bytes) from build_report.json."""
+    import json
+    import subprocess
+    from dataclasses import fields
+
+    skip = {"native", "seen", "num_layers", "rules", "template_float"}
+    kw = {f.name: getattr(recipe, f.name) for f in fields(recipe) if f.name not in skip}
+    kw["op_types"], kw["keep_float"] = sorted(kw["op_types"]), list(kw["keep_float"])
+    code = ("import json, sys, onnxforge; from onnxforge.quant.recipe import Recipe; kw = json.loads(sys.argv[3]); "
+            "kw['op_types'] = frozenset(kw['op_types']); kw['keep_float'] = tuple(kw['keep_float']); "
+            "onnxforge.build(sys.argv[1], sys.argv[2], recipe=Recipe(**kw), overwrite=True)")
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code, str(model), str(out), json.dumps(kw)], check=True)
+    common.log(f"built {out.name} in {time.perf_counter() - t:.1f} s")
+    report = json.loads((out / "build_report.json").read_text())
+    return report["seconds"], report["peak_rss"]
 
 
 def describe(folder: Path) -> str:
@@ -67,6 +93,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-anchor", action="store_true", help="skip the anchor's build")
     ap.add_argument("--work", help=f"cache folder for conversions and builds (default {common.WORK})")
     ap.add_argument("--write-results", action="store_true", help="update the quality section of bench/RESULTS.md")
+    ap.add_argument("--section", default="quality",
+                    help="the RESULTS.md section --write-results replaces (default 'quality'; with --only, another "
+                    "name keeps the full table, e.g. 'quality: calibrated int4')")
     args = ap.parse_args(argv)
     if args.work:
         common.WORK = Path(args.work).resolve()
@@ -80,15 +109,22 @@ def main(argv=None) -> int:
     only = {s.strip() for s in args.only.split(",")} if args.only else None
 
     builds: list[tuple[str, str, Path]] = []
+    measured: dict[str, tuple[float, int]] = {}  # name -> (build seconds, build peak RSS), each in its own process
     for name, recipe in recipes():
         if only and name not in only and name != "fp32":  # fp32 is the baseline and the tokenizer
             continue
-        out = work / name.replace(" ", "-")
+        out = work / name.replace(" ", "-").replace("+", "_")
         try:
-            if recipe is None:
-                common.build_ours(model, out, "fp32")
+            if args.smoke:  # in this process, calibrating on 8 x 64 tokens: quick (the peak is this process's)
+                import onnxforge
+                from onnxforge.calibrate.data import Calibration
+                from onnxforge.calibrate.run import wants_calibration
+
+                r = recipe or Recipe(precision="fp32")
+                onnxforge.build(model, out, recipe=r, overwrite=True,
+                                calibration=Calibration(None, 8, 64) if wants_calibration(r) else None)
             else:
-                common.build_ours(model, out, recipe=recipe)
+                measured[name] = build_measured(model, out, recipe or Recipe(precision="fp32"))
         except Exception as e:  # noqa: BLE001 - report and go on with the other recipes
             common.log(f"{name}: build failed: {type(e).__name__}: {e}")
             continue
@@ -138,9 +174,11 @@ def main(argv=None) -> int:
         results[name] = res.ppl
         size = common.model_bytes(folder)
         base = results["fp32"]
-        rows.append([name, desc, f"{size / 2**20:.1f}", f"{res.ppl:.3f}", f"{100 * (res.ppl / base - 1):+.2f}%",
-                     f"{secs:.0f}"])
-    headers = ["model", "recipe", "size MiB", "perplexity", "vs fp32", "seconds"]
+        build_s, peak = measured.get(name, (None, None))
+        rows.append([name, desc, "-" if build_s is None else f"{build_s:.0f}",
+                     "-" if peak is None else f"{peak / 2**20:.0f}", f"{size / 2**20:.1f}", f"{res.ppl:.3f}",
+                     f"{100 * (res.ppl / base - 1):+.2f}%", f"{secs:.0f}"])
+    headers = ["model", "recipe", "build s", "build peak MiB", "size MiB", "perplexity", "vs fp32", "seconds"]
     intro = (f"quality benchmark: {label}; text: {source}; {len(ids)} tokens, window {window}, stride {stride}"
              + (" (non-overlapping windows: each starts without context, to keep the run short)"
                 if stride == window else ""))
@@ -151,11 +189,13 @@ def main(argv=None) -> int:
                      "the int4 rows re-quantize them."
                      if model.suffix == ".gguf" else "")
         body = "\n".join([f"Model: {label}.{gguf_note} Perplexity (plain onnxruntime) on the first {len(ids)} tokens "
-                          f"of the Python 3.11 docs' .rst sources (python3.11-doc), window {window}, stride {stride}. "
-                          "`python bench/quality.py" + (" --smoke" if args.smoke else "") + "`", "",
+                          f"of the Python 3.11 docs' .rst sources (python3.11-doc), window {window}, stride {stride}; "
+                          "seconds: the perplexity run; build s / build peak MiB: each build in its own process "
+                          "(build_report.json). `python bench/quality.py "
+                          + " ".join(repr(a) if " " in a else a for a in (argv or sys.argv[1:])) + "`", "",
                           *common.header_lines(), "", common.table(headers, rows, markdown=True)]
                          + ([""] + note if note else []))
-        common.write_section("quality" + (" (smoke)" if args.smoke else ""), body)
+        common.write_section(args.section + (" (smoke)" if args.smoke else ""), body)
     return 0
 
 

@@ -111,7 +111,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec: ModelSpec, i: i
     group = a.num_heads // a.num_kv_heads
     k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
     scale = np.float32(a.scale if a.scale is not None else 1 / math.sqrt(a.head_dim))
-    scores = np.einsum("qhd,khd->hqk", q, k) * scale
+    q, k, v = q.transpose(1, 0, 2), k.transpose(1, 2, 0), v.transpose(1, 0, 2)  # (h, L, d), (h, d, L), (h, L, d)
+    scores = np.matmul(q, k) * scale  # BLAS (einsum would not be)
     pos = np.arange(L)
     allowed = pos[None, :] <= pos[:, None]
     if layer.window:
@@ -120,4 +121,4 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec: ModelSpec, i: i
     scores -= scores.max(axis=-1, keepdims=True)
     p = np.exp(scores)
     p /= p.sum(axis=-1, keepdims=True)
-    return np.einsum("hqk,khd->qhd", p, v).reshape(L, a.q_size).astype(np.float32)
+    return np.matmul(p, v).transpose(1, 0, 2).reshape(L, a.q_size).astype(np.float32)
