@@ -228,7 +228,11 @@ TEXT_MODEL["Gemma4ForConditionalGeneration"] = ("Gemma4Config", "gemma4_text", N
 FINAL_SOFTCAP = (*FINAL_SOFTCAP, *PER_LAYER_GEOMETRY)
 for _arch in PER_LAYER_GEOMETRY:
     PARTIAL_ROTARY[_arch] = True  # its tables are checked per layer type (head sizes differ), in reference()
-    FAMILY_KNOBS[_arch] = {"ple": [{"hidden_size_per_layer_input": 0}], "rope": G4_ROPES, "head_dim": [ABSENT, 16],
+    FAMILY_KNOBS[_arch] = {"ple": [{"hidden_size_per_layer_input": 0},  # per-layer inputs, KV sharing
+                                   {"hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": 64,
+                                    "num_kv_shared_layers": 2, "use_double_wide_mlp": True},
+                                   {"hidden_size_per_layer_input": 0, "num_kv_shared_layers": 3}],
+                           "rope": G4_ROPES, "head_dim": [ABSENT, 16],
                            "global_head_dim": [ABSENT, 32, 48], "attention_k_eq_v": [ABSENT, True, False],
                            "num_global_key_value_heads": [ABSENT, 1], "final_logit_softcapping": [ABSENT, None, 7.0],
                            "use_bidirectional_attention": [ABSENT, "vision"],
@@ -400,7 +404,16 @@ def reference(arch: str, d: dict) -> dict:
             for head in {a.head_dim for a, t in zip(attn, c.layer_types) if t == lt}:
                 if 2 * len(table) != head:
                     raise CannotRun(f"a rotary table of {2 * len(table)} dims for a head of {head}")
-        out["layer_geometry"] = tuple((a.head_dim, a.k_proj.out_features // a.head_dim, a.v_proj is None) for a in attn)
+        # a layer that reuses another's keys and values (KV sharing) has no k/v projection: its kv heads are its
+        # config's; the layer it reads is the one transformers stores for its type (kv_sharing_modes)
+        modes, types = c.kv_sharing_modes, c.layer_types
+        store = {types[j]: j for j, mode in enumerate(modes) if mode == "store"}
+        out["layer_geometry"] = tuple(
+            (a.head_dim, c.per_layer_config[i].num_key_value_heads if a.is_kv_shared_layer else
+             a.k_proj.out_features // a.head_dim, not a.is_kv_shared_layer and a.v_proj is None,
+             store[types[i]] if a.is_kv_shared_layer else -1, layer.mlp.intermediate_size)
+            for i, (a, layer) in enumerate(zip(attn, layers)))
+        out["per_layer_input"] = layers[0].hidden_size_per_layer_input or 0
         # the MoE block beside the dense MLP (enable_moe_block): the layer holds the router and experts itself
         out["moe_layers"] = tuple(bool(getattr(layer, "enable_moe_block", False)) for layer in layers)
         moe_layer = next((layer for layer in layers if getattr(layer, "enable_moe_block", False)), None)
@@ -601,8 +614,10 @@ def ours(arch_obj, d: dict, ref: dict) -> dict:
         out["experts"] = spec.moe and (spec.moe.num_experts, spec.moe.top_k, spec.moe.intermediate_size)
         out["mlp_bias"] = spec.mlp.bias  # the dense MLP beside the experts
     if "layer_geometry" in ref:
-        out["layer_geometry"] = tuple((spec.attention_of(i).head_dim, spec.attention_of(i).num_kv_heads, layer.k_eq_v)
+        out["layer_geometry"] = tuple((spec.attention_of(i).head_dim, spec.attention_of(i).num_kv_heads, layer.k_eq_v,
+                                       layer.kv_source, layer.mlp_size or spec.mlp.intermediate_size)
                                       for i, layer in enumerate(spec.layers))
+        out["per_layer_input"] = spec.per_layer_input
     if "conv" in ref:
         out["conv"] = (spec.conv.kernel, spec.conv.bias) if spec.conv else None
         out["mlp_width"] = spec.mlp.intermediate_size if not all(layer.moe for layer in spec.layers) else None

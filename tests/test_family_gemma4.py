@@ -8,8 +8,8 @@ fp32 logits equal transformers' within 1e-4 for the prefill and every cached dec
 the build as is (per-layer KV shapes) and its greedy tokens equal transformers'; int4 equals transformers with the
 build's dequantized weights; fp16 runs close to fp32. The parts Gemma 4 adds are each shown to matter.
 The MoE block (enable_moe_block: 4 experts, top 2, beside the dense MLP, GeGLU experts computed densely, the
-norm-scaled router with per-expert scales) passes the same checks in both forms. What is not built yet
-(per-layer input embeddings, KV sharing) is one ConfigError from config.json.
+norm-scaled router with per-expert scales) and the E2B/E4B additions (per-layer inputs of width 8, the last 2 layers
+attending to the keys and values of layers 0 and 1, their MLPs double-wide) pass the same checks in both forms.
 """
 from __future__ import annotations
 
@@ -185,8 +185,7 @@ def test_fp16_and_int4(tmp_path):
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("hidden_size_per_layer_input", 8, "per-layer input embeddings"),
-    ("num_kv_shared_layers", 2, "KV sharing"),
+    ("num_kv_shared_layers", 4, "num_kv_shared_layers must be an integer from 0 to 3"),
     ("num_experts", None, "has no 'num_experts'"),  # with enable_moe_block
     ("use_bidirectional_attention", "all", "causal decoders only"),
 ])
@@ -305,3 +304,57 @@ def test_moe_fp16_and_int4(tmp_path):
     assert np.abs(got - ref)[clear].max() < 0.02 * (ref.max() - ref.min())
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
     check_int4(folder, tmp_path / "int4", model=model)  # the experts' two MatMuls at int4 (tests/quant_ref.py)
+
+
+PLE = dict(hidden_size_per_layer_input=8, vocab_size_per_layer_input=320, num_kv_shared_layers=2,
+           use_double_wide_mlp=True)  # transformers runs KV sharing only with per-layer inputs (its slicing)
+
+
+@pytest.fixture(scope="module")
+def gemma4_ple(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gemma4_ple")
+    return folder, make_causal(folder, **PLE)
+
+
+def test_per_layer_inputs_and_kv_sharing(gemma4_ple, tmp_path):
+    folder, model = gemma4_ple
+    spec = spec_of(folder)
+    assert [layer.kv_source for layer in spec.layers] == [-1, -1, 0, 1]
+    assert [layer.mlp_size for layer in spec.layers] == [0, 0, 192, 192] and spec.per_layer_input == 8
+    assert [layer.k_eq_v for layer in spec.layers] == [False, True, False, False]  # layer 3 has no k/v at all
+    out = tmp_path / "out"
+    onnxforge.build(folder, out, "fp32")
+    worst = diff(out, model)
+    assert worst < FP32_TOL, f"max abs diff vs transformers {worst}"
+    report = json.loads((out / "build_report.json").read_text())
+    assert not report["unread_tensors"]
+    for seed in (1, 2):
+        prompt, _ = tokens(seed)
+        assert genai_greedy(out, prompt) == reference_greedy(model, prompt)
+
+
+def test_per_layer_inputs_and_kv_sharing_wrapper(tmp_path):
+    folder = tmp_path / "wrapper"
+    model = make_wrapper(folder, **PLE)
+    out = tmp_path / "out"
+    onnxforge.build(folder, out, "fp32")
+    worst = diff(out, model)
+    assert worst < FP32_TOL, f"max abs diff vs transformers {worst}"
+    prompt, _ = tokens(1)
+    assert genai_greedy(out, prompt) == reference_greedy(model, prompt)
+
+
+def test_per_layer_inputs_need_token_ids(gemma4_ple, tmp_path):
+    from onnxforge.quant.recipe import Recipe
+
+    folder, _ = gemma4_ple
+    with pytest.raises(ConfigError, match="exclude_embeds"):
+        onnxforge.build(folder, tmp_path / "out", recipe=Recipe(precision="fp32", exclude_embeds=True))
+    assert not (tmp_path / "out").exists()
+
+
+def test_per_layer_inputs_fp16_and_int4(tmp_path):
+    folder = tmp_path / "model"
+    model = make_causal(folder, **PLE)
+    check_fp16(folder, model, tmp_path / "fp16")
+    check_int4(folder, tmp_path / "int4", model=model)

@@ -213,6 +213,9 @@ class LayerSpec:
     head_dim: int = 0  # this layer's attention head size where it differs from the model's (0: the model's)
     kv_heads: int = 0  # this layer's key/value heads where they differ from the model's (0: the model's)
     k_eq_v: bool = False  # no v_proj: the key projection is the value too (Gemma 4's attention_k_eq_v layers)
+    kv_source: int = -1  # attends to the keys and values of this earlier layer, no k/v of its own (Gemma 4's KV
+    # sharing); -1: its own
+    mlp_size: int = 0  # this layer's dense MLP width where it differs from the model's (0: the model's)
 
 
 @dataclass(frozen=True)
@@ -240,6 +243,8 @@ class ModelSpec:
     logit_scale: float = 1.0  # Granite logits_scaling: logits are divided by it
     final_softcap: float = 0.0  # Gemma 2: logits = tanh(logits / cap) * cap
     layer_scalar: bool = False  # each layer's output times its checkpoint scalar (Gemma 4's layer_scalar)
+    per_layer_input: int = 0  # width of each layer's own input embedding (Gemma 4's per-layer inputs; 0: none)
+    per_layer_vocab: int = 0  # rows of the per-layer input embedding table
     lm_head_bias: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None

@@ -1,15 +1,12 @@
-"""Gemma 4 text decoder: Gemma4ForCausalLM, and the text decoder of Gemma4ForConditionalGeneration (its vision and
-audio towers and their embedders are left unread). What it adds over Gemma 3 (transformers' modeling_gemma4):
-  * RMSNorm by the weight itself (no 1 + weight), also on q/k; a weightless RMS norm of v per head; scaling 1.0;
-  * per-layer attention geometry: per_layer_config (layer index -> head_dim / num_key_value_heads), else
-    global_head_dim (default 512) on the full layers and, with attention_k_eq_v, num_global_key_value_heads; each
-    layer's KV cache has its own shape (onnxruntime-genai 0.18 reads it from the model's inputs, as the anchor's);
-  * attention_k_eq_v: the full layers have no v_proj, the key projection is the value too (before the k norm);
-  * a "proportional" rotary on the full layers (the first partial_rotary_factor of the pairs rotate, graph/rope.py);
-  * layer_scalar: each layer's output times a (1,) checkpoint scalar (graph/layer_extras.py); both forms softcap.
-  * enable_moe_block (26B-A4B): experts beside the dense MLP (blocks.py sandwich_moe, graph/dense_experts.py).
-Refused (ConfigError): per-layer input embeddings (hidden_size_per_layer_input: E2B/E4B), KV sharing
-(num_kv_shared_layers), use_bidirectional_attention "all".
+"""Gemma 4 text decoder: Gemma4ForCausalLM, and the text decoder of Gemma4ForConditionalGeneration (vision and audio
+towers left unread). Over Gemma 3 (transformers' modeling_gemma4): norms by the weight itself (no 1 +), a weightless
+v norm, scaling 1.0; per-layer head_dim / kv heads (per_layer_config, else global_head_dim and, with
+attention_k_eq_v, num_global_key_value_heads on the full layers; each layer's KV cache of its own shape, which
+onnxruntime-genai 0.18 reads from the model); attention_k_eq_v (no v_proj on the full layers: k is v); a
+"proportional" rotary there (graph/rope.py); layer_scalar and per-layer inputs (hidden_size_per_layer_input,
+graph/layer_extras.py); KV sharing (num_kv_shared_layers: the last layers attend to the keys and values of the last
+earlier layer of their type, LayerSpec.kv_source; double-wide MLPs there with use_double_wide_mlp); the MoE block
+(enable_moe_block: graph/blocks.py sandwich_moe, graph/dense_experts.py). Refused: bidirectional attention "all".
 """
 from __future__ import annotations
 
@@ -48,16 +45,11 @@ def _config(cfg: dict) -> dict:
     if not isinstance(params, dict) or any(not isinstance(params.get(t), dict) for t in used):
         raise ConfigError("config.json: Gemma 4's rope_parameters must hold an object for each layer type of the "
                           f"model ({', '.join(used)}); got {params!r}")
-    tables = {t: _proportion(table) if isinstance(table, dict) else table for t, table in params.items()}
+    tables = {t: {**{k: v for k, v in x.items() if k != "partial_rotary_factor"}, "rope_proportion": x.get(
+        "partial_rotary_factor", 1.0)} if isinstance(x, dict) and x.get("rope_type") == "proportional" else x
+        for t, x in params.items()}  # a proportional table rotates whole heads, some pairs by 0
     rest = {k: v for k, v in cfg.items() if k not in ("rope_scaling", "rope_theta", "rope_local_base_freq")}
     return {**rest, "layer_types": types, "rope_parameters": tables}
-
-
-def _proportion(table: dict) -> dict:
-    if table.get("rope_type") != "proportional":
-        return table
-    return {**{k: v for k, v in table.items() if k != "partial_rotary_factor"},
-            "rope_proportion": table.get("partial_rotary_factor", 1.0)}
 
 
 def _geometry(cfg: dict, n: int, types: list[str]) -> list[tuple[int, int]]:
@@ -79,22 +71,26 @@ def _geometry(cfg: dict, n: int, types: list[str]) -> list[tuple[int, int]]:
              _positive_int({"num_key_value_heads": kv, **table.get(i, {})}, "num_key_value_heads")) for i in range(n)]
 
 
-NOT_BUILT = {"hidden_size_per_layer_input": "Gemma 4's per-layer input embeddings (the E2B/E4B sizes)",
-             "num_kv_shared_layers": "KV sharing (the last layers reuse earlier layers' keys and values)"}
-
-
-def _refusals(cfg: dict) -> None:
-    if cfg.get("use_bidirectional_attention") == "all":
-        raise ConfigError("config.json: use_bidirectional_attention is \"all\" (an embedding model); onnxforge builds "
-                          "causal decoders only")
-    for key, what in NOT_BUILT.items():
-        if cfg.get(key):
-            raise ConfigError(f"config.json: {key} is set ({what}); onnxforge does not build it yet, so the checkpoint "
-                              f"is refused rather than built without it (Gemma 4 configs with {key} 0/false build)")
+def _sharing(cfg: dict, n: int, types: list[str]) -> list[dict]:
+    """Per layer, KV sharing's changes: the last num_kv_shared_layers layers attend to the keys and values of the
+    last earlier layer of their type (and have a double-wide MLP with use_double_wide_mlp), as transformers."""
+    shared = cfg.get("num_kv_shared_layers") or 0
+    if isinstance(shared, bool) or not isinstance(shared, int) or not 0 <= shared < n:
+        raise ConfigError(f"config.json: num_kv_shared_layers must be an integer from 0 to {n - 1}, got {shared!r}")
+    first = n - shared
+    wide = 2 * _positive_int(cfg, "intermediate_size") if _flag(cfg, "use_double_wide_mlp") else 0
+    sources = [max((j for j in range(first) if types[j] == t), default=None) if i >= first else -1
+               for i, t in enumerate(types)]
+    if None in sources:
+        raise ConfigError("config.json: a layer shares keys and values, but no earlier layer of its type has its own "
+                          "(transformers refuses this config too)")
+    return [{"kv_source": source, "mlp_size": wide if source >= 0 else 0} for source in sources]
 
 
 def _gemma4(cfg: dict) -> dict:
-    _refusals(cfg)
+    if cfg.get("use_bidirectional_attention") == "all":
+        raise ConfigError("config.json: use_bidirectional_attention is \"all\" (an embedding model); onnxforge builds "
+                          "causal decoders only")
     n = _positive_int(cfg, "num_hidden_layers")
     spec = base_spec({**cfg, "use_bidirectional_attention": None})
     types = list(cfg["layer_types"])
@@ -110,16 +106,16 @@ def _gemma4(cfg: dict) -> dict:
                               "rotary has one table per layer type, so they must agree")
         ropes.append((t, rope_from_config(cfg, sizes.pop(), spec.context_length, cfg["rope_parameters"][t])))
     ropes += [] if "full_attention" in dict(ropes) else [("full_attention", dict(ropes)["sliding_attention"])]
-    k_eq_v = _flag(cfg, "attention_k_eq_v")
-    base_hd, base_kv = spec.attention.head_dim, spec.attention.num_kv_heads
-    layers = tuple(dataclasses.replace(layer, head_dim=hd if hd != base_hd else 0, kv_heads=kv if kv != base_kv else 0,
-                                       k_eq_v=k_eq_v and types[i] == "full_attention")
-                   for i, (layer, (hd, kv)) in enumerate(zip(spec.layers, geometry)))
-    moe = {}
-    if _flag(cfg, "enable_moe_block"):  # every layer: the MoE block beside the dense MLP (graph/blocks.py)
-        moe = {"block": "sandwich_moe", "moe": MoESpec(num_experts=_positive_int(cfg, "num_experts"), top_k=_positive_int(
+    k_eq_v, moe_all, a = _flag(cfg, "attention_k_eq_v"), _flag(cfg, "enable_moe_block"), spec.attention
+    layers = tuple(dataclasses.replace(layer, head_dim=hd if hd != a.head_dim else 0, moe=moe_all, **shares,
+                                       kv_heads=kv if kv != a.num_kv_heads else 0,
+                                       k_eq_v=k_eq_v and types[i] == "full_attention" and shares["kv_source"] < 0)
+                   for i, (layer, (hd, kv), shares) in enumerate(zip(spec.layers, geometry, _sharing(cfg, n, types))))
+    moe = {"per_layer_input": _positive_int(cfg, "hidden_size_per_layer_input"), "per_layer_vocab": _positive_int(
+        cfg, "vocab_size_per_layer_input", 262_144)} if cfg.get("hidden_size_per_layer_input") else {}
+    if moe_all:  # every layer: the MoE block beside the dense MLP (graph/blocks.py)
+        moe |= {"block": "sandwich_moe", "moe": MoESpec(num_experts=_positive_int(cfg, "num_experts"), top_k=_positive_int(
             cfg, "top_k_experts"), intermediate_size=_positive_int(cfg, "moe_intermediate_size"), mixer="norm_scaled")}
-        layers = tuple(dataclasses.replace(layer, moe=True) for layer in layers)
     return {**moe, **_common({k: v for k, v in cfg.items() if k != "use_bidirectional_attention"}),
             "mlp.activation": str(cfg.get("hidden_activation") or "gelu_pytorch_tanh"),
             "attention.scale": 1.0, "attention.v_norm": True, "attention.qk_norm": "head",
@@ -130,7 +126,7 @@ GEMMA4 = dict(spec={"norm.weight_offset": 0.0, "block": "sandwich", "mlp.bias": 
               names={**PRE_FFN_NORM, **NAMES}, hook=_gemma4, config_fix=_config, sliding="types", config_defaults=DEFAULTS)
 register(Architecture("Gemma4ForCausalLM", "gemma4_text", **GEMMA4,
                       doc="Gemma 4 text: per-layer head sizes and kv heads, k = v layers, proportional rope, "
-                          "v norm, layer scalars, MoE block (no per-layer embeddings or KV sharing yet)"))
+                          "v norm, layer scalars, per-layer inputs, KV sharing, MoE block"))
 register(Architecture("Gemma4ForConditionalGeneration", "gemma4_text", **GEMMA4, text_config=True,
                       rewrites=(("model.", "model.language_model."), ("lm_head", "lm_head")),
                       ignored=tuple(f"{p}{m}.*" for p in ("model.", "") for m in TOWERS),

@@ -54,6 +54,14 @@ ROLES: dict[str, Role] = {
     "ffn_post_norm_2": Role((L + "post_feedforward_layernorm_2",)),
     "router_scale": Role((L + "router.scale",)),
     "expert_scale": Role((L + "router.per_expert_scale",)),
+    # Gemma 4's per-layer inputs: a table of every layer's input embedding, a projection of the embeddings
+    # and its norm; per layer a gate, a projection back and a norm
+    "ple_embed": Role(("model.embed_tokens_per_layer",)),
+    "ple_model_proj": Role(("model.per_layer_model_projection",)),
+    "ple_model_norm": Role(("model.per_layer_projection_norm",)),
+    "ple_gate": Role((L + "per_layer_input_gate",)),
+    "ple_proj": Role((L + "per_layer_projection",)),
+    "ple_norm": Role((L + "post_per_layer_input_norm",)),
     # MLP; fc1/fc2: Phi-2's plain MLP
     "gate": Role((L + "mlp.gate_proj", L + "feed_forward.w1"), "blk.{i}.ffn_gate"),  # feed_forward.w*: LFM2
     "up": Role((L + "mlp.up_proj", L + "mlp.fc1", L + "feed_forward.w3"), "blk.{i}.ffn_up"),

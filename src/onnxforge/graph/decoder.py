@@ -25,7 +25,7 @@ from .blocks import BLOCKS
 from .builder import MS, TensorSlot, WeightJob
 from .emitter import Emitter
 from .kinds import state_inputs
-from .layer_extras import after_block
+from .layer_extras import after_block, per_layer_inputs
 from .parts import AttnInputs, Stream, norm, rotary_before_attention
 from .rope import cos_sin_cache
 
@@ -45,6 +45,7 @@ class Decoder(Emitter):
         ctx = AttnInputs(seqlens_k, total_len, self.rotary_tables(total_len),
                          self.positions(tokens, seqlens_k, total_len))
         lm_head_store, x = self.embedding(tokens)
+        self.per_layer = per_layer_inputs(self, tokens, x)  # (batch, seq, layers, width) or None
         block = BLOCKS[spec.block]
         h = Stream(x)
         for i in range(spec.num_layers):

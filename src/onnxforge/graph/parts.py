@@ -104,6 +104,7 @@ class AttnInputs:
     rotary: dict[str, tuple[ir.Value, ir.Value]]
     positions: ir.Value | None = None  # (batch, seq) int64, for rotary applied outside GQA (Emitter.positions)
     biases: dict = field(default_factory=dict)  # GQA attention_bias by chunk size (graph/attention_extras.py)
+    kv: dict = field(default_factory=dict)  # layer -> what its GQA took (k, v, past, attributes, cos/sin): KV sharing
 
 
 def rotary_outside(e: "Emitter", x: ir.Value, heads: int, rope, caches, positions, node: str) -> ir.Value:
@@ -134,6 +135,8 @@ def attention(e: "Emitter", i: int, x: ir.Value, ctx: AttnInputs, past: tuple[ir
     """GroupQueryAttention over the layer's KV cache (`past`: key, value); returns (output, (key, value))."""
     a, H, layer = e.spec.attention_of(i), e.spec.hidden_size, e.spec.layers[i]
     base = f"/model/layers.{i}/attn"
+    if layer.kv_source >= 0:
+        return reused_kv_attention(e, i, x, ctx)
     q_rows = 2 * a.q_size if a.output_gate else a.q_size  # [q, gate] per head (Qwen3-Next, Qwen3.5)
     roles = [("q", f"{base}/q_proj", q_rows), ("k", f"{base}/k_proj", a.kv_size), ("v", f"{base}/v_proj", a.kv_size)]
     qkv = e.linear_group(x, f"{base}/qkv_proj", i, roles[:2] if layer.k_eq_v else roles, H, bias=a.qkv_bias)
@@ -191,11 +194,36 @@ def attention(e: "Emitter", i: int, x: ir.Value, ctx: AttnInputs, past: tuple[ir
         tail[2] = e.vector(f"{base}/GroupQueryAttention", name, a.num_heads)
     while tail and tail[-1] is None:
         tail.pop()
+    ctx.kv[i] = (k, v, tuple(past), attrs, (cos, sin))
     out, present_k, present_v = e.b.op(
         "GroupQueryAttention", [q, k, v, *past, ctx.seqlens_k, ctx.total_len, cos, sin, *tail],
         f"{base}/GroupQueryAttention", domain=MS, n_out=3, **attrs)
     if gate is not None:
         out = e.b.op("Mul", [out, e.b.op("Sigmoid", [gate], f"{base}/gate/Sigmoid")], f"{base}/gate/Mul")
+    (o,) = e.linear_group(out, f"{base}/o_proj", i, [("o", f"{base}/o_proj", H)], a.q_size, bias=a.o_bias)
+    return o, (present_k, present_v)
+
+
+def reused_kv_attention(e: "Emitter", i: int, x: ir.Value, ctx: AttnInputs) -> tuple[ir.Value, tuple[ir.Value, ...]]:
+    """A layer with no keys and values of its own (LayerSpec.kv_source): its query attends to the source layer's,
+    by a GroupQueryAttention fed the source's new keys / values and past cache, so its present cache equals the
+    source's (carried as the layer's own state, which it never reads)."""
+    a, H, layer = e.spec.attention_of(i), e.spec.hidden_size, e.spec.layers[i]
+    base, src = f"/model/layers.{i}/attn", layer.kv_source
+    if src not in ctx.kv:
+        raise ConfigError(f"layer {i} reuses the keys and values of layer {src}, which has none of its own")
+    k, v, past, attrs, (cos, sin) = ctx.kv[src]
+    (q,) = e.linear_group(x, f"{base}/q_proj", i, [("q", f"{base}/q_proj", a.q_size)], H, bias=a.qkv_bias)
+    if a.qk_norm == "head":
+        q = head_norm(e, q, i, "q", a.num_heads)
+    elif a.qk_norm:
+        raise ConfigError(f"layer {i}: a q/k norm of kind {a.qk_norm!r} with reused keys and values is not built")
+    if layer.rope is not None and cos is None:  # the source's rotary was applied before its GQA: so is this one's
+        q = rotary_outside(e, q, a.num_heads, e.spec.rope_for(layer.rope), ctx.rotary[layer.rope], ctx.positions,
+                           f"{base}/q_rotary")
+    out, present_k, present_v = e.b.op(
+        "GroupQueryAttention", [q, k, v, *past, ctx.seqlens_k, ctx.total_len, cos, sin],
+        f"{base}/GroupQueryAttention", domain=MS, n_out=3, **attrs)
     (o,) = e.linear_group(out, f"{base}/o_proj", i, [("o", f"{base}/o_proj", H)], a.q_size, bias=a.o_bias)
     return o, (present_k, present_v)
 
@@ -216,7 +244,7 @@ def dense_mlp(e: "Emitter", i: int, x: ir.Value, roles: tuple[str, str, str] = (
     """act(gate) * up -> down (or act(up) -> down); `roles`, `base` and `size` serve other dense MLPs of
     the layer too (a mixture of experts' shared expert)."""
     m, H = e.spec.mlp, e.spec.hidden_size
-    I = size or m.intermediate_size
+    I = size or e.spec.layers[i].mlp_size or m.intermediate_size
     base = base or f"/model/layers.{i}/mlp"
     gate_role, up_role, down_role = roles
     if m.gated:
