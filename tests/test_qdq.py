@@ -295,3 +295,54 @@ def test_verify_reads_qdq_weights_back(tiny_models, tmp_path, case):
     assert q["passed"] and q["conversion"]["passed"], q["failures"]
     assert q["conversion"]["weight_errors"] == n["conversion"]["weight_errors"]
     assert q["conversion"]["metrics"]["weights_compared"] == n["conversion"]["metrics"]["weights_compared"] > 0
+
+
+def test_qdq_matches_the_anchors_qdq_build(tiny_models, tmp_path):
+    """The anchor (onnxruntime-genai 0.18's builder, --extra_options use_qdq=true, its onnxruntime quantizer in QDQ
+    mode) writes the same DequantizeLinear layout (int4 [K, N], axis 0, block 32, scales [K/block, N]) and, with
+    onnxforge's default method, the same dequantized weights exactly; onnxforge packs gate and up into one MatMul
+    (the anchor's two are its columns)."""
+    import subprocess
+    import sys
+
+    folder, model = tiny_models("llama")
+    done = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder), "-o",
+                           str(tmp_path / "anchor"), "-p", "int4", "-e", "cpu", "--extra_options", "use_qdq=true"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    onnxforge.build(folder, tmp_path / "ours", recipe=_recipe("int4", use_qdq="true"))
+    _, ainits, anodes = _graph(tmp_path / "anchor")
+    _, oinits, onodes = _graph(tmp_path / "ours")
+    I = model.config.intermediate_size
+    compared = 0
+    for name, node in anodes.items():
+        if node.op_type != "DequantizeLinear":
+            continue
+        base = name[:-len("/MatMul_DQ_Q4")]
+        cols = slice(None)
+        if base.endswith(("/gate_proj", "/up_proj")):
+            cols = slice(0, I) if base.endswith("/gate_proj") else slice(I, 2 * I)
+            base = base.rsplit("/", 1)[0] + "/gate_up_proj"
+        ours = onodes[f"{base}/DequantizeLinear"]
+        attrs = lambda n: sorted((a.name, a.i) for a in n.attribute)  # noqa: E731
+        assert attrs(ours) == attrs(node) == [("axis", 0), ("block_size", 32)]
+        assert oinits[ours.input[0]].data_type == ainits[node.input[0]].data_type == onnx.TensorProto.INT4
+        assert len(ours.input) == len(node.input) == 2  # symmetric: no zero points
+        theirs = _dq_weight(node, ainits)
+        assert np.array_equal(_dq_weight(ours, oinits)[:, cols], theirs), name
+        assert list(ainits[node.input[1]].dims) == [theirs.shape[0] // 32, theirs.shape[1]]
+        compared += 1
+    assert compared == 2 * 5 + 1  # qkv, o, gate, up, down per layer + lm_head
+
+
+def test_cpu_fuses_qdq_back_into_the_default_int4_build(tiny_models, tmp_path):
+    """As written (no session option), onnxruntime's CPU provider fuses each DequantizeLinear + MatMul into
+    MatMulNBits at accuracy_level 4: the QDQ build's logits are the default (accuracy_level 4) int4 build's."""
+    folder, _ = tiny_models("llama")
+    onnxforge.build(folder, tmp_path / "nbits", recipe=_recipe("int4"))
+    onnxforge.build(folder, tmp_path / "qdq", recipe=_recipe("int4", use_qdq="true"))
+    prompt, decode = prompt_and_decode()
+    a = onnx_step_logits(tmp_path / "qdq", prompt, decode)
+    assert np.abs(a - onnx_step_logits(tmp_path / "nbits", prompt, decode)).max() < 1e-6
+    at_level_0 = _step_logits(tmp_path / "qdq", prompt, decode, {"session.qdq_matmulnbits_accuracy_level": "0"})
+    assert np.abs(a - at_level_0).max() > 1e-3  # the option changes the arithmetic: the fusion is real
