@@ -248,6 +248,57 @@ def _conv_views(cfg: dict, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, V
 _LFM2_NAMES = {"final_norm": "token_embd_norm"}
 
 
+def _granitehybrid(cfg: dict, key: Callable[..., Any]) -> dict:
+    """Granite 4.0 hybrid: Mamba2 layers are the ones with no KV heads; the Mamba2 sizes from ssm.*; rotary only
+    where rope.scaling.finetuned says so (the converter writes false for every hybrid: llama.cpp computes its
+    attention without rotary, as published granite-4.0-h has position_embedding_type "nope"); the shared MLP's
+    width is expert_shared_feed_forward_length, with or without experts."""
+    n = cfg["num_hidden_layers"]
+    kv = key("attention.head_count_kv")
+    if not isinstance(kv, list) or len(kv) != n:
+        raise ConfigError(f"GGUF metadata attention.head_count_kv must list {n} layers (0 for a Mamba2 layer)")
+    if not any(kv):
+        raise ConfigError("this granitehybrid GGUF has no attention layer (head_count_kv is 0 for every layer): its "
+                          "converter did not recognise the checkpoint's layer_types; re-convert it from a config.json "
+                          "whose layer_types name the layers \"mamba\" / \"attention\"")
+    heads, inner = int(key("ssm.time_step_rank")), int(key("ssm.inner_size"))
+    if inner % cfg["hidden_size"] or inner % heads:
+        raise ConfigError(f"GGUF metadata ssm.inner_size {inner} must be a multiple of embedding_length and of "
+                          f"ssm.time_step_rank {heads}")
+    experts = int(cfg.pop("num_experts", 0) or 0)
+    return {**_granite(cfg, key), "layer_types": ["full_attention" if h else "linear_attention" for h in kv],
+            "position_embedding_type": "rope" if key("rope.scaling.finetuned", False) else "nope",
+            "mamba_n_heads": heads, "mamba_n_groups": int(key("ssm.group_count")),
+            "mamba_d_state": int(key("ssm.state_size")), "mamba_d_conv": int(key("ssm.conv_kernel")),
+            "mamba_expand": inner // cfg["hidden_size"], "mamba_d_head": inner // heads,
+            "num_local_experts": experts,
+            "shared_intermediate_size": int(key("expert_shared_feed_forward_length", cfg["intermediate_size"]))}
+
+
+def _mamba_views(cfg: dict, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, View]:
+    """Mamba2's tensors as transformers stores them: A (-exp(A_log), written (heads, 1)) -> A_log (heads,),
+    D (heads, 1) -> (heads,), the squeezed conv1d (C, K) -> (C, 1, K), the gated norm (groups, inner / groups)
+    -> (inner,)."""
+    out: dict[str, View] = {}
+    for name, shape in shapes.items():
+        if ".mamba." not in name:
+            continue
+        if name.endswith(".A_log"):
+            out[name] = View(name, shape=(shape[0],), value=lambda a: np.log(-a))
+        elif name.endswith(".D"):
+            out[name] = View(name, shape=(shape[0],))
+        elif name.endswith(".conv1d.weight") and len(shape) == 2:
+            out[name] = View(name, shape=(shape[0], 1, shape[1]))
+        elif name.endswith(".norm.weight") and len(shape) == 2:
+            out[name] = View(name, shape=(shape[0] * shape[1],))
+    return out
+
+
+_MAMBA_NAMES = {"mamba_in": "blk.{i}.ssm_in", "mamba_conv": "blk.{i}.ssm_conv1d", "mamba_norm": "blk.{i}.ssm_norm",
+                "mamba_out": "blk.{i}.ssm_out", "mamba_A_log": "blk.{i}.ssm_a", "mamba_D": "blk.{i}.ssm_d",
+                "mamba_dt_bias": "blk.{i}.ssm_dt"}
+
+
 def _glm4moe(cfg: dict, key: Callable[..., Any]) -> dict:
     """GLM-4.5 / 4.6 MoE: sigmoid routing only (expert_gating_func 2); its expert groups, if any, as
     Glm4MoeConfig's n_group / topk_group (the family refuses other groupings, as from config.json)."""
@@ -378,6 +429,14 @@ FAMILIES: dict[str, GGUFFamily] = {
                                        "expert_weights_scale": "routed_scaling_factor",
                                        "expert_weights_norm": "norm_topk_prob"},
                           config_hook=_glm4moe, tensor_flags={"use_qk_norm": "model.layers.*.self_attn.q_norm.weight"}),
+    # Granite 4.0 hybrid (granite-4.0-h): Mamba2 layers (ssm_*, see _mamba_views) beside attention (Q/K permuted
+    # like granite's), Granite's multipliers, the shared MLP (ffn_*_shexp beside experts, ffn_* without), no rotary
+    # unless rope.scaling.finetuned. The converter pads the vocabulary to a multiple of 8 for it (8 padding rows).
+    "granitehybrid": GGUFFamily("GraniteMoeHybridForCausalLM", "granitemoehybrid", True,
+                                gguf_names=_MAMBA_NAMES, config_keys={**_GRANITE_KEYS, **_EXPERT_KEYS},
+                                config_hook=_granitehybrid, views=_mamba_views,
+                                tensor_flags={"mamba_conv_bias": "model.layers.*.mamba.conv1d.bias",
+                                              "mamba_proj_bias": "model.layers.*.mamba.in_proj.bias"}),
     "qwen3next": GGUFFamily("Qwen3NextForCausalLM", "qwen3_next", False,
                             {"norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []},
                             gguf_names=_LINEAR_ATTN, config_keys=_EXPERT_KEYS, config_hook=_linear_attention,
