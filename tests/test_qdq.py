@@ -346,3 +346,20 @@ def test_cpu_fuses_qdq_back_into_the_default_int4_build(tiny_models, tmp_path):
     assert np.abs(a - onnx_step_logits(tmp_path / "nbits", prompt, decode)).max() < 1e-6
     at_level_0 = _step_logits(tmp_path / "qdq", prompt, decode, {"session.qdq_matmulnbits_accuracy_level": "0"})
     assert np.abs(a - at_level_0).max() > 1e-3  # the option changes the arithmetic: the fusion is real
+
+
+def test_two_bit_rule_fits_int4(tiny_models, tmp_path):
+    """A 2-bit rule (MatMulNBits bits=2) has no 2-bit DequantizeLinear type at opset 21: its codes go into int4
+    unchanged (code - 2 in [-2, 1]), every weight still the MatMulNBits build's exactly."""
+    from onnxforge.quant.options import recipe_from_mapping
+
+    folder, model = tiny_models("llama")
+    rules = [{"match": "*down_proj*", "bits": 2}]
+    nbits = onnxforge.build(folder, tmp_path / "nbits", recipe=recipe_from_mapping(
+        {"precision": "int4", "accuracy_level": 0, "rules": rules}, Recipe()))
+    qdq = onnxforge.build(folder, tmp_path / "qdq", recipe=recipe_from_mapping(
+        {"precision": "int4", "use_qdq": True, "rules": rules}, Recipe()))
+    _, _, nnodes = _graph(tmp_path / "nbits")
+    assert {next(a.i for a in n.attribute if a.name == "bits") for n in nnodes.values()
+            if n.op_type == "MatMulNBits" and "down_proj" in n.name} == {2}
+    _compare(tmp_path, nbits, qdq, 4, True, model.config.vocab_size, model.config.hidden_size)
