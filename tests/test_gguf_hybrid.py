@@ -10,6 +10,13 @@ columns); sources/gguf_maps.py undoes each (views, offsets). Every tensor read b
 dict exactly; the fp32 build equals transformers within 1e-4 over a 12-token prompt and 20 cached decode steps,
 and over the prompt fed in two chunks; the Q8_0 file built as stored (MatMulNBits holding the file's blocks,
 reordered rows included) gives the logits of its own fp32 build.
+
+LFM2 / LFM2-MoE (lfm2, lfm2moe), GLM-4.5 MoE (glm4moe, its MTP layer counted in block_count and left out), Granite
+4.0 hybrid (granitehybrid, with and without experts) and Llama 4 (llama4) the same way: fp32 within 1e-4 of
+transformers over 20 cached decode steps (hybrids also over a two-chunk prefill), and a Q8_0 file as stored equal
+to its own fp32 build (8-bit QMoE experts kept float: they quantize their activations, tests/test_moe_as_stored.py).
+Where llama.cpp fixes what the HF config leaves open (LFM2-MoE's routed scale, Granite hybrid's NoPE, Llama 4's
+chunk, NoPE interval and temperature), the tiny models take the published values.
 """
 from __future__ import annotations
 
@@ -283,3 +290,33 @@ def test_granite_hybrid_gguf_fp32_and_q8_0(tmp_path_factory, tmp_path, variant):
         bad = real_convert(folder, tmp_path / "no-attention.gguf", "f32", pre="gpt-2")
         with pytest.raises(ConfigError, match="no attention layer"):
             GGUFSource(bad)
+
+
+def test_llama4_gguf_fp32_and_q8_0(tmp_path_factory, tmp_path):
+    """Llama 4 text from llama.cpp's converter (llama4: experts stacked apart, down_proj transposed back, no
+    permutation): a tiny Llama4ForCausalLM with Scout's fixed values (chunk 8192, NoPE every fourth layer, the
+    temperature's floor 8192 and scale 0.1, the q/k norm: what llama.cpp's graph hard-codes, no GGUF key carrying
+    them) builds at fp32 equal to transformers over the prompt and 20 cached decode steps; llama.cpp's Q8_0 built as
+    stored (experts float) equals its own fp32 build."""
+    from real_converter import real_convert
+    from test_family_llama4 import TEXT
+    from tiny import make_model
+
+    published = dict(TEXT, attention_chunk_size=8192, floor_scale=8192, attn_scale=0.1)
+    model = make_model("llama4", tmp_path / "hf", cls="Llama4TextConfig", **published)
+    path = real_convert(tmp_path / "hf", tmp_path / "F32.gguf", "f32", pre="gpt-2")
+    out = tmp_path / "out"
+    onnxforge.build(path, out, "fp32")
+    report = json.loads((out / "build_report.json").read_text())
+    assert report["architecture"] == "Llama4ForCausalLM" and not report.get("unread_tensors"), report
+    prompt, decode = tokens()
+    ref = reference_logits(model, prompt + decode)
+    got = steps(out, [prompt] + [[t] for t in decode])
+    assert np.abs(got - ref).max() < FP32_TOL, np.abs(got - ref).max()
+    q8 = quantize(path, "Q8_0")
+    onnxforge.build(q8, tmp_path / "source", recipe=Recipe(precision="source", accuracy_level=0,
+                                                          keep_float=("/model/layers.*/moe/experts/*",)))
+    onnxforge.build(q8, tmp_path / "fp32", "fp32")
+    got = steps(tmp_path / "source", [prompt] + [[t] for t in decode])
+    want = steps(tmp_path / "fp32", [prompt] + [[t] for t in decode])
+    assert np.abs(got - want).max() < FP32_TOL, np.abs(got - want).max()

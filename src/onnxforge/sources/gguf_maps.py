@@ -299,6 +299,24 @@ _MAMBA_NAMES = {"mamba_in": "blk.{i}.ssm_in", "mamba_conv": "blk.{i}.ssm_conv1d"
                 "mamba_dt_bias": "blk.{i}.ssm_dt"}
 
 
+def _llama4(cfg: dict, key: Callable[..., Any]) -> dict:
+    """Llama 4 as llama.cpp's llama4 graph computes it, which fixes what no GGUF key says: chunked attention over
+    8192 positions, every fourth layer without rotary, the NoPE layers' temperature (floor 8192, scale 0.1), the
+    weightless q/k norm except with 128 experts (Maverick) -- Scout's and Maverick's published values. A file
+    written with sliding_window 0 (every layer full attention, MobileLLM-style) is refused."""
+    if cfg.get("sliding_window") == 0:
+        raise ConfigError("this llama4 GGUF has sliding_window 0 (every layer full attention, as written for "
+                          "MobileLLM-style checkpoints), which onnxforge does not read; build from the HF folder")
+    cfg.pop("sliding_window", None)
+    experts = int(cfg.pop("num_experts"))
+    return {"num_local_experts": experts, "intermediate_size_mlp": cfg["intermediate_size"],
+            "intermediate_size": int(key("expert_feed_forward_length")),
+            "interleave_moe_layer_step": int(key("interleave_moe_layer_step", 1)),
+            "attention_chunk_size": 8192, "no_rope_layer_interval": 4, "no_rope_layers": None, "layer_types": None,
+            "attn_temperature_tuning": True, "floor_scale": 8192, "attn_scale": 0.1,
+            "use_qk_norm": experts != 128}
+
+
 def _glm4moe(cfg: dict, key: Callable[..., Any]) -> dict:
     """GLM-4.5 / 4.6 MoE: sigmoid routing only (expert_gating_func 2); its expert groups, if any, as
     Glm4MoeConfig's n_group / topk_group (the family refuses other groupings, as from config.json)."""
@@ -437,6 +455,10 @@ FAMILIES: dict[str, GGUFFamily] = {
                                 config_hook=_granitehybrid, views=_mamba_views,
                                 tensor_flags={"mamba_conv_bias": "model.layers.*.mamba.conv1d.bias",
                                               "mamba_proj_bias": "model.layers.*.mamba.in_proj.bias"}),
+    # Llama 4 (Scout, Maverick; the text decoder, from Llama4ForCausalLM or ...ForConditionalGeneration): not
+    # permuted (its rotary pairs are interleaved in both), experts stacked apart (down_proj transposed back by the
+    # converter), the rest as llama.cpp fixes it (_llama4); llama3 rope scaling from rope_freqs.
+    "llama4": GGUFFamily("Llama4ForCausalLM", "llama4_text", False, config_keys=_EXPERT_KEYS, config_hook=_llama4),
     "qwen3next": GGUFFamily("Qwen3NextForCausalLM", "qwen3_next", False,
                             {"norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []},
                             gguf_names=_LINEAR_ATTN, config_keys=_EXPERT_KEYS, config_hook=_linear_attention,
