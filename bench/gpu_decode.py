@@ -98,29 +98,32 @@ def weight_bytes(folder: Path) -> int:
 
 
 class Runner:
-    def __init__(self, folder: Path, graph: bool, batch: int, prompt: int, decode: int):
-        import numpy as np
+    """One build loaded once in genai-cuda, CUDA graph capture off or on; `once(batch, prompt)` times a prefill
+    (prompt -> first token) and `decode` further tokens."""
+
+    def __init__(self, folder: Path, graph: bool, decode: int):
         import onnxruntime_genai as og
 
-        self.og, self.batch, self.decode = og, batch, decode
+        self.og, self.decode = og, decode
         cfg = og.Config(str(folder))
         cfg.clear_providers()
         if PROVIDER == "cuda":
             cfg.append_provider("cuda")
             cfg.set_provider_option("cuda", "enable_cuda_graph", "1" if graph else "0")
         self.model = og.Model(cfg)
-        vocab = json.loads((folder / "genai_config.json").read_text())["model"]["vocab_size"]
-        self.ids = np.random.default_rng(0).integers(3, min(vocab, 30000), (batch, prompt)).astype(np.int32)
-        self.total = prompt + 1 + decode
+        self.vocab = json.loads((folder / "genai_config.json").read_text())["model"]["vocab_size"]
 
-    def once(self) -> tuple[float, float]:
+    def once(self, batch: int, prompt: int) -> tuple[float, float]:
+        import numpy as np
+
         og = self.og
+        ids = np.random.default_rng(prompt).integers(3, min(self.vocab, 30000), (batch, prompt)).astype(np.int32)
+        total = prompt + 1 + self.decode
         params = og.GeneratorParams(self.model)
-        params.set_search_options(max_length=self.total, min_length=self.total, do_sample=False,
-                                  batch_size=self.batch)
+        params.set_search_options(max_length=total, min_length=total, do_sample=False, batch_size=batch)
         gen = og.Generator(self.model, params)
         t0 = time.perf_counter()
-        gen.append_tokens(self.ids)
+        gen.append_tokens(ids)
         gen.generate_next_token()
         gen.get_next_tokens()
         t1 = time.perf_counter()
@@ -134,25 +137,34 @@ class Runner:
         return t1 - t0, n / (t2 - t1)
 
 
-def measure(folders: dict[str, Path], batch: int, prompt: int, decode: int, reps: int) -> dict[str, tuple]:
-    """One model loaded at a time would let the GPU's clocks drift between them: every variant is loaded, warmed
-    up, then the rounds alternate."""
-    runners, out = {}, {}
+def measure(folders: dict[str, Path], cases: list[tuple[int, int]], decode: int, reps: int) -> dict:
+    """Every variant loaded once and kept (so clocks and allocators see all alike); per case, one warm-up each,
+    then rounds alternate over the variants; medians."""
+    runners, failed = {}, {}
     for name, folder in folders.items():
         for graph in (False, True):
             key = f"{name}{' +graph' if graph else ''}"
             try:
-                r = Runner(folder, graph, batch, prompt, decode)
-                r.once()
-                runners[key] = r
+                runners[key] = Runner(folder, graph, decode)
             except Exception as e:  # noqa: BLE001 - a failing variant is a table cell
-                out[key] = str(e).splitlines()[0][:120]
-    runs = {k: [] for k in runners}
-    for _ in range(reps):
+                failed[key] = str(e).splitlines()[0][:120]
+    out = {}
+    for case in cases:
+        res, runs = dict(failed), {}
         for k, r in runners.items():
-            runs[k].append(r.once())
-    for k, v in runs.items():
-        out[k] = (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v))
+            try:
+                r.once(*case)
+                runs[k] = []
+            except Exception as e:  # noqa: BLE001
+                res[k] = str(e).splitlines()[0][:120]
+        for _ in range(reps):
+            for k in runs:
+                runs[k].append(runners[k].once(*case))
+        for k, v in runs.items():
+            res[k] = (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v))
+        out[case] = res
+        log(f"b{case[0]} s{case[1]}: {res}")
+    del runners
     return out
 
 
@@ -195,25 +207,23 @@ def main(argv=None) -> int:
              "build (default, then with CUDA graphs)", "",
              "| precision | batch | prompt | build | weights GB | floor ms/token | prefill ms | decode tok/s | "
              "decode vs anchor | vs anchor +graph | prefill vs anchor |", "|" + "---|" * 11]
+    cases = [(b, s) for b in map(int, args.batches.split(",")) for s in map(int, args.prompts.split(","))]
     for p in precisions:
         folders = {k: args.work / f"{k}-{args.shape}-{p}" for k in ("ours", "anchor")}
         folders = {k: f for k, f in folders.items() if (f / "genai_config.json").is_file()}
-        for b in map(int, args.batches.split(",")):
-            for s in map(int, args.prompts.split(",")):
-                res = measure(folders, b, s, args.decode, args.reps)
-                log(f"{p} b{b} s{s}: {res}")
-                base, graph = res.get("anchor"), res.get("anchor +graph")
-                for k, v in res.items():
-                    size = weight_bytes(folders[k.split(" ")[0]])
-                    floor = f"{1000 * size / HBM_BYTES_PER_S:.2f}"
-                    if isinstance(v, str):
-                        lines.append(f"| {p} | {b} | {s} | {k} | {size / 1e9:.2f} | {floor} | {v} | | | | |")
-                        continue
-                    r1 = f"{v[1] / base[1]:.2f}x" if isinstance(base, tuple) else "-"
-                    r2 = f"{v[1] / graph[1]:.2f}x" if isinstance(graph, tuple) else "-"
-                    r3 = f"{base[0] / v[0]:.2f}x" if isinstance(base, tuple) else "-"
-                    lines.append(f"| {p} | {b} | {s} | {k} | {size / 1e9:.2f} | {floor} | {1000 * v[0]:.1f} | "
-                                 f"{v[1]:.1f} ({1000 / v[1]:.2f} ms) | {r1} | {r2} | {r3} |")
+        for (b, s), res in measure(folders, cases, args.decode, args.reps).items():
+            base, graph = res.get("anchor"), res.get("anchor +graph")
+            for k, v in res.items():
+                size = weight_bytes(folders[k.split(" ")[0]])
+                floor = f"{1000 * size / HBM_BYTES_PER_S:.2f}"
+                if isinstance(v, str):
+                    lines.append(f"| {p} | {b} | {s} | {k} | {size / 1e9:.2f} | {floor} | {v} | | | | |")
+                    continue
+                r1 = f"{v[1] / base[1]:.2f}x" if isinstance(base, tuple) else "-"
+                r2 = f"{v[1] / graph[1]:.2f}x" if isinstance(graph, tuple) else "-"
+                r3 = f"{base[0] / v[0]:.2f}x" if isinstance(base, tuple) else "-"
+                lines.append(f"| {p} | {b} | {s} | {k} | {size / 1e9:.2f} | {floor} | {1000 * v[0]:.1f} | "
+                             f"{v[1]:.1f} ({1000 / v[1]:.2f} ms) | {r1} | {r2} | {r3} |")
     text = "\n".join(lines)
     print(text)
     if args.out:
