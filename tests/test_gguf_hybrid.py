@@ -320,3 +320,34 @@ def test_llama4_gguf_fp32_and_q8_0(tmp_path_factory, tmp_path):
     got = steps(tmp_path / "source", [prompt] + [[t] for t in decode])
     want = steps(tmp_path / "fp32", [prompt] + [[t] for t in decode])
     assert np.abs(got - want).max() < FP32_TOL, np.abs(got - want).max()
+
+
+def test_qwen35_gguf_with_mtp_layers_leaves_them_out(tmp_path_factory, tmp_path):
+    """A Qwen3.5 checkpoint with a multi-token-prediction layer (mtp.*, as published), converted with it: the
+    converter appends it as block 4 (blk.4.nextn.*, block_count 5, nextn_predict_layers 1, recurrent_layers of 5);
+    the build reads the 4 decoder layers only and equals transformers (which has no MTP layer either)."""
+    import shutil
+
+    from real_converter import real_convert
+    from safetensors.torch import load_file, save_file
+
+    model, hf, _ = converted(tmp_path_factory, "qwen3_5")
+    folder = tmp_path / "hf"
+    shutil.copytree(hf, folder)
+    state = load_file(folder / "model.safetensors")
+    gen = torch.Generator().manual_seed(0)
+    state.update({"mtp.layers.0." + k[len("model.layers.3."):]: v.clone() for k, v in state.items()
+                  if k.startswith("model.layers.3.")})
+    state["mtp.fc.weight"] = torch.randn(64, 128, generator=gen) * 0.02
+    state.update({f"mtp.{n}.weight": torch.zeros(64) for n in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm")})
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    path = real_convert(folder, tmp_path / "F32.gguf", "f32", pre="gpt-2")
+    with GGUFSource(path) as source:
+        assert source._key("block_count") == 5 and source._key("nextn_predict_layers") == 1
+        assert source.config["num_hidden_layers"] == 4 and not any(".layers.4." in t for t in source.tensor_names())
+    out = tmp_path / "out"
+    onnxforge.build(path, out, "fp32")
+    prompt, decode = tokens()
+    ref = reference_logits(model, prompt + decode)
+    got = steps(out, [prompt] + [[t] for t in decode])
+    assert np.abs(got - ref).max() < FP32_TOL, np.abs(got - ref).max()
