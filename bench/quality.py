@@ -93,6 +93,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-anchor", action="store_true", help="skip the anchor's build")
     ap.add_argument("--work", help=f"cache folder for conversions and builds (default {common.WORK})")
     ap.add_argument("--write-results", action="store_true", help="update the quality section of bench/RESULTS.md")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep a build already in the work folder (its build_report.json gives time and memory)")
     ap.add_argument("--section", default="quality",
                     help="the RESULTS.md section --write-results replaces (default 'quality'; with --only, another "
                     "name keeps the full table, e.g. 'quality: calibrated int4')")
@@ -114,6 +116,13 @@ def main(argv=None) -> int:
         if only and name not in only and name != "fp32":  # fp32 is the baseline and the tokenizer
             continue
         out = work / name.replace(" ", "-").replace("+", "_")
+        if args.reuse and (out / "build_report.json").is_file():
+            import json
+
+            rep = json.loads((out / "build_report.json").read_text())
+            measured[name] = (rep["seconds"], rep["peak_rss"])
+            builds.append((name, describe(out), out))
+            continue
         try:
             if args.smoke:  # in this process, calibrating on 8 x 64 tokens: quick (the peak is this process's)
                 import onnxforge
