@@ -36,7 +36,7 @@ from onnxforge.sources.gguf import GGUFSource
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-from conftest import reference_logits  # noqa: E402
+from conftest import genai_greedy, reference_greedy, reference_logits  # noqa: E402
 
 # Qwen3-Next as llama.cpp converts it: experts on every layer (the converter has no dense-layer tensors for it)
 QWEN_GGUF = {"qwen3_5": (QWEN["qwen3_5"], "qwen35", "Qwen3_5ForCausalLM"),
@@ -127,6 +127,8 @@ def test_qwen_linear_attention_gguf_fp32(tmp_path_factory, tmp_path, name):
     two = steps(out, [prompt[:5], prompt[5:]] + [[t] for t in decode])
     assert np.abs(one - ref).max() < FP32_TOL, np.abs(one - ref).max()
     assert np.abs(two - ref).max() < FP32_TOL, np.abs(two - ref).max()
+    p, _ = tokens(1)  # onnxruntime-genai runs the GGUF build as is (its genai_config.json, states and all)
+    assert genai_greedy(out, p) == reference_greedy(model, p)
 
 
 @pytest.mark.parametrize("name", ["qwen3_5", "qwen3_5_moe"])
@@ -201,6 +203,8 @@ def test_lfm2_gguf_fp32_and_q8_0(tmp_path_factory, tmp_path, name, arch):
     two = steps(out, [prompt[:5], prompt[5:]] + [[t] for t in decode])
     assert np.abs(one - ref).max() < FP32_TOL, np.abs(one - ref).max()
     assert np.abs(two - ref).max() < FP32_TOL, np.abs(two - ref).max()
+    p, _ = tokens(1)
+    assert genai_greedy(out, p) == reference_greedy(model, p)
     q8, exact = quantize(path, "Q8_0"), tmp_path / "source"
     keep = ("/model/layers.*/moe/experts/*",) if "moe" in name else ()
     report = onnxforge.build(q8, exact, recipe=Recipe(precision="source", accuracy_level=0, keep_float=keep)).to_json()
@@ -278,6 +282,8 @@ def test_granite_hybrid_gguf_fp32_and_q8_0(tmp_path_factory, tmp_path, variant):
     two = steps(out, [prompt[:5], prompt[5:]] + [[t] for t in decode])
     assert np.abs(one - ref).max() < FP32_TOL, np.abs(one - ref).max()
     assert np.abs(two - ref).max() < FP32_TOL, np.abs(two - ref).max()
+    p, _ = tokens(1)
+    assert genai_greedy(out, p) == reference_greedy(model, p)
     q8 = quantize(path, "Q8_0")
     keep = ("/model/layers.*/moe/experts/*",) if variant == "moe" else ()
     onnxforge.build(q8, tmp_path / "source", recipe=Recipe(precision="source", accuracy_level=0, keep_float=keep))
