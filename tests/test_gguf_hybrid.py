@@ -357,3 +357,37 @@ def test_qwen35_gguf_with_mtp_layers_leaves_them_out(tmp_path_factory, tmp_path)
     ref = reference_logits(model, prompt + decode)
     got = steps(out, [prompt] + [[t] for t in decode])
     assert np.abs(got - ref).max() < FP32_TOL, np.abs(got - ref).max()
+
+
+def test_qwen35_moe_gguf_from_the_published_form(tmp_path):
+    """The form users convert: Qwen3_5MoeForConditionalGeneration (text_config, model.language_model.*, a vision
+    tower) through llama.cpp's converter gives a qwen35moe text GGUF (the tower goes to an mmproj file, not made
+    here) whose fp32 build equals transformers' wrapper on text within 1e-4."""
+    from real_converter import real_convert
+    from tiny import VOCAB, spread_weights, tokenizer_files
+
+    params = dict(QWEN["qwen3_5_moe"][1])
+    seed = params.pop("seed")
+    text = dict(params, vocab_size=VOCAB, max_position_embeddings=256, bos_token_id=1, eos_token_id=0, pad_token_id=0)
+    vision = dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=64, patch_size=4,
+                  num_position_embeddings=16)
+    config = transformers.Qwen3_5MoeConfig(text_config=text, vision_config=vision, image_token_id=300,
+                                           video_token_id=301, vision_start_token_id=302, vision_end_token_id=303)
+    torch.manual_seed(seed)
+    model = transformers.Qwen3_5MoeForConditionalGeneration(config).eval()
+    spread_weights(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and ".linear_attn.norm." not in name and "visual" not in name:
+                p.sub_(1.0)
+    folder = tmp_path / "hf"
+    model.save_pretrained(folder)
+    tokenizer_files(folder)
+    path = real_convert(folder, tmp_path / "F32.gguf", "f32", pre="gpt-2", extra=("--no-mtp",))
+    out = tmp_path / "out"
+    onnxforge.build(path, out, "fp32")
+    assert json.loads((out / "build_report.json").read_text())["architecture"] == "Qwen3_5MoeForCausalLM"
+    prompt, decode = tokens()
+    ref = reference_logits(model, prompt + decode)
+    got = steps(out, [prompt] + [[t] for t in decode])
+    assert np.abs(got - ref).max() < FP32_TOL, np.abs(got - ref).max()
