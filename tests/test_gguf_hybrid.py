@@ -391,3 +391,49 @@ def test_qwen35_moe_gguf_from_the_published_form(tmp_path):
     ref = reference_logits(model, prompt + decode)
     got = steps(out, [prompt] + [[t] for t in decode])
     assert np.abs(got - ref).max() < FP32_TOL, np.abs(got - ref).max()
+
+
+def rewrite(src, dst, **changes):
+    """A copy of the F32 GGUF `src` with metadata `changes` ({key: (value, GGUFValueType)}), written by gguf-py."""
+    import gguf
+
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(str(dst), reader.fields["general.architecture"].contents())
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or key in changes:
+            continue
+        array = f.types[0] == gguf.GGUFValueType.ARRAY
+        writer.add_key_value(key, f.contents(), f.types[0], sub_type=f.types[-1] if array else None)
+    for key, (value, vtype) in changes.items():
+        writer.add_key_value(key, value, vtype)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.array(t.data))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+def test_variants_llamacpp_computes_otherwise_are_refused_by_name(tmp_path_factory, tmp_path):
+    """One ConfigError naming the key, before a weight is read: an lfm2moe file routed otherwise than on sigmoid
+    scores, and a llama4 file with sliding_window 0 (every layer full attention, MobileLLM-style)."""
+    import gguf
+
+    _, lfm2moe = converted_lfm2(tmp_path_factory, "lfm2_moe")
+    bad = rewrite(lfm2moe, tmp_path / "softmax.gguf",
+                  **{"lfm2moe.expert_gating_func": (1, gguf.GGUFValueType.UINT32)})
+    with pytest.raises(ConfigError, match="expert_gating_func 1"):
+        GGUFSource(bad)
+    from real_converter import real_convert
+    from test_family_llama4 import TEXT
+    from tiny import make_model
+
+    make_model("llama4", tmp_path / "hf", cls="Llama4TextConfig", **TEXT)
+    path = real_convert(tmp_path / "hf", tmp_path / "F32.gguf", "f32", pre="gpt-2")
+    bad = rewrite(path, tmp_path / "all-full.gguf",
+                  **{"llama4.attention.sliding_window": (0, gguf.GGUFValueType.UINT32)})
+    with pytest.raises(ConfigError, match="sliding_window 0"):
+        GGUFSource(bad)
+    with GGUFSource(rewrite(path, tmp_path / "copy.gguf")) as source:  # the copy itself reads
+        assert source.config["architectures"] == ["Llama4ForCausalLM"]
