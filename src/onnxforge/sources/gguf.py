@@ -432,7 +432,8 @@ class GGUFSource:
     def _build_config(self) -> dict:
         """The config.json dict transformers derives for this file (plus architectures/torch_dtype)."""
         heads = int(self._key("attention.head_count"))
-        kv_heads = _single_value(self._key("attention.head_count_kv", heads), "attention.head_count_kv", zeros=True)
+        kv_heads = _single_value(self._key("attention.head_count_kv", heads), "attention.head_count_kv",
+                                 zeros=self._family.kv_zero_layers)
         hidden = int(self._key("embedding_length"))
         # llama.cpp's own default (n_embd / n_head): converters write key_length only where config.json
         # has a head_dim, and rope.dimension_count is the rotary part (partial rotary: phi2, Phi-4-mini)

@@ -56,6 +56,7 @@ class GGUFFamily:
     offsets: Mapping[str, float] = field(default_factory=dict)  # HF tensor glob -> value llama.cpp's converter added
     views: ViewHook | None = None  # tensors the converter reordered, split, reshaped or transformed (View)
     tensor_flags: Mapping[str, str] = field(default_factory=dict)  # HF config key -> HF tensor glob it is present for
+    kv_zero_layers: bool = False  # head_count_kv lists 0 for layers without attention (a hybrid's other kind)
 
     def offset(self, hf_name: str) -> float:
         return next((v for pattern, v in self.offsets.items() if fnmatch.fnmatchcase(hf_name, pattern)), 0.0)
@@ -431,12 +432,14 @@ FAMILIES: dict[str, GGUFFamily] = {
     # LFM2 and LFM2-MoE (shortconv.* tensors, the final norm written as token_embd_norm, conv kernels squeezed;
     # LFM2-MoE's leading dense layers, sigmoid routing with exp_probs_b as its selection bias).
     "lfm2": GGUFFamily("Lfm2ForCausalLM", "lfm2", False, gguf_names=_LFM2_NAMES, config_hook=_lfm2,
-                       views=_conv_views, tensor_flags={"conv_bias": "model.layers.*.conv.conv.bias"}),
+                       views=_conv_views, tensor_flags={"conv_bias": "model.layers.*.conv.conv.bias"},
+                       kv_zero_layers=True),
     "lfm2moe": GGUFFamily("Lfm2MoeForCausalLM", "lfm2_moe", False, gguf_names=_LFM2_NAMES,
                           config_keys={**_EXPERT_KEYS, "leading_dense_block_count": "num_dense_layers"},
                           config_hook=_lfm2moe, views=_conv_views,
                           tensor_flags={"conv_bias": "model.layers.*.conv.conv.bias",
-                                        "use_expert_bias": "model.layers.*.e_score_correction_bias"}),
+                                        "use_expert_bias": "model.layers.*.e_score_correction_bias"},
+                          kv_zero_layers=True),
     # GLM-4.5 / 4.6 MoE: neox partial rotary (rope.dimension_count; not permuted), q/k/v biases, per-head q/k norms,
     # the norm before the MLP written as post_attention_norm, leading dense layers, sigmoid routing with the
     # selection bias (exp_probs_b), expert_weights_norm / _scale, shared experts; its MTP layer is left unread.
@@ -454,7 +457,8 @@ FAMILIES: dict[str, GGUFFamily] = {
                                 gguf_names=_MAMBA_NAMES, config_keys={**_GRANITE_KEYS, **_EXPERT_KEYS},
                                 config_hook=_granitehybrid, views=_mamba_views,
                                 tensor_flags={"mamba_conv_bias": "model.layers.*.mamba.conv1d.bias",
-                                              "mamba_proj_bias": "model.layers.*.mamba.in_proj.bias"}),
+                                              "mamba_proj_bias": "model.layers.*.mamba.in_proj.bias"},
+                                kv_zero_layers=True),
     # Llama 4 (Scout, Maverick; the text decoder, from Llama4ForCausalLM or ...ForConditionalGeneration): not
     # permuted (its rotary pairs are interleaved in both), experts stacked apart (down_proj transposed back by the
     # converter), the rest as llama.cpp fixes it (_llama4); llama3 rope scaling from rope_freqs.
