@@ -303,3 +303,18 @@ def test_build_never_imports_torch(llama, tmp_path):
             f"method='awq+gptq'), calibration=Calibration({str(text)!r}, 4, 32)); "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_gptq_act_order_option(llama, tmp_path):
+    folder, _, text = llama
+    out = tmp_path / "o"
+    onnxforge.build(folder, out, recipe=Recipe(precision="int4", method="gptq"),
+                    calibration=Calibration(str(text), 4, 32, act_order=True))
+    saved = json.loads((out / "build_report.json").read_text())
+    assert saved["recipe"]["calibration"]["act_order"] is True
+    assert any("act-order" in n for n in saved["notes"])
+    with pytest.raises(RecipeError, match="runs no GPTQ"):  # awq alone has no columns to order
+        onnxforge.build(folder, tmp_path / "a", recipe=Recipe(precision="int4", method="awq"),
+                        calibration=Calibration(str(text), 4, 32, act_order=True))
+    with pytest.raises(RecipeError, match="act_order takes true or false"):
+        Calibration(act_order="yes")

@@ -134,7 +134,8 @@ def build(
         report.notes.extend(emitter.notes)
         if calibrated is not None:
             report.notes.extend(calibrated.notes())
-            report.recipe["calibration"] = {**calibrated.text.describe(), "seconds": round(calibrated.seconds, 1)}
+            report.recipe["calibration"] = {**calibrated.text.describe(), "act_order": calibrated.act_order,
+                                            "seconds": round(calibrated.seconds, 1)}
         report.notes.extend(lora.notes())
         report.notes.extend(_ignored_note(arch, source))
         report.warnings.extend(_no_exact_form_warning(builder))
@@ -184,6 +185,11 @@ def _calibration_for(recipe: Recipe, calibration):
                               f"uses method {recipe.method}: add --method gptq (or awq, awq+gptq), or drop the "
                               "calibration options")
         return None
+    from .calibrate.run import uses_gptq
+
+    if calibration is not None and calibration.act_order and not uses_gptq(recipe):
+        raise RecipeError(f"act_order orders GPTQ's columns, but method {recipe.method} runs no GPTQ: use method gptq "
+                          "or awq+gptq, or drop act_order")
     return calibration or Calibration()
 
 

@@ -59,6 +59,8 @@ def _add_build(sub) -> None:
                    "(Python standard-library docstrings), no download")
     p.add_argument("--calibration-samples", type=int, metavar="N", help="calibration samples (default 64)")
     p.add_argument("--calibration-length", type=int, metavar="N", help="tokens per calibration sample (default 256)")
+    p.add_argument("--gptq-act-order", action="store_true",
+                   help="gptq: round columns in order of decreasing Hessian diagonal (static groups); off by default")
     p.add_argument("--block-size", type=_ranged("block size", 16, BLOCK_SIZES),
                    help="quantization block size: 16, 32 (default), 64, 128 or 256")
     p.add_argument("--asymmetric", action="store_true", help="store zero points (uint4) instead of symmetric int4")
@@ -173,10 +175,11 @@ def _calibration_args(args):
     from .calibrate.data import DEFAULT_LENGTH, DEFAULT_SAMPLES, Calibration
 
     given = (args.calibration, args.calibration_samples, args.calibration_length)
-    if all(v is None for v in given):
+    if all(v is None for v in given) and not args.gptq_act_order:
         return None
     return Calibration(args.calibration, DEFAULT_SAMPLES if args.calibration_samples is None else args.calibration_samples,
-                       DEFAULT_LENGTH if args.calibration_length is None else args.calibration_length)
+                       DEFAULT_LENGTH if args.calibration_length is None else args.calibration_length,
+                       act_order=args.gptq_act_order)
 
 
 def cmd_inspect(args) -> int:

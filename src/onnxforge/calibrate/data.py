@@ -42,8 +42,11 @@ class Calibration:
     path: str | None = None
     samples: int = DEFAULT_SAMPLES
     length: int = DEFAULT_LENGTH
+    act_order: bool = False  # gptq: columns by decreasing Hessian diagonal (static groups), off by default
 
     def __post_init__(self) -> None:
+        if not isinstance(self.act_order, bool):
+            raise RecipeError(f"calibration act_order takes true or false, got {self.act_order!r}")
         for key, lo, hi in (("samples", 1, 4096), ("length", 8, 8192)):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:

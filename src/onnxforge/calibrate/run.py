@@ -61,16 +61,23 @@ class Result:
     alphas: list[float] = field(default_factory=list)
     text: CalibrationText | None = None
     seconds: float = 0.0
+    act_order: bool = False
 
     def notes(self) -> list[str]:
         t = self.text.describe() if self.text else {}
+        order = ", GPTQ act-order (static groups)" if self.act_order else ""
         out = [f"calibrated on {t.get('samples')} samples x {t.get('length')} tokens of {t.get('source')} "
                f"(sha256 {str(t.get('sha256'))[:16]}...), layer by layer in {self.seconds:.0f} s: "
-               f"{len(self.blocks)} weights quantized from their inputs"]
+               f"{len(self.blocks)} weights quantized from their inputs{order}"]
         if self.alphas:
             out.append(f"AWQ scales on {len(self.alphas)} projection groups, alpha "
                        f"{min(self.alphas):.2f} to {max(self.alphas):.2f} (mean {np.mean(self.alphas):.2f})")
         return out
+
+
+def uses_gptq(recipe) -> bool:
+    return recipe.method in ("gptq", "awq+gptq") or any(r.storage is not None and r.storage.method in ("gptq", "awq+gptq")
+                                                        for r in recipe.rules)
 
 
 def wants_calibration(recipe) -> bool:
@@ -84,6 +91,7 @@ class Layerwise:
         self.res = Result(folder, text=text)
         self.rotary = F.Rotary(spec, text.ids.shape[1])
         self.shape = text.ids.shape
+        self.act_order = False
 
     # -- weights ---------------------------------------------------------------------------------
     def read(self, name: str) -> np.ndarray:
@@ -141,7 +149,7 @@ class Layerwise:
                         hp = h_by_block if kp == w.shape[1] else np.pad(h_by_block, ((0, kp - w.shape[1]),) * 2)
                         chol[key] = inverse_cholesky(hp)
                     q = gptq_quantize(w, h, bits=st.bits, block_size=st.block_size, symmetric=st.symmetric,
-                                      chol=chol[key])
+                                      chol=chol[key], act_order=self.act_order)
                 else:
                     from ..quant.methods import quantize
 
@@ -320,6 +328,7 @@ def calibrate(source, spec, names, recipe, cal: Calibration, progress=None) -> R
     folder = Path(tempfile.mkdtemp(prefix="onnxforge-calib-"))
     try:
         run = Layerwise(source, spec, names, recipe, text, folder)
+        run.act_order = cal.act_order
         x = run.embed()
         for i in range(spec.num_layers):
             x = run.layer(i, x)
@@ -330,6 +339,7 @@ def calibrate(source, spec, names, recipe, cal: Calibration, progress=None) -> R
         shutil.rmtree(folder, ignore_errors=True)
         raise
     run.res.seconds = time.perf_counter() - start
+    run.res.act_order = cal.act_order
     return run.res
 
 
