@@ -437,3 +437,23 @@ def test_variants_llamacpp_computes_otherwise_are_refused_by_name(tmp_path_facto
         GGUFSource(bad)
     with GGUFSource(rewrite(path, tmp_path / "copy.gguf")) as source:  # the copy itself reads
         assert source.config["architectures"] == ["Llama4ForCausalLM"]
+
+
+def test_qwen35_gguf_q4_k_m_moves_out_proj_sub_blocks_exactly(tmp_path_factory, tmp_path):
+    """llama.cpp's Q4_K_M of a Qwen3.5 whose out_proj rows are 256 wide (value heads of 64): out_proj is Q4_K, its
+    columns reordered in runs of 64, whole sub-blocks of the op's 32-wide form, so it is carried over exactly (the
+    sub-blocks' scales and offsets move with their codes); built as stored, its logits equal the fp32 build of the
+    same file."""
+    _, _, f32 = converted(tmp_path_factory, "qwen3_5", linear_value_head_dim=64)
+    path = quantize(f32, "Q4_K_M")
+    out_proj = "model.layers.0.linear_attn.out_proj.weight"
+    with GGUFSource(path) as source:
+        assert source.stored_format(out_proj) == "Q4_K" and source.native_format(out_proj).bits == 4
+    report = onnxforge.build(path, tmp_path / "source", recipe=Recipe(precision="source", accuracy_level=0)).to_json()
+    storage = {g["label"]: g["storage"] for g in report["groups"]}
+    assert "exact Q4_K" in storage["/model/layers.0/linear_attn/out_proj"], storage
+    onnxforge.build(path, tmp_path / "fp32", "fp32")
+    prompt, decode = tokens()
+    got = steps(tmp_path / "source", [prompt] + [[t] for t in decode])
+    want = steps(tmp_path / "fp32", [prompt] + [[t] for t in decode])
+    assert np.abs(got - want).max() < FP32_TOL, np.abs(got - want).max()

@@ -27,7 +27,7 @@ from gguf.quants import dequantize
 
 from ..errors import CheckpointError, ConfigError, OnnxForgeError, OutputError, UnsupportedArchitectureError
 from .base import NativeBlocks, NativeFormat
-from .gguf_blocks import block_form, split_blocks, transcode
+from .gguf_blocks import Transcoded, block_form, split_blocks, transcode
 from .gguf_maps import (AUXILIARY_TENSORS, FAMILIES, UNFAITHFUL, GGUFFamily, View, compile_tensor_map,
                         hf_tensor_name, permuted_heads)
 from .gguf_tokenizer import build_tokenizer
@@ -247,12 +247,15 @@ class GGUFSource:
             perm = self._row_permutation(name, n_rows)
             if perm is not None:
                 raw = raw[perm]
-            view = self._views.get(name)
-            blocks = _block_order(view.cols, elements) if view is not None else None
-            if blocks is not None:  # columns moved in whole blocks: the blocks move
-                raw = raw[:, blocks]
             form = block_form(kind)
-            t = split_blocks(transcode(raw, kind), form.bits, form.block_size, block_size)
+            t = transcode(raw, kind)
+            view = self._views.get(name)
+            blocks = _block_order(view.cols, form.block_size) if view is not None else None
+            if blocks is not None:  # columns moved in whole blocks of the op's form (a K type's sub-blocks): they move
+                t = Transcoded(np.ascontiguousarray(t.data[:, blocks]), np.ascontiguousarray(t.scales[:, blocks]),
+                               t.zero_points,  # the default zero point in every block: unmoved
+                               None if t.offsets is None else np.ascontiguousarray(t.offsets[:, blocks]))
+            t = split_blocks(t, form.bits, form.block_size, block_size)
         except OnnxForgeError:
             raise
         except Exception as err:  # a raw numpy error must not escape
