@@ -358,3 +358,19 @@ def test_per_layer_inputs_fp16_and_int4(tmp_path):
     model = make_causal(folder, **PLE)
     check_fp16(folder, model, tmp_path / "fp16")
     check_int4(folder, tmp_path / "int4", model=model)
+
+
+def test_verify_reads_the_dense_experts_back(gemma4_moe, tmp_path):
+    """verify's conversion reference holds the int4 build's own experts (the two MatMuls of graph/dense_experts.py
+    read back into transformers' stacked parameters) and the layer scalars (buffers): nothing kept original."""
+    from onnxforge.quant.recipe import Recipe
+    from onnxforge.verify.parity import load_reference
+    from onnxforge.verify.stored import load_stored_weights
+
+    folder, _ = gemma4_moe
+    out = tmp_path / "int4"
+    onnxforge.build(folder, out, recipe=Recipe(precision="int4", method="rtn", accuracy_level=0))
+    report = load_stored_weights(load_reference(folder)[0], out)
+    experts = {k: v for k, v in report.errors.items() if ".experts." in k}
+    assert len(experts) == 2 * 4 and 0 < max(experts.values()) < 0.2, experts
+    assert not report.kept, report.kept

@@ -18,7 +18,8 @@ stored ones arrive (each tensor's relative difference to the original is measure
 model is never held twice.
 
 MoE experts (QMoE's integer forms and CUDA's fp4 form of GPT-OSS's MXFP4 blocks, the float MoE op) are read
-back into transformers' stacked expert parameters by verify/stored_moe.py. Checkpoint names are renamed as
+back into transformers' stacked expert parameters by verify/stored_moe.py; stacked experts that graph/dense_experts.py
+stores as two plain MatMuls (Gemma 4's GeGLU experts) by `_load_stacked`. Checkpoint names are renamed as
 transformers renames them on loading (parameter_names: Mixtral's `block_sparse_moe.gate` is `mlp.gate`). What
 the build stores in other forms (1-D tables: norms, biases) is not read back: those parameters keep the
 original values, rounded to the stored float type; `notes` says which.
@@ -237,9 +238,10 @@ def load_stored_weights(model, out_dir: Path) -> StoredReport:
             continue
         if any(n in inits.experts for n in group["initializers"]) and load_experts(model, inits, group, report):
             continue
-        if kind is None:
-            _round_tables(params, inits, group, sources, done)
-            kept = [name for name, _, _ in sources if name not in params or params[name].ndim > 1]
+        if kind is None:  # 1-D tables, parameters or buffers (Gemma 4's layer_scalar)
+            tables = {**dict(model.named_buffers()), **params}
+            _round_tables(tables, inits, group, sources, done)
+            kept = [name for name, _, _ in sources if name not in tables or tables[name].ndim > 1]
             report.kept += kept
             report.kept_quantized |= bool(kept) and any(
                 inits.dtype(n).kind not in "f" and inits.dtype(n).name != "bfloat16"
@@ -280,6 +282,9 @@ def _load_group(params, inits: _Initializers, group: dict, kind, sources, report
     import torch
 
     form, key, bits = kind
+    stacked = params.get(sources[0][0]) if len(sources) == 1 and sources[0][1] is None else None
+    if stacked is not None and stacked.ndim == 3:  # stacked experts stored as one MatMul (graph/dense_experts.py)
+        return _load_stacked(stacked, inits, group, kind, sources[0][0], report, done)
     targets = []
     for name, start, stop in sources:
         p = params.get(name)
@@ -289,12 +294,7 @@ def _load_group(params, inits: _Initializers, group: dict, kind, sources, report
         targets.append((name, p, first, last))
     N = sum(last - first for _, _, first, last in targets)
     K = targets[0][1].shape[1]
-    if form == "dq":
-        shape = inits.shape(f"{key}.weight_DQ_Q{bits}")
-        stored_n = shape[1] if inits.dq[f"{key}.weight_DQ_Q{bits}"][0] == 0 else shape[0]
-    else:
-        stored_n = inits.shape(f"{key}.weight_Q{bits}")[0] if form == "q" else (
-            inits.shape(key)[1] if key in inits.transposed else inits.shape(key)[0])
+    stored_n = _stored_rows(inits, kind)
     if stored_n != N:
         report.notes.append(f"{group['label']}: stored {stored_n} rows, its sources {N}; kept original")
         return False
@@ -320,4 +320,39 @@ def _load_group(params, inits: _Initializers, group: dict, kind, sources, report
         label = name if (first, last) == (0, p.shape[0]) else f"{name}[{first}:{last}]"
         report.errors[label] = float(np.sqrt(diff2 / ref2)) if ref2 > 0 else float(np.sqrt(diff2) > 0)
         done.add(name)
+    return True
+
+
+def _stored_rows(inits: _Initializers, kind) -> int:
+    """N of the stored (N, K) weight of a MatMul / embedding group."""
+    form, key, bits = kind
+    if form == "dq":
+        shape = inits.shape(f"{key}.weight_DQ_Q{bits}")
+        return shape[1] if inits.dq[f"{key}.weight_DQ_Q{bits}"][0] == 0 else shape[0]
+    return inits.shape(f"{key}.weight_Q{bits}")[0] if form == "q" else (
+        inits.shape(key)[1] if key in inits.transposed else inits.shape(key)[0])
+
+
+def _load_stacked(p, inits: _Initializers, group: dict, kind, name: str, report: StoredReport, done: set) -> bool:
+    """Stacked experts (E, A, B) that graph/dense_experts.py stores as one MatMul weight: gate_up_proj as (E x A, B)
+    rows, down_proj (E, H, I) as (H, E x I); dequantized whole and copied back in the parameter's layout."""
+    import torch
+
+    form, key, bits = kind
+    E, A, B = p.shape
+    n = _stored_rows(inits, kind)
+    if n not in (E * A, A):
+        report.notes.append(f"{group['label']}: stored {n} rows for {name} {tuple(p.shape)}; kept original")
+        return False
+    K = B if n == E * A else E * B
+    rows = slice(0, n)
+    w = (_dequantize_rows(inits, key, bits, rows, K) if form == "q" else
+         _dequantize_qdq_rows(inits, key, bits, rows, K) if form == "dq" else _float_rows(inits, key, rows))
+    w = w.reshape(E, A, B) if n == E * A else w.reshape(A, E, B).transpose(1, 0, 2)
+    with torch.no_grad():
+        o = p.detach().double().numpy()
+        diff, ref = float(((w.astype(np.float64) - o) ** 2).sum()), float((o ** 2).sum())
+        p.copy_(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)))
+    report.errors[name] = float(np.sqrt(diff / ref)) if ref > 0 else float(np.sqrt(diff) > 0)
+    done.add(name)
     return True
