@@ -48,10 +48,14 @@ def recipes():
         ("int4 gptq", replace(base, method="gptq")),
         ("int4 awq", replace(base, method="awq")),
         ("int4 awq+gptq", replace(base, method="awq+gptq")),
+        ("int4 gptq act-order", replace(base, method="gptq")),  # with CALIBRATION's options
     ]
 
 
-def build_measured(model: Path, out: Path, recipe) -> tuple[float, int]:
+CALIBRATION = {"int4 gptq act-order": {"act_order": True}}  # a row's calibration options beyond the defaults
+
+
+def build_measured(model: Path, out: Path, recipe, calibration: dict | None = None) -> tuple[float, int]:
     """Build in a fresh process (its own peak memory): (seconds, peak RSS bytes) from build_report.json."""
     import json
     import subprocess
@@ -62,9 +66,12 @@ def build_measured(model: Path, out: Path, recipe) -> tuple[float, int]:
     kw["op_types"], kw["keep_float"] = sorted(kw["op_types"]), list(kw["keep_float"])
     code = ("import json, sys, onnxforge; from onnxforge.quant.recipe import Recipe; kw = json.loads(sys.argv[3]); "
             "kw['op_types'] = frozenset(kw['op_types']); kw['keep_float'] = tuple(kw['keep_float']); "
-            "onnxforge.build(sys.argv[1], sys.argv[2], recipe=Recipe(**kw), overwrite=True)")
+            "from onnxforge.calibrate.data import Calibration; cal = json.loads(sys.argv[4]); "
+            "onnxforge.build(sys.argv[1], sys.argv[2], recipe=Recipe(**kw), overwrite=True, "
+            "calibration=None if cal is None else Calibration(**cal))")
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code, str(model), str(out), json.dumps(kw)], check=True)
+    subprocess.run([sys.executable, "-c", code, str(model), str(out), json.dumps(kw), json.dumps(calibration)],
+                   check=True)
     common.log(f"built {out.name} in {time.perf_counter() - t:.1f} s")
     report = json.loads((out / "build_report.json").read_text())
     return report["seconds"], report["peak_rss"]
@@ -130,10 +137,10 @@ def main(argv=None) -> int:
                 from onnxforge.calibrate.run import wants_calibration
 
                 r = recipe or Recipe(precision="fp32")
-                onnxforge.build(model, out, recipe=r, overwrite=True,
-                                calibration=Calibration(None, 8, 64) if wants_calibration(r) else None)
+                onnxforge.build(model, out, recipe=r, overwrite=True, calibration=Calibration(
+                    None, 8, 64, **CALIBRATION.get(name, {})) if wants_calibration(r) else None)
             else:
-                measured[name] = build_measured(model, out, recipe or Recipe(precision="fp32"))
+                measured[name] = build_measured(model, out, recipe or Recipe(precision="fp32"), CALIBRATION.get(name))
         except Exception as e:  # noqa: BLE001 - report and go on with the other recipes
             common.log(f"{name}: build failed: {type(e).__name__}: {e}")
             continue
