@@ -288,6 +288,15 @@ def test_jsonl_records_and_chat_template(llama, tmp_path):
     assert texts == ["plain", "<|user|>q\n<|assistant|>a\n", "<|user|>hello\n"] and where == str(jl)
 
 
+def test_chat_template_is_sandboxed(tmp_path):
+    # a chat template comes from the model files: it renders in jinja2's sandbox, never reaching Python internals
+    from onnxforge.calibrate.data import render_chat
+
+    evil = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
+    with pytest.raises(OnnxForgeError, match="chat template"):
+        render_chat(evil, [{"role": "user", "content": "x"}])
+
+
 def test_default_text_needs_no_download():
     from onnxforge.calibrate.data import default_text
 

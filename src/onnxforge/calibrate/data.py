@@ -142,14 +142,21 @@ def _record_text(rec: object, chat_template: str | None, where: str) -> str:
 
 
 def render_chat(template: str, messages: list[dict]) -> str:
+    """The chat turns through the model's template, sandboxed the way transformers renders it (a template is
+    data from the model files, never code run unsandboxed)."""
     try:
-        import jinja2
+        import jinja2  # noqa: F401
     except ImportError:
         raise ConfigError("rendering chat turns through the chat template needs jinja2 (pip install jinja2); or "
                           "give plain text") from None
-    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(template).render(messages=messages, add_generation_prompt=False, bos_token="",
-                                             eos_token="")
+    from jinja2.exceptions import TemplateError
+
+    from ..verify.generate import render_jinja2
+
+    try:
+        return render_jinja2(template, messages, False, {})
+    except TemplateError as e:
+        raise ConfigError(f"the model's chat template failed on a calibration record: {e}") from None
 
 
 def tokenizer_for(source):
