@@ -132,9 +132,8 @@ def test_gpu_providers_change_dtypes_and_config(tiny_models, tmp_path, provider)
     nbits = [n for n in g.node if n.op_type == "MatMulNBits"]
     assert nbits and all({a.name: a.i for a in n.attribute}["accuracy_level"] == 0 for n in nbits)
     cfg = json.loads((out / "genai_config.json").read_text())
-    # the provider options the anchor writes for it (tests/test_runtime_options.py compares them with its output), but
-    # CUDA graph capture on for this plain decoder (tests/test_cuda_graph_default.py)
-    expected = {"cuda": {"enable_cuda_graph": "1"}, "dml": {"enable_graph_capture": "1"},
+    # the provider options the anchor writes for it (tests/test_runtime_options.py compares them with its output)
+    expected = {"cuda": {"enable_cuda_graph": "0"}, "dml": {"enable_graph_capture": "1"},
                 "webgpu": {"enableGraphCapture": "0", "validationMode": "basic"}}[provider]
     assert cfg["model"]["decoder"]["session_options"]["provider_options"] == [{provider: expected}]
 

@@ -235,13 +235,12 @@ def _write_genai_config(folder: Path, spec, arch, source, recipe: Recipe, max_le
                         notes: list[str], op_types: set[str] | None = None) -> None:
     """`op_types`: the built graph's (None for config_only), for CUDA graph capture's default."""
     cuda_graph = recipe.enable_cuda_graph
-    if cuda_graph is None:
-        cuda_graph = False
-        if recipe.provider == "cuda":
-            from .export.graph_capture import cuda_graph_default
+    if recipe.provider == "cuda" and cuda_graph is not False:
+        from .export.graph_capture import cuda_graph_default, forced_note
 
-            cuda_graph, why = cuda_graph_default(spec, recipe.io.dtype, op_types)
-            notes.append(why)
+        capturable, why = cuda_graph_default(spec, recipe.io.dtype, op_types)
+        notes.append(why if cuda_graph is None else forced_note(capturable, why))
+    cuda_graph = bool(cuda_graph)
     # -e cuda at fp32: GroupQueryAttention has no fp32 CUDA kernel and runs on the CPU provider, so a shared
     # max_length KV buffer would be copied to the host and back whole every step; the anchor writes false there too
     share = not (recipe.provider == "cuda" and recipe.io.dtype == "fp32")

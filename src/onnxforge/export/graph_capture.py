@@ -1,4 +1,10 @@
-"""CUDA graph capture by default where it is safe (genai_config.json's `enable_cuda_graph`).
+"""CUDA graph capture (genai_config.json's `enable_cuda_graph`): off by default, on where asked.
+
+Measured on an H200 (bench/RESULTS.md "CUDA decode", 2026-12-05, onnxruntime-genai-cuda 0.18.0): capture speeds a
+batch-1 decode step 1.15-1.84x, but a generator of batch 8 fails its prompt under capture in both builders' builds
+("GroupQueryAttention: batch_size must be 1 when sequence_length > 1 and past context is given"). The batch is the
+user's choice at run time, so the default is off (as the anchor writes) and `enable_cuda_graph=true` turns it on
+for batch-1 use; the checks below say where capture cannot work or is not established, as a note either way.
 
 What onnxruntime-genai (0.16-0.18 runtime, src/generators.cpp, models/kv_cache.cpp, position_inputs.cpp) and
 onnxruntime's CUDA provider need for a captured decode step:
@@ -12,8 +18,7 @@ onnxruntime's CUDA provider need for a captured decode step:
   * no control flow (If) and no kernel that synchronises with the host. Measured on an H200 for plain decoders (issue
     28: 1.18-1.31x decode); not established for the MoE kernels, the recurrent / convolution mixers, or GQA's local
     window with the static mask (genai: "SlidingWindow does not support graph capture"), so those stay off.
-The default is on only for graphs made of the ops below at fp16 / bf16 activations; `enable_cuda_graph=false` turns it
-off, `=true` forces it on.
+`cuda_graph_default` judges whether a graph is one that captured on the H200 (the ops below at fp16 / bf16).
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ CAPTURE_SAFE_OPS = frozenset({
 
 
 def cuda_graph_default(spec, io_dtype: str, op_types: Iterable[str] | None) -> tuple[bool, str]:
-    """(on, why) for a -e cuda build: `io_dtype` the activations' ("fp32", "fp16", "bf16"), `op_types` the built
+    """(capturable, why) for a -e cuda build: `io_dtype` the activations' ("fp32", "fp16", "bf16"), `op_types` the built
     graph's (None for config_only: judged from the spec alone)."""
     off = " (enable_cuda_graph=true forces it)"
     if io_dtype == "fp32":
@@ -47,5 +52,15 @@ def cuda_graph_default(spec, io_dtype: str, op_types: Iterable[str] | None) -> t
     extra = sorted(set(op_types or ()) - CAPTURE_SAFE_OPS)
     if extra:
         return False, f"CUDA graph capture off: the graph has {', '.join(extra)}" + off
-    return True, ("CUDA graph capture on (enable_cuda_graph 1): decode steps replay a captured graph (batch and "
-                  "max_length fixed per generator); --extra_options enable_cuda_graph=false turns it off")
+    return True, ("CUDA graph capture off (the default, as the anchor writes): onnxruntime-genai 0.18 fails a batch of "
+                  "more than one prompt under capture; --extra_options enable_cuda_graph=true captures the decode "
+                  "steps for batch-1 use (1.15-1.84x decode measured on an H200)")
+
+
+def forced_note(capturable: bool, why: str) -> str | None:
+    """The note for enable_cuda_graph=true: batch 1 only, and where capture is not established, why."""
+    if capturable:
+        return ("CUDA graph capture on (enable_cuda_graph=true): decode steps replay a captured graph; batch 1 only "
+                "(onnxruntime-genai 0.18 fails larger batches' prompts under capture), max_length fixed per generator")
+    reason = why.split(": ", 1)[1].replace(" (enable_cuda_graph=true forces it)", "")
+    return f"CUDA graph capture on as asked (enable_cuda_graph=true), though {reason}; batch 1 only"

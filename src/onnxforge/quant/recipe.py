@@ -112,7 +112,7 @@ class Recipe:
     config_only: bool = False
     # runtime options written into genai_config.json's provider_options, as the anchor writes them (only for the
     # provider they belong to: set for another, they are refused)
-    enable_cuda_graph: bool | None = None  # None: on where it is safe (export/graph_capture.py), for -e cuda
+    enable_cuda_graph: bool | None = None  # None: off (the anchor's default), with a note on -e cuda (export/graph_capture.py)
     enable_dml_graph: bool = True  # the anchor's default: DirectML graph capture on
     # the anchor's use_qdq: every quantized weight as DequantizeLinear (blocked int4/int8, opset 21) + MatMul, and
     # DequantizeLinear + Gather for a quantized embedding, for the providers that take QDQ graphs (QNN, OpenVINO,
