@@ -188,7 +188,7 @@ FAMILY_KNOBS.update({
     "Exaone4ForCausalLM": {"sliding_window_pattern": [ABSENT, 2, 3], "exaone_window": [ABSENT, None, 5]},
     "Glm4MoeForCausalLM": {"n_shared_experts": [ABSENT, 2], "first_k_dense_replace": [ABSENT, 0, 3],
                            "norm_topk_prob": [ABSENT, False], "routed_scaling_factor": [ABSENT, 2.5],
-                           "use_qk_norm": [ABSENT, True], "groups": [{}, {"n_group": 2, "topk_group": 2}]},
+                           "use_qk_norm": [ABSENT, True], "groups": [{}, {"n_group": 2, "topk_group": 2}, {"n_group": 2, "topk_group": 1}]},
 })
 WINDOW_READ["Glm4MoeForCausalLM"] = "none"
 PARTIAL_ROTARY["Glm4MoeForCausalLM"] = True

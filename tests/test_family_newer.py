@@ -292,10 +292,25 @@ def test_glm4_moe_int4_and_fp16(glm, tmp_path):
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
 
 
-def test_glm4_moe_group_limited_selection_is_refused():
+def test_glm4_moe_group_limited_selection(tmp_path):
+    """n_group 4 / topk_group 2 (transformers' Glm4MoeTopkRouter: groups scored by their two best biased scores,
+    the top k from the best two groups): fp32 logits and greedy equal transformers'; a grouping the experts do not
+    split into is one ConfigError."""
+    folder = tmp_path / "hf"
+    model = make_glm(folder, n_group=4, topk_group=2)
+    check_fp32(folder, model, tmp_path / "out")
+    g = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph
+    assert any("group" in n.name.lower() for n in g.node)  # the group mask is in the graph
+    import copy
+
+    ids = np.random.default_rng(7).integers(2, tiny.VOCAB, 24).tolist()
+    ungrouped = copy.deepcopy(model)
+    for layer in ungrouped.model.layers[1:]:
+        layer.mlp.gate.topk_group = 4
+    assert np.abs(reference_logits(ungrouped, ids) - reference_logits(model, ids)).max() > 1e-3  # load-bearing
     raw = {"architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe", **SMALL, "num_hidden_layers": 2,
-           "vocab_size": 320, "n_routed_experts": 8, "n_group": 4, "topk_group": 2}
-    with pytest.raises(ConfigError, match="group-limited"):
+           "vocab_size": 320, "n_routed_experts": 8, "n_group": 3, "topk_group": 2}
+    with pytest.raises(ConfigError, match="n_group 3"):
         architecture_for(raw).make_spec(raw)
 
 

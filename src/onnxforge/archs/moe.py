@@ -47,7 +47,7 @@ def expert_groups(cfg: dict, num_experts: int, top_k: int) -> tuple[int, int]:
         raise ConfigError(f"config.json: group-limited routing over {groups} groups of {num_experts // groups} experts "
                           f"keeping {keep} cannot select {top_k} experts from groups of at least 2 (the router "
                           "scores a group by its two best experts)")
-    return groups, keep
+    return (1, 1) if keep == groups else (groups, keep)  # keeping every group selects as no grouping does
 
 
 

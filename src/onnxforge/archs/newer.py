@@ -21,9 +21,11 @@ and projector are not built.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from ..errors import ConfigError
 from ..spec import config_int, derived_layer_types
-from .moe import experts
+from .moe import expert_groups, experts
 from .llama import NO_BIAS
 from .registry import REFUSED, Architecture, register
 
@@ -109,21 +111,20 @@ def _glm4_moe_config(cfg: dict) -> dict:
 def _glm4_moe(cfg: dict) -> dict:
     """Experts on the layers from first_k_dense_replace, routed on sigmoid scores with the selection bias
     (e_score_correction_bias), renormalised by norm_topk_prob, times routed_scaling_factor, beside
-    n_shared_experts shared ones. Group-limited selection is a no-op where topk_group == n_group (GLM-4.5 / 4.6:
-    1 and 1); other groupings are refused."""
-    groups, keep = config_int(cfg, "n_group", 1, minimum=1), config_int(cfg, "topk_group", 1, minimum=1)
-    if keep != groups:
-        raise ConfigError(f"config.json: n_group {groups} with topk_group {keep}: group-limited expert selection is "
-                          "not built yet (GLM-4.5 / 4.6 use n_group = topk_group = 1)")
+    n_shared_experts shared ones; group-limited selection (n_group / topk_group: the router of DeepSeek-V3, as
+    transformers' Glm4MoeTopkRouter computes it; GLM-4.5 / 4.6 ship 1 and 1, a no-op)."""
     dense = config_int(cfg, "first_k_dense_replace", 1)
     shared = config_int(cfg, "n_shared_experts", 1)
     scale = cfg.get("routed_scaling_factor", 1.0)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
         raise ConfigError(f"config.json: routed_scaling_factor must be a positive number, got {scale!r}")
     bias = _flag(cfg, "attention_bias")
-    return {**experts(cfg, lambda i: i >= dense, scoring="sigmoid", selection_bias=True,
-                      normalize=_flag(cfg, "norm_topk_prob", True), routed_scale=float(scale),
-                      shared_intermediate_size=shared * config_int(cfg, "moe_intermediate_size", 1408, minimum=1)),
+    moe = experts(cfg, lambda i: i >= dense, scoring="sigmoid", selection_bias=True,
+                  normalize=_flag(cfg, "norm_topk_prob", True), routed_scale=float(scale), renorm_eps=1e-20,
+                  shared_intermediate_size=shared * config_int(cfg, "moe_intermediate_size", 1408, minimum=1))
+    spec = moe["moe"]
+    moe["moe"] = dataclasses.replace(spec, groups=expert_groups(cfg, spec.num_experts, spec.top_k))
+    return {**moe,
             "attention.qk_norm": "head" if _flag(cfg, "use_qk_norm") else "", "attention.qkv_bias": bias,
             "attention.o_bias": False, "mlp.bias": False}
 

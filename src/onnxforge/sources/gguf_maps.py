@@ -320,7 +320,7 @@ def _llama4(cfg: dict, key: Callable[..., Any]) -> dict:
 
 def _glm4moe(cfg: dict, key: Callable[..., Any]) -> dict:
     """GLM-4.5 / 4.6 MoE: sigmoid routing only (expert_gating_func 2); its expert groups, if any, as
-    Glm4MoeConfig's n_group / topk_group (the family refuses other groupings, as from config.json)."""
+    Glm4MoeConfig's n_group / topk_group (group-limited selection, as from config.json)."""
     gating = key("expert_gating_func", 2)
     if gating != 2:
         raise ConfigError(f"this glm4moe GGUF routes with expert_gating_func {gating}; GLM-4 MoE routes on sigmoid "
