@@ -43,7 +43,7 @@ class Decoder(Emitter):
         self.past = state_inputs(self)
         seqlens_k, total_len = self.mask_to_lengths(mask)
         ctx = AttnInputs(seqlens_k, total_len, self.rotary_tables(total_len),
-                         self.positions(tokens, seqlens_k, total_len))
+                         self.positions(tokens, seqlens_k, total_len), mask=mask)
         lm_head_store, x = self.embedding(tokens)
         self.per_layer = per_layer_inputs(self, tokens, x)  # (batch, seq, layers, width) or None
         block = BLOCKS[spec.block]

@@ -24,7 +24,7 @@ from ..archs.names import Part
 from ..errors import CheckpointError, ConfigError
 from . import weights as W
 from .builder import MS, TensorSlot, WeightJob
-from .parts import AttnInputs, activation
+from .parts import AttnInputs, activation, chunk_padding, conv_state_after
 from .state import State
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ def _l2norm(e: "Emitter", x: ir.Value, heads: int, dim: int, node: str) -> ir.Va
     return b.op("Reshape", [y, b.const([0, 0, heads * dim], np.int64)], f"{node}/Reshape_1")
 
 
-def _conv(e: "Emitter", i: int, qkv: ir.Value, past: ir.Value, base: str) -> tuple[ir.Value, ir.Value]:
+def _conv(e: "Emitter", i: int, qkv: ir.Value, past: ir.Value, base: str, ctx: AttnInputs) -> tuple[ir.Value, ir.Value]:
     """The causal depthwise conv over (B, S, C) and its activation; returns (B, S, C) and the present state."""
     b, la = e.b, e.spec.linear
     C = la.conv_channels
@@ -112,8 +112,9 @@ def _conv(e: "Emitter", i: int, qkv: ir.Value, past: ir.Value, base: str) -> tup
     bias = e.vector(f"{base}/conv1d", f"{module}.bias", C) if e.source.has(f"{module}.bias") else None
     fused = e.spec.mlp.activation in ("silu", "swish")  # the conv's activation is the model's hidden_act
     t = b.op("Transpose", [qkv], f"{base}/qkv_proj/Transpose", perm=[0, 2, 1])  # (B, C, S)
-    y, present = b.op("CausalConvWithState", [t, weight, bias, past], f"{base}/CausalConvWithState", domain=MS,
-                      n_out=2, ndim=1, activation="silu" if fused else "none")
+    y, _ = b.op("CausalConvWithState", [t, weight, bias, past], f"{base}/CausalConvWithState", domain=MS,
+                n_out=2, ndim=1, activation="silu" if fused else "none")
+    present = conv_state_after(e, ctx, qkv, past, t, la.kernel, base)  # right padding leaves it unchanged
     y = b.op("Transpose", [y], f"{base}/conv_out/Transpose", perm=[0, 2, 1])  # (B, S, C)
     return (y if fused else activation(e, y, f"{base}/conv_act")), present
 
@@ -124,7 +125,7 @@ def gated_delta(e: "Emitter", i: int, x: ir.Value, ctx: AttnInputs, past: tuple[
     base = f"/model/layers.{i}/linear_attn"
     rows = _rows(e, i)
     qkv, z, beta_in, a = (_project(e, i, x, f"{base}/{r}_proj", rows[r]) for r in ("qkv", "z", "b", "a"))
-    conv, present_conv = _conv(e, i, qkv, past[0], base)
+    conv, present_conv = _conv(e, i, qkv, past[0], base, ctx)
     kd, vd = la.key_heads * la.key_dim, la.value_heads * la.value_dim
     q, k, v = b.op("Split", [conv, b.const([kd, kd, vd], np.int64)], f"{base}/split_qkv/Split", n_out=3, axis=-1)
     q = _l2norm(e, q, la.key_heads, la.key_dim, f"{base}/q_l2norm")
@@ -133,6 +134,9 @@ def gated_delta(e: "Emitter", i: int, x: ir.Value, ctx: AttnInputs, past: tuple[
     neg_a = _float_param(e, i, "la_A_log", f"model.layers.{i}.linear_attn.neg_exp_A", la.value_heads, negexp=True)
     decay, beta = b.op("LinearAttentionGate", [a, dt_bias, neg_a, beta_in], f"{base}/LinearAttentionGate",
                        domain=MS, n_out=2)
+    keep, _ = chunk_padding(e, ctx, x)  # padding: no decay (log 0) and no update (beta 0), the state carried over
+    decay = b.op("Mul", [decay, keep], f"{base}/pad/Mul")
+    beta = b.op("Mul", [beta, keep], f"{base}/pad/Mul_1")
     y, present = b.op("LinearAttention", [q, k, v, past[1], decay, beta], f"{base}/LinearAttention", domain=MS,
                       n_out=2, q_num_heads=la.key_heads, kv_num_heads=la.value_heads, update_rule="gated_delta",
                       scale=la.key_dim ** -0.5)

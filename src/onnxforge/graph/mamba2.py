@@ -24,7 +24,7 @@ import onnx_ir as ir
 from ..errors import CheckpointError, ConfigError
 from . import weights as W
 from .builder import MS
-from .parts import AttnInputs
+from .parts import AttnInputs, chunk_padding, conv_state_after
 from .state import State
 
 if TYPE_CHECKING:
@@ -61,7 +61,8 @@ def _repeat_groups(e: "Emitter", t: ir.Value, node: str) -> ir.Value:
     return _per_head(e, b.op("Expand", [g, shape], f"{node}/Expand"), [0, 0, m.heads * m.state], f"{node}/Reshape_1")
 
 
-def _conv(e: "Emitter", i: int, xbc: ir.Value, past: ir.Value, base: str) -> tuple[ir.Value, ir.Value]:
+def _conv(e: "Emitter", i: int, xbc: ir.Value, past: ir.Value, base: str, ctx: AttnInputs
+          ) -> tuple[ir.Value, ir.Value]:
     m, b = e.spec.mamba, e.b
     module = e.names.module("mamba_conv", i)
     e.expect(f"{module}.weight", (m.conv_dim, 1, m.kernel))
@@ -69,8 +70,9 @@ def _conv(e: "Emitter", i: int, xbc: ir.Value, past: ir.Value, base: str) -> tup
                                          f"{module}.weight", (m.conv_dim, 1, m.kernel), e.io))[0]
     bias = e.vector(f"{base}/conv1d", f"{module}.bias", m.conv_dim) if m.conv_bias else None
     t = b.op("Transpose", [xbc], f"{base}/conv1d/Transpose", perm=[0, 2, 1])  # (B, conv_dim, S)
-    y, present = b.op("CausalConvWithState", [t, weight, bias, past], f"{base}/conv1d/CausalConvWithState", domain=MS,
-                      n_out=2, ndim=1, activation="silu")
+    y, _ = b.op("CausalConvWithState", [t, weight, bias, past], f"{base}/conv1d/CausalConvWithState", domain=MS,
+                n_out=2, ndim=1, activation="silu")
+    present = conv_state_after(e, ctx, xbc, past, t, m.kernel, f"{base}/conv1d")  # right padding: unchanged
     return b.op("Transpose", [y], f"{base}/conv1d/Transpose_1", perm=[0, 2, 1]), present
 
 
@@ -96,7 +98,7 @@ def mamba2(e: "Emitter", i: int, x: ir.Value, ctx: AttnInputs, past: tuple[ir.Va
                              H, bias=m.proj_bias)
     z, xbc, dt = b.op("Split", [proj, b.const([m.inner, m.conv_dim, m.heads], np.int64)], f"{base}/Split", n_out=3,
                       axis=-1)
-    xbc, conv_state = _conv(e, i, xbc, past[0], base)
+    xbc, conv_state = _conv(e, i, xbc, past[0], base, ctx)
     xs, bs, cs = b.op("Split", [xbc, b.const([m.inner, m.groups * m.state, m.groups * m.state], np.int64)],
                       f"{base}/Split_1", n_out=3, axis=-1)
     dt = e.float32_op("Softplus", [b.op("Add", [dt, _param(e, i, "mamba_dt_bias", f"{base}/dt", m.heads)],
@@ -104,6 +106,7 @@ def mamba2(e: "Emitter", i: int, x: ir.Value, ctx: AttnInputs, past: tuple[ir.Va
     if (m.dt_min, m.dt_max) != (0.0, float("inf")):
         dt = e.float32_op("Clip", [dt, e.scalar(m.dt_min), e.scalar(min(m.dt_max, float(e.finfo().max)))],
                           f"{base}/dt/Clip", float_in=3)
+    dt = b.op("Mul", [dt, chunk_padding(e, ctx, x)[0]], f"{base}/dt/pad/Mul")  # padding: no decay, no update
     a = b.op("Neg", [b.op("Exp", [_param(e, i, "mamba_A_log", f"{base}/A", m.heads)], f"{base}/A/Exp")], f"{base}/A/Neg")
     decay = b.op("Mul", [dt, a], f"{base}/decay/Mul")  # (B, S, heads): log of the state's decay per step
     heads = _per_head(e, xs, [0, 0, m.heads, m.head_dim], f"{base}/x/Reshape")

@@ -105,6 +105,43 @@ class AttnInputs:
     positions: ir.Value | None = None  # (batch, seq) int64, for rotary applied outside GQA (Emitter.positions)
     biases: dict = field(default_factory=dict)  # GQA attention_bias by chunk size (graph/attention_extras.py)
     kv: dict = field(default_factory=dict)  # layer -> what its GQA took (k, v, past, attributes, cos/sin): KV sharing
+    mask: ir.Value | None = None  # the attention_mask input (batch, total) int64: padding for the recurrent mixers
+    chunk: dict = field(default_factory=dict)  # "padding": (keep, lengths) of this run's tokens, made once
+
+
+def chunk_padding(e: "Emitter", ctx: AttnInputs, x: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """(keep (B, S, 1) in the activations' dtype, lengths (B, 1) int64) for the tokens of this run: 1 / their count
+    where attention_mask's last S columns mark real tokens. onnxruntime-genai right-pads a batch's prompts
+    (position_inputs.cpp: trailing pad tokens get mask 0) and feeds a finished sequence pad tokens with mask 0, so
+    a recurrent mixer (conv, gated delta, Mamba2) must carry its state past padding unchanged: the real tokens of a
+    run are its first `lengths`. With no padding (batch 1) keep is all ones and lengths is S."""
+    if "padding" not in ctx.chunk:
+        if ctx.mask is None:
+            raise ValueError("the recurrent mixers need the attention mask (AttnInputs.mask)")
+        b, base = e.b, "/model/pad_mask"
+        seq = b.op("Slice", [b.op("Shape", [x], f"{base}/Shape"), b.const([1], np.int64), b.const([2], np.int64)],
+                   f"{base}/Slice")
+        cols = b.op("Slice", [ctx.mask, b.op("Neg", [seq], f"{base}/Neg"),
+                              b.const([np.iinfo(np.int64).max], np.int64), b.const([1], np.int64)], f"{base}/Slice_1")
+        lengths = b.op("ReduceSum", [cols, b.const([1], np.int64)], f"{base}/ReduceSum", keepdims=1)
+        keep = b.op("Cast", [b.op("Unsqueeze", [cols, b.const([2], np.int64)], f"{base}/Unsqueeze")], f"{base}/Cast",
+                    to=e.io.ir_dtype)
+        ctx.chunk["padding"] = (keep, lengths)
+    return ctx.chunk["padding"]
+
+
+def conv_state_after(e: "Emitter", ctx: AttnInputs, x: ir.Value, past: ir.Value, t: ir.Value, kernel: int,
+                     node: str) -> ir.Value:
+    """A causal conv's state after this run, (B, C, kernel - 1): the last kernel - 1 inputs up to each row's last
+    real token (past then the run's inputs `t` (B, C, S)), so right padding leaves the state as the real tokens
+    left it (CausalConvWithState's own present would end on the padding)."""
+    b = e.b
+    _, lengths = chunk_padding(e, ctx, x)
+    full = b.op("Concat", [past, t], f"{node}/state/Concat", axis=2)  # (B, C, kernel - 1 + S)
+    idx = b.op("Add", [lengths, b.const(np.arange(kernel - 1, dtype=np.int64)[None, :])], f"{node}/state/Add")
+    idx = b.op("Expand", [b.op("Unsqueeze", [idx, b.const([1], np.int64)], f"{node}/state/Unsqueeze"),
+                          b.op("Shape", [past], f"{node}/state/Shape")], f"{node}/state/Expand")
+    return b.op("GatherElements", [full, idx], f"{node}/state/GatherElements", axis=2)
 
 
 def rotary_outside(e: "Emitter", x: ir.Value, heads: int, rope, caches, positions, node: str) -> ir.Value:

@@ -17,7 +17,7 @@ import onnx_ir as ir
 from ..errors import ConfigError
 from . import weights as W
 from .builder import MS
-from .parts import AttnInputs
+from .parts import AttnInputs, conv_state_after
 from .state import State
 
 if TYPE_CHECKING:
@@ -46,8 +46,9 @@ def short_conv(e: "Emitter", i: int, x: ir.Value, ctx: AttnInputs, past: tuple[i
     weight = b.weights(W.float_table_job(e.source, f"{base}/conv", f"{init}.weight", f"{module}.weight",
                                          (H, 1, conv.kernel), e.io))[0]
     bias = e.vector(f"{base}/conv", f"{module}.bias", H) if conv.bias else None
-    y, present = b.op("CausalConvWithState", [bx, weight, bias, past[0]], f"{base}/CausalConvWithState", domain=MS,
-                      n_out=2, ndim=1, activation="none")
+    y, _ = b.op("CausalConvWithState", [bx, weight, bias, past[0]], f"{base}/CausalConvWithState", domain=MS,
+                n_out=2, ndim=1, activation="none")
+    present = conv_state_after(e, ctx, x, past[0], bx, conv.kernel, base)  # right padding leaves it unchanged
     y = b.op("Mul", [gate_c, y], f"{base}/Mul_2")
     y = b.op("Transpose", [y], f"{base}/Transpose_2", perm=[0, 2, 1])  # (B, S, H)
     (out,) = e.linear_group(y, f"{base}/out_proj", i, [("conv_out", f"{base}/out_proj", H)], H, bias=conv.bias)
