@@ -17,8 +17,9 @@ time and copied into the model's parameters in place: the original weights are o
 stored ones arrive (each tensor's relative difference to the original is measured on the way), so the
 model is never held twice.
 
-MoE experts (QMoE's integer forms and CUDA's fp4 form of GPT-OSS's MXFP4 blocks, the float MoE op) are read
-back into transformers' stacked expert parameters by verify/stored_moe.py; stacked experts that graph/dense_experts.py
+MoE experts (QMoE's integer forms and CUDA's fp4 form of GPT-OSS's MXFP4 blocks, the float MoE op) and their
+stacked biases (GPT-OSS's) are read back into transformers' stacked expert parameters by verify/stored_moe.py, without
+the zero padding of an -e cuda build's intermediate size; stacked experts that graph/dense_experts.py
 stores as two plain MatMuls (Gemma 4's GeGLU experts) by `_load_stacked`. Checkpoint names are renamed as
 transformers renames them on loading (parameter_names: Mixtral's `block_sparse_moe.gate` is `mlp.gate`). What
 the build stores in other forms (1-D tables: norms, biases) is not read back: those parameters keep the
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .stored_moe import expert_slots, load_experts
+from .stored_moe import expert_bias_slots, expert_slots, load_expert_bias, load_experts
 from .stored_rope import compare_rotary
 
 ROWS_PER_SLICE = 1 << 22  # values dequantized at a time (16 MB in float32)
@@ -73,6 +74,7 @@ class _Initializers:
             n.op_type == "MatMul" or (n.op_type in ("FusedMatMul", "Gemm")
                                       and not any(a.name == "transB" and a.i for a in n.attribute)))}
         self.experts = expert_slots(graph)
+        self.expert_biases = expert_bias_slots(graph)
         # use_qdq: each DequantizeLinear's codes -> (axis, block_size); the last codes unpacked (one weight at a time)
         self.dq = {n.input[0]: ({a.name: a.i for a in n.attribute}.get("axis", 1),
                                 {a.name: a.i for a in n.attribute}.get("block_size", 0))
@@ -237,6 +239,10 @@ def load_stored_weights(model, out_dir: Path) -> StoredReport:
         if not sources:  # computed tables (rotary caches: compared by stored_rope): no checkpoint tensor behind them
             continue
         if any(n in inits.experts for n in group["initializers"]) and load_experts(model, inits, group, report):
+            continue
+        if any(n in inits.expert_biases for n in group["initializers"]):  # a MoE / QMoE op's (E, N) biases
+            if not load_expert_bias(model, params, inits, group, sources, report, done):
+                report.kept += [s[0] for s in sources]
             continue
         if kind is None:  # 1-D tables, parameters or buffers (Gemma 4's layer_scalar)
             tables = {**dict(model.named_buffers()), **params}

@@ -10,7 +10,11 @@ module, in that module's own layout (its `is_concatenated` / `is_transposed` fla
 experts implementations read them); each expert's relative difference is its own entry (`down_proj[3]`),
 so one lost expert shows as plainly as a lost projection. CUDA QMoE's "fp4" form (GPT-OSS's MXFP4 blocks
 carried over: weight (E, K, N/2) with the codes of rows 2j and 2j+1 in one byte, E8M0 scales (E, N, K/32),
-a global scale per expert at inputs 15 / 16) is decoded with quant/mxfp4.py's E2M1 values. Expert modules
+a global scale per expert at inputs 15 / 16) is decoded with quant/mxfp4.py's E2M1 values. The op's expert
+biases (E, 2I) / (E, H) (GPT-OSS's `gate_up_proj_bias` / `down_proj_bias`) go into the module's bias parameters,
+fc1's in its gate/up layout. An -e cuda QMoE build's intermediate size is zero-padded to a multiple of 64
+(graph/experts.py pad_intermediate); the padded fc1 rows, fc2 columns and fc1 bias columns (its last ones:
+fc1 is interleaved) are cut off, so the reference keeps the checkpoint's sizes. Expert modules
 without stacked parameters are not read.
 """
 from __future__ import annotations
@@ -24,6 +28,8 @@ _LAYER = re.compile(r"layers\.(\d+)\.")
 _ROLES = {"QMoE": {2: ("fc1", 3, 11, 15, "gate_up_proj"), 5: ("fc2", 6, 12, 16, "down_proj")},
           "MoE": {2: ("fc1", None, None, None, "gate_up_proj"), 4: ("fc2", None, None, None, "down_proj")}}
 _READABLE = ("int", "fp4")  # QMoE quant_type values read back
+# per op: expert bias input -> the projection it belongs to (fc1's in the op's fused SwiGLU layout, like its weight)
+_BIAS_ROLES = {"QMoE": {4: "fc1", 7: "fc2"}, "MoE": {3: "fc1", 5: "fc2"}}
 
 
 def expert_slots(graph) -> dict[str, dict]:
@@ -46,6 +52,21 @@ def expert_slots(graph) -> dict[str, dict]:
                     "block": attrs.get("block_size", 0), "fusion": attrs.get("swiglu_fusion", 0),
                     "scales": ins[scales] if scales else "", "zero_points": ins[zp] if zp else "",
                     "global_scales": ins[gs] if gs else ""}
+    return slots
+
+
+def expert_bias_slots(graph) -> dict[str, dict]:
+    """Per expert bias initializer (E, N) of a MoE / QMoE node: its projection and fc1's SwiGLU fusion."""
+    import onnx
+
+    slots = {}
+    for n in graph.node:
+        if n.op_type not in _BIAS_ROLES:
+            continue
+        fusion = next((onnx.helper.get_attribute_value(a) for a in n.attribute if a.name == "swiglu_fusion"), 0)
+        for index, fc in _BIAS_ROLES[n.op_type].items():
+            if index < len(n.input) and n.input[index]:
+                slots[n.input[index]] = {"fc": fc, "fusion": fusion}
     return slots
 
 
@@ -149,4 +170,46 @@ def load_experts(model, inits, group: dict, report) -> bool:
             ref2 = float((o ** 2).sum())
             p[e].copy_(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)))
         report.errors[f"{where}.{slot['param']}[{e}]"] = float(np.sqrt(diff2 / ref2)) if ref2 > 0 else float(diff2 > 0)
+    return True
+
+
+def load_expert_bias(model, params: dict, inits, group: dict, sources, report, done: set) -> bool:
+    """Copy one expert bias group (E, N) into the reference's stacked bias parameter (GPT-OSS's
+    `gate_up_proj_bias` / `down_proj_bias`): fc1's in the module's gate/up layout, without the zero columns
+    a CUDA build pads the intermediate size with (graph/experts.py pad_intermediate: fc1 is interleaved, so the
+    padded units' biases are its last columns); False when not read."""
+    import torch
+
+    names = [n for n in group.get("initializers", []) if n in inits.expert_biases]
+    if len(names) != 1 or len(sources) != 1 or sources[0][1] is not None:
+        return False
+    (name,), (param, _, _) = names, sources[0]
+    slot, layer, p = inits.expert_biases[name], _LAYER.search(name), params.get(param)
+    if p is None or p.ndim != 2 or layer is None:
+        return False
+    b = np.array(inits.read(name), dtype=np.float32)  # a copy: the memory map is read-only
+    if slot["fc"] == "fc1":
+        _, mod = _experts_module(model, int(layer.group(1)))
+        if mod is None or slot["fusion"] not in (1, 2):
+            return False
+        d = mod.down_proj.shape
+        width = 2 * (d[1] if _transposed(mod) else d[2])
+        if b.shape[1] > width and not b[:, width:].any():  # the zero padding of a CUDA build
+            b = b[:, :width]
+        gate, up = (b[:, 0::2], b[:, 1::2]) if slot["fusion"] == 1 else np.split(b, 2, axis=1)
+        if getattr(mod, "is_concatenated", True):
+            b = np.concatenate([gate, up], axis=1)
+        else:
+            b = np.empty_like(b)
+            b[:, 0::2], b[:, 1::2] = gate, up
+    if b.shape != tuple(p.shape):
+        report.notes.append(f"{group['label']}: stored expert biases {b.shape}, the reference's {param} "
+                            f"{tuple(p.shape)}; kept original")
+        return False
+    with torch.no_grad():
+        o = p.detach().double().numpy()
+        diff2, ref2 = float(((b.astype(np.float64) - o) ** 2).sum()), float((o ** 2).sum())
+        p.copy_(torch.from_numpy(np.ascontiguousarray(b)))
+    report.errors[param] = float(np.sqrt(diff2 / ref2)) if ref2 > 0 else float(diff2 > 0)
+    done.add(param)
     return True
