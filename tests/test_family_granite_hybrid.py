@@ -107,6 +107,30 @@ def test_int4_equals_the_dequantized_reference_and_fp16_runs_close(granite, tmp_
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
 
 
+def test_gated_norm_squares_in_float32(granite, tmp_path):
+    """The Mamba2 gated norm's inputs reach thousands here (as in trained models), so their squares overflow fp16
+    (max 65504): the mean of squares must not be an fp16 ReduceMean of an fp16 Mul (4.1 off on an H200 at fp16,
+    where those run in fp16) but SimplifiedLayerNormalization accumulating in float32 (stash_type 1)."""
+    import torch
+
+    folder, model = granite
+    seen = []
+    hooks = [layer.mamba.norm.register_forward_hook(lambda mod, inp, out: seen.append(float(inp[0].abs().max())))
+             for layer in model.model.layers if layer.mamba is not None]
+    prompt, decode = tokens()
+    with torch.no_grad():
+        model(torch.tensor([prompt + decode]))
+    for h in hooks:
+        h.remove()
+    assert max(seen) ** 2 > np.finfo(np.float16).max, max(seen)  # the case the float32 accumulation is for
+    onnxforge.build(folder, tmp_path / "fp16", "fp16")
+    g = onnx.load(str(tmp_path / "fp16" / "model.onnx"), load_external_data=False).graph
+    norms = [n for n in g.node if "/mamba/norm/" in n.name]
+    assert norms and not any(n.op_type in ("ReduceMean", "Pow", "Sqrt") for n in norms)
+    lns = [n for n in norms if n.op_type == "SimplifiedLayerNormalization"]
+    assert lns and all({a.name: a.i for a in n.attribute if a.name == "stash_type"} == {"stash_type": 1} for n in lns)
+
+
 def test_refusals(granite, tmp_path):
     """What the Mamba2 kernels cannot run is one ConfigError, before anything is written."""
     import shutil
