@@ -154,3 +154,19 @@ def test_float32_routing_at_fp16(tiny_models, tmp_path, monkeypatch, name):
     close = np.abs(got - ref).max(-1) < 0.02 * (ref.max() - ref.min())
     assert close.mean() >= 0.95, close.mean()
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.95
+
+
+@pytest.mark.parametrize("name", ["q_lora", "plain_q"])
+def test_bf16_mla_has_no_op_without_a_bf16_kernel(tmp_path, name):
+    """DeepSeek-V3's latent attention pads q / k or v to one head size: by Concat with Expanded zeros, not Pad, which
+    has no bfloat16 kernel in onnxruntime's CUDA or CPU provider (the H200 run's bf16 session failed to initialise:
+    "Provider type for ... node is not set"). The bf16 graph resolves; fp32 parity is test_family_deepseek_v3's."""
+    from test_family_deepseek_v3 import CONFIGS, make
+
+    make(tmp_path / "hf", **CONFIGS[name])
+    out = tmp_path / "bf16"
+    onnxforge.build(tmp_path / "hf", out, recipe=Recipe(precision="bf16", provider="cuda"))
+    g = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    assert any(n.name.endswith("/v/Concat") or n.name.endswith("/q/Concat") for n in g.node)
+    assert not [n.name for n in g.node if n.op_type == "Pad"]
+    _resolves(out)

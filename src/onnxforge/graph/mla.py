@@ -62,10 +62,17 @@ def _heads(e: "Emitter", x: ir.Value, heads: int, size: int, node: str) -> ir.Va
 
 
 def _pad(e: "Emitter", x: ir.Value, by: int, node: str) -> ir.Value:
-    """Zeros appended to the last axis of a (B, S, heads, d) tensor."""
+    """Zeros appended to the last axis of a (B, S, heads, d) tensor: Concat with zeros Expanded to (B, S, heads,
+    by), not Pad, which has no bfloat16 kernel in onnxruntime's CUDA or CPU provider (a bf16 build's session then
+    failed to initialise: "Provider type for ... node is not set")."""
     if by == 0:
         return x
-    return e.b.op("Pad", [x, e.b.const([0, 0, 0, 0, 0, 0, 0, by], np.int64)], node, mode="constant")
+    b = e.b
+    lead = b.op("Slice", [b.op("Shape", [x], f"{node}/Shape"), b.const([0], np.int64), b.const([3], np.int64)],
+                f"{node}/Slice")
+    shape = b.op("Concat", [lead, b.const([by], np.int64)], f"{node}/Concat_shape", axis=0)
+    zeros = b.op("Expand", [b.const(np.zeros((1, 1, 1, by), e.io.np_dtype)), shape], f"{node}/Expand")
+    return b.op("Concat", [x, zeros], f"{node}/Concat", axis=-1)
 
 
 def mla(e: "Emitter", i: int, x: ir.Value, ctx: "AttnInputs", past: tuple[ir.Value, ...]
