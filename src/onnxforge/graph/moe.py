@@ -10,9 +10,10 @@ takes the top k and (with `normalize_routing_weights`) renormalises them:
     norm_topk_prob false) the op still renormalises and its output is scaled by the top-k softmax mass:
     onnxruntime 1.31.1's CPU kernels get `normalize_routing_weights=0` wrong (QMoE always, MoE when its
     input comes from the arena; tests/test_moe_op.py shows both);
-  * selection on softmax + a bias, mixing with the softmax (ERNIE 4.5's e_score_correction_bias): QMoE
-    takes the softmax as `router_weights`; MoE has no such input, so the unselected experts' logits are
-    pushed to the dtype's minimum (TopK + ScatterElements) and the op renormalises over the selected ones;
+  * selection on softmax + a bias, mixing with the softmax (ERNIE 4.5's e_score_correction_bias): QMoE on the
+    CPU takes the softmax as `router_weights`; MoE has no such input, and CUDA's QMoE ignores it (ROUTER_WEIGHTS_FOR),
+    so there the unselected experts' logits are pushed to the dtype's minimum (TopK + ScatterElements) and the op
+    renormalises over the selected ones;
   * PhiMoE's sparse mixer: the CPU kernel ignores `use_sparse_mixer` (it runs plain top-2; measured), so
     its two experts are two k=1 passes of the op over the same weights (the argmax, then the argmax with
     the first removed), each scaled by the mixer's masked-softmax weight computed beside it;
@@ -430,6 +431,13 @@ def _lowest(e: "Emitter") -> ir.Value:
     return e.b.const(np.asarray(e.finfo().min, dtype=e.io.np_dtype).reshape(1))
 
 
+# Providers whose QMoE honours `router_weights` (input 14: select on router_probs, mix with router_weights).
+# onnxruntime's CUDA QMoE never reads it (contrib_ops/cuda/moe/moe_quantization.cc: softmax + top k of router_probs
+# only, for selection and mixing alike; not known for dml / webgpu), so other builds route ERNIE's biased selection
+# as the float MoE op does: the unselected logits pushed to the dtype's lowest. Tests empty it to run that on the CPU.
+ROUTER_WEIGHTS_FOR = ("cpu",)
+
+
 def _biased_selection(e: "Emitter", i: int, base: str, x: ir.Value, router: ir.Value, experts: Experts,
                       name: str) -> ir.Value:
     """Select the top k of softmax(logits) + bias, mix with softmax(logits) renormalised over them."""
@@ -437,7 +445,7 @@ def _biased_selection(e: "Emitter", i: int, base: str, x: ir.Value, router: ir.V
     bias = _selection_bias(e, i, base)
     probs = b.op("Softmax", [router], f"{base}/router/Softmax", axis=-1)
     select = b.op("Add", [probs, bias], f"{base}/router/Add")
-    if experts.quantized:
+    if experts.quantized and getattr(e.plan, "provider", "cpu") in ROUTER_WEIGHTS_FOR:
         return experts.op(x, select, m.top_k, True, name, router_weights=probs)
     _, idx = e.float32_op("TopK", [select, b.const([m.top_k], np.int64)], f"{base}/router/TopK", n_out=2, axis=-1)
     low = b.op("Expand", [_lowest(e), b.op("Shape", [router], f"{base}/router/Shape")], f"{base}/router/Expand")
