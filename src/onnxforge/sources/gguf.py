@@ -129,7 +129,7 @@ class GGUFSource:
         tensor = self._tensor(name)
         shape = _hf_shape(tensor)
         view = self._views.get(name)
-        if len(shape) != 2 or (view is not None and (view.cols is not None or view.value or view.shape)):
+        if len(shape) != 2 or (view is not None and (view.cols is not None or view.value or view.shape or view.parts)):
             return self.read(name)[start:stop]
         try:
             perm = self._row_permutation(name, shape[0])
@@ -182,10 +182,14 @@ class GGUFSource:
         bits 0 for quantized types that have no such form: codebooks, ternary)."""
         tensor = self._tensor(name)
         kind = tensor.tensor_type
+        view = self._views.get(name)
+        if view is not None and view.parts:  # joined from several tensors: dequantized (float where all are)
+            kinds = {self._stored[p.source].tensor_type for p in view.parts}
+            return None if kinds <= {QT.F32, QT.F16, QT.BF16} else NativeFormat(
+                "/".join(sorted(k.name for k in kinds)), 0, 0, False, False)
         if kind in (QT.F32, QT.F16, QT.BF16):
             return None
         form = block_form(kind)
-        view = self._views.get(name)
         if (form is None or len(tensor.shape) not in (2, 3) or (len(tensor.shape) == 3 and not self._plain_slices(name))
                 or (view is not None and (view.value or view.shape
                                           or _block_order(view.cols, form.block_size) is False))):
@@ -354,11 +358,25 @@ class GGUFSource:
             return
         stored = {name: _hf_shape(t) for name, t in self._tensors.items()}
         views = {name: v for name, v in self._family.views(self.config, stored).items() if v.source in self._tensors}
-        sources = {v.source for v in views.values()}
+        sources = {p.source for v in views.values() for p in (v, *v.parts)}
         tensors = {name: t for name, t in self._tensors.items() if name not in sources or name in views}
         for name, view in views.items():
             tensor = self._tensors[view.source]
             shape = _hf_shape(tensor)
+            if view.parts:  # joined row-wise: the parts' rows must hold the gather and the HF shape
+                missing = [p.source for p in view.parts if p.source not in self._tensors]
+                if missing:
+                    raise CheckpointError(f"{self.path} lacks {', '.join(missing)}, part of {name}; the file is "
+                                          "incomplete: re-convert it.")
+                size = sum(int(np.prod(stored[p.source])) for p in view.parts)
+                width = view.shape[-1] if view.shape else shape[-1]
+                rows = size // width if size % width == 0 else -1
+                if view.shape is None or rows < 0 or (view.rows is not None and int(view.rows.max()) >= rows) or \
+                        int(np.prod(view.shape)) != (len(view.rows) if view.rows is not None else rows) * width:
+                    raise CheckpointError(f"tensor {tensor.name!r} and its partners in {self.path} do not hold {name} "
+                                          f"of shape {view.shape}; the file is inconsistent: re-convert it.")
+                tensors[name] = tensor
+                continue
             for index, axis in ((view.rows, 0), (view.cols, len(shape) - 1)):
                 if index is not None and (len(shape) < axis + 1 or index.size and int(index.max()) >= shape[axis]):
                     raise CheckpointError(f"tensor {tensor.name!r} in {self.path} has shape {shape}, too small for "
@@ -369,7 +387,7 @@ class GGUFSource:
                 raise CheckpointError(f"tensor {tensor.name!r} in {self.path} has shape {shape}, which does not hold "
                                       f"{name} of shape {view.shape}; the file is inconsistent: re-convert it.")
             tensors[name] = tensor
-        self._tensors, self._views = tensors, views
+        self._stored, self._tensors, self._views = self._tensors, tensors, views
 
     @staticmethod
     def _view_shape(view: View, stored: tuple[int, ...]) -> tuple[int, ...]:
@@ -383,6 +401,10 @@ class GGUFSource:
         return tuple(shape)
 
     def _read_view(self, view: View, tensor: ReaderTensor) -> np.ndarray:
+        if view.parts:
+            values = np.concatenate([self._read_view(p, self._stored[p.source]) for p in view.parts])
+            values = values[view.rows] if view.rows is not None else values
+            return np.ascontiguousarray(values.reshape(view.shape))
         values = _dequantize(tensor.data, tensor.tensor_type).reshape(_hf_shape(tensor))
         if view.rows is not None:
             values = values[view.rows]
@@ -442,6 +464,10 @@ class GGUFSource:
         # has a head_dim, and rope.dimension_count is the rotary part (partial rotary: phi2, Phi-4-mini)
         head_dim = int(self._key("attention.key_length", hidden // heads))
         rope_dim = int(self._key("rope.dimension_count", head_dim))
+        if self._key("attention.kv_lora_rank", None) is not None:
+            # latent attention (deepseek2): key_length is the latent's width, not a head's; head_dim is the rotary's
+            # (as DeepseekV3Config has it), the heads' sizes come from the family's hook
+            head_dim = rope_dim
         if not 0 < rope_dim <= head_dim:
             raise ConfigError(f"{self.path}: rotary dimension {rope_dim} must be between 1 and head_dim {head_dim}.")
         theta = float(self._key("rope.freq_base", 10000.0))

@@ -8,13 +8,14 @@ fixed for the family, and where its GGUF tensor names differ from the role table
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 
 # GGUF tensors that carry no HF weight; they are read for the config instead (rope_freqs: llama3
 # rope scaling factors; rope_factors_long/short: LongRoPE's) and never listed by `tensor_names()`.
@@ -35,6 +36,10 @@ class View:
     cols: np.ndarray | None = None
     shape: tuple[int, ...] | None = None
     value: Callable[[np.ndarray], np.ndarray] | None = None
+    # several GGUF tensors joined into one HF tensor (DeepSeek's kv_b_proj, written as attn_k_b and attn_v_b): each
+    # part read through its own view (its `value` giving 2-D rows), the parts stacked row-wise, then `rows`
+    # gathered; `shape` is then the HF shape, and `source` the first part's. Always dequantized.
+    parts: tuple["View", ...] = ()
 
 
 # (HF config, HF name -> stored HF shape) -> {HF name: View}: the tensors a family reads through a view
@@ -57,6 +62,8 @@ class GGUFFamily:
     views: ViewHook | None = None  # tensors the converter reordered, split, reshaped or transformed (View)
     tensor_flags: Mapping[str, str] = field(default_factory=dict)  # HF config key -> HF tensor glob it is present for
     kv_zero_layers: bool = False  # head_count_kv lists 0 for layers without attention (a hybrid's other kind)
+    # GGUF tensors with no HF module of their own (read only through a view's parts): GGUF base -> HF base name
+    extra_names: Mapping[str, str] = field(default_factory=dict)
 
     def offset(self, hf_name: str) -> float:
         return next((v for pattern, v in self.offsets.items() if fnmatch.fnmatchcase(hf_name, pattern)), 0.0)
@@ -329,6 +336,81 @@ def _glm4moe(cfg: dict, key: Callable[..., Any]) -> dict:
             "topk_group": int(key("expert_group_used_count", 1))}
 
 
+def _deepseek2(cfg: dict, key: Callable[..., Any]) -> dict:
+    """DeepSeek-V3 / Kimi-K2 as llama.cpp's deepseek2 graph computes them. The converter writes MLA as MQA over the
+    latent (head_count_kv 1, key_length = kv_lora_rank + rope dims); a head's sizes are key_length_mla /
+    value_length_mla (files from before the absorbed form: key_length / value_length with attn_kv_b). Routing on
+    sigmoid scores only (expert_gating_func 2; a file without it is DeepSeek-V2's softmax routing, refused); what a
+    key leaves out is llama.cpp's default (no renormalisation, no scale, one group), not DeepseekV3Config's. The
+    rotary pairs are interleaved (llama.cpp's rope for it). Yarn: yarn_log_multiplier is 0.1 x mscale_all_dim, which
+    llama.cpp's graph uses for the softmax scale as transformers does, while it leaves the cos/sin unscaled (as
+    transformers does where mscale equals mscale_all_dim: read so, with attention_factor 1); see below for none."""
+    gating = key("expert_gating_func", None)
+    if gating != 2:
+        raise ConfigError(f"this deepseek2 GGUF routes with expert_gating_func {gating} (absent: softmax, as "
+                          "DeepSeek-V2 / V2.5 files do); onnxforge builds DeepSeek-V3 / Kimi-K2, which route on "
+                          "sigmoid scores (2); DeepSeek-V2 is not supported")
+    if not cfg.get("num_experts"):
+        raise ConfigError("this deepseek2 GGUF has no expert_count (a dense model, not DeepSeek-V3 / Kimi-K2), which "
+                          "onnxforge does not build")
+    kv_rank, rope = int(key("attention.kv_lora_rank")), cfg["head_dim"]
+    q_rank = key("attention.q_lora_rank", None)
+    mla = key("attention.key_length_mla", None) is not None
+    qk = int(key("attention.key_length_mla" if mla else "attention.key_length"))
+    v = int(key("attention.value_length_mla" if mla else "attention.value_length"))
+    if not 0 < rope < qk:
+        raise ConfigError(f"GGUF metadata rope.dimension_count {rope} must be below the query/key head size {qk}")
+    out = {"n_routed_experts": cfg["num_experts"], "num_key_value_heads": cfg["num_attention_heads"],
+           "kv_lora_rank": kv_rank, "q_lora_rank": None if q_rank is None else int(q_rank),
+           "qk_nope_head_dim": qk - rope, "qk_rope_head_dim": rope, "v_head_dim": v, "rope_interleave": True,
+           "first_k_dense_replace": int(key("leading_dense_block_count", 0)),
+           "n_shared_experts": int(key("expert_shared_count", 0)),
+           "routed_scaling_factor": float(key("expert_weights_scale", 1.0)),
+           "norm_topk_prob": bool(key("expert_weights_norm", False)),
+           "n_group": int(key("expert_group_count", 1)), "topk_group": int(key("expert_group_used_count", 1)),
+           "scoring_func": "sigmoid", "topk_method": "noaux_tc"}
+    scaling = cfg.get("rope_scaling")
+    if scaling and scaling.get("rope_type") == "yarn":
+        if "attention_factor" in scaling:
+            raise ConfigError("this deepseek2 GGUF has rope.scaling.yarn_attn_factor, which onnxforge does not read for "
+                              "it (llama.cpp's deepseek2 graph sets the rotary's own factor); build from the HF folder")
+        # llama.cpp (llama-context.cpp, deepseek2.cpp): with a yarn_log_multiplier L, cos/sin unscaled and the softmax
+        # scale times (1 + L ln factor)^2 (transformers' mscale = mscale_all_dim = L / 0.1); without one (0), both
+        # the cos/sin and the softmax's square root times 1 + 0.1 ln factor
+        m_all = round(float(key("rope.scaling.yarn_log_multiplier", 0.0)) / 0.1, 6)
+        factor = float(scaling.get("factor", 1.0))
+        scaling = {**scaling, "mscale": m_all or 1.0, "mscale_all_dim": m_all or 1.0,
+                   "attention_factor": 1.0 if m_all or factor <= 1 else 1.0 + 0.1 * math.log(factor)}
+        out["rope_scaling"] = scaling
+        out["rope_parameters"] = {**cfg["rope_parameters"], **scaling}
+    return out
+
+
+def _deepseek2_views(cfg: dict, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, View]:
+    """kv_b_proj as transformers stores it, (heads x (nope + v), kv_lora_rank), from the converter's absorbed form:
+    attn_k_b (heads, kv_lora_rank, nope), each head's k rows transposed, and attn_v_b (heads, v, kv_lora_rank); the
+    head-interleaved rows [k_nope(h), v(h)] gathered back. Files with attn_kv_b read it as it is."""
+    h, nope, v, rank = (cfg[k] for k in ("num_attention_heads", "qk_nope_head_dim", "v_head_dim", "kv_lora_rank"))
+    rows = np.concatenate([np.concatenate([g * nope + np.arange(nope), h * nope + g * v + np.arange(v)])
+                           for g in range(h)])
+    out = {}
+    for i in range(cfg["num_hidden_layers"]):
+        k_b, v_b = (f"model.layers.{i}.self_attn.{p}_b_proj.weight" for p in ("k", "v"))
+        if k_b not in shapes and v_b not in shapes:
+            continue
+        for name, want in ((k_b, (h, rank, nope)), (v_b, (h, v, rank))):
+            if shapes.get(name) != want:
+                raise CheckpointError(f"GGUF tensor blk.{i}.attn_{name.split('.')[-2][0]}_b.weight is "
+                                      f"{'missing' if name not in shapes else f'of HF shape {shapes[name]}'}, where "
+                                      f"the metadata gives {want} (with its partner it makes layer {i}'s kv_b_proj); "
+                                      "the file is incomplete or inconsistent: re-convert it")
+        out[f"model.layers.{i}.self_attn.kv_b_proj.weight"] = View(
+            k_b, rows=rows, shape=(h * (nope + v), rank),
+            parts=(View(k_b, value=lambda a: a.transpose(0, 2, 1).reshape(-1, a.shape[1])),
+                   View(v_b, value=lambda a: a.reshape(-1, a.shape[-1]))))
+    return out
+
+
 FAMILIES: dict[str, GGUFFamily] = {
     # llama.cpp writes Llama, Mistral (v0.1-v0.3), SmolLM, TinyLlama... as "llama" and permutes Q/K;
     # Mixtral too, with expert_count and its experts stacked.
@@ -463,6 +545,21 @@ FAMILIES: dict[str, GGUFFamily] = {
     # permuted (its rotary pairs are interleaved in both), experts stacked apart (down_proj transposed back by the
     # converter), the rest as llama.cpp fixes it (_llama4); llama3 rope scaling from rope_freqs.
     "llama4": GGUFFamily("Llama4ForCausalLM", "llama4_text", False, config_keys=_EXPERT_KEYS, config_hook=_llama4),
+    # DeepSeek-V3 / Kimi-K2 (deepseek2; _deepseek2): latent attention under llama.cpp's names (attn_q_a, attn_q_a_norm,
+    # attn_q_b or attn_q, attn_kv_a_mqa, attn_kv_a_norm, attn_kv_b or its absorbed split attn_k_b / attn_v_b, put back
+    # together by _deepseek2_views), not permuted; leading dense layers, experts stacked apart, shared experts, the
+    # selection bias as exp_probs_b. Its MTP layers are not written by the converter (nor read here).
+    "deepseek2": GGUFFamily("DeepseekV3ForCausalLM", "deepseek_v3", False,
+                            gguf_names={"q_a": "blk.{i}.attn_q_a", "q_a_norm": "blk.{i}.attn_q_a_norm",
+                                        "q_b": "blk.{i}.attn_q_b", "kv_a": "blk.{i}.attn_kv_a_mqa",
+                                        "kv_a_norm": "blk.{i}.attn_kv_a_norm", "kv_b": "blk.{i}.attn_kv_b",
+                                        "shared_gate": None, "shared_up": None, "shared_down": None},
+                            extra_names={"blk.{i}.attn_k_b": "model.layers.{i}.self_attn.k_b_proj",
+                                         "blk.{i}.attn_v_b": "model.layers.{i}.self_attn.v_b_proj",
+                                         **{f"blk.{{i}}.ffn_{p}_shexp":
+                                            f"model.layers.{{i}}.mlp.shared_experts.{p}_proj"
+                                            for p in ("gate", "up", "down")}},
+                            config_keys=_EXPERT_KEYS, config_hook=_deepseek2, views=_deepseek2_views),
     "qwen3next": GGUFFamily("Qwen3NextForCausalLM", "qwen3_next", False,
                             {"norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []},
                             gguf_names=_LINEAR_ATTN, config_keys=_EXPERT_KEYS, config_hook=_linear_attention,
@@ -501,8 +598,9 @@ def compile_tensor_map(family: GGUFFamily) -> list[tuple[re.Pattern[str], str]]:
 
     pinned = load_families()[family.architecture].names
     compiled = []
-    for gguf_base, role in gguf_names(family.gguf_names).items():
-        hf_base = pinned.get(role) or ROLES[role].hf[0]
+    bases = [(gguf_base, pinned.get(role) or ROLES[role].hf[0])
+             for gguf_base, role in gguf_names(family.gguf_names).items()]
+    for gguf_base, hf_base in [*bases, *family.extra_names.items()]:
         if hf_base.rsplit(".", 1)[-1] in _BARE:  # a parameter the converter kept bare (`ssm_a`)
             pattern = re.escape(gguf_base).replace(r"\{i\}", r"(?P<i>\d+)")
             compiled.append((re.compile(f"^{pattern}$"), hf_base))
