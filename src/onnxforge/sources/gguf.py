@@ -457,8 +457,10 @@ class GGUFSource:
     def _build_config(self) -> dict:
         """The config.json dict transformers derives for this file (plus architectures/torch_dtype)."""
         heads = int(self._key("attention.head_count"))
-        kv_heads = _single_value(self._key("attention.head_count_kv", heads), "attention.head_count_kv",
-                                 zeros=self._family.kv_zero_layers)
+        kv = self._key("attention.head_count_kv", heads)
+        if self._family.kv_per_layer and isinstance(kv, list) and kv:  # per layer: the family's hook reads the list
+            kv = kv[0]
+        kv_heads = _single_value(kv, "attention.head_count_kv", zeros=self._family.kv_zero_layers)
         hidden = int(self._key("embedding_length"))
         # llama.cpp's own default (n_embd / n_head): converters write key_length only where config.json
         # has a head_dim, and rope.dimension_count is the rotary part (partial rotary: phi2, Phi-4-mini)
@@ -493,6 +495,9 @@ class GGUFSource:
             "torch_dtype": self._float_dtype(),
             **self._family.config_extra,
         }
+        partial = getattr(self, "_partial_rotary", None)
+        if partial is not None:
+            config["partial_rotary_factor"] = 2 * partial / head_dim
         if rope_dim != head_dim:
             from ..archs.registry import load_families
 
@@ -516,6 +521,8 @@ class GGUFSource:
             config[hf_key] = any(fnmatch.fnmatchcase(name, pattern) for name in self._tensors)
         if self._family.config_hook is not None:
             config.update(self._family.config_hook(config, self._key))
+        if self._family.tensor_hook is not None:
+            config.update(self._family.tensor_hook(config, frozenset(self._tensors)))
         return config
 
     def _layer_count(self) -> int:
@@ -564,6 +571,9 @@ class GGUFSource:
             return longrope
         freqs = next((t for t in self._open().tensors if t.name == "rope_freqs.weight"), None)
         if freqs is None:
+            return None
+        if self._family.rope_freqs == "proportional":  # Gemma 4: 1 for each rotated pair, 1e30 for the rest
+            self._partial_rotary = _proportional(_dequantize(freqs.data, freqs.tensor_type).reshape(-1), self.path)
             return None
         scaling = _llama3_rope_scaling(_dequantize(freqs.data, freqs.tensor_type).reshape(-1), theta, head_dim)
         if scaling is None:
@@ -782,6 +792,15 @@ def _dequantize(data: np.ndarray, qtype: QT) -> np.ndarray:
     if qtype == QT.F32:
         return np.array(data, dtype=np.float32)
     return np.asarray(dequantize(data, qtype), dtype=np.float32)
+
+
+def _proportional(freqs: np.ndarray, path: Path) -> int:
+    """How many leading pairs a proportional rotary's rope_freqs rotates (factor 1; the rest 1e30: unrotated)."""
+    rotated = freqs == 1.0
+    count = int(rotated.sum())
+    if not np.all(rotated[:count]) or not np.all(freqs[count:] >= 1e29):
+        raise ConfigError(f"{path}: rope_freqs.weight is not a proportional rotary's (ones, then 1e30s); re-convert it")
+    return count
 
 
 def _llama3_factors(inv_freq: np.ndarray, factor: float, low: float, high: float, original: int) -> np.ndarray:

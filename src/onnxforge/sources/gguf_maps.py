@@ -62,8 +62,12 @@ class GGUFFamily:
     views: ViewHook | None = None  # tensors the converter reordered, split, reshaped or transformed (View)
     tensor_flags: Mapping[str, str] = field(default_factory=dict)  # HF config key -> HF tensor glob it is present for
     kv_zero_layers: bool = False  # head_count_kv lists 0 for layers without attention (a hybrid's other kind)
-    # GGUF tensors with no HF module of their own (read only through a view's parts): GGUF base -> HF base name
+    # GGUF base -> HF base name beside the role table's (a view's parts; a family's own HF spelling)
     extra_names: Mapping[str, str] = field(default_factory=dict)
+    kv_per_layer: bool = False  # head_count_kv may vary per layer (the config hook reads the list)
+    rope_freqs: str = "llama3"  # what a rope_freqs tensor says: llama3 scaling, or "proportional" (Gemma 4: 1e30s)
+    # (config so far, HF tensor names) -> more HF config keys that the tensors present say
+    tensor_hook: Callable[[dict, frozenset], Mapping[str, Any]] | None = None
 
     def offset(self, hf_name: str) -> float:
         return next((v for pattern, v in self.offsets.items() if fnmatch.fnmatchcase(hf_name, pattern)), 0.0)
@@ -372,8 +376,9 @@ def _deepseek2(cfg: dict, key: Callable[..., Any]) -> dict:
     scaling = cfg.get("rope_scaling")
     if scaling and scaling.get("rope_type") == "yarn":
         if "attention_factor" in scaling:
-            raise ConfigError("this deepseek2 GGUF has rope.scaling.yarn_attn_factor, which onnxforge does not read for "
-                              "it (llama.cpp's deepseek2 graph sets the rotary's own factor); build from the HF folder")
+            raise ConfigError("this deepseek2 GGUF has rope.scaling.yarn_attn_factor, which onnxforge does not read "
+                              "for it (llama.cpp's deepseek2 graph sets the rotary's own factor); build from the HF "
+                              "folder")
         # llama.cpp (llama-context.cpp, deepseek2.cpp): with a yarn_log_multiplier L, cos/sin unscaled and the softmax
         # scale times (1 + L ln factor)^2 (transformers' mscale = mscale_all_dim = L / 0.1); without one (0), both
         # the cos/sin and the softmax's square root times 1 + 0.1 ln factor
@@ -409,6 +414,60 @@ def _deepseek2_views(cfg: dict, shapes: Mapping[str, tuple[int, ...]]) -> dict[s
             parts=(View(k_b, value=lambda a: a.transpose(0, 2, 1).reshape(-1, a.shape[1])),
                    View(v_b, value=lambda a: a.reshape(-1, a.shape[-1]))))
     return out
+
+
+def _gemma4(cfg: dict, key: Callable[..., Any]) -> dict:
+    """Gemma 4's text decoder as the converter writes it: each layer's kind from sliding_window_pattern, the sliding
+    layers' head size and rotary from *_swa keys (key_length is the full layers'), head_count_kv per layer (the full
+    layers' as num_global_key_value_heads), the full layers' proportional rotary from rope_freqs (read by
+    sources/gguf.py as partial_rotary_factor). Per-layer inputs, KV sharing and the MoE block are refused by name."""
+    for suffix, what in (("embedding_length_per_layer_input", "per-layer inputs (E2B / E4B)"),
+                         ("attention.shared_kv_layers", "KV sharing (E2B / E4B)"), ("expert_count", "the MoE block")):
+        if key(suffix, 0):
+            raise ConfigError(f"this gemma4 GGUF has {suffix} {key(suffix)}: {what}, which onnxforge does not read "
+                              "from GGUF yet; build from the Hugging Face folder")
+    n = cfg["num_hidden_layers"]
+    pattern, kv = key("attention.sliding_window_pattern"), key("attention.head_count_kv")
+    kv = kv if isinstance(kv, list) else [kv] * n
+    if not isinstance(pattern, list) or len(pattern) != n or len(kv) != n:
+        raise ConfigError("GGUF metadata gemma4.attention.sliding_window_pattern and head_count_kv must list "
+                          f"{n} layers")
+    types = ["sliding_attention" if slide else "full_attention" for slide in pattern]
+    swa = {int(h) for h, t in zip(kv, types) if t == "sliding_attention"}
+    full = {int(h) for h, t in zip(kv, types) if t == "full_attention"}
+    if len(swa) > 1 or len(full) > 1:
+        raise ConfigError(f"GGUF metadata gemma4.attention.head_count_kv {kv} varies within a layer kind; "
+                          "not supported")
+    rope_swa = int(key("rope.dimension_count_swa", key("attention.key_length_swa")))
+    head_swa = int(key("attention.key_length_swa"))
+    if rope_swa != head_swa:
+        raise ConfigError(f"GGUF metadata gemma4.rope.dimension_count_swa {rope_swa} is not the sliding layers' head "
+                          f"size {head_swa}: a partial rotary there is not supported")
+    theta = cfg["rope_theta"]
+    out = {"layer_types": types, "head_dim": head_swa, "global_head_dim": cfg["head_dim"],
+           "num_key_value_heads": next(iter(swa or full)), "hidden_size_per_layer_input": 0,
+           "num_kv_shared_layers": 0, "enable_moe_block": False, "rope_scaling": None,
+           "rope_parameters": {"sliding_attention": {"rope_type": "default",
+                                                     "rope_theta": float(key("rope.freq_base_swa", 10_000.0))},
+                               "full_attention": {"rope_type": "proportional", "rope_theta": theta,
+                                                  "partial_rotary_factor": cfg.pop("partial_rotary_factor", 1.0)}}}
+    if full:
+        out["num_global_key_value_heads"] = next(iter(full))
+    return out
+
+
+def _gemma4_tensors(cfg: dict, names: frozenset) -> dict:
+    """attention_k_eq_v where no full layer has a v_proj (its k is its v); a mix is inconsistent."""
+    full = [i for i, t in enumerate(cfg["layer_types"]) if t == "full_attention"]
+    has_v = {f"model.layers.{i}.self_attn.v_proj.weight" in names for i in full}
+    if len(has_v) > 1:
+        raise ConfigError("this gemma4 GGUF has attn_v on some full-attention layers and not on others; re-convert it")
+    k_eq_v = has_v == {False}
+    if not k_eq_v and cfg.get("num_global_key_value_heads", cfg["num_key_value_heads"]) != cfg["num_key_value_heads"]:
+        raise ConfigError("this gemma4 GGUF has full-attention layers with their own v projection and kv heads unlike "
+                          "the sliding layers', which Gemma4TextConfig cannot say without per_layer_config; "
+                          "build from the Hugging Face folder")
+    return {"attention_k_eq_v": k_eq_v}
 
 
 FAMILIES: dict[str, GGUFFamily] = {
@@ -560,6 +619,13 @@ FAMILIES: dict[str, GGUFFamily] = {
                                             f"model.layers.{{i}}.mlp.shared_experts.{p}_proj"
                                             for p in ("gate", "up", "down")}},
                             config_keys=_EXPERT_KEYS, config_hook=_deepseek2, views=_deepseek2_views),
+    # Gemma 4's text decoder (gemma4; _gemma4): norms as they are (no + 1), layer_output_scale as layer_scalar, no v
+    # projection on the full layers where k is v, the proportional rotary's unrotated pairs as 1e30 in rope_freqs.
+    "gemma4": GGUFFamily("Gemma4ForCausalLM", "gemma4_text", False, _GEMMA,
+                         gguf_names={"layer_scalar": "blk.{i}.layer_output_scale"},
+                         config_keys={"final_logit_softcapping": "final_logit_softcapping"},
+                         config_hook=_gemma4, kv_per_layer=True, rope_freqs="proportional",
+                         tensor_hook=_gemma4_tensors),
     "qwen3next": GGUFFamily("Qwen3NextForCausalLM", "qwen3_next", False,
                             {"norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []},
                             gguf_names=_LINEAR_ATTN, config_keys=_EXPERT_KEYS, config_hook=_linear_attention,
@@ -586,7 +652,7 @@ def permuted_heads(hf_name: str, n_heads: int, n_kv_heads: int) -> int | None:
 
 
 # HF parameters (not modules) that llama.cpp writes without a `.weight` suffix
-_BARE = frozenset({"A_log", "D"})
+_BARE = frozenset({"A_log", "D", "layer_scalar"})  # layer_scalar: Gemma 4's buffer, layer_output_scale.weight
 
 
 def compile_tensor_map(family: GGUFFamily) -> list[tuple[re.Pattern[str], str]]:
@@ -603,7 +669,7 @@ def compile_tensor_map(family: GGUFFamily) -> list[tuple[re.Pattern[str], str]]:
     for gguf_base, hf_base in [*bases, *family.extra_names.items()]:
         if hf_base.rsplit(".", 1)[-1] in _BARE:  # a parameter the converter kept bare (`ssm_a`)
             pattern = re.escape(gguf_base).replace(r"\{i\}", r"(?P<i>\d+)")
-            compiled.append((re.compile(f"^{pattern}$"), hf_base))
+            compiled.append((re.compile(f"^{pattern}(\\.weight)?$"), hf_base))
             continue
         if hf_base.endswith("_bias"):  # a bare parameter the converter renamed `x_bias` -> `x.bias`
             pattern = re.escape(f"{gguf_base}.bias").replace(r"\{i\}", r"(?P<i>\d+)")

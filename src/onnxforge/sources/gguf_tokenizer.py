@@ -91,7 +91,7 @@ PRE_TOKENIZERS: dict[str, PreTokenizerSpec] = {
     "tekken": _TEKKEN,
 }
 
-SUPPORTED_MODELS = ("gpt2", "llama")
+SUPPORTED_MODELS = ("gpt2", "llama", "gemma4")  # gemma4: SentencePiece BPE with its merges, as llama
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -276,7 +276,7 @@ def _tokenizer_config(meta: Mapping[str, Any], special: Mapping[str, str], add_b
         "clean_up_tokenization_spaces": False,
         **special,
     }
-    if kind == "llama":
+    if kind in ("llama", "gemma4"):
         config["add_prefix_space"] = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
         config["legacy"] = False
     if model_max_length:

@@ -1,0 +1,112 @@
+"""GGUF input for Gemma 4's text decoder (llama.cpp's gemma4), from files written by llama.cpp's own
+convert_hf_to_gguf.py (tests/real_converter.py, the llama-cpp-python 0.3.36 sdist) from the tiny random
+Gemma4ForCausalLM of tests/test_family_gemma4.py (sliding layers of head size 16 and 2 kv heads, full layers of 32
+and 1 kv head with k = v, the proportional rotary at 0.25, layer scalars, final softcapping, a window of 8).
+
+The converter writes each layer's kind as sliding_window_pattern, head_count_kv per layer, the sliding layers'
+sizes as *_swa keys, layer_scalar as layer_output_scale, no attn_v where k is v, and the proportional rotary as a
+rope_freqs tensor (1 for a rotated pair, 1e30 for the rest); sources/gguf_maps.py reads them back. Its vocabulary
+is a SentencePiece BPE read from tokenizer.json (gguf's LlamaHfVocab): the tiny model gets one, trained by
+sentencepiece and loaded by transformers' LlamaTokenizer, whose ids the GGUF build's tokenizer reproduces (after the
+<bos> the file says to add). Every tensor equals transformers'; the fp32 build equals transformers within 1e-4 over
+a 12-token prompt and 20 cached decode steps; onnxruntime-genai's greedy tokens equal transformers'; llama.cpp's
+Q8_0 built as stored equals its own fp32 build. Per-layer inputs, KV sharing and the MoE block are refused by name.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from family_check import FP32_TOL
+from test_family_hybrid import steps
+from test_gguf_hybrid import quantize, rewrite
+
+import onnxforge
+from onnxforge.errors import ConfigError
+from onnxforge.quant.recipe import Recipe
+from onnxforge.sources.gguf import GGUFSource
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from conftest import genai_greedy, reference_greedy, reference_logits  # noqa: E402
+from test_family_gemma4 import make_causal, tokens  # noqa: E402
+
+_CACHE: dict = {}
+
+
+def converted(tmp_path_factory):
+    """(transformers model, its tokenizer, F32 GGUF by llama.cpp's converter), once a session."""
+    if not _CACHE:
+        from real_converter import real_convert, sentencepiece_tokenizer
+        from tiny import VOCAB
+
+        folder = tmp_path_factory.mktemp("gguf-gemma4")
+        model = make_causal(folder / "hf")
+        sentencepiece_tokenizer(folder / "hf", VOCAB)
+        (folder / "spm").mkdir()
+        shutil.move(folder / "hf" / "tokenizer.model", folder / "spm" / "tokenizer.model")
+        tok = transformers.LlamaTokenizer.from_pretrained(folder / "spm", add_prefix_space=False, legacy=False)
+        tok.save_pretrained(folder / "hf")  # tokenizer.json: BPE with byte fallback, as LlamaHfVocab reads
+        _CACHE["made"] = model, tok, real_convert(folder / "hf", folder / "F32.gguf", "f32")
+    return _CACHE["made"]
+
+
+def test_gemma4_gguf_fp32_and_genai(tmp_path_factory, tmp_path):
+    from tiny import TEXT
+
+    model, tok, path = converted(tmp_path_factory)
+    with GGUFSource(path) as source:
+        cfg = source.config
+        assert cfg["architectures"] == ["Gemma4ForCausalLM"] and cfg["attention_k_eq_v"] is True
+        assert (cfg["head_dim"], cfg["global_head_dim"], cfg["num_key_value_heads"],
+                cfg["num_global_key_value_heads"]) == (16, 32, 2, 1)
+        assert cfg["rope_parameters"]["full_attention"]["partial_rotary_factor"] == 0.25
+        assert cfg["layer_types"] == model.config.layer_types
+        state = {k: v.detach().numpy() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied
+        assert sorted(source.tensor_names()) == sorted(state)
+        for name in source.tensor_names():
+            np.testing.assert_array_equal(source.read(name), state[name], err_msg=name)
+    out = tmp_path / "out"
+    onnxforge.build(path, out, "fp32")
+    report = json.loads((out / "build_report.json").read_text())
+    assert report["architecture"] == "Gemma4ForCausalLM" and not report.get("unread_tensors"), report
+    prompt, decode = tokens()
+    ref = reference_logits(model, prompt + decode)
+    got = steps(out, [prompt] + [[t] for t in decode])
+    print(f"gemma4: fp32 GGUF build vs transformers max |diff| {np.abs(got - ref).max():.3g}")
+    assert np.abs(got - ref).max() < FP32_TOL, np.abs(got - ref).max()
+    p, _ = tokens(1)
+    assert genai_greedy(out, p, 20) == reference_greedy(model, p, 20)
+    built = transformers.PreTrainedTokenizerFast.from_pretrained(out)
+    for text in (TEXT[:400], " a leading space", "two\nlines  and spaces"):  # the file adds <bos>; the source, not
+        assert built(text)["input_ids"] == [1, *tok(text)["input_ids"]], text
+
+
+def test_gemma4_gguf_q8_0_as_stored(tmp_path_factory, tmp_path):
+    _, _, f32 = converted(tmp_path_factory)
+    path = quantize(f32, "Q8_0")
+    report = onnxforge.build(path, tmp_path / "source", recipe=Recipe(precision="source", accuracy_level=0)).to_json()
+    storage = {g["label"]: g["storage"] for g in report["groups"]}
+    assert storage["/model/layers.1/attn/qkv_proj"].endswith("(exact Q8_0)"), storage
+    assert all(kind.startswith("fp32") or "(exact Q8_0)" in kind for kind in storage.values()), storage
+    onnxforge.build(path, tmp_path / "fp32", "fp32")
+    prompt, decode = tokens()
+    got = steps(tmp_path / "source", [prompt] + [[t] for t in decode])
+    want = steps(tmp_path / "fp32", [prompt] + [[t] for t in decode])
+    print(f"gemma4: Q8_0 as stored vs its fp32 build max |diff| {np.abs(got - want).max():.3g}")
+    assert np.abs(got - want).max() < FP32_TOL, np.abs(got - want).max()
+
+
+@pytest.mark.parametrize("key,value", [("embedding_length_per_layer_input", 8), ("attention.shared_kv_layers", 2),
+                                       ("expert_count", 4)])
+def test_gemma4_gguf_variants_not_read_are_refused(tmp_path_factory, tmp_path, key, value):
+    """Per-layer inputs, KV sharing and the MoE block (E2B / E4B, 26B-A4B) are one ConfigError naming the key,
+    before a weight is read (files rewritten by gguf-py)."""
+    import gguf
+
+    _, _, path = converted(tmp_path_factory)
+    bad = rewrite(path, tmp_path / "bad.gguf", **{f"gemma4.{key}": (value, gguf.GGUFValueType.UINT32)})
+    with pytest.raises(ConfigError, match=key):
+        GGUFSource(bad)
