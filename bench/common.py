@@ -256,3 +256,19 @@ def pick_model(smoke: bool, model: str | None, kind: str) -> tuple[Path, str, Pa
     work = WORK / (f"{kind}-smoke" if smoke else f"{kind}-{path.stem}")
     work.mkdir(parents=True, exist_ok=True)
     return path, label, work
+
+
+def time_generation(gen, ids, decode: int) -> tuple[float, float]:
+    """(prefill seconds: the prompt to its first token, decode tokens per second per sequence over up to `decode`
+    further tokens) of an onnxruntime-genai generator fed `ids`."""
+    t0 = time.perf_counter()
+    gen.append_tokens(ids)
+    gen.generate_next_token()
+    gen.get_next_tokens()
+    t1 = time.perf_counter()
+    n = 0
+    while not gen.is_done() and n < decode:
+        gen.generate_next_token()
+        n += 1
+    gen.get_next_tokens()
+    return t1 - t0, n / (time.perf_counter() - t1)

@@ -50,19 +50,7 @@ class Runner:
         og = self.og
         params = og.GeneratorParams(self.model)
         params.set_search_options(max_length=self.total, min_length=self.total, do_sample=False)
-        gen = og.Generator(self.model, params)
-        t0 = time.perf_counter()
-        gen.append_tokens(self.ids)
-        gen.generate_next_token()
-        gen.get_next_tokens()
-        t1 = time.perf_counter()
-        n = 0
-        while not gen.is_done() and n < self.decode:
-            gen.generate_next_token()
-            n += 1
-        gen.get_next_tokens()
-        t2 = time.perf_counter()
-        return t1 - t0, n / (t2 - t1)
+        return common.time_generation(og.Generator(self.model, params), self.ids, self.decode)
 
 
 def summarise(runs: list[tuple[float, float]]) -> dict:

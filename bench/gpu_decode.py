@@ -23,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from common import time_generation  # noqa: E402
 SHAPES = {  # LlamaForCausalLM shapes: TinyLlama-1.1B, Llama-3-8B
     "1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                  num_key_value_heads=4, vocab_size=32000, rope_theta=10000.0, max_position_embeddings=4096),
@@ -122,19 +124,9 @@ class Runner:
         params = og.GeneratorParams(self.model)
         params.set_search_options(max_length=total, min_length=total, do_sample=False, batch_size=batch)
         gen = og.Generator(self.model, params)
-        t0 = time.perf_counter()
-        gen.append_tokens(ids)
-        gen.generate_next_token()
-        gen.get_next_tokens()
-        t1 = time.perf_counter()
-        n = 0
-        while not gen.is_done() and n < self.decode:
-            gen.generate_next_token()
-            n += 1
-        gen.get_next_tokens()
-        t2 = time.perf_counter()
+        timed = time_generation(gen, ids, self.decode)
         del gen
-        return t1 - t0, n / (t2 - t1)
+        return timed
 
 
 def measure(folders: dict[str, Path], cases: list[tuple[int, int]], decode: int, reps: int) -> dict:
