@@ -178,3 +178,52 @@ def test_bad_configs_are_one_clear_error(keys, match):
     cfg = raw(**keys)
     with pytest.raises(ConfigError, match=match):
         architecture_for(cfg).make_spec(cfg)
+
+
+# -- the latent cache (mla_cache=latent) -------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_latent_cache_fp32_and_genai(family, tmp_path, name):
+    """mla_cache=latent: kv_b_proj absorbed into q and the output, the cache one shared head of kv_lora_rank +
+    qk_rope_head_dim ([k_rope, latent] / [latent, zeros]): fp32 within 1e-4 of transformers over the prompt and 20
+    cached steps, the prompt in two chunks too, genai greedy equal, and the cache (heads x P) / D times smaller."""
+    from onnxforge.quant.options import apply_extra_options
+    from onnxforge.verify.ort_runner import OrtDecoder
+
+    folder, model = family(name)
+    out = tmp_path / "latent"
+    report = onnxforge.build(folder, out, recipe=apply_extra_options(Recipe(precision="fp32"), ["mla_cache=latent"]))
+    assert report is not None
+    assert step_diff(out, model) < 1e-4
+    prompt, decode = ids()
+    ref = reference_logits(model, prompt + decode)
+    run = OrtDecoder(out)
+    run.reset()
+    two = np.concatenate([run.step(np.array([prompt[:5]]))[0], run.step(np.array([prompt[5:]]))[0]]
+                         + [run.step(np.array([[t]]))[0] for t in decode])  # the prompt in two chunks
+    assert np.abs(two - ref).max() < 1e-4
+    p, _ = ids(1)
+    assert genai_greedy(out, p, DECODE) == reference_greedy(model, p, DECODE)
+    c = CONFIGS[name]
+    D = c["kv_lora_rank"] + c["qk_rope_head_dim"]
+    decoder = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]
+    assert decoder["head_size"] == D and decoder["num_key_value_heads"] == 1
+    dims = [d.dim_value or d.dim_param for d in next(i for i in graph(out).input
+                                                     if i.name == "past_key_values.0.key").type.tensor_type.shape.dim]
+    assert dims == ["batch_size", 1, "past_sequence_length", D]
+    gqa = [n for n in graph(out).node if n.op_type == "GroupQueryAttention"]
+    assert all({a.name: a.i for a in n.attribute}["kv_num_heads"] == 1 for n in gqa)
+
+
+def test_latent_cache_refusals(family, tiny_models, tmp_path):
+    from onnxforge.errors import RecipeError
+    from onnxforge.quant.options import apply_extra_options
+
+    with pytest.raises(RecipeError, match="full .* or latent"):
+        apply_extra_options(Recipe(precision="fp32"), ["mla_cache=small"])
+    with pytest.raises(RecipeError, match="CPU provider only"):
+        apply_extra_options(Recipe(precision="fp16", provider="cuda"), ["mla_cache=latent"])
+    llama, _ = tiny_models("llama")
+    with pytest.raises(RecipeError, match="no latent attention"):
+        onnxforge.build(llama, tmp_path / "o", recipe=apply_extra_options(Recipe(precision="fp32"),
+                                                                          ["mla_cache=latent"]))
+    assert not (tmp_path / "o").exists()

@@ -89,7 +89,7 @@ def build(
         # a damaged tokenizer file fails before any weight is read; the checked files are what the build writes
         tokenizer_warnings, tokenizer_files = check_tokenizer(source)
         arch = architecture_for(source.config)
-        spec = arch.make_spec(source.config)
+        spec = with_latent_cache(arch.make_spec(source.config), recipe)
         if recipe.precision == "source" and not has_native(source):
             recipe = replace(recipe, precision="fp32")
         recipe.check_quantizes()  # again: "source" may have become fp32
@@ -417,6 +417,19 @@ def _dropped_activations_warning(source, recipe: Recipe) -> list[str]:
     return [f"the checkpoint was tuned with quantized activations ({'; '.join(dropped)}); drop_activation_quant=true "
             "built its weights alone (weight-only), so the model computes with other activations than it was tuned "
             "with: check it with `onnxforge verify` before use"]
+
+
+def with_latent_cache(spec, recipe: Recipe):
+    """The spec with latent attention's compressed cache where the recipe asks for it (mla_cache=latent): GQA over
+    one shared kv head of kv_lora_rank + qk_rope_head_dim (graph/mla.py); refused for a model without it."""
+    if recipe.mla_cache != "latent":
+        return spec
+    if spec.mla is None:
+        raise RecipeError("mla_cache=latent sets what a latent-attention layer caches, but this model has no latent "
+                          "attention (DeepSeek-V3, Kimi-K2); drop the option")
+    m = spec.mla
+    return replace(spec, mla=replace(m, latent_cache=True),
+                   attention=replace(spec.attention, head_dim=m.kv_lora_rank + m.rope_dim, num_kv_heads=1))
 
 
 def _check_runtime_limits(spec, recipe: Recipe) -> None:

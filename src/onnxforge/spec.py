@@ -132,6 +132,9 @@ class MLASpec:
     rope_dim: int  # qk_rope_head_dim
     v_dim: int  # v_head_dim
     latent_eps: float = 1e-6  # q_a_layernorm / kv_a_layernorm (DeepseekV3RMSNorm's default, not rms_norm_eps)
+    # the KV cache holds the latent and the rotary key (one shared head of kv_lora_rank + rope_dim, with kv_b_proj
+    # absorbed into q and the output) instead of every head's k and v: the recipe's mla_cache=latent (with_latent_cache)
+    latent_cache: bool = False
 
     @property
     def qk_dim(self) -> int:

@@ -29,7 +29,7 @@ import onnx_ir as ir
 
 from ..errors import ConfigError
 from ..runs_on import rotary_in_gqa
-from .builder import MS
+from .builder import MS, TensorSlot, WeightJob
 from .state import SEQ, State
 
 if TYPE_CHECKING:
@@ -45,7 +45,13 @@ def head_size(spec: "ModelSpec") -> int:
 
 
 def mla_states(spec: "ModelSpec", i: int) -> tuple[State, ...]:
-    """The KV cache: k and v of every head after the up-projection, (batch, heads, sequence, P)."""
+    """The KV cache: k and v of every head after the up-projection, (batch, heads, sequence, P); with the latent
+    cache one shared head of kv_lora_rank + rope_dim, (batch, 1, sequence, D), k = [k_rope, latent] and
+    v = [latent, zeros]."""
+    m = spec.mla
+    if m.latent_cache:
+        dims = ("batch_size", 1, SEQ, m.kv_lora_rank + m.rope_dim)
+        return tuple(State(f"past_key_values.%d.{kv}", f"present.%d.{kv}", kv, dims) for kv in ("key", "value"))
     dims = ("batch_size", spec.attention.num_heads, SEQ, head_size(spec))
     return tuple(State(f"past_key_values.%d.{kv}", f"present.%d.{kv}", kv, dims) for kv in ("key", "value"))
 
@@ -75,6 +81,70 @@ def _pad(e: "Emitter", x: ir.Value, by: int, node: str) -> ir.Value:
     return b.op("Concat", [x, zeros], f"{node}/Concat", axis=-1)
 
 
+def _absorbed(e: "Emitter", i: int, base: str) -> tuple[ir.Value, ir.Value]:
+    """kv_b_proj split per head for the latent form, in the activations' dtype: W_UK (heads, nope, R) that takes a
+    head's q_nope into the latent space, and W_UV^T (heads, R, v) that takes its attention over the latent to v."""
+    m, nh = e.spec.mla, e.spec.attention.num_heads
+    name = e.names.weight("kv_b", i)
+    R, per = m.kv_lora_rank, m.nope_dim + m.v_dim
+    e.expect(name, (nh * per, R))
+
+    def produce():
+        w = e.source.read(name).astype(np.float32).reshape(nh, per, R)
+        return [np.ascontiguousarray(w[:, :m.nope_dim, :]).astype(e.io.np_dtype),
+                np.ascontiguousarray(w[:, m.nope_dim:, :].transpose(0, 2, 1)).astype(e.io.np_dtype)]
+
+    slots = (TensorSlot(f"model.layers.{i}.attn.kv_b_proj.w_uk", e.io.ir_dtype, (nh, m.nope_dim, R)),
+             TensorSlot(f"model.layers.{i}.attn.kv_b_proj.w_uv_t", e.io.ir_dtype, (nh, R, m.v_dim)))
+    uk, uv = e.b.weights(WeightJob(f"{base}/kv_b_proj", slots, produce, e.io.describe(), (name,)))
+    return uk, uv
+
+
+def _per_head_matmul(e: "Emitter", x: ir.Value, w: ir.Value, node: str) -> ir.Value:
+    """(B, S, heads, a) x (heads, a, c) -> (B, S, heads, c): each head by its own matrix."""
+    b = e.b
+    t = b.op("Transpose", [x], f"{node}/Transpose", perm=[0, 2, 1, 3])  # (B, heads, S, a)
+    y = b.op("MatMul", [t, w], f"{node}/MatMul")  # broadcast over B: (B, heads, S, c)
+    return b.op("Transpose", [y], f"{node}/Transpose_1", perm=[0, 2, 1, 3])
+
+
+def _latent_attention(e: "Emitter", i: int, q: ir.Value, latent: ir.Value, k_rope: ir.Value, ctx: "AttnInputs",
+                      past: tuple[ir.Value, ...], base: str) -> tuple[ir.Value, tuple[ir.Value, ...]]:
+    """The absorbed form over the compressed cache: q_h = [q_rope_h, q_nope_h W_UK_h] against one shared key
+    [k_rope, latent] (q.k unchanged: q_nope.k_nope = q_nope W_UK latent), values [latent, zeros] (GQA takes one
+    head size), each head's output over the latent times W_UV_h^T, so the cache holds kv_lora_rank + rope_dim
+    values twice per token and layer instead of 2 x heads x P."""
+    spec, b = e.spec, e.b
+    m, a, H, layer = spec.mla, spec.attention, spec.hidden_size, spec.layers[i]
+    nh, R = a.num_heads, m.kv_lora_rank
+    D = R + m.rope_dim
+    rope = spec.rope_for(layer.rope)
+    if not rotary_in_gqa(D, m.rope_dim):
+        raise ConfigError(f"layer {i}: mla_cache=latent rotates qk_rope_head_dim {m.rope_dim} of a head of {D} "
+                          "(kv_lora_rank + qk_rope_head_dim) inside GroupQueryAttention, which needs both to be "
+                          "multiples of 16; use mla_cache=full")
+    uk, uv = _absorbed(e, i, base)
+    q_nope, q_rope = b.op("Split", [_heads(e, q, nh, m.qk_dim, f"{base}/q/Reshape"),
+                                    b.const([m.nope_dim, m.rope_dim], np.int64)], f"{base}/q/Split", n_out=2, axis=-1)
+    q_lat = _per_head_matmul(e, q_nope, uk, f"{base}/q_absorb")  # (B, S, heads, R)
+    q = b.op("Reshape", [b.op("Concat", [q_rope, q_lat], f"{base}/q/Concat", axis=-1), b.const([0, 0, nh * D], np.int64)],
+             f"{base}/q/Reshape_1")
+    k = b.op("Concat", [k_rope, latent], f"{base}/k/Concat", axis=-1)  # (B, S, D): one kv head
+    v = _pad(e, b.op("Unsqueeze", [latent, b.const([2], np.int64)], f"{base}/v/Unsqueeze"), m.rope_dim, f"{base}/v/Pad")
+    v = b.op("Reshape", [v, b.const([0, 0, D], np.int64)], f"{base}/v/Reshape")
+    cos, sin = ctx.rotary[layer.rope]
+    out, present_k, present_v = b.op(
+        "GroupQueryAttention", [q, k, v, *past, ctx.seqlens_k, ctx.total_len, cos, sin], f"{base}/GroupQueryAttention",
+        domain=MS, n_out=3, num_heads=nh, kv_num_heads=1, scale=a.scale, do_rotary=1,
+        rotary_interleaved=int(rope.interleaved), local_window_size=-1)
+    out = b.op("Slice", [_heads(e, out, nh, D, f"{base}/out/Reshape"), b.const([0], np.int64), b.const([R], np.int64),
+                         b.const([-1], np.int64)], f"{base}/out/Slice")  # each head's attention over the latent
+    out = _per_head_matmul(e, out, uv, f"{base}/out_absorb")  # (B, S, heads, v)
+    out = b.op("Reshape", [out, b.const([0, 0, nh * m.v_dim], np.int64)], f"{base}/out/Reshape_1")
+    (o,) = e.linear_group(out, f"{base}/o_proj", i, [("o", f"{base}/o_proj", H)], nh * m.v_dim, bias=a.o_bias)
+    return o, (present_k, present_v)
+
+
 def mla(e: "Emitter", i: int, x: ir.Value, ctx: "AttnInputs", past: tuple[ir.Value, ...]
         ) -> tuple[ir.Value, tuple[ir.Value, ...]]:
     """Latent attention over the layer's KV cache (`past`: key, value); returns (output, (key, value))."""
@@ -102,6 +172,8 @@ def mla(e: "Emitter", i: int, x: ir.Value, ctx: "AttnInputs", past: tuple[ir.Val
     latent, k_rope = b.op("Split", [kva, b.const([m.kv_lora_rank, m.rope_dim], np.int64)], f"{base}/kv_a_proj/Split",
                           n_out=2, axis=-1)
     latent = _latent_norm(e, latent, "kv_a_norm", i, f"{base}/kv_a_norm", m.kv_lora_rank)
+    if m.latent_cache:
+        return _latent_attention(e, i, q, latent, k_rope, ctx, past, base)
     (kv,) = e.linear_group(latent, f"{base}/kv_b_proj", i, [("kv_b", f"{base}/kv_b_proj", nh * (m.nope_dim + m.v_dim))],
                            m.kv_lora_rank)
     k_nope, v = b.op("Split", [_heads(e, kv, nh, m.nope_dim + m.v_dim, f"{base}/kv_b_proj/Reshape"),

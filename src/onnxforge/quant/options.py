@@ -198,6 +198,7 @@ EXTRA_OPTIONS: dict[str, Callable[[str, object], dict]] = {
     "use_8bits_moe": _use_8bits_moe,
     "qmoe_block_size": _int("qmoe_block_size"),
     "moe_experts": _moe_experts,
+    "mla_cache": lambda key, value: {"mla_cache": str(value).strip()},  # onnxforge's own (Recipe checks the value)
     "qmoe_weights_prepacked": _int("qmoe_weights_prepacked"),
     "use_qdq": _flag("use_qdq"),  # DequantizeLinear + MatMul / Gather in place of MatMulNBits (Recipe.use_qdq)
     # the anchor's options onnxforge does not build: false is accepted, true refused

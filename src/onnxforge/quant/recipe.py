@@ -28,6 +28,7 @@ METHODS = ("default", "rtn", "k_quant", "hqq", "gptq", "awq", "awq+gptq")  # the
 OP_TYPES = ("MatMul", "Gather")
 MOE_QUANT_TYPES = ("int4", "int8", "mxfp4")
 MOE_FLOAT_EXPERTS = ("fp32", "fp16")  # moe_experts: the float MoE op on the dequantized experts
+MLA_CACHES = ("full", "latent")  # mla_cache: what a latent-attention layer's KV cache holds
 FLOAT_PRECISIONS = ("fp32", "fp16", "bf16")
 
 # the type each field takes (None allowed where the default is None): a wrong type is one error naming it
@@ -38,7 +39,8 @@ FIELD_KINDS = {
     "precision": "str", "provider": "str", "method": "str", "block_size": "int", "symmetric": "bool",
     "accuracy_level": "int", "int8_last_matmul": "bool", "int8_mixed_layers": "bool", "int8_linear_attn": "bool",
     "unpack_matmul": "bool", "prune_lm_head": "bool", "shared_embeddings": "bool", "moe_quant_type": "str",
-    "qmoe_block_size": "int", "qmoe_weights_prepacked": "int", "moe_experts": "str", "requantize": "bool",
+    "qmoe_block_size": "int", "qmoe_weights_prepacked": "int", "moe_experts": "str", "mla_cache": "str",
+    "requantize": "bool",
     "drop_activation_quant": "bool", "exclude_embeds": "bool", "exclude_lm_head": "bool",
     "include_hidden_states": "bool", "config_only": "bool", "enable_cuda_graph": "bool", "enable_dml_graph": "bool",
     "use_qdq": "bool",
@@ -98,6 +100,9 @@ class Recipe:
     # experts through the float MoE op, dequantized to this dtype ("fp32": exact arithmetic, "fp16"), whatever the
     # precision and the experts' stored format; None: QMoE where the experts are quantized (moe_quant_type, -p)
     moe_experts: str | None = None
+    # latent attention's KV cache (DeepSeek-V3, Kimi-K2; graph/mla.py): "full" the up-projected k and v of every
+    # head, "latent" the compressed latent and the rotary key as one shared head (43-85x smaller; CPU only)
+    mla_cache: str = "full"
     num_layers: int = 0  # set by bind()
     # int4/int8 keep a pre-quantized weight whose exact form has at most that many bits; True re-quantizes it
     requantize: bool = False
@@ -168,6 +173,13 @@ class Recipe:
             raise RecipeError(f"moe_experts={self.moe_experts!r} is not supported; choose fp32 (exact: the float MoE op "
                               "on the dequantized experts) or fp16 (half the size); onnxruntime's CPU MoE op has no "
                               "bf16 kernel")
+        if self.mla_cache not in MLA_CACHES:
+            raise RecipeError(f"mla_cache={self.mla_cache!r} is not supported; choose full (every head's k and v) or "
+                              "latent (the compressed latent as one shared head)")
+        if self.mla_cache == "latent" and self.provider != "cpu":
+            raise RecipeError(f"mla_cache=latent: its attention head is kv_lora_rank + qk_rope_head_dim wide (576 for "
+                              f"DeepSeek-V3), which GroupQueryAttention runs on the CPU provider only (its {self.provider} "
+                              "kernels are not established for it); use -e cpu or drop the option")
         if self.moe_experts and self.moe_quant_type:
             raise RecipeError(f"moe_experts={self.moe_experts} keeps the experts float, but moe_quant_type="
                               f"{self.moe_quant_type} quantizes them; drop one of them")
@@ -364,7 +376,7 @@ class Recipe:
             "unpack_matmul": self.unpack_matmul, "prune_lm_head": self.prune_lm_head,
             "shared_embeddings": self.shared_embeddings,
             "moe_quant_type": self.moe_quant_type, "qmoe_block_size": self.qmoe_block_size,
-            "moe_experts": self.moe_experts,
+            "moe_experts": self.moe_experts, "mla_cache": self.mla_cache,
             "requantize": self.requantize, "drop_activation_quant": self.drop_activation_quant,
             "exclude_embeds": self.exclude_embeds, "exclude_lm_head": self.exclude_lm_head,
             "include_hidden_states": self.include_hidden_states, "config_only": self.config_only,
