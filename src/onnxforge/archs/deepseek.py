@@ -64,5 +64,5 @@ def _deepseek_v3(cfg: dict) -> dict:
 register(Architecture("DeepseekV3ForCausalLM", "llama", hook=_deepseek_v3, config_fix=_config,
                       config_defaults=DEFAULTS,
                       names={"selection_bias": "model.layers.{i}.mlp.gate.e_score_correction_bias"},
-                      doc="DeepSeek-V3 / Kimi-K2 (multi-head latent attention, group-limited sigmoid routing with a "
-                          "selection bias, shared experts)"))
+                      doc="DeepSeek-V3 / Kimi-K2 (multi-head latent attention with a full or latent cache: mla_cache; "
+                          "group-limited sigmoid routing with a selection bias, shared experts)"))
