@@ -10,7 +10,8 @@ is a SentencePiece BPE read from tokenizer.json (gguf's LlamaHfVocab): the tiny 
 sentencepiece and loaded by transformers' LlamaTokenizer, whose ids the GGUF build's tokenizer reproduces (after the
 <bos> the file says to add). Every tensor equals transformers'; the fp32 build equals transformers within 1e-4 over
 a 12-token prompt and 20 cached decode steps; onnxruntime-genai's greedy tokens equal transformers'; llama.cpp's
-Q8_0 built as stored equals its own fp32 build. Per-layer inputs, KV sharing and the MoE block are refused by name.
+Q8_0 built as stored equals its own fp32 build. The MoE block (test_family_gemma4.MOE: 26B-A4B's form) passes the
+same checks. Per-layer inputs and KV sharing (E2B / E4B) are refused by name.
 """
 from __future__ import annotations
 
@@ -36,21 +37,26 @@ from test_family_gemma4 import make_causal, tokens  # noqa: E402
 _CACHE: dict = {}
 
 
-def converted(tmp_path_factory):
-    """(transformers model, its tokenizer, F32 GGUF by llama.cpp's converter), once a session."""
-    if not _CACHE:
+def converted(tmp_path_factory, form: str = "dense"):
+    """(transformers model, its tokenizer, F32 GGUF by llama.cpp's converter), once a session per form: "dense",
+    "moe" (test_family_gemma4.MOE, the router's scale vectors spread)."""
+    if form not in _CACHE:
         from real_converter import real_convert, sentencepiece_tokenizer
+        from test_family_gemma4 import MOE, _router_scales
         from tiny import VOCAB
 
-        folder = tmp_path_factory.mktemp("gguf-gemma4")
-        model = make_causal(folder / "hf")
+        folder = tmp_path_factory.mktemp(f"gguf-gemma4-{form}")
+        model = make_causal(folder / "hf", **{"moe": MOE}.get(form, {}))
+        if form == "moe":
+            _router_scales(model)
+            model.save_pretrained(folder / "hf", safe_serialization=True)
         sentencepiece_tokenizer(folder / "hf", VOCAB)
         (folder / "spm").mkdir()
         shutil.move(folder / "hf" / "tokenizer.model", folder / "spm" / "tokenizer.model")
         tok = transformers.LlamaTokenizer.from_pretrained(folder / "spm", add_prefix_space=False, legacy=False)
         tok.save_pretrained(folder / "hf")  # tokenizer.json: BPE with byte fallback, as LlamaHfVocab reads
-        _CACHE["made"] = model, tok, real_convert(folder / "hf", folder / "F32.gguf", "f32")
-    return _CACHE["made"]
+        _CACHE[form] = model, tok, real_convert(folder / "hf", folder / "F32.gguf", "f32")
+    return _CACHE[form]
 
 
 def test_gemma4_gguf_fp32_and_genai(tmp_path_factory, tmp_path):
@@ -99,11 +105,81 @@ def test_gemma4_gguf_q8_0_as_stored(tmp_path_factory, tmp_path):
     assert np.abs(got - want).max() < FP32_TOL, np.abs(got - want).max()
 
 
-@pytest.mark.parametrize("key,value", [("embedding_length_per_layer_input", 8), ("attention.shared_kv_layers", 2),
-                                       ("expert_count", 4)])
+FORMS = {"moe": {"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 32}}
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_gemma4_forms_gguf_fp32_and_genai(tmp_path_factory, tmp_path, form):
+    """The MoE block (26B-A4B's form) as the converter writes it: expert_count / expert_used_count /
+    expert_feed_forward_length, ffn_gate_up_exps and ffn_down_exps stacked as transformers stacks them (E, 2I, H)
+    and (E, H, I), the router as ffn_gate_inp with its scale vectors as ffn_gate_inp.scale and ffn_down_exps.scale,
+    the extra norms as post_ffw_norm_1 / pre_ffw_norm_2 / post_ffw_norm_2. The config says what transformers' does, every tensor equals transformers', the
+    fp32 build equals transformers within 1e-4 over 20 cached decode steps, genai's greedy tokens equal."""
+    model, _, path = converted(tmp_path_factory, form)
+    with GGUFSource(path) as source:
+        cfg = source.config
+        assert {k: cfg[k] for k in FORMS[form]} == FORMS[form] == {k: getattr(model.config, k) for k in FORMS[form]}
+        state = {k: v.detach().numpy() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied
+        assert sorted(source.tensor_names()) == sorted(state)
+        for name in source.tensor_names():
+            np.testing.assert_array_equal(source.read(name), state[name], err_msg=name)
+    out = tmp_path / "out"
+    onnxforge.build(path, out, "fp32")
+    report = json.loads((out / "build_report.json").read_text())
+    assert report["architecture"] == "Gemma4ForCausalLM" and not report.get("unread_tensors"), report
+    prompt, decode = tokens()
+    ref = reference_logits(model, prompt + decode)
+    got = steps(out, [prompt] + [[t] for t in decode])
+    print(f"gemma4 {form}: fp32 GGUF build vs transformers max |diff| {np.abs(got - ref).max():.3g}")
+    assert np.abs(got - ref).max() < FP32_TOL, np.abs(got - ref).max()
+    p, _ = tokens(1)
+    assert genai_greedy(out, p, 20) == reference_greedy(model, p, 20)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_gemma4_forms_gguf_q8_0_as_stored(tmp_path_factory, tmp_path, form):
+    """llama.cpp's Q8_0 of each file, built as stored: every non-expert weight with a block form is the file's
+    blocks as they are (the graph's MatMulNBits of them equals gguf-py's dequantization bit for bit); the logits
+    equal the fp32 build of the same file over the prompt and 20 cached decode steps."""
+    from gguf.quants import dequantize
+    from test_prequant_gguf import op_dequantize
+
+    _, _, f32 = converted(tmp_path_factory, form)
+    path = quantize(f32, "Q8_0")
+    exact = set()
+    with GGUFSource(path) as source:
+        for hf in source.tensor_names():
+            fmt = source.native_format(hf)
+            if fmt is None or not fmt.bits or ".experts." in hf:
+                continue
+            assert fmt.origin == "Q8_0", hf
+            N, K = source.shape(hf)
+            stored = source._tensors[hf]
+            ref = dequantize(np.asarray(stored.data), stored.tensor_type).reshape(N, K)
+            np.testing.assert_array_equal(op_dequantize(source.native_blocks(hf, 8, fmt.block_size), K, N), ref,
+                                          err_msg=hf)
+            exact.add(hf)
+    want = {f"model.layers.{i}.{p}.weight" for i in range(4)
+            for p in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    want |= {"model.embed_tokens.weight", "model.layers.0.self_attn.k_proj.weight"}
+    assert want <= exact, sorted(want - exact)
+    report = onnxforge.build(path, tmp_path / "source", recipe=Recipe(precision="source", accuracy_level=0)).to_json()
+    storage = {g["label"]: g["storage"] for g in report["groups"]}
+    assert storage["/model/layers.1/attn/qkv_proj"].endswith("(exact Q8_0)"), storage
+    assert all(kind.startswith("fp32") or "(exact Q8_0)" in kind for kind in storage.values()), storage
+    onnxforge.build(path, tmp_path / "fp32", "fp32")
+    prompt, decode = tokens()
+    got = steps(tmp_path / "source", [prompt] + [[t] for t in decode])
+    want_logits = steps(tmp_path / "fp32", [prompt] + [[t] for t in decode])
+    print(f"gemma4 {form}: Q8_0 as stored vs its fp32 build max |diff| {np.abs(got - want_logits).max():.3g} "
+          f"({len(exact)} weights' blocks exact)")
+    assert np.abs(got - want_logits).max() < FP32_TOL, np.abs(got - want_logits).max()
+
+
+@pytest.mark.parametrize("key,value", [("embedding_length_per_layer_input", 8), ("attention.shared_kv_layers", 2)])
 def test_gemma4_gguf_variants_not_read_are_refused(tmp_path_factory, tmp_path, key, value):
-    """Per-layer inputs, KV sharing and the MoE block (E2B / E4B, 26B-A4B) are one ConfigError naming the key,
-    before a weight is read (files rewritten by gguf-py)."""
+    """Per-layer inputs and KV sharing (E2B / E4B) are one ConfigError naming the key, before a weight is read
+    (files rewritten by gguf-py)."""
     import gguf
 
     _, _, path = converted(tmp_path_factory)

@@ -420,9 +420,10 @@ def _gemma4(cfg: dict, key: Callable[..., Any]) -> dict:
     """Gemma 4's text decoder as the converter writes it: each layer's kind from sliding_window_pattern, the sliding
     layers' head size and rotary from *_swa keys (key_length is the full layers'), head_count_kv per layer (the full
     layers' as num_global_key_value_heads), the full layers' proportional rotary from rope_freqs (read by
-    sources/gguf.py as partial_rotary_factor). Per-layer inputs, KV sharing and the MoE block are refused by name."""
+    sources/gguf.py as partial_rotary_factor). The MoE block (26B-A4B) from expert_count / expert_used_count /
+    expert_feed_forward_length. Per-layer inputs and KV sharing are refused by name."""
     for suffix, what in (("embedding_length_per_layer_input", "per-layer inputs (E2B / E4B)"),
-                         ("attention.shared_kv_layers", "KV sharing (E2B / E4B)"), ("expert_count", "the MoE block")):
+                         ("attention.shared_kv_layers", "KV sharing (E2B / E4B)")):
         if key(suffix, 0):
             raise ConfigError(f"this gemma4 GGUF has {suffix} {key(suffix)}: {what}, which onnxforge does not read "
                               "from GGUF yet; build from the Hugging Face folder")
@@ -453,6 +454,10 @@ def _gemma4(cfg: dict, key: Callable[..., Any]) -> dict:
                                                   "partial_rotary_factor": cfg.pop("partial_rotary_factor", 1.0)}}}
     if full:
         out["num_global_key_value_heads"] = next(iter(full))
+    if key("expert_count", 0):  # the MoE block beside the dense MLP (26B-A4B): every layer has both
+        out |= {"enable_moe_block": True, "num_experts": int(key("expert_count")),
+                "top_k_experts": int(key("expert_used_count")),
+                "moe_intermediate_size": int(key("expert_feed_forward_length"))}
     return out
 
 
@@ -622,7 +627,12 @@ FAMILIES: dict[str, GGUFFamily] = {
     # Gemma 4's text decoder (gemma4; _gemma4): norms as they are (no + 1), layer_output_scale as layer_scalar, no v
     # projection on the full layers where k is v, the proportional rotary's unrotated pairs as 1e30 in rope_freqs.
     "gemma4": GGUFFamily("Gemma4ForCausalLM", "gemma4_text", False, _GEMMA,
-                         gguf_names={"layer_scalar": "blk.{i}.layer_output_scale"},
+                         gguf_names={"layer_scalar": "blk.{i}.layer_output_scale",
+                                     "ffn_post_norm_1": "blk.{i}.post_ffw_norm_1",
+                                     "ffn_pre_norm_2": "blk.{i}.pre_ffw_norm_2",
+                                     "ffn_post_norm_2": "blk.{i}.post_ffw_norm_2",
+                                     "router_scale": "blk.{i}.ffn_gate_inp.scale",
+                                     "expert_scale": "blk.{i}.ffn_down_exps.scale"},
                          config_keys={"final_logit_softcapping": "final_logit_softcapping"},
                          config_hook=_gemma4, kv_per_layer=True, rope_freqs="proportional",
                          tensor_hook=_gemma4_tensors),
@@ -653,6 +663,9 @@ def permuted_heads(hf_name: str, n_heads: int, n_kv_heads: int) -> int | None:
 
 # HF parameters (not modules) that llama.cpp writes without a `.weight` suffix
 _BARE = frozenset({"A_log", "D", "layer_scalar"})  # layer_scalar: Gemma 4's buffer, layer_output_scale.weight
+# ... and HF names ending so: Gemma 4's router scale vectors (ffn_gate_inp.scale, ffn_down_exps.scale) and its
+# stacked experts, parameters of `model.layers.{i}.experts` (other families' stacked experts sit under mlp.)
+_BARE_TAILS = (".router.scale", ".router.per_expert_scale", "}.experts.gate_up_proj", "}.experts.down_proj")
 
 
 def compile_tensor_map(family: GGUFFamily) -> list[tuple[re.Pattern[str], str]]:
@@ -667,7 +680,7 @@ def compile_tensor_map(family: GGUFFamily) -> list[tuple[re.Pattern[str], str]]:
     bases = [(gguf_base, pinned.get(role) or ROLES[role].hf[0])
              for gguf_base, role in gguf_names(family.gguf_names).items()]
     for gguf_base, hf_base in [*bases, *family.extra_names.items()]:
-        if hf_base.rsplit(".", 1)[-1] in _BARE:  # a parameter the converter kept bare (`ssm_a`)
+        if hf_base.rsplit(".", 1)[-1] in _BARE or hf_base.endswith(_BARE_TAILS):  # a parameter the converter kept bare (`ssm_a`)
             pattern = re.escape(gguf_base).replace(r"\{i\}", r"(?P<i>\d+)")
             compiled.append((re.compile(f"^{pattern}(\\.weight)?$"), hf_base))
             continue
