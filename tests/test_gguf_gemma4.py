@@ -10,8 +10,8 @@ is a SentencePiece BPE read from tokenizer.json (gguf's LlamaHfVocab): the tiny 
 sentencepiece and loaded by transformers' LlamaTokenizer, whose ids the GGUF build's tokenizer reproduces (after the
 <bos> the file says to add). Every tensor equals transformers'; the fp32 build equals transformers within 1e-4 over
 a 12-token prompt and 20 cached decode steps; onnxruntime-genai's greedy tokens equal transformers'; llama.cpp's
-Q8_0 built as stored equals its own fp32 build. The MoE block (test_family_gemma4.MOE: 26B-A4B's form) passes the
-same checks. Per-layer inputs and KV sharing (E2B / E4B) are refused by name.
+Q8_0 built as stored equals its own fp32 build. The MoE block (test_family_gemma4.MOE: 26B-A4B's form) and the
+per-layer inputs with KV sharing and double-wide MLPs (test_family_gemma4.PLE: E2B / E4B's) pass the same checks.
 """
 from __future__ import annotations
 
@@ -39,14 +39,17 @@ _CACHE: dict = {}
 
 def converted(tmp_path_factory, form: str = "dense"):
     """(transformers model, its tokenizer, F32 GGUF by llama.cpp's converter), once a session per form: "dense",
-    "moe" (test_family_gemma4.MOE, the router's scale vectors spread)."""
+    "moe" (test_family_gemma4.MOE, the router's scale vectors spread), "ple" (test_family_gemma4.PLE: per-layer
+    inputs, the last 2 layers sharing KV, their MLPs double-wide), "ple_v" (PLE with a v projection on the full
+    layers, attention_k_eq_v off, as E2B / E4B have it: the shared full layer has none)."""
     if form not in _CACHE:
         from real_converter import real_convert, sentencepiece_tokenizer
-        from test_family_gemma4 import MOE, _router_scales
+        from test_family_gemma4 import MOE, PLE, _router_scales
         from tiny import VOCAB
 
         folder = tmp_path_factory.mktemp(f"gguf-gemma4-{form}")
-        model = make_causal(folder / "hf", **{"moe": MOE}.get(form, {}))
+        ple_v = {**PLE, "attention_k_eq_v": False, "num_global_key_value_heads": None}
+        model = make_causal(folder / "hf", **{"moe": MOE, "ple": PLE, "ple_v": ple_v}.get(form, {}))
         if form == "moe":
             _router_scales(model)
             model.save_pretrained(folder / "hf", safe_serialization=True)
@@ -105,7 +108,10 @@ def test_gemma4_gguf_q8_0_as_stored(tmp_path_factory, tmp_path):
     assert np.abs(got - want).max() < FP32_TOL, np.abs(got - want).max()
 
 
-FORMS = {"moe": {"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 32}}
+FORMS = {"moe": {"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 32},
+         "ple": {"hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": 320, "num_kv_shared_layers": 2,
+                 "use_double_wide_mlp": True, "intermediate_size": 96},
+         "ple_v": {"num_kv_shared_layers": 2, "attention_k_eq_v": False, "num_key_value_heads": 2}}
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -113,7 +119,12 @@ def test_gemma4_forms_gguf_fp32_and_genai(tmp_path_factory, tmp_path, form):
     """The MoE block (26B-A4B's form) as the converter writes it: expert_count / expert_used_count /
     expert_feed_forward_length, ffn_gate_up_exps and ffn_down_exps stacked as transformers stacks them (E, 2I, H)
     and (E, H, I), the router as ffn_gate_inp with its scale vectors as ffn_gate_inp.scale and ffn_down_exps.scale,
-    the extra norms as post_ffw_norm_1 / pre_ffw_norm_2 / post_ffw_norm_2. The config says what transformers' does, every tensor equals transformers', the
+    the extra norms as post_ffw_norm_1 / pre_ffw_norm_2 / post_ffw_norm_2. E2B / E4B's form:
+    embedding_length_per_layer_input, per_layer_token_embd (its rows: vocab_size_per_layer_input),
+    per_layer_model_proj, per_layer_proj_norm, per layer inp_gate / proj / post_norm; attention.shared_kv_layers
+    (the shared layers have no attn_k / attn_v), feed_forward_length per layer (twice on the shared layers:
+    use_double_wide_mlp); with attention_k_eq_v off too (the shared full layer has no attn_v, the others have).
+    Each: the config says what transformers' does, every tensor equals transformers', the
     fp32 build equals transformers within 1e-4 over 20 cached decode steps, genai's greedy tokens equal."""
     model, _, path = converted(tmp_path_factory, form)
     with GGUFSource(path) as source:
@@ -176,13 +187,15 @@ def test_gemma4_forms_gguf_q8_0_as_stored(tmp_path_factory, tmp_path, form):
     assert np.abs(got - want_logits).max() < FP32_TOL, np.abs(got - want_logits).max()
 
 
-@pytest.mark.parametrize("key,value", [("embedding_length_per_layer_input", 8), ("attention.shared_kv_layers", 2)])
-def test_gemma4_gguf_variants_not_read_are_refused(tmp_path_factory, tmp_path, key, value):
-    """Per-layer inputs and KV sharing (E2B / E4B) are one ConfigError naming the key, before a weight is read
-    (files rewritten by gguf-py)."""
+@pytest.mark.parametrize("key,value,vtype", [("feed_forward_length", [96, 96, 192, 96], "ARRAY"),
+                                             ("attention.shared_kv_layers", 4, "UINT32")])
+def test_gemma4_gguf_inconsistent_sharing_is_refused(tmp_path_factory, tmp_path, key, value, vtype):
+    """MLP sizes per layer that are neither one size nor twice it on the KV-sharing layers (Gemma4TextConfig's
+    use_double_wide_mlp), or every layer sharing KV: one ConfigError naming the key, before a weight is read (the
+    E2B-form file rewritten by gguf-py)."""
     import gguf
 
-    _, _, path = converted(tmp_path_factory)
-    bad = rewrite(path, tmp_path / "bad.gguf", **{f"gemma4.{key}": (value, gguf.GGUFValueType.UINT32)})
+    _, _, path = converted(tmp_path_factory, "ple")
+    bad = rewrite(path, tmp_path / "bad.gguf", **{f"gemma4.{key}": (value, getattr(gguf.GGUFValueType, vtype))})
     with pytest.raises(ConfigError, match=key):
         GGUFSource(bad)

@@ -461,6 +461,9 @@ class GGUFSource:
         if self._family.kv_per_layer and isinstance(kv, list) and kv:  # per layer: the family's hook reads the list
             kv = kv[0]
         kv_heads = _single_value(kv, "attention.head_count_kv", zeros=self._family.kv_zero_layers)
+        ffn = self._key("feed_forward_length")
+        if self._family.kv_per_layer and isinstance(ffn, list) and ffn:  # per layer: the family's hook reads the list
+            ffn = ffn[0]
         hidden = int(self._key("embedding_length"))
         # llama.cpp's own default (n_embd / n_head): converters write key_length only where config.json
         # has a head_dim, and rope.dimension_count is the rotary part (partial rotary: phi2, Phi-4-mini)
@@ -479,7 +482,7 @@ class GGUFSource:
             "model_type": self._family.model_type,
             "vocab_size": _hf_shape(self._tensors["model.embed_tokens.weight"])[0],
             "hidden_size": hidden,
-            "intermediate_size": int(self._key("feed_forward_length")),
+            "intermediate_size": int(ffn),
             "num_hidden_layers": self._layer_count(),
             "num_attention_heads": heads,
             "num_key_value_heads": int(kv_heads),
@@ -519,6 +522,9 @@ class GGUFSource:
         config.update(self._token_ids())
         for hf_key, pattern in self._family.tensor_flags.items():  # a config flag the file says by a tensor's presence
             config[hf_key] = any(fnmatch.fnmatchcase(name, pattern) for name in self._tensors)
+        for hf_key, (name, axis) in self._family.shape_keys.items():  # a config size the file says by a tensor's shape
+            if name in self._tensors:
+                config[hf_key] = _hf_shape(self._tensors[name])[axis]
         if self._family.config_hook is not None:
             config.update(self._family.config_hook(config, self._key))
         if self._family.tensor_hook is not None:

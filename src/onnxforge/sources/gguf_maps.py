@@ -68,6 +68,7 @@ class GGUFFamily:
     rope_freqs: str = "llama3"  # what a rope_freqs tensor says: llama3 scaling, or "proportional" (Gemma 4: 1e30s)
     # (config so far, HF tensor names) -> more HF config keys that the tensors present say
     tensor_hook: Callable[[dict, frozenset], Mapping[str, Any]] | None = None
+    shape_keys: Mapping[str, tuple[str, int]] = field(default_factory=dict)  # HF config key -> (HF tensor, HF axis)
 
     def offset(self, hf_name: str) -> float:
         return next((v for pattern, v in self.offsets.items() if fnmatch.fnmatchcase(hf_name, pattern)), 0.0)
@@ -421,13 +422,20 @@ def _gemma4(cfg: dict, key: Callable[..., Any]) -> dict:
     layers' head size and rotary from *_swa keys (key_length is the full layers'), head_count_kv per layer (the full
     layers' as num_global_key_value_heads), the full layers' proportional rotary from rope_freqs (read by
     sources/gguf.py as partial_rotary_factor). The MoE block (26B-A4B) from expert_count / expert_used_count /
-    expert_feed_forward_length. Per-layer inputs and KV sharing are refused by name."""
-    for suffix, what in (("embedding_length_per_layer_input", "per-layer inputs (E2B / E4B)"),
-                         ("attention.shared_kv_layers", "KV sharing (E2B / E4B)")):
-        if key(suffix, 0):
-            raise ConfigError(f"this gemma4 GGUF has {suffix} {key(suffix)}: {what}, which onnxforge does not read "
-                              "from GGUF yet; build from the Hugging Face folder")
+    expert_feed_forward_length. E2B / E4B: per-layer inputs from embedding_length_per_layer_input (their vocabulary
+    from per_layer_token_embd's shape, GGUFFamily.shape_keys), KV sharing from attention.shared_kv_layers, and
+    use_double_wide_mlp from feed_forward_length per layer (twice the rest on the shared layers)."""
     n = cfg["num_hidden_layers"]
+    shared, ffn = int(key("attention.shared_kv_layers", 0)), key("feed_forward_length")
+    ffn = [int(f) for f in ffn] if isinstance(ffn, list) else [int(ffn)] * n
+    size = cfg["intermediate_size"]
+    if not 0 <= shared < n or len(ffn) != n:
+        raise ConfigError(f"GGUF metadata gemma4.attention.shared_kv_layers {shared} must be below the {n} layers, "
+                          f"and feed_forward_length must list {n} layers")
+    wide = ffn == [size] * (n - shared) + [2 * size] * shared and shared > 0
+    if not wide and ffn != [size] * n:
+        raise ConfigError(f"GGUF metadata gemma4.feed_forward_length {ffn} is neither one size nor twice it on the "
+                          f"{shared} KV-sharing layers (use_double_wide_mlp); Gemma4TextConfig cannot say it")
     pattern, kv = key("attention.sliding_window_pattern"), key("attention.head_count_kv")
     kv = kv if isinstance(kv, list) else [kv] * n
     if not isinstance(pattern, list) or len(pattern) != n or len(kv) != n:
@@ -446,8 +454,10 @@ def _gemma4(cfg: dict, key: Callable[..., Any]) -> dict:
                           f"size {head_swa}: a partial rotary there is not supported")
     theta = cfg["rope_theta"]
     out = {"layer_types": types, "head_dim": head_swa, "global_head_dim": cfg["head_dim"],
-           "num_key_value_heads": next(iter(swa or full)), "hidden_size_per_layer_input": 0,
-           "num_kv_shared_layers": 0, "enable_moe_block": False, "rope_scaling": None,
+           "num_key_value_heads": next(iter(swa or full)),
+           "hidden_size_per_layer_input": int(key("embedding_length_per_layer_input", 0)),
+           "num_kv_shared_layers": shared, "use_double_wide_mlp": wide, "enable_moe_block": False,
+           "rope_scaling": None,
            "rope_parameters": {"sliding_attention": {"rope_type": "default",
                                                      "rope_theta": float(key("rope.freq_base_swa", 10_000.0))},
                                "full_attention": {"rope_type": "proportional", "rope_theta": theta,
@@ -462,8 +472,10 @@ def _gemma4(cfg: dict, key: Callable[..., Any]) -> dict:
 
 
 def _gemma4_tensors(cfg: dict, names: frozenset) -> dict:
-    """attention_k_eq_v where no full layer has a v_proj (its k is its v); a mix is inconsistent."""
-    full = [i for i, t in enumerate(cfg["layer_types"]) if t == "full_attention"]
+    """attention_k_eq_v where no full layer has a v_proj (its k is its v); a mix is inconsistent. KV-sharing layers
+    (the last num_kv_shared_layers) have no k or v projection either way."""
+    own = len(cfg["layer_types"]) - cfg.get("num_kv_shared_layers", 0)
+    full = [i for i, t in enumerate(cfg["layer_types"][:own]) if t == "full_attention"]
     has_v = {f"model.layers.{i}.self_attn.v_proj.weight" in names for i in full}
     if len(has_v) > 1:
         raise ConfigError("this gemma4 GGUF has attn_v on some full-attention layers and not on others; re-convert it")
@@ -632,10 +644,14 @@ FAMILIES: dict[str, GGUFFamily] = {
                                      "ffn_pre_norm_2": "blk.{i}.pre_ffw_norm_2",
                                      "ffn_post_norm_2": "blk.{i}.post_ffw_norm_2",
                                      "router_scale": "blk.{i}.ffn_gate_inp.scale",
-                                     "expert_scale": "blk.{i}.ffn_down_exps.scale"},
+                                     "expert_scale": "blk.{i}.ffn_down_exps.scale",
+                                     "ple_embed": "per_layer_token_embd", "ple_model_proj": "per_layer_model_proj",
+                                     "ple_model_norm": "per_layer_proj_norm", "ple_gate": "blk.{i}.inp_gate",
+                                     "ple_proj": "blk.{i}.proj", "ple_norm": "blk.{i}.post_norm"},
                          config_keys={"final_logit_softcapping": "final_logit_softcapping"},
                          config_hook=_gemma4, kv_per_layer=True, rope_freqs="proportional",
-                         tensor_hook=_gemma4_tensors),
+                         tensor_hook=_gemma4_tensors,
+                         shape_keys={"vocab_size_per_layer_input": ("model.embed_tokens_per_layer.weight", 0)}),
     "qwen3next": GGUFFamily("Qwen3NextForCausalLM", "qwen3_next", False,
                             {"norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []},
                             gguf_names=_LINEAR_ATTN, config_keys=_EXPERT_KEYS, config_hook=_linear_attention,
