@@ -165,10 +165,26 @@ def tmp_dir():
     return Path(tempfile.mkdtemp())
 
 
-def test_forward_matches_transformers_layer_by_layer(llama):
+@pytest.fixture(scope="module")
+def qk_norm_models(tmp_path_factory):
+    """Qwen3 (q/k norms per head before the rotary) and HunYuan dense (after it), with a calibration text."""
+    from test_family_newer import CONFIGS
+
+    made = {}
+    for name, kw in (("qwen3", {}), ("hunyuan", CONFIGS["hunyuan"])):
+        folder = tmp_path_factory.mktemp(f"cal_{name}")
+        model = tiny.make_model(name, folder, **kw)
+        text = folder.parent / f"calibration_{name}.txt"
+        text.write_text(tiny.TEXT * 4)
+        made[name] = folder, model, text
+    return made
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "hunyuan"])
+def test_forward_matches_transformers_layer_by_layer(llama, qk_norm_models, name):
     import torch
 
-    folder, model, text = llama
+    folder, model, text = llama if name == "llama" else qk_norm_models[name]
     source, spec, names, run, cal = _layerwise(folder, Recipe(precision="fp32"), text)
     with torch.no_grad():
         hs = model(torch.tensor(cal.ids), output_hidden_states=True).hidden_states
@@ -272,9 +288,36 @@ def test_refusals(llama, tmp_path):
 
 
 def test_refused_for_layers_it_does_not_compute(tiny_models, tmp_path):
-    folder, _ = tiny_models("qwen3")  # q/k norms
-    with pytest.raises(RecipeError, match="calibrates dense pre-norm attention decoders.*q/k norms"):
-        onnxforge.build(folder, tmp_path / "o", recipe=Recipe(precision="int4", method="gptq"))
+    import dataclasses
+
+    from onnxforge.archs.registry import architecture_for
+    from onnxforge.calibrate.forward import check_supported
+    from onnxforge.sources.open import open_source
+
+    folder, _ = tiny_models("qwen3")
+    spec = architecture_for(open_source(folder).config).make_spec(open_source(folder).config)
+    check_supported(spec, "gptq")  # per-head q/k norms are computed
+    for change, words in (({"qk_norm": "l2"}, "q/k norms of kind 'l2'"), ({"softcap": 30.0}, "softcap")):
+        other = dataclasses.replace(spec, attention=dataclasses.replace(spec.attention, **change))
+        with pytest.raises(RecipeError, match=f"calibrates dense pre-norm attention decoders.*{words}"):
+            check_supported(other, "gptq")
+
+
+def test_qk_norm_calibrated_build_beats_round_to_nearest(qk_norm_models, tmp_path):
+    """Qwen3 with its per-head q/k norms: gptq on the calibration distribution closer to transformers than rtn."""
+    import torch
+
+    folder, model, text = qk_norm_models["qwen3"]
+    ids = _ids(folder, tiny.TEXT, 96)
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    err = {}
+    for method in ("rtn", "gptq"):
+        out = tmp_path / method
+        onnxforge.build(folder, out, recipe=Recipe(precision="int4", method=method, accuracy_level=0),
+                        calibration=Calibration(str(text), 8, 32) if method == "gptq" else None)
+        err[method] = float(np.square(onnx_step_logits(out, ids, []) - ref).mean())
+    assert err["gptq"] < err["rtn"], err
 
 
 def test_jsonl_records_and_chat_template(llama, tmp_path):

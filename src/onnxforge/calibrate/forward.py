@@ -27,8 +27,10 @@ def check_supported(spec: ModelSpec, method: str) -> None:
             why.append("mixture-of-experts layers (experts are not calibrated yet)")
         if layer.chunk or getattr(layer, "k_eq_v", False):
             why.append(f"layer {i} has chunked or k=v attention")
-        if a.qk_norm or a.softcap or a.clip_qkv or a.sinks or a.output_gate or a.nope_temperature or a.v_norm:
-            why.append("q/k norms, softcap, clipping, sinks, gates or temperatures in attention")
+        if a.qk_norm not in ("", "head", "full") or (a.qk_norm and not spec.norm.weight):
+            why.append(f"q/k norms of kind {a.qk_norm!r}")
+        if a.softcap or a.clip_qkv or a.sinks or a.output_gate or a.nope_temperature or a.v_norm:
+            why.append("softcap, clipping, sinks, gates or temperatures in attention")
         rope = dict(spec.ropes).get(layer.rope) if layer.rope else None
         if rope is not None and rope.interleaved:
             why.append("interleaved rotary")
@@ -101,12 +103,19 @@ class Rotary:
         return out
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec: ModelSpec, i: int, rotary: Rotary) -> np.ndarray:
-    """One sequence: q (L, q_size), k/v (L, kv_size) -> context (L, q_size)."""
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec: ModelSpec, i: int, rotary: Rotary,
+              head_norms: tuple | None = None) -> np.ndarray:
+    """One sequence: q (L, q_size), k/v (L, kv_size) -> context (L, q_size). `head_norms`: the q and k norms per
+    head ((w, b) each, qk_norm "head": Qwen3, Gemma 3), before the rotary or after it (qk_norm_after_rope)."""
     a, layer = spec.attention_of(i), spec.layers[i]
     L = q.shape[0]
-    q = rotary.apply(q.reshape(L, a.num_heads, a.head_dim), layer.rope)
-    k = rotary.apply(k.reshape(L, a.num_kv_heads, a.head_dim), layer.rope)
+    q, k = q.reshape(L, a.num_heads, a.head_dim), k.reshape(L, a.num_kv_heads, a.head_dim)
+    after = a.qk_norm_after_rope and layer.rope is not None
+    if head_norms and not after:
+        q, k = norm(q, *head_norms[0], spec), norm(k, *head_norms[1], spec)
+    q, k = rotary.apply(q, layer.rope), rotary.apply(k, layer.rope)
+    if head_norms and after:
+        q, k = norm(q, *head_norms[0], spec), norm(k, *head_norms[1], spec)
     v = v.reshape(L, a.num_kv_heads, a.head_dim)
     group = a.num_heads // a.num_kv_heads
     k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)

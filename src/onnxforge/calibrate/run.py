@@ -227,9 +227,16 @@ class Layerwise:
         if a.qkv_bias:
             ys = [y + self.bias(p.module) for y, p in zip(ys, parts)]
         del h_in
+        head_norms = None
+        if a.qk_norm == "full":  # one norm over each whole projection (OLMo 2), before the rotary
+            ys[0] = F.norm(ys[0], *self.norm_params("q_norm", i)[1:], spec)
+            ys[1] = F.norm(ys[1], *self.norm_params("k_norm", i)[1:], spec)
+        elif a.qk_norm == "head":
+            head_norms = (self.norm_params("q_norm", i)[1:], self.norm_params("k_norm", i)[1:])
         S, L = self.shape
         ctx = np.concatenate([F.attention(ys[0][s * L:(s + 1) * L], ys[1][s * L:(s + 1) * L],
-                                          ys[2][s * L:(s + 1) * L], spec, i, self.rotary) for s in range(S)])
+                                          ys[2][s * L:(s + 1) * L], spec, i, self.rotary, head_norms)
+                              for s in range(S)])
         del ys
         o = names.linear(["o"], [spec.hidden_size], i)[0]
         (wo,) = self.group(ctx, [(o.name, self.storage([f"{base}/o_proj/MatMul"] * 2 + [o.module]))])
