@@ -297,7 +297,8 @@ def test_refused_for_layers_it_does_not_compute(tiny_models, tmp_path):
     folder, _ = tiny_models("qwen3")
     spec = architecture_for(open_source(folder).config).make_spec(open_source(folder).config)
     check_supported(spec, "gptq")  # per-head q/k norms are computed
-    for change, words in (({"qk_norm": "l2"}, "q/k norms of kind 'l2'"), ({"softcap": 30.0}, "softcap")):
+    for change, words in (({"qk_norm": "l2"}, "q/k norms of kind 'l2'"), ({"qk_norm": "full"}, "q/k norms of kind 'full'"),
+                          ({"softcap": 30.0}, "softcap")):
         other = dataclasses.replace(spec, attention=dataclasses.replace(spec.attention, **change))
         with pytest.raises(RecipeError, match=f"calibrates dense pre-norm attention decoders.*{words}"):
             check_supported(other, "gptq")

@@ -27,7 +27,7 @@ def check_supported(spec: ModelSpec, method: str) -> None:
             why.append("mixture-of-experts layers (experts are not calibrated yet)")
         if layer.chunk or getattr(layer, "k_eq_v", False):
             why.append(f"layer {i} has chunked or k=v attention")
-        if a.qk_norm not in ("", "head", "full") or (a.qk_norm and not spec.norm.weight):
+        if a.qk_norm not in ("", "head") or (a.qk_norm and not spec.norm.weight):
             why.append(f"q/k norms of kind {a.qk_norm!r}")
         if a.softcap or a.clip_qkv or a.sinks or a.output_gate or a.nope_temperature or a.v_norm:
             why.append("softcap, clipping, sinks, gates or temperatures in attention")

@@ -228,10 +228,7 @@ class Layerwise:
             ys = [y + self.bias(p.module) for y, p in zip(ys, parts)]
         del h_in
         head_norms = None
-        if a.qk_norm == "full":  # one norm over each whole projection (OLMo 2), before the rotary
-            ys[0] = F.norm(ys[0], *self.norm_params("q_norm", i)[1:], spec)
-            ys[1] = F.norm(ys[1], *self.norm_params("k_norm", i)[1:], spec)
-        elif a.qk_norm == "head":
+        if a.qk_norm == "head":  # per head, before the rotary or after it (check_supported refuses other kinds)
             head_norms = (self.norm_params("q_norm", i)[1:], self.norm_params("k_norm", i)[1:])
         S, L = self.shape
         ctx = np.concatenate([F.attention(ys[0][s * L:(s + 1) * L], ys[1][s * L:(s + 1) * L],
