@@ -23,16 +23,16 @@ import pytest
 from family_check import FP32_TOL
 from test_family_hybrid import steps
 from test_family_qwen_next import tokens
-from test_gguf_hybrid import quantize
+from test_gguf_hybrid import (as_stored_matches_fp32, fp32_build_matches, quantize, split_stacked_experts,
+                              stored_blocks_exact)
 
 import onnxforge
 from onnxforge.errors import CheckpointError, ConfigError
-from onnxforge.quant.recipe import Recipe
 from onnxforge.sources.gguf import GGUFSource
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-from conftest import genai_greedy, reference_greedy, reference_logits  # noqa: E402
+from conftest import reference_logits  # noqa: E402
 from test_family_deepseek_v3 import BASE, YARN, make  # noqa: E402
 
 PUBLISHED = dict(scoring_func="sigmoid", topk_method="noaux_tc")
@@ -61,13 +61,7 @@ def hf_state(model) -> dict[str, np.ndarray]:
     out = {}
     for name, t in model.state_dict().items():
         a = t.detach().numpy()
-        if name.endswith("mlp.experts.gate_up_proj"):
-            half = a.shape[1] // 2
-            out[name.replace("gate_up_proj", "gate_proj.weight")] = a[:, :half]
-            out[name.replace("gate_up_proj", "up_proj.weight")] = a[:, half:]
-        elif name.endswith("mlp.experts.down_proj"):
-            out[f"{name}.weight"] = a
-        else:
+        if not split_stacked_experts(name, a, out):
             out[name] = a
     return out
 
@@ -92,17 +86,7 @@ def test_deepseek_gguf_fp32(tmp_path_factory, tmp_path, name):
             got = source.read(tensor)
             assert got.shape == state[tensor].shape, tensor
             np.testing.assert_array_equal(got, state[tensor], err_msg=tensor)
-    out = tmp_path / "out"
-    onnxforge.build(path, out, "fp32")
-    report = json.loads((out / "build_report.json").read_text())
-    assert report["architecture"] == "DeepseekV3ForCausalLM" and not report.get("unread_tensors"), report
-    prompt, decode = tokens()
-    ref = reference_logits(model, prompt + decode)
-    got = steps(out, [prompt] + [[t] for t in decode])
-    print(f"{name}: fp32 GGUF build vs transformers max |diff| {np.abs(got - ref).max():.3g}")
-    assert np.abs(got - ref).max() < FP32_TOL, np.abs(got - ref).max()
-    p, _ = tokens(1)
-    assert genai_greedy(out, p, 20) == reference_greedy(model, p, 20)
+    fp32_build_matches(path, tmp_path / "out", model, "DeepseekV3ForCausalLM", label=name)
 
 
 KEEP_FLOAT = ("/model/layers.*/moe/experts/*", "/model/layers.*/attn/kv_b_proj/MatMul")
@@ -117,46 +101,24 @@ def test_deepseek_gguf_q8_0_as_stored(tmp_path_factory, tmp_path, name="q_lora")
     The logits equal the fp32 build of the same file over the prompt and 20 cached decode steps. (q_lora_rank set
     only: llama.cpp's loader, which its quantizer runs, requires attention.q_lora_rank unless the model has 26 or 27
     layers, DeepSeek-V2-Lite's counts; the plain-q file is read at fp32 above.)"""
-    from gguf.quants import dequantize
-    from test_prequant_gguf import op_dequantize
-
     _, f32 = converted(tmp_path_factory, name)
     path = quantize(f32, "Q8_0")
-    exact = set()
     with GGUFSource(path) as source:
         assert source.stored_format("model.layers.0.self_attn.kv_b_proj.weight") == "F16"  # attn_k_b's type
         assert source.native_format("model.layers.0.self_attn.kv_b_proj.weight").bits == 0  # joined: dequantized
-        for hf in source.tensor_names():
-            fmt = source.native_format(hf)
-            if fmt is None or not fmt.bits or ".experts." in hf:
-                continue
-            assert fmt.origin == "Q8_0", hf
-            N, K = source.shape(hf)
-            stored = source._tensors[hf]
-            ref = dequantize(np.asarray(stored.data), stored.tensor_type).reshape(N, K)
-            np.testing.assert_array_equal(op_dequantize(source.native_blocks(hf, 8, fmt.block_size), K, N), ref,
-                                          err_msg=hf)
-            exact.add(hf)
+        exact, _ = stored_blocks_exact(source, "Q8_0")
     linears = {"self_attn.q_a_proj", "self_attn.q_b_proj"} if CONFIGS[name]["q_lora_rank"] else {"self_attn.q_proj"}
     linears |= {"self_attn.kv_a_proj_with_mqa", "self_attn.o_proj"}
     want = {f"model.layers.{i}.{p}.weight" for i in range(3) for p in linears}
     want |= {f"model.layers.0.mlp.{p}_proj.weight" for p in ("gate", "up", "down")}
     want |= {f"model.layers.{i}.mlp.shared_experts.{p}_proj.weight" for i in (1, 2) for p in ("gate", "up", "down")}
     assert want | {"lm_head.weight", "model.embed_tokens.weight"} <= exact, sorted(want - exact)
-    out, ref_out = tmp_path / "source", tmp_path / "fp32"
-    report = onnxforge.build(path, out, recipe=Recipe(precision="source", accuracy_level=0,
-                                                      keep_float=KEEP_FLOAT)).to_json()
+    report = as_stored_matches_fp32(path, tmp_path, KEEP_FLOAT, label=f"{name} Q8_0")
     storage = {g["label"]: g["storage"] for g in report["groups"]}
     exact_labels = {label for label, kind in storage.items() if kind.endswith("(exact Q8_0)")}
     assert all(kind.startswith("fp32") for label, kind in storage.items() if label not in exact_labels), storage
     assert len(exact_labels) == 1 + 3 * 3 + 2 + 2 * 2 + 1, storage  # embedding, q_a+kv_a / q_b / o, MLP, shared, head
     assert storage["/model/layers.0/attn/kv_b_proj"] == "fp32 (dequantized F16/Q8_0)", storage
-    onnxforge.build(path, ref_out, "fp32")
-    prompt, decode = tokens()
-    got = steps(out, [prompt] + [[t] for t in decode])
-    want_logits = steps(ref_out, [prompt] + [[t] for t in decode])
-    print(f"{name}: Q8_0 as stored vs its fp32 build max |diff| {np.abs(got - want_logits).max():.3g}")
-    assert np.abs(got - want_logits).max() < FP32_TOL, np.abs(got - want_logits).max()
 
 
 def test_deepseek_gguf_bad_input_is_one_clear_error(tmp_path_factory, tmp_path):
@@ -203,37 +165,15 @@ def test_deepseek_gguf_q4_k_m_as_stored(tmp_path_factory, tmp_path):
     as Q4_K / Q5_K / Q6_K (attn_k_b as F16), carried over exactly (the graph's MatMulNBits of them equals gguf-py's
     dequantization), and the as-stored build's logits equal the fp32 build of the same file over the prompt and 20
     cached decode steps (experts and kv_b_proj kept float, as for Q8_0)."""
-    from gguf.quants import dequantize
-    from test_prequant_gguf import op_dequantize
-    from test_gguf_source import assert_same_weight
-
     _, f32 = converted(tmp_path_factory, "q_lora", **WIDE)
     path = quantize(f32, "Q4_K_M")
-    origins = set()
     with GGUFSource(path) as source:
-        for hf in source.tensor_names():
-            fmt = source.native_format(hf)
-            if fmt is None or not fmt.bits or ".experts." in hf:
-                continue
-            N, K = source.shape(hf)
-            stored = source._tensors[hf]
-            ref = dequantize(np.asarray(stored.data), stored.tensor_type).reshape(N, K)
-            blocks = source.native_blocks(hf, fmt.bits, fmt.block_size)
-            assert_same_weight(op_dequantize(blocks, K, N), ref, blocks, err_msg=hf)
-            origins.add(fmt.origin)
+        _, origins = stored_blocks_exact(source)
     assert {"Q4_K", "Q6_K"} <= origins, origins
-    out, ref_out = tmp_path / "source", tmp_path / "fp32"
-    report = onnxforge.build(path, out, recipe=Recipe(precision="source", accuracy_level=0,
-                                                      keep_float=KEEP_FLOAT)).to_json()
+    report = as_stored_matches_fp32(path, tmp_path, KEEP_FLOAT, label="Q4_K_M")
     storage = {g["label"]: g["storage"] for g in report["groups"]}
     assert "exact Q4_K" in storage["/model/layers.1/attn/q_b_proj"], storage
     assert all("exact" in kind or kind.startswith("fp32") for kind in storage.values()), storage
-    onnxforge.build(path, ref_out, "fp32")
-    prompt, decode = tokens()
-    got = steps(out, [prompt] + [[t] for t in decode])
-    want = steps(ref_out, [prompt] + [[t] for t in decode])
-    print(f"Q4_K_M as stored vs its fp32 build max |diff| {np.abs(got - want).max():.3g}")
-    assert np.abs(got - want).max() < FP32_TOL, np.abs(got - want).max()
 
 
 def test_deepseek_gguf_unsplit_kv_b(tmp_path_factory, tmp_path):

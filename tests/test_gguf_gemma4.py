@@ -15,23 +15,17 @@ per-layer inputs with KV sharing and double-wide MLPs (test_family_gemma4.PLE: E
 """
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
 import pytest
-from family_check import FP32_TOL
-from test_family_hybrid import steps
-from test_gguf_hybrid import quantize, rewrite
+from test_gguf_hybrid import as_stored_matches_fp32, fp32_build_matches, quantize, rewrite, stored_blocks_exact
 
-import onnxforge
 from onnxforge.errors import ConfigError
-from onnxforge.quant.recipe import Recipe
 from onnxforge.sources.gguf import GGUFSource
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-from conftest import genai_greedy, reference_greedy, reference_logits  # noqa: E402
 from test_family_gemma4 import make_causal, tokens  # noqa: E402
 
 _CACHE: dict = {}
@@ -78,16 +72,7 @@ def test_gemma4_gguf_fp32_and_genai(tmp_path_factory, tmp_path):
         for name in source.tensor_names():
             np.testing.assert_array_equal(source.read(name), state[name], err_msg=name)
     out = tmp_path / "out"
-    onnxforge.build(path, out, "fp32")
-    report = json.loads((out / "build_report.json").read_text())
-    assert report["architecture"] == "Gemma4ForCausalLM" and not report.get("unread_tensors"), report
-    prompt, decode = tokens()
-    ref = reference_logits(model, prompt + decode)
-    got = steps(out, [prompt] + [[t] for t in decode])
-    print(f"gemma4: fp32 GGUF build vs transformers max |diff| {np.abs(got - ref).max():.3g}")
-    assert np.abs(got - ref).max() < FP32_TOL, np.abs(got - ref).max()
-    p, _ = tokens(1)
-    assert genai_greedy(out, p, 20) == reference_greedy(model, p, 20)
+    fp32_build_matches(path, out, model, "Gemma4ForCausalLM", tokens=tokens, label="gemma4")
     built = transformers.PreTrainedTokenizerFast.from_pretrained(out)
     for text in (TEXT[:400], " a leading space", "two\nlines  and spaces"):  # the file adds <bos>; the source, not
         assert built(text)["input_ids"] == [1, *tok(text)["input_ids"]], text
@@ -96,16 +81,10 @@ def test_gemma4_gguf_fp32_and_genai(tmp_path_factory, tmp_path):
 def test_gemma4_gguf_q8_0_as_stored(tmp_path_factory, tmp_path):
     _, _, f32 = converted(tmp_path_factory)
     path = quantize(f32, "Q8_0")
-    report = onnxforge.build(path, tmp_path / "source", recipe=Recipe(precision="source", accuracy_level=0)).to_json()
+    report = as_stored_matches_fp32(path, tmp_path, tokens=tokens, label="gemma4 Q8_0")
     storage = {g["label"]: g["storage"] for g in report["groups"]}
     assert storage["/model/layers.1/attn/qkv_proj"].endswith("(exact Q8_0)"), storage
     assert all(kind.startswith("fp32") or "(exact Q8_0)" in kind for kind in storage.values()), storage
-    onnxforge.build(path, tmp_path / "fp32", "fp32")
-    prompt, decode = tokens()
-    got = steps(tmp_path / "source", [prompt] + [[t] for t in decode])
-    want = steps(tmp_path / "fp32", [prompt] + [[t] for t in decode])
-    print(f"gemma4: Q8_0 as stored vs its fp32 build max |diff| {np.abs(got - want).max():.3g}")
-    assert np.abs(got - want).max() < FP32_TOL, np.abs(got - want).max()
 
 
 FORMS = {"moe": {"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 32},
@@ -134,17 +113,7 @@ def test_gemma4_forms_gguf_fp32_and_genai(tmp_path_factory, tmp_path, form):
         assert sorted(source.tensor_names()) == sorted(state)
         for name in source.tensor_names():
             np.testing.assert_array_equal(source.read(name), state[name], err_msg=name)
-    out = tmp_path / "out"
-    onnxforge.build(path, out, "fp32")
-    report = json.loads((out / "build_report.json").read_text())
-    assert report["architecture"] == "Gemma4ForCausalLM" and not report.get("unread_tensors"), report
-    prompt, decode = tokens()
-    ref = reference_logits(model, prompt + decode)
-    got = steps(out, [prompt] + [[t] for t in decode])
-    print(f"gemma4 {form}: fp32 GGUF build vs transformers max |diff| {np.abs(got - ref).max():.3g}")
-    assert np.abs(got - ref).max() < FP32_TOL, np.abs(got - ref).max()
-    p, _ = tokens(1)
-    assert genai_greedy(out, p, 20) == reference_greedy(model, p, 20)
+    fp32_build_matches(path, tmp_path / "out", model, "Gemma4ForCausalLM", tokens=tokens, label=f"gemma4 {form}")
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -152,39 +121,19 @@ def test_gemma4_forms_gguf_q8_0_as_stored(tmp_path_factory, tmp_path, form):
     """llama.cpp's Q8_0 of each file, built as stored: every non-expert weight with a block form is the file's
     blocks as they are (the graph's MatMulNBits of them equals gguf-py's dequantization bit for bit); the logits
     equal the fp32 build of the same file over the prompt and 20 cached decode steps."""
-    from gguf.quants import dequantize
-    from test_prequant_gguf import op_dequantize
-
     _, _, f32 = converted(tmp_path_factory, form)
     path = quantize(f32, "Q8_0")
-    exact = set()
     with GGUFSource(path) as source:
-        for hf in source.tensor_names():
-            fmt = source.native_format(hf)
-            if fmt is None or not fmt.bits or ".experts." in hf:
-                continue
-            assert fmt.origin == "Q8_0", hf
-            N, K = source.shape(hf)
-            stored = source._tensors[hf]
-            ref = dequantize(np.asarray(stored.data), stored.tensor_type).reshape(N, K)
-            np.testing.assert_array_equal(op_dequantize(source.native_blocks(hf, 8, fmt.block_size), K, N), ref,
-                                          err_msg=hf)
-            exact.add(hf)
+        exact, _ = stored_blocks_exact(source, "Q8_0")
     want = {f"model.layers.{i}.{p}.weight" for i in range(4)
             for p in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
     want |= {"model.embed_tokens.weight", "model.layers.0.self_attn.k_proj.weight"}
     assert want <= exact, sorted(want - exact)
-    report = onnxforge.build(path, tmp_path / "source", recipe=Recipe(precision="source", accuracy_level=0)).to_json()
+    report = as_stored_matches_fp32(path, tmp_path, tokens=tokens,
+                                    label=f"gemma4 {form} Q8_0 ({len(exact)} weights' blocks exact)")
     storage = {g["label"]: g["storage"] for g in report["groups"]}
     assert storage["/model/layers.1/attn/qkv_proj"].endswith("(exact Q8_0)"), storage
     assert all(kind.startswith("fp32") or "(exact Q8_0)" in kind for kind in storage.values()), storage
-    onnxforge.build(path, tmp_path / "fp32", "fp32")
-    prompt, decode = tokens()
-    got = steps(tmp_path / "source", [prompt] + [[t] for t in decode])
-    want_logits = steps(tmp_path / "fp32", [prompt] + [[t] for t in decode])
-    print(f"gemma4 {form}: Q8_0 as stored vs its fp32 build max |diff| {np.abs(got - want_logits).max():.3g} "
-          f"({len(exact)} weights' blocks exact)")
-    assert np.abs(got - want_logits).max() < FP32_TOL, np.abs(got - want_logits).max()
 
 
 @pytest.mark.parametrize("key,value,vtype", [("feed_forward_length", [96, 96, 192, 96], "ARRAY"),

@@ -74,6 +74,86 @@ def quantize(f32, ftype: str):
     return out
 
 
+def split_stacked_experts(name: str, a: np.ndarray, out: dict) -> bool:
+    """transformers' stacked experts as sources/gguf.py names llama.cpp's (module weights, gate_up_proj split into
+    `mlp.experts.gate_proj.weight` / `up_proj.weight`) into `out`; False for any other tensor."""
+    if name.endswith("mlp.experts.gate_up_proj"):
+        half = a.shape[1] // 2
+        out[name.replace("gate_up_proj", "gate_proj.weight")] = a[:, :half]
+        out[name.replace("gate_up_proj", "up_proj.weight")] = a[:, half:]
+        return True
+    if name.endswith("mlp.experts.down_proj"):
+        out[f"{name}.weight"] = a
+        return True
+    return False
+
+
+def fp32_build_matches(path, out, model, arch: str, tokens=tokens, chunked: bool = False, greedy: bool = True,
+                       label: str = "") -> float:
+    """A GGUF file built at fp32: read as `arch` with no tensor left unread, logits within FP32_TOL of transformers'
+    over the prompt and 20 cached decode steps (and with the prompt in two chunks where `chunked`), and
+    onnxruntime-genai's greedy tokens equal transformers' where `greedy`. Returns the largest difference."""
+    onnxforge.build(path, out, "fp32")
+    report = json.loads((out / "build_report.json").read_text())
+    assert report["architecture"] == arch and not report.get("unread_tensors"), report
+    prompt, decode = tokens()
+    ref = reference_logits(model, prompt + decode)
+    diff = 0.0
+    for first in [[prompt]] + ([[prompt[:5], prompt[5:]]] if chunked else []):
+        got = steps(out, first + [[t] for t in decode])
+        diff = max(diff, float(np.abs(got - ref).max()))
+        assert diff < FP32_TOL, diff
+    if label:
+        print(f"{label}: fp32 GGUF build vs transformers max |diff| {diff:.3g}")
+    if greedy:
+        p, _ = tokens(1)  # onnxruntime-genai runs the GGUF build as is (its genai_config.json, states and all)
+        assert genai_greedy(out, p) == reference_greedy(model, p)
+    return diff
+
+
+def as_stored_matches_fp32(path, folder, keep_float=(), tokens=tokens, label: str = "") -> dict:
+    """A quantized GGUF file built as stored (-p source, accuracy_level 0, `keep_float` groups float) into
+    folder/source and at fp32 into folder/fp32: logits within FP32_TOL of each other over the prompt and 20 cached
+    decode steps. Returns the as-stored build's report (JSON)."""
+    report = onnxforge.build(path, folder / "source", recipe=Recipe(precision="source", accuracy_level=0,
+                                                                   keep_float=tuple(keep_float))).to_json()
+    onnxforge.build(path, folder / "fp32", "fp32")
+    prompt, decode = tokens()
+    got = steps(folder / "source", [prompt] + [[t] for t in decode])
+    want = steps(folder / "fp32", [prompt] + [[t] for t in decode])
+    diff = float(np.abs(got - want).max())
+    if label:
+        print(f"{label}: as stored vs its fp32 build max |diff| {diff:.3g}")
+    assert diff < FP32_TOL, diff
+    return report
+
+
+def stored_blocks_exact(source, origin: str | None = None) -> tuple[set, set]:
+    """Every non-expert weight the file stores in a block form: the graph's own dequantization of the blocks the
+    build carries (test_prequant_gguf.op_dequantize) against gguf-py's of the stored tensor (bit for bit, or within
+    the rounding of a centred type's offset: test_gguf_source.assert_same_weight), each of type `origin` if given.
+    Returns (the names checked, the types seen)."""
+    from gguf.quants import dequantize
+    from test_gguf_source import assert_same_weight
+    from test_prequant_gguf import op_dequantize
+
+    names, origins = set(), set()
+    for hf in source.tensor_names():
+        fmt = source.native_format(hf)
+        if fmt is None or not fmt.bits or ".experts." in hf:
+            continue
+        if origin is not None:
+            assert fmt.origin == origin, hf
+        N, K = source.shape(hf)
+        stored = source._tensors[hf]
+        ref = dequantize(np.asarray(stored.data), stored.tensor_type).reshape(N, K)
+        blocks = source.native_blocks(hf, fmt.bits, fmt.block_size)
+        assert_same_weight(op_dequantize(blocks, K, N), ref, blocks, err_msg=hf)
+        names.add(hf)
+        origins.add(fmt.origin)
+    return names, origins
+
+
 def hf_state(model) -> dict[str, np.ndarray]:
     """transformers' state dict with stacked experts' gate_up_proj split as llama.cpp stores them (sources/gguf.py
     names stacked experts as module weights: `mlp.experts.gate_proj.weight`), and Qwen3-Next's in_proj_qkvz /
@@ -94,13 +174,7 @@ def hf_state(model) -> dict[str, np.ndarray]:
             b, aa = np.split(a.reshape(k, 2 * r, -1), 2, axis=1)
             p = name.replace("in_proj_ba.weight", "in_proj_")
             out[p + "b.weight"], out[p + "a.weight"] = b.reshape(-1, a.shape[1]), aa.reshape(-1, a.shape[1])
-        elif name.endswith("mlp.experts.gate_up_proj"):
-            half = a.shape[1] // 2
-            out[name.replace("gate_up_proj", "gate_proj.weight")] = a[:, :half]
-            out[name.replace("gate_up_proj", "up_proj.weight")] = a[:, half:]
-        elif name.endswith("mlp.experts.down_proj"):
-            out[f"{name}.weight"] = a
-        else:
+        elif not split_stacked_experts(name, a, out):
             out[name] = a
     return out
 
@@ -117,18 +191,7 @@ def test_qwen_linear_attention_gguf_fp32(tmp_path_factory, tmp_path, name):
             got = source.read(tensor)
             assert got.shape == state[tensor].shape, tensor
             np.testing.assert_allclose(got, state[tensor], rtol=1e-6, atol=1e-7, err_msg=tensor)
-    out = tmp_path / "out"
-    onnxforge.build(path, out, "fp32")
-    report = json.loads((out / "build_report.json").read_text())
-    assert report["architecture"] == hf_arch and not report.get("unread_tensors"), report
-    prompt, decode = tokens()
-    ref = reference_logits(model, prompt + decode)
-    one = steps(out, [prompt] + [[t] for t in decode])
-    two = steps(out, [prompt[:5], prompt[5:]] + [[t] for t in decode])
-    assert np.abs(one - ref).max() < FP32_TOL, np.abs(one - ref).max()
-    assert np.abs(two - ref).max() < FP32_TOL, np.abs(two - ref).max()
-    p, _ = tokens(1)  # onnxruntime-genai runs the GGUF build as is (its genai_config.json, states and all)
-    assert genai_greedy(out, p) == reference_greedy(model, p)
+    fp32_build_matches(path, tmp_path / "out", model, hf_arch, chunked=True)
 
 
 @pytest.mark.parametrize("name", ["qwen3_5", "qwen3_5_moe"])
@@ -147,18 +210,11 @@ def test_qwen_linear_attention_gguf_q8_0_as_stored(tmp_path_factory, tmp_path, n
             assert source.stored_format(w) == "Q8_0" and source.native_format(w).bits == 8, proj
     with GGUFSource(quantize(converted(tmp_path_factory, name)[2], "Q8_0")) as narrow:
         assert narrow.native_format("model.layers.0.linear_attn.out_proj.weight").bits == 0
-    exact, ref = tmp_path / "source", tmp_path / "fp32"
     keep = ("/model/layers.*/moe/experts/*",) if "moe" in name else ()
-    report = onnxforge.build(path, exact, recipe=Recipe(precision="source", accuracy_level=0,
-                                                        keep_float=keep)).to_json()
-    onnxforge.build(path, ref, "fp32")
+    report = as_stored_matches_fp32(path, tmp_path, keep)
     storage = {g["label"]: g["storage"] for g in report["groups"]}
     for proj in ("qkv_proj", "z_proj", "out_proj"):
         assert storage[f"/model/layers.0/linear_attn/{proj}"] == "int8 block 32 (exact Q8_0)", storage
-    prompt, decode = tokens()
-    got = steps(exact, [prompt] + [[t] for t in decode])
-    want = steps(ref, [prompt] + [[t] for t in decode])
-    assert np.abs(got - want).max() < FP32_TOL, np.abs(got - want).max()
 
 
 def converted_lfm2(tmp_path_factory, name: str):
@@ -193,26 +249,10 @@ def test_lfm2_gguf_fp32_and_q8_0(tmp_path_factory, tmp_path, name, arch):
         state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
         conv = source.read("model.layers.0.conv.conv.weight")
         np.testing.assert_array_equal(conv, state["model.layers.0.conv.conv.weight"])
-    out = tmp_path / "out"
-    onnxforge.build(path, out, "fp32")
-    report = json.loads((out / "build_report.json").read_text())
-    assert report["architecture"] == arch and not report.get("unread_tensors"), report
-    prompt, decode = tokens()
-    ref = reference_logits(model, prompt + decode)
-    one = steps(out, [prompt] + [[t] for t in decode])
-    two = steps(out, [prompt[:5], prompt[5:]] + [[t] for t in decode])
-    assert np.abs(one - ref).max() < FP32_TOL, np.abs(one - ref).max()
-    assert np.abs(two - ref).max() < FP32_TOL, np.abs(two - ref).max()
-    p, _ = tokens(1)
-    assert genai_greedy(out, p) == reference_greedy(model, p)
-    q8, exact = quantize(path, "Q8_0"), tmp_path / "source"
+    fp32_build_matches(path, tmp_path / "out", model, arch, chunked=True)
     keep = ("/model/layers.*/moe/experts/*",) if "moe" in name else ()
-    report = onnxforge.build(q8, exact, recipe=Recipe(precision="source", accuracy_level=0, keep_float=keep)).to_json()
+    report = as_stored_matches_fp32(quantize(path, "Q8_0"), tmp_path, keep)
     assert {g["storage"] for g in report["groups"] if "conv/in_proj" in g["label"]} == {"int8 block 32 (exact Q8_0)"}
-    onnxforge.build(q8, tmp_path / "fp32", "fp32")
-    got = steps(exact, [prompt] + [[t] for t in decode])
-    want = steps(tmp_path / "fp32", [prompt] + [[t] for t in decode])
-    assert np.abs(got - want).max() < FP32_TOL, np.abs(got - want).max()
 
 
 def test_glm4_moe_gguf_fp32_and_q8_0(tmp_path_factory, tmp_path):
@@ -234,21 +274,8 @@ def test_glm4_moe_gguf_fp32_and_q8_0(tmp_path_factory, tmp_path):
     path = real_convert(folder, tmp_path / "F32.gguf", "f32", pre="gpt-2")
     with GGUFSource(path) as source:
         assert source._key("block_count") == 4 and source.config["num_hidden_layers"] == 3
-    out = tmp_path / "out"
-    onnxforge.build(path, out, "fp32")
-    report = json.loads((out / "build_report.json").read_text())
-    assert report["architecture"] == "Glm4MoeForCausalLM" and not report.get("unread_tensors"), report
-    prompt, decode = tokens()
-    ref = reference_logits(model, prompt + decode)
-    got = steps(out, [prompt] + [[t] for t in decode])
-    assert np.abs(got - ref).max() < FP32_TOL, np.abs(got - ref).max()
-    q8 = quantize(path, "Q8_0")
-    onnxforge.build(q8, tmp_path / "source", recipe=Recipe(precision="source", accuracy_level=0,
-                                                          keep_float=("/model/layers.*/moe/experts/*",)))
-    onnxforge.build(q8, tmp_path / "fp32", "fp32")
-    got = steps(tmp_path / "source", [prompt] + [[t] for t in decode])
-    want = steps(tmp_path / "fp32", [prompt] + [[t] for t in decode])
-    assert np.abs(got - want).max() < FP32_TOL, np.abs(got - want).max()
+    fp32_build_matches(path, tmp_path / "out", model, "Glm4MoeForCausalLM", greedy=False)
+    as_stored_matches_fp32(quantize(path, "Q8_0"), tmp_path, ("/model/layers.*/moe/experts/*",))
 
 
 @pytest.mark.parametrize("variant", ["moe", "dense"])
@@ -272,25 +299,9 @@ def test_granite_hybrid_gguf_fp32_and_q8_0(tmp_path_factory, tmp_path, variant):
     written = dict(config, layer_types=[legacy[t] for t in config["layer_types"]])
     (folder / "config.json").write_text(json.dumps(written))
     path = real_convert(folder, tmp_path / "F32.gguf", "f32", pre="gpt-2")
-    out = tmp_path / "out"
-    onnxforge.build(path, out, "fp32")
-    report = json.loads((out / "build_report.json").read_text())
-    assert report["architecture"] == "GraniteMoeHybridForCausalLM" and not report.get("unread_tensors"), report
-    prompt, decode = tokens()
-    ref = reference_logits(model, prompt + decode)
-    one = steps(out, [prompt] + [[t] for t in decode])
-    two = steps(out, [prompt[:5], prompt[5:]] + [[t] for t in decode])
-    assert np.abs(one - ref).max() < FP32_TOL, np.abs(one - ref).max()
-    assert np.abs(two - ref).max() < FP32_TOL, np.abs(two - ref).max()
-    p, _ = tokens(1)
-    assert genai_greedy(out, p) == reference_greedy(model, p)
-    q8 = quantize(path, "Q8_0")
+    fp32_build_matches(path, tmp_path / "out", model, "GraniteMoeHybridForCausalLM", chunked=True)
     keep = ("/model/layers.*/moe/experts/*",) if variant == "moe" else ()
-    onnxforge.build(q8, tmp_path / "source", recipe=Recipe(precision="source", accuracy_level=0, keep_float=keep))
-    onnxforge.build(q8, tmp_path / "fp32", "fp32")
-    got = steps(tmp_path / "source", [prompt] + [[t] for t in decode])
-    want = steps(tmp_path / "fp32", [prompt] + [[t] for t in decode])
-    assert np.abs(got - want).max() < FP32_TOL, np.abs(got - want).max()
+    as_stored_matches_fp32(quantize(path, "Q8_0"), tmp_path, keep)
     if variant == "dense":  # the converter's reading of transformers 5's layer names: refused, naming the fix
         (folder / "config.json").write_text(json.dumps(config))
         bad = real_convert(folder, tmp_path / "no-attention.gguf", "f32", pre="gpt-2")
@@ -311,21 +322,8 @@ def test_llama4_gguf_fp32_and_q8_0(tmp_path_factory, tmp_path):
     published = dict(TEXT, attention_chunk_size=8192, floor_scale=8192, attn_scale=0.1)
     model = make_model("llama4", tmp_path / "hf", cls="Llama4TextConfig", **published)
     path = real_convert(tmp_path / "hf", tmp_path / "F32.gguf", "f32", pre="gpt-2")
-    out = tmp_path / "out"
-    onnxforge.build(path, out, "fp32")
-    report = json.loads((out / "build_report.json").read_text())
-    assert report["architecture"] == "Llama4ForCausalLM" and not report.get("unread_tensors"), report
-    prompt, decode = tokens()
-    ref = reference_logits(model, prompt + decode)
-    got = steps(out, [prompt] + [[t] for t in decode])
-    assert np.abs(got - ref).max() < FP32_TOL, np.abs(got - ref).max()
-    q8 = quantize(path, "Q8_0")
-    onnxforge.build(q8, tmp_path / "source", recipe=Recipe(precision="source", accuracy_level=0,
-                                                          keep_float=("/model/layers.*/moe/experts/*",)))
-    onnxforge.build(q8, tmp_path / "fp32", "fp32")
-    got = steps(tmp_path / "source", [prompt] + [[t] for t in decode])
-    want = steps(tmp_path / "fp32", [prompt] + [[t] for t in decode])
-    assert np.abs(got - want).max() < FP32_TOL, np.abs(got - want).max()
+    fp32_build_matches(path, tmp_path / "out", model, "Llama4ForCausalLM", greedy=False)
+    as_stored_matches_fp32(quantize(path, "Q8_0"), tmp_path, ("/model/layers.*/moe/experts/*",))
 
 
 def test_qwen35_gguf_with_mtp_layers_leaves_them_out(tmp_path_factory, tmp_path):
@@ -449,11 +447,6 @@ def test_qwen35_gguf_q4_k_m_moves_out_proj_sub_blocks_exactly(tmp_path_factory, 
     out_proj = "model.layers.0.linear_attn.out_proj.weight"
     with GGUFSource(path) as source:
         assert source.stored_format(out_proj) == "Q4_K" and source.native_format(out_proj).bits == 4
-    report = onnxforge.build(path, tmp_path / "source", recipe=Recipe(precision="source", accuracy_level=0)).to_json()
+    report = as_stored_matches_fp32(path, tmp_path)
     storage = {g["label"]: g["storage"] for g in report["groups"]}
     assert "exact Q4_K" in storage["/model/layers.0/linear_attn/out_proj"], storage
-    onnxforge.build(path, tmp_path / "fp32", "fp32")
-    prompt, decode = tokens()
-    got = steps(tmp_path / "source", [prompt] + [[t] for t in decode])
-    want = steps(tmp_path / "fp32", [prompt] + [[t] for t in decode])
-    assert np.abs(got - want).max() < FP32_TOL, np.abs(got - want).max()
