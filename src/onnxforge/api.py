@@ -135,7 +135,8 @@ def build(
         if calibrated is not None:
             report.notes.extend(calibrated.notes())
             report.recipe["calibration"] = {**calibrated.text.describe(), "act_order": calibrated.act_order,
-                                            "seconds": round(calibrated.seconds, 1)}
+                                            "seconds": round(calibrated.seconds, 1),
+                                            **({"experts": calibrated.experts} if calibrated.experts else {})}
         report.notes.extend(lora.notes())
         report.notes.extend(_ignored_note(arch, source))
         report.warnings.extend(_no_exact_form_warning(builder))

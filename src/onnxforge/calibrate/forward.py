@@ -24,7 +24,10 @@ def check_supported(spec: ModelSpec, method: str) -> None:
         if layer.kind != "attention":
             why.append(f"layer {i} is a {layer.kind} layer")
         if layer.moe:
-            why.append("mixture-of-experts layers (experts are not calibrated yet)")
+            from .moe import unsupported
+
+            if unsupported(spec):
+                why.append(unsupported(spec))
         if layer.chunk or getattr(layer, "k_eq_v", False):
             why.append(f"layer {i} has chunked or k=v attention")
         if a.qk_norm not in ("", "head") or (a.qk_norm and not spec.norm.weight):
@@ -41,7 +44,8 @@ def check_supported(spec: ModelSpec, method: str) -> None:
     if spec.mlp.activation not in ACTS:
         why.append(f"activation {spec.mlp.activation}")
     if why:
-        raise RecipeError(f"method {method} calibrates dense pre-norm attention decoders; this model has "
+        raise RecipeError(f"method {method} calibrates dense pre-norm attention decoders and their softmax-routed "
+                          f"mixtures of experts; this model has "
                           f"{why[0]}: use method k_quant or hqq (calibration-free) for it")
 
 

@@ -12,6 +12,10 @@ projections that read one input (q/k/v; o; gate/up; down):
 3. the quantized projections compute the next group's input, so later layers see the earlier layers'
    quantization error.
 
+Mixture-of-experts layers (calibrate/moe.py): the router as the build computes it (softmax, top k), each expert's
+gate/up/down from exactly the tokens routed to it, an expert too few tokens reach rounded to nearest (FALLBACK);
+the experts' blocks reach the QMoE op as made.
+
 The quantized blocks go to a temporary folder (one .npz per weight, read back when the build writes that
 weight); scaled float weights and norms are served by `CalibratedSource` to the build. Memory: the layer's
 activations (a few copies of tokens x hidden, and one token-chunk of the MLP's intermediate), one layer's
@@ -62,13 +66,17 @@ class Result:
     text: CalibrationText | None = None
     seconds: float = 0.0
     act_order: bool = False
+    experts: list[dict] = field(default_factory=list)  # per MoE layer: experts calibrated / fallen back (moe.py)
+    fallback: set[str] = field(default_factory=set)  # weights saved as FALLBACK: no (or too few) tokens reach them
 
     def notes(self) -> list[str]:
         t = self.text.describe() if self.text else {}
         order = ", GPTQ act-order (static groups)" if self.act_order else ""
         out = [f"calibrated on {t.get('samples')} samples x {t.get('length')} tokens of {t.get('source')} "
                f"(sha256 {str(t.get('sha256'))[:16]}...), layer by layer in {self.seconds:.0f} s: "
-               f"{len(self.blocks)} weights quantized from their inputs{order}"]
+               f"{len(self.blocks) - len(self.fallback)} weights quantized from their inputs{order}"]
+        if self.experts:
+            out.append(experts_note(self.experts))
         if self.alphas:
             out.append(f"AWQ scales on {len(self.alphas)} projection groups, alpha "
                        f"{min(self.alphas):.2f} to {max(self.alphas):.2f} (mean {np.mean(self.alphas):.2f})")
@@ -243,7 +251,13 @@ class Layerwise:
             out += self.bias(o.module)
         x = x + np.float32(spec.residual_scale) * out
         del out
-        return x + np.float32(spec.residual_scale) * self.mlp(i, x)
+        return x + np.float32(spec.residual_scale) * (self.moe(i, x) if spec.layers[i].moe else self.mlp(i, x))
+
+    def moe(self, i: int, x: np.ndarray) -> np.ndarray:
+        """A mixture of experts' output (calibrate/moe.py: experts calibrated on the tokens routed to them)."""
+        from .moe import moe_layer
+
+        return moe_layer(self, i, x)
 
     def mlp(self, i: int, x: np.ndarray) -> np.ndarray:
         spec, names, m = self.spec, self.names, self.spec.mlp
@@ -315,6 +329,19 @@ class Layerwise:
             self.group(h, [(name, st)])
 
 
+def experts_note(experts: list[dict]) -> str:
+    """The report's line on MoE experts: calibrated per layer, and those that fell back to FALLBACK."""
+    from .moe import MIN_EXPERT_TOKENS
+
+    per = ", ".join(f"layer {d['layer']} {d['calibrated']}/{d['experts']}" for d in experts)
+    fell = "; ".join(f"layer {d['layer']}: " + ", ".join(f"expert {e} ({n} tokens)" for e, n in d["fallback"].items())
+                     for d in experts if d["fallback"])
+    out = f"MoE experts calibrated on the tokens routed to them: {per}"
+    if fell:
+        out += f"; reached by fewer than {MIN_EXPERT_TOKENS} calibration tokens, rounded to nearest ({FALLBACK}): {fell}"
+    return out
+
+
 class _Fold:
     def __init__(self, fn):
         self.fn = fn
@@ -333,6 +360,10 @@ def calibrate(source, spec, names, recipe, cal: Calibration, progress=None) -> R
     try:
         run = Layerwise(source, spec, names, recipe, text, folder)
         run.act_order = cal.act_order
+        if any(layer.moe for layer in spec.layers):
+            from .moe import check_expert_forms
+
+            check_expert_forms(run)
         x = run.embed()
         for i in range(spec.num_layers):
             x = run.layer(i, x)

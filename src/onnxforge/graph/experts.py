@@ -297,6 +297,8 @@ def stored_storage(st: Storage, code_bits: int) -> Storage:
 
 
 def describe_stored(st: Storage, scale_np: np.dtype) -> str:
+    if st.method != "source":  # onnxforge.calibrate's blocks (graph/moe.py as_stored): the codes it chose
+        return f"int{st.bits} {st.method} {'sym' if st.symmetric else 'asym'} block {st.block_size} (calibrated, QMoE)"
     origin, _, code_bits = st.origin.partition(":")
     zp = "" if st.symmetric else " zero points"
     if code_bits:  # quant/qmoe.py closest_min_form
@@ -321,7 +323,8 @@ def stored_experts_job(blocks_of: Callable[[int], object], source_of: Callable[[
 
     Np, Kp = pad_to or (N, K)
     slots = quant_experts_slots(prefix, E, Np, Kp, st, scale_dtype)
-    closest = ":" in st.origin or np.dtype(scale_np) != np.float32  # the difference is measured
+    # the difference is measured (not for calibrated blocks: `source_of` is the float weight they quantize)
+    closest = ":" in st.origin or (np.dtype(scale_np) != np.float32 and st.method == "source")
     job = WeightJob(label, slots, lambda: [], describe_stored(st, scale_np), sources)
     job.max_difference = None if closest else 0.0
 

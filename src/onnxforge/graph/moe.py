@@ -32,6 +32,7 @@ import onnx_ir as ir
 
 from ..archs.names import Part
 from ..errors import ConfigError, RecipeError
+from ..quant.methods import CALIBRATED_FALLBACK
 from ..quant.storage import Storage
 from . import experts as X
 from . import weights as W
@@ -72,6 +73,13 @@ def as_stored(e: "Emitter", t: X.ExpertTensors, sts: list[Storage], block: int) 
     kind = getattr(e.plan, "moe_quant_type", None)
     limit = {"int4": 4, "int8": 8}.get(kind or getattr(e.plan, "precision", "source"), 8)  # -p int4: at most 4 bits
     for j, (st, srcs) in enumerate(zip(sts, (t.fc1_sources, t.fc2_sources))):
+        if st.quantized and st.method in CALIBRATED_FALLBACK:  # gptq / awq: the blocks calibration made, as made
+            if t.blocks is not None and _calibrated(e.source, srcs, st):
+                code_bits[j] = st.bits
+                sts[j] = dataclasses.replace(st, origin="calibrated")
+            else:  # no calibration reached them: the fallback, said so in the storage
+                sts[j] = dataclasses.replace(st, method=CALIBRATED_FALLBACK[st.method], origin="uncalibrated")
+            continue
         if st.method != "source":
             continue
         if t.blocks is None or (st.offsets and limit < 8):  # a minimum's closest form takes 8 bits
@@ -90,6 +98,35 @@ def as_stored(e: "Emitter", t: X.ExpertTensors, sts: list[Storage], block: int) 
     return sts, code_bits
 
 
+def expert_storages(plan, spec, i: int, t: X.ExpertTensors) -> tuple[Storage, Storage, int, str, bool]:
+    """(fc1's storage, fc2's, the QMoE block, the block's note, whether the intermediate size is padded) of layer
+    i's experts, as the recipe decides them (onnxforge.calibrate quantizes the experts with the same)."""
+    from ..quant.qmoe import qmoe_block
+
+    H, I = spec.hidden_size, spec.moe.intermediate_size
+    base = f"/model/layers.{i}/moe/experts"
+    modules = lambda srcs: [s[: -len(".weight")] if s.endswith(".weight") else s for s in srcs]  # noqa: E731
+    pad = getattr(plan, "provider", "cpu") in PAD_EXPERTS_FOR  # CUDA QMoE: I padded to a multiple of 64
+    dims = {"hidden size": H, "intermediate size": _round_up(I, CUDA_K_TILE) if pad else I}
+    block, block_note = qmoe_block(getattr(plan, "qmoe_block_size", None), dims)
+    st1 = expert_storage(plan, [f"{base}/gate_up_proj/MatMul", f"{base}/gate_proj/MatMul",
+                                f"{base}/up_proj/MatMul", f"model.layers.{i}.mlp.experts.gate_up_proj",
+                                *modules(t.fc1_sources)], block)
+    st2 = expert_storage(plan, [f"{base}/down_proj/MatMul", f"model.layers.{i}.mlp.experts.down_proj",
+                                *modules(t.fc2_sources)], block)
+    if st1.quantized != st2.quantized:  # the op stores both projections alike: keep both float
+        st1 = st2 = plan.io
+    return st1, st2, block, block_note, pad
+
+
+def _calibrated(source, srcs: Sequence[str], st: Storage) -> bool:
+    """Whether onnxforge.calibrate made every tensor of a projection in the storage `st` asks for."""
+    fmt = getattr(source, "native_format", None)
+    want = ("calibrated", st.bits, st.block_size, not st.symmetric, False)
+    return fmt is not None and all((f.origin, f.bits, f.block_size, f.zero_points, f.offsets) == want
+                                   for f in map(fmt, srcs) if f is not None) and all(fmt(n) is not None for n in srcs)
+
+
 class Experts:
     """One layer's expert initializers, registered once; `op` emits a MoE / QMoE node over them."""
 
@@ -100,19 +137,8 @@ class Experts:
         self.e, self.i, self.m = e, i, m
         base = f"/model/layers.{i}/moe/experts"
         t = X.find_experts(e, i)
-        modules = lambda srcs: [s[: -len(".weight")] if s.endswith(".weight") else s for s in srcs]  # noqa: E731
-        from ..quant.qmoe import qmoe_block
-
-        pad = getattr(e.plan, "provider", "cpu") in PAD_EXPERTS_FOR  # CUDA QMoE: I padded to a multiple of 64
+        st1, st2, block, block_note, pad = expert_storages(e.plan, e.spec, i, t)
         dims = {"hidden size": H, "intermediate size": _round_up(I, CUDA_K_TILE) if pad else I}
-        block, block_note = qmoe_block(getattr(e.plan, "qmoe_block_size", None), dims)
-        st1 = expert_storage(e.plan, [f"{base}/gate_up_proj/MatMul", f"{base}/gate_proj/MatMul",
-                                      f"{base}/up_proj/MatMul", f"model.layers.{i}.mlp.experts.gate_up_proj",
-                                      *modules(t.fc1_sources)], block)
-        st2 = expert_storage(e.plan, [f"{base}/down_proj/MatMul", f"model.layers.{i}.mlp.experts.down_proj",
-                                      *modules(t.fc2_sources)], block)
-        if st1.quantized != st2.quantized:  # the op stores both projections alike: keep both float
-            st1 = st2 = e.io
         (st1, st2), code_bits = as_stored(e, t, [st1, st2], block)
         self.quantized, self.st, self.st2 = st1.quantized, st1, st2
         prefix = f"model.layers.{i}.moe.experts"
@@ -157,7 +183,8 @@ class Experts:
                     job = X.stored_experts_job(t.blocks[j], fc0, f"{base}/{label}", f"{prefix}.{name}", E, N0, K0, st,
                                                code_bits[j], io.ir_dtype, io.np_dtype, srcs, pad_to=(N, K))
                 else:  # a "source" projection without its own blocks (GPTQ/AWQ experts, gate and up unalike)
-                    note = (f" (re-quantized {W.stored_formats(e.source, parts)}: no exact QMoE form)" if st.origin
+                    note = (f" ({st.method}: no calibration data reaches it)" if st.origin == "uncalibrated"
+                            else f" (re-quantized {W.stored_formats(e.source, parts)}: no exact QMoE form)" if st.origin
                             else stored(parts, st))
                     job = X.quant_experts_job(fc, f"{base}/{label}", f"{prefix}.{name}", E, N, K, st, io.ir_dtype,
                                               io.np_dtype, srcs, note)

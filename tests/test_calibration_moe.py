@@ -1,0 +1,273 @@
+"""Calibrated int4 for mixture-of-experts decoders (calibrate/moe.py): the numpy MoE layer against transformers
+layer by layer, each expert's calibration inputs against the tokens transformers itself routes to it (forward hooks),
+the calibrated expert blocks reaching the QMoE op exactly, the calibrated builds' error against transformers below
+round to nearest's (onnxruntime and onnxruntime-genai), an expert no calibration token reaches (round to nearest,
+in the notes and build_report.json), and the routing forms refused by name."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import tiny
+from conftest import genai_greedy, onnx_step_logits
+from moe_check import FAMILIES, experts_module, qmoe_nodes
+
+import onnxforge
+from onnxforge.calibrate.data import Calibration
+from onnxforge.errors import RecipeError
+from onnxforge.quant.recipe import Recipe
+
+torch = pytest.importorskip("torch")
+
+CALIBRATED = ("mixtral", "qwen3_moe", "qwen2_moe")  # softmax top-k renormalised / not, with a shared expert
+
+
+@pytest.fixture(scope="module")
+def moe_models(tmp_path_factory):
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            folder = tmp_path_factory.mktemp(f"calmoe_{name}")
+            model = tiny.make_model(name, folder, **FAMILIES[name])
+            text = folder.parent / f"calibration_{name}.txt"
+            text.write_text(tiny.TEXT * 4)
+            cache[name] = folder, model, text
+        return cache[name]
+
+    return get
+
+
+def _layerwise(folder, recipe, text, samples=4, length=32):
+    import tempfile
+    from pathlib import Path
+
+    from onnxforge.archs.registry import architecture_for
+    from onnxforge.calibrate.data import calibration_ids
+    from onnxforge.calibrate.run import Layerwise
+    from onnxforge.sources.open import open_source
+
+    source = open_source(folder)
+    arch = architecture_for(source.config)
+    spec = arch.make_spec(source.config)
+    names = arch.resolver(source)
+    cal = calibration_ids(source, Calibration(str(text), samples, length))
+    return spec, Layerwise(source, spec, names, recipe.bind(spec), cal, Path(tempfile.mkdtemp())), cal
+
+
+def _ids(folder, n=96):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(folder / "tokenizer.json")).encode(tiny.TEXT, add_special_tokens=False).ids[:n]
+
+
+@pytest.mark.parametrize("name", CALIBRATED)
+def test_moe_forward_matches_transformers_layer_by_layer(moe_models, name):
+    """The numpy MoE layer (router, top k, experts, shared expert and its gate) = transformers' hidden states."""
+    from onnxforge.calibrate import forward as F
+
+    folder, model, text = moe_models(name)
+    spec, run, cal = _layerwise(folder, Recipe(precision="fp32"), text)
+    with torch.no_grad():
+        hs = model(torch.tensor(cal.ids), output_hidden_states=True).hidden_states
+    x = run.embed()
+    assert any(layer.moe for layer in spec.layers)
+    for i in range(spec.num_layers):
+        x = run.layer(i, x)
+        got = F.norm(x, *run.norm_params("final_norm", None)[1:], spec) if i == spec.num_layers - 1 else x
+        np.testing.assert_allclose(got, hs[i + 1].reshape(-1, spec.hidden_size).numpy(), atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe"])
+def test_expert_inputs_are_the_tokens_transformers_routes(moe_models, name):
+    """Independent reference: the rows transformers' own router sends to each expert of layer 0 (a forward pre-hook
+    on its experts module: hidden states and top-k indices) are exactly the rows our gate/up GPTQ Hessian of that
+    expert is made from (attention kept float, so layer 0's input is transformers')."""
+    from onnxforge.calibrate.moe import MIN_EXPERT_TOKENS
+
+    folder, model, text = moe_models(name)
+    recipe = Recipe(precision="int4", method="gptq", keep_float=("/model/layers.*/attn/*",))
+    spec, run, cal = _layerwise(folder, recipe, text, samples=8)
+    seen = []
+    hook = experts_module(model, 0).register_forward_pre_hook(
+        lambda mod, args: seen.append([a.detach().numpy().copy() for a in args[:2]]))  # returns None: args kept
+    with torch.no_grad():
+        model(torch.tensor(cal.ids))
+    hook.remove()
+    h_ref, top = seen[0]
+    got = {}
+    group = run.group
+
+    def recording(x, projs, fold=None):
+        got[projs[0][0]] = x.copy()
+        return group(x, projs, fold)
+
+    run.group = recording
+    run.layer(0, run.embed())
+    from onnxforge.calibrate.moe import layer_experts
+
+    t = layer_experts(run, 0)
+    E = spec.moe.num_experts
+    calibrated = 0
+    for e in range(E):
+        tokens = np.nonzero((top == e).any(axis=1))[0]
+        gate = t.fc1_sources[e]
+        if tokens.size < MIN_EXPERT_TOKENS:
+            assert gate not in got  # rounded to nearest: no Hessian
+            continue
+        calibrated += 1
+        want = h_ref[tokens]
+        x = got[gate]
+        assert x.shape == want.shape, (e, x.shape, want.shape)  # the same tokens, in token order
+        np.testing.assert_allclose(x, want, atol=2e-5, rtol=1e-5)
+        np.testing.assert_allclose(x.T @ x, want.T @ want, atol=1e-3, rtol=1e-4)  # the Hessian GPTQ gets
+    assert calibrated >= E // 2
+
+
+def _build(folder, out, method, text, cal=(8, 32), **kw):
+    return onnxforge.build(folder, out, recipe=Recipe(precision="int4", method=method, accuracy_level=0, **kw),
+                           calibration=Calibration(str(text), *cal) if method != "rtn" else None)
+
+
+@pytest.mark.parametrize("name", CALIBRATED)
+def test_calibrated_moe_build_beats_round_to_nearest(moe_models, tmp_path, name):
+    """On the calibration distribution, the gptq and awq+gptq builds are closer to transformers fp32 than round to
+    nearest (same size); the experts reach QMoE as calibrated; the builds run in onnxruntime-genai."""
+    folder, model, text = moe_models(name)
+    ids = _ids(folder)
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    err, sizes = {}, {}
+    for method in ("rtn", "gptq", "awq+gptq"):
+        out = tmp_path / method.replace("+", "_")
+        _build(folder, out, method, text)
+        err[method] = float(np.square(onnx_step_logits(out, ids, []) - ref).mean())
+        sizes[method] = (out / "model.onnx.data").stat().st_size
+        if method == "rtn":
+            continue
+        saved = json.loads((out / "build_report.json").read_text())
+        experts = [g["storage"] for g in saved["groups"] if "QMoE" in g["storage"]]
+        assert experts and all(s.endswith("(calibrated, QMoE)") and f"int4 {method} sym" in s for s in experts), experts
+        per_layer = saved["recipe"]["calibration"]["experts"]
+        moe_layers = [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
+        assert [d["layer"] for d in per_layer] == moe_layers
+        assert all(d["calibrated"] + len(d["fallback"]) == d["experts"] for d in per_layer)
+        assert any("MoE experts calibrated on the tokens routed to them: layer" in n for n in saved["notes"])
+        if method == "gptq":
+            assert len(genai_greedy(out, ids[:12], 8)) == 8
+    print(name, err)
+    assert err["gptq"] < err["rtn"] and err["awq+gptq"] < err["rtn"], err
+    assert len(set(sizes.values())) == 1
+
+
+def test_calibrated_blocks_reach_qmoe_exactly(moe_models, tmp_path):
+    """The QMoE op's fc1 (gate / up rows interleaved) and fc2 arrays are the blocks calibration made, code for code
+    and scale for scale (carried over, not re-quantized)."""
+    from onnxforge.calibrate.run import CalibratedSource, calibrate
+    from onnxforge.graph.experts import interleave
+    from onnxforge.sources.open import open_source
+
+    folder, _, text = moe_models("qwen3_moe")
+    recipe = Recipe(precision="int4", method="gptq", accuracy_level=0)
+    spec, run, _ = _layerwise(folder, recipe, text)
+    res = calibrate(run.source, spec, run.names, recipe.bind(spec), Calibration(str(text), 8, 32))
+    try:
+        onnxforge.build(CalibratedSource(open_source(folder), res), tmp_path / "o", recipe=recipe)
+        nodes = qmoe_nodes(tmp_path / "o")
+        assert [n["layer"] for n in nodes] == [d["layer"] for d in res.experts]
+        E = spec.moe.num_experts
+        for node in nodes:
+            i = node["layer"]
+            for e in range(E):
+                blocks = {}
+                for role in ("gate_proj", "up_proj", "down_proj"):
+                    path, st = res.blocks[f"model.layers.{i}.mlp.experts.{e}.{role}.weight"]
+                    with np.load(path) as z:
+                        blocks[role] = (z["data"].reshape(z["data"].shape[0], -1), z["scales"])
+                data, scales, _ = node["fc1"]
+                np.testing.assert_array_equal(data[e], interleave(blocks["gate_proj"][0], blocks["up_proj"][0]))
+                np.testing.assert_array_equal(scales[e], interleave(blocks["gate_proj"][1], blocks["up_proj"][1]))
+                np.testing.assert_array_equal(node["fc2"][0][e], blocks["down_proj"][0])
+                np.testing.assert_array_equal(node["fc2"][1][e], blocks["down_proj"][1])
+    finally:
+        import shutil
+
+        shutil.rmtree(res.folder, ignore_errors=True)
+
+
+def test_expert_no_calibration_token_reaches_is_rounded_to_nearest(tmp_path):
+    """A router that never picks layer 0's expert 3 (every token's hidden state has a large channel 0, and the
+    router's row 3 weighs it by -20): that expert is stored round to nearest, the others calibrated, and the notes and
+    build_report.json say so; the build still runs."""
+    from onnxforge.quant.qmoe import qmoe_arrays, quantize_expert
+
+    folder = tmp_path / "m"
+    model = tiny.make_model("mixtral", folder, **FAMILIES["mixtral"])
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] += 5.0
+        router = model.model.layers[0].mlp.gate
+        router.weight[3] = 0
+        router.weight[3, 0] = -20.0
+    model.save_pretrained(folder, safe_serialization=True)
+    text = tmp_path / "cal.txt"
+    text.write_text(tiny.TEXT * 4)
+    ids = _ids(folder)
+    seen = []
+    hook = experts_module(model, 0).register_forward_pre_hook(lambda mod, args: seen.append(args[1].numpy().copy()))
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    hook.remove()
+    assert not (seen[0] == 3).any()  # transformers never routes a token to it
+    out = tmp_path / "o"
+    _build(folder, out, "gptq", text)
+    saved = json.loads((out / "build_report.json").read_text())
+    layer0 = saved["recipe"]["calibration"]["experts"][0]
+    assert layer0["layer"] == 0 and layer0["fallback"]["3"] == 0 and layer0["calibrated"] >= 2, layer0
+    assert layer0["calibrated"] + len(layer0["fallback"]) == 4
+    assert any(f"layer 0 {layer0['calibrated']}/4" in n and "rounded to nearest (rtn): layer 0: " in n
+               and "expert 3 (0 tokens)" in n for n in saved["notes"]), saved["notes"]
+    node = qmoe_nodes(out)[0]
+    w = model.model.layers[0].mlp.experts.down_proj[3].detach().numpy()  # expert 3's down: rtn of its float weight
+    codes, scales, _ = qmoe_arrays(quantize_expert(w, bits=4, block_size=node["block"], symmetric=True, method="rtn"),
+                                   per_channel=False)
+    np.testing.assert_array_equal(node["fc2"][0][3], codes)
+    np.testing.assert_allclose(node["fc2"][1][3], scales)
+    got = onnx_step_logits(out, ids, [])
+    assert np.isfinite(got).all() and np.square(got - ref).mean() < np.square(ref).mean()
+
+
+@pytest.mark.parametrize("change,words", [
+    (dict(mixer="sparsemixer"), "PhiMoE's sparse-mixer"),
+    (dict(selection_bias=True), "ERNIE 4.5's e_score_correction_bias"),
+    (dict(scoring="sigmoid"), "sigmoid-scored or group-limited"),
+    (dict(groups=(4, 2)), "sigmoid-scored or group-limited"),
+    (dict(mixer="sigmoid_input", top_k=1), "Llama 4's expert routing"),
+    (dict(swiglu_limit=7.0, expert_bias=True), "GPT-OSS"),
+])
+def test_unimplemented_routing_refused_by_name(moe_models, change, words):
+    from onnxforge.archs.registry import architecture_for
+    from onnxforge.calibrate.forward import check_supported
+    from onnxforge.sources.open import open_source
+
+    folder, _, _ = moe_models("mixtral")
+    config = open_source(folder).config
+    spec = architecture_for(config).make_spec(config)
+    check_supported(spec, "gptq")  # Mixtral's softmax top-k is calibrated
+    other = dataclasses.replace(spec, moe=dataclasses.replace(spec.moe, **change))
+    with pytest.raises(RecipeError, match=f"{words}.*use method k_quant or hqq"):
+        check_supported(other, "gptq")
+
+
+def test_stacked_experts_and_per_channel_blocks_refused(tiny_models, moe_models, tmp_path):
+    """Granite-MoE's stacked input_linear experts, and per-channel QMoE scales: one error each, before any output."""
+    folder, _ = tiny_models("granitemoe", **FAMILIES["granitemoe"])
+    text = tmp_path / "cal.txt"
+    text.write_text(tiny.TEXT * 4)
+    with pytest.raises(RecipeError, match="stacked in one tensor per projection.*input_linear.*k_quant or hqq"):
+        _build(folder, tmp_path / "a", "gptq", text)
+    folder, _, text = moe_models("qwen3_moe")
+    with pytest.raises(RecipeError, match="qmoe_block_size 0"):
+        _build(folder, tmp_path / "b", "gptq", text, qmoe_block_size=0)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
