@@ -34,7 +34,7 @@ import numpy as np
 
 from ..errors import RecipeError
 from ..quant.awq import awq_search
-from ..quant.gptq import gptq_quantize, inverse_cholesky
+from ..quant.gptq import gptq_quantize, input_factor
 from ..quant.pack import dequantize
 from ..quant.storage import Storage
 from ..sources.base import NativeBlocks, NativeFormat
@@ -140,24 +140,20 @@ class Layerwise:
         if fold is not None and any(st.quantized and st.method in ("awq", "awq+gptq") for _, st in projs):
             self._awq(x, projs, fold)
             x = x / fold.scales
-        need_h = any(st.quantized and st.method in ("gptq", "awq+gptq") for _, st in projs)
-        chol = None
-        if need_h:
-            h = x.T @ x
-            chol = {}
-            h_by_block = h
+        # the Hessian's inverse factor per block size (one in practice), made before any weight is read: the
+        # K x K Hessian lives only inside input_factor (gptq.py: the memory bound of the widest input)
+        factors = {}
+        for _, st in projs:
+            if st.quantized and st.method in ("gptq", "awq+gptq") and st.block_size not in factors:
+                factors[st.block_size] = input_factor(x, -(-x.shape[1] // st.block_size) * st.block_size)
         out = []
         for name, st in projs:
             w = self.read(name)
             if st.quantized and st.method in CALIBRATED:
                 if st.method in ("gptq", "awq+gptq"):
-                    key = (st.block_size,)
-                    if key not in chol:
-                        kp = -(-w.shape[1] // st.block_size) * st.block_size
-                        hp = h_by_block if kp == w.shape[1] else np.pad(h_by_block, ((0, kp - w.shape[1]),) * 2)
-                        chol[key] = inverse_cholesky(hp)
-                    q = gptq_quantize(w, h, bits=st.bits, block_size=st.block_size, symmetric=st.symmetric,
-                                      chol=chol[key], act_order=self.act_order)
+                    chol, diag = factors[st.block_size]
+                    q = gptq_quantize(w, None, bits=st.bits, block_size=st.block_size, symmetric=st.symmetric,
+                                      chol=chol, diag=diag, act_order=self.act_order)
                 else:
                     from ..quant.methods import quantize
 
@@ -239,9 +235,10 @@ class Layerwise:
         if a.qk_norm == "head":  # per head, before the rotary or after it (check_supported refuses other kinds)
             head_norms = (self.norm_params("q_norm", i)[1:], self.norm_params("k_norm", i)[1:])
         S, L = self.shape
-        ctx = np.concatenate([F.attention(ys[0][s * L:(s + 1) * L], ys[1][s * L:(s + 1) * L],
-                                          ys[2][s * L:(s + 1) * L], spec, i, self.rotary, head_norms)
-                              for s in range(S)])
+        ctx = np.empty((S * L, a.q_size), np.float32)  # filled a sample at a time (no list of pieces + copy)
+        for s in range(S):
+            ctx[s * L:(s + 1) * L] = F.attention(ys[0][s * L:(s + 1) * L], ys[1][s * L:(s + 1) * L],
+                                                 ys[2][s * L:(s + 1) * L], spec, i, self.rotary, head_norms)
         del ys
         o = names.linear(["o"], [spec.hidden_size], i)[0]
         (wo,) = self.group(ctx, [(o.name, self.storage([f"{base}/o_proj/MatMul"] * 2 + [o.module]))])
@@ -249,9 +246,9 @@ class Layerwise:
         del ctx
         if a.o_bias:
             out += self.bias(o.module)
-        x = x + np.float32(spec.residual_scale) * out
+        _residual(x, out, spec.residual_scale)  # in place: x is this run's own array (embed's, or the last layer's)
         del out
-        return x + np.float32(spec.residual_scale) * (self.moe(i, x) if spec.layers[i].moe else self.mlp(i, x))
+        return _residual(x, self.moe(i, x) if spec.layers[i].moe else self.mlp(i, x), spec.residual_scale)
 
     def moe(self, i: int, x: np.ndarray) -> np.ndarray:
         """A mixture of experts' output (calibrate/moe.py: experts calibrated on the tokens routed to them)."""
@@ -279,8 +276,10 @@ class Layerwise:
             h = F.norm(x, *self.norm_params("ffn_norm", i)[1:], spec)
         biases = [self.bias(p.module) if m.bias else None for p in parts]
         inter = self._intermediate(h, ws, biases)
+        del h, ws
         (wd,) = self.group(inter, [(down.name, down_st)])
         out = inter @ wd.T
+        del inter
         return out + self.bias(down.module) if m.bias else out
 
     def _intermediate(self, h: np.ndarray, ws: list[np.ndarray], biases) -> np.ndarray:
@@ -340,6 +339,16 @@ def experts_note(experts: list[dict]) -> str:
     if fell:
         out += f"; reached by fewer than {MIN_EXPERT_TOKENS} calibration tokens, rounded to nearest ({FALLBACK}): {fell}"
     return out
+
+
+def _residual(x: np.ndarray, y: np.ndarray, scale: float) -> np.ndarray:
+    """x += scale * y, in place (the calibration tokens' hidden states are the largest array held)."""
+    if scale == 1:
+        x += y
+    else:
+        y *= np.float32(scale)
+        x += y
+    return x
 
 
 class _Fold:
