@@ -21,7 +21,9 @@ from onnxforge.quant.recipe import Recipe
 
 torch = pytest.importorskip("torch")
 
-CALIBRATED = ("mixtral", "qwen3_moe", "qwen2_moe")  # softmax top-k renormalised / not, with a shared expert
+# softmax top-k renormalised / not, with a shared expert; Granite-MoE: top k of the logits then softmax (the same),
+# its experts stacked (input_linear / output_linear), its multipliers
+CALIBRATED = ("mixtral", "qwen3_moe", "qwen2_moe", "granitemoe")
 
 
 @pytest.fixture(scope="module")
@@ -108,12 +110,12 @@ def test_expert_inputs_are_the_tokens_transformers_routes(moe_models, name):
     run.layer(0, run.embed())
     from onnxforge.calibrate.moe import layer_experts
 
-    t = layer_experts(run, 0)
+    _, gates, _, _ = layer_experts(run, 0)
     E = spec.moe.num_experts
     calibrated = 0
     for e in range(E):
         tokens = np.nonzero((top == e).any(axis=1))[0]
-        gate = t.fc1_sources[e]
+        gate = gates[e]
         if tokens.size < MIN_EXPERT_TOKENS:
             assert gate not in got  # rounded to nearest: no Hessian
             continue
@@ -151,7 +153,8 @@ def test_calibrated_moe_build_beats_round_to_nearest(moe_models, tmp_path, name)
         experts = [g["storage"] for g in saved["groups"] if "QMoE" in g["storage"]]
         assert experts and all(s.endswith("(calibrated, QMoE)") and f"int4 {method} sym" in s for s in experts), experts
         per_layer = saved["recipe"]["calibration"]["experts"]
-        moe_layers = [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
+        moe_layers = [i for i, layer in enumerate(model.model.layers)
+                      if hasattr(getattr(layer, "mlp", None), "experts") or hasattr(layer, "block_sparse_moe")]
         assert [d["layer"] for d in per_layer] == moe_layers
         assert all(d["calibrated"] + len(d["fallback"]) == d["experts"] for d in per_layer)
         assert any("MoE experts calibrated on the tokens routed to them: layer" in n for n in saved["notes"])
@@ -260,14 +263,57 @@ def test_unimplemented_routing_refused_by_name(moe_models, change, words):
         check_supported(other, "gptq")
 
 
-def test_stacked_experts_and_per_channel_blocks_refused(tiny_models, moe_models, tmp_path):
-    """Granite-MoE's stacked input_linear experts, and per-channel QMoE scales: one error each, before any output."""
-    folder, _ = tiny_models("granitemoe", **FAMILIES["granitemoe"])
-    text = tmp_path / "cal.txt"
-    text.write_text(tiny.TEXT * 4)
-    with pytest.raises(RecipeError, match="stacked in one tensor per projection.*input_linear.*k_quant or hqq"):
-        _build(folder, tmp_path / "a", "gptq", text)
+def test_per_channel_expert_blocks_refused(moe_models, tmp_path):
+    """Per-channel QMoE scales have no blocks to calibrate in: one error naming the option, before any output."""
     folder, _, text = moe_models("qwen3_moe")
-    with pytest.raises(RecipeError, match="qmoe_block_size 0"):
+    with pytest.raises(RecipeError, match="qmoe_block_size 0.*k_quant or hqq"):
         _build(folder, tmp_path / "b", "gptq", text, qmoe_block_size=0)
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert not (tmp_path / "b").exists()
+
+
+def _restacked(folder, out, form: str):
+    """The tiny Qwen3-MoE checkpoint with its per-expert modules stacked: "fused" (transformers 5's
+    mlp.experts.gate_up_proj (E, 2I, H), gate rows then up rows, and down_proj (E, H, I)) or "apart" (gate_proj,
+    up_proj and down_proj stacked one each, llama.cpp's layout under Hugging Face names)."""
+    import re
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(folder, out)
+    tensors = load_file(str(folder / "model.safetensors"))
+    per = {}
+    for name in list(tensors):
+        m = re.fullmatch(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight", name)
+        if m:
+            per.setdefault((m[1], m[3]), {})[int(m[2])] = tensors.pop(name)
+    for (prefix, role), by_e in list(per.items()):
+        per[(prefix, role)] = np.stack([by_e[e] for e in sorted(by_e)])
+    for prefix in {p for p, _ in per}:
+        gate, up, down = (per[(prefix, r)] for r in ("gate_proj", "up_proj", "down_proj"))
+        if form == "fused":
+            tensors[f"{prefix}.gate_up_proj"] = np.concatenate([gate, up], axis=1)
+        else:
+            tensors[f"{prefix}.gate_proj"], tensors[f"{prefix}.up_proj"] = gate, up
+        tensors[f"{prefix}.down_proj"] = down
+    (out / "model.safetensors").unlink()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize("form", ["fused", "apart"])
+def test_stacked_experts_calibrate_as_per_expert_modules(moe_models, tmp_path, form):
+    """Experts stacked in one tensor per projection are calibrated by their per-expert slices: the QMoE arrays equal
+    the per-expert-module checkpoint's, code for code (the same calibration, the same weights)."""
+    folder, _, text = moe_models("qwen3_moe")
+    stacked = _restacked(folder, tmp_path / "stacked", form)
+    _build(folder, tmp_path / "modules", "gptq", text)
+    report = _build(stacked, tmp_path / "o", "gptq", text)
+    saved = json.loads((tmp_path / "o" / "build_report.json").read_text())
+    assert not saved["unread_tensors"]
+    assert all(g["storage"].endswith("(calibrated, QMoE)") for g in saved["groups"] if "QMoE" in g["storage"])
+    assert "MoE experts calibrated" in report.summary()
+    for a, b in zip(qmoe_nodes(tmp_path / "modules"), qmoe_nodes(tmp_path / "o")):
+        for fc in ("fc1", "fc2"):
+            for x, y in zip(a[fc], b[fc]):
+                assert (x is None) == (y is None) and (x is None or np.array_equal(x, y))

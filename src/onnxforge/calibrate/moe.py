@@ -1,8 +1,9 @@
 """Mixture-of-experts layers in the calibrated forward (calibrate/run.py `Layerwise.moe`), in the routing forms
 graph/moe.py builds with the plain softmax router: softmax over the router's logits, the top k, renormalised or
-not (``MoESpec.normalize``: Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE), with or without a dense shared expert and its
-sigmoid gate (Qwen2-MoE). Other routing forms are refused by name (`unsupported`), as are experts stacked in one
-tensor per projection (`check_expert_forms`): use a calibration-free method for those.
+not (``MoESpec.normalize``: Mixtral, Qwen3-MoE, Qwen2-MoE, Granite-MoE; OLMoE's too, though forward.py refuses its
+whole-projection q/k norms), with or without a dense shared expert and its sigmoid gate (Qwen2-MoE); experts one
+module each or stacked (`layer_experts`). Other routing forms are refused by
+name (`unsupported`): use a calibration-free method for those.
 
 Per MoE layer, on the normed hidden states ``h`` (T, H) of all calibration tokens:
 
@@ -70,30 +71,60 @@ def _emitter_like(run):
 
 
 def layer_experts(run, i: int):
-    """Layer i's experts as the build finds them (graph/experts.py), refused unless one module per expert."""
-    from ..graph.experts import find_experts
+    """(ExpertTensors as the build finds them (graph/experts.py), then expert e's gate, up and down weight names:
+    a module per expert's tensors, or expert_slice names of stacked tensors (transformers 5's gate_up_proj /
+    down_proj, Granite-MoE's input_linear / output_linear: gate rows then up rows; llama.cpp's ffn_*_exps stacked
+    apart), which `SlicedSource` reads and the build's experts carry over by)."""
+    from ..graph.experts import expert_slice, find_experts
 
     t = find_experts(_emitter_like(run), i)
+    E = run.spec.moe.num_experts
     first = run.names.module("expert_gate", i, e=0, required=False)
-    if first is None or t.fc1_sources[0] != f"{first}.weight" or len(t.fc1_sources) != 2 * run.spec.moe.num_experts:
-        raise RecipeError(f"calibrated methods read one module per expert; layer {i}'s experts are stacked in one "
-                          f"tensor per projection ({t.fc1_sources[0]}: Granite-MoE's input_linear, transformers 5's "
-                          f"gate_up_proj, llama.cpp's ffn_*_exps): {FIX}")
-    return t
+    if first is not None and t.fc1_sources[0] == f"{first}.weight" and len(t.fc1_sources) == 2 * E:
+        return t, t.fc1_sources[:E], t.fc1_sources[E:], t.fc2_sources
+    if t.mxfp4 is None and len(t.fc2_sources) == 1 and len(t.fc1_sources) in (1, 2):
+        down = [expert_slice(t.fc2_sources[0], e) for e in range(E)]
+        if len(t.fc1_sources) == 1:  # gate rows, then up rows
+            return (t, [expert_slice(t.fc1_sources[0], e, "gate") for e in range(E)],
+                    [expert_slice(t.fc1_sources[0], e, "up") for e in range(E)], down)
+        return t, *([expert_slice(n, e) for e in range(E)] for n in t.fc1_sources), down
+    raise RecipeError(f"calibrated methods cannot read layer {i}'s experts ({', '.join(t.fc1_sources[:2])}): {FIX}")
 
 
-def check_expert_forms(run) -> None:
-    """Every MoE layer's experts in a form calibration reads, and blocks QMoE takes (before any weight is read)."""
+class SlicedSource:
+    """The source, with graph/experts.py expert_slice names read as one expert's slice of a stacked tensor."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def read(self, name: str):
+        from ..graph.experts import read_expert_slice
+
+        return read_expert_slice(self._inner, name) if "#" in name else self._inner.read(name)
+
+
+def prepare_experts(run) -> None:
+    """Every MoE layer's experts in a form calibration reads, and blocks QMoE takes (before any weight is read);
+    stacked experts read by their slices."""
     from ..graph.moe import expert_storages
 
     for i, layer in enumerate(run.spec.layers):
         if layer.moe:
-            t = layer_experts(run, i)
+            t, *_ = layer_experts(run, i)
             st1, st2, *_ = expert_storages(run.recipe, run.spec, i, t)
             if any(st.quantized and st.method in CALIBRATED and not st.block_size for st in (st1, st2)):
                 raise RecipeError("calibrated experts are quantized in QMoE blocks; qmoe_block_size 0 (per-channel "
                                   "scales, or the default where no block divides the experts' sizes) has none: set "
                                   f"qmoe_block_size=16 or 32 where it divides them, or {FIX}")
+    sliced(run)
+
+
+def sliced(run) -> None:
+    if not isinstance(run.source, SlicedSource):
+        run.source = SlicedSource(run.source)
 
 
 def route(logits: np.ndarray, top_k: int, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -113,6 +144,7 @@ def moe_layer(run, i: int, x: np.ndarray) -> np.ndarray:
     spec, names, m = run.spec, run.names, run.spec.moe
     from ..graph.moe import expert_storages
 
+    sliced(run)
     _, nw, nb = run.norm_params("ffn_norm", i)
     h = F.norm(x, nw, nb, spec)
     del x
@@ -124,7 +156,7 @@ def moe_layer(run, i: int, x: np.ndarray) -> np.ndarray:
         logits += run.bias(router.module)
     idx, weights = route(logits, m.top_k, m.normalize)
     del logits
-    t = layer_experts(run, i)
+    t, gates, ups, downs = layer_experts(run, i)
     st1, st2, *_ = expert_storages(run.recipe, spec, i, t)
     E = m.num_experts
     calibrates = any(st.quantized and st.method in CALIBRATED for st in (st1, st2))
@@ -133,7 +165,7 @@ def moe_layer(run, i: int, x: np.ndarray) -> np.ndarray:
     fallback = {}
     for e in range(E):
         tok, slot = np.nonzero(idx == e)
-        gate, up, down = Part(t.fc1_sources[e]), Part(t.fc1_sources[E + e]), Part(t.fc2_sources[e])
+        gate, up, down = Part(gates[e]), Part(ups[e]), Part(downs[e])
         if calibrates and tok.size >= MIN_EXPERT_TOKENS:
             hs = h[tok]
             if st2.quantized and st2.method in ("awq", "awq+gptq"):

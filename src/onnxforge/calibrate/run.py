@@ -370,9 +370,9 @@ def calibrate(source, spec, names, recipe, cal: Calibration, progress=None) -> R
         run = Layerwise(source, spec, names, recipe, text, folder)
         run.act_order = cal.act_order
         if any(layer.moe for layer in spec.layers):
-            from .moe import check_expert_forms
+            from .moe import prepare_experts
 
-            check_expert_forms(run)
+            prepare_experts(run)
         x = run.embed()
         for i in range(spec.num_layers):
             x = run.layer(i, x)
@@ -422,6 +422,10 @@ class CalibratedSource:
         if name in self._res.row_scale:
             w = w / self._res.row_scale[name][first:first + w.shape[0], None]
         return w
+
+    def has_blocks(self, name: str) -> bool:
+        """Whether calibration made blocks for `name` (a tensor, or graph/experts.py expert_slice of one)."""
+        return name in self._res.blocks
 
     def native_format(self, name: str) -> NativeFormat | None:
         if name in self._res.blocks:

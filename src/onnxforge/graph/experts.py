@@ -59,6 +59,33 @@ class ExpertTensors:
     # the source's own blocks of each projection, expert -> NativeBlocks (fc1's rows interleaved), where every
     # tensor of the projection has an exact block form (GGUF's stacked experts)
     blocks: tuple[Callable[[int], object], Callable[[int], object]] | None = None
+    # the names whose native formats `blocks` reads, where they are not fc1_sources / fc2_sources: one expert's
+    # slice of stacked tensors (expert_slice), blocks onnxforge.calibrate made
+    block_names: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+
+
+def expert_slice(tensor: str, e: int, half: str = "") -> str:
+    """The name of expert e's slice of a stacked (E, N, K) tensor, or of the gate / up half of its rows ("gate",
+    "up": a fused gate_up tensor); onnxforge.calibrate keys its blocks of stacked experts by these."""
+    return f"{tensor}#{e}" + (f".{half}" if half else "")
+
+
+def read_expert_slice(source, name: str) -> np.ndarray:
+    """float32 of an expert_slice name."""
+    tensor, _, rest = name.rpartition("#")
+    e, _, half = rest.partition(".")
+    w = np.asarray(read_expert(source, tensor, int(e)), dtype=np.float32)
+    n = w.shape[0] // 2
+    return w[:n] if half == "gate" else w[n:] if half == "up" else w
+
+
+def _calibrated_slices(src, gates: list[str], ups: list[str], downs: list[str]) -> dict:
+    """ExpertTensors fields for stacked experts whose per-expert slices onnxforge.calibrate made blocks for."""
+    has = getattr(src, "has_blocks", None)
+    if has is None or not all(has(n) for n in gates + ups + downs):
+        return {}
+    blocks = _module_blocks(src, gates, ups, downs)
+    return {"blocks": blocks, "block_names": (tuple(gates + ups), tuple(downs))} if blocks else {}
 
 
 def find_experts(e: "Emitter", i: int) -> ExpertTensors:
@@ -113,7 +140,10 @@ def find_experts(e: "Emitter", i: int) -> ExpertTensors:
             return interleave(w[:I], w[I:])
 
         return ExpertTensors(fc1_stacked, lambda x: f(read_expert(src, down, x)), (gate_up,), (down,),
-                             *(bias or (None, None, ())))
+                             *(bias or (None, None, ())),
+                             **_calibrated_slices(src, [expert_slice(gate_up, x, "gate") for x in range(E)],
+                                                  [expert_slice(gate_up, x, "up") for x in range(E)],
+                                                  [expert_slice(down, x) for x in range(E)]))
 
     blocks = [names.tensor(r, i, "_blocks") for r in ("experts_gate_up", "experts_down")]
     if all(blocks):  # GPT-OSS MXFP4: (E, N, K/32, 16) codes + (E, N, K/32) E8M0 scales, N rows interleaved
@@ -140,9 +170,10 @@ def find_experts(e: "Emitter", i: int) -> ExpertTensors:
                 return interleave(gb, ub), interleave(gs, us)
 
             fp4 = (fc1_blocks, lambda x: blocks_of(down, x))
+        calibrated = _calibrated_slices(src, *([expert_slice(n, x) for x in range(E)] for n in (gate, up, down)))
         return ExpertTensors(lambda x: interleave(f(read_expert(src, gate, x)), f(read_expert(src, up, x))),
                              lambda x: f(read_expert(src, down, x)), (gate, up), (down,), *(bias or (None, None, ())),
-                             mxfp4=fp4, blocks=_stored_blocks(src, gate, up, down))
+                             mxfp4=fp4, **(calibrated or {"blocks": _stored_blocks(src, gate, up, down)}))
 
     per = [[names.module(r, i, e=x) for x in range(E)] for r in ("expert_gate", "expert_up", "expert_down")]
     gates, ups, downs = ([f"{mod}.weight" for mod in mods] for mods in per)

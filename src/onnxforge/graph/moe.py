@@ -74,7 +74,7 @@ def as_stored(e: "Emitter", t: X.ExpertTensors, sts: list[Storage], block: int) 
     limit = {"int4": 4, "int8": 8}.get(kind or getattr(e.plan, "precision", "source"), 8)  # -p int4: at most 4 bits
     for j, (st, srcs) in enumerate(zip(sts, (t.fc1_sources, t.fc2_sources))):
         if st.quantized and st.method in CALIBRATED_FALLBACK:  # gptq / awq: the blocks calibration made, as made
-            if t.blocks is not None and _calibrated(e.source, srcs, st):
+            if t.blocks is not None and _calibrated(e.source, t.block_names[j] if t.block_names else srcs, st):
                 code_bits[j] = st.bits
                 sts[j] = dataclasses.replace(st, origin="calibrated")
             else:  # no calibration reached them: the fallback, said so in the storage
