@@ -83,7 +83,8 @@ def test_fp32_cuda_grows_the_cache(tiny_models, tmp_path):
 def test_says_why_not_established(tiny_models, tmp_path, name, precision, words):
     folder, _ = tiny_models(name, **_configs()[name]) if name != "llama" else tiny_models(name)
     options, _, notes = _build(folder, tmp_path / "o", precision)
-    assert options == [{"cuda": {"enable_cuda_graph": "0"}}]
+    tf32 = {"use_tf32": "0"} if precision == "fp32" else {}  # fp32 computes in fp32 (test_runtime_options.py)
+    assert options == [{"cuda": {"enable_cuda_graph": "0", **tf32}}]
     assert len(notes) == 1 and words in notes[0] and "enable_cuda_graph=true forces it" in notes[0], notes
     assert "CUDA graph capture off" in notes[0]
 

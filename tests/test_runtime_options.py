@@ -98,3 +98,14 @@ def test_fuse_qkv_is_the_inverse_of_unpack_matmul():
     assert apply_extra_options(Recipe(), ["fuse_qkv=true"]).unpack_matmul is False
     with pytest.raises(RecipeError, match="contradict"):
         apply_extra_options(Recipe(), ["fuse_qkv=true", "unpack_matmul=true"])
+
+
+@pytest.mark.parametrize("precision, tf32", [("fp32", "0"), ("fp16", None), ("int4", None)])
+def test_fp32_cuda_builds_turn_tf32_off(ckpt, tmp_path, precision, tf32):
+    """onnxruntime's CUDA MatMuls default to TF32; an fp32 -e cuda build writes use_tf32 "0" (the anchor does not:
+    on an H200 a tiny Gemma 2 fp32 build then left transformers' greedy path at the first token, bench/gpu_probe.py),
+    and says so in the notes; fp16 / bf16 / int4 builds leave the provider's default."""
+    report = onnxforge.build(ckpt, tmp_path / "o", precision, "cuda")
+    options = json.loads((tmp_path / "o" / "genai_config.json").read_text())["model"]["decoder"]["session_options"]
+    assert options["provider_options"][0]["cuda"].get("use_tf32") == tf32
+    assert any("use_tf32 0" in n for n in report.notes) == (tf32 is not None)

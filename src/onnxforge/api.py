@@ -244,7 +244,14 @@ def _write_genai_config(folder: Path, spec, arch, source, recipe: Recipe, max_le
     cuda_graph = bool(cuda_graph)
     # -e cuda at fp32: GroupQueryAttention has no fp32 CUDA kernel and runs on the CPU provider, so a shared
     # max_length KV buffer would be copied to the host and back whole every step; the anchor writes false there too
-    share = not (recipe.provider == "cuda" and recipe.io.dtype == "fp32")
+    fp32_cuda = recipe.provider == "cuda" and recipe.io.dtype == "fp32"
+    share = not fp32_cuda
+    if fp32_cuda:
+        # onnxruntime's CUDA MatMuls default to TF32 (a 10-bit mantissa): measured on an H200, a tiny Gemma 2's fp32
+        # build then missed transformers by 2.6e-2 and greedy decoding left its path at the first token (0/20);
+        # with use_tf32 0 it is 1e-5 and 20/20 (bench/gpu_probe.py, bench/RESULTS.md "CUDA check")
+        notes.append("use_tf32 0: an fp32 build computes in fp32 on CUDA (onnxruntime's default TF32 MatMuls round "
+                     "to a 10-bit mantissa); set it to 1 in genai_config.json to trade that for speed")
     if not share:
         notes.append("past_present_share_buffer false: at fp32 on CUDA GroupQueryAttention runs on the CPU provider "
                      "(no fp32 CUDA kernel), so the KV cache grows with the sequence instead of a max_length buffer "
@@ -253,7 +260,7 @@ def _write_genai_config(folder: Path, spec, arch, source, recipe: Recipe, max_le
                           max_length=max_length, tokenizer_dir=folder, notes=notes,
                           embeds_input=recipe.exclude_embeds, logits_output=not recipe.exclude_lm_head,
                           graph_capture={"enable_cuda_graph": cuda_graph, "enable_dml_graph": recipe.enable_dml_graph},
-                          share_buffer=share)
+                          share_buffer=share, tf32=not fp32_cuda)
     _write_json(folder / "genai_config.json", config)
 
 

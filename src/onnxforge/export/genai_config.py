@@ -58,11 +58,13 @@ def choose_pad(pad, eos, bos, unk, vocab_size: int, emitted: int | None = None) 
 def genai_config(spec: ModelSpec, model_type: str, generation: dict | None, *, filename: str = "model.onnx",
                  provider: str = "cpu", max_length: int | None = None, tokenizer_dir: Path | None = None,
                  notes: list[str] | None = None, embeds_input: bool = False, logits_output: bool = True,
-                 graph_capture: dict[str, bool] | None = None, share_buffer: bool = True) -> dict:
+                 graph_capture: dict[str, bool] | None = None, share_buffer: bool = True,
+                 tf32: bool = True) -> dict:
     """`embeds_input`/`logits_output`: the decoder takes inputs_embeds instead of input_ids (exclude_embeds), and
     outputs logits (not with exclude_lm_head); as onnxruntime-genai 0.18's builder, a hidden_states output gets
     no entry. `graph_capture`: {"enable_cuda_graph": ..., "enable_dml_graph": ...} (the recipe's). `share_buffer`:
-    search.past_present_share_buffer (the KV cache allocated at max_length once, present written into past)."""
+    search.past_present_share_buffer (the KV cache allocated at max_length once, present written into past).
+    `tf32` False: the CUDA provider's use_tf32 "0" (fp32 MatMuls in fp32, not TF32's 10-bit mantissa)."""
     gen = generation or {}
     eos = gen.get("eos_token_id", spec.eos_token_id)
     bos = gen.get("bos_token_id", spec.bos_token_id)
@@ -77,7 +79,7 @@ def genai_config(spec: ModelSpec, model_type: str, generation: dict | None, *, f
         # onnxruntime-genai 0.18 runs the model on one thread (measured: SmolLM2 int4 decode 95 tok/s on one
         # thread, 217 with both of this machine's cores).
         "session_options": {"log_id": "onnxruntime-genai", "intra_op_num_threads": 0,
-                            "provider_options": _providers(provider, graph_capture or {})},
+                            "provider_options": _providers(provider, graph_capture or {}, tf32)},
         "filename": filename,
         "head_size": a.head_dim,
         "hidden_size": spec.hidden_size,
@@ -128,11 +130,12 @@ def genai_config(spec: ModelSpec, model_type: str, generation: dict | None, *, f
     }
 
 
-def _providers(provider: str, graph: dict[str, bool]) -> list[dict]:
-    """The provider options onnxruntime-genai 0.18's builder writes for each -e (builders/base.py ep_attrs)."""
+def _providers(provider: str, graph: dict[str, bool], tf32: bool = True) -> list[dict]:
+    """The provider options onnxruntime-genai 0.18's builder writes for each -e (builders/base.py ep_attrs), and
+    use_tf32 "0" where `tf32` is False (the builder never writes it: onnxruntime's CUDA default is TF32 on)."""
     on = lambda key, default: "1" if graph.get(key, default) else "0"  # noqa: E731
     options = {
-        "cuda": {"enable_cuda_graph": on("enable_cuda_graph", False)},
+        "cuda": {"enable_cuda_graph": on("enable_cuda_graph", False), **({} if tf32 else {"use_tf32": "0"})},
         "dml": {"enable_graph_capture": on("enable_dml_graph", True)},
         "webgpu": {"enableGraphCapture": "0", "validationMode": "basic"},  # enable_webgpu_graph is refused
     }
