@@ -9,6 +9,11 @@ family the suite tests is a family this checks; a family of `onnxforge archs` wi
 
 Columns: `diff` is max |logits - transformers| over the prompt and the decode steps (the CUDA kernels' arithmetic
 at fp32; rounding at fp16/bf16; quantization at int8/int4), `greedy` how many of 20 tokens equal transformers'.
+`[n/m pos]` after a diff: n of the m positions are further than the suite's fp16 bound (2% of the reference's logit
+range). A tiny random router has near-ties that rounding crosses (DeepSeek-V3's q_lora / plain_q: group margins of
+3e-5 and 2e-4), so a position's experts flip and that position (and, through attention, later ones) moves by whole
+logits, at fp16 and bf16 and in transformers' own half-precision runs alike: few positions far off with the rest
+close is that, not a broken graph (test_family_deepseek_v3.py::test_fp16_is_fp16_rounding_without_router_near_ties).
 A bf16 model's logits are read through onnxruntime-genai (the last position of each step), the others' through
 onnxruntime. "fail: ..." is the first line of what went wrong.
 """
@@ -187,16 +192,24 @@ def check_cell(out: Path, ref: Reference, prompt, decode, precision: str, stored
     if precision == "bf16":
         got = genai_last_logits(out, prompt, decode)
         first = len(prompt) - 1
-        d_stored = np.abs(got - ref_logits[first:]).max()
-        d_orig = np.abs(got - ref.logits[first:]).max()
+        ref_logits, orig_logits = ref_logits[first:], ref.logits[first:]
     else:
         got = ort_logits(out, prompt, decode).astype(np.float32)
-        d_stored, d_orig = np.abs(got - ref_logits).max(), np.abs(got - ref.logits).max()
+        orig_logits = ref.logits
     tokens = genai_greedy(out, ref.g_prompt)
     same = sum(a == b for a, b in zip(tokens, ref_greedy))
-    lead = f"{d_stored:.1e} / " if stored else ""
-    bad = "" if np.isfinite(d_orig) and np.isfinite(d_stored) else " NaN"
-    return f"{lead}{d_orig:.1e} {same}/{len(ref_greedy)}{bad}"
+    lead = f"{diff(got, ref_logits)} / " if stored else ""
+    bad = "" if np.isfinite(got).all() and np.isfinite(ref_logits).all() else " NaN"
+    return f"{lead}{diff(got, orig_logits)} {same}/{len(ref_greedy)}{bad}"
+
+
+def diff(got: np.ndarray, ref: np.ndarray) -> str:
+    """max |got - ref| over every position, then `[n/m pos]` where n of the m positions (rows) are further than
+    2% of ref's logit range (the suite's fp16 bound); at fp16 / bf16, few of them in a mixture of experts are
+    router near-ties flipped (see the module docstring)."""
+    per_row = np.abs(got - ref).reshape(len(ref), -1).max(-1)
+    off = int((per_row > 0.02 * (ref.max() - ref.min())).sum())
+    return f"{per_row.max():.1e}" + (f" [{off}/{len(per_row)} pos]" if off else "")
 
 
 def _one(job):
@@ -260,7 +273,9 @@ def write_table(path: Path, cols, rows, covered, families) -> None:
         gpu = "no GPU"
     head = [f"CUDA check, {time.strftime('%Y-%m-%d')}, {gpu}, onnxruntime {ort.__version__}, "
             f"onnxruntime-genai {genai}. Cell (ours): max |logits - transformers fp32 on the build's stored weights| / "
-            f"... on the original weights, and greedy tokens equal to the stored-weight reference's of 20; "
+            f"... on the original weights, each with [n/m pos] where n of m positions are further than 2% of the "
+            f"reference's logit range (MoE at fp16/bf16: router near-ties flipped), and greedy tokens equal to the "
+            f"stored-weight reference's of 20; "
             f"(anchor): against the original weights. onnxruntime CUDA with use_tf32=0; bf16 logits through genai "
             f"(last position of each step)", "",
             "| config | architecture | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
