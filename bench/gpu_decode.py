@@ -129,6 +129,45 @@ class Runner:
         return timed
 
 
+def fpa_variant(folder: Path) -> Path:
+    """A sibling of `folder` (its files linked) whose genai_config.json adds the session option
+    ep.cuda.fpa_intb_gemm "1": what the anchor writes for enable_cuda_fpa_intb_gemm=true."""
+    dest = folder.with_name(folder.name + "-fpa")
+    dest.mkdir(exist_ok=True)
+    for f in folder.iterdir():
+        if f.name != "genai_config.json" and not (dest / f.name).exists():
+            (dest / f.name).symlink_to(f.resolve())
+    cfg = json.loads((folder / "genai_config.json").read_text())
+    cfg["model"]["decoder"]["session_options"]["ep.cuda.fpa_intb_gemm"] = "1"
+    (dest / "genai_config.json").write_text(json.dumps(cfg, indent=1))
+    return dest
+
+
+def logits_diff(a: Path, b: Path) -> tuple[float, float]:
+    """max |logits(a) - logits(b)| over a 16-token prompt and 3 decode steps through genai, and max |logits(a)|."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    rows = {}
+    for key, folder in (("a", a), ("b", b)):
+        cfg = og.Config(str(folder))
+        cfg.clear_providers()
+        if PROVIDER == "cuda":
+            cfg.append_provider("cuda")
+        model = og.Model(cfg)
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=24, do_sample=False)
+        gen = og.Generator(model, params)
+        gen.append_tokens(np.arange(100, 116, dtype=np.int32))
+        out = [np.asarray(gen.get_logits(), np.float32).ravel()]
+        for t in (200, 300, 400):
+            gen.append_tokens(np.array([t], np.int32))
+            out.append(np.asarray(gen.get_logits(), np.float32).ravel())
+        rows[key] = np.stack(out)
+        del gen, model
+    return float(np.abs(rows["a"] - rows["b"]).max()), float(np.abs(rows["a"]).max())
+
+
 def measure(folders: dict[str, Path], cases: list[tuple[int, int]], decode: int, reps: int) -> dict:
     """Every variant loaded once and kept (so clocks and allocators see all alike); per case, one warm-up each,
     then rounds alternate over the variants; medians."""
@@ -171,6 +210,8 @@ def main(argv=None) -> int:
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", type=Path, help="folder for decode.md / builds.json")
+    ap.add_argument("--fpa", action="store_true", help="int4: also each build with the session option "
+                    "ep.cuda.fpa_intb_gemm 1 (onnxruntime's fpA_intB kernels for MatMulNBits, prepacked at load)")
     ap.add_argument("--provider", default="cuda", choices=["cuda", "cpu"], help="cpu: smoke-test the script")
     args = ap.parse_args(argv)
     global PROVIDER
@@ -203,6 +244,13 @@ def main(argv=None) -> int:
     for p in precisions:
         folders = {k: args.work / f"{k}-{args.shape}-{p}" for k in ("ours", "anchor")}
         folders = {k: f for k, f in folders.items() if (f / "genai_config.json").is_file()}
+        if args.fpa and p == "int4":
+            folders.update({f"{k}-fpA_intB": fpa_variant(f) for k, f in list(folders.items())})
+        if args.fpa and p == "int4":
+            for k in [k for k in folders if k.endswith("-fpA_intB")]:
+                d, ref = logits_diff(folders[k.removesuffix("-fpA_intB")], folders[k])
+                lines.insert(1, f"{k} vs {k.removesuffix('-fpA_intB')}: max |logits diff| {d:.3g} over 4 steps "
+                                f"(max |logits| {ref:.3g})")
         for (b, s), res in measure(folders, cases, args.decode, args.reps).items():
             base, graph = res.get("anchor"), res.get("anchor +graph")
             for k, v in res.items():
