@@ -121,17 +121,19 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec: ModelSpec, i: i
     if head_norms and after:
         q, k = norm(q, *head_norms[0], spec), norm(k, *head_norms[1], spec)
     v = v.reshape(L, a.num_kv_heads, a.head_dim)
-    group = a.num_heads // a.num_kv_heads
-    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+    kv, group, d = a.num_kv_heads, a.num_heads // a.num_kv_heads, a.head_dim
     scale = np.float32(a.scale if a.scale is not None else 1 / math.sqrt(a.head_dim))
-    q, k, v = q.transpose(1, 0, 2), k.transpose(1, 2, 0), v.transpose(1, 0, 2)  # (h, L, d), (h, d, L), (h, L, d)
-    scores = np.matmul(q, k) * scale  # BLAS (einsum would not be)
+    # grouped: head h reads KV head h // group, so the q heads of one KV head are one (group * L, d) matrix
+    q = q.transpose(1, 0, 2).reshape(kv, group * L, d)
+    scores = np.matmul(q, k.transpose(1, 2, 0)).reshape(a.num_heads, L, L)  # BLAS (einsum would not be)
+    scores *= scale
     pos = np.arange(L)
-    allowed = pos[None, :] <= pos[:, None]
+    blocked = pos[None, :] > pos[:, None]
     if layer.window:
-        allowed &= pos[:, None] - pos[None, :] < layer.window
-    scores = np.where(allowed[None], scores, np.float32(-np.inf))
+        blocked |= pos[:, None] - pos[None, :] >= layer.window
+    scores[:, blocked] = -np.inf
     scores -= scores.max(axis=-1, keepdims=True)
-    p = np.exp(scores)
-    p /= p.sum(axis=-1, keepdims=True)
-    return np.matmul(p, v).transpose(1, 0, 2).reshape(L, a.q_size).astype(np.float32)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    ctx = np.matmul(scores.reshape(kv, group * L, L), v.transpose(1, 0, 2))  # (kv, group * L, d)
+    return ctx.reshape(a.num_heads, L, d).transpose(1, 0, 2).reshape(L, a.q_size).astype(np.float32, copy=False)
