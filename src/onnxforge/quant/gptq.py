@@ -33,61 +33,74 @@ BATCH = 128
 ROW_ELEMENTS = 1 << 24  # rows per slice: about 16M weights (64 MB in float32); fewer slices, fewer column loops
 
 
+PANEL = 256  # columns per step of the in-place factorisations
+
+
 def inverse_cholesky(h: np.ndarray, damp: float = DAMP) -> tuple[np.ndarray, np.ndarray]:
     """(U, dead): the upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` after dead channels get
-    ``H[j, j] = 1``, and the dead channels' mask. Works in ``h``'s dtype; ``h`` is left as it is.
+    ``H[j, j] = 1``, and the dead channels' mask. Works in ``h``'s dtype, on a copy (``h`` is left as it is).
 
-    No general inverse: with ``J`` the order-reversing permutation, ``J H J = L L^T`` gives
-    ``H^-1 = (J L^-1 J)^T (J L^-1 J)`` where ``J L^-1 J = (J L J)^-1`` is upper triangular, so ``U`` is the
-    inverse of the upper-triangular ``J L J``: one Cholesky and one triangular inverse (about K^3 flops, against
-    5 K^3 for Cholesky, inverse, product and a second Cholesky; on a 2048-wide Hessian in float32 10x faster
-    and 1e5 times closer to the float64 answer)."""
-    return _inverse_cholesky([np.array(h, copy=True)], damp)
+    No general inverse and no second matrix: the "UL" Cholesky ``H = R R^T`` with R upper triangular (what the
+    Cholesky of ``J H J`` gives reversed, ``J`` the order-reversing permutation) gives ``H^-1 = R^-T R^-1``, so
+    ``U = R^-1``, itself upper triangular. Both steps run in place, a panel of columns at a time: one K x K array
+    and K x PANEL pieces (for a 70B shape's down_proj, K = 28672: 3.1 GiB, not the 3 to 4 copies of LAPACK
+    calls plus a product), about K^3 / 3 multiply-adds each, against 5 K^3 for Cholesky, inverse, product and a
+    second Cholesky (on a 2048-wide float32 Hessian 10x faster, and 1e5 times closer to the float64 answer)."""
+    return _factor_inplace(np.array(h, copy=True), damp)
 
 
 def input_factor(x: np.ndarray, kp: int, damp: float = DAMP) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
     """``(inverse_cholesky(H), diag H)`` for the Hessian ``H = x^T x`` of inputs x (T, K), zero-padded to kp
-    columns. H is made and consumed here, so at most about 2.5 K x K arrays are alive at once (H, or the
-    Cholesky factor, beside LAPACK's working copy; then the factor and its inverse): the memory bound of a
-    calibrated layer's widest input (bench/calibrate_scale.py)."""
+    columns, factored in H's own memory: one K x K array (plus K x PANEL pieces) is all a layer's widest input
+    costs (bench/calibrate_scale.py)."""
     k = x.shape[1]
     h = x.T @ x
     if kp != k:
         h = np.pad(h, ((0, kp - k),) * 2)
     diag = np.einsum("ii->i", h).copy()
-    box = [h]
-    del h
-    return _inverse_cholesky(box, damp), diag
+    return _factor_inplace(h, damp), diag
 
 
-def _inverse_cholesky(box: list, damp: float) -> tuple[np.ndarray, np.ndarray]:
-    """inverse_cholesky of the one Hessian in `box`, which it takes (and changes: damping) and frees."""
-    h = box.pop()
+def _factor_inplace(h: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray]:
     diag = np.einsum("ii->i", h)  # a view: writes go into h
     dead = diag == 0
     diag[dead] = 1
     diag += h.dtype.type(damp) * diag.mean()
-    low = np.linalg.cholesky(h[::-1, ::-1])
-    del h, diag
-    r = np.ascontiguousarray(low[::-1, ::-1])  # J L J: upper triangular
-    del low
-    return _upper_inverse(r), dead
+    _ul_cholesky_inplace(h)
+    _upper_inverse_inplace(h)
+    return h, dead
 
 
-def _upper_inverse(r: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """The inverse of an upper-triangular matrix by halves (``[[A, C], [0, B]]^-1 = [[A^-1, -A^-1 C B^-1],
-    [0, B^-1]]``), written into `out`: matrix products only, about K^3 / 3 multiply-adds."""
+def _ul_cholesky_inplace(a: np.ndarray) -> None:
+    """``a = R R^T`` with R upper triangular, R written over a (its strict lower triangle zeroed): panels of
+    columns from the bottom right, each ``R[j, j] = ul_chol(H[j, j] - R[j, >j] R[j, >j]^T)`` and
+    ``R[<j, j] = (H[<j, j] - R[<j, >j] R[j, >j]^T) R[j, j]^-T``, reading H from a's upper triangle."""
+    n = a.shape[0]
+    for j1 in range(n, 0, -PANEL):
+        j0 = max(0, j1 - PANEL)
+        if j1 < n:
+            a[j0:j1, j0:j1] -= a[j0:j1, j1:] @ a[j0:j1, j1:].T
+        d = np.triu(a[j0:j1, j0:j1])
+        d = d + np.triu(d, 1).T  # the panel's diagonal block from its upper triangle
+        rjj = np.ascontiguousarray(np.linalg.cholesky(d[::-1, ::-1])[::-1, ::-1])  # upper, d = rjj rjj^T
+        if j0:
+            if j1 < n:
+                a[:j0, j0:j1] -= a[:j0, j1:] @ a[j0:j1, j1:].T
+            a[:j0, j0:j1] = a[:j0, j0:j1] @ np.linalg.inv(rjj).T
+        a[j0:j1, j0:j1] = np.triu(rjj)
+        a[j0:j1, :j0] = 0
+
+
+def _upper_inverse_inplace(r: np.ndarray) -> None:
+    """An upper-triangular matrix's inverse written over it, panels of columns from the left: with the leading
+    block already inverted, ``[[A, B], [0, D]]^-1 = [[A^-1, -A^-1 B D^-1], [0, D^-1]]``."""
     n = r.shape[0]
-    if out is None:
-        out = np.zeros_like(r)
-    if n <= 128:
-        out[...] = np.linalg.inv(r)
-        return out
-    m = n // 2
-    _upper_inverse(r[:m, :m], out[:m, :m])
-    _upper_inverse(r[m:, m:], out[m:, m:])
-    out[:m, m:] = -(out[:m, :m] @ (r[:m, m:] @ out[m:, m:]))
-    return out
+    for j0 in range(0, n, PANEL):
+        j1 = min(n, j0 + PANEL)
+        d_inv = np.triu(np.linalg.inv(r[j0:j1, j0:j1]))
+        if j0:
+            r[:j0, j0:j1] = -((r[:j0, :j0] @ r[:j0, j0:j1]) @ d_inv)
+        r[j0:j1, j0:j1] = d_inv
 
 
 def group_params(x: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
