@@ -143,9 +143,16 @@ def first_line(err: BaseException | str) -> str:
 
 
 def run_ours(folder: Path, out: Path, precision: str) -> None:
+    """`precision`, or "int4-bf16" / "int8-bf16": that precision with use_cuda_bf16 (bf16 activations)."""
     import onnxforge
+    from onnxforge.quant.options import apply_extra_options
+    from onnxforge.quant.recipe import Recipe
 
-    onnxforge.build(folder, out, precision, "cuda", overwrite=True)
+    base, _, act = precision.partition("-")
+    recipe = Recipe(precision=base, provider="cuda")
+    if act == "bf16":
+        recipe = apply_extra_options(recipe, ["use_cuda_bf16=true"])
+    onnxforge.build(folder, out, recipe=recipe, overwrite=True)
 
 
 def run_anchor(folder: Path, out: Path, precision: str, cache: Path) -> None:
@@ -189,7 +196,7 @@ def check_cell(out: Path, ref: Reference, prompt, decode, precision: str, stored
     from conftest import genai_greedy
 
     ref_logits, ref_greedy = ref.stored(out) if stored else (ref.logits, ref.greedy)
-    if precision == "bf16":
+    if precision == "bf16" or precision.endswith("-bf16"):  # bf16 inputs: read through genai
         got = genai_last_logits(out, prompt, decode)
         first = len(prompt) - 1
         ref_logits, orig_logits = ref_logits[first:], ref.logits[first:]

@@ -200,6 +200,7 @@ EXTRA_OPTIONS: dict[str, Callable[[str, object], dict]] = {
     "moe_experts": _moe_experts,
     "mla_cache": lambda key, value: {"mla_cache": str(value).strip()},  # onnxforge's own (Recipe checks the value)
     "qmoe_weights_prepacked": _int("qmoe_weights_prepacked"),
+    "use_cuda_bf16": _flag("use_cuda_bf16"),  # a quantized CUDA build's activations in bf16 (Recipe.use_cuda_bf16)
     "use_qdq": _flag("use_qdq"),  # DequantizeLinear + MatMul / Gather in place of MatMulNBits (Recipe.use_qdq)
     # the anchor's options onnxforge does not build: false is accepted, true refused
     "fuse_qk_norm_gqa": _off_only("onnxforge writes the q/k norms as their own ops before GroupQueryAttention "
@@ -252,7 +253,6 @@ ANCHOR_NOT_BUILT: dict[str, Callable[[str, object], dict]] = {
     "use_device_allocator_for_initializers": _off_only("that session option is not written into genai_config.json"),
     "kv_cache_quant_scheme": _not_built(_KV), "kv_cache_rotation": _not_built(_KV), "kv_cache_scale_file": _not_built(_KV),
     "use_webgpu_fp32": _off_only("WebGPU builds take fp16 I/O; build -p fp32 -e cpu for fp32"),
-    "use_cuda_bf16": _off_only("use -p bf16 for bf16 I/O"),
 }
 
 

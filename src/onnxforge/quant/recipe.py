@@ -43,7 +43,7 @@ FIELD_KINDS = {
     "requantize": "bool",
     "drop_activation_quant": "bool", "exclude_embeds": "bool", "exclude_lm_head": "bool",
     "include_hidden_states": "bool", "config_only": "bool", "enable_cuda_graph": "bool", "enable_dml_graph": "bool",
-    "use_qdq": "bool",
+    "use_qdq": "bool", "use_cuda_bf16": "bool",
 }
 
 
@@ -123,6 +123,9 @@ class Recipe:
     # DequantizeLinear + Gather for a quantized embedding, for the providers that take QDQ graphs (QNN, OpenVINO,
     # NPUs); the same codes and scales as the MatMulNBits / GatherBlockQuantized build (graph/weights.py qdq_arrays)
     use_qdq: bool = False
+    # the anchor's use_cuda_bf16: a quantized (int4 / int8 / as-stored) CUDA build computes in bf16, not fp16
+    # (activations, KV cache, MatMulNBits / GatherBlockQuantized scales): fp16's range without its overflow
+    use_cuda_bf16: bool = False
     # names -> the stored quantized form of the weight they name (set by bind(); see quant/native.py)
     native: Callable[[Sequence[str]], NativeFormat | None] | None = field(default=None, compare=False, repr=False)
     template_float: tuple[str, ...] = ()  # what the model-type template keeps float (may match nothing)
@@ -147,6 +150,11 @@ class Recipe:
         self._check_moe()
         self._check_shaping()
         self._check_qdq()
+        if self.use_cuda_bf16 and (self.provider != "cuda" or self.precision in FLOAT_PRECISIONS):
+            where = (f"-e {self.provider} (bf16 kernels are CUDA's)" if self.provider != "cuda" else
+                     f"-p {self.precision}, whose precision already sets the activations (use -p bf16)")
+            raise RecipeError(f"use_cuda_bf16=true makes a quantized CUDA build (-p int4, int8 or source -e cuda) "
+                              f"compute in bf16; it cannot apply to {where}")
         if self.block_size not in (16, 32, 64, 128, 256):
             raise RecipeError(f"block size must be one of 16, 32, 64, 128, 256, got {self.block_size}")
         if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
@@ -243,10 +251,12 @@ class Recipe:
     # -- derived ------------------------------------------------------------------------------
     @property
     def io(self) -> Storage:
-        """Activation dtype: quantized CPU models compute in fp32, GPU ones in fp16."""
+        """Activation dtype: quantized CPU models compute in fp32, GPU ones in fp16 (bf16 with use_cuda_bf16)."""
         if self.precision in ("fp32", "fp16", "bf16"):
             return Storage(dtype=self.precision)
-        return Storage(dtype="fp32" if self.provider == "cpu" else "fp16")
+        if self.provider == "cpu":
+            return Storage(dtype="fp32")
+        return Storage(dtype="bf16" if self.use_cuda_bf16 else "fp16")
 
     @property
     def accuracy(self) -> int:
@@ -381,7 +391,7 @@ class Recipe:
             "exclude_embeds": self.exclude_embeds, "exclude_lm_head": self.exclude_lm_head,
             "include_hidden_states": self.include_hidden_states, "config_only": self.config_only,
             "enable_cuda_graph": self.enable_cuda_graph, "enable_dml_graph": self.enable_dml_graph,
-            "use_qdq": self.use_qdq,
+            "use_qdq": self.use_qdq, "use_cuda_bf16": self.use_cuda_bf16,
         }
 
 
