@@ -21,15 +21,12 @@ checked against the same formula's prediction for the measured 1.1B run.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from build_memory import tree_rss  # noqa: E402
+import scale  # noqa: E402
 from scale import LLAMA3_70B, SMOKE, tokenizer_dir  # noqa: E402
 
 TINYLLAMA = dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
@@ -69,17 +66,7 @@ def bound(dims: dict, tokens: int) -> dict:
 def run_child(dims: dict, method: str, samples: int, length: int, out: Path, tok: Path) -> dict:
     code = CHILD.format(here=str(HERE), dims=dims, tok=str(tok), out=str(out), method=method, samples=samples,
                         length=length)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = 0
-    while proc.poll() is None:
-        peak = max(peak, tree_rss(proc.pid))
-        time.sleep(0.2)
-    stdout, stderr = proc.communicate()
-    if proc.returncode:
-        raise SystemExit(f"build failed ({method}):\n{stderr[-3000:]}")
-    result = json.loads(stdout.strip().splitlines()[-1])
-    result["tree_peak"] = peak
-    return result
+    return scale.run_child(code, method)
 
 
 def main(argv=None) -> int:

@@ -151,8 +151,9 @@ print(json.dumps({{"seconds": time.perf_counter() - t, "maxrss": resource.getrus
 """
 
 
-def run(dims: dict, layers: int | None, method: str, out: Path, tok: Path) -> dict:
-    code = CHILD.format(here=str(HERE), dims=dims, layers=layers, tok=str(tok), out=str(out), method=method)
+def run_child(code: str, what: str) -> dict:
+    """Run `code` in a child Python, sampling its process tree's resident set every 0.2 s: the JSON its last
+    line prints, with "tree_peak" (bytes) added; a failure ends the benchmark naming `what`."""
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = 0
     while proc.poll() is None:
@@ -160,9 +161,15 @@ def run(dims: dict, layers: int | None, method: str, out: Path, tok: Path) -> di
         time.sleep(0.2)
     stdout, stderr = proc.communicate()
     if proc.returncode:
-        raise SystemExit(f"build failed ({method}, {layers} layers):\n{stderr[-3000:]}")
+        raise SystemExit(f"build failed ({what}):\n{stderr[-3000:]}")
     result = json.loads(stdout.strip().splitlines()[-1])
     result["tree_peak"] = peak
+    return result
+
+
+def run(dims: dict, layers: int | None, method: str, out: Path, tok: Path) -> dict:
+    code = CHILD.format(here=str(HERE), dims=dims, layers=layers, tok=str(tok), out=str(out), method=method)
+    result = run_child(code, f"{method}, {layers} layers")
     shutil.rmtree(out, ignore_errors=True)
     return result
 

@@ -43,20 +43,11 @@ def moe_models(tmp_path_factory):
 
 
 def _layerwise(folder, recipe, text, samples=4, length=32):
-    import tempfile
-    from pathlib import Path
+    """test_calibration's Layerwise on `folder`: (spec, run, calibration ids)."""
+    from test_calibration import _layerwise as layerwise
 
-    from onnxforge.archs.registry import architecture_for
-    from onnxforge.calibrate.data import calibration_ids
-    from onnxforge.calibrate.run import Layerwise
-    from onnxforge.sources.open import open_source
-
-    source = open_source(folder)
-    arch = architecture_for(source.config)
-    spec = arch.make_spec(source.config)
-    names = arch.resolver(source)
-    cal = calibration_ids(source, Calibration(str(text), samples, length))
-    return spec, Layerwise(source, spec, names, recipe.bind(spec), cal, Path(tempfile.mkdtemp())), cal
+    _, spec, _, run, cal = layerwise(folder, recipe, text, samples, length)
+    return spec, run, cal
 
 
 def _ids(folder, n=96):
