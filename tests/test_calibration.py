@@ -212,6 +212,8 @@ def test_awq_folding_keeps_the_float_function(llama, tmp_path):
     res = calibrate(source, spec, names, Recipe(precision="int4", method="awq").bind(spec), Calibration(str(text), 4, 32))
     assert res.alphas and res.replaced and res.row_scale  # norms folded, up_proj rows scaled for down_proj
     assert any(not np.allclose(v, 1) for v in res.col_scale.values())
+    # the untied lm_head is scaled too: its scales fold into the final norm
+    assert "lm_head.weight" in res.blocks and "lm_head.weight" in res.col_scale and "model.norm.weight" in res.replaced
     res.blocks.clear()
     onnxforge.build(CalibratedSource(open_source(folder), res), tmp_path / "o", "fp32")
     prompt, decode = prompt_and_decode()
@@ -245,6 +247,21 @@ def test_calibrated_builds_beat_round_to_nearest(llama, tmp_path):
     assert err["gptq"] < err["rtn"] and err["awq+gptq"] < err["rtn"], err
     assert err["awq"] < err["rtn"] * 1.25, err  # awq alone searched per group: not worse by much on a random model
     assert len(set(sizes.values())) == 1
+
+
+@pytest.mark.parametrize("method,words", [("awq", "(awq: tied to the embedding table, which takes no AWQ scales; rtn)"),
+                                          ("awq+gptq", "(calibrated) (awq+gptq: tied to the embedding table, which "
+                                                       "takes no AWQ scales; gptq only)")])
+def test_tied_lm_head_says_what_awq_did(tiny_models, tmp_path, method, words):
+    """A tied lm_head is the embedding table (read unscaled by the Gather): AWQ leaves it, and says so."""
+    folder, _ = tiny_models("llama_tied")
+    text = tmp_path / "cal.txt"
+    text.write_text(tiny.TEXT * 4)
+    onnxforge.build(folder, tmp_path / "o", recipe=Recipe(precision="int4", method=method),
+                    calibration=Calibration(str(text), 4, 32))
+    groups = json.loads((tmp_path / "o" / "build_report.json").read_text())["groups"]
+    head = [g["storage"] for g in groups if "lm_head" in json.dumps(g)]
+    assert head and all(words in h for h in head), head
 
 
 def test_recipes_lists_the_calibrated_methods(capsys):

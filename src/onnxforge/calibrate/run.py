@@ -68,6 +68,7 @@ class Result:
     act_order: bool = False
     experts: list[dict] = field(default_factory=list)  # per MoE layer: experts calibrated / fallen back (moe.py)
     fallback: set[str] = field(default_factory=set)  # weights saved as FALLBACK: no (or too few) tokens reach them
+    reasons: dict[str, str] = field(default_factory=dict)  # weight -> why its calibration is partial or absent
 
     def notes(self) -> list[str]:
         t = self.text.describe() if self.text else {}
@@ -318,14 +319,27 @@ class Layerwise:
                               "the checkpoint: use method k_quant or hqq for this model")
 
     def lm_head(self, x: np.ndarray) -> None:
+        """The lm_head reads the final norm's output. AWQ's scales fold into that norm when the lm_head is its
+        own tensor; a tied lm_head is the embedding table, which the Gather reads unscaled, so AWQ leaves it
+        alone (gptq still rounds it: awq+gptq) and the storage says why."""
         if self.recipe.exclude_lm_head:
             return
-        _, nw, nb = self.norm_params("final_norm", None)
+        module, nw, nb = self.norm_params("final_norm", None)
         h = F.norm(x, nw, nb, self.spec)
         name = self.names.lm_head(self.spec.tie_embeddings)
         st = self.storage(["/lm_head/MatMul", "lm_head"])
-        if st.quantized and st.method in ("gptq", "awq+gptq"):
-            self.group(h, [(name, st)])
+        if not (st.quantized and st.method in CALIBRATED):
+            return
+        fold = None
+        if st.method in ("awq", "awq+gptq"):
+            if self.spec.tie_embeddings:
+                self.res.reasons[name] = (f"{st.method}: tied to the embedding table, which takes no AWQ scales"
+                                          + ("; gptq only" if st.method == "awq+gptq" else f"; {FALLBACK}"))
+            else:
+                fold = _Fold(lambda s: self.fold_into_norm(module, nw, nb, s))
+        if st.method == "awq" and fold is None:
+            return  # rounded to nearest by the build, with the reason in its storage
+        self.group(h, [(name, st)], fold)
 
 
 def experts_note(experts: list[dict]) -> str:
@@ -422,6 +436,10 @@ class CalibratedSource:
         if name in self._res.row_scale:
             w = w / self._res.row_scale[name][first:first + w.shape[0], None]
         return w
+
+    def calibration_note(self, name: str) -> str | None:
+        """Why `name`'s calibration is partial or absent, where the run decided so (Result.reasons)."""
+        return self._res.reasons.get(name)
 
     def has_blocks(self, name: str) -> bool:
         """Whether calibration made blocks for `name` (a tensor, or graph/experts.py expert_slice of one)."""

@@ -112,13 +112,17 @@ def quant_matmul_job(source: Source, label: str, prefix: str, parts: Sequence[Pa
     if st.method == "source" and not native:
         raise ValueError(f"{label}: the recipe keeps {', '.join(map(str, parts))} as stored, but the source has "
                          f"no exact {st.describe()} form for it")
+    note = getattr(source, "calibration_note", None)
+    reasons = [r for r in (note(p.name) for p in parts) if r] if note else []
     if native:
         storage = st.describe() if st.method == "source" else st.describe() + (
             " (calibrated)" if native == "calibrated" else f" (transcoded {native})")
+        storage += "".join(f" ({r})" for r in dict.fromkeys(reasons))
     else:
         uncalibrated = ""
         if st.method in CALIBRATED_FALLBACK:  # no calibration data reached it (onnxforge.calibrate): said so
-            uncalibrated = f" ({st.method}: no calibration data reaches it)"
+            uncalibrated = " (" + ("; ".join(dict.fromkeys(reasons)) if reasons
+                                   else f"{st.method}: no calibration data reaches it") + ")"
             st = replace(st, method=CALIBRATED_FALLBACK[st.method])
         storage = st.describe() + uncalibrated + stored_note(source, parts, st)
 
