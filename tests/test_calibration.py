@@ -388,3 +388,19 @@ def test_gptq_act_order_option(llama, tmp_path):
                         calibration=Calibration(str(text), 4, 32, act_order=True))
     with pytest.raises(RecipeError, match="act_order takes true or false"):
         Calibration(act_order="yes")
+
+
+@pytest.mark.parametrize("bits,bs,sym", [(4, 32, True), (4, 32, False), (8, 128, True), (2, 16, False), (4, 64, True)])
+def test_fake_quantize_is_dequantize_of_quantize(bits, bs, sym):
+    """AWQ's search quantizer: the values MatMulNBits computes with, bit for bit, including a K off the block
+    and all-zero blocks."""
+    from onnxforge.quant.pack import dequantize
+    from onnxforge.quant.rtn import fake_quantize_rtn, quantize_rtn
+
+    w = np.random.default_rng(bits * bs).standard_normal((37, 200), dtype=np.float32)
+    w[0] = 0
+    w[1, :bs] = 0.25
+    got = fake_quantize_rtn(w, bits=bits, block_size=bs, symmetric=sym)
+    assert got.dtype == np.float32 and got.shape == w.shape
+    np.testing.assert_array_equal(got, dequantize(quantize_rtn(w, bits=bits, block_size=bs, symmetric=sym)))
+    assert not np.array_equal(got, w)

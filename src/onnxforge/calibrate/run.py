@@ -171,17 +171,11 @@ class Layerwise:
         return out
 
     def _awq(self, x: np.ndarray, projs: list[tuple[str, Storage]], fold) -> None:
-        from ..quant.methods import quantize
-
         sub = x[:: max(1, x.shape[0] // AWQ_TOKENS)][:AWQ_TOKENS]
         searched = [(name, st) for name, st in projs if st.quantized and st.method in ("awq", "awq+gptq")]
         st0 = searched[0][1]
 
-        def fake(w: np.ndarray) -> np.ndarray:
-            return dequantize(quantize(w, bits=st0.bits, block_size=st0.block_size, symmetric=st0.symmetric,
-                                       method=FALLBACK))
-
-        s, alpha, _ = awq_search(sub, np.abs(x).mean(axis=0), [self.read(n) for n, _ in searched], fake)
+        s, alpha, _ = awq_search(sub, np.abs(x).mean(axis=0), [self.read(n) for n, _ in searched], _fake_quant(st0))
         self.res.alphas.append(alpha)
         fold.scales = s
         fold(s)
@@ -295,17 +289,11 @@ class Layerwise:
     def _awq_down(self, h, parts, down, down_st, fold) -> None:
         """down_proj's AWQ scales, searched on the float intermediate of a token subset, folded into up's rows
         (before gate/up are quantized: their own AWQ scales come after, on the norm)."""
-        from ..quant.methods import quantize
-
         sub = h[:: max(1, h.shape[0] // AWQ_TOKENS)][:AWQ_TOKENS]
         inter = self._intermediate(sub, [self.read(p.name) for p in parts],
                                    [self.bias(p.module) if self.spec.mlp.bias else None for p in parts])
 
-        def fake(w):
-            return dequantize(quantize(w, bits=down_st.bits, block_size=down_st.block_size,
-                                       symmetric=down_st.symmetric, method=FALLBACK))
-
-        s, alpha, _ = awq_search(inter, np.abs(inter).mean(axis=0), [self.read(down.name)], fake)
+        s, alpha, _ = awq_search(inter, np.abs(inter).mean(axis=0), [self.read(down.name)], _fake_quant(down_st))
         self.res.alphas.append(alpha)
         self.res.row_scale[parts[1].name] = s
         self.res.col_scale[down.name] = s
@@ -363,6 +351,14 @@ def _residual(x: np.ndarray, y: np.ndarray, scale: float) -> np.ndarray:
         y *= np.float32(scale)
         x += y
     return x
+
+
+def _fake_quant(st: Storage):
+    """AWQ's stand-in quantizer for its search: FALLBACK (rtn) quantized and dequantized in one pass
+    (quant/rtn.py fake_quantize_rtn: the same values as dequantize(quantize(...)) without packing)."""
+    from ..quant.rtn import fake_quantize_rtn
+
+    return lambda w: fake_quantize_rtn(w, bits=st.bits, block_size=st.block_size, symmetric=st.symmetric)
 
 
 class _Fold:

@@ -39,9 +39,10 @@ def awq_search(x: np.ndarray, x_mean: np.ndarray, weights: Sequence[np.ndarray],
         err = 0.0
         count = 0
         for w, ref in zip(weights, refs):
-            q = fake_quant(w * s)
-            d = xs @ q.T - ref
-            err += float(np.einsum("ij,ij->", d, d, dtype=np.float64))
+            d = xs @ fake_quant(w * s).T
+            d -= ref  # in place: d is (T, N), the largest array of the search
+            np.square(d, out=d)
+            err += float(d.sum(dtype=np.float64))
             count += d.size
         err /= max(count, 1)
         errors.append(err)

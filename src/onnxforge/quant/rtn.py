@@ -54,3 +54,21 @@ def quantize_rtn(w: np.ndarray, *, bits: int, block_size: int, symmetric: bool) 
     scale, zp = asymmetric_scale_zp(x, bits)
     levels = round_levels(x, scale, zp, bits)
     return from_levels(levels, scale[..., 0], zp[..., 0], bits, block_size, k)
+
+
+def fake_quantize_rtn(w: np.ndarray, *, bits: int, block_size: int, symmetric: bool) -> np.ndarray:
+    """``dequantize(quantize_rtn(w, ...))`` without packing: float32 ``(N, K)``, bit for bit the same values (the
+    levels minus the zero point, times the scale, in float32 as MatMulNBits computes them). AWQ's grid search
+    (quant/awq.py) evaluates it 20 times per projection group."""
+    check_params("rtn", bits, block_size, RTN_BITS)
+    n, k = np.shape(w)
+    x, _ = to_blocks(w, block_size)
+    if symmetric:
+        scale = symmetric_scale(x, bits).astype(np.float32)
+        zp = np.float32(1 << (bits - 1))
+    else:
+        scale, zp = asymmetric_scale_zp(x, bits)
+    v = round_levels(x, scale, zp, bits)
+    v -= zp
+    v *= scale
+    return v.reshape(n, -1)[:, :k]
