@@ -83,12 +83,15 @@ def make_checkpoint(shape: str, dest: Path) -> Path:
 def build(kind: str, ckpt: Path, out: Path, precision: str, cache: Path) -> tuple[str, float, str]:
     if (out / "genai_config.json").is_file():
         return f"{kind}-{precision}", 0.0, "cached"
+    # "int4-bf16" / "int8-bf16": a quantized build with bf16 activations (both builders' use_cuda_bf16=true)
+    base, _, io = precision.partition("-")
+    extra = ["--extra_options", "use_cuda_bf16=true"] if io == "bf16" else []
     if kind == "ours":
-        cmd = [sys.executable, "-m", "onnxforge", "build", "-m", str(ckpt), "-o", str(out), "-p", precision,
-               "-e", "cuda"]
+        cmd = [sys.executable, "-m", "onnxforge", "build", "-m", str(ckpt), "-o", str(out), "-p", base,
+               "-e", "cuda", *extra]
     else:
         cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(ckpt), "-o", str(out),
-               "-p", precision, "-e", "cuda", "-c", str(cache)]
+               "-p", base, "-e", "cuda", "-c", str(cache), *extra]
     t = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=580)
     ok = done.returncode == 0 and (out / "genai_config.json").is_file()
@@ -200,6 +203,7 @@ def measure(folders: dict[str, Path], cases: list[tuple[int, int]], decode: int,
 
 
 def main(argv=None) -> int:
+    global PROVIDER, HBM_BYTES_PER_S
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("phase", choices=["build", "measure"])
     ap.add_argument("--work", type=Path, default=Path("/tmp/gd"))
@@ -212,10 +216,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, help="folder for decode.md / builds.json")
     ap.add_argument("--fpa", action="store_true", help="int4: also each build with the session option "
                     "ep.cuda.fpa_intb_gemm 1 (onnxruntime's fpA_intB kernels for MatMulNBits, prepacked at load)")
+    ap.add_argument("--hbm", type=float, default=HBM_BYTES_PER_S,
+                    help="memory bandwidth in bytes/s for the floor (default the H200's 4.8e12; H100 SXM 3.35e12)")
     ap.add_argument("--provider", default="cuda", choices=["cuda", "cpu"], help="cpu: smoke-test the script")
     args = ap.parse_args(argv)
-    global PROVIDER
-    PROVIDER = args.provider
+    PROVIDER, HBM_BYTES_PER_S = args.provider, args.hbm
     precisions = args.precisions.split(",")
     ckpt = args.work / f"ckpt-{args.shape}"
     if args.phase == "build":
