@@ -52,10 +52,11 @@ def recipes():
     ]
 
 
-# the anchor's builds (onnxruntime-genai's builder, -p int4 -e cpu): its default and its k_quant algorithm
+# the anchor's builds (onnxruntime-genai's builder, -p int4 -e cpu): its default and its k_quant algorithm (spelled
+# `algo_config`: 0.18 silently ignores the `int4_algo_config` alias its help still documents, building its default)
 ANCHOR_ROWS = [("anchor int4", (), "onnxruntime-genai builder -p int4 (defaults)"),
-               ("anchor int4 k_quant", ("int4_algo_config=k_quant",),
-                "onnxruntime-genai builder -p int4 --extra_options int4_algo_config=k_quant")]
+               ("anchor int4 k_quant", ("algo_config=k_quant",),
+                "onnxruntime-genai builder -p int4 --extra_options algo_config=k_quant")]
 
 CALIBRATION = {"int4 gptq act-order": {"act_order": True}}  # a row's calibration options beyond the defaults
 
