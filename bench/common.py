@@ -8,7 +8,6 @@ import os
 import platform
 import re
 import subprocess
-import tempfile
 import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -100,47 +99,37 @@ def anchor_available() -> tuple[bool, str]:
     return True, ""
 
 
-def build_anchor(hf_dir: Path, out: Path, precision: str = "int4", extra: tuple[str, ...] = ()) -> tuple[Path | None, str]:
+def build_anchor(hf_dir: Path, out: Path, precision: str = "int4", extra: tuple[str, ...] = ()
+                 ) -> tuple[Path | None, str, tuple[float, int] | None]:
     """The anchor's build (onnxruntime-genai's model builder, in a subprocess, with `--extra_options` `extra`);
-    (folder or None, why not)."""
+    (folder or None, why not, (seconds, peak bytes) or None)."""
     ok, why = anchor_available()
     if not ok:
-        return None, why
+        return None, why, None
     cache = WORK / "anchor-cache"
     cache.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
            "-p", precision, "-e", "cpu", "-c", str(cache)] + (["--extra_options", *extra] if extra else [])
     log("anchor: " + " ".join(cmd))
-    from build_memory import tree_rss
+    from build_memory import run_child  # seconds and peak (its process tree, sampled, or its largest process)
 
-    t, peak = time.perf_counter(), 0
-    with tempfile.TemporaryFile("w+") as log_file:  # a file, not a pipe: the builder can print any amount
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, text=True)
-        while proc.poll() is None:  # the builder's process tree's resident set, sampled
-            peak = max(peak, tree_rss(proc.pid))
-            time.sleep(0.2)
-        log_file.seek(0)
-        printed = log_file.read()
-    if proc.returncode or not (out / "genai_config.json").is_file():
-        tail = printed.strip().splitlines()[-3:]
-        return None, "the anchor's builder failed: " + " | ".join(tail)
-    ANCHOR_BUILDS[str(out)] = (time.perf_counter() - t, peak)
-    log(f"anchor built in {time.perf_counter() - t:.1f} s, peak {peak / 2**20:.0f} MiB")
-    return out, ""
+    seconds, peak, rc = run_child(cmd)  # the builder's error output, if it fails, goes to stderr
+    if rc or not (out / "genai_config.json").is_file():
+        return None, f"the anchor's builder failed (exit {rc}; its error output is above)", None
+    log(f"anchor built in {seconds:.1f} s, peak {peak / 2**20:.0f} MiB")
+    return out, "", (seconds, peak)
 
 
-ANCHOR_BUILDS: dict[str, tuple[float, int]] = {}  # build_anchor's output folder -> (seconds, process-tree peak bytes)
-
-
-def anchor_for(model: Path, out: Path, precision: str = "int4", extra: tuple[str, ...] = ()) -> tuple[Path | None, str]:
-    """The anchor's build of `model` (a .gguf is converted to an HF folder first)."""
+def anchor_for(model: Path, out: Path, precision: str = "int4", extra: tuple[str, ...] = ()
+               ) -> tuple[Path | None, str, tuple[float, int] | None]:
+    """The anchor's build of `model` (a .gguf is converted to an HF folder first): as build_anchor."""
     ok, why = anchor_available()
     if not ok:
-        return None, why
+        return None, why, None
     try:
         hf_dir = hf_folder_for(model)
     except Exception as e:  # noqa: BLE001 - e.g. transformers needs accelerate for GGUF
-        return None, f"cannot make an HF folder from {model.name} for the anchor: {e}"
+        return None, f"cannot make an HF folder from {model.name} for the anchor: {e}", None
     return build_anchor(hf_dir, out, precision, extra)
 
 

@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     else:
         for name, out, extra in (("anchor int4", "anchor-int4", ()),
                                  (ANCHOR_PRUNED, "anchor-int4-prune", ("prune_lm_head=true",))):
-            anchor, why = common.anchor_for(model, work / out, "int4", extra)
+            anchor, why, _ = common.anchor_for(model, work / out, "int4", extra)
             if anchor is None:
                 note = f"anchor skipped: {why}"
                 break

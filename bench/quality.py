@@ -159,12 +159,12 @@ def main(argv=None) -> int:
         if args.smoke or args.no_anchor or (only and name not in only):
             note.append(f"{name} skipped")
             continue
-        anchor, why = common.anchor_for(model, work / name.replace(" ", "-"), "int4", extra)
+        anchor, why, stats = common.anchor_for(model, work / name.replace(" ", "-"), "int4", extra)
         if anchor is None:
             note.append(f"{name} skipped: {why}")
         else:
             builds.append((name, desc, anchor))
-            measured[name] = common.ANCHOR_BUILDS[str(anchor)]
+            measured[name] = stats
 
     fp32_dir = builds[0][2]
 

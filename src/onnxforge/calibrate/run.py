@@ -320,13 +320,13 @@ class Layerwise:
             return
         fold = None
         if st.method in ("awq", "awq+gptq"):
-            if self.spec.tie_embeddings:
+            if not self.spec.tie_embeddings:
+                fold = _Fold(lambda s: self.fold_into_norm(module, nw, nb, s))
+            else:
                 self.res.reasons[name] = (f"{st.method}: tied to the embedding table, which takes no AWQ scales"
                                           + ("; gptq only" if st.method == "awq+gptq" else f"; {FALLBACK}"))
-            else:
-                fold = _Fold(lambda s: self.fold_into_norm(module, nw, nb, s))
-        if st.method == "awq" and fold is None:
-            return  # rounded to nearest by the build, with the reason in its storage
+                if st.method == "awq":
+                    return  # rounded to nearest by the build, with the reason in its storage
         self.group(h, [(name, st)], fold)
 
 

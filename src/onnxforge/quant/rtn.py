@@ -43,32 +43,28 @@ def asymmetric_scale_zp(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarra
     return scale.astype(np.float32), zp.astype(np.float32)
 
 
-def quantize_rtn(w: np.ndarray, *, bits: int, block_size: int, symmetric: bool) -> QuantizedWeight:
-    """Round-to-nearest block quantization of a (N, K) weight; see the module docstring."""
+def _rtn_levels(w: np.ndarray, bits: int, block_size: int, symmetric: bool):
+    """(levels (N, k_blocks, block_size), scale (..., 1), zero point (..., 1) or the op default, K) in float32."""
     check_params("rtn", bits, block_size, RTN_BITS)
     x, k = to_blocks(w, block_size)
     if symmetric:
-        scale = symmetric_scale(x, bits)
-        levels = round_levels(x, scale, np.float32(1 << (bits - 1)), bits)
-        return from_levels(levels, scale[..., 0], None, bits, block_size, k)
-    scale, zp = asymmetric_scale_zp(x, bits)
-    levels = round_levels(x, scale, zp, bits)
-    return from_levels(levels, scale[..., 0], zp[..., 0], bits, block_size, k)
+        scale, zp = symmetric_scale(x, bits), np.float32(1 << (bits - 1))
+    else:
+        scale, zp = asymmetric_scale_zp(x, bits)
+    return round_levels(x, scale, zp, bits), scale, zp, k
+
+
+def quantize_rtn(w: np.ndarray, *, bits: int, block_size: int, symmetric: bool) -> QuantizedWeight:
+    """Round-to-nearest block quantization of a (N, K) weight; see the module docstring."""
+    levels, scale, zp, k = _rtn_levels(w, bits, block_size, symmetric)
+    return from_levels(levels, scale[..., 0], None if symmetric else zp[..., 0], bits, block_size, k)
 
 
 def fake_quantize_rtn(w: np.ndarray, *, bits: int, block_size: int, symmetric: bool) -> np.ndarray:
     """``dequantize(quantize_rtn(w, ...))`` without packing: float32 ``(N, K)``, bit for bit the same values (the
     levels minus the zero point, times the scale, in float32 as MatMulNBits computes them). AWQ's grid search
     (quant/awq.py) evaluates it 20 times per projection group."""
-    check_params("rtn", bits, block_size, RTN_BITS)
-    n, k = np.shape(w)
-    x, _ = to_blocks(w, block_size)
-    if symmetric:
-        scale = symmetric_scale(x, bits).astype(np.float32)
-        zp = np.float32(1 << (bits - 1))
-    else:
-        scale, zp = asymmetric_scale_zp(x, bits)
-    v = round_levels(x, scale, zp, bits)
+    v, scale, zp, k = _rtn_levels(w, bits, block_size, symmetric)
     v -= zp
     v *= scale
-    return v.reshape(n, -1)[:, :k]
+    return v.reshape(v.shape[0], -1)[:, :k]
